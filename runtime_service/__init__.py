@@ -1,0 +1,1 @@
+"""The runtime service: owns operations, runs their steps, stops them."""

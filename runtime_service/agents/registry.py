@@ -1,0 +1,79 @@
+"""Resolve agent names to agent objects.
+
+Agents come from three places, later ones overriding earlier: the built-ins, the `stopline.agents`
+entry-point group of installed packages, and explicit `name=package.module:attr` specs given to the
+runtime by its operator. Clients only ever name an agent; they can never make the runtime import
+arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from importlib.metadata import entry_points
+from typing import Any
+
+from runtime_service.agents.base import Agent
+from runtime_service.agents.builtin import EchoAgent, TickerAgent
+
+ENTRY_POINT_GROUP = "stopline.agents"
+
+
+class AgentLoadError(Exception):
+    """An operator-given agent spec cannot be loaded; raised at start-up, never per request."""
+
+
+def _instantiate(obj: Any, origin: str) -> Agent:
+    agent = obj() if isinstance(obj, type) else obj
+    if not isinstance(agent, Agent):
+        raise AgentLoadError(
+            f"{origin} is not an agent: it needs validate_input() and async step()"
+        )
+    return agent
+
+
+def import_agent(spec: str) -> Agent:
+    """Load `package.module:attr` (a class, which is instantiated, or an agent object)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise AgentLoadError(f"agent spec {spec!r} must look like package.module:attr")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise AgentLoadError(f"cannot load agent {spec!r}: {exc}") from exc
+    return _instantiate(obj, spec)
+
+
+class AgentRegistry:
+    def __init__(self, agents: Mapping[str, Agent]) -> None:
+        self._agents = dict(agents)
+
+    @classmethod
+    def load(cls, specs: Iterable[str] = (), *, use_entry_points: bool = True) -> AgentRegistry:
+        """Built-ins, then entry points, then `name=module:attr` specs from configuration."""
+        agents: dict[str, Agent] = {"echo": EchoAgent(), "ticker": TickerAgent()}
+        if use_entry_points:
+            for ep in entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    agents[ep.name] = _instantiate(ep.load(), f"entry point {ep.name}={ep.value}")
+                except Exception as exc:
+                    raise AgentLoadError(
+                        f"cannot load entry point {ep.name}={ep.value}: {exc}"
+                    ) from exc
+        for spec in specs:
+            name, sep, target = spec.partition("=")
+            if not sep or not name.strip():
+                raise AgentLoadError(
+                    f"agent option {spec!r} must look like name=package.module:attr"
+                )
+            agents[name.strip()] = import_agent(target.strip())
+        return cls(agents)
+
+    def get(self, name: str) -> Agent | None:
+        return self._agents.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._agents)

@@ -1,0 +1,268 @@
+"""`stopline runtime ...`: serve the runtime, migrate its database, and talk to it directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from runtime_service.client import ClientError, RuntimeClient
+from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
+from runtime_service.render import describe_event, describe_operation, status_name, to_json
+from stopline.v1 import operation_pb2 as op_pb
+
+EXIT_BY_STATUS = {
+    op_pb.OPERATION_STATUS_COMPLETED: 0,
+    op_pb.OPERATION_STATUS_FAILED: 1,
+    op_pb.OPERATION_STATUS_INTERRUPTED: 130,
+}
+
+
+@click.group("runtime")
+def runtime() -> None:
+    """The runtime service: owns operations, runs their steps, stops them."""
+
+
+def _database_option(fn: Any) -> Any:
+    return click.option(
+        "--database-url",
+        envvar="STOPLINE_DATABASE_URL",
+        default=DEFAULT_DATABASE_URL,
+        show_default=True,
+        help="SQLAlchemy URL: sqlite:///path.db (default) or postgresql+psycopg://...",
+    )(fn)
+
+
+@runtime.command()
+@click.option(
+    "--address",
+    envvar="STOPLINE_RUNTIME_ADDRESS",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="host:port to listen on.",
+)
+@_database_option
+@click.option(
+    "--max-input-bytes",
+    envvar="STOPLINE_MAX_INPUT_BYTES",
+    type=click.IntRange(min=1),
+    default=64 * 1024,
+    show_default=True,
+    help="Largest agent input accepted (compact JSON).",
+)
+@click.option(
+    "--stop-grace",
+    envvar="STOPLINE_STOP_GRACE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds a cancelled step may take to clean up.",
+)
+@click.option(
+    "--shutdown-grace",
+    envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds in-flight RPCs get on SIGTERM.",
+)
+@click.option(
+    "--max-page-size",
+    envvar="STOPLINE_MAX_PAGE_SIZE",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Largest page ListOperations serves.",
+)
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    envvar="STOPLINE_AGENTS",
+    help="Extra agent as name=package.module:attr (repeatable; env: space-separated).",
+)
+@click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
+def serve(
+    address: str,
+    database_url: str,
+    max_input_bytes: int,
+    stop_grace: float,
+    shutdown_grace: float,
+    max_page_size: int,
+    agents: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT."""
+    from runtime_service.agents.registry import AgentLoadError
+    from runtime_service.server import serve as serve_runtime
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = RuntimeConfig(
+        address=address,
+        database_url=database_url,
+        max_input_bytes=max_input_bytes,
+        stop_grace_seconds=stop_grace,
+        shutdown_grace_seconds=shutdown_grace,
+        max_page_size=max_page_size,
+        agents=agents,
+    )
+    try:
+        asyncio.run(serve_runtime(config))
+    except (AgentLoadError, OSError, SQLAlchemyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@runtime.command()
+@_database_option
+def migrate(database_url: str) -> None:
+    """Apply database migrations up to the newest schema (serve also does this at start)."""
+    from runtime_service.database import create_db_engine
+    from runtime_service.migrate import upgrade_to_head
+
+    upgrade_to_head(create_db_engine(database_url))
+    click.echo("database is at the newest schema")
+
+
+# --------------------------------------------------------------------------- client commands
+
+_target = click.option(
+    "--runtime",
+    "address",
+    envvar="STOPLINE_RUNTIME_ADDRESS",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="Runtime address.",
+)
+_json_flag = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
+)
+
+
+def _client(address: str) -> RuntimeClient:
+    return RuntimeClient.connect(address)
+
+
+def _fail(exc: ClientError) -> None:
+    raise click.ClickException(str(exc))
+
+
+@runtime.command()
+@_target
+@_json_flag
+@click.argument("agent")
+@click.option("--input", "input_json", default="{}", help="Agent input as a JSON object.")
+@click.option("--idempotency-key", default="")
+@click.option("--watch/--no-watch", default=True, help="Stream events until the operation ends.")
+def start(
+    address: str, as_json: bool, agent: str, input_json: str, idempotency_key: str, watch: bool
+) -> None:
+    """Start an operation of AGENT (and by default stream its events)."""
+    try:
+        input_value = json.loads(input_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
+    if not isinstance(input_value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--input")
+    client = _client(address)
+    try:
+        response = client.start(agent, input_value, idempotency_key)
+    except ClientError as exc:
+        _fail(exc)
+        return
+    operation = response.operation
+    click.echo(to_json(operation) if as_json else f"operation {operation.id}")
+    if watch:
+        _stream(client, operation.id, 0, as_json)
+
+
+def _stream(client: RuntimeClient, operation_id: str, after_seq: int, as_json: bool) -> None:
+    try:
+        for event in client.watch(operation_id, after_seq):
+            click.echo(to_json(event) if as_json else describe_event(event))
+        final = client.get(operation_id)
+    except ClientError as exc:
+        _fail(exc)
+        return
+    sys.exit(EXIT_BY_STATUS.get(final.status, 0))
+
+
+@runtime.command()
+@_target
+@_json_flag
+@click.argument("operation_id")
+@click.option(
+    "--after",
+    "after_seq",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Stream events after this seq.",
+)
+def watch(address: str, as_json: bool, operation_id: str, after_seq: int) -> None:
+    """Stream an operation's events from --after until it ends."""
+    _stream(_client(address), operation_id, after_seq, as_json)
+
+
+@runtime.command()
+@_target
+@_json_flag
+@click.argument("operation_id")
+@click.option("--reason", default="stopped from the command line")
+@click.option("--by", "requested_by", default="stopline-cli")
+def stop(address: str, as_json: bool, operation_id: str, reason: str, requested_by: str) -> None:
+    """Stop an operation (idempotent; says whether this call stopped it)."""
+    try:
+        response = _client(address).interrupt(operation_id, requested_by, reason)
+    except ClientError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(to_json(response))
+        return
+    outcome = {1: "stop accepted", 2: "a stop was already requested", 3: "already finished"}
+    said = outcome.get(response.outcome, "unknown outcome")
+    click.echo(f"{said}: {status_name(response.operation.status)}")
+
+
+@runtime.command()
+@_target
+@_json_flag
+@click.argument("operation_id")
+def get(address: str, as_json: bool, operation_id: str) -> None:
+    """Show one operation."""
+    try:
+        operation = _client(address).get(operation_id)
+    except ClientError as exc:
+        _fail(exc)
+        return
+    click.echo(to_json(operation) if as_json else describe_operation(operation))
+
+
+@runtime.command("ls")
+@_target
+@_json_flag
+@click.option(
+    "--status",
+    type=click.Choice(["pending", "running", "stopping", "completed", "failed", "interrupted"]),
+    default=None,
+)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
+    """List operations, newest first."""
+    wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
+    if status:
+        wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
+    try:
+        response = _client(address).list(wire_status, limit)
+    except ClientError as exc:
+        _fail(exc)
+        return
+    for operation in response.operations:
+        click.echo(to_json(operation) if as_json else describe_operation(operation))

@@ -1,0 +1,36 @@
+"""Runtime settings. The CLI fills these from flags and STOPLINE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
+
+
+def default_runner_id() -> str:
+    """Unique per process, readable in step records: host, pid and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    address: str = "127.0.0.1:50051"
+    database_url: str = DEFAULT_DATABASE_URL
+    # Largest accepted agent input, measured as its compact JSON encoding.
+    max_input_bytes: int = 64 * 1024
+    # How long a cancelled step may take to clean up before the stop is recorded anyway.
+    stop_grace_seconds: float = 1.0
+    # How long in-flight RPCs get to finish on SIGTERM before they are cancelled.
+    shutdown_grace_seconds: float = 5.0
+    default_page_size: int = 50
+    max_page_size: int = 500
+    # Watchers re-read storage after this much quiet, as a fallback to in-process notification.
+    watch_poll_seconds: float = 5.0
+    # Extra agents, each "name=package.module:attr".
+    agents: tuple[str, ...] = ()
+    runner_id: str = field(default_factory=default_runner_id)
+    # Apply Alembic migrations at start-up.
+    migrate: bool = True

@@ -1,0 +1,78 @@
+"""Engine construction and the thread that runs blocking database work off the event loop.
+
+The store is plain synchronous SQLAlchemy Core (easy to test and to reason about transactions);
+the asyncio side reaches it through Database.call, which runs it in a worker thread. SQLite gets
+a single worker, so writes never contend for its one write lock inside a process; other backends
+get a small pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get WAL, a busy timeout and real transactions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not pysqlite, decide where transactions begin (pysqlite's own
+        # handling defers BEGIN and would let a read-then-write race).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way when
+        # another process (a backup, an admin shell) holds the file.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Database:
+    """An engine plus the executor its blocking calls run on."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        workers = 1 if engine.dialect.name == "sqlite" else 8
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopline-db")
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking store method on the database thread and await its result."""
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        bound = functools.partial(ctx.run, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._executor, bound)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()

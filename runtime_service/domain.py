@@ -1,0 +1,116 @@
+"""Plain value types of the runtime: statuses, operations, events.
+
+These are what the store returns and the step loop manipulates; translation to and from protobuf
+happens only in runtime_service.convert, so the core never depends on the wire format.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+JSONValue = Any
+"""Anything json.dumps accepts: the agent input, state and outputs."""
+
+
+class OperationStatus(enum.StrEnum):
+    """Stored status. STOPPING is not here: it is RUNNING with a stop intent recorded."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.INTERRUPTED}
+)
+ACTIVE_STATUSES = frozenset({OperationStatus.PENDING, OperationStatus.RUNNING})
+
+
+class EventKind(enum.StrEnum):
+    """Kinds of event; the names match the fields of the Event oneof in operation.proto."""
+
+    CREATED = "created"
+    STARTED = "started"
+    STEP_STARTED = "step_started"
+    OUTPUT_CHUNK = "output_chunk"
+    STEP_COMPLETED = "step_completed"
+    STOP_REQUESTED = "stop_requested"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_EVENT_KINDS
+
+
+TERMINAL_EVENT_KINDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.INTERRUPTED})
+
+
+class InterruptOutcome(enum.StrEnum):
+    """What one InterruptOperation call achieved."""
+
+    ACCEPTED = "ACCEPTED"
+    ALREADY_REQUESTED = "ALREADY_REQUESTED"
+    ALREADY_FINISHED = "ALREADY_FINISHED"
+
+
+@dataclass(frozen=True, slots=True)
+class StopIntent:
+    """Who asked for a stop, when and why; stored in columns no step write touches."""
+
+    requested_at: datetime
+    requested_by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    id: str
+    agent: str
+    input: JSONValue
+    idempotency_key: str | None
+    status: OperationStatus
+    steps_completed: int
+    agent_state: JSONValue
+    last_seq: int
+    result: JSONValue
+    error: str | None
+    stop: StopIntent | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def is_stopping(self) -> bool:
+        """RUNNING with a stop recorded: reported to clients as STOPPING."""
+        return self.status is OperationStatus.RUNNING and self.stop is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    operation_id: str
+    seq: int
+    kind: EventKind
+    data: dict[str, JSONValue]
+    created_at: datetime
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.kind.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class InterruptResult:
+    outcome: InterruptOutcome
+    operation: Operation
+    events: tuple[Event, ...] = ()

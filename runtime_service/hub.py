@@ -1,0 +1,65 @@
+"""In-process fan-out of committed events to the watchers of an operation.
+
+Publishing happens after the transaction that wrote the event commits, so a watcher never sees an
+event that storage does not have. Watchers treat the hub as a fast path only: a gap in what they
+receive, a `None` (a poke: "something changed, re-read") or a quiet timeout sends them back to
+storage, so a lost or reordered notification costs latency, never an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from runtime_service.domain import Event
+
+
+class Subscription:
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+
+    def _put(self, item: Event | None) -> None:
+        self._queue.put_nowait(item)
+
+    async def next(self, quiet_seconds: float) -> Event | None:
+        """The next published event, or None after a poke or `quiet_seconds` of quiet."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        try:
+            async with asyncio.timeout(quiet_seconds):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+
+class EventHub:
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[Subscription]] = {}
+
+    def publish(self, events: Iterable[Event]) -> None:
+        for event in events:
+            for sub in self._subscribers.get(event.operation_id, ()):
+                sub._put(event)
+
+    def poke(self, operation_id: str) -> None:
+        """Wake the operation's watchers to re-read storage (an event came from elsewhere)."""
+        for sub in self._subscribers.get(operation_id, ()):
+            sub._put(None)
+
+    @contextmanager
+    def subscribe(self, operation_id: str) -> Iterator[Subscription]:
+        sub = Subscription(operation_id)
+        self._subscribers.setdefault(operation_id, set()).add(sub)
+        try:
+            yield sub
+        finally:
+            subs = self._subscribers.get(operation_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subscribers[operation_id]
+
+    def watcher_count(self, operation_id: str) -> int:
+        return len(self._subscribers.get(operation_id, ()))

@@ -1,0 +1,184 @@
+"""The runtime's use cases in plain Python: start, get, list, interrupt and watch operations.
+
+The gRPC servicer is a thin translation layer over this class, and tests drive it directly. All
+validation of caller input happens here, raising the domain errors of stopline.errors.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from runtime_service.agents.base import InvalidInput
+from runtime_service.agents.registry import AgentRegistry
+from runtime_service.config import RuntimeConfig
+from runtime_service.database import Database
+from runtime_service.domain import Event, InterruptResult, Operation, OperationStatus
+from runtime_service.hub import EventHub
+from runtime_service.pagination import decode_page_token, encode_page_token
+from runtime_service.runner import Runner
+from runtime_service.store import STOPPING, Created, OperationStore
+from stopline.errors import InvalidArgument, NotFound, OutOfRange
+
+MAX_IDEMPOTENCY_KEY = 200
+MAX_REQUESTED_BY = 200
+MAX_REASON = 1000
+REPLAY_BATCH = 500
+LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
+
+
+def parse_operation_id(value: str, field: str = "operation_id") -> str:
+    """Canonical lowercase UUID, or INVALID_ARGUMENT naming the field."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    try:
+        parsed = uuid.UUID(value)
+    except (ValueError, AttributeError, TypeError):
+        parsed = None
+    if parsed is None or str(parsed) != value.lower() or len(value) != 36:
+        shown = value if len(value) <= 64 else value[:64] + "…"
+        raise InvalidArgument(
+            field, f"{shown!r} is not an operation id (a UUID such as {uuid.UUID(int=0)})"
+        )
+    return value.lower()
+
+
+def _bounded_text(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+class OperationsService:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        db: Database,
+        store: OperationStore,
+        agents: AgentRegistry,
+        hub: EventHub,
+        runner: Runner,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self.agents = agents
+        self.hub = hub
+        self.runner = runner
+
+    async def start(
+        self, agent_name: str, input_value: dict[str, Any], idempotency_key: str
+    ) -> Created:
+        if not agent_name:
+            raise InvalidArgument(
+                "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
+            )
+        agent = self.agents.get(agent_name)
+        if agent is None:
+            shown = agent_name if len(agent_name) <= 64 else agent_name[:64] + "…"
+            raise InvalidArgument(
+                "agent",
+                f"unknown agent {shown!r}; registered agents: {', '.join(self.agents.names)}",
+            )
+        self._check_input_size(input_value)
+        try:
+            agent.validate_input(input_value)
+        except InvalidInput as exc:
+            raise InvalidArgument(exc.field, exc.problem) from exc
+        key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
+        created = await self.db.call(self.store.create, agent_name, input_value, key)
+        self.hub.publish(created.events)
+        if created.operation.status is OperationStatus.PENDING:
+            self.runner.submit(created.operation.id)
+        return created
+
+    def _check_input_size(self, input_value: dict[str, Any]) -> None:
+        try:
+            size = len(json.dumps(input_value, separators=(",", ":"), ensure_ascii=False).encode())
+        except RecursionError as exc:
+            raise InvalidArgument("input", "is nested too deeply") from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("input", f"is not JSON: {exc}") from exc
+        limit = self.config.max_input_bytes
+        if size > limit:
+            raise InvalidArgument(
+                "input", f"is {size} bytes as JSON; the limit is {limit} bytes (max_input_bytes)"
+            )
+
+    async def get(self, operation_id: str) -> Operation:
+        op_id = parse_operation_id(operation_id)
+        operation = await self.db.call(self.store.get, op_id)
+        if operation is None:
+            raise NotFound(f"operation {op_id} does not exist")
+        return operation
+
+    async def list(
+        self, status: str | None, page_size: int, page_token: str
+    ) -> tuple[list[Operation], str]:
+        if status is not None and status not in LIST_FILTERS:
+            raise InvalidArgument("status", f"unknown status {status!r}")
+        if page_size < 0:
+            raise InvalidArgument("page_size", f"must not be negative, got {page_size}")
+        if page_size > self.config.max_page_size:
+            raise InvalidArgument(
+                "page_size", f"is {page_size}; the limit is {self.config.max_page_size}"
+            )
+        limit = page_size or self.config.default_page_size
+        cursor = decode_page_token(page_token, status) if page_token else None
+        page, next_cursor = await self.db.call(self.store.list_page, status, limit, cursor)
+        token = encode_page_token(next_cursor, status) if next_cursor is not None else ""
+        return page, token
+
+    async def interrupt(self, operation_id: str, requested_by: str, reason: str) -> InterruptResult:
+        op_id = parse_operation_id(operation_id)
+        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        why = _bounded_text(reason, "reason", MAX_REASON)
+        result = await self.db.call(self.store.record_stop, op_id, by, why)
+        if result is None:
+            raise NotFound(f"operation {op_id} does not exist")
+        self.hub.publish(result.events)
+        if not result.operation.status.is_terminal:
+            self.runner.deliver_stop(op_id)
+        return result
+
+    async def watch(self, operation_id: str, after_seq: int) -> AsyncIterator[Event]:
+        """Stored events after `after_seq`, then live ones, until the terminal event.
+
+        Subscribing before the first read means no event can fall between replay and live."""
+        op_id = parse_operation_id(operation_id)
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
+        with self.hub.subscribe(op_id) as live:
+            operation = await self.db.call(self.store.get, op_id)
+            if operation is None:
+                raise NotFound(f"operation {op_id} does not exist")
+            if after_seq > operation.last_seq:
+                raise OutOfRange(
+                    "after_seq",
+                    f"is {after_seq} but the operation's newest event is {operation.last_seq}",
+                )
+            cursor = after_seq
+            finished = operation.status.is_terminal
+            while True:
+                batch = await self.db.call(self.store.events_after, op_id, cursor, REPLAY_BATCH)
+                for event in batch:
+                    yield event
+                    cursor = event.seq
+                    if event.is_terminal:
+                        return
+                if len(batch) == REPLAY_BATCH:
+                    continue
+                if finished:
+                    return  # replayed a finished operation to its end
+                # Caught up with storage: follow live until a gap, a poke or a quiet spell.
+                while (pushed := await live.next(self.config.watch_poll_seconds)) is not None:
+                    if pushed.seq <= cursor:
+                        continue
+                    if pushed.seq != cursor + 1:
+                        break
+                    yield pushed
+                    cursor = pushed.seq
+                    if pushed.is_terminal:
+                        return

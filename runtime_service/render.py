@@ -1,0 +1,59 @@
+"""Human-readable and JSON renderings of operations and events for the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format
+
+from stopline.v1 import operation_pb2 as op_pb
+
+
+def status_name(value: int) -> str:
+    return op_pb.OperationStatus.Name(value).removeprefix("OPERATION_STATUS_")  # type: ignore[arg-type]
+
+
+def to_json(message: Any) -> str:
+    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def describe_event(event: op_pb.Event) -> str:
+    kind = event.WhichOneof("kind")
+    prefix = f"[{event.seq:>4}] "
+    if kind == "created":
+        return prefix + f"created (agent {event.created.agent})"
+    if kind == "started":
+        s = event.started
+        return prefix + (f"resumed at step {s.from_step}" if s.resumed else "started")
+    if kind == "step_started":
+        s2 = event.step_started
+        attempt = f" (attempt {s2.attempt})" if s2.attempt > 1 else ""
+        return prefix + f"step {s2.step} started{attempt}"
+    if kind == "output_chunk":
+        return prefix + f"  {event.output_chunk.text}"
+    if kind == "step_completed":
+        return prefix + f"step {event.step_completed.step} completed"
+    if kind == "stop_requested":
+        who = event.stop_requested.requested_by or "someone"
+        return prefix + f"stop requested by {who}"
+    if kind == "completed":
+        result = json_format.MessageToJson(event.completed.result, indent=None)
+        return prefix + f"COMPLETED: {result}"
+    if kind == "failed":
+        return prefix + f"FAILED at step {event.failed.step}: {event.failed.error}"
+    if kind == "interrupted":
+        i = event.interrupted
+        where = f"mid-step {i.step}" if i.mid_step else f"before step {i.step}"
+        return prefix + f"INTERRUPTED {where}, halted {i.halt_ms:.1f} ms after the stop"
+    return prefix + kind if kind else prefix + "(unknown event)"
+
+
+def describe_operation(operation: op_pb.Operation) -> str:
+    line = (
+        f"{operation.id}  {status_name(operation.status):<11}  {operation.agent:<10}  "
+        f"steps={operation.steps_completed}  events={operation.last_seq}"
+    )
+    if operation.error:
+        line += f"  error={operation.error!r}"
+    return line

@@ -1,0 +1,111 @@
+"""Every table of the runtime, as SQLAlchemy Core, in one place.
+
+Alembic migrations (runtime_service/migrations) create exactly this schema; a test compares them.
+Timestamps are stored as UTC; UTCDateTime hands back timezone-aware values on every backend.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime, also on SQLite (which keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING)
+
+operations = Table(
+    "operations",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("agent", String(200), nullable=False),
+    Column("input_json", Text, nullable=False),
+    # sha256 of (agent, input): tells a repeated idempotent start from a conflicting one.
+    Column("request_hash", String(64), nullable=False),
+    Column("idempotency_key", String(200), nullable=True, unique=True),
+    Column("status", String(16), nullable=False),
+    # Step state: written only by the runner that owns the operation.
+    Column("steps_completed", Integer, nullable=False, default=0),
+    Column("agent_state_json", Text, nullable=True),
+    Column("result_json", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("runner_id", String(100), nullable=True),
+    # Highest event seq; bumped in the same UPDATE that performs each state change, which both
+    # allocates the next seq gap-free and serialises writers of one operation on its row.
+    Column("last_seq", BigInteger, nullable=False, default=0),
+    # Stop intent: written only by InterruptOperation, never by a step write.
+    Column("stop_requested_at", UTCDateTime, nullable=True),
+    Column("stop_requested_by", String(200), nullable=True),
+    Column("stop_reason", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index(None, "created_at", "id"),
+    Index(None, "status", "created_at", "id"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("operation_id", String(36), ForeignKey("operations.id"), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("data_json", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+# One row per attempt at a step: when and by which runner it ran and how it ended. The
+# checkpoint itself (agent state) lives on the operation row; these rows are the audit trail.
+steps = Table(
+    "steps",
+    metadata,
+    Column("operation_id", String(36), ForeignKey("operations.id"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("attempt", Integer, primary_key=True),
+    Column("runner_id", String(100), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    # completed | failed | interrupted; NULL while running or when the runner died mid-step.
+    Column("outcome", String(16), nullable=True),
+    Column("output_json", Text, nullable=True),
+)

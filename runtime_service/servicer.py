@@ -1,0 +1,81 @@
+"""gRPC servicer for stopline.v1.RuntimeService: validate the wire shape, translate, delegate."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from runtime_service import convert
+from runtime_service.operations import OperationsService
+from stopline.errors import InvalidArgument
+from stopline.grpc_status import server_stream, unary
+from stopline.v1 import runtime_service_pb2 as pb
+from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
+
+
+class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
+    def __init__(self, operations: OperationsService) -> None:
+        self._ops = operations
+
+    @unary
+    async def StartOperation(
+        self,
+        request: pb.StartOperationRequest,
+        context: aio.ServicerContext[pb.StartOperationRequest, pb.StartOperationResponse],
+    ) -> pb.StartOperationResponse:
+        created = await self._ops.start(
+            request.agent, convert.struct_to_dict(request.input), request.idempotency_key
+        )
+        return pb.StartOperationResponse(
+            operation=convert.operation_to_pb(created.operation), created=created.created
+        )
+
+    @unary
+    async def GetOperation(
+        self,
+        request: pb.GetOperationRequest,
+        context: aio.ServicerContext[pb.GetOperationRequest, pb.GetOperationResponse],
+    ) -> pb.GetOperationResponse:
+        operation = await self._ops.get(request.operation_id)
+        return pb.GetOperationResponse(operation=convert.operation_to_pb(operation))
+
+    @unary
+    async def ListOperations(
+        self,
+        request: pb.ListOperationsRequest,
+        context: aio.ServicerContext[pb.ListOperationsRequest, pb.ListOperationsResponse],
+    ) -> pb.ListOperationsResponse:
+        try:
+            status = convert.status_filter(request.status)
+        except KeyError:
+            raise InvalidArgument(
+                "status", f"unknown OperationStatus value {request.status}"
+            ) from None
+        page, token = await self._ops.list(status, request.page_size, request.page_token)
+        return pb.ListOperationsResponse(
+            operations=[convert.operation_to_pb(o) for o in page], next_page_token=token
+        )
+
+    @unary
+    async def InterruptOperation(
+        self,
+        request: pb.InterruptOperationRequest,
+        context: aio.ServicerContext[pb.InterruptOperationRequest, pb.InterruptOperationResponse],
+    ) -> pb.InterruptOperationResponse:
+        result = await self._ops.interrupt(
+            request.operation_id, request.requested_by, request.reason
+        )
+        return pb.InterruptOperationResponse(
+            outcome=convert.outcome_to_pb(result.outcome),
+            operation=convert.operation_to_pb(result.operation),
+        )
+
+    @server_stream
+    async def WatchOperation(
+        self,
+        request: pb.WatchOperationRequest,
+        context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
+    ) -> AsyncIterator[pb.WatchOperationResponse]:
+        async for event in self._ops.watch(request.operation_id, request.after_seq):
+            yield pb.WatchOperationResponse(event=convert.event_to_pb(event))

@@ -1,0 +1,43 @@
+"""Domain errors. Each names the gRPC status it maps to in exactly one place (errors_to_status)."""
+
+from __future__ import annotations
+
+
+class StoplineError(Exception):
+    """Base of every error the domain raises on purpose; the message is shown to the caller."""
+
+
+class InvalidArgument(StoplineError):
+    """The request is malformed; `field` names what the caller must fix."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class OutOfRange(StoplineError):
+    """A position beyond what exists (e.g. after_seq past the newest event)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(StoplineError):
+    """No such operation (or, for callers who may not see it, one that is not theirs)."""
+
+
+class AlreadyExists(StoplineError):
+    """An idempotency key was reused for a different request."""
+
+
+class FailedPrecondition(StoplineError):
+    """The request is well-formed but the operation's state does not allow it."""
+
+
+class ResourceExhausted(StoplineError):
+    """A configured limit was reached; the message names the limit."""
+
+
+class Unavailable(StoplineError):
+    """A dependency (the database) cannot be reached right now; retrying later can succeed."""

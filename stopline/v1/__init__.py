@@ -1,0 +1,1 @@
+"""Generated from protos/stopline/v1: do not edit."""
