@@ -34,7 +34,15 @@ class RuntimeApp:
         db = Database(engine)
         store = OperationStore(engine)
         hub = EventHub()
-        runner = Runner(db, store, registry, hub, config.runner_id, config.stop_grace_seconds)
+        runner = Runner(
+            db,
+            store,
+            registry,
+            hub,
+            config.runner_id,
+            stop_grace=config.stop_grace_seconds,
+            max_running=config.max_running,
+        )
         operations = OperationsService(config, db, store, registry, hub, runner)
         app = cls(config, db, store, hub, runner, operations)
         await runner.resume_unfinished()

@@ -72,6 +72,14 @@ def _database_option(fn: Any) -> Any:
     help="Seconds in-flight RPCs get on SIGTERM.",
 )
 @click.option(
+    "--max-running",
+    envvar="STOPLINE_MAX_RUNNING",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Operations run at once; more wait PENDING.",
+)
+@click.option(
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
@@ -93,6 +101,7 @@ def serve(
     max_input_bytes: int,
     stop_grace: float,
     shutdown_grace: float,
+    max_running: int,
     max_page_size: int,
     agents: tuple[str, ...],
     log_level: str,
@@ -110,6 +119,7 @@ def serve(
         max_input_bytes=max_input_bytes,
         stop_grace_seconds=stop_grace,
         shutdown_grace_seconds=shutdown_grace,
+        max_running=max_running,
         max_page_size=max_page_size,
         agents=agents,
     )

@@ -29,6 +29,8 @@ class RuntimeConfig:
     max_page_size: int = 500
     # Watchers re-read storage after this much quiet, as a fallback to in-process notification.
     watch_poll_seconds: float = 5.0
+    # Operations this process runs at once; more stay PENDING until a slot frees up.
+    max_running: int = 1000
     # Extra agents, each "name=package.module:attr".
     agents: tuple[str, ...] = ()
     runner_id: str = field(default_factory=default_runner_id)

@@ -40,6 +40,7 @@ class _Run:
     operation_id: str
     stop: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
+    claimed: bool = False
     step_task: asyncio.Task[StepResult] | None = field(default=None, repr=False)
 
 
@@ -60,6 +61,7 @@ class Runner:
         hub: EventHub,
         runner_id: str,
         stop_grace: float,
+        max_running: int,
     ) -> None:
         self._db = db
         self._store = store
@@ -68,6 +70,8 @@ class Runner:
         self.runner_id = runner_id
         self._stop_grace = stop_grace
         self._runs: dict[str, _Run] = {}
+        # Operations beyond capacity stay PENDING (and stoppable) until a slot frees up.
+        self._slots = asyncio.Semaphore(max_running)
         self._abandoned: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ public
@@ -87,12 +91,20 @@ class Runner:
         run = self._runs.get(operation_id)
         if run is None:
             return False
+        if not run.claimed and run.task is not None:
+            # Still waiting for a slot: its stop already ended it in storage, drop the wait.
+            run.task.cancel()
         if not run.stop.done():
             run.stop.set_result(None)
         return True
 
     def is_running(self, operation_id: str) -> bool:
         return operation_id in self._runs
+
+    @property
+    def running_count(self) -> int:
+        """Operations holding a slot (claimed or being claimed), not those waiting for one."""
+        return sum(1 for run in self._runs.values() if run.claimed)
 
     async def resume_unfinished(self) -> list[str]:
         """At start-up: pick up PENDING operations and RUNNING ones left by a dead process."""
@@ -132,7 +144,14 @@ class Runner:
         self._hub.publish([events] if isinstance(events, Event) else events)
 
     async def _run(self, run: _Run) -> None:
+        async with self._slots:
+            await self._claim_and_run(run)
+
+    async def _claim_and_run(self, run: _Run) -> None:
         op_id = run.operation_id
+        # Set before the write: from here on a stop must reach the loop, not cancel the task
+        # (cancelling mid-claim could leave the operation RUNNING with nobody running it).
+        run.claimed = True
         claimed = await self._write(self._store.claim, op_id, self.runner_id)
         if claimed is None:
             return  # finished, or interrupted before it started

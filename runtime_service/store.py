@@ -443,11 +443,19 @@ class OperationStore:
         outcome: str,
         output_json: str | None,
     ) -> None:
+        # Only the newest attempt is this runner's; older unfinished ones belong to a process
+        # that died mid-step and stay without an outcome.
+        latest = (
+            select(func.max(steps.c.attempt))
+            .where(steps.c.operation_id == operation_id, steps.c.step == step)
+            .scalar_subquery()
+        )
         conn.execute(
             update(steps)
             .where(
                 steps.c.operation_id == operation_id,
                 steps.c.step == step,
+                steps.c.attempt == latest,
                 steps.c.finished_at.is_(None),
             )
             .values(finished_at=now, outcome=outcome, output_json=output_json)

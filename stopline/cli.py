@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from runtime_service.cli import runtime
+from stopline.dev import dev
 
 
 @click.group()
@@ -14,6 +15,7 @@ def main() -> None:
 
 
 main.add_command(runtime)
+main.add_command(dev)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,84 @@
+"""Helpers for tests that run the services as real OS processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def stopline_command() -> list[str]:
+    return [sys.executable, "-m", "stopline.cli"]
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{address} not serving within {timeout}s")
+            time.sleep(0.05)
+
+
+class RuntimeProcess:
+    """`stopline runtime serve` in a subprocess."""
+
+    def __init__(self, database_url: str, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / f"runtime-{self.port}-{time.monotonic_ns()}.log"
+        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    *stopline_command(),
+                    "runtime",
+                    "serve",
+                    "--address",
+                    self.address,
+                    "--database-url",
+                    database_url,
+                    "--shutdown-grace",
+                    "1",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=env,
+            )
+        wait_serving(self.address, self.process)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill()

@@ -1,0 +1,171 @@
+"""The step loop driven directly (no gRPC), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from runtime_service.app import RuntimeApp
+from runtime_service.domain import Event, EventKind, OperationStatus
+from tests.agents import GatedAgent, registry
+from tests.conftest import eventually, runtime_config
+
+TICKER_30S = {"steps": 3, "step_seconds": 30, "chunk_interval_seconds": 1}
+
+
+async def collect(
+    app: RuntimeApp, op_id: str, after_seq: int = 0, timeout: float = 20
+) -> list[Event]:
+    async def run() -> list[Event]:
+        return [e async for e in app.operations.watch(op_id, after_seq)]
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def first_event(app: RuntimeApp, op_id: str, kind: EventKind) -> Event:
+    async for event in app.operations.watch(op_id, 0):
+        if event.kind is kind:
+            return event
+    raise AssertionError(f"operation ended without a {kind} event")
+
+
+async def test_long_step_is_cancelled_mid_step(app: RuntimeApp) -> None:
+    op = (await app.operations.start("ticker", TICKER_30S, "")).operation
+    await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+    began = time.monotonic()
+    result = await app.operations.interrupt(op.id, "test", "too slow")
+    assert result.outcome.value == "ACCEPTED"
+    assert result.operation.is_stopping or result.operation.status is OperationStatus.INTERRUPTED
+    events = await collect(app, op.id)
+    halted_after = time.monotonic() - began
+    final = events[-1]
+    assert final.kind is EventKind.INTERRUPTED
+    assert final.data["mid_step"] is True and final.data["step"] == 0
+    assert halted_after < 10, "the stop waited for the 30-second step"
+    assert 0 <= final.data["halt_ms"] < 10_000
+    kinds = [e.kind for e in events]
+    assert EventKind.OUTPUT_CHUNK in kinds  # output emitted before the stop is kept
+    assert kinds.index(EventKind.STOP_REQUESTED) < kinds.index(EventKind.INTERRUPTED)
+    assert EventKind.STEP_COMPLETED not in kinds
+    stored = await app.operations.get(op.id)
+    assert stored.status is OperationStatus.INTERRUPTED and stored.steps_completed == 0
+    records = app.store.step_records(op.id)
+    assert [(r.step, r.outcome) for r in records] == [(0, "interrupted")]
+
+
+async def test_cancelled_step_gets_to_clean_up(app: RuntimeApp, gated: GatedAgent) -> None:
+    op = (await app.operations.start("gated", {}, "")).operation
+    await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+    await app.operations.interrupt(op.id, "test", "")
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.INTERRUPTED
+    assert (op.id, 0) in gated.cleaned_up
+
+
+async def test_stop_while_pending_means_no_step_ever_starts(db_url: str, gated: GatedAgent) -> None:
+    app = await RuntimeApp.open(runtime_config(db_url, max_running=1), registry(gated))
+    try:
+        busy = (await app.operations.start("gated", {}, "")).operation
+        await asyncio.wait_for(first_event(app, busy.id, EventKind.STEP_STARTED), 10)
+        waiting = (await app.operations.start("gated", {}, "")).operation
+        assert (await app.operations.get(waiting.id)).status is OperationStatus.PENDING
+
+        result = await app.operations.interrupt(waiting.id, "test", "early")
+        assert result.outcome.value == "ACCEPTED"
+        assert result.operation.status is OperationStatus.INTERRUPTED
+
+        gated.open(busy.id)  # free the only slot
+        busy_events = await collect(app, busy.id)
+        assert busy_events[-1].kind is EventKind.COMPLETED
+        await app.runner.wait_finished(waiting.id)
+
+        events = await collect(app, waiting.id)
+        assert [e.kind for e in events] == [
+            EventKind.CREATED,
+            EventKind.STOP_REQUESTED,
+            EventKind.INTERRUPTED,
+        ]
+        assert events[-1].data["mid_step"] is False
+        assert app.store.step_records(waiting.id) == []
+        assert all(op_id != waiting.id for op_id, _ in gated.steps_started)
+    finally:
+        await app.close()
+
+
+async def test_agent_ignoring_cancellation_is_bounded_by_the_grace(app: RuntimeApp) -> None:
+    op = (await app.operations.start("stubborn", {}, "")).operation
+    await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+    await app.operations.interrupt(op.id, "test", "")
+    events = await collect(app, op.id)
+    final = events[-1]
+    assert final.kind is EventKind.INTERRUPTED and final.data["mid_step"] is True
+    # The runtime waited for the agent's grace (0.5 s in tests), then halted regardless.
+    assert final.data["halt_ms"] >= 400
+
+
+async def test_agent_error_fails_the_operation_after_checkpointed_steps(app: RuntimeApp) -> None:
+    op = (
+        await app.operations.start("ticker", {"steps": 3, "step_seconds": 0, "fail_at_step": 1}, "")
+    ).operation
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.FAILED
+    assert "fail at step 1" in events[-1].data["error"]
+    stored = await app.operations.get(op.id)
+    assert stored.status is OperationStatus.FAILED and stored.steps_completed == 1
+
+
+async def test_unserialisable_state_fails_cleanly(app: RuntimeApp) -> None:
+    op = (await app.operations.start("unserialisable", {}, "")).operation
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.FAILED
+    assert "not JSON-serialisable" in events[-1].data["error"]
+
+
+async def test_completed_operation_keeps_result_and_gap_free_events(app: RuntimeApp) -> None:
+    op = (await app.operations.start("ticker", {"steps": 3, "step_seconds": 0.01}, "")).operation
+    events = await collect(app, op.id)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].kind is EventKind.COMPLETED
+    stored = await app.operations.get(op.id)
+    assert stored.status is OperationStatus.COMPLETED and stored.steps_completed == 3
+    assert stored.result == events[-1].data["result"]
+    # Interrupting now changes nothing and says so.
+    result = await app.operations.interrupt(op.id, "late", "")
+    assert result.outcome.value == "ALREADY_FINISHED"
+    assert await app.operations.get(op.id) == stored
+
+
+async def test_restart_resumes_from_last_completed_step(db_url: str, gated: GatedAgent) -> None:
+    first = await RuntimeApp.open(runtime_config(db_url), registry(gated))
+    op = (await first.operations.start("gated", {"steps": 3}, "")).operation
+    gated.release(op.id)  # step 0 completes; step 1 starts and blocks
+    await eventually(lambda: _in_step(gated, op.id))
+    await first.close()  # like a process exit: nothing terminal is written
+
+    left = first.store.get(op.id)
+    assert left is not None and left.status is OperationStatus.RUNNING
+    checkpoint = left.steps_completed
+    assert checkpoint == 1
+
+    second = await RuntimeApp.open(runtime_config(db_url), registry(gated))
+    try:
+        gated.open(op.id)
+        events = await collect(second, op.id, after_seq=left.last_seq)
+        started = events[0]
+        assert started.kind is EventKind.STARTED
+        assert started.data == {"from_step": checkpoint, "resumed": True}
+        assert events[-1].kind is EventKind.COMPLETED
+        assert [e.seq for e in events] == list(range(left.last_seq + 1, events[-1].seq + 1))
+        records = second.store.step_records(op.id)
+        assert [(r.step, r.attempt, r.outcome) for r in records] == [
+            (0, 1, "completed"),
+            (1, 1, None),  # in flight when the first process went away
+            (1, 2, "completed"),  # re-run by the second; step 0 was not
+            (2, 1, "completed"),
+        ]
+    finally:
+        await second.close()
+
+
+async def _in_step(gated: GatedAgent, op_id: str) -> bool:
+    return sum(1 for o, _ in gated.steps_started if o == op_id) >= 2
