@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -23,7 +23,8 @@ from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent
 
-Stub = rt_grpc.RuntimeServiceAsyncStub
+if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
+    Stub = rt_grpc.RuntimeServiceAsyncStub
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
