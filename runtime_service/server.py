@@ -48,6 +48,9 @@ async def start_runtime(
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", max(4 * 1024 * 1024, 2 * config.max_input_bytes)),
+            # gRPC turns SO_REUSEPORT on by default: a second runtime on a taken port would then
+            # start "successfully" and split the traffic between two databases.
+            ("grpc.so_reuseport", 0),
         ]
     )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(

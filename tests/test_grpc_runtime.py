@@ -461,3 +461,15 @@ async def test_stopping_is_reported_while_the_step_winds_down(
     assert [o.id for o in listed.operations] == [op.id]
     events = await all_events(stub, op.id)
     assert events[-1].WhichOneof("kind") == "interrupted"
+
+
+async def test_second_runtime_on_a_taken_port_refuses_to_start(
+    runtime: RunningRuntime, tmp_path: Any
+) -> None:
+    from runtime_service.server import start_runtime
+    from tests.agents import registry
+    from tests.conftest import runtime_config
+
+    config = runtime_config(f"sqlite:///{tmp_path / 'other.db'}", address=runtime.address)
+    with pytest.raises(OSError, match="cannot listen"):
+        await start_runtime(config, registry())
