@@ -28,6 +28,7 @@ _OUTCOME_TO_PB = {
     InterruptOutcome.ACCEPTED: rt_pb.INTERRUPT_OUTCOME_ACCEPTED,
     InterruptOutcome.ALREADY_REQUESTED: rt_pb.INTERRUPT_OUTCOME_ALREADY_REQUESTED,
     InterruptOutcome.ALREADY_FINISHED: rt_pb.INTERRUPT_OUTCOME_ALREADY_FINISHED,
+    InterruptOutcome.SKIPPED_WATCHED: rt_pb.INTERRUPT_OUTCOME_SKIPPED_WATCHED,
 }
 
 
@@ -65,6 +66,7 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
         update_time=timestamp(operation.updated_at),
     )
     msg.input.update(operation.input)
+    msg.labels.update(operation.labels)
     if operation.status is OperationStatus.COMPLETED:
         json_format.ParseDict(operation.result, msg.result)
     if operation.stop is not None:

@@ -62,6 +62,7 @@ class InterruptOutcome(enum.StrEnum):
     ACCEPTED = "ACCEPTED"
     ALREADY_REQUESTED = "ALREADY_REQUESTED"
     ALREADY_FINISHED = "ALREADY_FINISHED"
+    SKIPPED_WATCHED = "SKIPPED_WATCHED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class Operation:
     agent: str
     input: JSONValue
     idempotency_key: str | None
+    labels: dict[str, str]
     status: OperationStatus
     steps_completed: int
     agent_state: JSONValue

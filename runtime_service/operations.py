@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database
-from runtime_service.domain import Event, InterruptResult, Operation, OperationStatus
+from runtime_service.domain import (
+    Event,
+    InterruptOutcome,
+    InterruptResult,
+    Operation,
+    OperationStatus,
+)
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
@@ -25,6 +31,14 @@ from stopline.errors import InvalidArgument, NotFound, OutOfRange
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REQUESTED_BY = 200
 MAX_REASON = 1000
+MAX_LABELS = 32
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_HOLD_SECONDS = 60.0
+MAX_LABELS = 32
+MAX_LABEL_KEY = 63
+MAX_LABEL_VALUE = 256
+MAX_HOLD_SECONDS = 60.0
 REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 
@@ -43,6 +57,17 @@ def parse_operation_id(value: str, field: str = "operation_id") -> str:
             field, f"{shown!r} is not an operation id (a UUID such as {uuid.UUID(int=0)})"
         )
     return value.lower()
+
+
+def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"has {len(labels)} entries; the limit is {MAX_LABELS}")
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_KEY:
+            raise InvalidArgument("labels", f"keys must be 1 to {MAX_LABEL_KEY} characters")
+        if len(value) > MAX_LABEL_VALUE:
+            raise InvalidArgument(f"labels[{key}]", f"is longer than {MAX_LABEL_VALUE} characters")
+    return dict(labels)
 
 
 def _bounded_text(value: str, field: str, limit: int) -> str:
@@ -69,7 +94,12 @@ class OperationsService:
         self.runner = runner
 
     async def start(
-        self, agent_name: str, input_value: dict[str, Any], idempotency_key: str
+        self,
+        agent_name: str,
+        input_value: dict[str, Any],
+        idempotency_key: str,
+        labels: Mapping[str, str] | None = None,
+        hold_seconds: float = 0.0,
     ) -> Created:
         if not agent_name:
             raise InvalidArgument(
@@ -88,11 +118,25 @@ class OperationsService:
         except InvalidInput as exc:
             raise InvalidArgument(exc.field, exc.problem) from exc
         key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
-        created = await self.db.call(self.store.create, agent_name, input_value, key)
+        checked_labels = _check_labels(labels or {})
+        if not 0 <= hold_seconds <= MAX_HOLD_SECONDS:
+            raise InvalidArgument(
+                "hold", f"must be between 0 and {MAX_HOLD_SECONDS:g} seconds, got {hold_seconds:g}"
+            )
+        created = await self.db.call(
+            self.store.create, agent_name, input_value, key, checked_labels
+        )
         self.hub.publish(created.events)
-        if created.operation.status is OperationStatus.PENDING:
+        if created.created and hold_seconds > 0:
+            self.runner.hold(created.operation.id, hold_seconds)
+        elif created.operation.status is OperationStatus.PENDING:
             self.runner.submit(created.operation.id)
         return created
+
+    async def release(self, operation_id: str) -> Operation:
+        operation = await self.get(operation_id)
+        self.runner.release(operation.id)
+        return operation
 
     def _check_input_size(self, input_value: dict[str, Any]) -> None:
         try:
@@ -131,10 +175,14 @@ class OperationsService:
         token = encode_page_token(next_cursor, status) if next_cursor is not None else ""
         return page, token
 
-    async def interrupt(self, operation_id: str, requested_by: str, reason: str) -> InterruptResult:
+    async def interrupt(
+        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+    ) -> InterruptResult:
         op_id = parse_operation_id(operation_id)
         by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         why = _bounded_text(reason, "reason", MAX_REASON)
+        if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
+            return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
         result = await self.db.call(self.store.record_stop, op_id, by, why)
         if result is None:
             raise NotFound(f"operation {op_id} does not exist")

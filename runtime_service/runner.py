@@ -73,8 +73,21 @@ class Runner:
         # Operations beyond capacity stay PENDING (and stoppable) until a slot frees up.
         self._slots = asyncio.Semaphore(max_running)
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._held: dict[str, asyncio.TimerHandle] = {}
 
     # ------------------------------------------------------------------ public
+
+    def hold(self, operation_id: str, seconds: float) -> None:
+        """Run the operation only after `seconds`, unless released (or stopped) before that."""
+        loop = asyncio.get_running_loop()
+        self._held[operation_id] = loop.call_later(seconds, self.release, operation_id)
+
+    def release(self, operation_id: str) -> None:
+        """End a hold early (no-op for an operation that is not held)."""
+        handle = self._held.pop(operation_id, None)
+        if handle is not None:
+            handle.cancel()
+            self.submit(operation_id)
 
     def submit(self, operation_id: str) -> None:
         """Run the operation in the background (no-op if this runner already runs it)."""
@@ -88,6 +101,9 @@ class Runner:
     def deliver_stop(self, operation_id: str) -> bool:
         """Wake the loop of an operation this runner is running; False if it runs nothing by
         that id (the stop is still recorded in storage, where the boundary check finds it)."""
+        held = self._held.pop(operation_id, None)
+        if held is not None:
+            held.cancel()  # its stop already ended it in storage; nothing left to run
         run = self._runs.get(operation_id)
         if run is None:
             return False
@@ -122,6 +138,9 @@ class Runner:
     async def shutdown(self) -> None:
         """Cancel every run without recording anything: the operations stay RUNNING and are
         resumed from their checkpoints by the next runtime."""
+        for handle in self._held.values():
+            handle.cancel()  # held operations stay PENDING; the next start-up runs them
+        self._held.clear()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()

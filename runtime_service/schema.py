@@ -63,6 +63,8 @@ operations = Table(
     # sha256 of (agent, input): tells a repeated idempotent start from a conflicting one.
     Column("request_hash", String(64), nullable=False),
     Column("idempotency_key", String(200), nullable=True, unique=True),
+    # Caller metadata (JSON object of strings), e.g. the gateway's cancel policy.
+    Column("labels_json", Text, nullable=True),
     Column("status", String(16), nullable=False),
     # Step state: written only by the runner that owns the operation.
     Column("steps_completed", Integer, nullable=False, default=0),

@@ -24,8 +24,13 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.StartOperationRequest,
         context: aio.ServicerContext[pb.StartOperationRequest, pb.StartOperationResponse],
     ) -> pb.StartOperationResponse:
+        hold = request.hold.ToTimedelta().total_seconds() if request.HasField("hold") else 0.0
         created = await self._ops.start(
-            request.agent, convert.struct_to_dict(request.input), request.idempotency_key
+            request.agent,
+            convert.struct_to_dict(request.input),
+            request.idempotency_key,
+            dict(request.labels),
+            hold,
         )
         return pb.StartOperationResponse(
             operation=convert.operation_to_pb(created.operation), created=created.created
@@ -64,7 +69,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         context: aio.ServicerContext[pb.InterruptOperationRequest, pb.InterruptOperationResponse],
     ) -> pb.InterruptOperationResponse:
         result = await self._ops.interrupt(
-            request.operation_id, request.requested_by, request.reason
+            request.operation_id, request.requested_by, request.reason, request.only_if_unwatched
         )
         return pb.InterruptOperationResponse(
             outcome=convert.outcome_to_pb(result.outcome),
@@ -79,3 +84,12 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     ) -> AsyncIterator[pb.WatchOperationResponse]:
         async for event in self._ops.watch(request.operation_id, request.after_seq):
             yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+
+    @unary
+    async def ReleaseOperation(
+        self,
+        request: pb.ReleaseOperationRequest,
+        context: aio.ServicerContext[pb.ReleaseOperationRequest, pb.ReleaseOperationResponse],
+    ) -> pb.ReleaseOperationResponse:
+        operation = await self._ops.release(request.operation_id)
+        return pb.ReleaseOperationResponse(operation=convert.operation_to_pb(operation))

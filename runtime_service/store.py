@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,9 +49,11 @@ def dump_json(value: JSONValue) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def request_hash(agent: str, input_value: JSONValue) -> str:
+def request_hash(agent: str, input_value: JSONValue, labels: Mapping[str, str]) -> str:
     """Fingerprint of a start request, to tell a retried idempotent start from a conflicting one."""
-    canonical = json.dumps([agent, input_value], sort_keys=True, separators=(",", ":"))
+    # Without labels the fingerprint is the one stored before labels existed (migration 0002).
+    parts: list[Any] = [agent, input_value, dict(labels)] if labels else [agent, input_value]
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -153,9 +155,16 @@ class OperationStore:
 
     # ----------------------------------------------------------------------------- writes
 
-    def create(self, agent: str, input_value: JSONValue, idempotency_key: str | None) -> Created:
+    def create(
+        self,
+        agent: str,
+        input_value: JSONValue,
+        idempotency_key: str | None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the idempotent twin."""
-        fingerprint = request_hash(agent, input_value)
+        labels = dict(labels or {})
+        fingerprint = request_hash(agent, input_value, labels)
         if idempotency_key is not None:
             existing = self._find_by_key(idempotency_key, fingerprint)
             if existing is not None:
@@ -171,6 +180,7 @@ class OperationStore:
                         input_json=dump_json(input_value),
                         request_hash=fingerprint,
                         idempotency_key=idempotency_key,
+                        labels_json=dump_json(labels) if labels else None,
                         status=OperationStatus.PENDING,
                         steps_completed=0,
                         last_seq=0,
@@ -475,7 +485,7 @@ class OperationStore:
         if row.request_hash != fingerprint:
             raise AlreadyExists(
                 f"idempotency_key {key!r} was already used for operation {row.id} with a "
-                "different agent or input; use a new key for a different request"
+                "different agent, input or labels; use a new key for a different request"
             )
         return _operation(row)
 
@@ -493,6 +503,7 @@ def _operation(row: Row[Any]) -> Operation:
         agent=row.agent,
         input=_load(row.input_json),
         idempotency_key=row.idempotency_key,
+        labels=_load(row.labels_json) or {},
         status=OperationStatus(row.status),
         steps_completed=row.steps_completed,
         agent_state=_load(row.agent_state_json),
@@ -514,7 +525,3 @@ def _event(row: Row[Any]) -> Event:
         data=json.loads(row.data_json),
         created_at=row.created_at,
     )
-
-
-def ids(operations_: Iterable[Operation]) -> list[str]:
-    return [o.id for o in operations_]

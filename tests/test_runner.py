@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
 from tests.agents import GatedAgent, registry
@@ -169,3 +171,61 @@ async def test_restart_resumes_from_last_completed_step(db_url: str, gated: Gate
 
 async def _in_step(gated: GatedAgent, op_id: str) -> bool:
     return sum(1 for o, _ in gated.steps_started if o == op_id) >= 2
+
+
+async def test_held_operation_runs_no_step_until_released(
+    app: RuntimeApp, gated: GatedAgent
+) -> None:
+    held = (await app.operations.start("gated", {}, "", hold_seconds=30)).operation
+    stopped = (await app.operations.start("gated", {}, "", hold_seconds=30)).operation
+    assert (await app.operations.get(held.id)).status is OperationStatus.PENDING
+    # A stop while held ends it without any step: the reason a gateway holds its starts.
+    result = await app.operations.interrupt(stopped.id, "gateway", "client left during start")
+    assert result.operation.status is OperationStatus.INTERRUPTED
+    assert not any(op_id == stopped.id for op_id, _ in gated.steps_started)
+    assert app.store.step_records(stopped.id) == []
+    await app.operations.release(stopped.id)  # releasing a stopped operation changes nothing
+    await app.operations.release(held.id)
+    await asyncio.wait_for(first_event(app, held.id, EventKind.STEP_STARTED), 10)
+    gated.open(held.id)
+    assert (await collect(app, held.id))[-1].kind is EventKind.COMPLETED
+    assert (await app.operations.get(stopped.id)).status is OperationStatus.INTERRUPTED
+
+
+async def test_hold_expires_on_its_own(app: RuntimeApp) -> None:
+    op = (await app.operations.start("echo", {}, "", hold_seconds=0.05)).operation
+    assert (await collect(app, op.id))[-1].kind is EventKind.COMPLETED
+
+
+async def test_only_if_unwatched_spares_a_watched_operation(
+    app: RuntimeApp, gated: GatedAgent
+) -> None:
+    op = (await app.operations.start("gated", {}, "")).operation
+    watching = asyncio.create_task(collect(app, op.id))
+    await eventually(lambda: _watched(app, op.id))
+    skipped = await app.operations.interrupt(op.id, "grace", "", only_if_unwatched=True)
+    assert skipped.outcome.value == "SKIPPED_WATCHED"
+    assert skipped.operation.stop is None
+    watching.cancel()
+    await eventually(lambda: _watched(app, op.id, count=0))
+    applied = await app.operations.interrupt(op.id, "grace", "", only_if_unwatched=True)
+    assert applied.outcome.value == "ACCEPTED"
+    assert (await collect(app, op.id))[-1].kind is EventKind.INTERRUPTED
+
+
+async def test_labels_are_stored_and_part_of_idempotency(app: RuntimeApp) -> None:
+    from stopline.errors import AlreadyExists, InvalidArgument
+
+    first = await app.operations.start("echo", {}, "k", labels={"policy": "stop"})
+    assert first.operation.labels == {"policy": "stop"}
+    again = await app.operations.start("echo", {}, "k", labels={"policy": "stop"})
+    assert not again.created and again.operation.id == first.operation.id
+    with pytest.raises(AlreadyExists):
+        await app.operations.start("echo", {}, "k", labels={"policy": "keep"})
+    for bad in ({"": "x"}, {"k" * 64: "x"}, {"k": "v" * 257}, {str(i): "" for i in range(33)}):
+        with pytest.raises(InvalidArgument, match="labels"):
+            await app.operations.start("echo", {}, "", labels=bad)
+
+
+async def _watched(app: RuntimeApp, op_id: str, count: int = 1) -> bool:
+    return app.hub.watcher_count(op_id) == count

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
@@ -35,6 +36,8 @@ class _InterruptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inte
     """A stop had already been recorded by an earlier call; nothing changed."""
     INTERRUPT_OUTCOME_ALREADY_FINISHED: _InterruptOutcome.ValueType  # 3
     """The operation had already completed or failed; nothing changed."""
+    INTERRUPT_OUTCOME_SKIPPED_WATCHED: _InterruptOutcome.ValueType  # 4
+    """only_if_unwatched was set and a client is watching the operation; nothing changed."""
 
 class InterruptOutcome(_InterruptOutcome, metaclass=_InterruptOutcomeEnumTypeWrapper):
     """What an InterruptOperation call achieved."""
@@ -47,6 +50,8 @@ INTERRUPT_OUTCOME_ALREADY_REQUESTED: InterruptOutcome.ValueType  # 2
 """A stop had already been recorded by an earlier call; nothing changed."""
 INTERRUPT_OUTCOME_ALREADY_FINISHED: InterruptOutcome.ValueType  # 3
 """The operation had already completed or failed; nothing changed."""
+INTERRUPT_OUTCOME_SKIPPED_WATCHED: InterruptOutcome.ValueType  # 4
+"""only_if_unwatched was set and a client is watching the operation; nothing changed."""
 Global___InterruptOutcome: _TypeAlias = InterruptOutcome  # noqa: Y015
 
 @_typing.final
@@ -55,9 +60,31 @@ class StartOperationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "echo" or "ticker"."""
     idempotency_key: _builtins.str
@@ -66,16 +93,32 @@ class StartOperationRequest(_message.Message):
     def input(self) -> _struct_pb2.Struct:
         """The agent's input, any JSON object. Its JSON encoding must fit the runtime's input limit."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Caller-defined metadata stored with the operation and returned with it (at most 32 entries;
+        keys up to 63 and values up to 256 characters). Part of the idempotency fingerprint.
+        """
+
+    @_builtins.property
+    def hold(self) -> _duration_pb2.Duration:
+        """When set, the operation is created PENDING but runs no step until ReleaseOperation is called
+        or this much time has passed (at most 60 s). A caller that may need to stop the operation
+        before it runs (a gateway whose client cancels while the start is in flight) holds it, then
+        either interrupts or releases it: a stop then wins before any step can start.
+        """
+
     def __init__(
         self,
         *,
         agent: _builtins.str = ...,
         input: _struct_pb2.Struct | None = ...,
         idempotency_key: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        hold: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "idempotency_key", b"idempotency_key", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,22 +265,28 @@ class InterruptOperationRequest(_message.Message):
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    ONLY_IF_UNWATCHED_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation to stop."""
     requested_by: _builtins.str
     """Who is asking (recorded with the stop; at most 200 characters)."""
     reason: _builtins.str
     """Why (recorded with the stop; at most 1000 characters)."""
+    only_if_unwatched: _builtins.bool
+    """Stop only if no client is watching the operation on this runtime; otherwise change nothing
+    and answer SKIPPED_WATCHED. Used for "stop unless somebody reconnected in time".
+    """
     def __init__(
         self,
         *,
         operation_id: _builtins.str = ...,
         requested_by: _builtins.str = ...,
         reason: _builtins.str = ...,
+        only_if_unwatched: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["only_if_unwatched", b"only_if_unwatched", "operation_id", b"operation_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,3 +371,49 @@ class WatchOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchOperationResponse: _TypeAlias = WatchOperationResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseOperationRequest(_message.Message):
+    """Request for ReleaseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The held operation to let run."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseOperationRequest: _TypeAlias = ReleaseOperationRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseOperationResponse(_message.Message):
+    """Response for ReleaseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    def __init__(
+        self,
+        *,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseOperationResponse: _TypeAlias = ReleaseOperationResponse  # noqa: Y015

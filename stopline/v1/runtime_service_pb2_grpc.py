@@ -60,6 +60,11 @@ class RuntimeServiceStub:
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.WatchOperationRequest.SerializeToString,
                 response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.WatchOperationResponse.FromString,
                 _registered_method=True)
+        self.ReleaseOperation = channel.unary_unary(
+                '/stopline.v1.RuntimeService/ReleaseOperation',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -105,6 +110,14 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseOperation(self, request, context):
+        """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
+        (or already finished) is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +145,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.WatchOperation,
                     request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.WatchOperationRequest.FromString,
                     response_serializer=stopline_dot_v1_dot_runtime__service__pb2.WatchOperationResponse.SerializeToString,
+            ),
+            'ReleaseOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseOperation,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +288,33 @@ class RuntimeService:
             '/stopline.v1.RuntimeService/WatchOperation',
             stopline_dot_v1_dot_runtime__service__pb2.WatchOperationRequest.SerializeToString,
             stopline_dot_v1_dot_runtime__service__pb2.WatchOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/ReleaseOperation',
+            stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

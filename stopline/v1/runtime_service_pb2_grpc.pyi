@@ -50,6 +50,10 @@ class RuntimeServiceStub:
     """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
     after the terminal event.
     """
+    ReleaseOperation: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]
+    """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
+    (or already finished) is returned unchanged.
+    """
 
 @_typing.type_check_only
 class RuntimeServiceAsyncStub(RuntimeServiceStub):
@@ -72,6 +76,10 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     WatchOperation: _aio.UnaryStreamMultiCallable[_runtime_service_pb2.WatchOperationRequest, _runtime_service_pb2.WatchOperationResponse]  # type: ignore[assignment]
     """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
     after the terminal event.
+    """
+    ReleaseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]  # type: ignore[assignment]
+    """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
+    (or already finished) is returned unchanged.
     """
 
 class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +130,16 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_runtime_service_pb2.WatchOperationResponse], _abc.AsyncIterator[_runtime_service_pb2.WatchOperationResponse]]:
         """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
         after the terminal event.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseOperation(
+        self,
+        request: _runtime_service_pb2.ReleaseOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_service_pb2.ReleaseOperationResponse, _abc.Awaitable[_runtime_service_pb2.ReleaseOperationResponse]]:
+        """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
+        (or already finished) is returned unchanged.
         """
 
 def add_RuntimeServiceServicer_to_server(servicer: RuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
