@@ -7,8 +7,7 @@ validation of caller input happens here, raising the domain errors of stopline.e
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from runtime_service.agents.base import InvalidInput
@@ -27,6 +26,7 @@ from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore
 from stopline.errors import InvalidArgument, NotFound, OutOfRange
+from stopline.ids import parse_operation_id
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REQUESTED_BY = 200
@@ -41,22 +41,6 @@ MAX_LABEL_VALUE = 256
 MAX_HOLD_SECONDS = 60.0
 REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
-
-
-def parse_operation_id(value: str, field: str = "operation_id") -> str:
-    """Canonical lowercase UUID, or INVALID_ARGUMENT naming the field."""
-    if not value:
-        raise InvalidArgument(field, "is required")
-    try:
-        parsed = uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        parsed = None
-    if parsed is None or str(parsed) != value.lower() or len(value) != 36:
-        shown = value if len(value) <= 64 else value[:64] + "…"
-        raise InvalidArgument(
-            field, f"{shown!r} is not an operation id (a UUID such as {uuid.UUID(int=0)})"
-        )
-    return value.lower()
 
 
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -191,7 +175,7 @@ class OperationsService:
             self.runner.deliver_stop(op_id)
         return result
 
-    async def watch(self, operation_id: str, after_seq: int) -> AsyncIterator[Event]:
+    async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:
         """Stored events after `after_seq`, then live ones, until the terminal event.
 
         Subscribing before the first read means no event can fall between replay and live."""

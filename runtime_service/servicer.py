@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator
 
 from grpc import aio
 
@@ -81,9 +82,11 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         self,
         request: pb.WatchOperationRequest,
         context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
-    ) -> AsyncIterator[pb.WatchOperationResponse]:
-        async for event in self._ops.watch(request.operation_id, request.after_seq):
-            yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+    ) -> AsyncGenerator[pb.WatchOperationResponse, None]:
+        events = self._ops.watch(request.operation_id, request.after_seq)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
 
     @unary
     async def ReleaseOperation(

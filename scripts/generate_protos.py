@@ -16,7 +16,7 @@ from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_ROOT = REPO / "protos"
-PACKAGE_DIR = Path("stopline") / "v1"
+GENERATED_ROOT = Path("stopline")
 
 
 def _plugin(name: str) -> str:
@@ -28,13 +28,22 @@ def _plugin(name: str) -> str:
     return found
 
 
+def generated_files(root: Path) -> list[Path]:
+    """Every file this script writes below root/stopline (hand-written modules excluded)."""
+    base = root / GENERATED_ROOT
+    return sorted(
+        p
+        for p in base.rglob("*")
+        if p.is_file() and ("_pb2" in p.name or (p.name == "__init__.py" and p.parent.name == "v1"))
+    )
+
+
 def generate(out_dir: Path) -> list[Path]:
-    """Generate messages, gRPC stubs and their type stubs into out_dir/stopline/v1."""
+    """Generate messages, gRPC stubs and their type stubs into out_dir/stopline/..."""
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
-    target = out_dir / PACKAGE_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    for old in target.glob("*_pb2*.py*"):
-        old.unlink()
+    for old in generated_files(out_dir):
+        if "_pb2" in old.name:
+            old.unlink()
     well_known = str(resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",
@@ -50,8 +59,17 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (target / "__init__.py").write_text('"""Generated from protos/stopline/v1: do not edit."""\n')
-    return sorted(target.iterdir())
+    for proto in protos:
+        package_dir = out_dir / proto.relative_to(PROTO_ROOT).parent
+        rel = package_dir.relative_to(out_dir)
+        (package_dir / "__init__.py").write_text(
+            f'"""Generated from protos/{rel}: do not edit."""\n'
+        )
+        for parent in list(rel.parents)[:-1]:  # stopline/gateway etc.: plain packages
+            init = out_dir / parent / "__init__.py"
+            if not init.exists():
+                init.write_text('"""Generated contracts."""\n')
+    return generated_files(out_dir)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ INTERNAL with a reference to the logged traceback -- never UNKNOWN, never a stac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -37,7 +38,25 @@ STATUS_BY_ERROR: dict[type[errors.StoplineError], grpc.StatusCode] = {
 }
 
 
+class UpstreamError(Exception):
+    """A call to another Stopline service failed with this status; passed on to our caller as is
+    (the runtime's own message already names the field or the limit)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc_error(cls, exc: aio.AioRpcError) -> UpstreamError:
+        return cls(exc.code(), exc.details() or "")
+
+
 def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, UpstreamError):
+        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return grpc.StatusCode.UNAVAILABLE, f"the runtime is unavailable ({exc.details}); retry"
+        return exc.code, exc.details
     for error_type, code in STATUS_BY_ERROR.items():
         if isinstance(exc, error_type):
             return code, str(exc)
@@ -73,15 +92,18 @@ def unary(
 
 
 def server_stream(
-    handler: Callable[[S, Req, aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
-) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    handler: Callable[[S, Req, aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp, None]],
+) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], AsyncGenerator[Resp, None]]:
     @functools.wraps(handler)
     async def wrapper(
         self: S, request: Req, context: aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp, None]:
         try:
-            async for item in handler(self, request, context):
-                yield item
+            # aclosing: a cancelled call closes the handler's generator now, so its `finally`
+            # (cleanup, cancel policies) runs at once rather than whenever it is collected.
+            async with contextlib.aclosing(handler(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except aio.AbortError:
             raise
         except Exception as exc:

@@ -7,9 +7,9 @@ import uuid
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime_service.operations import parse_operation_id
 from runtime_service.pagination import decode_page_token
 from stopline.errors import InvalidArgument
+from stopline.ids import parse_operation_id
 
 
 @given(st.text(max_size=200))

@@ -1,0 +1,1 @@
+"""The gateway service: faces clients, starts and streams operations, delivers their stops."""

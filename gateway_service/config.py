@@ -1,0 +1,29 @@
+"""Gateway settings. The CLI fills these from flags and STOPLINE_* environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    address: str = "127.0.0.1:50052"
+    runtime_address: str = "127.0.0.1:50051"
+    # StopOperation answers after one round trip to the runtime, or after this bound with
+    # "accepted, still being delivered".
+    stop_ack_seconds: float = 0.25
+    # How long a stop is retried while the runtime is unreachable before it is reported undelivered.
+    stop_delivery_deadline_seconds: float = 30.0
+    # How long a start is retried (same idempotency key) while the runtime is unreachable.
+    start_retry_seconds: float = 5.0
+    # How long the runtime holds a new operation before running it, unless the gateway releases
+    # (or stops) it first; bounds the damage if the gateway dies between start and release.
+    start_hold_seconds: float = 10.0
+    # A stream whose runtime watch keeps failing for this long ends with UNAVAILABLE (the client
+    # reconnects with its last seq).
+    watch_reconnect_deadline_seconds: float = 60.0
+    # Timeout of unary calls to the runtime.
+    rpc_timeout_seconds: float = 10.0
+    default_cancel_grace_seconds: float = 30.0
+    max_cancel_grace_seconds: float = 24 * 3600.0
+    shutdown_grace_seconds: float = 5.0

@@ -1,0 +1,350 @@
+"""The gateway's use cases in plain Python; the servicer only translates to and from protobuf.
+
+Guarantees kept here:
+- A stop is never lost to timing. A client that cancels while its start is still in flight gets
+  the stop applied as soon as the runtime answers; because the gateway starts every operation
+  *held* (the runtime runs no step until released), that stop lands while the operation is still
+  PENDING, so no step ever runs.
+- A stream never shows a gap or a repeat: the runtime watch is resumed from the last forwarded
+  seq whenever the runtime connection breaks.
+- A stop is acknowledged to every local client of the operation at once, then delivered at least
+  once (delivery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import uuid
+from collections.abc import AsyncGenerator, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+from grpc import aio
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from gateway_service.config import GatewayConfig
+from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
+from gateway_service.runtime_link import RETRYABLE, RuntimeLink, is_retryable
+from gateway_service.streams import (
+    EventItem,
+    StopRequestedItem,
+    StopUndeliveredItem,
+    StreamItem,
+    StreamRegistry,
+)
+from stopline.errors import InvalidArgument
+from stopline.grpc_status import UpstreamError
+from stopline.ids import parse_operation_id
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt_pb
+
+log = logging.getLogger(__name__)
+
+POLICY_LABEL = "stopline.cancel_policy"
+GRACE_LABEL = "stopline.cancel_grace_seconds"
+MAX_REASON = 1000
+GATEWAY = "gateway"
+
+
+class CancelPolicy(enum.StrEnum):
+    STOP = "stop"
+    KEEP_RUNNING = "keep_running"
+    STOP_AFTER_GRACE = "stop_after_grace"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """First item of a start-and-stream: the operation exists."""
+
+    operation: op_pb.Operation
+
+
+@dataclass(frozen=True, slots=True)
+class StopAnswer:
+    delivered: bool
+    response: rt_pb.InterruptOperationResponse | None = None
+
+
+class _ProgressThenLost(Exception):
+    """The runtime watch broke after forwarding events: start a fresh retry window."""
+
+
+def policy_from_labels(labels: Mapping[str, str]) -> tuple[CancelPolicy, float]:
+    """The cancel policy chosen at start, stored with the operation so any gateway applies it."""
+    try:
+        policy = CancelPolicy(labels.get(POLICY_LABEL, CancelPolicy.STOP))
+    except ValueError:
+        policy = CancelPolicy.STOP
+    try:
+        grace = float(labels.get(GRACE_LABEL, "0"))
+    except ValueError:
+        grace = 0.0
+    return policy, grace
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, link: RuntimeLink) -> None:
+        self.config = config
+        self.link = link
+        self.streams = StreamRegistry()
+        self.deliverer = StopDeliverer(
+            link, config.stop_delivery_deadline_seconds, self._report_undelivered
+        )
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background))
+        await self.deliverer.close()
+        await self.link.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Background work that must outlive the client call that caused it."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ------------------------------------------------------------------ start and stream
+
+    def check_grace(self, policy: CancelPolicy, grace: float | None) -> float:
+        if grace is None:
+            return self.config.default_cancel_grace_seconds
+        limit = self.config.max_cancel_grace_seconds
+        if not math.isfinite(grace) or not 0 <= grace <= limit:
+            raise InvalidArgument("cancel_grace", f"must be between 0 and {limit:g} seconds")
+        return grace
+
+    async def start_and_stream(
+        self,
+        agent: str,
+        input_value: struct_pb2.Struct,
+        idempotency_key: str,
+        policy: CancelPolicy,
+        grace: float,
+    ) -> AsyncGenerator[Accepted | StreamItem, None]:
+        # The gateway always sends a key, so it can retry a start whose answer was lost.
+        key = idempotency_key or f"gateway-{uuid.uuid4()}"
+        request = rt_pb.StartOperationRequest(
+            agent=agent,
+            idempotency_key=key,
+            labels={POLICY_LABEL: policy.value, GRACE_LABEL: f"{grace:g}"},
+            hold=duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds)),
+        )
+        request.input.CopyFrom(input_value)
+        start = self._spawn(self._start(request), name="start")
+        finished = False
+        try:
+            try:
+                response = await asyncio.shield(start)
+            except UpstreamError:
+                finished = True  # nothing was started (or it cannot be known): nothing to stop
+                raise
+            operation_id = response.operation.id
+            if response.created:
+                self._spawn(self._release(operation_id), name=f"release {operation_id}")
+            yield Accepted(response.operation)
+            async for item in self._follow(operation_id, 0):
+                yield item
+                if isinstance(item, EventItem) and item.is_terminal:
+                    finished = True
+        finally:
+            if not finished:
+                self._client_gone(start, None, policy, grace)
+
+    async def _start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.config.start_retry_seconds),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self.link.start(request)
+        raise AssertionError("unreachable: tenacity reraises")
+
+    async def _release(self, operation_id: str) -> None:
+        try:
+            await self.link.release(operation_id)
+        except UpstreamError as exc:
+            # The runtime's hold expires by itself; the operation only starts a little later.
+            log.warning("could not release %s (%s); its hold will expire", operation_id, exc)
+
+    # ------------------------------------------------------------------ reconnect
+
+    async def stream(self, operation_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
+        op_id = parse_operation_id(operation_id)
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
+        operation = (await self.link.get(op_id)).operation
+        policy, grace = policy_from_labels(operation.labels)
+        finished = False
+        try:
+            async for item in self._follow(op_id, after_seq):
+                yield item
+                if isinstance(item, EventItem) and item.is_terminal:
+                    finished = True
+        finally:
+            if not finished:
+                self._client_gone(None, op_id, policy, grace)
+
+    # ------------------------------------------------------------------ following the runtime
+
+    async def _follow(self, op_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
+        with self.streams.open(op_id) as stream:
+            pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
+            try:
+                while True:
+                    item = await stream.queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if isinstance(item, EventItem) and item.is_terminal:
+                        return
+            finally:
+                pump.cancel()
+
+    async def _pump(self, op_id: str, after_seq: int, put: Any) -> None:
+        """Forward the runtime's events, resuming from the last one after a broken connection."""
+        cursor = after_seq
+        deadline = self.config.watch_reconnect_deadline_seconds
+        while True:
+            retrying = AsyncRetrying(
+                stop=stop_after_delay(deadline),
+                wait=wait_exponential_jitter(initial=0.05, max=1.0),
+                retry=retry_if_exception(is_retryable),
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        cursor = await self._forward(op_id, cursor, put)
+                return
+            except _ProgressThenLost as lost:
+                cursor = int(str(lost))
+            except UpstreamError as exc:
+                if is_retryable(exc):
+                    exc = UpstreamError(
+                        exc.code,
+                        f"lost the runtime for {deadline:g}s ({exc.details}); "
+                        f"reconnect with after_seq={cursor}",
+                    )
+                put(exc)
+                return
+
+    async def _forward(self, op_id: str, cursor: int, put: Any) -> int:
+        """One runtime watch from `cursor` until the terminal event; returns the last seq."""
+        start = cursor
+        call = self.link.watch(op_id, cursor)
+        try:
+            async for response in call:
+                event = response.event
+                if event.seq <= cursor:
+                    continue
+                put(EventItem(event))
+                cursor = event.seq
+                if event.WhichOneof("kind") in ("completed", "failed", "interrupted"):
+                    return cursor
+        except aio.AioRpcError as exc:
+            code = exc.code()
+            # CANCELLED from the runtime side: it is shutting down; resume like UNAVAILABLE.
+            retryable = code in RETRYABLE or code is grpc.StatusCode.CANCELLED
+            if retryable and cursor > start:
+                raise _ProgressThenLost(str(cursor)) from exc
+            if code is grpc.StatusCode.CANCELLED:
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, exc.details() or "") from exc
+            raise UpstreamError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+        # Ended without a terminal event (the runtime shut down gracefully): resume.
+        if cursor > start:
+            raise _ProgressThenLost(str(cursor))
+        raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "the runtime ended the stream early")
+
+    # ------------------------------------------------------------------ stopping
+
+    async def stop(self, operation_id: str, requested_by: str, reason: str) -> StopAnswer:
+        op_id = parse_operation_id(operation_id)
+        if len(reason) > MAX_REASON:
+            raise InvalidArgument(
+                "reason", f"is {len(reason)} characters; the limit is {MAX_REASON}"
+            )
+        delivery = self._request_stop(op_id, requested_by, reason)
+        await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
+        if not delivery.done.done():
+            return StopAnswer(delivered=False)
+        if delivery.state is DeliveryState.DELIVERED:
+            return StopAnswer(delivered=True, response=delivery.response)
+        assert delivery.error is not None
+        raise delivery.error
+
+    def _request_stop(
+        self, op_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+    ) -> StopDelivery:
+        if not only_if_unwatched:
+            # Every local client of the operation learns of the stop now, not after the runtime.
+            self.streams.notify(op_id, StopRequestedItem(requested_by, reason))
+        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched)
+
+    def _report_undelivered(self, delivery: StopDelivery) -> None:
+        self.streams.notify(
+            delivery.operation_id,
+            StopUndeliveredItem(str(delivery.error), delivery.attempts),
+        )
+
+    def _client_gone(
+        self,
+        start: asyncio.Task[rt_pb.StartOperationResponse] | None,
+        op_id: str | None,
+        policy: CancelPolicy,
+        grace: float,
+    ) -> None:
+        """A client's stream ended before its operation did: apply its cancel policy. Runs from
+        a `finally` of a cancelled call, so it only schedules work, never awaits."""
+        self._spawn(self._apply_policy(start, op_id, policy, grace), name="cancel policy")
+
+    async def _apply_policy(
+        self,
+        start: asyncio.Task[rt_pb.StartOperationResponse] | None,
+        op_id: str | None,
+        policy: CancelPolicy,
+        grace: float,
+    ) -> None:
+        if start is not None:
+            try:
+                response = await start
+            except UpstreamError as exc:
+                log.warning("client left during a start that failed (%s): nothing to stop", exc)
+                return
+            op_id = response.operation.id
+            if not response.created:
+                return  # a repeat of an earlier start: its own client decides
+        assert op_id is not None
+        if policy is CancelPolicy.STOP:
+            # Still held if the client left during the start: the stop wins before any step.
+            self._request_stop(op_id, GATEWAY, "the client's stream was cancelled")
+            return
+        await self._release(op_id)
+        if policy is CancelPolicy.STOP_AFTER_GRACE:
+            await asyncio.sleep(grace)  # a timer: the policy's grace period
+            if self.streams.count(op_id) == 0:
+                # The runtime re-checks: a client may have reconnected through another gateway.
+                self._request_stop(
+                    op_id, GATEWAY, f"nobody reconnected within {grace:g}s", only_if_unwatched=True
+                )
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, operation_id: str) -> op_pb.Operation:
+        return (await self.link.get(parse_operation_id(operation_id))).operation
+
+    async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
+        return await self.link.list(request)

@@ -1,0 +1,136 @@
+"""At-least-once delivery of stops to the runtime.
+
+A stop is accepted at once and then sent to the runtime, retried with exponential backoff and
+jitter while the runtime is unreachable, until a deadline. InterruptOperation is idempotent, so a
+retry after a lost answer is harmless. A delivery that runs out of time is reported (to every
+local stream of the operation, and in the log), never dropped silently. Deliveries live in this
+gateway process: one that dies mid-delivery loses its retries (the client sees no terminal event
+and can stop again through another gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from gateway_service.runtime_link import RuntimeLink, is_retryable
+from stopline.grpc_status import UpstreamError
+from stopline.v1 import runtime_service_pb2 as rt_pb
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "PENDING"
+    DELIVERED = "DELIVERED"  # the runtime answered (accepted, already stopped or finished)
+    UNDELIVERED = "UNDELIVERED"  # the runtime stayed unreachable until the deadline
+    REJECTED = "REJECTED"  # the runtime refused it for good (e.g. NOT_FOUND)
+
+
+@dataclass(eq=False)
+class StopDelivery:
+    request: rt_pb.InterruptOperationRequest
+    done: asyncio.Future[None]
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    response: rt_pb.InterruptOperationResponse | None = None
+    error: UpstreamError | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def operation_id(self) -> str:
+        return self.request.operation_id
+
+
+class StopDeliverer:
+    def __init__(
+        self,
+        link: RuntimeLink,
+        deadline_seconds: float,
+        on_undelivered: Callable[[StopDelivery], None],
+        attempt_timeout: float = 2.0,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self._link = link
+        self._deadline = deadline_seconds
+        self._on_undelivered = on_undelivered
+        self._attempt_timeout = attempt_timeout
+        self._max_backoff = max_backoff
+        self._pending: dict[str, StopDelivery] = {}
+
+    def deliver(
+        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+    ) -> StopDelivery:
+        """Start delivering (or join the delivery already under way for this operation)."""
+        current = self._pending.get(operation_id)
+        if current is not None and (only_if_unwatched or not current.request.only_if_unwatched):
+            return current
+        request = rt_pb.InterruptOperationRequest(
+            operation_id=operation_id,
+            requested_by=requested_by,
+            reason=reason,
+            only_if_unwatched=only_if_unwatched,
+        )
+        delivery = StopDelivery(request, asyncio.get_running_loop().create_future())
+        self._pending[operation_id] = delivery
+        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {operation_id}")
+        return delivery
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def _run(self, delivery: StopDelivery) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self._deadline),
+            wait=wait_exponential_jitter(initial=0.05, max=self._max_backoff),
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    delivery.attempts += 1
+                    delivery.response = await self._link.interrupt(
+                        delivery.request, deadline_seconds=self._attempt_timeout
+                    )
+            delivery.state = DeliveryState.DELIVERED
+        except UpstreamError as exc:
+            delivery.error = exc
+            if is_retryable(exc):
+                delivery.state = DeliveryState.UNDELIVERED
+                log.error(
+                    "stop of operation %s NOT delivered after %d attempts in %.0fs: %s",
+                    delivery.operation_id,
+                    delivery.attempts,
+                    self._deadline,
+                    exc,
+                )
+                self._on_undelivered(delivery)
+            else:
+                delivery.state = DeliveryState.REJECTED
+        finally:
+            if self._pending.get(delivery.operation_id) is delivery:
+                del self._pending[delivery.operation_id]
+            if not delivery.done.done():
+                delivery.done.set_result(None)
+
+    async def close(self) -> None:
+        """Shutdown: stops still being delivered are logged as undelivered, by operation id."""
+        deliveries = list(self._pending.values())
+        for delivery in deliveries:
+            log.error("gateway shutting down: stop of %s NOT delivered", delivery.operation_id)
+            if delivery.task is not None:
+                delivery.task.cancel()
+        tasks = [d.task for d in deliveries if d.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)

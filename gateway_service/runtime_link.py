@@ -1,0 +1,94 @@
+"""The gateway's connection to the runtime: one channel with keepalive, errors as UpstreamError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from stopline.grpc_status import UpstreamError
+from stopline.v1 import runtime_service_pb2 as rt_pb
+from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+
+# Keepalive finds a dead runtime connection in seconds instead of at the next TCP timeout, and a
+# short reconnect backoff picks a restarted runtime up quickly.
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+# What a retry can fix: the runtime was unreachable, restarting, or too slow to answer in time.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, UpstreamError) and exc.code in RETRYABLE
+
+
+class RuntimeLink:
+    def __init__(self, address: str, rpc_timeout: float) -> None:
+        self.address = address
+        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = rt_grpc.RuntimeServiceStub(self._channel)
+        self._timeout = rpc_timeout
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
+        try:
+            response: rt_pb.StartOperationResponse = await self._stub.StartOperation(
+                request, timeout=self._timeout
+            )
+        except aio.AioRpcError as exc:
+            raise UpstreamError.from_rpc_error(exc) from exc
+        return response
+
+    async def release(self, operation_id: str) -> None:
+        try:
+            await self._stub.ReleaseOperation(
+                rt_pb.ReleaseOperationRequest(operation_id=operation_id), timeout=self._timeout
+            )
+        except aio.AioRpcError as exc:
+            raise UpstreamError.from_rpc_error(exc) from exc
+
+    async def interrupt(
+        self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+    ) -> rt_pb.InterruptOperationResponse:
+        try:
+            response: rt_pb.InterruptOperationResponse = await self._stub.InterruptOperation(
+                request, timeout=deadline_seconds
+            )
+        except aio.AioRpcError as exc:
+            raise UpstreamError.from_rpc_error(exc) from exc
+        return response
+
+    async def get(self, operation_id: str) -> rt_pb.GetOperationResponse:
+        try:
+            response: rt_pb.GetOperationResponse = await self._stub.GetOperation(
+                rt_pb.GetOperationRequest(operation_id=operation_id), timeout=self._timeout
+            )
+        except aio.AioRpcError as exc:
+            raise UpstreamError.from_rpc_error(exc) from exc
+        return response
+
+    async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
+        try:
+            response: rt_pb.ListOperationsResponse = await self._stub.ListOperations(
+                request, timeout=self._timeout
+            )
+        except aio.AioRpcError as exc:
+            raise UpstreamError.from_rpc_error(exc) from exc
+        return response
+
+    def watch(self, operation_id: str, after_seq: int) -> Any:
+        """The raw streaming call; iterate it, and expect aio.AioRpcError on failure."""
+        return self._stub.WatchOperation(
+            rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq)
+        )

@@ -1,0 +1,57 @@
+"""The gateway's gRPC server: GatewayService plus health and reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1._async import HealthServicer
+
+from gateway_service.config import GatewayConfig
+from gateway_service.core import Gateway
+from gateway_service.runtime_link import RuntimeLink
+from gateway_service.servicer import GatewayServicer
+from stopline.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
+from stopline.serving import add_health_and_reflection, bind, run_until_signal, server_options
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+@dataclass
+class RunningGateway:
+    server: aio.Server
+    port: int
+    health: HealthServicer
+    gateway: Gateway
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        config_grace = self.gateway.config.shutdown_grace_seconds
+        await self.server.stop(config_grace if grace is None else grace)
+        await self.gateway.close()
+
+
+async def start_gateway(config: GatewayConfig) -> RunningGateway:
+    gateway = Gateway(config, RuntimeLink(config.runtime_address, config.rpc_timeout_seconds))
+    server = aio.server(options=server_options())
+    gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server)
+    try:
+        port = bind(server, config.address)
+    except OSError:
+        await gateway.close()
+        raise
+    health = await add_health_and_reflection(server, [SERVICE_NAME])
+    await server.start()
+    return RunningGateway(server, port, health, gateway)
+
+
+async def serve(config: GatewayConfig) -> None:
+    running = await start_gateway(config)
+    log.info("gateway listening on %s (runtime %s)", config.address, config.runtime_address)
+    await run_until_signal(running.stop)

@@ -1,0 +1,125 @@
+"""gRPC servicer for stopline.gateway.v1.GatewayService: validate, translate, delegate."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from grpc import aio
+
+from gateway_service.core import Accepted, CancelPolicy, Gateway
+from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
+from stopline.errors import InvalidArgument
+from stopline.gateway.v1 import gateway_service_pb2 as pb
+from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.grpc_status import server_stream, unary
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt_pb
+
+_POLICIES = {
+    pb.CANCEL_POLICY_UNSPECIFIED: CancelPolicy.STOP,
+    pb.CANCEL_POLICY_STOP: CancelPolicy.STOP,
+    pb.CANCEL_POLICY_KEEP_RUNNING: CancelPolicy.KEEP_RUNNING,
+    pb.CANCEL_POLICY_STOP_AFTER_GRACE: CancelPolicy.STOP_AFTER_GRACE,
+}
+
+
+def _notice_fields(
+    item: StreamItem,
+) -> dict[str, op_pb.Event | pb.StopNotice | pb.StopUndelivered]:
+    if isinstance(item, EventItem):
+        return {"event": item.event}
+    if isinstance(item, StopRequestedItem):
+        return {"stop_requested": pb.StopNotice(requested_by=item.requested_by, reason=item.reason)}
+    assert isinstance(item, StopUndeliveredItem)
+    return {"stop_undelivered": pb.StopUndelivered(reason=item.reason, attempts=item.attempts)}
+
+
+def _caller(context: aio.ServicerContext[Any, Any]) -> str:
+    return f"client {context.peer()}"
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    @server_stream
+    async def StartAndStream(
+        self,
+        request: pb.StartAndStreamRequest,
+        context: aio.ServicerContext[pb.StartAndStreamRequest, pb.StartAndStreamResponse],
+    ) -> AsyncGenerator[pb.StartAndStreamResponse, None]:
+        policy = _POLICIES.get(request.cancel_policy)
+        if policy is None:
+            raise InvalidArgument("cancel_policy", f"unknown value {request.cancel_policy}")
+        grace = (
+            request.cancel_grace.ToTimedelta().total_seconds()
+            if request.HasField("cancel_grace")
+            else None
+        )
+        updates = self._gw.start_and_stream(
+            request.agent,
+            request.input,
+            request.idempotency_key,
+            policy,
+            self._gw.check_grace(policy, grace),
+        )
+        async with contextlib.aclosing(updates):
+            async for update in updates:
+                if isinstance(update, Accepted):
+                    accepted = pb.OperationAccepted(
+                        operation_id=update.operation.id, operation=update.operation
+                    )
+                    yield pb.StartAndStreamResponse(accepted=accepted)
+                else:
+                    yield pb.StartAndStreamResponse(**_notice_fields(update))  # type: ignore[arg-type]
+
+    @server_stream
+    async def StreamOperation(
+        self,
+        request: pb.StreamOperationRequest,
+        context: aio.ServicerContext[pb.StreamOperationRequest, pb.StreamOperationResponse],
+    ) -> AsyncGenerator[pb.StreamOperationResponse, None]:
+        items = self._gw.stream(request.operation_id, request.after_seq)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield pb.StreamOperationResponse(**_notice_fields(item))  # type: ignore[arg-type]
+
+    @unary
+    async def StopOperation(
+        self,
+        request: pb.StopOperationRequest,
+        context: aio.ServicerContext[pb.StopOperationRequest, pb.StopOperationResponse],
+    ) -> pb.StopOperationResponse:
+        answer = await self._gw.stop(request.operation_id, _caller(context), request.reason)
+        if not answer.delivered or answer.response is None:
+            return pb.StopOperationResponse(delivery=pb.STOP_DELIVERY_PENDING)
+        return pb.StopOperationResponse(
+            delivery=pb.STOP_DELIVERY_DELIVERED,
+            outcome=answer.response.outcome,
+            operation=answer.response.operation,
+        )
+
+    @unary
+    async def GetOperation(
+        self,
+        request: pb.GetOperationRequest,
+        context: aio.ServicerContext[pb.GetOperationRequest, pb.GetOperationResponse],
+    ) -> pb.GetOperationResponse:
+        return pb.GetOperationResponse(operation=await self._gw.get(request.operation_id))
+
+    @unary
+    async def ListOperations(
+        self,
+        request: pb.ListOperationsRequest,
+        context: aio.ServicerContext[pb.ListOperationsRequest, pb.ListOperationsResponse],
+    ) -> pb.ListOperationsResponse:
+        page = await self._gw.list(
+            rt_pb.ListOperationsRequest(
+                status=request.status, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return pb.ListOperationsResponse(
+            operations=page.operations, next_page_token=page.next_page_token
+        )

@@ -1,0 +1,78 @@
+"""The client streams this gateway serves, by operation, and what flows through them.
+
+A stream's queue merges the runtime's durable events with the gateway's own notices (a stop was
+accepted, a stop could not be delivered), so a notice reaches every local client of the operation
+at once, without waiting for the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from stopline.v1 import operation_pb2 as op_pb
+
+TERMINAL_KINDS = frozenset({"completed", "failed", "interrupted"})
+
+
+@dataclass(frozen=True, slots=True)
+class EventItem:
+    event: op_pb.Event
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event.WhichOneof("kind") in TERMINAL_KINDS
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequestedItem:
+    requested_by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StopUndeliveredItem:
+    reason: str
+    attempts: int
+
+
+StreamItem = EventItem | StopRequestedItem | StopUndeliveredItem
+
+
+class ClientStream:
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        self.queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
+
+    def put(self, item: StreamItem | BaseException) -> None:
+        self.queue.put_nowait(item)
+
+
+class StreamRegistry:
+    def __init__(self) -> None:
+        self._streams: dict[str, set[ClientStream]] = {}
+
+    @contextmanager
+    def open(self, operation_id: str) -> Iterator[ClientStream]:
+        stream = ClientStream(operation_id)
+        self._streams.setdefault(operation_id, set()).add(stream)
+        try:
+            yield stream
+        finally:
+            streams = self._streams.get(operation_id)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._streams[operation_id]
+
+    def notify(self, operation_id: str, item: StreamItem) -> int:
+        """Push a notice to every local stream of the operation; returns how many got it."""
+        streams = self._streams.get(operation_id, ())
+        for stream in streams:
+            stream.put(item)
+        return len(streams)
+
+    def count(self, operation_id: str) -> int:
+        return len(self._streams.get(operation_id, ()))

@@ -1,0 +1,1 @@
+"""Generated from protos/stopline/gateway/v1: do not edit."""

@@ -1,0 +1,61 @@
+"""What both servers share: gRPC options, health and reflection, and running until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def server_options(max_receive_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then start
+        # "successfully" and split the traffic between two processes.
+        ("grpc.so_reuseport", 0),
+        # Accept the keepalive pings our clients send (every 10 s) instead of answering them
+        # with GOAWAY "too many pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+async def add_health_and_reflection(server: aio.Server, services: Iterable[str]) -> HealthServicer:
+    """Register grpc.health.v1 (SERVING for "" and each service) and server reflection."""
+    names = list(services)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return health
+
+
+def bind(server: aio.Server, address: str) -> int:
+    try:
+        return server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
+
+
+async def run_until_signal(stop: Callable[[], Awaitable[None]]) -> None:
+    """Wait for SIGTERM or SIGINT, then run `stop` (graceful shutdown)."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await stop()
