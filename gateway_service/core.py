@@ -25,11 +25,11 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 from grpc import aio
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
-from gateway_service.runtime_link import RETRYABLE, RuntimeLink, is_retryable
+from gateway_service.runtime_link import RETRYABLE, RuntimeLink, backoff, is_retryable
 from gateway_service.streams import (
     EventItem,
     StopRequestedItem,
@@ -105,6 +105,12 @@ class Gateway:
         await self.deliverer.close()
         await self.link.close()
 
+    async def settle(self) -> None:
+        """Until background work (cancel policies, releases, their timers) has finished; for
+        tests and operators that need to know a policy has been applied."""
+        while pending := [t for t in self._background if t.get_name() != "start"]:
+            await asyncio.wait(pending)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Background work that must outlive the client call that caused it."""
         task = asyncio.create_task(coro, name=name)
@@ -162,7 +168,7 @@ class Gateway:
     async def _start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.config.start_retry_seconds),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=backoff(1.0),
             retry=retry_if_exception(is_retryable),
             reraise=True,
         )
@@ -219,7 +225,7 @@ class Gateway:
         while True:
             retrying = AsyncRetrying(
                 stop=stop_after_delay(deadline),
-                wait=wait_exponential_jitter(initial=0.05, max=1.0),
+                wait=backoff(1.0),
                 retry=retry_if_exception(is_retryable),
                 reraise=True,
             )

@@ -16,14 +16,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
-from gateway_service.runtime_link import RuntimeLink, is_retryable
+from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from stopline.grpc_status import UpstreamError
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -92,7 +87,7 @@ class StopDeliverer:
     async def _run(self, delivery: StopDelivery) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_delay(self._deadline),
-            wait=wait_exponential_jitter(initial=0.05, max=self._max_backoff),
+            wait=backoff(self._max_backoff),
             retry=retry_if_exception(is_retryable),
             reraise=True,
         )

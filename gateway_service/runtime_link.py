@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from tenacity import wait_exponential_jitter
 
 from stopline.grpc_status import UpstreamError
 from stopline.v1 import runtime_service_pb2 as rt_pb
@@ -29,6 +30,12 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 
 def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, UpstreamError) and exc.code in RETRYABLE
+
+
+def backoff(max_seconds: float) -> wait_exponential_jitter:
+    """Retry waits: 50 ms doubling up to `max_seconds`, plus up to 50 ms of jitter so that many
+    clients of a restarted runtime do not retry in lockstep."""
+    return wait_exponential_jitter(multiplier=0.05, max=max_seconds, jitter=0.05)
 
 
 class RuntimeLink:
