@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -11,6 +12,8 @@ from tenacity import wait_exponential_jitter
 from stopline.grpc_status import UpstreamError
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+
+T = TypeVar("T")
 
 # Keepalive finds a dead runtime connection in seconds instead of at the next TCP timeout, and a
 # short reconnect backoff picks a restarted runtime up quickly.
@@ -48,51 +51,30 @@ class RuntimeLink:
     async def close(self) -> None:
         await self._channel.close(grace=None)
 
-    async def start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
+    async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, deadline: float) -> T:
         try:
-            response: rt_pb.StartOperationResponse = await self._stub.StartOperation(
-                request, timeout=self._timeout
-            )
+            return await method(request, timeout=deadline)
         except aio.AioRpcError as exc:
             raise UpstreamError.from_rpc_error(exc) from exc
-        return response
+
+    async def start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
+        return await self._unary(self._stub.StartOperation, request, self._timeout)
 
     async def release(self, operation_id: str) -> None:
-        try:
-            await self._stub.ReleaseOperation(
-                rt_pb.ReleaseOperationRequest(operation_id=operation_id), timeout=self._timeout
-            )
-        except aio.AioRpcError as exc:
-            raise UpstreamError.from_rpc_error(exc) from exc
+        request = rt_pb.ReleaseOperationRequest(operation_id=operation_id)
+        await self._unary(self._stub.ReleaseOperation, request, self._timeout)
 
     async def interrupt(
         self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
     ) -> rt_pb.InterruptOperationResponse:
-        try:
-            response: rt_pb.InterruptOperationResponse = await self._stub.InterruptOperation(
-                request, timeout=deadline_seconds
-            )
-        except aio.AioRpcError as exc:
-            raise UpstreamError.from_rpc_error(exc) from exc
-        return response
+        return await self._unary(self._stub.InterruptOperation, request, deadline_seconds)
 
     async def get(self, operation_id: str) -> rt_pb.GetOperationResponse:
-        try:
-            response: rt_pb.GetOperationResponse = await self._stub.GetOperation(
-                rt_pb.GetOperationRequest(operation_id=operation_id), timeout=self._timeout
-            )
-        except aio.AioRpcError as exc:
-            raise UpstreamError.from_rpc_error(exc) from exc
-        return response
+        request = rt_pb.GetOperationRequest(operation_id=operation_id)
+        return await self._unary(self._stub.GetOperation, request, self._timeout)
 
     async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
-        try:
-            response: rt_pb.ListOperationsResponse = await self._stub.ListOperations(
-                request, timeout=self._timeout
-            )
-        except aio.AioRpcError as exc:
-            raise UpstreamError.from_rpc_error(exc) from exc
-        return response
+        return await self._unary(self._stub.ListOperations, request, self._timeout)
 
     def watch(self, operation_id: str, after_seq: int) -> Any:
         """The raw streaming call; iterate it, and expect aio.AioRpcError on failure."""
