@@ -146,24 +146,19 @@ class Gateway:
         )
         request.input.CopyFrom(input_value)
         start = self._spawn(self._start(request), name="start")
-        finished = False
         try:
-            try:
-                response = await asyncio.shield(start)
-            except UpstreamError:
-                finished = True  # nothing was started (or it cannot be known): nothing to stop
-                raise
+            response = await asyncio.shield(start)
             operation_id = response.operation.id
             if response.created:
                 self._spawn(self._release(operation_id), name=f"release {operation_id}")
             yield Accepted(response.operation)
             async for item in self._follow(operation_id, 0):
                 yield item
-                if isinstance(item, EventItem) and item.is_terminal:
-                    finished = True
-        finally:
-            if not finished:
-                self._client_gone(start, None, policy, grace)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Only a client that went away (cancelled call, dropped connection) triggers its
+            # policy; a stream that ended in an error says so to a client that is still there.
+            self._client_gone(start, None, policy, grace)
+            raise
 
     async def _start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
         retrying = AsyncRetrying(
@@ -192,15 +187,12 @@ class Gateway:
             raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
         operation = (await self.link.get(op_id)).operation
         policy, grace = policy_from_labels(operation.labels)
-        finished = False
         try:
             async for item in self._follow(op_id, after_seq):
                 yield item
-                if isinstance(item, EventItem) and item.is_terminal:
-                    finished = True
-        finally:
-            if not finished:
-                self._client_gone(None, op_id, policy, grace)
+        except (asyncio.CancelledError, GeneratorExit):
+            self._client_gone(None, op_id, policy, grace)
+            raise
 
     # ------------------------------------------------------------------ following the runtime
 

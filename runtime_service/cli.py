@@ -9,7 +9,6 @@ import sys
 from typing import Any
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
 
 from runtime_service.client import ClientError, RuntimeClient
 from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
@@ -107,6 +106,8 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from runtime_service.agents.registry import AgentLoadError
     from runtime_service.server import serve as serve_runtime
 

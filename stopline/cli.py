@@ -1,10 +1,13 @@
-"""The `stopline` command: one entry point, a subcommand group per service."""
+"""The `stopline` command: one entry point, a subcommand group per service, and the client
+commands (run, attach, stop, ls, show) at the top level because they are what people type."""
 
 from __future__ import annotations
 
 import click
 
+from gateway_service.cli import gateway
 from runtime_service.cli import runtime
+from stopline.client_cli import COMMANDS
 from stopline.dev import dev
 
 
@@ -15,7 +18,10 @@ def main() -> None:
 
 
 main.add_command(runtime)
+main.add_command(gateway)
 main.add_command(dev)
+for command in COMMANDS:
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -1,79 +1,143 @@
-"""`stopline dev`: the runtime on the embedded SQLite default, with a demo operation to stop.
+"""`stopline dev`: the runtime and the gateway in one process on the embedded SQLite default, with
+a demo operation to stop.
 
-The demo streams a long `ticker` operation in the terminal. The first Ctrl-C stops the operation
-(it prints "stopping…" at once, then the final status with the measured halt time); the services
-keep serving for buf curl / grpcurl until the next Ctrl-C.
+The demo goes through the gateway exactly as a client would (StartAndStream, then StopOperation
+on Ctrl-C), so what it shows is the path real clients take. The first Ctrl-C stops the operation
+(it prints "stopping…" at once, then the final status with the measured halt time); both services
+keep serving for the `stopline` client commands, buf curl and grpcurl until the next Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+from grpc import aio
 
-from runtime_service import convert
-from runtime_service.config import RuntimeConfig
-from runtime_service.render import describe_event
-from runtime_service.server import RunningRuntime, start_runtime
+from gateway_service.config import GatewayConfig
+from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
+from stopline.client_cli import connect, describe_update
+from stopline.gateway.v1 import gateway_service_pb2 as pb
+from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from gateway_service.server import RunningGateway
+    from runtime_service.server import RunningRuntime
 
 DEMO_INPUT: dict[str, Any] = {"steps": 5, "step_seconds": 10, "chunk_interval_seconds": 1}
+TERMINAL_KINDS = frozenset({"completed", "failed", "interrupted"})
 
 
-async def _demo(running: RunningRuntime, interrupts: asyncio.Queue[None]) -> None:
-    ops = running.app.operations
-    operation = (await ops.start("ticker", DEMO_INPUT, "")).operation
-    click.echo(f"demo operation {operation.id}: 5 steps of 10 s. Press Ctrl-C to stop it.\n")
+async def _demo(gateway_address: str, interrupts: asyncio.Queue[None]) -> None:
+    request = pb.StartAndStreamRequest(agent="ticker", cancel_policy=pb.CANCEL_POLICY_STOP)
+    request.input.update(DEMO_INPUT)
+    async with connect(gateway_address) as channel:
+        stub = pb_grpc.GatewayServiceStub(channel)
+        operation_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    async def stop_on_ctrl_c() -> None:
-        await interrupts.get()
-        click.echo("stopping…")
-        await ops.interrupt(operation.id, "stopline dev", "Ctrl-C")
+        async def stop_on_ctrl_c() -> None:
+            await interrupts.get()
+            click.echo("stopping…")
+            # A Ctrl-C during the start is kept until the id is known, not dropped.
+            stop = pb.StopOperationRequest(operation_id=await operation_id, reason="Ctrl-C")
+            try:
+                response = await stub.StopOperation(stop, timeout=10)
+            except aio.AioRpcError as exc:
+                click.echo(f"stop failed: {exc.code().name}: {exc.details()}", err=True)
+                return
+            if response.delivery == pb.STOP_DELIVERY_PENDING:
+                click.echo("stop accepted; still being delivered to the runtime")
 
-    stopper = asyncio.create_task(stop_on_ctrl_c())
-    try:
-        async for event in ops.watch(operation.id, 0):
-            click.echo(describe_event(convert.event_to_pb(event)))
-    finally:
-        stopper.cancel()
+        stopper = asyncio.create_task(stop_on_ctrl_c())
+        try:
+            async for update in stub.StartAndStream(request):
+                if update.HasField("accepted"):
+                    operation_id.set_result(update.accepted.operation_id)
+                    click.echo(
+                        f"demo operation {update.accepted.operation_id}: 5 steps of 10 s. "
+                        "Press Ctrl-C to stop it.\n"
+                    )
+                    continue
+                click.echo(describe_update(update))
+                if update.HasField("event") and update.event.WhichOneof("kind") in TERMINAL_KINDS:
+                    break
+        except aio.AioRpcError as exc:
+            click.echo(f"demo failed: {exc.code().name}: {exc.details()}", err=True)
+        finally:
+            stopper.cancel()
 
 
-async def run_dev(config: RuntimeConfig, demo: bool) -> None:
-    running = await start_runtime(config)
+def _dialable(address: str, port: int) -> str:
+    """Where the gateway reaches the runtime: the listening host with the port actually bound
+    (the configured one may be 0)."""
+    host = address.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def run_dev(runtime_config: RuntimeConfig, gateway_address: str, demo: bool) -> None:
+    # Imported here: the servers pull in SQLAlchemy and Alembic, which every other `stopline`
+    # command would otherwise pay for at start-up.
+    from gateway_service.server import start_gateway
+    from runtime_service.server import start_runtime
+
     interrupts: asyncio.Queue[None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, interrupts.put_nowait, None)
     loop.add_signal_handler(signal.SIGTERM, interrupts.put_nowait, None)
+    runtime: RunningRuntime | None = None
+    gateway: RunningGateway | None = None
     try:
-        click.echo(f"runtime serving on {running.address} (database {config.database_url})")
+        runtime = await start_runtime(runtime_config)
+        runtime_address = _dialable(runtime_config.address, runtime.port)
+        gateway = await start_gateway(
+            GatewayConfig(address=gateway_address, runtime_address=runtime_address)
+        )
+        served_gateway = _dialable(gateway_address, gateway.port)
+        click.echo(f"runtime serving on {runtime_address} (database {runtime_config.database_url})")
+        click.echo(f"gateway serving on {served_gateway} (runtime {runtime_address})")
         if demo:
-            await _demo(running, interrupts)
-        click.echo(f"\nstill serving on {running.address}; Ctrl-C to quit")
+            await _demo(served_gateway, interrupts)
+        click.echo(f"\nstill serving on {served_gateway} and {runtime_address}; Ctrl-C to quit")
         await interrupts.get()
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
-        await running.stop(grace=1.0)
+        if gateway is not None:
+            await gateway.stop(grace=1.0)
+        if runtime is not None:
+            await runtime.stop(grace=1.0)
 
 
 @click.command()
 @click.option(
-    "--address", envvar="STOPLINE_RUNTIME_ADDRESS", default="127.0.0.1:50051", show_default=True
+    "--address",
+    envvar="STOPLINE_RUNTIME_ADDRESS",
+    default="127.0.0.1:50051",
+    show_default=True,
+    help="host:port the runtime listens on.",
+)
+@click.option(
+    "--gateway-address",
+    envvar="STOPLINE_GATEWAY_ADDRESS",
+    default="127.0.0.1:50052",
+    show_default=True,
+    help="host:port the gateway listens on.",
 )
 @click.option(
     "--database-url",
     envvar="STOPLINE_DATABASE_URL",
-    default="sqlite:///.stopline/runtime.db",
+    default=DEFAULT_DATABASE_URL,
     show_default=True,
 )
 @click.option(
     "--demo/--no-demo", default=True, show_default=True, help="Stream a stoppable demo operation."
 )
-def dev(address: str, database_url: str, demo: bool) -> None:
-    """Run Stopline locally on SQLite, with a demo operation you can stop with Ctrl-C."""
+def dev(address: str, gateway_address: str, database_url: str, demo: bool) -> None:
+    """Run the runtime and the gateway locally on SQLite, with a demo you can stop with Ctrl-C."""
     config = RuntimeConfig(address=address, database_url=database_url)
     try:
-        asyncio.run(run_dev(config, demo))
+        asyncio.run(run_dev(config, gateway_address, demo))
     except OSError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -82,3 +82,51 @@ class RuntimeProcess:
     def close(self) -> None:
         if self.process.poll() is None:
             self.kill()
+
+
+class GatewayProcess:
+    """`stopline gateway serve` in a subprocess, pointed at a runtime."""
+
+    def __init__(
+        self,
+        runtime_address: str,
+        workdir: Path,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / f"gateway-{self.port}-{time.monotonic_ns()}.log"
+        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [
+                    *stopline_command(),
+                    "gateway",
+                    "serve",
+                    "--address",
+                    self.address,
+                    "--runtime",
+                    runtime_address,
+                    "--shutdown-grace",
+                    "1",
+                    *extra_args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=env,
+            )
+        wait_serving(self.address, self.process)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill()

@@ -423,3 +423,22 @@ async def test_gateway_serves_health_and_reflection(gateway: RunningGateway) -> 
             health_pb2.HealthCheckRequest(service="stopline.gateway.v1.GatewayService")
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_rejected_reconnect_does_not_trigger_the_cancel_policy(
+    client: Stub, gateway: RunningGateway, runtime: RunningRuntime
+) -> None:
+    """Regression: an error ending a stream (here OUT_OF_RANGE) is not a client leaving."""
+    call = client.StartAndStream(start_request("ticker", TICKER_30S, pb.CANCEL_POLICY_STOP))
+    updates = await read_until(call, is_chunk)
+    op_id = updates[0].accepted.operation_id
+    with pytest.raises(aio.AioRpcError) as err:
+        await read_until(
+            client.StreamOperation(pb.StreamOperationRequest(operation_id=op_id, after_seq=9999)),
+            is_terminal,
+        )
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    await gateway.gateway.settle()
+    operation = await runtime_status(runtime, op_id)
+    assert operation.stop is None and operation.status.value == "RUNNING"
+    call.cancel()

@@ -127,8 +127,9 @@ def test_dev_demo_stops_on_ctrl_c_and_reports_halt_time(tmp_path: Path) -> None:
     from tests.processes import free_port
 
     address = f"127.0.0.1:{free_port()}"
+    gateway_address = f"127.0.0.1:{free_port()}"
     dev = subprocess.Popen(
-        [*stopline_command(), "dev", "--address", address],
+        [*stopline_command(), "dev", "--address", address, "--gateway-address", gateway_address],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -136,9 +137,12 @@ def test_dev_demo_stops_on_ctrl_c_and_reports_halt_time(tmp_path: Path) -> None:
     )
     try:
         assert dev.stdout is not None
+        before: list[str] = []
         for line in dev.stdout:
+            before.append(line)
             if "tick 0" in line:
                 break
+        assert f"gateway serving on {gateway_address}" in "".join(before)
         dev.send_signal(signal.SIGINT)
         lines: list[str] = []
         for line in dev.stdout:

@@ -1,0 +1,107 @@
+"""`stopline gateway ...`: serve the gateway in front of a runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import click
+
+from gateway_service.config import GatewayConfig
+
+_DEFAULTS = GatewayConfig()
+
+
+@click.group("gateway")
+def gateway() -> None:
+    """The gateway service: start, stream, reconnect and stop operations for clients."""
+
+
+@gateway.command()
+@click.option(
+    "--address",
+    envvar="STOPLINE_GATEWAY_ADDRESS",
+    default=_DEFAULTS.address,
+    show_default=True,
+    help="host:port to listen on.",
+)
+@click.option(
+    "--runtime",
+    "runtime_address",
+    envvar="STOPLINE_RUNTIME_ADDRESS",
+    default=_DEFAULTS.runtime_address,
+    show_default=True,
+    help="The runtime's host:port.",
+)
+@click.option(
+    "--stop-ack-timeout",
+    envvar="STOPLINE_STOP_ACK_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.stop_ack_seconds,
+    show_default=True,
+    help="Seconds StopOperation waits for the runtime before answering PENDING.",
+)
+@click.option(
+    "--stop-delivery-deadline",
+    envvar="STOPLINE_STOP_DELIVERY_DEADLINE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.stop_delivery_deadline_seconds,
+    show_default=True,
+    help="Seconds a stop is retried while the runtime is unreachable before it is undelivered.",
+)
+@click.option(
+    "--watch-reconnect-deadline",
+    envvar="STOPLINE_WATCH_RECONNECT_DEADLINE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.watch_reconnect_deadline_seconds,
+    show_default=True,
+    help="Seconds a stream keeps reconnecting to the runtime before it ends with UNAVAILABLE.",
+)
+@click.option(
+    "--start-hold",
+    envvar="STOPLINE_START_HOLD_SECONDS",
+    # The runtime refuses holds over 60 s, and a zero hold would let a stop sent during the start
+    # arrive after the first step began.
+    type=click.FloatRange(min=0, min_open=True, max=60),
+    default=_DEFAULTS.start_hold_seconds,
+    show_default=True,
+    help="Seconds the runtime holds a new operation unless the gateway releases it first.",
+)
+@click.option(
+    "--shutdown-grace",
+    envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.shutdown_grace_seconds,
+    show_default=True,
+    help="Seconds in-flight RPCs get on SIGTERM.",
+)
+@click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
+def serve(
+    address: str,
+    runtime_address: str,
+    stop_ack_timeout: float,
+    stop_delivery_deadline: float,
+    watch_reconnect_deadline: float,
+    start_hold: float,
+    shutdown_grace: float,
+    log_level: str,
+) -> None:
+    """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT."""
+    from gateway_service.server import serve as serve_gateway
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = GatewayConfig(
+        address=address,
+        runtime_address=runtime_address,
+        stop_ack_seconds=stop_ack_timeout,
+        stop_delivery_deadline_seconds=stop_delivery_deadline,
+        watch_reconnect_deadline_seconds=watch_reconnect_deadline,
+        start_hold_seconds=start_hold,
+        shutdown_grace_seconds=shutdown_grace,
+    )
+    try:
+        asyncio.run(serve_gateway(config))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,441 @@
+"""Client commands of `stopline`, all through the gateway: run, attach, stop, ls, show.
+
+They use grpc.aio because Ctrl-C has to send a stop while the stream keeps running: the events
+that follow the stop (the gateway's acknowledgement, then the terminal event with the halt time)
+are the whole point of pressing it, so the stream must not be torn down by the signal.
+
+Exit status says how the operation ended: 0 COMPLETED, 1 FAILED, 130 INTERRUPTED (or left with a
+second Ctrl-C); errors from the gateway exit 1, or 69 (EX_UNAVAILABLE) when a retry could fix them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+import grpc
+from google.protobuf import duration_pb2
+from grpc import aio
+
+from runtime_service.render import describe_event, describe_operation, status_name, to_json
+from stopline.gateway.v1 import gateway_service_pb2 as pb
+from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt_pb
+
+DEFAULT_GATEWAY = "127.0.0.1:50052"
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: the same command may work later
+EXIT_INTERRUPTED = 130  # what shells report for a process ended by SIGINT
+EXIT_BY_TERMINAL_EVENT = {"completed": 0, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
+UNARY_TIMEOUT = 10.0
+STOP_REASON = "Ctrl-C in the stopline command"
+NOTICE_PREFIX = "[   ·] "  # lines the gateway adds that are not durable events (no seq)
+
+# A stream can sit silent for a whole long step; keepalive notices a dead path meanwhile. The
+# servers accept pings this frequent (stopline.serving.server_options).
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+POLICIES = {
+    "stop": pb.CANCEL_POLICY_STOP,
+    "keep": pb.CANCEL_POLICY_KEEP_RUNNING,
+    "grace": pb.CANCEL_POLICY_STOP_AFTER_GRACE,
+}
+STATUS_CHOICES = ["pending", "running", "stopping", "completed", "failed", "interrupted"]
+
+Update = pb.StartAndStreamResponse | pb.StreamOperationResponse
+UpdateCall = aio.UnaryStreamCall[Any, Any]
+
+
+class GatewayError(click.ClickException):
+    """A gRPC error shown as "<CODE>: <details>" on stderr."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+class GatewayUnavailable(GatewayError):
+    """UNAVAILABLE gets its own exit status: a script may simply try again later."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+def gateway_error(code: grpc.StatusCode, details: str) -> GatewayError:
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return GatewayUnavailable(code, details)
+    return GatewayError(code, details)
+
+
+def from_rpc_error(exc: aio.AioRpcError, hint: str = "") -> GatewayError:
+    return gateway_error(exc.code(), (exc.details() or "") + hint)
+
+
+def describe_update(update: Update) -> str:
+    """One readable line per stream message; the gateway's own notices carry no seq."""
+    if isinstance(update, pb.StartAndStreamResponse) and update.HasField("accepted"):
+        return f"operation {update.accepted.operation_id}"
+    if update.HasField("event"):
+        return describe_event(update.event)
+    if update.HasField("stop_requested"):
+        return NOTICE_PREFIX + "stop acknowledged by the gateway"
+    if update.HasField("stop_undelivered"):
+        return NOTICE_PREFIX + f"stop NOT delivered: {update.stop_undelivered.reason}"
+    return NOTICE_PREFIX + "(unknown message)"
+
+
+def connect(address: str) -> aio.Channel:
+    return aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def _stub(channel: aio.Channel) -> pb_grpc.GatewayServiceAsyncStub:
+    return pb_grpc.GatewayServiceStub(channel)
+
+
+class Follower:
+    """Streams one operation to the terminal with the command line's Ctrl-C contract.
+
+    The first Ctrl-C says "stopping…" at once and sends StopOperation, but keeps reading: the stop
+    is only done when the terminal event arrives, and that event is what reports the halt time. If
+    the operation id is not known yet (the start is in flight) the stop waits for it rather than
+    being dropped. A second Ctrl-C abandons the stream without waiting for anything.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.GatewayServiceAsyncStub,
+        as_json: bool,
+        operation_id: str | None = None,
+        after_seq: int = 0,
+        detach: bool = False,
+    ) -> None:
+        self._stub = stub
+        self._as_json = as_json
+        self._detach = detach
+        self._operation_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if operation_id is not None:
+            self._operation_id.set_result(operation_id)
+        self.last_seq = after_seq
+        self._ctrl_c_at: float | None = None
+        self._stopper: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[int] | None = None
+        self._left = False
+
+    def _say(self, text: str) -> None:
+        """Remarks for people; with --json they go to stderr so stdout stays parseable."""
+        click.echo(text, err=self._as_json)
+
+    @contextmanager
+    def ctrl_c_handled(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self.on_ctrl_c)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    def on_ctrl_c(self) -> None:
+        if self._ctrl_c_at is None:
+            self._ctrl_c_at = time.monotonic()
+            self._say("stopping…")
+            self._stopper = asyncio.create_task(self._stop())
+            return
+        self._left = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def _stop(self) -> None:
+        operation_id = await self._operation_id
+        try:
+            response = await self._stub.StopOperation(
+                pb.StopOperationRequest(operation_id=operation_id, reason=STOP_REASON),
+                timeout=UNARY_TIMEOUT,
+            )
+        except aio.AioRpcError as exc:
+            click.echo(f"stop failed: {exc.code().name}: {exc.details()}", err=True)
+            return
+        if response.delivery == pb.STOP_DELIVERY_PENDING:
+            self._say("stop accepted; still being delivered to the runtime")
+
+    async def follow(self, open_call: Callable[[], UpdateCall]) -> int:
+        """Stream until the terminal event; returns the exit status."""
+        call = open_call()
+        self._reader = asyncio.create_task(self._read(call))
+        try:
+            return await self._reader
+        except asyncio.CancelledError:
+            if not self._left:
+                raise
+            self._say(f"left without waiting; see how it ends with: stopline show {self._id()}")
+            return EXIT_INTERRUPTED
+        finally:
+            call.cancel()
+            if self._stopper is not None and not self._stopper.done():
+                self._stopper.cancel()
+
+    def _id(self) -> str:
+        return self._operation_id.result() if self._operation_id.done() else "ID"
+
+    def _resume_hint(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> str:
+        """Only a broken stream is worth resuming; any other error would just repeat."""
+        if code is not grpc.StatusCode.UNAVAILABLE or not self._operation_id.done():
+            return ""
+        return f"; resume with: stopline attach {self._id()} --after {self.last_seq}"
+
+    async def _read(self, call: UpdateCall) -> int:
+        try:
+            async for update in call:
+                click.echo(self._render(update))
+                if isinstance(update, pb.StartAndStreamResponse) and update.HasField("accepted"):
+                    self._operation_id.set_result(update.accepted.operation_id)
+                    if self._detach:
+                        return await self._detached(call)
+                elif update.HasField("event"):
+                    event = update.event
+                    self.last_seq = event.seq
+                    kind = event.WhichOneof("kind")
+                    if kind in EXIT_BY_TERMINAL_EVENT:
+                        self._report_end(event)
+                        return EXIT_BY_TERMINAL_EVENT[kind]
+        except aio.AioRpcError as exc:
+            raise from_rpc_error(exc, self._resume_hint(exc.code())) from exc
+        raise gateway_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "the gateway ended the stream before the operation ended" + self._resume_hint(),
+        )
+
+    def _render(self, update: Update) -> str:
+        if self._as_json:
+            return to_json(update)
+        if (
+            self._detach
+            and isinstance(update, pb.StartAndStreamResponse)
+            and update.HasField("accepted")
+        ):
+            # The bare id, so that `ID=$(stopline run ... --detach)` works.
+            return update.accepted.operation_id
+        return describe_update(update)
+
+    async def _detached(self, call: UpdateCall) -> int:
+        """Leave the stream (the start's policy keeps the operation running), unless Ctrl-C came
+        during the start: then that stop is delivered first, since it is why the user pressed it."""
+        call.cancel()
+        if self._stopper is None:
+            return 0
+        await self._stopper
+        return EXIT_INTERRUPTED
+
+    def _report_end(self, event: op_pb.Event) -> None:
+        status = event.WhichOneof("kind")
+        line = f"operation {self._id()} {str(status).upper()}"
+        if event.HasField("interrupted"):
+            line += (
+                f": halted {event.interrupted.halt_ms:.1f} ms after the runtime recorded the stop"
+            )
+        if self._ctrl_c_at is not None:
+            waited_ms = (time.monotonic() - self._ctrl_c_at) * 1000
+            line += f"; {waited_ms:.0f} ms from Ctrl-C to the final event"
+        self._say(line)
+
+
+# --------------------------------------------------------------------------- commands
+
+_gateway_option = click.option(
+    "--gateway",
+    "address",
+    envvar="STOPLINE_GATEWAY_ADDRESS",
+    default=DEFAULT_GATEWAY,
+    show_default=True,
+    help="Gateway address.",
+)
+_json_flag = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
+)
+
+
+def _parse_input(input_json: str) -> dict[str, Any]:
+    try:
+        value = json.loads(input_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--input")
+    return value
+
+
+def _start_request(
+    agent: str,
+    input_value: dict[str, Any],
+    idempotency_key: str,
+    on_cancel: str | None,
+    grace: float | None,
+    detach: bool,
+) -> pb.StartAndStreamRequest:
+    if grace is not None and on_cancel != "grace":
+        raise click.UsageError("--grace only applies with --on-cancel grace")
+    if detach and on_cancel == "stop":
+        # Detaching cancels the stream, which under this policy would stop the operation at once.
+        raise click.UsageError(
+            "--detach keeps the operation running; it cannot use --on-cancel stop"
+        )
+    policy = POLICIES[on_cancel or ("keep" if detach else "stop")]
+    request = pb.StartAndStreamRequest(
+        agent=agent, idempotency_key=idempotency_key, cancel_policy=policy
+    )
+    request.input.update(input_value)
+    if grace is not None:
+        request.cancel_grace.CopyFrom(_duration(grace))
+    return request
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("agent")
+@click.option("--input", "input_json", default="{}", help="Agent input as a JSON object.")
+@click.option("--idempotency-key", default="", help="Same key, same operation (no second start).")
+@click.option(
+    "--on-cancel",
+    type=click.Choice(list(POLICIES)),
+    default=None,
+    help="What the operation does if this client goes away: stop it (default; keep with "
+    "--detach), keep it running, or stop it after --grace unless someone attaches.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds for --on-cancel grace (the gateway's default when omitted).",
+)
+@click.option("--detach", is_flag=True, help="Start, print the id, and leave it running.")
+def run(
+    address: str,
+    as_json: bool,
+    agent: str,
+    input_json: str,
+    idempotency_key: str,
+    on_cancel: str | None,
+    grace: float | None,
+    detach: bool,
+) -> None:
+    """Start an operation of AGENT and stream it; Ctrl-C stops it (twice: leave at once)."""
+    request = _start_request(
+        agent, _parse_input(input_json), idempotency_key, on_cancel, grace, detach
+    )
+
+    async def session() -> int:
+        async with connect(address) as channel:
+            stub = _stub(channel)
+            follower = Follower(stub, as_json, detach=detach)
+            with follower.ctrl_c_handled():
+                return await follower.follow(lambda: stub.StartAndStream(request))
+
+    sys.exit(asyncio.run(session()))
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+@click.option(
+    "--after",
+    "after_seq",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="The last seq already seen: stream only later events.",
+)
+def attach(address: str, as_json: bool, operation_id: str, after_seq: int) -> None:
+    """Stream an existing operation from --after until it ends; Ctrl-C stops it."""
+
+    async def session() -> int:
+        async with connect(address) as channel:
+            stub = _stub(channel)
+            follower = Follower(stub, as_json, operation_id=operation_id, after_seq=after_seq)
+            request = pb.StreamOperationRequest(operation_id=operation_id, after_seq=after_seq)
+            with follower.ctrl_c_handled():
+                return await follower.follow(lambda: stub.StreamOperation(request))
+
+    sys.exit(asyncio.run(session()))
+
+
+async def _unary(address: str, call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any]) -> Any:
+    async with connect(address) as channel:
+        try:
+            return await call(_stub(channel))
+        except aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+@click.option("--reason", default="stopped from the command line", show_default=True)
+def stop(address: str, as_json: bool, operation_id: str, reason: str) -> None:
+    """Stop an operation; answers without waiting for the step in flight."""
+    request = pb.StopOperationRequest(operation_id=operation_id, reason=reason)
+    response: pb.StopOperationResponse = asyncio.run(
+        _unary(address, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT))
+    )
+    if as_json:
+        click.echo(to_json(response))
+    elif response.delivery == pb.STOP_DELIVERY_PENDING:
+        click.echo("stop accepted; still being delivered to the runtime")
+    else:
+        outcome = rt_pb.InterruptOutcome.Name(response.outcome).removeprefix("INTERRUPT_OUTCOME_")
+        click.echo(f"stop delivered: {outcome} ({status_name(response.operation.status)})")
+
+
+@click.command("ls")
+@_gateway_option
+@_json_flag
+@click.option("--status", type=click.Choice(STATUS_CHOICES), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
+    """List operations, newest first."""
+    wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
+    if status:
+        wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
+    request = pb.ListOperationsRequest(status=wire_status, page_size=limit)
+    response: pb.ListOperationsResponse = asyncio.run(
+        _unary(address, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT))
+    )
+    for operation in response.operations:
+        click.echo(to_json(operation) if as_json else describe_operation(operation))
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+def show(address: str, as_json: bool, operation_id: str) -> None:
+    """Show one operation."""
+    request = pb.GetOperationRequest(operation_id=operation_id)
+    response: pb.GetOperationResponse = asyncio.run(
+        _unary(address, lambda stub: stub.GetOperation(request, timeout=UNARY_TIMEOUT))
+    )
+    operation = response.operation
+    click.echo(to_json(operation) if as_json else describe_operation(operation))
+
+
+COMMANDS: list[click.Command] = [run, attach, stop, list_operations, show]
