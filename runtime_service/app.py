@@ -10,8 +10,9 @@ from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
 from runtime_service.migrate import upgrade_to_head
+from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
-from runtime_service.runner import Runner
+from runtime_service.runner import Runner, RunnerSettings
 from runtime_service.store import OperationStore
 
 
@@ -23,6 +24,7 @@ class RuntimeApp:
     hub: EventHub
     runner: Runner
     operations: OperationsService
+    listener: PostgresListener | None = None
 
     @classmethod
     async def open(cls, config: RuntimeConfig, agents: AgentRegistry | None = None) -> RuntimeApp:
@@ -34,20 +36,42 @@ class RuntimeApp:
         db = Database(engine)
         store = OperationStore(engine)
         hub = EventHub()
-        runner = Runner(
-            db,
-            store,
-            registry,
-            hub,
-            config.runner_id,
+        settings = RunnerSettings(
+            runner_id=config.runner_id,
             stop_grace=config.stop_grace_seconds,
             max_running=config.max_running,
+            lease_seconds=config.lease_seconds,
+            poll_seconds=config.poll_seconds,
         )
+        runner = Runner(db, store, registry, hub, settings)
         operations = OperationsService(config, db, store, registry, hub, runner)
-        app = cls(config, db, store, hub, runner, operations)
-        await runner.resume_unfinished()
-        return app
+        listener = None
+
+        def recheck_everything() -> None:
+            runner.wake()
+            runner.check_stops_now()
+            hub.poke_all()
+
+        if db.backend == "postgresql":
+            listener = PostgresListener(
+                config.database_url,
+                Handlers(
+                    on_stop=runner.deliver_stop,
+                    on_event=hub.poke,
+                    on_work=runner.wake,
+                    on_reconnect=recheck_everything,
+                ),
+            )
+            listener.start()
+        else:
+            # SQLite serves one replica: whatever ran these operations before is gone, so resume
+            # them now instead of waiting for their leases to lapse.
+            await db.call(store.expire_all_leases)
+        runner.start()
+        return cls(config, db, store, hub, runner, operations, listener)
 
     async def close(self) -> None:
         await self.runner.shutdown()
+        if self.listener is not None:
+            await self.listener.close()
         await asyncio.to_thread(self.db.close)

@@ -79,6 +79,22 @@ def _database_option(fn: Any) -> Any:
     help="Operations run at once; more wait PENDING.",
 )
 @click.option(
+    "--lease-seconds",
+    envvar="STOPLINE_LEASE_SECONDS",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="How long a replica owns an operation between renewals (takeover delay after a crash).",
+)
+@click.option(
+    "--poll-seconds",
+    envvar="STOPLINE_POLL_SECONDS",
+    type=click.FloatRange(min=0.01),
+    default=1.0,
+    show_default=True,
+    help="Fallback interval for claiming work and re-reading stop intents.",
+)
+@click.option(
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
@@ -101,6 +117,8 @@ def serve(
     stop_grace: float,
     shutdown_grace: float,
     max_running: int,
+    lease_seconds: float,
+    poll_seconds: float,
     max_page_size: int,
     agents: tuple[str, ...],
     log_level: str,
@@ -121,6 +139,8 @@ def serve(
         stop_grace_seconds=stop_grace,
         shutdown_grace_seconds=shutdown_grace,
         max_running=max_running,
+        lease_seconds=lease_seconds,
+        poll_seconds=poll_seconds,
         max_page_size=max_page_size,
         agents=agents,
     )

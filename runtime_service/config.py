@@ -31,6 +31,12 @@ class RuntimeConfig:
     watch_poll_seconds: float = 5.0
     # Operations this process runs at once; more stay PENDING until a slot frees up.
     max_running: int = 1000
+    # A runner owns each operation it runs for this long, renewing it every third of it; a dead
+    # replica's operations are taken over this long after it died.
+    lease_seconds: float = 10.0
+    # Claimable work and stored stop intents are re-checked at least this often (notifications
+    # usually wake the runner much sooner on PostgreSQL).
+    poll_seconds: float = 1.0
     # Extra agents, each "name=package.module:attr".
     agents: tuple[str, ...] = ()
     runner_id: str = field(default_factory=default_runner_id)

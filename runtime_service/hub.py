@@ -37,16 +37,31 @@ class Subscription:
 class EventHub:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
+        # Newest seq published here, per watched operation (to recognise our own NOTIFYs).
+        self._published: dict[str, int] = {}
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
-            for sub in self._subscribers.get(event.operation_id, ()):
+            subs = self._subscribers.get(event.operation_id)
+            if not subs:
+                continue
+            if event.seq > self._published.get(event.operation_id, 0):
+                self._published[event.operation_id] = event.seq
+            for sub in subs:
                 sub._put(event)
 
-    def poke(self, operation_id: str) -> None:
-        """Wake the operation's watchers to re-read storage (an event came from elsewhere)."""
-        for sub in self._subscribers.get(operation_id, ()):
+    def poke(self, operation_id: str, seq: int | None = None) -> None:
+        """Wake the operation's watchers to re-read storage (an event was stored elsewhere).
+        A poke for a seq this process already published is dropped: it was our own write."""
+        subs = self._subscribers.get(operation_id)
+        if not subs or (seq is not None and seq <= self._published.get(operation_id, 0)):
+            return
+        for sub in subs:
             sub._put(None)
+
+    def poke_all(self) -> None:
+        for operation_id in list(self._subscribers):
+            self.poke(operation_id)
 
     @contextmanager
     def subscribe(self, operation_id: str) -> Iterator[Subscription]:
@@ -60,6 +75,7 @@ class EventHub:
                 subs.discard(sub)
                 if not subs:
                     del self._subscribers[operation_id]
+                    self._published.pop(operation_id, None)
 
     def watcher_count(self, operation_id: str) -> int:
         return len(self._subscribers.get(operation_id, ()))

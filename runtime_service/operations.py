@@ -104,18 +104,17 @@ class OperationsService:
                 "hold", f"must be between 0 and {MAX_HOLD_SECONDS:g} seconds, got {hold_seconds:g}"
             )
         created = await self.db.call(
-            self.store.create, agent_name, input_value, key, checked_labels
+            self.store.create, agent_name, input_value, key, checked_labels, hold_seconds
         )
         self.hub.publish(created.events)
-        if created.created and hold_seconds > 0:
-            self.runner.hold(created.operation.id, hold_seconds)
-        elif created.operation.status is OperationStatus.PENDING:
+        if created.created and not hold_seconds:
             self.runner.submit(created.operation.id)
         return created
 
     async def release(self, operation_id: str) -> Operation:
         operation = await self.get(operation_id)
-        self.runner.release(operation.id)
+        if await self.db.call(self.store.release, operation.id):
+            self.runner.submit(operation.id)
         return operation
 
     def _check_input_size(self, input_value: dict[str, Any]) -> None:

@@ -5,9 +5,16 @@ A stop reaches a running operation two ways, and either is enough on its own:
   stop is recorded, and `complete_step` refuses to complete an operation whose stop came first;
 - mid-step: `deliver_stop` resolves the run's stop future, the loop cancels the agent's step
   coroutine at once and gives it `stop_grace` seconds to clean up, then records INTERRUPTED.
+  On PostgreSQL a stop recorded by another replica arrives as a notification; the lease loop's
+  periodic look at the stored stop intent is the fallback.
 
-Cancelling the runner task itself (runtime shutdown) is not a stop: nothing terminal is written,
-the operation stays RUNNING, and the next runtime resumes it from its last checkpoint.
+Ownership: a runner runs an operation under a lease it renews; every write it makes is
+conditional on still owning it. Work is claimed by a claim loop (woken by notifications, a
+finished run, or its poll timer), never more than `max_running` at once.
+
+Cancelling a run because of shutdown, a lost lease or a lost database is not a stop: nothing
+terminal is written, the operation stays RUNNING, and whoever claims it next resumes it from its
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -15,24 +22,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from runtime_service.agents.base import Agent, StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.database import Database
 from runtime_service.domain import Event, JSONValue, Operation
 from runtime_service.hub import EventHub
-from runtime_service.store import OperationStore
+from runtime_service.store import Claimed, OperationStore
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class OperationHalted(Exception):
-    """Raised inside an agent that emits output after its operation has ended."""
+    """Raised inside an agent that emits output after its operation has ended (or moved)."""
 
 
 @dataclass(eq=False)
@@ -40,8 +48,16 @@ class _Run:
     operation_id: str
     stop: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
-    claimed: bool = False
     step_task: asyncio.Task[StepResult] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    runner_id: str
+    stop_grace: float
+    max_running: int
+    lease_seconds: float
+    poll_seconds: float
 
 
 def _json_error(value: JSONValue) -> str | None:
@@ -59,57 +75,53 @@ class Runner:
         store: OperationStore,
         agents: AgentRegistry,
         hub: EventHub,
-        runner_id: str,
-        stop_grace: float,
-        max_running: int,
+        settings: RunnerSettings,
     ) -> None:
         self._db = db
         self._store = store
         self._agents = agents
         self._hub = hub
-        self.runner_id = runner_id
-        self._stop_grace = stop_grace
+        self.settings = settings
+        self.runner_id = settings.runner_id
         self._runs: dict[str, _Run] = {}
-        # Operations beyond capacity stay PENDING (and stoppable) until a slot frees up.
-        self._slots = asyncio.Semaphore(max_running)
         self._abandoned: set[asyncio.Task[Any]] = set()
-        self._held: dict[str, asyncio.TimerHandle] = {}
+        self._wake_claimer = asyncio.Event()
+        self._wake_leases = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ public
 
-    def hold(self, operation_id: str, seconds: float) -> None:
-        """Run the operation only after `seconds`, unless released (or stopped) before that."""
-        loop = asyncio.get_running_loop()
-        self._held[operation_id] = loop.call_later(seconds, self.release, operation_id)
-
-    def release(self, operation_id: str) -> None:
-        """End a hold early (no-op for an operation that is not held)."""
-        handle = self._held.pop(operation_id, None)
-        if handle is not None:
-            handle.cancel()
-            self.submit(operation_id)
+    def start(self) -> None:
+        """Begin claiming work and renewing leases."""
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="claim loop"),
+            asyncio.create_task(self._lease_loop(), name="lease loop"),
+        ]
 
     def submit(self, operation_id: str) -> None:
-        """Run the operation in the background (no-op if this runner already runs it)."""
+        """Fast path for an operation started here: run it now if there is room; otherwise
+        it stays PENDING and the claim loop (here or on another replica) takes it later."""
         if operation_id in self._runs:
             return
-        run = _Run(operation_id, asyncio.get_running_loop().create_future())
-        self._runs[operation_id] = run
-        run.task = asyncio.create_task(self._run(run), name=f"operation {operation_id}")
-        run.task.add_done_callback(partial(self._forget, run))
+        if len(self._runs) >= self.settings.max_running:
+            self.wake()
+            return
+        self._launch(operation_id, None)
+
+    def wake(self) -> None:
+        """Look for claimable work now (a notification, a freed slot, a reconnect)."""
+        self._wake_claimer.set()
+
+    def check_stops_now(self) -> None:
+        """Re-read stored stop intents now (after notifications may have been missed)."""
+        self._wake_leases.set()
 
     def deliver_stop(self, operation_id: str) -> bool:
-        """Wake the loop of an operation this runner is running; False if it runs nothing by
-        that id (the stop is still recorded in storage, where the boundary check finds it)."""
-        held = self._held.pop(operation_id, None)
-        if held is not None:
-            held.cancel()  # its stop already ended it in storage; nothing left to run
+        """Wake the loop of an operation this runner runs; False if it runs nothing by that id
+        (the stop is still recorded in storage, where the boundary check finds it)."""
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        if not run.claimed and run.task is not None:
-            # Still waiting for a slot: its stop already ended it in storage, drop the wait.
-            run.task.cancel()
         if not run.stop.done():
             run.stop.set_result(None)
         return True
@@ -119,15 +131,7 @@ class Runner:
 
     @property
     def running_count(self) -> int:
-        """Operations holding a slot (claimed or being claimed), not those waiting for one."""
-        return sum(1 for run in self._runs.values() if run.claimed)
-
-    async def resume_unfinished(self) -> list[str]:
-        """At start-up: pick up PENDING operations and RUNNING ones left by a dead process."""
-        ids: list[str] = await self._db.call(self._store.unfinished_ids)
-        for operation_id in ids:
-            self.submit(operation_id)
-        return ids
+        return len(self._runs)
 
     async def wait_finished(self, operation_id: str) -> None:
         """Until this runner no longer runs the operation (for tests and shutdown)."""
@@ -136,72 +140,140 @@ class Runner:
             await asyncio.wait({run.task})
 
     async def shutdown(self) -> None:
-        """Cancel every run without recording anything: the operations stay RUNNING and are
-        resumed from their checkpoints by the next runtime."""
-        for handle in self._held.values():
-            handle.cancel()  # held operations stay PENDING; the next start-up runs them
-        self._held.clear()
+        """Stop claiming, cancel every run without recording anything, and hand the leases
+        back so another replica (or the next start) resumes the operations at once."""
+        for loop in self._loops:
+            loop.cancel()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
-        for task in tasks:
+        for task in [*self._loops, *tasks]:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        if self._loops or tasks:
+            await asyncio.wait([*self._loops, *tasks])
+        try:
+            await self._db.call(self._store.drop_leases, self.runner_id)
+        except SQLAlchemyError as exc:
+            log.warning("could not hand back leases (%s); they will expire", exc)
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ claiming and leases
+
+    def _launch(self, operation_id: str, claimed: Claimed | None) -> None:
+        run = _Run(operation_id, asyncio.get_running_loop().create_future())
+        self._runs[operation_id] = run
+        run.task = asyncio.create_task(self._run(run, claimed), name=f"operation {operation_id}")
+        run.task.add_done_callback(partial(self._forget, run))
 
     def _forget(self, run: _Run, task: asyncio.Task[None]) -> None:
-        self._runs.pop(run.operation_id, None)
+        if self._runs.get(run.operation_id) is run:
+            del self._runs[run.operation_id]
+        self.wake()  # a slot is free
         if not task.cancelled() and task.exception() is not None:
             log.error("operation %s: runner crashed", run.operation_id, exc_info=task.exception())
 
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._db.call(fn, *args)
+    async def _claim_loop(self) -> None:
+        while True:
+            free = self.settings.max_running - len(self._runs)
+            if free > 0:
+                try:
+                    batch = await self._db.call(
+                        self._store.claim_next, self.runner_id, free, self.settings.lease_seconds
+                    )
+                except SQLAlchemyError as exc:
+                    log.warning("claiming work failed (%s); retrying", exc)
+                else:
+                    self._publish(batch.finished)
+                    for claimed in batch.claimed:
+                        self._launch(claimed.operation.id, claimed)
+                    if len(batch.claimed) == free:
+                        continue  # there may be more
+            self._wake_claimer.clear()
+            try:
+                async with asyncio.timeout(self.settings.poll_seconds):
+                    await self._wake_claimer.wait()
+            except TimeoutError:
+                pass
+
+    async def _lease_loop(self) -> None:
+        interval = min(self.settings.poll_seconds, self.settings.lease_seconds / 3)
+        while True:
+            self._wake_leases.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake_leases.wait()
+            except TimeoutError:
+                pass
+            owned = list(self._runs)
+            try:
+                kept, stopping = await self._db.call(
+                    self._store.renew_leases, self.runner_id, owned, self.settings.lease_seconds
+                )
+            except SQLAlchemyError as exc:
+                log.warning("renewing leases failed (%s); retrying", exc)
+                continue
+            for operation_id in stopping:
+                self.deliver_stop(operation_id)  # the fallback for a missed notification
+            for operation_id in set(owned) - kept:
+                # Finished meanwhile, or taken over after our lease lapsed. Our own writes are
+                # fenced and will be refused; cancel the step in flight so the agent's work
+                # never runs on two replicas at once.
+                run = self._runs.get(operation_id)
+                if run is not None and run.step_task is not None and not run.step_task.done():
+                    log.warning("operation %s: lease lost; abandoning its step", operation_id)
+                    run.step_task.cancel()
+
+    # ------------------------------------------------------------------ the loop
 
     def _publish(self, events: Sequence[Event] | Event | None) -> None:
         if events is None:
             return
         self._hub.publish([events] if isinstance(events, Event) else events)
 
-    async def _run(self, run: _Run) -> None:
-        async with self._slots:
-            await self._claim_and_run(run)
-
-    async def _claim_and_run(self, run: _Run) -> None:
+    async def _run(self, run: _Run, claimed: Claimed | None) -> None:
         op_id = run.operation_id
-        # Set before the write: from here on a stop must reach the loop, not cancel the task
-        # (cancelling mid-claim could leave the operation RUNNING with nobody running it).
-        run.claimed = True
-        claimed = await self._write(self._store.claim, op_id, self.runner_id)
-        if claimed is None:
-            return  # finished, or interrupted before it started
-        self._publish(claimed.event)
-        operation = claimed.operation
-        agent = self._agents.get(operation.agent)
-        if agent is None:
-            message = f"agent {operation.agent!r} is not registered with this runtime"
-            self._publish(
-                await self._write(
-                    self._store.finish_failed, op_id, operation.steps_completed, message
-                )
-            )
-            return
         try:
+            if claimed is None:
+                claimed = await self._db.call(
+                    self._store.claim, op_id, self.runner_id, self.settings.lease_seconds
+                )
+                if claimed is None:
+                    return  # taken elsewhere, held, finished, or stopped before it started
+            self._publish(claimed.event)
+            operation = claimed.operation
+            agent = self._agents.get(operation.agent)
+            if agent is None:
+                message = f"agent {operation.agent!r} is not registered with this runtime"
+                self._publish(
+                    await self._db.call(
+                        self._store.finish_failed,
+                        op_id,
+                        operation.steps_completed,
+                        message,
+                        self.runner_id,
+                    )
+                )
+                return
             await self._loop(run, agent, operation)
+        except SQLAlchemyError as exc:
+            # Never guess an outcome without the database: leave the operation RUNNING; once
+            # our lease lapses it is claimed again and resumed from its last checkpoint.
+            log.warning(
+                "operation %s: database unavailable (%s); leaving it for recovery", op_id, exc
+            )
         finally:
             if run.step_task is not None and not run.step_task.done():
-                run.step_task.cancel()  # shutdown: do not leave the agent running
+                run.step_task.cancel()  # shutdown or lost ownership: do not leave the agent running
 
     async def _loop(self, run: _Run, agent: Agent, operation: Operation) -> None:
         op_id = operation.id
+        me = self.runner_id
         step = operation.steps_completed
         state = operation.agent_state
         while True:
             if run.stop.done():
                 await self._halt(op_id, step, mid_step=False)
                 return
-            started = await self._write(self._store.start_step, op_id, step, self.runner_id)
+            started = await self._db.call(self._store.start_step, op_id, step, me)
             if started is None:
-                # A stop was recorded (or the operation ended) before this step could begin.
+                # A stop was recorded (or the operation ended or moved) before this step began.
                 await self._halt(op_id, step, mid_step=False)
                 return
             self._publish(started)
@@ -217,19 +289,15 @@ class Runner:
                 return
             run.step_task = None
 
-            if step_task.cancelled():
-                failure: str | None = "the step was cancelled by the agent itself"
-            elif (exc := step_task.exception()) is not None:
-                failure = f"{type(exc).__name__}: {exc}"
-            else:
-                result = step_task.result()
-                failure = self._invalid_result(result)
+            failure = self._failure(step_task)
             if failure is not None:
-                self._publish(await self._write(self._store.finish_failed, op_id, step, failure))
+                self._publish(
+                    await self._db.call(self._store.finish_failed, op_id, step, failure, me)
+                )
                 return
-
-            written = await self._write(
-                self._store.complete_step, op_id, step, result.output, result.state, result.done
+            result = step_task.result()
+            written = await self._db.call(
+                self._store.complete_step, op_id, step, result.output, result.state, result.done, me
             )
             self._publish(written)
             if not written or written[-1].is_terminal:
@@ -242,7 +310,13 @@ class Runner:
                 return
 
     @staticmethod
-    def _invalid_result(result: object) -> str | None:
+    def _failure(step_task: asyncio.Task[StepResult]) -> str | None:
+        if step_task.cancelled():
+            return "the step was cancelled by the agent itself"
+        exc = step_task.exception()
+        if exc is not None:
+            return f"{type(exc).__name__}: {exc}"
+        result: object = step_task.result()
         if not isinstance(result, StepResult):
             return f"step returned {type(result).__name__}, expected StepResult"
         for what, value in (("state", result.state), ("output", result.output)):
@@ -253,12 +327,12 @@ class Runner:
 
     async def _cancel_step(self, op_id: str, step_task: asyncio.Task[StepResult]) -> None:
         step_task.cancel()
-        done, _ = await asyncio.wait({step_task}, timeout=self._stop_grace)
+        done, _ = await asyncio.wait({step_task}, timeout=self.settings.stop_grace)
         if not done:
             log.warning(
                 "operation %s: the agent ignored cancellation for %.1fs; abandoning its step",
                 op_id,
-                self._stop_grace,
+                self.settings.stop_grace,
             )
             self._abandoned.add(step_task)
             step_task.add_done_callback(self._abandoned.discard)
@@ -268,14 +342,20 @@ class Runner:
             )
 
     async def _halt(self, op_id: str, step: int, *, mid_step: bool) -> None:
-        self._publish(await self._write(self._store.finish_interrupted, op_id, step, mid_step))
+        self._publish(
+            await self._db.call(
+                self._store.finish_interrupted, op_id, step, mid_step, self.runner_id
+            )
+        )
 
     async def _emit(self, op_id: str, step: int, text: str) -> None:
         if not isinstance(text, str):
             raise TypeError(f"emit() takes a str, got {type(text).__name__}")
         # The write goes on even if the agent is cancelled while awaiting it, and its event is
         # published when it lands, so the chunk is never stored yet unannounced.
-        write = asyncio.ensure_future(self._db.call(self._store.append_chunk, op_id, step, text))
+        write = asyncio.ensure_future(
+            self._db.call(self._store.append_chunk, op_id, step, text, self.runner_id)
+        )
         write.add_done_callback(self._publish_write)
         event = await asyncio.shield(write)
         if event is None:

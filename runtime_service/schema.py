@@ -71,7 +71,13 @@ operations = Table(
     Column("agent_state_json", Text, nullable=True),
     Column("result_json", Text, nullable=True),
     Column("error", Text, nullable=True),
+    # Ownership: the runner that runs the operation, until its lease expires. Every write of a
+    # runner is conditional on still being the owner (fencing), so a runner that lost its lease
+    # (paused, partitioned) cannot write over the replica that took the operation over.
     Column("runner_id", String(100), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    # A held operation (see StartOperationRequest.hold) is not claimable before this time.
+    Column("held_until", UTCDateTime, nullable=True),
     # Highest event seq; bumped in the same UPDATE that performs each state change, which both
     # allocates the next seq gap-free and serialises writers of one operation on its row.
     Column("last_seq", BigInteger, nullable=False, default=0),

@@ -15,8 +15,8 @@ import hashlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, and_, func, insert, or_, select, update
@@ -34,6 +34,7 @@ from runtime_service.domain import (
     OperationStatus,
     StopIntent,
 )
+from runtime_service.notifications import EVENTS, STOPS, WORK, notify
 from runtime_service.schema import events, operations, steps
 from stopline.errors import AlreadyExists
 
@@ -78,6 +79,18 @@ class Claimed:
 
     operation: Operation
     event: Event
+
+
+@dataclass
+class ClaimBatch:
+    claimed: list[Claimed] = field(default_factory=list)
+    # Orphans that were stopped while their owner was dead, ended here without resuming.
+    finished: list[Event] = field(default_factory=list)
+
+
+def _owned_by(runner_id: str) -> ColumnElement[bool]:
+    """Fencing: the operation is still RUNNING under this runner."""
+    return and_(operations.c.status == OperationStatus.RUNNING, operations.c.runner_id == runner_id)
 
 
 class OperationStore:
@@ -142,17 +155,6 @@ class OperationStore:
         with self.engine.begin() as conn:
             return list(conn.execute(query).all())
 
-    def unfinished_ids(self) -> list[str]:
-        """Operations a runtime must pick up at start: PENDING ones and RUNNING ones whose
-        runner is gone (with a single replica, every RUNNING one at start-up)."""
-        query = (
-            select(operations.c.id)
-            .where(operations.c.status.in_(list(ACTIVE_STATUSES)))
-            .order_by(operations.c.created_at, operations.c.id)
-        )
-        with self.engine.begin() as conn:
-            return list(conn.execute(query).scalars())
-
     # ----------------------------------------------------------------------------- writes
 
     def create(
@@ -161,6 +163,7 @@ class OperationStore:
         input_value: JSONValue,
         idempotency_key: str | None,
         labels: Mapping[str, str] | None = None,
+        hold_seconds: float = 0.0,
     ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the idempotent twin."""
         labels = dict(labels or {})
@@ -184,12 +187,15 @@ class OperationStore:
                         status=OperationStatus.PENDING,
                         steps_completed=0,
                         last_seq=0,
+                        held_until=now + timedelta(seconds=hold_seconds) if hold_seconds else None,
                         created_at=now,
                         updated_at=now,
                     )
                 )
                 event = self._append(conn, op_id, EventKind.CREATED, {"agent": agent}, now)
                 assert event is not None
+                if not hold_seconds:
+                    notify(conn, WORK)
                 operation = self._get(conn, op_id)
                 assert operation is not None
         except IntegrityError:
@@ -201,6 +207,22 @@ class OperationStore:
                 raise
             return Created(existing, created=False, events=())
         return Created(operation, created=True, events=(event,))
+
+    def release(self, operation_id: str) -> bool:
+        """End a hold: the operation becomes claimable now. False if it was not held."""
+        with self.engine.begin() as conn:
+            released = conn.execute(
+                update(operations)
+                .where(
+                    operations.c.id == operation_id,
+                    operations.c.status == OperationStatus.PENDING,
+                    operations.c.held_until.is_not(None),
+                )
+                .values(held_until=None)
+            ).rowcount
+            if released:
+                notify(conn, WORK)
+            return bool(released)
 
     def record_stop(
         self, operation_id: str, requested_by: str, reason: str
@@ -238,6 +260,8 @@ class OperationStore:
                 )
                 if halted is not None:
                     recorded.append(halted)
+                else:
+                    notify(conn, STOPS, operation_id)  # wake the replica running it
                 operation = self._get(conn, operation_id)
                 assert operation is not None
                 return InterruptResult(InterruptOutcome.ACCEPTED, operation, tuple(recorded))
@@ -248,33 +272,118 @@ class OperationStore:
             return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
         return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
 
-    def claim(self, operation_id: str, runner_id: str) -> Claimed | None:
-        """Take ownership: PENDING -> RUNNING, or re-own a RUNNING operation whose runner died.
-        None when the operation is finished (or already interrupted before it started)."""
+    def claim(self, operation_id: str, runner_id: str, lease_seconds: float) -> Claimed | None:
+        """Fast path after a start on this replica: take this PENDING, unheld operation.
+        None when another replica took it first, it is held, or it was stopped."""
         now = utcnow()
         with self.engine.begin() as conn:
-            before = self._get(conn, operation_id)
-            if before is None or before.status.is_terminal:
-                return None
-            resumed = before.status is OperationStatus.RUNNING
-            event = self._append(
+            return self._take(
                 conn,
                 operation_id,
-                EventKind.STARTED,
-                {"from_step": before.steps_completed, "resumed": resumed},
+                runner_id,
                 now,
-                where=operations.c.status == before.status,
-                values={"status": OperationStatus.RUNNING, "runner_id": runner_id},
+                lease_seconds,
+                where=and_(
+                    operations.c.status == OperationStatus.PENDING,
+                    or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
+                ),
+                resumed=False,
             )
-            if event is None:
-                return None
-            operation = self._get(conn, operation_id)
-            assert operation is not None
-            return Claimed(operation, event)
+
+    def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+        """Take up to `limit` claimable operations: PENDING ones (not held), and RUNNING ones
+        whose owner's lease ran out (a dead replica's work, resumed from its last checkpoint).
+
+        FOR UPDATE SKIP LOCKED lets replicas claim concurrently without ever taking the same
+        row; each take is still a compare-and-set, so even without row locks (SQLite, where
+        there is one replica) an operation is never claimed twice."""
+        now = utcnow()
+        claimable = or_(
+            and_(
+                operations.c.status == OperationStatus.PENDING,
+                or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
+            ),
+            and_(
+                operations.c.status == OperationStatus.RUNNING,
+                or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
+            ),
+        )
+        query = (
+            select(operations.c.id, operations.c.status, operations.c.stop_requested_at)
+            .where(claimable)
+            .order_by(operations.c.created_at, operations.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        batch = ClaimBatch()
+        with self.engine.begin() as conn:
+            for row in conn.execute(query).all():
+                if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
+                    # Stopped while its owner was dead: end it, never resume it.
+                    event = self._halt_orphan(conn, row.id, now)
+                    if event is not None:
+                        batch.finished.append(event)
+                    continue
+                claimed = self._take(
+                    conn,
+                    row.id,
+                    runner_id,
+                    now,
+                    lease_seconds,
+                    where=claimable,
+                    resumed=row.status == OperationStatus.RUNNING,
+                )
+                if claimed is not None:
+                    batch.claimed.append(claimed)
+        return batch
+
+    def renew_leases(
+        self, runner_id: str, operation_ids: list[str], lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Extend this runner's leases. Returns (still owned, owned with a stop recorded): the
+        second set is the periodic fallback for a stop notification that never arrived."""
+        if not operation_ids:
+            return set(), set()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(operations)
+                .where(
+                    operations.c.id.in_(operation_ids),
+                    operations.c.runner_id == runner_id,
+                    operations.c.status == OperationStatus.RUNNING,
+                )
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                .returning(operations.c.id, operations.c.stop_requested_at)
+            ).all()
+        return {r.id for r in rows}, {r.id for r in rows if r.stop_requested_at is not None}
+
+    def drop_leases(self, runner_id: str) -> int:
+        """Graceful shutdown: let other replicas take this runner's operations at once."""
+        with self.engine.begin() as conn:
+            dropped = conn.execute(
+                update(operations)
+                .where(
+                    operations.c.runner_id == runner_id,
+                    operations.c.status == OperationStatus.RUNNING,
+                )
+                .values(lease_expires_at=utcnow())
+            ).rowcount
+            if dropped:
+                notify(conn, WORK)
+            return dropped
+
+    def expire_all_leases(self) -> int:
+        """Single-replica start-up (SQLite): whoever ran these operations is gone."""
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(operations)
+                .where(operations.c.status == OperationStatus.RUNNING)
+                .values(lease_expires_at=utcnow())
+            ).rowcount
 
     def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         """Record that a step begins (an attempt row and a `step_started` event); None when the
-        operation is no longer RUNNING, so the runner must not start the step."""
+        operation is no longer this runner's to run or a stop is recorded."""
         now = utcnow()
         with self.engine.begin() as conn:
             attempt = 1 + (
@@ -290,10 +399,7 @@ class OperationStore:
                 EventKind.STEP_STARTED,
                 {"step": step, "attempt": attempt},
                 now,
-                where=and_(
-                    operations.c.status == OperationStatus.RUNNING,
-                    operations.c.stop_requested_at.is_(None),
-                ),
+                where=and_(_owned_by(runner_id), operations.c.stop_requested_at.is_(None)),
             )
             if event is None:
                 return None
@@ -308,9 +414,9 @@ class OperationStore:
             )
             return event
 
-    def append_chunk(self, operation_id: str, step: int, text: str) -> Event | None:
-        """Store an output chunk; None when the operation has already ended (a step that kept
-        emitting after it was cancelled gets its output dropped, not appended after the end)."""
+    def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
+        """Store an output chunk; None when the operation has ended or changed hands (a step
+        that kept emitting after it was cancelled gets its output dropped)."""
         with self.engine.begin() as conn:
             return self._append(
                 conn,
@@ -318,7 +424,7 @@ class OperationStore:
                 EventKind.OUTPUT_CHUNK,
                 {"step": step, "text": text},
                 utcnow(),
-                where=operations.c.status == OperationStatus.RUNNING,
+                where=_owned_by(runner_id),
             )
 
     def complete_step(
@@ -328,11 +434,12 @@ class OperationStore:
         output: JSONValue,
         state: JSONValue,
         done: bool,
+        runner_id: str,
     ) -> list[Event]:
         """Checkpoint a finished step and, if it was the last, complete the operation.
 
         Completion is refused when a stop was recorded first: the stop wins, and the runner then
-        ends the operation INTERRUPTED at this boundary. Empty list: no longer RUNNING."""
+        ends the operation INTERRUPTED at this boundary. Empty list: no longer this runner's."""
         now = utcnow()
         output_json = dump_json(output)
         state_json = dump_json(state)
@@ -343,7 +450,7 @@ class OperationStore:
                 EventKind.STEP_COMPLETED,
                 {"step": step, "output": output},
                 now,
-                where=operations.c.status == OperationStatus.RUNNING,
+                where=_owned_by(runner_id),
                 values={"steps_completed": step + 1, "agent_state_json": state_json},
             )
             if completed is None:
@@ -357,10 +464,7 @@ class OperationStore:
                     EventKind.COMPLETED,
                     {"result": output},
                     now,
-                    where=and_(
-                        operations.c.status == OperationStatus.RUNNING,
-                        operations.c.stop_requested_at.is_(None),
-                    ),
+                    where=and_(_owned_by(runner_id), operations.c.stop_requested_at.is_(None)),
                     values={
                         "status": OperationStatus.COMPLETED,
                         "result_json": output_json,
@@ -371,30 +475,20 @@ class OperationStore:
                     written.append(final)
             return written
 
-    def finish_interrupted(self, operation_id: str, step: int, mid_step: bool) -> Event | None:
+    def finish_interrupted(
+        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+    ) -> Event | None:
         """RUNNING -> INTERRUPTED after the runner halted; halt_ms is measured from the stored
         stop time, so it covers delivery and cancellation, not just the final write."""
         now = utcnow()
         with self.engine.begin() as conn:
-            requested_at = conn.execute(
-                select(operations.c.stop_requested_at).where(operations.c.id == operation_id)
-            ).scalar_one_or_none()
-            halt_ms = 0.0
-            if requested_at is not None:
-                halt_ms = max(0.0, (now - requested_at).total_seconds() * 1000.0)
             if mid_step:
                 self._finish_attempt(conn, operation_id, step, now, "interrupted", None)
-            return self._append(
-                conn,
-                operation_id,
-                EventKind.INTERRUPTED,
-                {"mid_step": mid_step, "step": step, "halt_ms": round(halt_ms, 3)},
-                now,
-                where=operations.c.status == OperationStatus.RUNNING,
-                values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
-            )
+            return self._interrupt(conn, operation_id, step, mid_step, now, _owned_by(runner_id))
 
-    def finish_failed(self, operation_id: str, step: int, error: str) -> Event | None:
+    def finish_failed(
+        self, operation_id: str, step: int, error: str, runner_id: str
+    ) -> Event | None:
         now = utcnow()
         with self.engine.begin() as conn:
             self._finish_attempt(conn, operation_id, step, now, "failed", None)
@@ -404,9 +498,79 @@ class OperationStore:
                 EventKind.FAILED,
                 {"error": error, "step": step},
                 now,
-                where=operations.c.status == OperationStatus.RUNNING,
+                where=_owned_by(runner_id),
                 values={"status": OperationStatus.FAILED, "error": error, "finished_at": now},
             )
+
+    def _take(
+        self,
+        conn: Connection,
+        operation_id: str,
+        runner_id: str,
+        now: datetime,
+        lease_seconds: float,
+        where: ColumnElement[bool],
+        resumed: bool,
+    ) -> Claimed | None:
+        steps_completed = conn.execute(
+            select(operations.c.steps_completed).where(operations.c.id == operation_id)
+        ).scalar_one_or_none()
+        if steps_completed is None:
+            return None
+        event = self._append(
+            conn,
+            operation_id,
+            EventKind.STARTED,
+            {"from_step": steps_completed, "resumed": resumed},
+            now,
+            where=where,
+            values={
+                "status": OperationStatus.RUNNING,
+                "runner_id": runner_id,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "held_until": None,
+            },
+        )
+        if event is None:
+            return None
+        operation = self._get(conn, operation_id)
+        assert operation is not None
+        return Claimed(operation, event)
+
+    def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> Event | None:
+        step = conn.execute(
+            select(operations.c.steps_completed).where(operations.c.id == operation_id)
+        ).scalar_one()
+        expired = and_(
+            operations.c.status == OperationStatus.RUNNING,
+            or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
+        )
+        return self._interrupt(conn, operation_id, step, False, now, expired)
+
+    def _interrupt(
+        self,
+        conn: Connection,
+        operation_id: str,
+        step: int,
+        mid_step: bool,
+        now: datetime,
+        where: ColumnElement[bool],
+    ) -> Event | None:
+        requested_at = conn.execute(
+            select(operations.c.stop_requested_at).where(operations.c.id == operation_id)
+        ).scalar_one_or_none()
+        halt_ms = 0.0
+        if requested_at is not None:
+            halt_ms = max(0.0, (now - requested_at).total_seconds() * 1000.0)
+        return self._append(
+            conn,
+            operation_id,
+            EventKind.INTERRUPTED,
+            {"mid_step": mid_step, "step": step, "halt_ms": round(halt_ms, 3)},
+            now,
+            where=where,
+            values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
+        )
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -442,6 +606,7 @@ class OperationStore:
                 created_at=now,
             )
         )
+        notify(conn, EVENTS, f"{operation_id}:{seq}")  # watchers on other replicas
         return Event(operation_id, seq, kind, data, now)
 
     def _finish_attempt(

@@ -86,6 +86,8 @@ def runtime_config(database_url: str, **overrides: object) -> RuntimeConfig:
         "stop_grace_seconds": 0.5,
         "shutdown_grace_seconds": 0.0,
         "watch_poll_seconds": 1.0,
+        "poll_seconds": 0.1,
+        "lease_seconds": 3.0,
     }
     settings.update(overrides)
     return RuntimeConfig(**settings)  # type: ignore[arg-type]

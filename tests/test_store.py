@@ -51,16 +51,16 @@ def test_stop_of_pending_operation_interrupts_it_and_blocks_claim(store: Operati
     assert result.operation.status is OperationStatus.INTERRUPTED
     assert [e.kind for e in result.events] == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
     assert result.events[1].data["mid_step"] is False
-    assert store.claim(op.id, "runner") is None
+    assert store.claim(op.id, "runner", 10) is None
     assert store.start_step(op.id, 0, "runner") is None
     assert store.step_records(op.id) == []
 
 
 def test_stop_is_idempotent_and_never_changes_a_finished_operation(store: OperationStore) -> None:
     op = store.create("echo", {}, None).operation
-    assert store.claim(op.id, "r") is not None
+    assert store.claim(op.id, "r", 10) is not None
     assert store.start_step(op.id, 0, "r") is not None
-    store.complete_step(op.id, 0, "out", None, done=True)
+    store.complete_step(op.id, 0, "out", None, True, "r")
     before = store.get(op.id)
     assert before is not None and before.status is OperationStatus.COMPLETED
     for _ in range(2):
@@ -70,7 +70,7 @@ def test_stop_is_idempotent_and_never_changes_a_finished_operation(store: Operat
     assert store.get(op.id) == before
 
     running = store.create("echo", {}, None).operation
-    assert store.claim(running.id, "r") is not None
+    assert store.claim(running.id, "r", 10) is not None
     first = store.record_stop(running.id, "bob", "one")
     second = store.record_stop(running.id, "carol", "two")
     assert first is not None and first.outcome is InterruptOutcome.ACCEPTED
@@ -83,10 +83,10 @@ def test_stop_is_idempotent_and_never_changes_a_finished_operation(store: Operat
 
 def test_step_checkpoint_never_overwrites_stop_intent(store: OperationStore) -> None:
     op = store.create("echo", {}, None).operation
-    store.claim(op.id, "r")
+    store.claim(op.id, "r", 10)
     store.start_step(op.id, 0, "r")
     store.record_stop(op.id, "alice", "stop")
-    written = store.complete_step(op.id, 0, "out", {"s": 1}, done=True)
+    written = store.complete_step(op.id, 0, "out", {"s": 1}, True, "r")
     # The step's checkpoint is kept, but completion is refused: the stop came first.
     assert [e.kind for e in written] == [EventKind.STEP_COMPLETED]
     after = store.get(op.id)
@@ -96,32 +96,32 @@ def test_step_checkpoint_never_overwrites_stop_intent(store: OperationStore) -> 
     assert after.steps_completed == 1 and after.agent_state == {"s": 1}
     # No further step may begin once a stop is recorded.
     assert store.start_step(op.id, 1, "r") is None
-    final = store.finish_interrupted(op.id, 1, mid_step=False)
+    final = store.finish_interrupted(op.id, 1, False, "r")
     assert final is not None and final.kind is EventKind.INTERRUPTED
     assert final.data["halt_ms"] >= 0
 
 
 def test_terminal_states_never_change(store: OperationStore) -> None:
     op = store.create("echo", {}, None).operation
-    store.claim(op.id, "r")
+    store.claim(op.id, "r", 10)
     store.start_step(op.id, 0, "r")
-    assert store.finish_failed(op.id, 0, "boom") is not None
+    assert store.finish_failed(op.id, 0, "boom", "r") is not None
     snapshot = store.get(op.id)
-    assert store.finish_interrupted(op.id, 0, mid_step=True) is None
-    assert store.complete_step(op.id, 0, "x", None, done=True) == []
-    assert store.append_chunk(op.id, 0, "late output") is None
-    assert store.claim(op.id, "other") is None
+    assert store.finish_interrupted(op.id, 0, True, "r") is None
+    assert store.complete_step(op.id, 0, "x", None, True, "r") == []
+    assert store.append_chunk(op.id, 0, "late output", "r") is None
+    assert store.claim(op.id, "other", 10) is None
     assert store.get(op.id) == snapshot
 
 
 def test_event_sequence_is_gap_free(store: OperationStore) -> None:
     op = store.create("echo", {}, None).operation
-    store.claim(op.id, "r")
+    store.claim(op.id, "r", 10)
     for step in range(3):
         store.start_step(op.id, step, "r")
         for i in range(4):
-            store.append_chunk(op.id, step, f"{step}.{i}")
-        store.complete_step(op.id, step, step, {"n": step}, done=step == 2)
+            store.append_chunk(op.id, step, f"{step}.{i}", "r")
+        store.complete_step(op.id, step, step, {"n": step}, step == 2, "r")
     events = store.events_after(op.id, 0)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert events[-1].kind is EventKind.COMPLETED
@@ -132,7 +132,7 @@ def test_event_sequence_is_gap_free(store: OperationStore) -> None:
 
 def test_list_pages_newest_first_and_filters(store: OperationStore) -> None:
     ids = [store.create("echo", {"i": i}, None).operation.id for i in range(7)]
-    store.claim(ids[0], "r")
+    store.claim(ids[0], "r", 10)
     seen: list[str] = []
     page, cursor = store.list_page(None, 3, None)
     seen += [o.id for o in page]
