@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psycopg
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import make_url
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -69,6 +68,9 @@ class PostgresListener:
             await asyncio.wait({self._task})
 
     async def _run(self) -> None:
+        # Imported here: psycopg is the `postgres` extra, and SQLite deployments never get here.
+        import psycopg
+
         retrying = AsyncRetrying(
             wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
             retry=retry_if_exception_type(psycopg.OperationalError),
@@ -82,6 +84,8 @@ class PostgresListener:
                 await self._listen()
 
     async def _listen(self) -> None:
+        import psycopg
+
         async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
             for channel in (STOPS, EVENTS, WORK):
                 await conn.execute(f"LISTEN {channel}")

@@ -33,3 +33,18 @@ def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
+
+
+def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
+    """Several replicas starting at once on one PostgreSQL database all come up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engines = [create_db_engine(postgres_url) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(upgrade_to_head, engines))
+        with engines[0].connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    finally:
+        for engine in engines:
+            engine.dispose()
