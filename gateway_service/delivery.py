@@ -54,7 +54,8 @@ class StopDeliverer:
         deadline_seconds: float,
         on_undelivered: Callable[[StopDelivery], None],
         attempt_timeout: float = 2.0,
-        max_backoff: float = 2.0,
+        # Short: once the runtime is back, a pending stop should land within this.
+        max_backoff: float = 0.5,
     ) -> None:
         self._link = link
         self._deadline = deadline_seconds

@@ -19,6 +19,7 @@ class Subscription:
     def __init__(self, operation_id: str) -> None:
         self.operation_id = operation_id
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.closed = False
 
     def _put(self, item: Event | None) -> None:
         self._queue.put_nowait(item)
@@ -39,6 +40,7 @@ class EventHub:
         self._subscribers: dict[str, set[Subscription]] = {}
         # Newest seq published here, per watched operation (to recognise our own NOTIFYs).
         self._published: dict[str, int] = {}
+        self._closed = False
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -59,6 +61,14 @@ class EventHub:
         for sub in subs:
             sub._put(None)
 
+    def close(self) -> None:
+        """Shutdown: every watcher ends now (and tells its client to reconnect elsewhere)."""
+        self._closed = True
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.closed = True
+                sub._put(None)
+
     def poke_all(self) -> None:
         for operation_id in list(self._subscribers):
             self.poke(operation_id)
@@ -66,6 +76,7 @@ class EventHub:
     @contextmanager
     def subscribe(self, operation_id: str) -> Iterator[Subscription]:
         sub = Subscription(operation_id)
+        sub.closed = self._closed
         self._subscribers.setdefault(operation_id, set()).add(sub)
         try:
             yield sub

@@ -25,7 +25,7 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore
-from stopline.errors import InvalidArgument, NotFound, OutOfRange
+from stopline.errors import InvalidArgument, NotFound, OutOfRange, Unavailable
 from stopline.ids import parse_operation_id
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -199,8 +199,15 @@ class OperationsService:
                     continue
                 if finished:
                     return  # replayed a finished operation to its end
+                if live.closed:
+                    raise Unavailable(
+                        f"the runtime is shutting down; reconnect with after_seq={cursor}"
+                    )
                 # Caught up with storage: follow live until a gap, a poke or a quiet spell.
-                while (pushed := await live.next(self.config.watch_poll_seconds)) is not None:
+                while (
+                    not live.closed
+                    and (pushed := await live.next(self.config.watch_poll_seconds)) is not None
+                ):
                     if pushed.seq <= cursor:
                         continue
                     if pushed.seq != cursor + 1:

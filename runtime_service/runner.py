@@ -88,6 +88,7 @@ class Runner:
         self._wake_claimer = asyncio.Event()
         self._wake_leases = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        self._closed = False
 
     # ------------------------------------------------------------------ public
 
@@ -101,8 +102,8 @@ class Runner:
     def submit(self, operation_id: str) -> None:
         """Fast path for an operation started here: run it now if there is room; otherwise
         it stays PENDING and the claim loop (here or on another replica) takes it later."""
-        if operation_id in self._runs:
-            return
+        if operation_id in self._runs or self._closed:
+            return  # shutting down: it stays PENDING for another replica or the next start
         if len(self._runs) >= self.settings.max_running:
             self.wake()
             return
@@ -142,6 +143,9 @@ class Runner:
     async def shutdown(self) -> None:
         """Stop claiming, cancel every run without recording anything, and hand the leases
         back so another replica (or the next start) resumes the operations at once."""
+        if self._closed:
+            return
+        self._closed = True
         for loop in self._loops:
             loop.cancel()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
@@ -157,6 +161,8 @@ class Runner:
     # ------------------------------------------------------------------ claiming and leases
 
     def _launch(self, operation_id: str, claimed: Claimed | None) -> None:
+        if self._closed:
+            return
         run = _Run(operation_id, asyncio.get_running_loop().create_future())
         self._runs[operation_id] = run
         run.task = asyncio.create_task(self._run(run, claimed), name=f"operation {operation_id}")

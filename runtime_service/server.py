@@ -31,8 +31,12 @@ class RunningRuntime:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING first (load balancers drain us), then stop within the grace."""
+        """Report NOT_SERVING (load balancers drain us); end watches so their clients reconnect
+        elsewhere; hand running operations back (they resume from their checkpoints on another
+        replica or the next start); then let unary calls in flight finish within the grace."""
         await self.health.enter_graceful_shutdown()
+        self.app.hub.close()
+        await self.app.runner.shutdown()
         await self.server.stop(self.app.config.shutdown_grace_seconds if grace is None else grace)
         await self.app.close()
 

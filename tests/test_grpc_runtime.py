@@ -473,3 +473,31 @@ async def test_second_runtime_on_a_taken_port_refuses_to_start(
     config = runtime_config(f"sqlite:///{tmp_path / 'other.db'}", address=runtime.address)
     with pytest.raises(OSError, match="cannot listen"):
         await start_runtime(config, registry())
+
+
+async def test_shutdown_ends_watches_with_a_reconnect_hint(tmp_path: Any) -> None:
+    from runtime_service.server import start_runtime
+    from tests.agents import registry
+    from tests.conftest import runtime_config
+
+    running = await start_runtime(runtime_config(f"sqlite:///{tmp_path / 'rt.db'}"), registry())
+    async with aio.insecure_channel(running.address) as channel:
+        stub = rt_grpc.RuntimeServiceStub(channel)
+        op = await start(stub, "ticker", {"steps": 1, "step_seconds": 30})
+        seen: list[op_pb.Event] = []
+        got_chunk = asyncio.Event()
+
+        async def follow() -> None:
+            async for event in watch(stub, op.id):
+                seen.append(event)
+                if event.WhichOneof("kind") == "output_chunk":
+                    got_chunk.set()
+
+        watcher = asyncio.create_task(follow())
+        await asyncio.wait_for(got_chunk.wait(), 10)
+        # A 30 s grace is not waited out: open watches end at once.
+        await asyncio.wait_for(running.stop(grace=30), timeout=10)
+        with pytest.raises(aio.AioRpcError) as err:
+            await watcher
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"after_seq={seen[-1].seq}" in (err.value.details() or "")
