@@ -27,7 +27,15 @@ def create_db_engine(url: str) -> Engine:
     """An engine for `url`; SQLite files get WAL, a busy timeout and real transactions."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+        # pre_ping replaces connections that died with a database restart; connect_timeout makes
+        # an unreachable server an error in seconds (answered UNAVAILABLE), not a hang.
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=8,
+            max_overflow=8,
+            connect_args={"connect_timeout": 5},
+        )
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

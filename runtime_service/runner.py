@@ -295,6 +295,9 @@ class Runner:
                 return
             run.step_task = None
 
+            lost = None if step_task.cancelled() else step_task.exception()
+            if isinstance(lost, SQLAlchemyError):
+                raise lost  # the step failed because storage did: not the agent's failure
             failure = self._failure(step_task)
             if failure is not None:
                 self._publish(

@@ -167,6 +167,22 @@ def free_port() -> int:
         return port
 
 
+def _as_owner(args: list[str], owner: _Owner | None) -> list[str]:
+    """Switch to the server user with setpriv, after exec, rather than with Popen(user=...):
+    the test process has gRPC threads, and changing uid/gid inside a child forked from a
+    multi-threaded process crashed that child now and then (SIGSEGV before exec)."""
+    if owner is None:
+        return args
+    return [
+        "setpriv",
+        f"--reuid={owner.uid}",
+        f"--regid={owner.gid}",
+        "--clear-groups",
+        "--",
+        *args,
+    ]
+
+
 def _run_as_server_user(
     args: list[str], owner: _Owner | None, cwd: Path, timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -174,16 +190,13 @@ def _run_as_server_user(
     not depend on runuser/su/sudo being installed."""
     try:
         return subprocess.run(
-            args,
+            _as_owner(args, owner),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            user=owner.uid if owner else None,
-            group=owner.gid if owner else None,
-            extra_groups=[] if owner else None,
         )
     except subprocess.TimeoutExpired as exc:
         raise PrivatePostgresError(f"{args[0]} did not finish within {timeout}s") from exc
@@ -412,16 +425,13 @@ class PrivatePostgres:
             args += ["-c", f"{name}={value}"]
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
-                args,
+                _as_owner(args, self._owner),
                 cwd=self.base_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C meant for pytest must not also shut the server down.
                 start_new_session=True,
-                user=self._owner.uid if self._owner else None,
-                group=self._owner.gid if self._owner else None,
-                extra_groups=[] if self._owner else None,
             )
 
     def _wait_ready(self, process: subprocess.Popen[bytes]) -> str | None:

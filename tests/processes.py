@@ -46,7 +46,13 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float 
 class RuntimeProcess:
     """`stopline runtime serve` in a subprocess."""
 
-    def __init__(self, database_url: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        workdir: Path,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = workdir / f"runtime-{self.port}-{time.monotonic_ns()}.log"
@@ -63,6 +69,7 @@ class RuntimeProcess:
                     database_url,
                     "--shutdown-grace",
                     "1",
+                    *extra_args,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
