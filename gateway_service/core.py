@@ -150,7 +150,8 @@ class Gateway:
             response = await asyncio.shield(start)
             operation_id = response.operation.id
             if response.created:
-                self._spawn(self._release(operation_id), name=f"release {operation_id}")
+                delay = self.config.release_delay_seconds
+                self._spawn(self._release(operation_id, delay), name=f"release {operation_id}")
             yield Accepted(response.operation)
             async for item in self._follow(operation_id, 0):
                 yield item
@@ -172,7 +173,9 @@ class Gateway:
                 return await self.link.start(request)
         raise AssertionError("unreachable: tenacity reraises")
 
-    async def _release(self, operation_id: str) -> None:
+    async def _release(self, operation_id: str, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)  # a timer: the client's window to stop before any step
         try:
             await self.link.release(operation_id)
         except UpstreamError as exc:

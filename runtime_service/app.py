@@ -42,6 +42,7 @@ class RuntimeApp:
             max_running=config.max_running,
             lease_seconds=config.lease_seconds,
             poll_seconds=config.poll_seconds,
+            abort_mid_step=config.abort_mid_step,
         )
         runner = Runner(db, store, registry, hub, settings)
         operations = OperationsService(config, db, store, registry, hub, runner)

@@ -95,6 +95,13 @@ def _database_option(fn: Any) -> Any:
     help="Fallback interval for claiming work and re-reading stop intents.",
 )
 @click.option(
+    "--abort-mid-step/--stop-at-boundary",
+    envvar="STOPLINE_ABORT_MID_STEP",
+    default=True,
+    show_default=True,
+    help="Cancel the step in flight on a stop, or let it finish and stop at the next boundary.",
+)
+@click.option(
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
@@ -119,6 +126,7 @@ def serve(
     max_running: int,
     lease_seconds: float,
     poll_seconds: float,
+    abort_mid_step: bool,
     max_page_size: int,
     agents: tuple[str, ...],
     log_level: str,
@@ -141,6 +149,7 @@ def serve(
         max_running=max_running,
         lease_seconds=lease_seconds,
         poll_seconds=poll_seconds,
+        abort_mid_step=abort_mid_step,
         max_page_size=max_page_size,
         agents=agents,
     )

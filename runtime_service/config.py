@@ -37,6 +37,8 @@ class RuntimeConfig:
     # Claimable work and stored stop intents are re-checked at least this often (notifications
     # usually wake the runner much sooner on PostgreSQL).
     poll_seconds: float = 1.0
+    # Cancel the step in flight on a stop (False: stop at the next step boundary only).
+    abort_mid_step: bool = True
     # Extra agents, each "name=package.module:attr".
     agents: tuple[str, ...] = ()
     runner_id: str = field(default_factory=default_runner_id)

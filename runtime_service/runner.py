@@ -58,6 +58,9 @@ class RunnerSettings:
     max_running: int
     lease_seconds: float
     poll_seconds: float
+    # False: a stop waits for the step in flight and lands at the next boundary (the behaviour
+    # Stopline replaces; kept as the benchmarks' baseline).
+    abort_mid_step: bool = True
 
 
 def _json_error(value: JSONValue) -> str | None:
@@ -288,6 +291,8 @@ class Runner:
             step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
             run.step_task = step_task
             either: set[asyncio.Future[Any]] = {step_task, run.stop}
+            if not self.settings.abort_mid_step:
+                either = {step_task}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if run.stop.done() and not step_task.done():
                 await self._cancel_step(op_id, step_task)

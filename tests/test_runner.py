@@ -229,3 +229,20 @@ async def test_labels_are_stored_and_part_of_idempotency(app: RuntimeApp) -> Non
 
 async def _watched(app: RuntimeApp, op_id: str, count: int = 1) -> bool:
     return app.hub.watcher_count(op_id) == count
+
+
+async def test_stop_at_boundary_mode_lets_the_step_finish(db_url: str, gated: GatedAgent) -> None:
+    """The benchmarks' baseline: with mid-step abort off, a stop waits for the step."""
+    app = await RuntimeApp.open(runtime_config(db_url, abort_mid_step=False), registry(gated))
+    try:
+        op = (await app.operations.start("gated", {"steps": 3}, "")).operation
+        await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+        await app.operations.interrupt(op.id, "test", "")
+        gated.release(op.id)  # the step ends on its own
+        events = await collect(app, op.id)
+        kinds = [e.kind for e in events]
+        assert EventKind.STEP_COMPLETED in kinds
+        assert events[-1].kind is EventKind.INTERRUPTED
+        assert events[-1].data == {**events[-1].data, "mid_step": False, "step": 1}
+    finally:
+        await app.close()
