@@ -1,0 +1,110 @@
+"""The benchmark table (with each target checked as a ratio or bound) and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"machine: {results['machine']}", ""]
+    lines.append(f"{'scenario':<44} {'median':>9} {'p99':>9}  unit / note")
+    for backend, suite in results["stopline"].items():
+        lines.append(f"-- {backend}")
+        for name, data in suite.items():
+            if "halt_ms" in data:
+                for key in ("ack_ms", "halt_ms"):
+                    s = data[key]
+                    lines.append(
+                        f"{name + ' ' + key:<44} {_fmt(s['median']):>9} {_fmt(s['p99']):>9}  ms "
+                        f"(n={s['n']}, mid-step {data['mid_step']}/{data['trials']})"
+                    )
+            elif name == "per_step":
+                for key in ("runtime_ms_per_step", "client_ms_per_step"):
+                    s = data[key]
+                    lines.append(f"{name + ' ' + key:<44} {_fmt(s['median']):>9} {'':>9}  ms/step")
+            elif name == "streaming":
+                for streams in ("1_streams", "50_streams"):
+                    d = data[streams]
+                    lines.append(
+                        f"{'streaming ' + streams:<44} {d['gateway']['events_per_second']:>9.0f} "
+                        f"{'':>9}  events/s; raw {d['raw_baseline']['events_per_second']:.0f}; "
+                        f"ratio {d['ratio']:.2f}"
+                    )
+            elif name == "early_stop":
+                lines.append(
+                    f"{'early stop':<44} {data['operations_with_a_step_started']:>9} {'':>9}  "
+                    f"operations with a step started, of {data['trials']}"
+                )
+            elif name == "concurrency":
+                wall = data["wall_seconds"]
+                lines.append(
+                    f"{'concurrency 200x20x10ms':<44} {wall:>9.2f} {'':>9}  s wall; "
+                    f"stopped {data['stopped']}, wrong {data['wrong_final_state']}, "
+                    f"missing {data['missing']}"
+                )
+            elif name == "capacity":
+                lines.append(
+                    f"{'capacity (1 s steps)':<44} {data['running']:>9} {'':>9}  running of "
+                    f"{data['started']}; RSS {data['rss_mb']:.0f} MB; "
+                    f"CPU {data['cpu_percent']:.0f}%"
+                )
+    for peer, data in results.get("peers", {}).items():
+        lines.append(f"-- peer {peer}")
+        if "error" in data:
+            lines.append(f"   not measured: {data['error']}")
+            continue
+        for name, value in data.items():
+            if isinstance(value, dict) and "median" in value:
+                lines.append(f"{name:<44} {_fmt(value['median']):>9} {_fmt(value['p99']):>9}  ms")
+            elif isinstance(value, dict):
+                for key, inner in value.items():
+                    if isinstance(inner, dict) and "median" in inner:
+                        median, p99 = _fmt(inner["median"]), _fmt(inner["p99"])
+                        lines.append(f"{name + ' ' + key:<44} {median:>9} {p99:>9}  ms")
+                    elif isinstance(inner, int | float | str | bool):
+                        lines.append(f"{name + ' ' + key:<44} {inner!s:>9}")
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    for backend, suite in results["stopline"].items():
+        names = [n for n, d in suite.items() if "halt_ms" in d and d["halt_ms"]["samples"]]
+        if not names:
+            continue
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        ax.boxplot([suite[n]["halt_ms"]["samples"] for n in names], showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("stop call -> terminal event at the client (ms, log)")
+        ax.set_title(f"Stop-to-halt through the gateway ({backend})")
+        fig.tight_layout()
+        fig.savefig(out / f"stop_latency_{backend}.png", dpi=110)
+        plt.close(fig)
+        streaming = suite.get("streaming")
+        if streaming:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            labels, values = [], []
+            for streams in ("1_streams", "50_streams"):
+                labels += [f"gateway {streams}", f"raw {streams}"]
+                values += [
+                    streaming[streams]["gateway"]["events_per_second"],
+                    streaming[streams]["raw_baseline"]["events_per_second"],
+                ]
+            ax.bar(labels, values, color=["tab:blue", "tab:gray"] * 2)
+            ax.set_ylabel("events per second")
+            ax.set_title(f"Streaming throughput ({backend})")
+            plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / f"streaming_{backend}.png", dpi=110)
+            plt.close(fig)

@@ -1,0 +1,163 @@
+"""Run every benchmark scenario, print a table, write raw JSON and PNG plots.
+
+    python -m bench.run            # the full suite (about 10 minutes on 2 cores)
+    python -m bench.run --quick    # fewer trials, for a smoke run
+    python -m bench.run --no-peers # Stopline only
+
+Results go to bench/results/ (latest.json, plots/*.png); BENCHMARKS.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from bench import scenarios
+from bench.raw_server import save
+from bench.stack import Stack
+from stopline.gateway.v1 import gateway_service_pb2 as gw
+from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
+    op_id, last = await scenarios.prepare_events(stack, steps=200 if quick else 500)
+    # Record the gateway's messages for the raw baseline, so message sizes are identical.
+    async with aio.insecure_channel(stack.gateways[0].address) as channel:
+        stub = gw_grpc.GatewayServiceStub(channel)
+        messages = [
+            m async for m in stub.StreamOperation(gw.StreamOperationRequest(operation_id=op_id))
+        ]
+    path = workdir / "messages.bin"
+    save(path, messages)
+    port = free_port()
+    raw = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.raw_server", str(port), str(path), stdout=subprocess.PIPE
+    )
+    try:
+        assert raw.stdout is not None and (await raw.stdout.readline()).strip() == b"ready"
+        result: dict[str, Any] = {"events_per_operation": last}
+        for streams in (1, 50):
+            gateway = await scenarios.stream_rate(stack.gateways[0].address, op_id, streams)
+            baseline = await scenarios.stream_rate(f"127.0.0.1:{port}", op_id, streams)
+            result[f"{streams}_streams"] = {
+                "gateway": gateway,
+                "raw_baseline": baseline,
+                "ratio": gateway["events_per_second"] / baseline["events_per_second"],
+            }
+        return result
+    finally:
+        raw.terminate()
+        await raw.wait()
+
+
+async def stopline_suite(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    trials = {0.01: 10 if quick else 50, 1.0: 5 if quick else 30, 30.0: 3 if quick else 15}
+    base_trials = {0.01: 5 if quick else 30, 1.0: 3 if quick else 10, 30.0: 1 if quick else 2}
+    with Stack(backend, workdir) as stack:
+        for step, n in trials.items():
+            out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
+        out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
+        out["per_step"] = await scenarios.per_step_overhead(stack, repeats=2 if quick else 3)
+        out["streaming"] = await streaming(stack, workdir, quick)
+        out["concurrency"] = await scenarios.concurrency(stack)
+    with Stack(backend, workdir, abort_mid_step=False) as stack:
+        for step, n in base_trials.items():
+            out[f"baseline_boundary_only/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
+    if backend == "postgresql":
+        with Stack(backend, workdir, replicas=2) as stack:
+            for step, n in trials.items():
+                out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
+                    stack, step, n, cross_replica=True
+                )
+    if backend == "sqlite":
+        with Stack(backend, workdir) as stack:
+            out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    return out
+
+
+def run_peer(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except Exception as exc:  # a peer that cannot run here is reported, not hidden
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def peers(quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        from bench.peers import dbos_peer
+
+        out["dbos"] = run_peer("dbos", lambda: dbos_peer.run_all(quick))
+    except ImportError as exc:
+        out["dbos"] = {"error": f"not installed: {exc} (pip install -e '.[bench]')"}
+    try:
+        from bench.peers import langgraph_peer
+
+        out["langgraph"] = run_peer("langgraph", lambda: langgraph_peer.run_all(quick))
+    except ImportError as exc:
+        out["langgraph"] = {"error": f"not installed: {exc} (pip install -e '.[bench]')"}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "stopline": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends.split(","):
+            print(f"== stopline on {backend}", flush=True)
+            results["stopline"][backend] = asyncio.run(
+                stopline_suite(backend, Path(tmp), args.quick)
+            )
+    if not args.no_peers:
+        print("== peers", flush=True)
+        results["peers"] = peers(args.quick)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    from bench.report import plots, table
+
+    print(table(results))
+    plots(results, RESULTS / "plots")
+    print(f"\nraw results: {RESULTS / 'latest.json'}; plots: {RESULTS / 'plots'}")
+
+
+if __name__ == "__main__":
+    main()

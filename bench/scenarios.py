@@ -1,0 +1,324 @@
+"""Stopline's benchmark scenarios, measured from a client process through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from bench.stack import Stack
+from bench.stats import summary
+from stopline.gateway.v1 import gateway_service_pb2 as gw
+from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt
+from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+
+if TYPE_CHECKING:
+    GatewayStub = gw_grpc.GatewayServiceAsyncStub
+
+TERMINAL = ("completed", "failed", "interrupted")
+ms = 1000.0
+
+
+def _input(**values: float) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+def _start(agent: str, **values: float) -> gw.StartAndStreamRequest:
+    return gw.StartAndStreamRequest(
+        agent=agent, input=_input(**values), cancel_policy=gw.CANCEL_POLICY_KEEP_RUNNING
+    )
+
+
+def _is_terminal(update: Any) -> bool:
+    return update.WhichOneof("update") == "event" and update.event.WhichOneof("kind") in TERMINAL
+
+
+class Clients:
+    def __init__(self, stack: Stack) -> None:
+        self.channels = [aio.insecure_channel(g.address) for g in stack.gateways]
+        self.gateways = [gw_grpc.GatewayServiceStub(c) for c in self.channels]
+        self.rt_channels = [aio.insecure_channel(r.address) for r in stack.runtimes]
+        self.runtimes = [rt_grpc.RuntimeServiceStub(c) for c in self.rt_channels]
+
+    async def close(self) -> None:
+        for channel in [*self.channels, *self.rt_channels]:
+            await channel.close(grace=None)
+
+
+async def stop_latency(
+    stack: Stack, step_seconds: float, trials: int, cross_replica: bool = False, seed: int = 1
+) -> dict[str, Any]:
+    """Stop at a random moment inside a step; time the stop call's return (acknowledgment) and
+    the stop call -> terminal event received on the client's stream (halt)."""
+    rng = random.Random(seed)
+    clients = Clients(stack)
+    ack: list[float] = []
+    halt: list[float] = []
+    server_halt: list[float] = []
+    mid_step = 0
+    try:
+        for _ in range(trials):
+            call = clients.gateways[0].StartAndStream(
+                _start(
+                    "ticker",
+                    steps=2,
+                    step_seconds=step_seconds,
+                    chunk_interval_seconds=max(step_seconds / 4, 0.005),
+                )
+            )
+            op_id = ""
+            async for update in call:
+                if update.WhichOneof("update") == "accepted":
+                    op_id = update.accepted.operation_id
+                if (
+                    update.WhichOneof("update") == "event"
+                    and update.event.WhichOneof("kind") == "output_chunk"
+                ):
+                    break
+            stopper = clients.gateways[0]
+            if cross_replica:
+                stopper = clients.gateways[1 - stack.owner(op_id)]
+            await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
+            began = time.perf_counter()
+            await stopper.StopOperation(gw.StopOperationRequest(operation_id=op_id, reason="bench"))
+            ack.append((time.perf_counter() - began) * ms)
+            async for update in call:
+                if _is_terminal(update):
+                    halt.append((time.perf_counter() - began) * ms)
+                    if update.event.WhichOneof("kind") == "interrupted":
+                        server_halt.append(update.event.interrupted.halt_ms)
+                        mid_step += int(update.event.interrupted.mid_step)
+                    break
+    finally:
+        await clients.close()
+    return {
+        "ack_ms": summary(ack),
+        "halt_ms": summary(halt),
+        "runtime_halt_ms": summary(server_halt),
+        "mid_step": mid_step,
+        "trials": trials,
+    }
+
+
+async def early_stop(stack: Stack, trials: int) -> dict[str, Any]:
+    """Stop as soon as the client holds the operation id: did any step start?"""
+    clients = Clients(stack)
+    started = 0
+    try:
+        for _ in range(trials):
+            call = clients.gateways[0].StartAndStream(_start("ticker", steps=2, step_seconds=1))
+            updates = aiter(call)
+            op_id = (await anext(updates)).accepted.operation_id
+            await clients.gateways[0].StopOperation(gw.StopOperationRequest(operation_id=op_id))
+            async for update in updates:
+                if (
+                    update.WhichOneof("update") == "event"
+                    and update.event.WhichOneof("kind") == "step_started"
+                ):
+                    started += 1
+                if _is_terminal(update):
+                    break
+    finally:
+        await clients.close()
+    return {"trials": trials, "operations_with_a_step_started": started}
+
+
+async def per_step_overhead(stack: Stack, steps: int = 1000, repeats: int = 3) -> dict[str, Any]:
+    """Steps that do nothing: what a step costs (checkpoint and events included), measured from
+    the runtime's own event times and from a client watching through the gateway."""
+    clients = Clients(stack)
+    runtime_ms: list[float] = []
+    client_ms: list[float] = []
+    try:
+        for _ in range(repeats):
+            began = time.perf_counter()
+            first_time = last_time = None
+            async for update in clients.gateways[0].StartAndStream(_start("noop", steps=steps)):
+                if update.WhichOneof("update") != "event":
+                    continue
+                event = update.event
+                if event.WhichOneof("kind") == "started":
+                    first_time = event.time.ToDatetime()
+                if _is_terminal(update):
+                    last_time = event.time.ToDatetime()
+                    break
+            client_ms.append((time.perf_counter() - began) * ms / steps)
+            assert first_time is not None and last_time is not None
+            runtime_ms.append((last_time - first_time).total_seconds() * ms / steps)
+    finally:
+        await clients.close()
+    return {"runtime_ms_per_step": summary(runtime_ms), "client_ms_per_step": summary(client_ms)}
+
+
+async def prepare_events(stack: Stack, steps: int = 500, chunks: int = 8) -> tuple[str, int]:
+    """A finished operation with steps * (chunks + 2) + 3 stored events, to replay."""
+    clients = Clients(stack)
+    try:
+        last = 0
+        op_id = ""
+        async for update in clients.gateways[0].StartAndStream(
+            _start("noop", steps=steps, chunks=chunks)
+        ):
+            if update.WhichOneof("update") == "accepted":
+                op_id = update.accepted.operation_id
+            elif update.WhichOneof("update") == "event":
+                last = update.event.seq
+                if _is_terminal(update):
+                    break
+        return op_id, last
+    finally:
+        await clients.close()
+
+
+async def stream_rate(address: str, op_id: str, streams: int) -> dict[str, Any]:
+    """Events per second delivered to `streams` concurrent clients replaying one operation."""
+    channels = [aio.insecure_channel(address) for _ in range(min(streams, 10))]
+    stubs = [gw_grpc.GatewayServiceStub(c) for c in channels]
+
+    async def one(i: int) -> int:
+        count = 0
+        async for _ in stubs[i % len(stubs)].StreamOperation(
+            gw.StreamOperationRequest(operation_id=op_id, after_seq=0)
+        ):
+            count += 1
+        return count
+
+    try:
+        began = time.perf_counter()
+        counts = await asyncio.gather(*(one(i) for i in range(streams)))
+        elapsed = time.perf_counter() - began
+    finally:
+        for channel in channels:
+            await channel.close(grace=None)
+    return {
+        "streams": streams,
+        "events": sum(counts),
+        "seconds": elapsed,
+        "events_per_second": sum(counts) / elapsed,
+    }
+
+
+async def concurrency(
+    stack: Stack, n: int = 200, steps: int = 20, step_seconds: float = 0.01, seed: int = 2
+) -> dict[str, Any]:
+    """n operations at once, half stopped at random times: wall time and final-state check."""
+    rng = random.Random(seed)
+    clients = Clients(stack)
+    outcome: dict[str, int] = {}
+    stopped: set[str] = set()
+
+    async def one(i: int) -> None:
+        stub = clients.gateways[i % len(clients.gateways)]
+        call = stub.StartAndStream(
+            _start(
+                "ticker",
+                steps=steps,
+                step_seconds=step_seconds,
+                chunk_interval_seconds=step_seconds,
+            )
+        )
+        updates = aiter(call)
+        op_id = (await anext(updates)).accepted.operation_id
+        stop_at = rng.uniform(0, steps * step_seconds) if i % 2 == 0 else None
+        stopper = None
+        if stop_at is not None:
+
+            async def stop_later() -> None:
+                await asyncio.sleep(stop_at)
+                reply = await stub.StopOperation(gw.StopOperationRequest(operation_id=op_id))
+                if reply.outcome != rt.INTERRUPT_OUTCOME_ALREADY_FINISHED:
+                    stopped.add(op_id)
+
+            stopper = asyncio.create_task(stop_later())
+        async for update in updates:
+            if _is_terminal(update):
+                outcome[op_id] = update.event.WhichOneof("kind") == "interrupted"
+                break
+        if stopper is not None:
+            await stopper
+
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - began
+    finally:
+        await clients.close()
+    wrong = sum(1 for op_id, interrupted in outcome.items() if interrupted != (op_id in stopped))
+    return {
+        "operations": n,
+        "wall_seconds": wall,
+        "stopped": len(stopped),
+        "wrong_final_state": wrong,
+        "missing": n - len(outcome),
+    }
+
+
+async def capacity(stack: Stack, n: int) -> dict[str, Any]:
+    """How many ticker operations with 1-second steps one runtime process keeps running."""
+    import psutil  # bench extra only
+
+    clients = Clients(stack)
+    runtime = clients.runtimes[0]
+    proc = psutil.Process(stack.runtimes[0].process.pid)
+    ids: list[str] = []
+    try:
+        sem = asyncio.Semaphore(50)
+
+        async def start_one() -> None:
+            async with sem:
+                reply = await runtime.StartOperation(
+                    rt.StartOperationRequest(
+                        agent="ticker",
+                        input=_input(steps=100_000, step_seconds=1, chunk_interval_seconds=1),
+                    )
+                )
+                ids.append(reply.operation.id)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(start_one() for _ in range(n)))
+        start_seconds = time.perf_counter() - began
+        deadline = time.monotonic() + 120
+        running = 0
+        while time.monotonic() < deadline:
+            page = await runtime.ListOperations(
+                rt.ListOperationsRequest(status=op_pb.OPERATION_STATUS_PENDING, page_size=500)
+            )
+            if not page.operations:
+                break
+            await asyncio.sleep(0.5)
+        token = ""
+        while True:
+            page = await runtime.ListOperations(
+                rt.ListOperationsRequest(
+                    status=op_pb.OPERATION_STATUS_RUNNING, page_size=500, page_token=token
+                )
+            )
+            running += len(page.operations)
+            token = page.next_page_token
+            if not token:
+                break
+        proc.cpu_percent(None)
+        await asyncio.sleep(5)
+        cpu = proc.cpu_percent(None)
+        rss_mb = proc.memory_info().rss / 2**20
+    finally:
+        for op_id in ids:
+            with contextlib.suppress(aio.AioRpcError):
+                await runtime.InterruptOperation(rt.InterruptOperationRequest(operation_id=op_id))
+        await clients.close()
+    return {
+        "started": n,
+        "running": running,
+        "start_seconds": start_seconds,
+        "rss_mb": rss_mb,
+        "cpu_percent": cpu,
+    }

@@ -1,0 +1,106 @@
+"""Runtimes and gateways as separate processes for a benchmark, on SQLite or PostgreSQL.
+
+Separate processes, as in production: the client, the gateway and the runtime do not share an
+event loop or a GIL, so what is measured includes the real hops.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
+
+from runtime_service.schema import steps
+from tests.processes import GatewayProcess, RuntimeProcess
+
+ADMIN_URL = os.environ.get(
+    "STOPLINE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Stack:
+    def __init__(
+        self,
+        backend: str,
+        workdir: Path,
+        replicas: int = 1,
+        abort_mid_step: bool = True,
+        runtime_args: tuple[str, ...] = (),
+    ) -> None:
+        # The runtime subprocesses load bench.agents from this checkout.
+        os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        self.backend = backend
+        self._database: str | None = None
+        if backend == "sqlite":
+            self.url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
+        else:
+            self._database = f"stopline_bench_{uuid.uuid4().hex[:10]}"
+            self._admin(f'CREATE DATABASE "{self._database}"')
+            self.url = make_url(ADMIN_URL).set(database=self._database).render_as_string(False)
+        args = (
+            "--agent",
+            "noop=bench.agents:NoopAgent",
+            "--abort-mid-step" if abort_mid_step else "--stop-at-boundary",
+            "--max-running",
+            "5000",
+            "--lease-seconds",
+            "10",
+            "--poll-seconds",
+            "0.5",
+            *runtime_args,
+        )
+        self.runtimes: list[RuntimeProcess] = []
+        self.gateways: list[GatewayProcess] = []
+        try:
+            for _ in range(replicas):
+                self.runtimes.append(RuntimeProcess(self.url, workdir, extra_args=args))
+            for runtime in self.runtimes:
+                self.gateways.append(GatewayProcess(runtime.address, workdir))
+        except BaseException:
+            self.close()
+            raise
+
+    def _admin(self, statement: str) -> None:
+        engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(statement))
+        finally:
+            engine.dispose()
+
+    def owner(self, operation_id: str) -> int:
+        """Index of the runtime replica that ran the operation's first step."""
+        engine = create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                runner_id = conn.execute(
+                    select(steps.c.runner_id).where(steps.c.operation_id == operation_id)
+                ).scalar()
+        finally:
+            engine.dispose()
+        pid = int(str(runner_id).split("-")[-2])
+        return next(i for i, r in enumerate(self.runtimes) if r.process.pid == pid)
+
+    def close(self) -> None:
+        processes: list[GatewayProcess | RuntimeProcess] = [*self.gateways, *self.runtimes]
+        for process in processes:
+            if process.process.poll() is None:
+                process.terminate()
+        if self._database is not None:
+            self._admin(f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

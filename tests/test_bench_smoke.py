@@ -1,0 +1,28 @@
+"""The benchmark harness still runs (tiny sizes): benchmarks that rot are worse than none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import scenarios
+from bench.report import table
+from bench.stack import Stack
+
+
+async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
+    with Stack("sqlite", tmp_path) as stack:
+        stop = await scenarios.stop_latency(stack, 0.05, trials=2)
+        early = await scenarios.early_stop(stack, trials=2)
+        steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
+    assert stop["halt_ms"]["n"] == 2 and stop["mid_step"] >= 1
+    assert early["operations_with_a_step_started"] == 0
+    assert steps["runtime_ms_per_step"]["median"] > 0
+    text = table(
+        {
+            "machine": {},
+            "stopline": {
+                "sqlite": {"stop_latency/0.05s": stop, "early_stop": early, "per_step": steps}
+            },
+        }
+    )
+    assert "stop_latency/0.05s halt_ms" in text
