@@ -50,7 +50,8 @@ def table(results: dict[str, Any]) -> str:
             elif name == "capacity":
                 lines.append(
                     f"{'capacity (1 s steps)':<44} {data['running']:>9} {'':>9}  running of "
-                    f"{data['started']}; RSS {data['rss_mb']:.0f} MB; "
+                    f"{data['started']}; steps/s {data['steps_per_second_achieved']:.0f} of "
+                    f"{data['steps_per_second_asked']}; RSS {data['rss_mb']:.0f} MB; "
                     f"CPU {data['cpu_percent']:.0f}%"
                 )
     for peer, data in results.get("peers", {}).items():

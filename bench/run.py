@@ -102,9 +102,8 @@ async def stopline_suite(backend: str, workdir: Path, quick: bool) -> dict[str, 
                 out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
                     stack, step, n, cross_replica=True
                 )
-    if backend == "sqlite":
-        with Stack(backend, workdir) as stack:
-            out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    with Stack(backend, workdir) as stack:
+        out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
     return out
 
 

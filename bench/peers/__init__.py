@@ -1,0 +1,1 @@
+"""Peer systems measured next to Stopline (installed from the `bench` extra)."""
