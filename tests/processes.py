@@ -43,8 +43,42 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float 
             time.sleep(0.05)
 
 
-class RuntimeProcess:
-    """`stopline runtime serve` in a subprocess."""
+class ServiceProcess:
+    """`stopline <service> serve` in a subprocess, serving (health SERVING) when constructed."""
+
+    def __init__(
+        self, service: str, workdir: Path, args: list[str], port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / f"{service}-{self.port}-{time.monotonic_ns()}.log"
+        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
+        command = [*stopline_command(), service, "serve", "--address", self.address]
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [*command, "--shutdown-grace", "1", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+                env=env,
+            )
+        wait_serving(self.address, self.process)
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill()
+
+
+class RuntimeProcess(ServiceProcess):
+    """`stopline runtime serve` on a database."""
 
     def __init__(
         self,
@@ -53,46 +87,11 @@ class RuntimeProcess:
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = workdir / f"runtime-{self.port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    *stopline_command(),
-                    "runtime",
-                    "serve",
-                    "--address",
-                    self.address,
-                    "--database-url",
-                    database_url,
-                    "--shutdown-grace",
-                    "1",
-                    *extra_args,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-                env=env,
-            )
-        wait_serving(self.address, self.process)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def terminate(self, timeout: float = 20) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.kill()
+        super().__init__("runtime", workdir, ["--database-url", database_url, *extra_args], port)
 
 
-class GatewayProcess:
-    """`stopline gateway serve` in a subprocess, pointed at a runtime."""
+class GatewayProcess(ServiceProcess):
+    """`stopline gateway serve`, pointed at a runtime."""
 
     def __init__(
         self,
@@ -101,39 +100,4 @@ class GatewayProcess:
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = workdir / f"gateway-{self.port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [
-                    *stopline_command(),
-                    "gateway",
-                    "serve",
-                    "--address",
-                    self.address,
-                    "--runtime",
-                    runtime_address,
-                    "--shutdown-grace",
-                    "1",
-                    *extra_args,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-                env=env,
-            )
-        wait_serving(self.address, self.process)
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def terminate(self, timeout: float = 20) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.kill()
+        super().__init__("gateway", workdir, ["--runtime", runtime_address, *extra_args], port)
