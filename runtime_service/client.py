@@ -7,14 +7,16 @@ status code and message, which the CLI prints as they are.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class ClientError(Exception):
@@ -39,28 +41,24 @@ class RuntimeClient:
     def connect(cls, address: str, timeout: float = 10.0) -> RuntimeClient:
         return cls(grpc.insecure_channel(address), timeout)
 
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise _client_error(exc) from exc
+
     def start(
         self, agent: str, input_value: dict[str, Any], idempotency_key: str = ""
     ) -> pb.StartOperationResponse:
         request = pb.StartOperationRequest(agent=agent, idempotency_key=idempotency_key)
         request.input.update(input_value)
-        try:
-            response: pb.StartOperationResponse = self._stub.StartOperation(
-                request, timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from exc
+        response: pb.StartOperationResponse = self._unary(self._stub.StartOperation, request)
         return response
 
     def get(self, operation_id: str) -> op_pb.Operation:
-        try:
-            response = self._stub.GetOperation(
-                pb.GetOperationRequest(operation_id=operation_id), timeout=self._timeout
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from exc
-        operation: op_pb.Operation = response.operation
-        return operation
+        request = pb.GetOperationRequest(operation_id=operation_id)
+        response: pb.GetOperationResponse = self._unary(self._stub.GetOperation, request)
+        return response.operation
 
     def list(
         self,
@@ -68,27 +66,21 @@ class RuntimeClient:
         page_size: int = 0,
         page_token: str = "",
     ) -> pb.ListOperationsResponse:
-        try:
-            response: pb.ListOperationsResponse = self._stub.ListOperations(
-                pb.ListOperationsRequest(status=status, page_size=page_size, page_token=page_token),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from exc
+        request = pb.ListOperationsRequest(
+            status=status, page_size=page_size, page_token=page_token
+        )
+        response: pb.ListOperationsResponse = self._unary(self._stub.ListOperations, request)
         return response
 
     def interrupt(
         self, operation_id: str, requested_by: str = "", reason: str = ""
     ) -> pb.InterruptOperationResponse:
-        try:
-            response: pb.InterruptOperationResponse = self._stub.InterruptOperation(
-                pb.InterruptOperationRequest(
-                    operation_id=operation_id, requested_by=requested_by, reason=reason
-                ),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from exc
+        request = pb.InterruptOperationRequest(
+            operation_id=operation_id, requested_by=requested_by, reason=reason
+        )
+        response: pb.InterruptOperationResponse = self._unary(
+            self._stub.InterruptOperation, request
+        )
         return response
 
     def watch(self, operation_id: str, after_seq: int = 0) -> Iterator[op_pb.Event]:

@@ -88,6 +88,22 @@ class ClaimBatch:
     finished: list[Event] = field(default_factory=list)
 
 
+def _pending_unheld(now: datetime) -> ColumnElement[bool]:
+    """PENDING and not (or no longer) held: claimable."""
+    return and_(
+        operations.c.status == OperationStatus.PENDING,
+        or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
+    )
+
+
+def _running_lease_lapsed(now: datetime) -> ColumnElement[bool]:
+    """RUNNING, but its owner stopped renewing the lease: the owner is presumed dead."""
+    return and_(
+        operations.c.status == OperationStatus.RUNNING,
+        or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
+    )
+
+
 def _owned_by(runner_id: str) -> ColumnElement[bool]:
     """Fencing: the operation is still RUNNING under this runner."""
     return and_(operations.c.status == OperationStatus.RUNNING, operations.c.runner_id == runner_id)
@@ -283,10 +299,7 @@ class OperationStore:
                 runner_id,
                 now,
                 lease_seconds,
-                where=and_(
-                    operations.c.status == OperationStatus.PENDING,
-                    or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
-                ),
+                where=_pending_unheld(now),
                 resumed=False,
             )
 
@@ -298,16 +311,7 @@ class OperationStore:
         row; each take is still a compare-and-set, so even without row locks (SQLite, where
         there is one replica) an operation is never claimed twice."""
         now = utcnow()
-        claimable = or_(
-            and_(
-                operations.c.status == OperationStatus.PENDING,
-                or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
-            ),
-            and_(
-                operations.c.status == OperationStatus.RUNNING,
-                or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
-            ),
-        )
+        claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
         query = (
             select(operations.c.id, operations.c.status, operations.c.stop_requested_at)
             .where(claimable)
@@ -541,11 +545,7 @@ class OperationStore:
         step = conn.execute(
             select(operations.c.steps_completed).where(operations.c.id == operation_id)
         ).scalar_one()
-        expired = and_(
-            operations.c.status == OperationStatus.RUNNING,
-            or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
-        )
-        return self._interrupt(conn, operation_id, step, False, now, expired)
+        return self._interrupt(conn, operation_id, step, False, now, _running_lease_lapsed(now))
 
     def _interrupt(
         self,

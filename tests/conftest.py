@@ -18,7 +18,10 @@ from sqlalchemy.exc import OperationalError
 
 from runtime_service.app import RuntimeApp
 from runtime_service.config import RuntimeConfig
+from runtime_service.database import create_db_engine
+from runtime_service.migrate import upgrade_to_head
 from runtime_service.server import RunningRuntime, start_runtime
+from runtime_service.store import OperationStore
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent, registry
 
@@ -91,6 +94,15 @@ def runtime_config(database_url: str, **overrides: object) -> RuntimeConfig:
     }
     settings.update(overrides)
     return RuntimeConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[OperationStore]:
+    """The store alone, migrated, on each backend."""
+    engine = create_db_engine(db_url)
+    upgrade_to_head(engine)
+    yield OperationStore(engine)
+    engine.dispose()
 
 
 @pytest.fixture

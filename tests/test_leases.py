@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,14 +13,6 @@ from runtime_service.domain import EventKind, OperationStatus
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.schema import operations
 from runtime_service.store import OperationStore, utcnow
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[OperationStore]:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
-    yield OperationStore(engine)
-    engine.dispose()
 
 
 def wait_until_lease_lapses(store: OperationStore, op_id: str, deadline: float = 10) -> None:

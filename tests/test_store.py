@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from runtime_service.database import create_db_engine
 from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus
-from runtime_service.migrate import upgrade_to_head
 from runtime_service.store import OperationStore
 from stopline.errors import AlreadyExists
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[OperationStore]:
-    engine = create_db_engine(db_url)
-    upgrade_to_head(engine)
-    yield OperationStore(engine)
-    engine.dispose()
 
 
 def seqs(store: OperationStore, op_id: str) -> list[int]:
