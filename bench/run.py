@@ -82,28 +82,43 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
         await raw.wait()
 
 
-async def stopline_suite(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
+SCENARIOS = ("stop", "early_stop", "per_step", "streaming", "concurrency", "baseline", "cross")
+SCENARIOS += ("capacity",)
+
+
+async def stopline_suite(
+    backend: str, workdir: Path, quick: bool, only: frozenset[str] = frozenset(SCENARIOS)
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     trials = {0.01: 10 if quick else 50, 1.0: 5 if quick else 30, 30.0: 3 if quick else 15}
     base_trials = {0.01: 5 if quick else 30, 1.0: 3 if quick else 10, 30.0: 1 if quick else 2}
     with Stack(backend, workdir) as stack:
-        for step, n in trials.items():
-            out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
-        out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
-        out["per_step"] = await scenarios.per_step_overhead(stack, repeats=2 if quick else 3)
-        out["streaming"] = await streaming(stack, workdir, quick)
-        out["concurrency"] = await scenarios.concurrency(stack)
-    with Stack(backend, workdir, abort_mid_step=False) as stack:
-        for step, n in base_trials.items():
-            out[f"baseline_boundary_only/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
-    if backend == "postgresql":
+        if "stop" in only:
+            for step, n in trials.items():
+                out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
+        if "early_stop" in only:
+            out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
+        if "per_step" in only:
+            out["per_step"] = await scenarios.per_step_overhead(stack, repeats=2 if quick else 3)
+        if "streaming" in only:
+            out["streaming"] = await streaming(stack, workdir, quick)
+        if "concurrency" in only:
+            out["concurrency"] = await scenarios.concurrency(stack)
+    if "baseline" in only:
+        with Stack(backend, workdir, abort_mid_step=False) as stack:
+            for step, n in base_trials.items():
+                out[f"baseline_boundary_only/{step:g}s"] = await scenarios.stop_latency(
+                    stack, step, n
+                )
+    if backend == "postgresql" and "cross" in only:
         with Stack(backend, workdir, replicas=2) as stack:
             for step, n in trials.items():
                 out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
                     stack, step, n, cross_replica=True
                 )
-    with Stack(backend, workdir) as stack:
-        out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    if "capacity" in only:
+        with Stack(backend, workdir) as stack:
+            out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
     return out
 
 
@@ -138,14 +153,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (while working on one figure)",
+    )
     args = parser.parse_args()
+    only = frozenset(args.only.split(","))
+    if unknown := only - set(SCENARIOS):
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "stopline": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
             print(f"== stopline on {backend}", flush=True)
             results["stopline"][backend] = asyncio.run(
-                stopline_suite(backend, Path(tmp), args.quick)
+                stopline_suite(backend, Path(tmp), args.quick, only)
             )
     if not args.no_peers:
         print("== peers", flush=True)

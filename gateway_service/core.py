@@ -31,6 +31,7 @@ from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
 from gateway_service.runtime_link import RETRYABLE, RuntimeLink, backoff, is_retryable
 from gateway_service.streams import (
+    TERMINAL_KINDS,
     EventItem,
     StopRequestedItem,
     StopUndeliveredItem,
@@ -247,13 +248,13 @@ class Gateway:
         call = self.link.watch(op_id, cursor)
         try:
             async for response in call:
-                event = response.event
-                if event.seq <= cursor:
-                    continue
-                put(EventItem(event))
-                cursor = event.seq
-                if event.WhichOneof("kind") in ("completed", "failed", "interrupted"):
-                    return cursor
+                for event in response.events if response.events else (response.event,):
+                    if event.seq <= cursor:
+                        continue
+                    put(EventItem(event))
+                    cursor = event.seq
+                    if event.WhichOneof("kind") in TERMINAL_KINDS:
+                        return cursor
         except aio.AioRpcError as exc:
             code = exc.code()
             # CANCELLED from the runtime side: it is shutting down; resume like UNAVAILABLE.

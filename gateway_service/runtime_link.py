@@ -79,5 +79,5 @@ class RuntimeLink:
     def watch(self, operation_id: str, after_seq: int) -> Any:
         """The raw streaming call; iterate it, and expect aio.AioRpcError on failure."""
         return self._stub.WatchOperation(
-            rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq)
+            rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq, batch=True)
         )

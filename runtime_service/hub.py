@@ -24,6 +24,13 @@ class Subscription:
     def _put(self, item: Event | None) -> None:
         self._queue.put_nowait(item)
 
+    def ready(self) -> list[Event | None]:
+        """Everything already published and not yet taken, without waiting."""
+        items = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
     async def next(self, quiet_seconds: float) -> Event | None:
         """The next published event, or None after a poke or `quiet_seconds` of quiet."""
         if not self._queue.empty():

@@ -6,8 +6,9 @@ validation of caller input happens here, raising the domain errors of stopline.e
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from runtime_service.agents.base import InvalidInput
@@ -171,7 +172,18 @@ class OperationsService:
         return result
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:
-        """Stored events after `after_seq`, then live ones, until the terminal event.
+        """Stored events after `after_seq`, then live ones, until the terminal event."""
+        batches = self.watch_batches(operation_id, after_seq)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def watch_batches(
+        self, operation_id: str, after_seq: int
+    ) -> AsyncGenerator[Sequence[Event], None]:
+        """What `watch` yields, grouped: each list holds the events that were ready together
+        (a page of the replay, or the live events published since the last one was sent).
 
         Subscribing before the first read means no event can fall between replay and live."""
         op_id = parse_operation_id(operation_id)
@@ -189,13 +201,15 @@ class OperationsService:
             cursor = after_seq
             finished = operation.status.is_terminal
             while True:
-                batch = await self.db.call(self.store.events_after, op_id, cursor, REPLAY_BATCH)
-                for event in batch:
-                    yield event
-                    cursor = event.seq
+                page = await self.db.call(self.store.events_after, op_id, cursor, REPLAY_BATCH)
+                for end, event in enumerate(page, 1):
                     if event.is_terminal:
+                        yield page[:end]
                         return
-                if len(batch) == REPLAY_BATCH:
+                if page:
+                    yield page
+                    cursor = page[-1].seq
+                if len(page) == REPLAY_BATCH:
                     continue
                 if finished:
                     return  # replayed a finished operation to its end
@@ -204,15 +218,33 @@ class OperationsService:
                         f"the runtime is shutting down; reconnect with after_seq={cursor}"
                     )
                 # Caught up with storage: follow live until a gap, a poke or a quiet spell.
-                while (
-                    not live.closed
-                    and (pushed := await live.next(self.config.watch_poll_seconds)) is not None
-                ):
-                    if pushed.seq <= cursor:
-                        continue
-                    if pushed.seq != cursor + 1:
+                while not live.closed:
+                    pushed = await live.next(self.config.watch_poll_seconds)
+                    if pushed is None:
                         break
-                    yield pushed
-                    cursor = pushed.seq
-                    if pushed.is_terminal:
-                        return
+                    batch, back_to_storage = _next_in_order([pushed, *live.ready()], cursor)
+                    if batch:
+                        yield batch
+                        cursor = batch[-1].seq
+                        if batch[-1].is_terminal:
+                            return
+                    if back_to_storage:
+                        break
+
+
+def _next_in_order(items: list[Event | None], cursor: int) -> tuple[list[Event], bool]:
+    """The events that continue the sequence after `cursor`, up to the first terminal one, and
+    whether storage must be re-read (a poke, or a gap: something was published out of order)."""
+    batch: list[Event] = []
+    for item in items:
+        if item is None:
+            return batch, True
+        if item.seq <= cursor:
+            continue  # already sent (replayed before it was published)
+        if item.seq != cursor + 1:
+            return batch, True
+        batch.append(item)
+        cursor = item.seq
+        if item.is_terminal:
+            break
+    return batch, False

@@ -1,8 +1,9 @@
 """The step loop: runs each operation's steps, checkpoints them, and halts on a stop.
 
 A stop reaches a running operation two ways, and either is enough on its own:
-- at every step boundary: `start_step` is a conditional write that refuses to begin a step once a
-  stop is recorded, and `complete_step` refuses to complete an operation whose stop came first;
+- at every step boundary: beginning a step (`start_step`, or `advance` which checkpoints one step
+  and begins the next in one transaction) is a conditional write that refuses once a stop is
+  recorded, and `complete_step` refuses to complete an operation whose stop came first;
 - mid-step: `deliver_stop` resolves the run's stop future, the loop cancels the agent's step
   coroutine at once and gives it `stop_grace` seconds to clean up, then records INTERRUPTED.
   On PostgreSQL a stop recorded by another replica arrives as a notification; the lease loop's
@@ -276,16 +277,22 @@ class Runner:
         me = self.runner_id
         step = operation.steps_completed
         state = operation.agent_state
+        if run.stop.done():
+            await self._halt(op_id, step, mid_step=False)
+            return
+        # The first step of a run is begun on its own; every later one is begun in the same
+        # transaction that checkpoints the step before it (one write per step boundary).
+        started = await self._db.call(self._store.start_step, op_id, step, me)
         while True:
-            if run.stop.done():
-                await self._halt(op_id, step, mid_step=False)
-                return
-            started = await self._db.call(self._store.start_step, op_id, step, me)
             if started is None:
                 # A stop was recorded (or the operation ended or moved) before this step began.
                 await self._halt(op_id, step, mid_step=False)
                 return
             self._publish(started)
+            if run.stop.done():
+                # Stopped after the step was recorded as begun, before the agent ran it.
+                await self._halt(op_id, step, mid_step=True)
+                return
 
             ctx = StepContext(op_id, step, operation.input, state, partial(self._emit, op_id, step))
             step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
@@ -310,18 +317,24 @@ class Runner:
                 )
                 return
             result = step_task.result()
-            written = await self._db.call(
-                self._store.complete_step, op_id, step, result.output, result.state, result.done, me
-            )
-            self._publish(written)
-            if not written or written[-1].is_terminal:
+            if result.done:
+                written = await self._db.call(
+                    self._store.complete_step, op_id, step, result.output, result.state, True, me
+                )
+                self._publish(written)
+                if written and not written[-1].is_terminal:
+                    # The last step finished but a stop was recorded first: the stop wins.
+                    await self._halt(op_id, step + 1, mid_step=False)
                 return
+            written = await self._db.call(
+                self._store.advance, op_id, step, result.output, result.state, me
+            )
+            if not written:
+                return  # no longer ours: whoever owns it now carries on
+            self._publish(written[0])
             step += 1
             state = result.state
-            if result.done:
-                # The last step finished but a stop was recorded first: the stop wins.
-                await self._halt(op_id, step, mid_step=False)
-                return
+            started = written[1] if len(written) > 1 else None
 
     @staticmethod
     def _failure(step_task: asyncio.Task[StepResult]) -> str | None:

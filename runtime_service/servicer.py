@@ -14,6 +14,10 @@ from stopline.grpc_status import server_stream, unary
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
 
+# A batched watch response stays well under the default 4 MiB receive limit of gRPC clients.
+MAX_BATCH_EVENTS = 256
+MAX_BATCH_BYTES = 1024 * 1024
+
 
 class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     def __init__(self, operations: OperationsService) -> None:
@@ -83,10 +87,15 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.WatchOperationRequest,
         context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
     ) -> AsyncGenerator[pb.WatchOperationResponse, None]:
-        events = self._ops.watch(request.operation_id, request.after_seq)
-        async with contextlib.aclosing(events):
-            async for event in events:
-                yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+        batches = self._ops.watch_batches(request.operation_id, request.after_seq)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if not request.batch:
+                    for event in batch:
+                        yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+                    continue
+                for part in convert.batched(batch, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
+                    yield pb.WatchOperationResponse(events=part)
 
     @unary
     async def ReleaseOperation(

@@ -36,6 +36,7 @@ from runtime_service.domain import (
 )
 from runtime_service.notifications import EVENTS, STOPS, WORK, notify
 from runtime_service.schema import events, operations, steps
+from runtime_service.step_writes import StepWrites
 from stopline.errors import AlreadyExists
 
 STOPPING = "STOPPING"
@@ -112,6 +113,7 @@ def _owned_by(runner_id: str) -> ColumnElement[bool]:
 class OperationStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._hot = StepWrites(engine)
 
     # ----------------------------------------------------------------------------- reads
 
@@ -388,48 +390,19 @@ class OperationStore:
     def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         """Record that a step begins (an attempt row and a `step_started` event); None when the
         operation is no longer this runner's to run or a stop is recorded."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            attempt = 1 + (
-                conn.execute(
-                    select(func.count())
-                    .select_from(steps)
-                    .where(steps.c.operation_id == operation_id, steps.c.step == step)
-                ).scalar_one()
-            )
-            event = self._append(
-                conn,
-                operation_id,
-                EventKind.STEP_STARTED,
-                {"step": step, "attempt": attempt},
-                now,
-                where=and_(_owned_by(runner_id), operations.c.stop_requested_at.is_(None)),
-            )
-            if event is None:
-                return None
-            conn.execute(
-                insert(steps).values(
-                    operation_id=operation_id,
-                    step=step,
-                    attempt=attempt,
-                    runner_id=runner_id,
-                    started_at=now,
-                )
-            )
-            return event
+        return self._hot.start_step(operation_id, step, runner_id)
 
     def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
         """Store an output chunk; None when the operation has ended or changed hands (a step
         that kept emitting after it was cancelled gets its output dropped)."""
-        with self.engine.begin() as conn:
-            return self._append(
-                conn,
-                operation_id,
-                EventKind.OUTPUT_CHUNK,
-                {"step": step, "text": text},
-                utcnow(),
-                where=_owned_by(runner_id),
-            )
+        return self._hot.append_chunk(operation_id, step, text, runner_id)
+
+    def advance(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> list[Event]:
+        """Checkpoint a step that was not the last and begin the next, in one transaction
+        (see StepWrites.advance for what the returned events mean)."""
+        return self._hot.advance(operation_id, step, output, state, runner_id)
 
     def complete_step(
         self,

@@ -42,17 +42,27 @@ async def start(
     return response.operation
 
 
-async def watch(stub: Stub, op_id: str, after_seq: int = 0) -> AsyncIterator[op_pb.Event]:
-    call = stub.WatchOperation(pb.WatchOperationRequest(operation_id=op_id, after_seq=after_seq))
+async def watch(
+    stub: Stub, op_id: str, after_seq: int = 0, batch: bool = False
+) -> AsyncIterator[op_pb.Event]:
+    call = stub.WatchOperation(
+        pb.WatchOperationRequest(operation_id=op_id, after_seq=after_seq, batch=batch)
+    )
     async for response in call:
-        yield response.event
+        if batch:
+            assert not response.HasField("event") and response.events
+            for event in response.events:
+                yield event
+        else:
+            assert not response.events
+            yield response.event
 
 
 async def all_events(
-    stub: Stub, op_id: str, after_seq: int = 0, timeout: float = 20
+    stub: Stub, op_id: str, after_seq: int = 0, timeout: float = 20, batch: bool = False
 ) -> list[op_pb.Event]:
     async def run() -> list[op_pb.Event]:
-        return [e async for e in watch(stub, op_id, after_seq)]
+        return [e async for e in watch(stub, op_id, after_seq, batch)]
 
     return await asyncio.wait_for(run(), timeout)
 
@@ -227,7 +237,9 @@ async def test_watch_from_any_seq_yields_exactly_the_later_events(stub: Stub) ->
     async for event in watch(stub, op.id):
         full.append(event)
         if event.seq in (1, 4, 9, 15):  # join mid-run from the seq just seen
-            live_tails.append((event.seq, asyncio.create_task(all_events(stub, op.id, event.seq))))
+            for batch in (False, True):
+                tail = asyncio.create_task(all_events(stub, op.id, event.seq, batch=batch))
+                live_tails.append((event.seq, tail))
     n = full[-1].seq
     assert [e.seq for e in full] == list(range(1, n + 1))
     assert full[-1].WhichOneof("kind") == "completed"
@@ -236,8 +248,8 @@ async def test_watch_from_any_seq_yields_exactly_the_later_events(stub: Stub) ->
         assert [e.seq for e in tail] == list(range(k + 1, n + 1)), f"live watch after {k}"
         assert tail == full[k:]
     for k in range(n + 1):  # after the run: replay then end
-        replay = await all_events(stub, op.id, k)
-        assert replay == full[k:], f"replay after {k}"
+        assert await all_events(stub, op.id, k) == full[k:], f"replay after {k}"
+        assert await all_events(stub, op.id, k, batch=True) == full[k:], f"batched after {k}"
 
 
 async def test_idempotent_start(stub: Stub) -> None:

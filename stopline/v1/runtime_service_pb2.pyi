@@ -328,21 +328,28 @@ class WatchOperationRequest(_message.Message):
 
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation to watch."""
     after_seq: _builtins.int
     """Stream events with seq greater than this; 0 streams from the first event. Must not be
     negative nor beyond the operation's newest event.
     """
+    batch: _builtins.bool
+    """Let the runtime put several events in one response (in `events`) when more than one is
+    ready at once (a replay, a burst of output). Fewer, larger messages cost far less per event;
+    clients that leave this false get exactly one event per response, in `event`.
+    """
     def __init__(
         self,
         *,
         operation_id: _builtins.str = ...,
         after_seq: _builtins.int = ...,
+        batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "operation_id", b"operation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "batch", b"batch", "operation_id", b"operation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -355,18 +362,26 @@ class WatchOperationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _operation_pb2.Event:
-        """The next event."""
+        """The next event (when the request's `batch` is false, every response carries one here)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_operation_pb2.Event]:
+        """The next events, in seq order (only when the request's `batch` is true; `event` is then
+        unset).
+        """
 
     def __init__(
         self,
         *,
         event: _operation_pb2.Event | None = ...,
+        events: _abc.Iterable[_operation_pb2.Event] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,313 @@
+"""The runner's hot writes (a step begins, a chunk is emitted, a step boundary is crossed) as
+fixed SQL strings run on the driver's own cursor.
+
+Why not SQLAlchemy Core like the rest of the store: these writes happen several times per step,
+and building, caching-keying and compiling Core statements cost ten times the database work
+itself (bench/write_path.py measures it). The SQL here is fixed, so it is written once per
+dialect; the drivers then keep their own prepared statements (sqlite3's statement cache,
+psycopg's automatic server-side prepare). The invariants are the store's (see store.py): every
+write is a compare-and-set on the operation row that bumps `last_seq`, and the events it reports
+are inserted with those seqs in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from runtime_service.domain import Event, EventKind, JSONValue
+from runtime_service.notifications import EVENTS
+from runtime_service.schema import UTCDateTime
+
+STEP_COMPLETED = EventKind.STEP_COMPLETED
+
+
+def _dump(value: JSONValue) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+# Owned by this runner and still running: the fencing condition of every runner write.
+_OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
+
+_COUNT_ATTEMPTS = "SELECT count(*) FROM steps WHERE operation_id = :id AND step = :step"
+
+_BUMP_TO_START = f"""
+UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
+WHERE {_OWNED} AND stop_requested_at IS NULL
+RETURNING last_seq"""
+
+_BUMP_FOR_CHUNK = f"""
+UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
+WHERE {_OWNED}
+RETURNING last_seq"""
+
+# Checkpoint step N and, unless a stop is recorded, begin step N+1: one seq for step_completed,
+# a second for step_started only when no stop is recorded (the stop wins at the boundary).
+_BUMP_TO_ADVANCE = f"""
+UPDATE operations SET
+  last_seq = last_seq + CASE WHEN stop_requested_at IS NULL THEN 2 ELSE 1 END,
+  steps_completed = :next_step, agent_state_json = :state, updated_at = :now
+WHERE {_OWNED}
+RETURNING last_seq, stop_requested_at"""
+
+_INSERT_EVENT = """
+INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+VALUES (:id, :seq, :kind, :data, :now)"""
+
+_INSERT_TWO_EVENTS = """
+INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+VALUES (:id, :seq, :kind, :data, :now), (:id, :seq2, :kind2, :data2, :now)"""
+
+_INSERT_ATTEMPT = """
+INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
+VALUES (:id, :step, :attempt, :runner, :now)"""
+
+# Only the newest attempt is this runner's; older unfinished ones belong to a process that died
+# mid-step and keep no outcome.
+_FINISH_ATTEMPT = """
+UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
+WHERE operation_id = :id AND step = :step AND finished_at IS NULL
+  AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)"""
+
+_NOTIFY = "SELECT pg_notify(:channel, :payload)"
+
+# PostgreSQL: the same writes as one statement each (data-modifying CTEs all run, against one
+# snapshot, in the statement's own transaction), so a step boundary costs one round trip and one
+# commit instead of eight round trips.
+_PG_ADVANCE = f"""
+WITH op AS (
+  UPDATE operations SET
+    last_seq = last_seq + CASE WHEN stop_requested_at IS NULL THEN 2 ELSE 1 END,
+    steps_completed = :next_step, agent_state_json = :state, updated_at = :now
+  WHERE {_OWNED}
+  RETURNING last_seq, stop_requested_at IS NULL AS go
+), finished AS (
+  UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
+  WHERE operation_id = :id AND step = :step AND finished_at IS NULL
+    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
+    AND EXISTS (SELECT 1 FROM op)
+), began AS (
+  INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
+  SELECT :id, :next_step, 1, :runner, :now FROM op WHERE go
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq - CASE WHEN go THEN 1 ELSE 0 END, 'step_completed', :data, :now FROM op
+  UNION ALL
+  SELECT :id, last_seq, 'step_started', :data2, :now FROM op WHERE go
+)
+SELECT last_seq, CASE WHEN go THEN NULL ELSE 1 END, pg_notify('{EVENTS}', :id || ':' || last_seq)
+FROM op"""
+
+_PG_CHUNK = f"""
+WITH op AS (
+  UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
+  WHERE {_OWNED}
+  RETURNING last_seq
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq, 'output_chunk', :data, :now FROM op
+)
+SELECT last_seq, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op"""
+
+
+class StepWrites:
+    """One short transaction per call, on a pooled connection's raw DBAPI cursor."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        dialect = engine.dialect
+        self._postgres = dialect.name == "postgresql"
+        to_db = UTCDateTime().bind_processor(dialect)
+        self._time: Any = to_db if to_db is not None else (lambda value: value)
+        # The raw cursors' own parameter styles (SQLAlchemy may use another one itself).
+        if dialect.name == "sqlite":
+            self._sql = _identity  # sqlite3 accepts :name
+        elif dialect.name == "postgresql" and dialect.driver == "psycopg":
+            self._sql = _pyformat
+        else:
+            raise NotImplementedError(
+                f"no step writes for {dialect.name}+{dialect.driver}; "
+                "use sqlite:/// or postgresql+psycopg://"
+            )
+        self._q = {
+            name: self._sql(sql)
+            for name, sql in {
+                "count": _COUNT_ATTEMPTS,
+                "start": _BUMP_TO_START,
+                "chunk": _BUMP_FOR_CHUNK,
+                "advance": _BUMP_TO_ADVANCE,
+                "event": _INSERT_EVENT,
+                "two_events": _INSERT_TWO_EVENTS,
+                "attempt": _INSERT_ATTEMPT,
+                "finish": _FINISH_ATTEMPT,
+                "notify": _NOTIFY,
+                "pg_advance": _PG_ADVANCE,
+                "pg_chunk": _PG_CHUNK,
+            }.items()
+        }
+        # Single-statement writes need no BEGIN/COMMIT round trips of their own.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def _statement(self) -> Iterator[Any]:
+        with self._autocommit.connect() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                yield cursor
+            finally:
+                cursor.close()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        with self.engine.begin() as conn:
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                yield cursor
+            finally:
+                cursor.close()
+
+    def _notify(self, cursor: Any, operation_id: str, seq: int) -> None:
+        # Watchers on other replicas re-read from their last seq, so the newest seq is enough.
+        if self._postgres:
+            cursor.execute(
+                self._q["notify"], {"channel": EVENTS, "payload": f"{operation_id}:{seq}"}
+            )
+
+    def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
+        """Begin `step` (attempt row + step_started), unless a stop is recorded or the operation
+        is no longer this runner's."""
+        now = datetime.now(UTC)
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
+        with self._cursor() as cur:
+            cur.execute(self._q["count"], params)
+            attempt = cur.fetchone()[0] + 1
+            cur.execute(self._q["start"], params)
+            row = cur.fetchone()
+            if row is None:
+                return None
+            seq = row[0]
+            data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
+            cur.execute(
+                self._q["event"],
+                {**params, "seq": seq, "kind": EventKind.STEP_STARTED.value, "data": _dump(data)},
+            )
+            cur.execute(self._q["attempt"], {**params, "attempt": attempt})
+            self._notify(cur, operation_id, seq)
+        return Event(operation_id, seq, EventKind.STEP_STARTED, data, now)
+
+    def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
+        """Store an output chunk; None when the operation has ended or changed hands."""
+        now = datetime.now(UTC)
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
+        data: dict[str, JSONValue] = {"step": step, "text": text}
+        if self._postgres:
+            with self._statement() as cur:
+                cur.execute(self._q["pg_chunk"], {**params, "data": _dump(data)})
+                row = cur.fetchone()
+            if row is None:
+                return None
+            return Event(operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
+        with self._cursor() as cur:
+            cur.execute(self._q["chunk"], params)
+            row = cur.fetchone()
+            if row is None:
+                return None
+            seq = row[0]
+            cur.execute(
+                self._q["event"],
+                {**params, "seq": seq, "kind": EventKind.OUTPUT_CHUNK.value, "data": _dump(data)},
+            )
+            self._notify(cur, operation_id, seq)
+        return Event(operation_id, seq, EventKind.OUTPUT_CHUNK, data, now)
+
+    def advance(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> list[Event]:
+        """Checkpoint step `step` (not the last) and begin step + 1 in one transaction.
+
+        Returns [step_completed, step_started], or [step_completed] alone when a stop was
+        recorded (the runner then ends the operation at this boundary), or [] when the
+        operation is no longer this runner's."""
+        now = datetime.now(UTC)
+        output_json = _dump(output)
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "step": step,
+            "next_step": step + 1,
+            "state": _dump(state),
+            "output": output_json,
+        }
+        completed_data: dict[str, JSONValue] = {"step": step, "output": output}
+        # Step + 1 was never begun before: only the runner that completed `step` (this one,
+        # under the fencing condition) can begin it, so this is its first attempt.
+        started_data: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
+        if self._postgres:
+            with self._statement() as cur:
+                cur.execute(
+                    self._q["pg_advance"],
+                    {**params, "data": _dump(completed_data), "data2": _dump(started_data)},
+                )
+                row = cur.fetchone()
+            if row is None:
+                return []
+            last_seq, go_on = row[0], row[1] is None
+            if not go_on:
+                return [Event(operation_id, last_seq, STEP_COMPLETED, completed_data, now)]
+            return [
+                Event(operation_id, last_seq - 1, STEP_COMPLETED, completed_data, now),
+                Event(operation_id, last_seq, EventKind.STEP_STARTED, started_data, now),
+            ]
+        with self._cursor() as cur:
+            cur.execute(self._q["advance"], params)
+            row = cur.fetchone()
+            if row is None:
+                return []
+            last_seq, go_on = row[0], row[1] is None
+            cur.execute(self._q["finish"], params)
+            if not go_on:
+                cur.execute(
+                    self._q["event"],
+                    {
+                        **params,
+                        "seq": last_seq,
+                        "kind": EventKind.STEP_COMPLETED.value,
+                        "data": _dump(completed_data),
+                    },
+                )
+                self._notify(cur, operation_id, last_seq)
+                return [Event(operation_id, last_seq, STEP_COMPLETED, completed_data, now)]
+            cur.execute(
+                self._q["two_events"],
+                {
+                    **params,
+                    "seq": last_seq - 1,
+                    "kind": EventKind.STEP_COMPLETED.value,
+                    "data": _dump(completed_data),
+                    "seq2": last_seq,
+                    "kind2": EventKind.STEP_STARTED.value,
+                    "data2": _dump(started_data),
+                },
+            )
+            cur.execute(self._q["attempt"], {**params, "step": step + 1, "attempt": 1})
+            self._notify(cur, operation_id, last_seq)
+        return [
+            Event(operation_id, last_seq - 1, STEP_COMPLETED, completed_data, now),
+            Event(operation_id, last_seq, EventKind.STEP_STARTED, started_data, now),
+        ]
+
+
+def _identity(sql: str) -> str:
+    return sql
+
+
+def _pyformat(sql: str) -> str:
+    """:name -> %(name)s, for drivers with the pyformat paramstyle (psycopg)."""
+    return re.sub(r"(?<!:):([a-z_0-9]+)", r"%(\1)s", sql)

@@ -1,0 +1,122 @@
+"""The runner's hot writes (runtime_service/step_writes.py), which bypass SQLAlchemy Core: they
+must keep exactly the store's invariants, on both backends."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime_service import convert
+from runtime_service.domain import Event, EventKind, OperationStatus
+from runtime_service.operations import _next_in_order
+from runtime_service.store import OperationStore
+from stopline.v1 import operation_pb2 as op_pb
+
+
+def running(store: OperationStore, runner: str = "r") -> str:
+    op_id = store.create("echo", {}, None).operation.id
+    assert store.claim(op_id, runner, 60) is not None
+    assert store.start_step(op_id, 0, runner) is not None
+    return op_id
+
+
+def test_advance_checkpoints_and_begins_the_next_step_in_one_write(store: OperationStore) -> None:
+    op_id = running(store)
+    written = store.advance(op_id, 0, {"out": [1, "two"]}, {"n": 1}, "r")
+    assert [(e.kind, e.data) for e in written] == [
+        (EventKind.STEP_COMPLETED, {"step": 0, "output": {"out": [1, "two"]}}),
+        (EventKind.STEP_STARTED, {"step": 1, "attempt": 1}),
+    ]
+    op = store.get(op_id)
+    assert op is not None and op.steps_completed == 1 and op.agent_state == {"n": 1}
+    stored = store.events_after(op_id, 0)
+    assert [e.seq for e in stored] == list(range(1, op.last_seq + 1))
+    assert [(e.seq, e.kind, e.data) for e in stored[-2:]] == [
+        (e.seq, e.kind, e.data) for e in written
+    ]
+    attempts = [(r.step, r.attempt, r.outcome, r.output_json) for r in store.step_records(op_id)]
+    assert attempts == [
+        (0, 1, "completed", json.dumps({"out": [1, "two"]}, separators=(",", ":"))),
+        (1, 1, None, None),
+    ]
+
+
+def test_advance_after_a_stop_checkpoints_but_begins_nothing(store: OperationStore) -> None:
+    op_id = running(store)
+    store.record_stop(op_id, "alice", "enough")
+    written = store.advance(op_id, 0, "out", None, "r")
+    assert [e.kind for e in written] == [EventKind.STEP_COMPLETED]
+    assert [r.step for r in store.step_records(op_id)] == [0]
+    op = store.get(op_id)
+    assert op is not None and op.steps_completed == 1 and op.status is OperationStatus.RUNNING
+    assert op.last_seq == written[0].seq
+
+
+def test_writes_of_a_runner_that_lost_the_operation_are_refused(store: OperationStore) -> None:
+    op_id = running(store, "A")
+    before = store.events_after(op_id, 0)
+    assert store.advance(op_id, 0, "out", None, "B") == []
+    assert store.append_chunk(op_id, 0, "x", "B") is None
+    assert store.events_after(op_id, 0) == before
+    chunk = store.append_chunk(op_id, 0, "héllo ✓", "A")
+    assert (
+        chunk is not None and store.events_after(op_id, chunk.seq - 1)[0].data["text"] == "héllo ✓"
+    )
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(output=json_values, step=st.integers(0, 2**40))
+def test_event_conversion_matches_the_generic_json_mapping(output: object, step: int) -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    for kind, data in [
+        (EventKind.STEP_COMPLETED, {"step": step, "output": output}),
+        (EventKind.COMPLETED, {"result": output}),
+        (EventKind.OUTPUT_CHUNK, {"step": step, "text": str(output)}),
+        (EventKind.INTERRUPTED, {"mid_step": True, "step": step, "halt_ms": 1.5}),
+        (EventKind.STARTED, {"from_step": step, "resumed": False}),
+    ]:
+        event = Event("op", 7, kind, data, now)
+        expected = op_pb.Event(operation_id="op", seq=7, time=convert.timestamp(now))
+        json_format.ParseDict(data, getattr(expected, kind.value))
+        assert convert.event_to_pb(event) == expected
+
+
+def test_batches_respect_count_and_size_limits() -> None:
+    now = datetime.now(UTC)
+    events = [
+        Event("op", i, EventKind.OUTPUT_CHUNK, {"step": 0, "text": "x" * 100}, now)
+        for i in range(1, 11)
+    ]
+    groups = list(convert.batched(events, max_events=4, max_bytes=10_000))
+    assert [len(g) for g in groups] == [4, 4, 2]
+    assert [e.seq for g in groups for e in g] == list(range(1, 11))
+    assert [len(g) for g in convert.batched(events, max_events=100, max_bytes=250)] == [2] * 5
+
+
+def test_live_events_continue_the_sequence_or_send_the_watcher_back_to_storage() -> None:
+    now = datetime.now(UTC)
+
+    def ev(seq: int, kind: EventKind = EventKind.OUTPUT_CHUNK) -> Event:
+        return Event("op", seq, kind, {}, now)
+
+    batch, back = _next_in_order([ev(3), ev(4), ev(5), ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5, 6] and not back
+    batch, back = _next_in_order([ev(5), ev(7)], cursor=4)
+    assert [e.seq for e in batch] == [5] and back  # a gap: re-read storage
+    batch, back = _next_in_order([ev(5), None, ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5] and back  # a poke
+    batch, back = _next_in_order([ev(5, EventKind.COMPLETED), ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5] and not back
