@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
-from runtime_service.database import Database, create_db_engine
+from runtime_service.database import Database, GroupCommit, create_db_engine
 from runtime_service.hub import EventHub
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.notifications import Handlers, PostgresListener
@@ -44,7 +44,9 @@ class RuntimeApp:
             poll_seconds=config.poll_seconds,
             abort_mid_step=config.abort_mid_step,
         )
-        runner = Runner(db, store, registry, hub, settings)
+        # SQLite has one writer: batching the runner's writes into shared transactions pays.
+        group = GroupCommit(db, store.hot.transaction) if db.backend == "sqlite" else None
+        runner = Runner(db, store, registry, hub, settings, group)
         operations = OperationsService(config, db, store, registry, hub, runner)
         listener = None
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -84,3 +87,82 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+
+
+class GroupCommit:
+    """Many small writes, one transaction: the runner's hot writes queue here, and the database
+    thread runs everything queued so far in a single transaction (group commit).
+
+    Why: on SQLite every write funnels through one thread, and opening and committing a
+    transaction costs more than the few statements of a step boundary; with many operations
+    running, the queue is rarely empty, so batching removes most of that cost. Each write's
+    result is handed back only after its transaction commits. If the batch fails, each write is
+    retried alone, so one bad write cannot take the others' results (or errors) with it.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        transaction: Callable[[], AbstractContextManager[Any]],
+        max_batch: int = 256,
+    ) -> None:
+        self._db = db
+        self._transaction = transaction
+        self._max_batch = max_batch
+        self._queue: deque[_Write] = deque()
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(cursor, *args) inside a shared transaction; its result once that has committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Write(fn, args, future))
+        if not self._draining:
+            self._draining = True
+            self._drainer = asyncio.create_task(self._drain(), name="group commit")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                size = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(size)]
+                outcomes = await self._db.call(self._execute, batch)
+                for write, (ok, value) in zip(batch, outcomes, strict=True):
+                    if write.future.done():
+                        continue  # its caller went away; the write itself stands
+                    if ok:
+                        write.future.set_result(value)
+                    else:
+                        write.future.set_exception(value)
+        except BaseException as exc:  # the loop is going away: fail whatever is left
+            for write in self._queue:
+                if not write.future.done():
+                    write.future.set_exception(exc)
+            self._queue.clear()
+            raise
+        finally:
+            self._draining = False
+
+    def _execute(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        try:
+            with self._transaction() as cursor:
+                return [(True, write.fn(cursor, *write.args)) for write in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                return [(False, exc)]
+        return [self._alone(write) for write in batch]
+
+    def _alone(self, write: _Write) -> tuple[bool, Any]:
+        try:
+            with self._transaction() as cursor:
+                return True, write.fn(cursor, *write.args)
+        except Exception as exc:
+            return False, exc
+
+
+@dataclass(eq=False)
+class _Write:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]

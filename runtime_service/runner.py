@@ -23,21 +23,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from runtime_service.agents.base import Agent, StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.database import Database
+from runtime_service.database import Database, GroupCommit
 from runtime_service.domain import Event, JSONValue, Operation
 from runtime_service.hub import EventHub
 from runtime_service.store import Claimed, OperationStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class OperationHalted(Exception):
@@ -80,9 +81,11 @@ class Runner:
         agents: AgentRegistry,
         hub: EventHub,
         settings: RunnerSettings,
+        group: GroupCommit | None = None,
     ) -> None:
         self._db = db
         self._store = store
+        self._group = group
         self._agents = agents
         self._hub = hub
         self.settings = settings
@@ -232,6 +235,13 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
 
+    async def _write(self, together: Callable[..., T], alone: Callable[..., T], *args: Any) -> T:
+        """A hot write: group-committed with others when the backend gains from it (SQLite's
+        single writer), else in a transaction of its own on the database threads."""
+        if self._group is not None:
+            return await self._group.run(together, *args)
+        return await self._db.call(alone, *args)
+
     def _publish(self, events: Sequence[Event] | Event | None) -> None:
         if events is None:
             return
@@ -282,7 +292,8 @@ class Runner:
             return
         # The first step of a run is begun on its own; every later one is begun in the same
         # transaction that checkpoints the step before it (one write per step boundary).
-        started = await self._db.call(self._store.start_step, op_id, step, me)
+        hot = self._store.hot
+        started = await self._write(hot.start_step_in, hot.start_step, op_id, step, me)
         while True:
             if started is None:
                 # A stop was recorded (or the operation ended or moved) before this step began.
@@ -326,8 +337,8 @@ class Runner:
                     # The last step finished but a stop was recorded first: the stop wins.
                     await self._halt(op_id, step + 1, mid_step=False)
                 return
-            written = await self._db.call(
-                self._store.advance, op_id, step, result.output, result.state, me
+            written = await self._write(
+                hot.advance_in, hot.advance, op_id, step, result.output, result.state, me
             )
             if not written:
                 return  # no longer ours: whoever owns it now carries on
@@ -380,8 +391,9 @@ class Runner:
             raise TypeError(f"emit() takes a str, got {type(text).__name__}")
         # The write goes on even if the agent is cancelled while awaiting it, and its event is
         # published when it lands, so the chunk is never stored yet unannounced.
+        hot = self._store.hot
         write = asyncio.ensure_future(
-            self._db.call(self._store.append_chunk, op_id, step, text, self.runner_id)
+            self._write(hot.append_chunk_in, hot.append_chunk, op_id, step, text, self.runner_id)
         )
         write.add_done_callback(self._publish_write)
         event = await asyncio.shield(write)

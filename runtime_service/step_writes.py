@@ -117,7 +117,9 @@ SELECT last_seq, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op"""
 
 
 class StepWrites:
-    """One short transaction per call, on a pooled connection's raw DBAPI cursor."""
+    """Each write comes twice: `x_in(cursor, ...)` runs inside a transaction the caller owns (the
+    runner's group commit puts many in one), and `x(...)` runs alone in a transaction of its own.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -155,8 +157,9 @@ class StepWrites:
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
-    def _statement(self) -> Iterator[Any]:
-        with self._autocommit.connect() as conn:
+    def transaction(self) -> Iterator[Any]:
+        """A raw DBAPI cursor inside a transaction that commits when the block ends."""
+        with self.engine.begin() as conn:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 yield cursor
@@ -164,8 +167,14 @@ class StepWrites:
                 cursor.close()
 
     @contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        with self.engine.begin() as conn:
+    def _alone(self) -> Iterator[Any]:
+        """Where a write runs on its own: on PostgreSQL each write is one statement, which is
+        its own transaction; SQLite's writes are several statements and need a real one."""
+        if not self._postgres:
+            with self.transaction() as cursor:
+                yield cursor
+            return
+        with self._autocommit.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
                 yield cursor
@@ -175,67 +184,89 @@ class StepWrites:
     def _notify(self, cursor: Any, operation_id: str, seq: int) -> None:
         # Watchers on other replicas re-read from their last seq, so the newest seq is enough.
         if self._postgres:
-            cursor.execute(
-                self._q["notify"], {"channel": EVENTS, "payload": f"{operation_id}:{seq}"}
-            )
+            payload = f"{operation_id}:{seq}"
+            cursor.execute(self._q["notify"], {"channel": EVENTS, "payload": payload})
+
+    # -------------------------------------------------------------------- a step begins
 
     def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
+        with self.transaction() as cur:
+            return self.start_step_in(cur, operation_id, step, runner_id)
+
+    def start_step_in(self, cur: Any, operation_id: str, step: int, runner_id: str) -> Event | None:
         """Begin `step` (attempt row + step_started), unless a stop is recorded or the operation
         is no longer this runner's."""
         now = datetime.now(UTC)
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
-        with self._cursor() as cur:
-            cur.execute(self._q["count"], params)
-            attempt = cur.fetchone()[0] + 1
-            cur.execute(self._q["start"], params)
-            row = cur.fetchone()
-            if row is None:
-                return None
-            seq = row[0]
-            data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
-            cur.execute(
-                self._q["event"],
-                {**params, "seq": seq, "kind": EventKind.STEP_STARTED.value, "data": _dump(data)},
-            )
-            cur.execute(self._q["attempt"], {**params, "attempt": attempt})
-            self._notify(cur, operation_id, seq)
+        cur.execute(self._q["count"], params)
+        attempt = cur.fetchone()[0] + 1
+        cur.execute(self._q["start"], params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        seq = row[0]
+        data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
+        cur.execute(
+            self._q["event"],
+            {**params, "seq": seq, "kind": EventKind.STEP_STARTED.value, "data": _dump(data)},
+        )
+        cur.execute(self._q["attempt"], {**params, "attempt": attempt})
+        self._notify(cur, operation_id, seq)
         return Event(operation_id, seq, EventKind.STEP_STARTED, data, now)
 
+    # -------------------------------------------------------------------- output
+
     def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
+        with self._alone() as cur:
+            return self.append_chunk_in(cur, operation_id, step, text, runner_id)
+
+    def append_chunk_in(
+        self, cur: Any, operation_id: str, step: int, text: str, runner_id: str
+    ) -> Event | None:
         """Store an output chunk; None when the operation has ended or changed hands."""
         now = datetime.now(UTC)
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
         data: dict[str, JSONValue] = {"step": step, "text": text}
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
         if self._postgres:
-            with self._statement() as cur:
-                cur.execute(self._q["pg_chunk"], {**params, "data": _dump(data)})
-                row = cur.fetchone()
+            cur.execute(self._q["pg_chunk"], {**params, "data": _dump(data)})
+            row = cur.fetchone()
             if row is None:
                 return None
             return Event(operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
-        with self._cursor() as cur:
-            cur.execute(self._q["chunk"], params)
-            row = cur.fetchone()
-            if row is None:
-                return None
-            seq = row[0]
-            cur.execute(
-                self._q["event"],
-                {**params, "seq": seq, "kind": EventKind.OUTPUT_CHUNK.value, "data": _dump(data)},
-            )
-            self._notify(cur, operation_id, seq)
+        cur.execute(self._q["chunk"], params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        seq = row[0]
+        cur.execute(
+            self._q["event"],
+            {**params, "seq": seq, "kind": EventKind.OUTPUT_CHUNK.value, "data": _dump(data)},
+        )
         return Event(operation_id, seq, EventKind.OUTPUT_CHUNK, data, now)
+
+    # -------------------------------------------------------------------- a step boundary
 
     def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> list[Event]:
-        """Checkpoint step `step` (not the last) and begin step + 1 in one transaction.
+        with self._alone() as cur:
+            return self.advance_in(cur, operation_id, step, output, state, runner_id)
+
+    def advance_in(
+        self,
+        cur: Any,
+        operation_id: str,
+        step: int,
+        output: JSONValue,
+        state: JSONValue,
+        runner_id: str,
+    ) -> list[Event]:
+        """Checkpoint step `step` (not the last) and begin step + 1, in one transaction.
 
         Returns [step_completed, step_started], or [step_completed] alone when a stop was
         recorded (the runner then ends the operation at this boundary), or [] when the
         operation is no longer this runner's."""
         now = datetime.now(UTC)
-        output_json = _dump(output)
         params = {
             "id": operation_id,
             "runner": runner_id,
@@ -243,64 +274,57 @@ class StepWrites:
             "step": step,
             "next_step": step + 1,
             "state": _dump(state),
-            "output": output_json,
+            "output": _dump(output),
         }
-        completed_data: dict[str, JSONValue] = {"step": step, "output": output}
+        completed: dict[str, JSONValue] = {"step": step, "output": output}
         # Step + 1 was never begun before: only the runner that completed `step` (this one,
         # under the fencing condition) can begin it, so this is its first attempt.
-        started_data: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
+        started: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
         if self._postgres:
-            with self._statement() as cur:
-                cur.execute(
-                    self._q["pg_advance"],
-                    {**params, "data": _dump(completed_data), "data2": _dump(started_data)},
-                )
-                row = cur.fetchone()
+            cur.execute(
+                self._q["pg_advance"],
+                {**params, "data": _dump(completed), "data2": _dump(started)},
+            )
+            row = cur.fetchone()
             if row is None:
                 return []
             last_seq, go_on = row[0], row[1] is None
-            if not go_on:
-                return [Event(operation_id, last_seq, STEP_COMPLETED, completed_data, now)]
-            return [
-                Event(operation_id, last_seq - 1, STEP_COMPLETED, completed_data, now),
-                Event(operation_id, last_seq, EventKind.STEP_STARTED, started_data, now),
-            ]
-        with self._cursor() as cur:
+        else:
             cur.execute(self._q["advance"], params)
             row = cur.fetchone()
             if row is None:
                 return []
             last_seq, go_on = row[0], row[1] is None
             cur.execute(self._q["finish"], params)
-            if not go_on:
+            if go_on:
+                cur.execute(
+                    self._q["two_events"],
+                    {
+                        **params,
+                        "seq": last_seq - 1,
+                        "kind": STEP_COMPLETED.value,
+                        "data": _dump(completed),
+                        "seq2": last_seq,
+                        "kind2": EventKind.STEP_STARTED.value,
+                        "data2": _dump(started),
+                    },
+                )
+                cur.execute(self._q["attempt"], {**params, "step": step + 1, "attempt": 1})
+            else:
                 cur.execute(
                     self._q["event"],
                     {
                         **params,
                         "seq": last_seq,
-                        "kind": EventKind.STEP_COMPLETED.value,
-                        "data": _dump(completed_data),
+                        "kind": STEP_COMPLETED.value,
+                        "data": _dump(completed),
                     },
                 )
-                self._notify(cur, operation_id, last_seq)
-                return [Event(operation_id, last_seq, STEP_COMPLETED, completed_data, now)]
-            cur.execute(
-                self._q["two_events"],
-                {
-                    **params,
-                    "seq": last_seq - 1,
-                    "kind": EventKind.STEP_COMPLETED.value,
-                    "data": _dump(completed_data),
-                    "seq2": last_seq,
-                    "kind2": EventKind.STEP_STARTED.value,
-                    "data2": _dump(started_data),
-                },
-            )
-            cur.execute(self._q["attempt"], {**params, "step": step + 1, "attempt": 1})
-            self._notify(cur, operation_id, last_seq)
+        if not go_on:
+            return [Event(operation_id, last_seq, STEP_COMPLETED, completed, now)]
         return [
-            Event(operation_id, last_seq - 1, STEP_COMPLETED, completed_data, now),
-            Event(operation_id, last_seq, EventKind.STEP_STARTED, started_data, now),
+            Event(operation_id, last_seq - 1, STEP_COMPLETED, completed, now),
+            Event(operation_id, last_seq, EventKind.STEP_STARTED, started, now),
         ]
 
 

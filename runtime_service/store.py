@@ -113,7 +113,8 @@ def _owned_by(runner_id: str) -> ColumnElement[bool]:
 class OperationStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._hot = StepWrites(engine)
+        # The runner's hot writes, as fixed SQL (see step_writes.py).
+        self.hot = StepWrites(engine)
 
     # ----------------------------------------------------------------------------- reads
 
@@ -390,19 +391,19 @@ class OperationStore:
     def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         """Record that a step begins (an attempt row and a `step_started` event); None when the
         operation is no longer this runner's to run or a stop is recorded."""
-        return self._hot.start_step(operation_id, step, runner_id)
+        return self.hot.start_step(operation_id, step, runner_id)
 
     def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
         """Store an output chunk; None when the operation has ended or changed hands (a step
         that kept emitting after it was cancelled gets its output dropped)."""
-        return self._hot.append_chunk(operation_id, step, text, runner_id)
+        return self.hot.append_chunk(operation_id, step, text, runner_id)
 
     def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> list[Event]:
         """Checkpoint a step that was not the last and begin the next, in one transaction
         (see StepWrites.advance for what the returned events mean)."""
-        return self._hot.advance(operation_id, step, output, state, runner_id)
+        return self.hot.advance(operation_id, step, output, state, runner_id)
 
     def complete_step(
         self,

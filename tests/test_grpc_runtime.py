@@ -238,8 +238,8 @@ async def test_watch_from_any_seq_yields_exactly_the_later_events(stub: Stub) ->
         full.append(event)
         if event.seq in (1, 4, 9, 15):  # join mid-run from the seq just seen
             for batch in (False, True):
-                tail = asyncio.create_task(all_events(stub, op.id, event.seq, batch=batch))
-                live_tails.append((event.seq, tail))
+                joined = asyncio.create_task(all_events(stub, op.id, event.seq, batch=batch))
+                live_tails.append((event.seq, joined))
     n = full[-1].seq
     assert [e.seq for e in full] == list(range(1, n + 1))
     assert full[-1].WhichOneof("kind") == "completed"

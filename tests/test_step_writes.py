@@ -3,15 +3,20 @@ must keep exactly the store's invariants, on both backends."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime_service import convert
+from runtime_service.database import Database, GroupCommit, create_db_engine
 from runtime_service.domain import Event, EventKind, OperationStatus
+from runtime_service.migrate import upgrade_to_head
 from runtime_service.operations import _next_in_order
 from runtime_service.store import OperationStore
 from stopline.v1 import operation_pb2 as op_pb
@@ -79,15 +84,16 @@ json_values = st.recursive(
 
 @settings(max_examples=200, deadline=None)
 @given(output=json_values, step=st.integers(0, 2**40))
-def test_event_conversion_matches_the_generic_json_mapping(output: object, step: int) -> None:
+def test_event_conversion_matches_the_generic_json_mapping(output: Any, step: int) -> None:
     now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    for kind, data in [
+    cases: list[tuple[EventKind, dict[str, Any]]] = [
         (EventKind.STEP_COMPLETED, {"step": step, "output": output}),
         (EventKind.COMPLETED, {"result": output}),
         (EventKind.OUTPUT_CHUNK, {"step": step, "text": str(output)}),
         (EventKind.INTERRUPTED, {"mid_step": True, "step": step, "halt_ms": 1.5}),
         (EventKind.STARTED, {"from_step": step, "resumed": False}),
-    ]:
+    ]
+    for kind, data in cases:
         event = Event("op", 7, kind, data, now)
         expected = op_pb.Event(operation_id="op", seq=7, time=convert.timestamp(now))
         json_format.ParseDict(data, getattr(expected, kind.value))
@@ -120,3 +126,28 @@ def test_live_events_continue_the_sequence_or_send_the_watcher_back_to_storage()
     assert [e.seq for e in batch] == [5] and back  # a poke
     batch, back = _next_in_order([ev(5, EventKind.COMPLETED), ev(6)], cursor=4)
     assert [e.seq for e in batch] == [5] and not back
+
+
+async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'group.db'}")
+    upgrade_to_head(engine)
+    store = OperationStore(engine)
+    db = Database(engine)
+    group = GroupCommit(db, store.hot.transaction)
+    ops = [running(store) for _ in range(5)]
+
+    def broken(cursor: Any) -> None:
+        cursor.execute("INSERT INTO no_such_table VALUES (1)")
+
+    try:
+        results = await asyncio.gather(
+            *(group.run(store.hot.append_chunk_in, op_id, 0, f"out {op_id}", "r") for op_id in ops),
+            group.run(broken),
+            return_exceptions=True,
+        )
+        assert isinstance(results[-1], Exception) and "no_such_table" in str(results[-1])
+        for op_id, event in zip(ops, results[:-1], strict=True):
+            assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
+            assert store.events_after(op_id, event.seq - 1)[0].data["text"] == f"out {op_id}"
+    finally:
+        db.close()
