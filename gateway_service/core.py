@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from grpc import aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
@@ -40,7 +40,13 @@ from gateway_service.streams import (
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
-from stopline.limits import StreamLimiter, check_input_size, check_page_size, idle_stream_error
+from stopline.limits import (
+    StreamLimiter,
+    check_input_size,
+    check_page_size,
+    idle_stream_error,
+    struct_to_input,
+)
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -138,7 +144,7 @@ class Gateway:
         policy: CancelPolicy,
         grace: float,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
-        check_input_size(json_format.MessageToDict(input_value), self.config.max_input_bytes)
+        check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         # The gateway always sends a key, so it can retry a start whose answer was lost.
         key = idempotency_key or f"gateway-{uuid.uuid4()}"
         request = rt_pb.StartOperationRequest(

@@ -60,8 +60,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         policy = _POLICIES.get(request.cancel_policy)
         if policy is None:
             raise InvalidArgument("cancel_policy", f"unknown value {request.cancel_policy}")
+        # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
         grace = (
-            request.cancel_grace.ToTimedelta().total_seconds()
+            request.cancel_grace.seconds + request.cancel_grace.nanos / 1e9
             if request.HasField("cancel_grace")
             else None
         )

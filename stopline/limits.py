@@ -12,17 +12,49 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from google.protobuf import json_format, struct_pb2
+
 from stopline.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 # Until authentication lands every stream shares this key; the lead keys the limiter by principal.
 ANONYMOUS = "anonymous"
+# Fixed, not configurable: protobuf refuses messages nested past 100 levels, each level of input
+# costs two (Struct, Value), and the input is sent on inside Operation and response messages.
+# Deeper input would be stored and then fail every response that carries it.
+MAX_INPUT_DEPTH = 32
+
+
+def struct_to_input(value: struct_pb2.Struct, field: str = "input") -> dict[str, Any]:
+    """A Struct as plain JSON-able Python, refusing what JSON cannot hold (NaN, Infinity)."""
+    try:
+        return json_format.MessageToDict(value)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(field, f"is not JSON: {str(exc)[:200]}") from exc
+
+
+def json_depth(value: Any) -> int:
+    """How many objects and arrays deep `value` nests, without recursion (hostile input)."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        pending.extend((child, depth) for child in children)
+    return deepest
 
 
 def json_size(value: Mapping[str, Any], field: str = "input") -> int:
     """Size of `value` as compact UTF-8 JSON: the one measure of agent input on both services,
     so the gateway refuses exactly what the runtime would."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except RecursionError as exc:
         raise InvalidArgument(field, "is nested too deeply") from exc
     except (TypeError, ValueError) as exc:
@@ -31,6 +63,11 @@ def json_size(value: Mapping[str, Any], field: str = "input") -> int:
 
 
 def check_input_size(value: Mapping[str, Any], limit: int, field: str = "input") -> None:
+    depth = json_depth(value)
+    if depth > MAX_INPUT_DEPTH:
+        raise InvalidArgument(
+            field, f"is nested {depth} levels deep; the limit is {MAX_INPUT_DEPTH} levels"
+        )
     size = json_size(value, field)
     if size > limit:
         raise InvalidArgument(

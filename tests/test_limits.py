@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,11 +20,14 @@ from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.limits import (
     ANONYMOUS,
+    MAX_INPUT_DEPTH,
     StreamLimiter,
     check_input_size,
     check_page_size,
     idle_stream_error,
+    json_depth,
     json_size,
+    struct_to_input,
 )
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
@@ -63,8 +67,10 @@ def test_input_size_is_compact_utf8_json_and_names_the_limit() -> None:
     deep: dict[str, Any] = {}
     for _ in range(100_000):
         deep = {"a": deep}
-    with pytest.raises(InvalidArgument, match="nested too deeply"):
+    with pytest.raises(InvalidArgument, match="nested 100001 levels deep"):
         check_input_size(deep, 1 << 30)
+    with pytest.raises(InvalidArgument, match="nested too deeply"):
+        json_size(deep)
 
 
 def test_stream_limiter_caps_overall_and_per_key_and_frees_slots() -> None:
@@ -280,3 +286,25 @@ async def test_health_answers_serving_while_the_limits_are_saturated(
         grpc.StatusCode.OK,
         grpc.StatusCode.INVALID_ARGUMENT,
     }
+
+
+def test_input_nesting_is_capped_below_protobufs_own_limit() -> None:
+    assert json_depth({}) == 1 and json_depth({"a": [1, {"b": []}]}) == 4 and json_depth(3) == 0
+    flat: dict[str, Any] = {}
+    for _ in range(MAX_INPUT_DEPTH - 1):
+        flat = {"n": flat}
+    check_input_size(flat, 1 << 20)
+    with pytest.raises(
+        InvalidArgument, match=rf"nested 33 levels deep; the limit is {MAX_INPUT_DEPTH}"
+    ):
+        check_input_size({"n": flat}, 1 << 20)
+
+
+def test_nan_and_infinity_are_not_json_input() -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        value = struct_pb2.Struct()
+        value.update({"x": bad})
+        with pytest.raises(InvalidArgument, match="input: is not JSON"):
+            struct_to_input(value)
+        with pytest.raises(InvalidArgument, match="input: is not JSON"):
+            check_input_size({"x": bad}, 1 << 20)
