@@ -83,6 +83,46 @@ def gateway() -> None:
     show_default=True,
     help="Seconds in-flight RPCs get on SIGTERM.",
 )
+@click.option(
+    "--max-input-bytes",
+    envvar="STOPLINE_MAX_INPUT_BYTES",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_input_bytes,
+    show_default=True,
+    help="Largest agent input accepted (compact JSON); checked before calling the runtime.",
+)
+@click.option(
+    "--max-page-size",
+    envvar="STOPLINE_MAX_PAGE_SIZE",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_page_size,
+    show_default=True,
+    help="Largest page_size ListOperations accepts.",
+)
+@click.option(
+    "--max-request-bytes",
+    envvar="STOPLINE_MAX_REQUEST_BYTES",
+    type=click.IntRange(min=1024),
+    default=_DEFAULTS.max_request_bytes,
+    show_default=True,
+    help="gRPC receive limit (raised to twice --max-input-bytes if larger).",
+)
+@click.option(
+    "--max-streams",
+    envvar="STOPLINE_MAX_STREAMS",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_streams,
+    show_default=True,
+    help="Open streams this gateway serves at once; more answer RESOURCE_EXHAUSTED.",
+)
+@click.option(
+    "--stream-idle-seconds",
+    envvar="STOPLINE_STREAM_IDLE_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.stream_idle_seconds,
+    show_default=True,
+    help="A stream with nothing to send for this long ends with DEADLINE_EXCEEDED (0: never).",
+)
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
 def serve(
     address: str,
@@ -93,6 +133,11 @@ def serve(
     start_hold: float,
     release_delay: float,
     shutdown_grace: float,
+    max_input_bytes: int,
+    max_page_size: int,
+    max_request_bytes: int,
+    max_streams: int,
+    stream_idle_seconds: float,
     log_level: str,
 ) -> None:
     """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT."""
@@ -110,6 +155,11 @@ def serve(
         start_hold_seconds=start_hold,
         release_delay_seconds=release_delay,
         shutdown_grace_seconds=shutdown_grace,
+        max_input_bytes=max_input_bytes,
+        max_page_size=max_page_size,
+        max_request_bytes=max_request_bytes,
+        max_streams=max_streams,
+        stream_idle_seconds=stream_idle_seconds,
     )
     try:
         asyncio.run(serve_gateway(config))

@@ -30,3 +30,15 @@ class GatewayConfig:
     default_cancel_grace_seconds: float = 30.0
     max_cancel_grace_seconds: float = 24 * 3600.0
     shutdown_grace_seconds: float = 5.0
+    # Limits (stopline/limits.py). The gateway checks input size and page size itself, so an
+    # oversized request never costs a runtime round trip.
+    max_input_bytes: int = 64 * 1024
+    max_page_size: int = 500
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Open StartAndStream + StreamOperation calls on this process; more answer RESOURCE_EXHAUSTED.
+    max_streams: int = 1000
+    # Per caller, once authentication gives calls a principal (None: only max_streams applies).
+    max_streams_per_principal: int | None = None
+    # A stream with nothing to send for this long ends with DEADLINE_EXCEEDED and a reconnect hint
+    # (after_seq=N), freeing its slot; 0 turns the limit off.
+    stream_idle_seconds: float = 900.0

@@ -41,6 +41,13 @@ from gateway_service.streams import (
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
+from stopline.limits import (
+    StreamLimiter,
+    check_input_size,
+    check_page_size,
+    idle_stream_error,
+    struct_to_input,
+)
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -97,6 +104,7 @@ class Gateway:
             link, config.stop_delivery_deadline_seconds, self._report_undelivered
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self.stream_slots = StreamLimiter(config.max_streams, config.max_streams_per_principal)
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -137,6 +145,7 @@ class Gateway:
         policy: CancelPolicy,
         grace: float,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
+        check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         # The gateway always sends a key, so it can retry a start whose answer was lost.
         key = idempotency_key or f"gateway-{uuid.uuid4()}"
         request = rt_pb.StartOperationRequest(
@@ -201,16 +210,24 @@ class Gateway:
     # ------------------------------------------------------------------ following the runtime
 
     async def _follow(self, op_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
+        idle = self.config.stream_idle_seconds or None
+        cursor = after_seq
         with self.streams.open(op_id) as stream:
             pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
             try:
                 while True:
-                    item = await stream.queue.get()
+                    try:
+                        async with asyncio.timeout(idle):
+                            item = await stream.queue.get()
+                    except TimeoutError:
+                        raise idle_stream_error(self.config.stream_idle_seconds, cursor) from None
                     if isinstance(item, BaseException):
                         raise item
                     yield item
-                    if isinstance(item, EventItem) and item.is_terminal:
-                        return
+                    if isinstance(item, EventItem):
+                        cursor = item.event.seq
+                        if item.is_terminal:
+                            return
             finally:
                 pump.cancel()
 
@@ -349,4 +366,5 @@ class Gateway:
         return (await self.link.get(parse_operation_id(operation_id))).operation
 
     async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
+        check_page_size(request.page_size, self.config.max_page_size)
         return await self.link.list(request)

@@ -13,7 +13,14 @@ from gateway_service.core import Gateway
 from gateway_service.runtime_link import RuntimeLink
 from gateway_service.servicer import GatewayServicer
 from stopline.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
-from stopline.serving import add_health_and_reflection, bind, run_until_signal, server_options
+from stopline.grpc_status import MalformedRequestGuard
+from stopline.serving import (
+    add_health_and_reflection,
+    bind,
+    receive_limit,
+    run_until_signal,
+    server_options,
+)
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_service_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -39,7 +46,10 @@ class RunningGateway:
 
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
     gateway = Gateway(config, RuntimeLink(config.runtime_address, config.rpc_timeout_seconds))
-    server = aio.server(options=server_options())
+    server = aio.server(
+        options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
+        interceptors=[MalformedRequestGuard()],
+    )
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server)
     try:
         port = bind(server, config.address)

@@ -14,6 +14,7 @@ from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.grpc_status import server_stream, unary
+from stopline.limits import ANONYMOUS
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -40,6 +41,12 @@ def _caller(context: aio.ServicerContext[Any, Any]) -> str:
     return f"client {context.peer()}"
 
 
+def _stream_key(context: aio.ServicerContext[Any, Any]) -> str:
+    """Whose stream slot a call takes: a placeholder until calls carry an authenticated
+    principal, which then replaces it (and max_streams_per_principal starts to mean something)."""
+    return ANONYMOUS
+
+
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
@@ -53,8 +60,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         policy = _POLICIES.get(request.cancel_policy)
         if policy is None:
             raise InvalidArgument("cancel_policy", f"unknown value {request.cancel_policy}")
+        # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
         grace = (
-            request.cancel_grace.ToTimedelta().total_seconds()
+            request.cancel_grace.seconds + request.cancel_grace.nanos / 1e9
             if request.HasField("cancel_grace")
             else None
         )
@@ -65,15 +73,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             policy,
             self._gw.check_grace(policy, grace),
         )
-        async with contextlib.aclosing(updates):
-            async for update in updates:
-                if isinstance(update, Accepted):
-                    accepted = pb.OperationAccepted(
-                        operation_id=update.operation.id, operation=update.operation
-                    )
-                    yield pb.StartAndStreamResponse(accepted=accepted)
-                else:
-                    yield pb.StartAndStreamResponse(**_notice_fields(update))  # type: ignore[arg-type]
+        with self._gw.stream_slots.acquire(_stream_key(context)):
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    if isinstance(update, Accepted):
+                        accepted = pb.OperationAccepted(
+                            operation_id=update.operation.id, operation=update.operation
+                        )
+                        yield pb.StartAndStreamResponse(accepted=accepted)
+                    else:
+                        yield pb.StartAndStreamResponse(**_notice_fields(update))  # type: ignore[arg-type]
 
     @server_stream
     async def StreamOperation(
@@ -82,9 +91,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         context: aio.ServicerContext[pb.StreamOperationRequest, pb.StreamOperationResponse],
     ) -> AsyncGenerator[pb.StreamOperationResponse, None]:
         items = self._gw.stream(request.operation_id, request.after_seq)
-        async with contextlib.aclosing(items):
-            async for item in items:
-                yield pb.StreamOperationResponse(**_notice_fields(item))  # type: ignore[arg-type]
+        with self._gw.stream_slots.acquire(_stream_key(context)):
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield pb.StreamOperationResponse(**_notice_fields(item))  # type: ignore[arg-type]
 
     @unary
     async def StopOperation(

@@ -55,6 +55,22 @@ def _database_option(fn: Any) -> Any:
     help="Largest agent input accepted (compact JSON).",
 )
 @click.option(
+    "--max-request-bytes",
+    envvar="STOPLINE_MAX_REQUEST_BYTES",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="gRPC receive limit (raised to twice --max-input-bytes if larger).",
+)
+@click.option(
+    "--db-busy-timeout",
+    envvar="STOPLINE_DB_BUSY_TIMEOUT_SECONDS",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds a SQLite write waits for another process's lock before answering UNAVAILABLE.",
+)
+@click.option(
     "--stop-grace",
     envvar="STOPLINE_STOP_GRACE_SECONDS",
     type=click.FloatRange(min=0),
@@ -121,6 +137,8 @@ def serve(
     address: str,
     database_url: str,
     max_input_bytes: int,
+    max_request_bytes: int,
+    db_busy_timeout: float,
     stop_grace: float,
     shutdown_grace: float,
     max_running: int,
@@ -144,6 +162,8 @@ def serve(
         address=address,
         database_url=database_url,
         max_input_bytes=max_input_bytes,
+        max_request_bytes=max_request_bytes,
+        db_busy_timeout_seconds=db_busy_timeout,
         stop_grace_seconds=stop_grace,
         shutdown_grace_seconds=shutdown_grace,
         max_running=max_running,

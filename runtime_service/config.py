@@ -21,6 +21,12 @@ class RuntimeConfig:
     database_url: str = DEFAULT_DATABASE_URL
     # Largest accepted agent input, measured as its compact JSON encoding.
     max_input_bytes: int = 64 * 1024
+    # gRPC's receive limit (raised to twice max_input_bytes if that is larger); bigger requests
+    # are refused by gRPC with RESOURCE_EXHAUSTED before they are parsed.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # How long a SQLite write waits for a lock another process holds before the call answers
+    # UNAVAILABLE; every queued database call waits behind it, so keep it short.
+    db_busy_timeout_seconds: float = 10.0
     # How long a cancelled step may take to clean up before the stop is recorded anyway.
     stop_grace_seconds: float = 1.0
     # How long in-flight RPCs get to finish on SIGTERM before they are cancelled.

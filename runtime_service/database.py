@@ -26,8 +26,12 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def create_db_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite files get WAL, a busy timeout and real transactions."""
+def create_db_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
+    """An engine for `url`; SQLite files get WAL, a busy timeout and real transactions.
+
+    The busy timeout bounds how long a write waits for a lock held by another process (a backup,
+    an admin shell) before it fails and the call answers UNAVAILABLE. SQLite gets one database
+    thread, so every call queued behind that write waits too: a long timeout looks like a hang."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         # pre_ping replaces connections that died with a database restart; connect_timeout makes
@@ -42,7 +46,10 @@ def create_db_engine(url: str) -> Engine:
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+    busy_ms = int(busy_timeout_seconds * 1000)
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": busy_timeout_seconds}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -52,7 +59,7 @@ def create_db_engine(url: str) -> Engine:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

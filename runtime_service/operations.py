@@ -7,7 +7,6 @@ validation of caller input happens here, raising the domain errors of stopline.e
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore
 from stopline.errors import InvalidArgument, NotFound, OutOfRange, Unavailable
 from stopline.ids import parse_operation_id
+from stopline.limits import check_input_size, check_page_size
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REQUESTED_BY = 200
@@ -93,7 +93,7 @@ class OperationsService:
                 "agent",
                 f"unknown agent {shown!r}; registered agents: {', '.join(self.agents.names)}",
             )
-        self._check_input_size(input_value)
+        check_input_size(input_value, self.config.max_input_bytes)
         try:
             agent.validate_input(input_value)
         except InvalidInput as exc:
@@ -118,19 +118,6 @@ class OperationsService:
             self.runner.submit(operation.id)
         return operation
 
-    def _check_input_size(self, input_value: dict[str, Any]) -> None:
-        try:
-            size = len(json.dumps(input_value, separators=(",", ":"), ensure_ascii=False).encode())
-        except RecursionError as exc:
-            raise InvalidArgument("input", "is nested too deeply") from exc
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument("input", f"is not JSON: {exc}") from exc
-        limit = self.config.max_input_bytes
-        if size > limit:
-            raise InvalidArgument(
-                "input", f"is {size} bytes as JSON; the limit is {limit} bytes (max_input_bytes)"
-            )
-
     async def get(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
         operation = await self.db.call(self.store.get, op_id)
@@ -143,12 +130,7 @@ class OperationsService:
     ) -> tuple[list[Operation], str]:
         if status is not None and status not in LIST_FILTERS:
             raise InvalidArgument("status", f"unknown status {status!r}")
-        if page_size < 0:
-            raise InvalidArgument("page_size", f"must not be negative, got {page_size}")
-        if page_size > self.config.max_page_size:
-            raise InvalidArgument(
-                "page_size", f"is {page_size}; the limit is {self.config.max_page_size}"
-            )
+        check_page_size(page_size, self.config.max_page_size)
         limit = page_size or self.config.default_page_size
         cursor = decode_page_token(page_token, status) if page_token else None
         page, next_cursor = await self.db.call(self.store.list_page, status, limit, cursor)

@@ -12,7 +12,14 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.app import RuntimeApp
 from runtime_service.config import RuntimeConfig
 from runtime_service.servicer import RuntimeServicer
-from stopline.serving import add_health_and_reflection, bind, run_until_signal, server_options
+from stopline.grpc_status import MalformedRequestGuard
+from stopline.serving import (
+    add_health_and_reflection,
+    bind,
+    receive_limit,
+    run_until_signal,
+    server_options,
+)
 from stopline.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,10 @@ async def start_runtime(
     config: RuntimeConfig, agents: AgentRegistry | None = None
 ) -> RunningRuntime:
     app = await RuntimeApp.open(config, agents)
-    server = aio.server(options=server_options(max(4 * 1024 * 1024, 2 * config.max_input_bytes)))
+    server = aio.server(
+        options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
+        interceptors=[MalformedRequestGuard()],
+    )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
         RuntimeServicer(app.operations), server
     )

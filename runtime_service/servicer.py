@@ -29,7 +29,8 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.StartOperationRequest,
         context: aio.ServicerContext[pb.StartOperationRequest, pb.StartOperationResponse],
     ) -> pb.StartOperationResponse:
-        hold = request.hold.ToTimedelta().total_seconds() if request.HasField("hold") else 0.0
+        # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
+        hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
         created = await self._ops.start(
             request.agent,
             convert.struct_to_dict(request.input),

@@ -190,8 +190,9 @@ class Follower:
         return self._operation_id.result() if self._operation_id.done() else "ID"
 
     def _resume_hint(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> str:
-        """Only a broken stream is worth resuming; any other error would just repeat."""
-        if code is not grpc.StatusCode.UNAVAILABLE or not self._operation_id.done():
+        """Only a broken or idle-ended stream is worth resuming; other errors would repeat."""
+        resumable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        if code not in resumable or not self._operation_id.done():
             return ""
         return f"; resume with: stopline attach {self._id()} --after {self.last_seq}"
 

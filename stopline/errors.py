@@ -39,5 +39,10 @@ class ResourceExhausted(StoplineError):
     """A configured limit was reached; the message names the limit."""
 
 
+class DeadlineExceeded(StoplineError):
+    """A server-side time limit ran out (e.g. a stream stayed idle too long); the message says
+    how to carry on, so a client can tell it apart from "too many" (ResourceExhausted)."""
+
+
 class Unavailable(StoplineError):
     """A dependency (the database) cannot be reached right now; retrying later can succeed."""

@@ -3,15 +3,21 @@
 Handlers are wrapped with `unary` or `server_stream`; anything they raise becomes a deliberate
 status: domain errors their own code, a lost database UNAVAILABLE (a retry can fix it), and a bug
 INTERNAL with a reference to the logged traceback -- never UNKNOWN, never a stack trace on the wire.
+
+Bytes that are not a valid request message never reach a handler as an exception: gRPC itself
+would answer those UNKNOWN with the DecodeError's text. `MalformedRequestGuard` (a server
+interceptor) makes them INVALID_ARGUMENT instead, for every unary-request method of the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -25,6 +31,7 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 Req = TypeVar("Req")
+Handler = Any  # grpc.RpcMethodHandler: a namedtuple at run time, generic in the stubs
 Resp = TypeVar("Resp")
 
 STATUS_BY_ERROR: dict[type[errors.StoplineError], grpc.StatusCode] = {
@@ -34,6 +41,7 @@ STATUS_BY_ERROR: dict[type[errors.StoplineError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -76,18 +84,36 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: Exception) -> NoRe
     raise AssertionError("unreachable: abort raises")
 
 
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """What request bytes that do not parse as the method's message deserialize to."""
+
+    message_type: str
+    problem: str
+
+    def describe(self) -> str:
+        return f"request: is not a valid {self.message_type} message ({self.problem})"
+
+
+def _refuse_malformed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise errors.InvalidArgument("request", request.describe().removeprefix("request: "))
+
+
 def unary(
     handler: Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[S, Req, aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
     @functools.wraps(handler)
     async def wrapper(self: S, request: Req, context: aio.ServicerContext[Req, Resp]) -> Resp:
         try:
+            _refuse_malformed(request)
             return await handler(self, request, context)
         except aio.AbortError:
             raise
         except Exception as exc:
             await _abort(context, exc)
 
+    wrapper.refuses_malformed = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -99,6 +125,7 @@ def server_stream(
         self: S, request: Req, context: aio.ServicerContext[Req, Resp]
     ) -> AsyncGenerator[Resp, None]:
         try:
+            _refuse_malformed(request)
             # aclosing: a cancelled call closes the handler's generator now, so its `finally`
             # (cleanup, cancel policies) runs at once rather than whenever it is collected.
             async with contextlib.aclosing(handler(self, request, context)) as items:
@@ -109,4 +136,74 @@ def server_stream(
         except Exception as exc:
             await _abort(context, exc)
 
+    wrapper.refuses_malformed = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that hands malformed bytes to the handler as a MalformedRequest."""
+    message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(message_type, "full_name", "request")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # DecodeError, bad UTF-8, nesting too deep: all the caller's
+            return MalformedRequest(name, str(exc).split(": ")[-1][:200])
+
+    return parse
+
+
+async def _refuse(context: aio.ServicerContext[Any, Any], request: MalformedRequest) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+    raise AssertionError("unreachable: abort raises")
+
+
+def _guard_behaviour(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    """Handlers not wrapped by `unary`/`server_stream` (health, reflection) get the check here."""
+    if getattr(behaviour, "refuses_malformed", False):
+        return behaviour
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def guarded_stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:
+            if isinstance(request, MalformedRequest):
+                await _refuse(context, request)
+            async for item in behaviour(request, context):
+                yield item
+
+        return guarded_stream
+
+    async def guarded(request: Any, context: Any) -> Any:
+        if isinstance(request, MalformedRequest):
+            await _refuse(context, request)
+        return await behaviour(request, context)
+
+    return guarded
+
+
+class MalformedRequestGuard(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Answers INVALID_ARGUMENT, naming the message type, to bytes that are not valid protobuf
+    (corrupt wire format, invalid UTF-8 in a string field, nesting past protobuf's limit)."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        behaviour_field = "unary_stream" if handler.response_streaming else "unary_unary"
+        guarded: Handler = handler._replace(
+            request_deserializer=_lenient(handler.request_deserializer),
+            **{behaviour_field: _guard_behaviour(getattr(handler, behaviour_field))},
+        )
+        self._guarded[method] = (handler, guarded)
+        return guarded

@@ -15,9 +15,26 @@ from grpc_reflection.v1alpha import reflection
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def server_options(max_receive_bytes: int = 4 * 1024 * 1024) -> list[tuple[str, Any]]:
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def receive_limit(max_request_bytes: int, max_input_bytes: int) -> int:
+    """gRPC's receive limit: the configured request limit, raised to twice the input limit if that
+    is larger, so that an input under its own limit (answered INVALID_ARGUMENT naming it) is never
+    cut off first by the transport's cruder RESOURCE_EXHAUSTED."""
+    return max(max_request_bytes, 2 * max_input_bytes)
+
+
+def server_options(max_receive_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> list[tuple[str, Any]]:
     return [
+        # Larger requests are refused by gRPC before any Stopline code runs: RESOURCE_EXHAUSTED,
+        # "Received message larger than max (<size> vs. <limit>)".
         ("grpc.max_receive_message_length", max_receive_bytes),
+        # Ping clients that have been quiet for a minute: a client that vanished without closing
+        # its connection (host crash, cable pulled) frees its streams in about 80 s instead of at
+        # the next TCP timeout, which can be hours.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
         # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then start
         # "successfully" and split the traffic between two processes.
         ("grpc.so_reuseport", 0),
