@@ -380,9 +380,15 @@ class Runner:
             )
 
     async def _halt(self, op_id: str, step: int, *, mid_step: bool) -> None:
+        hot = self._store.hot
         self._publish(
-            await self._db.call(
-                self._store.finish_interrupted, op_id, step, mid_step, self.runner_id
+            await self._write(
+                hot.finish_interrupted_in,
+                hot.finish_interrupted,
+                op_id,
+                step,
+                mid_step,
+                self.runner_id,
             )
         )
 

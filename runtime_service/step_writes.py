@@ -12,17 +12,21 @@ are inserted with those seqs in the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
-from runtime_service.domain import Event, EventKind, JSONValue
-from runtime_service.notifications import EVENTS
+from runtime_service.domain import Event, EventKind, JSONValue, Operation
+from runtime_service.notifications import EVENTS, STOPS
+from runtime_service.rows import operation_from_row
 from runtime_service.schema import UTCDateTime
 
 STEP_COMPLETED = EventKind.STEP_COMPLETED
@@ -77,6 +81,46 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
 
 _NOTIFY = "SELECT pg_notify(:channel, :payload)"
 
+# Every column, by name (cursor.description), so the row maps whatever the schema holds.
+_GET = "SELECT * FROM operations WHERE id = :id"
+_EVENTS_AFTER = """
+SELECT seq, kind, data_json, created_at FROM events
+WHERE operation_id = :id AND seq > :after ORDER BY seq LIMIT :limit"""
+_TIME_COLUMNS = (
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "stop_requested_at",
+    "lease_expires_at",
+    "held_until",
+)
+
+# The stop intent, recorded once, on an operation that has not ended. Step writes never touch
+# these columns, and this touches nothing else (beyond the seq), so neither overwrites the other.
+_RECORD_STOP = """
+UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
+  stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason
+WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
+RETURNING last_seq, status"""
+
+# A PENDING operation is interrupted right where its stop is recorded: no runner ever starts it.
+_INTERRUPT_PENDING = """
+UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
+  status = 'INTERRUPTED', finished_at = :now
+WHERE id = :id AND status = 'PENDING'
+RETURNING last_seq"""
+
+_INTERRUPT_OWNED = f"""
+UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
+  status = 'INTERRUPTED', finished_at = :now
+WHERE {_OWNED}
+RETURNING last_seq, stop_requested_at"""
+
+_FINISH_ATTEMPT_INTERRUPTED = """
+UPDATE steps SET finished_at = :now, outcome = 'interrupted'
+WHERE operation_id = :id AND step = :step AND finished_at IS NULL
+  AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)"""
+
 # PostgreSQL: the same writes as one statement each (data-modifying CTEs all run, against one
 # snapshot, in the statement's own transaction), so a step boundary costs one round trip and one
 # commit instead of eight round trips.
@@ -125,8 +169,12 @@ class StepWrites:
         self.engine = engine
         dialect = engine.dialect
         self._postgres = dialect.name == "postgresql"
-        to_db = UTCDateTime().bind_processor(dialect)
+        # The column type's own conversions, as the dialect applies them (SQLite keeps text).
+        column_type = UTCDateTime().dialect_impl(dialect)
+        to_db = column_type.bind_processor(dialect)
         self._time: Any = to_db if to_db is not None else (lambda value: value)
+        from_db = column_type.result_processor(dialect, None)
+        self._read_time: Any = from_db if from_db is not None else (lambda value: value)
         # The raw cursors' own parameter styles (SQLAlchemy may use another one itself).
         if dialect.name == "sqlite":
             self._sql = _identity  # sqlite3 accepts :name
@@ -137,6 +185,7 @@ class StepWrites:
                 f"no step writes for {dialect.name}+{dialect.driver}; "
                 "use sqlite:/// or postgresql+psycopg://"
             )
+        self._dbapi: Any = dialect.loaded_dbapi
         self._q = {
             name: self._sql(sql)
             for name, sql in {
@@ -149,6 +198,12 @@ class StepWrites:
                 "attempt": _INSERT_ATTEMPT,
                 "finish": _FINISH_ATTEMPT,
                 "notify": _NOTIFY,
+                "get": _GET,
+                "events_after": _EVENTS_AFTER,
+                "record_stop": _RECORD_STOP,
+                "interrupt_pending": _INTERRUPT_PENDING,
+                "interrupt_owned": _INTERRUPT_OWNED,
+                "finish_interrupted": _FINISH_ATTEMPT_INTERRUPTED,
                 "pg_advance": _PG_ADVANCE,
                 "pg_chunk": _PG_CHUNK,
             }.items()
@@ -158,13 +213,16 @@ class StepWrites:
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        """A raw DBAPI cursor inside a transaction that commits when the block ends."""
-        with self.engine.begin() as conn:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                yield cursor
-            finally:
-                cursor.close()
+        """A raw DBAPI cursor inside a transaction that commits when the block ends.
+
+        A pooled connection without SQLAlchemy's Connection around it: that wrapper costs more
+        than these statements. Pool pre-ping still replaces connections that died, and driver
+        errors are re-raised as SQLAlchemy's, which is what callers handle (database lost ->
+        UNAVAILABLE, run left for recovery)."""
+        with self._raw(autocommit=False) as cursor:
+            if not self._postgres:
+                cursor.execute("BEGIN IMMEDIATE")  # as database.py's engines do, see there
+            yield cursor
 
     @contextmanager
     def _alone(self) -> Iterator[Any]:
@@ -174,12 +232,77 @@ class StepWrites:
             with self.transaction() as cursor:
                 yield cursor
             return
-        with self._autocommit.connect() as conn:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                yield cursor
-            finally:
+        with self._raw(autocommit=True) as cursor:
+            yield cursor
+
+    @contextmanager
+    def _raw(self, autocommit: bool) -> Iterator[Any]:
+        fairy = self.engine.raw_connection()
+        driver = fairy.driver_connection
+        cursor = None
+        try:
+            if autocommit:
+                driver.autocommit = True  # type: ignore[union-attr]
+            cursor = fairy.cursor()
+            yield cursor
+            if not autocommit:
+                fairy.commit()
+        except self._dbapi.Error as exc:
+            self._rollback(fairy)
+            if self.engine.dialect.is_disconnect(exc, fairy, cursor):
+                fairy.invalidate(exc)
+            raise DBAPIError.instance(None, None, exc, self._dbapi.Error) from exc
+        except BaseException:
+            self._rollback(fairy)
+            raise
+        finally:
+            if cursor is not None:
                 cursor.close()
+            if autocommit and fairy.is_valid:
+                driver.autocommit = False  # type: ignore[union-attr]
+            fairy.close()  # back to the pool
+
+    @staticmethod
+    def _rollback(fairy: Any) -> None:
+        with contextlib.suppress(Exception):  # already gone: the pool replaces it
+            fairy.rollback()
+
+    # -------------------------------------------------------------------- reads
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        # One SELECT is consistent on its own: no transaction to open (SQLite's connections
+        # are in autocommit mode, see database.py) or to commit.
+        with self._raw(autocommit=self._postgres) as cursor:
+            yield cursor
+
+    def get(self, operation_id: str) -> Operation | None:
+        with self._read() as cur:
+            return self.get_in(cur, operation_id)
+
+    def events_after(self, operation_id: str, after_seq: int, limit: int) -> list[Event]:
+        """Up to `limit` stored events after `after_seq`, in order (replays read pages)."""
+        with self._read() as cur:
+            cur.execute(
+                self._q["events_after"], {"id": operation_id, "after": after_seq, "limit": limit}
+            )
+            rows = cur.fetchall()
+        read_time = self._read_time
+        return [
+            Event(operation_id, seq, EventKind(kind), json.loads(data), read_time(created_at))
+            for seq, kind, data, created_at in rows
+        ]
+
+    def get_in(self, cur: Any, operation_id: str) -> Operation | None:
+        cur.execute(self._q["get"], {"id": operation_id})
+        row = cur.fetchone()
+        if row is None:
+            return None
+        names = [column[0] for column in cur.description]
+        values = dict(zip(names, row, strict=True))
+        for name in _TIME_COLUMNS:
+            values[name] = self._read_time(values[name])
+        return operation_from_row(SimpleNamespace(**values))
 
     def _notify(self, cursor: Any, operation_id: str, seq: int) -> None:
         # Watchers on other replicas re-read from their last seq, so the newest seq is enough.
@@ -326,6 +449,87 @@ class StepWrites:
             Event(operation_id, last_seq - 1, STEP_COMPLETED, completed, now),
             Event(operation_id, last_seq, EventKind.STEP_STARTED, started, now),
         ]
+
+    # -------------------------------------------------------------------- stopping
+
+    def _event_in(
+        self,
+        cur: Any,
+        operation_id: str,
+        seq: int,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        now: datetime,
+    ) -> Event:
+        cur.execute(
+            self._q["event"],
+            {
+                "id": operation_id,
+                "seq": seq,
+                "kind": kind.value,
+                "data": _dump(data),
+                "now": self._time(now),
+            },
+        )
+        self._notify(cur, operation_id, seq)
+        return Event(operation_id, seq, kind, data, now)
+
+    def record_stop_in(
+        self, cur: Any, operation_id: str, requested_by: str, reason: str, now: datetime
+    ) -> list[Event] | None:
+        """Record the stop intent: [stop_requested] for a running operation (whose runner is
+        then told), [stop_requested, interrupted] for a PENDING one, None when there was nothing
+        to record (unknown, already stopping, or ended)."""
+        params = {"id": operation_id, "now": self._time(now), "by": requested_by, "reason": reason}
+        cur.execute(self._q["record_stop"], params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        seq, status = row
+        data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
+        written = [self._event_in(cur, operation_id, seq, EventKind.STOP_REQUESTED, data, now)]
+        if status == "PENDING":
+            cur.execute(self._q["interrupt_pending"], params)
+            halted = cur.fetchone()
+            if halted is not None:
+                halt: dict[str, JSONValue] = {"mid_step": False, "step": 0, "halt_ms": 0.0}
+                written.append(
+                    self._event_in(cur, operation_id, halted[0], EventKind.INTERRUPTED, halt, now)
+                )
+                return written
+        if self._postgres:
+            cur.execute(self._q["notify"], {"channel": STOPS, "payload": operation_id})
+        return written
+
+    def finish_interrupted(
+        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+    ) -> Event | None:
+        with self.transaction() as cur:
+            return self.finish_interrupted_in(cur, operation_id, step, mid_step, runner_id)
+
+    def finish_interrupted_in(
+        self, cur: Any, operation_id: str, step: int, mid_step: bool, runner_id: str
+    ) -> Event | None:
+        """RUNNING -> INTERRUPTED after this runner halted; halt_ms is measured from the stored
+        stop time, so it covers delivery and cancellation, not just this write."""
+        now = datetime.now(UTC)
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
+        cur.execute(self._q["interrupt_owned"], params)
+        row = cur.fetchone()
+        if row is None:
+            return None
+        seq, requested_at = row[0], self._read_time(row[1])
+        if mid_step:
+            cur.execute(self._q["finish_interrupted"], params)
+        halt_ms = 0.0
+        if requested_at is not None:
+            halt_ms = max(0.0, (now - requested_at).total_seconds() * 1000.0)
+        data: dict[str, JSONValue] = {
+            "mid_step": mid_step,
+            "step": step,
+            "halt_ms": round(halt_ms, 3),
+        }
+        return self._event_in(cur, operation_id, seq, EventKind.INTERRUPTED, data, now)
 
 
 def _identity(sql: str) -> str:

@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from runtime_service.domain import (
-    ACTIVE_STATUSES,
     Event,
     EventKind,
     InterruptOutcome,
@@ -32,9 +31,9 @@ from runtime_service.domain import (
     JSONValue,
     Operation,
     OperationStatus,
-    StopIntent,
 )
-from runtime_service.notifications import EVENTS, STOPS, WORK, notify
+from runtime_service.notifications import EVENTS, WORK, notify
+from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps
 from runtime_service.step_writes import StepWrites
 from stopline.errors import AlreadyExists
@@ -119,8 +118,7 @@ class OperationStore:
     # ----------------------------------------------------------------------------- reads
 
     def get(self, operation_id: str) -> Operation | None:
-        with self.engine.begin() as conn:
-            return self._get(conn, operation_id)
+        return self.hot.get(operation_id)
 
     def list_page(
         self, status: str | None, limit: int, after: ListCursor | None
@@ -149,20 +147,13 @@ class OperationStore:
         query = query.order_by(operations.c.created_at.desc(), operations.c.id.desc())
         with self.engine.begin() as conn:
             rows = conn.execute(query.limit(limit + 1)).all()
-        page = [_operation(r) for r in rows[:limit]]
+        page = [operation_from_row(r) for r in rows[:limit]]
         more = len(rows) > limit
         cursor = ListCursor(page[-1].created_at, page[-1].id) if more and page else None
         return page, cursor
 
     def events_after(self, operation_id: str, after_seq: int, limit: int = 1000) -> list[Event]:
-        query = (
-            select(events)
-            .where(events.c.operation_id == operation_id, events.c.seq > after_seq)
-            .order_by(events.c.seq)
-            .limit(limit)
-        )
-        with self.engine.begin() as conn:
-            return [_event(r) for r in conn.execute(query)]
+        return self.hot.events_after(operation_id, after_seq, limit)
 
     def step_records(self, operation_id: str) -> list[Row[Any]]:
         """Every attempt at every step of an operation, for audits and tests."""
@@ -248,45 +239,13 @@ class OperationStore:
     ) -> InterruptResult | None:
         """Store the stop intent once. A PENDING operation is interrupted right here, so no
         runner can ever start a step of it. Returns None for an unknown id."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            stop_event = self._append(
-                conn,
-                operation_id,
-                EventKind.STOP_REQUESTED,
-                {"requested_by": requested_by, "reason": reason},
-                now,
-                where=and_(
-                    operations.c.status.in_(list(ACTIVE_STATUSES)),
-                    operations.c.stop_requested_at.is_(None),
-                ),
-                values={
-                    "stop_requested_at": now,
-                    "stop_requested_by": requested_by,
-                    "stop_reason": reason,
-                },
-            )
-            if stop_event is not None:
-                recorded: list[Event] = [stop_event]
-                halted = self._append(
-                    conn,
-                    operation_id,
-                    EventKind.INTERRUPTED,
-                    {"mid_step": False, "step": 0, "halt_ms": 0.0},
-                    now,
-                    where=operations.c.status == OperationStatus.PENDING,
-                    values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
-                )
-                if halted is not None:
-                    recorded.append(halted)
-                else:
-                    notify(conn, STOPS, operation_id)  # wake the replica running it
-                operation = self._get(conn, operation_id)
-                assert operation is not None
-                return InterruptResult(InterruptOutcome.ACCEPTED, operation, tuple(recorded))
-            operation = self._get(conn, operation_id)
+        with self.hot.transaction() as cursor:
+            recorded = self.hot.record_stop_in(cursor, operation_id, requested_by, reason, utcnow())
+            operation = self.hot.get_in(cursor, operation_id)
         if operation is None:
             return None
+        if recorded is not None:
+            return InterruptResult(InterruptOutcome.ACCEPTED, operation, tuple(recorded))
         if operation.stop is not None:
             return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
         return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
@@ -456,13 +415,8 @@ class OperationStore:
     def finish_interrupted(
         self, operation_id: str, step: int, mid_step: bool, runner_id: str
     ) -> Event | None:
-        """RUNNING -> INTERRUPTED after the runner halted; halt_ms is measured from the stored
-        stop time, so it covers delivery and cancellation, not just the final write."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            if mid_step:
-                self._finish_attempt(conn, operation_id, step, now, "interrupted", None)
-            return self._interrupt(conn, operation_id, step, mid_step, now, _owned_by(runner_id))
+        """RUNNING -> INTERRUPTED after the runner halted (see StepWrites.finish_interrupted_in)."""
+        return self.hot.finish_interrupted(operation_id, step, mid_step, runner_id)
 
     def finish_failed(
         self, operation_id: str, step: int, error: str, runner_id: str
@@ -612,7 +566,7 @@ class OperationStore:
 
     def _get(self, conn: Connection, operation_id: str) -> Operation | None:
         row = conn.execute(select(operations).where(operations.c.id == operation_id)).first()
-        return _operation(row) if row is not None else None
+        return operation_from_row(row) if row is not None else None
 
     def _find_by_key(self, key: str, fingerprint: str) -> Operation | None:
         with self.engine.begin() as conn:
@@ -626,41 +580,4 @@ class OperationStore:
                 f"idempotency_key {key!r} was already used for operation {row.id} with a "
                 "different agent, input or labels; use a new key for a different request"
             )
-        return _operation(row)
-
-
-def _load(text: str | None) -> JSONValue:
-    return None if text is None else json.loads(text)
-
-
-def _operation(row: Row[Any]) -> Operation:
-    stop = None
-    if row.stop_requested_at is not None:
-        stop = StopIntent(row.stop_requested_at, row.stop_requested_by or "", row.stop_reason or "")
-    return Operation(
-        id=row.id,
-        agent=row.agent,
-        input=_load(row.input_json),
-        idempotency_key=row.idempotency_key,
-        labels=_load(row.labels_json) or {},
-        status=OperationStatus(row.status),
-        steps_completed=row.steps_completed,
-        agent_state=_load(row.agent_state_json),
-        last_seq=row.last_seq,
-        result=_load(row.result_json),
-        error=row.error,
-        stop=stop,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        finished_at=row.finished_at,
-    )
-
-
-def _event(row: Row[Any]) -> Event:
-    return Event(
-        operation_id=row.operation_id,
-        seq=row.seq,
-        kind=EventKind(row.kind),
-        data=json.loads(row.data_json),
-        created_at=row.created_at,
-    )
+        return operation_from_row(row)

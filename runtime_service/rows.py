@@ -1,0 +1,56 @@
+"""Stored rows -> domain values, shared by the SQLAlchemy store and the raw-cursor hot path.
+
+`row` is anything with the columns as attributes (a SQLAlchemy Row, or a namespace built from a
+DBAPI cursor), with timestamps already converted to aware datetimes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runtime_service.domain import (
+    Event,
+    EventKind,
+    JSONValue,
+    Operation,
+    OperationStatus,
+    StopIntent,
+)
+
+
+def load_json(text: str | None) -> JSONValue:
+    return None if text is None else json.loads(text)
+
+
+def operation_from_row(row: Any) -> Operation:
+    stop = None
+    if row.stop_requested_at is not None:
+        stop = StopIntent(row.stop_requested_at, row.stop_requested_by or "", row.stop_reason or "")
+    return Operation(
+        id=row.id,
+        agent=row.agent,
+        input=load_json(row.input_json),
+        idempotency_key=row.idempotency_key,
+        labels=load_json(row.labels_json) or {},
+        status=OperationStatus(row.status),
+        steps_completed=row.steps_completed,
+        agent_state=load_json(row.agent_state_json),
+        last_seq=row.last_seq,
+        result=load_json(row.result_json),
+        error=row.error,
+        stop=stop,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
+    )
+
+
+def event_from_row(row: Any) -> Event:
+    return Event(
+        operation_id=row.operation_id,
+        seq=row.seq,
+        kind=EventKind(row.kind),
+        data=json.loads(row.data_json),
+        created_at=row.created_at,
+    )
