@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gateway_service.auth import AuthSettings
+from stopline.transport import ClientTLS, ServerTLS
 
 
 @dataclass(frozen=True)
@@ -30,3 +33,13 @@ class GatewayConfig:
     default_cancel_grace_seconds: float = 30.0
     max_cancel_grace_seconds: float = 24 * 3600.0
     shutdown_grace_seconds: float = 5.0
+    # Who may call: API keys and/or JWTs. The gateway refuses to start with neither.
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # Serve clients over TLS (with client_ca_file: require client certificates too).
+    tls: ServerTLS | None = None
+    # The credential sent to the runtime with every call, and TLS towards it.
+    service_token: str | None = None
+    runtime_tls: ClientTLS | None = None
+    reflection: bool = True
+    # Operation owners remembered, so a stop by the owner needs no extra runtime read.
+    owner_cache_size: int = 100_000

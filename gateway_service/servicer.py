@@ -10,6 +10,7 @@ from grpc import aio
 
 from gateway_service.core import Accepted, CancelPolicy, Gateway
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
+from stopline.authn import current_principal
 from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -37,7 +38,8 @@ def _notice_fields(
 
 
 def _caller(context: aio.ServicerContext[Any, Any]) -> str:
-    return f"client {context.peer()}"
+    """Recorded with a stop: the authenticated principal, and where the call came from."""
+    return f"{current_principal()} (client {context.peer()})"
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -64,6 +66,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             request.idempotency_key,
             policy,
             self._gw.check_grace(policy, grace),
+            current_principal(),
         )
         async with contextlib.aclosing(updates):
             async for update in updates:
@@ -81,7 +84,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.StreamOperationRequest,
         context: aio.ServicerContext[pb.StreamOperationRequest, pb.StreamOperationResponse],
     ) -> AsyncGenerator[pb.StreamOperationResponse, None]:
-        items = self._gw.stream(request.operation_id, request.after_seq)
+        items = self._gw.stream(request.operation_id, request.after_seq, current_principal())
         async with contextlib.aclosing(items):
             async for item in items:
                 yield pb.StreamOperationResponse(**_notice_fields(item))  # type: ignore[arg-type]
@@ -92,7 +95,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.StopOperationRequest,
         context: aio.ServicerContext[pb.StopOperationRequest, pb.StopOperationResponse],
     ) -> pb.StopOperationResponse:
-        answer = await self._gw.stop(request.operation_id, _caller(context), request.reason)
+        answer = await self._gw.stop(
+            request.operation_id, _caller(context), request.reason, current_principal()
+        )
         if not answer.delivered or answer.response is None:
             return pb.StopOperationResponse(delivery=pb.STOP_DELIVERY_PENDING)
         return pb.StopOperationResponse(
@@ -107,7 +112,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.GetOperationRequest,
         context: aio.ServicerContext[pb.GetOperationRequest, pb.GetOperationResponse],
     ) -> pb.GetOperationResponse:
-        return pb.GetOperationResponse(operation=await self._gw.get(request.operation_id))
+        operation = await self._gw.get(request.operation_id, current_principal())
+        return pb.GetOperationResponse(operation=operation)
 
     @unary
     async def ListOperations(
@@ -118,7 +124,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         page = await self._gw.list(
             rt_pb.ListOperationsRequest(
                 status=request.status, page_size=request.page_size, page_token=request.page_token
-            )
+            ),
+            current_principal(),
         )
         return pb.ListOperationsResponse(
             operations=page.operations, next_page_token=page.next_page_token

@@ -13,6 +13,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.credentials import ENV
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -52,7 +54,8 @@ class ServiceProcess:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = workdir / f"{service}-{self.port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
+        # Every service runs with the shared test credentials (tests/credentials.py).
+        env = {**os.environ, **ENV, "STOPLINE_LOG_LEVEL": "WARNING"}
         command = [*stopline_command(), service, "serve", "--address", self.address]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
