@@ -22,7 +22,6 @@ import grpc
 from grpc import aio
 
 from stopline import errors
-from stopline.grpc_status import status_for
 from stopline.transport import AUTHORIZATION
 
 log = logging.getLogger(__name__)
@@ -133,6 +132,9 @@ class AuthInterceptor(_ServerInterceptor):
         try:
             principal = self._check(handler_call_details.invocation_metadata or ())
         except errors.Unauthenticated as exc:
+            # Imported here: grpc_status pulls in SQLAlchemy, which client commands never need.
+            from stopline.grpc_status import status_for
+
             log.info("%s refused for %s: %s", self._what, method, exc)
             code, message = status_for(exc)
             return _denied(handler, code, message)

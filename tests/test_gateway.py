@@ -329,7 +329,9 @@ async def test_stop_while_runtime_is_down_lands_when_it_returns(tmp_path: Path) 
             assert rest[-1].event.WhichOneof("kind") == "interrupted"
             operation = await second.app.operations.get(op_id)
             assert operation.status.value == "INTERRUPTED"
-            assert operation.stop is not None and operation.stop.requested_by.startswith("tester (client")
+            assert operation.stop is not None and operation.stop.requested_by.startswith(
+                "tester (client"
+            )
     finally:
         await gateway.stop(grace=0)
         if second is not None:
