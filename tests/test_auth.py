@@ -129,7 +129,7 @@ def test_bad_key_file_entries_name_the_problem(
 
 
 def test_keys_from_the_environment_format(alice: tuple[str, ApiKey]) -> None:
-    token, key = alice
+    _, key = alice
     _, bob = new_key("bob")
     assert parse_env(f"{key.env_entry()}, {bob.env_entry()}") == [key, bob]
     with pytest.raises(KeyFileError):
@@ -195,7 +195,7 @@ def test_bad_jwts_are_refused_saying_why(
 
 def test_garbage_and_unsigned_tokens_are_refused() -> None:
     assert "well-formed JWT" in refused(jwt_auth().check, bearer("not-a-token"))
-    unsigned = jwt.encode(claims(), None, algorithm="none")
+    unsigned = jwt.encode(claims(), "", algorithm="none")
     assert "accepts HS256" in refused(jwt_auth().check, bearer(unsigned))
 
 
