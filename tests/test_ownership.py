@@ -67,13 +67,18 @@ async def theirs(gateway: RunningGateway) -> AsyncIterator[Stub]:
 
 
 async def failure(call: Any) -> aio.AioRpcError:
-    with pytest.raises(aio.AioRpcError) as err:
+    """The error a unary or streaming call ends with."""
+
+    async def run() -> None:
         result = call()
         if hasattr(result, "__aiter__"):
             async for _ in result:
                 pass
         else:
             await result
+
+    with pytest.raises(aio.AioRpcError) as err:
+        await run()
     return err.value
 
 
@@ -171,7 +176,7 @@ async def test_reflection_can_be_switched_off(runtime: RunningRuntime) -> None:
 
         with pytest.raises(grpc.RpcError) as err:
             await asyncio.to_thread(reflect)
-        assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         await quiet.stop(grace=0)
 
@@ -243,7 +248,8 @@ async def test_idempotency_keys_are_scoped_per_principal(mine: Stub, theirs: Stu
         request = start_request("echo")
         request.idempotency_key = "same-key"
         updates = [u async for u in stub.StartAndStream(request)]
-        return updates[0].accepted
+        accepted: pb.OperationAccepted = updates[0].accepted
+        return accepted
 
     my_first, their_first = await start_with_key(mine), await start_with_key(theirs)
     assert my_first.operation_id != their_first.operation_id
