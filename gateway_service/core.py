@@ -365,5 +365,8 @@ class Gateway:
     async def list(
         self, request: rt_pb.ListOperationsRequest, owner: str
     ) -> rt_pb.ListOperationsResponse:
+        if not owner:
+            # The runtime reads an empty owner as "every owner": never let that through.
+            raise AssertionError("list without a principal")
         request.owner = owner
         return await self.link.list(request)

@@ -38,8 +38,12 @@ def _notice_fields(
 
 
 def _caller(context: aio.ServicerContext[Any, Any]) -> str:
-    """Recorded with a stop: the authenticated principal, and where the call came from."""
-    return f"{current_principal()} (client {context.peer()})"
+    """Recorded with a stop: the authenticated principal, and where the call came from. Cut to
+    the runtime's 200-character limit, so a long principal cannot make its own stops invalid."""
+    return f"{current_principal()} (client {context.peer()})"[:REQUESTED_BY_LIMIT]
+
+
+REQUESTED_BY_LIMIT = 200
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
