@@ -24,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grpc import aio
-
 from bench import scenarios
 from bench.raw_server import save
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from tests.credentials import gateway_channel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,7 +53,7 @@ def machine() -> dict[str, Any]:
 async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
     op_id, last = await scenarios.prepare_events(stack, steps=200 if quick else 500)
     # Record the gateway's messages for the raw baseline, so message sizes are identical.
-    async with aio.insecure_channel(stack.gateways[0].address) as channel:
+    async with gateway_channel(stack.gateways[0].address) as channel:
         stub = gw_grpc.GatewayServiceStub(channel)
         messages = [
             m async for m in stub.StreamOperation(gw.StreamOperationRequest(operation_id=op_id))

@@ -8,7 +8,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import struct_pb2
-from grpc import aio
 
 from bench.stack import Stack
 from bench.stats import summary
@@ -17,6 +16,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+from tests.credentials import gateway_channel, runtime_channel
 
 if TYPE_CHECKING:
     GatewayStub = gw_grpc.GatewayServiceAsyncStub
@@ -43,9 +43,9 @@ def _is_terminal(update: Any) -> bool:
 
 class Clients:
     def __init__(self, stack: Stack) -> None:
-        self.channels = [aio.insecure_channel(g.address) for g in stack.gateways]
+        self.channels = [gateway_channel(g.address) for g in stack.gateways]
         self.gateways = [gw_grpc.GatewayServiceStub(c) for c in self.channels]
-        self.rt_channels = [aio.insecure_channel(r.address) for r in stack.runtimes]
+        self.rt_channels = [runtime_channel(r.address) for r in stack.runtimes]
         self.runtimes = [rt_grpc.RuntimeServiceStub(c) for c in self.rt_channels]
 
     async def close(self) -> None:
@@ -180,7 +180,7 @@ async def prepare_events(stack: Stack, steps: int = 500, chunks: int = 8) -> tup
 
 async def stream_rate(address: str, op_id: str, streams: int) -> dict[str, Any]:
     """Events per second delivered to `streams` concurrent clients replaying one operation."""
-    channels = [aio.insecure_channel(address) for _ in range(min(streams, 10))]
+    channels = [gateway_channel(address) for _ in range(min(streams, 10))]
     stubs = [gw_grpc.GatewayServiceStub(c) for c in channels]
 
     async def one(i: int) -> int:

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import click
 
+from gateway_service.auth import AuthConfigError, AuthSettings, JwtSettings
 from gateway_service.config import GatewayConfig
+from gateway_service.keys import API_KEYS_ENV, KeyFileError, new_key
+from stopline.cli_security import (
+    reflection_option,
+    server_tls,
+    server_tls_options,
+    service_token_file_option,
+    service_tokens,
+)
+from stopline.transport import ClientTLS
+
+JWT_SECRET_ENV = "STOPLINE_JWT_HS256_SECRET"
 
 _DEFAULTS = GatewayConfig()
 
@@ -116,6 +129,13 @@ def gateway() -> None:
     help="Open streams this gateway serves at once; more answer RESOURCE_EXHAUSTED.",
 )
 @click.option(
+    "--max-streams-per-principal",
+    envvar="STOPLINE_MAX_STREAMS_PER_PRINCIPAL",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Open streams one principal may hold on this gateway (default: only --max-streams).",
+)
+@click.option(
     "--stream-idle-seconds",
     envvar="STOPLINE_STREAM_IDLE_SECONDS",
     type=click.FloatRange(min=0),
@@ -123,6 +143,41 @@ def gateway() -> None:
     show_default=True,
     help="A stream with nothing to send for this long ends with DEADLINE_EXCEEDED (0: never).",
 )
+@click.option(
+    "--api-keys-file",
+    envvar="STOPLINE_API_KEYS_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"TOML or JSON file of hashed API keys (re-read when it changes); or {API_KEYS_ENV}.",
+)
+@click.option("--jwt-issuer", envvar="STOPLINE_JWT_ISSUER", help="Accept JWTs from this issuer.")
+@click.option("--jwt-audience", envvar="STOPLINE_JWT_AUDIENCE", help="The audience JWTs must name.")
+@click.option(
+    "--jwt-public-key-file",
+    envvar="STOPLINE_JWT_PUBLIC_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help=f"PEM public key for RS256/ES256 JWTs (HS256: set {JWT_SECRET_ENV}).",
+)
+@server_tls_options("STOPLINE_GATEWAY")
+@click.option(
+    "--runtime-tls-ca",
+    envvar="STOPLINE_RUNTIME_TLS_CA",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Call the runtime over TLS, trusting this CA.",
+)
+@click.option(
+    "--runtime-tls-cert",
+    envvar="STOPLINE_RUNTIME_TLS_CLIENT_CERT",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Client certificate for the runtime (mutual TLS).",
+)
+@click.option(
+    "--runtime-tls-key",
+    envvar="STOPLINE_RUNTIME_TLS_CLIENT_KEY",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Key of --runtime-tls-cert.",
+)
+@service_token_file_option
+@reflection_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
 def serve(
     address: str,
@@ -137,15 +192,46 @@ def serve(
     max_page_size: int,
     max_request_bytes: int,
     max_streams: int,
+    max_streams_per_principal: int | None,
     stream_idle_seconds: float,
+    api_keys_file: str | None,
+    jwt_issuer: str | None,
+    jwt_audience: str | None,
+    jwt_public_key_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    runtime_tls_ca: str | None,
+    runtime_tls_cert: str | None,
+    runtime_tls_key: str | None,
+    service_token_file: str | None,
+    reflection: bool,
     log_level: str,
 ) -> None:
-    """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT."""
+    """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT.
+
+    Refuses to start without credentials for its callers (API keys and/or JWTs)."""
     from gateway_service.server import serve as serve_gateway
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    jwt_secret = os.environ.get(JWT_SECRET_ENV) or None
+    jwt_settings = None
+    if jwt_issuer or jwt_audience or jwt_public_key_file or jwt_secret:
+        if not jwt_issuer or not jwt_audience:
+            raise click.UsageError("JWTs need both --jwt-issuer and --jwt-audience")
+        jwt_settings = JwtSettings(jwt_issuer, jwt_audience, jwt_secret, jwt_public_key_file)
+    runtime_tls = None
+    if runtime_tls_ca or runtime_tls_cert or runtime_tls_key:
+        if (runtime_tls_cert is None) != (runtime_tls_key is None):
+            raise click.UsageError("--runtime-tls-cert and --runtime-tls-key go together")
+        runtime_tls = ClientTLS(runtime_tls_ca, runtime_tls_cert, runtime_tls_key)
+    tokens = service_tokens(service_token_file)
+    try:
+        auth = AuthSettings.from_environment(api_keys_file, jwt_settings)
+    except AuthConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     config = GatewayConfig(
         address=address,
         runtime_address=runtime_address,
@@ -159,9 +245,30 @@ def serve(
         max_page_size=max_page_size,
         max_request_bytes=max_request_bytes,
         max_streams=max_streams,
+        max_streams_per_principal=max_streams_per_principal,
         stream_idle_seconds=stream_idle_seconds,
+        auth=auth,
+        tls=server_tls(tls_cert, tls_key, tls_client_ca),
+        service_token=tokens[0] if tokens else None,
+        runtime_tls=runtime_tls,
+        reflection=reflection,
     )
     try:
         asyncio.run(serve_gateway(config))
-    except OSError as exc:
+    except (OSError, AuthConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@gateway.command("new-key")
+@click.option("--principal", required=True, help="Who the key identifies (owner of operations).")
+def new_key_command(principal: str) -> None:
+    """Create an API key: prints the token once, and the hashed entry for the key file."""
+    try:
+        token, key = new_key(principal)
+    except KeyFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--principal") from exc
+    click.echo(f"token for {principal} (shown only now; the gateway keeps just its hash):")
+    click.echo(f"  {token}\n")
+    click.echo("add to the --api-keys-file (TOML):\n")
+    click.echo(key.toml())
+    click.echo(f"or append to {API_KEYS_ENV} (comma-separated): {key.env_entry()}")

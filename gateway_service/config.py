@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from gateway_service.auth import AuthSettings
+from stopline.transport import ClientTLS, ServerTLS
 
 
 @dataclass(frozen=True)
@@ -42,3 +45,13 @@ class GatewayConfig:
     # A stream with nothing to send for this long ends with DEADLINE_EXCEEDED and a reconnect hint
     # (after_seq=N), freeing its slot; 0 turns the limit off.
     stream_idle_seconds: float = 900.0
+    # Who may call: API keys and/or JWTs. The gateway refuses to start with neither.
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # Serve clients over TLS (with client_ca_file: require client certificates too).
+    tls: ServerTLS | None = None
+    # The credential sent to the runtime with every call, and TLS towards it.
+    service_token: str | None = None
+    runtime_tls: ClientTLS | None = None
+    reflection: bool = True
+    # Operation owners remembered, so a stop by the owner needs no extra runtime read.
+    owner_cache_size: int = 100_000

@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
+from gateway_service.ownership import OwnerCache
 from gateway_service.runtime_link import RETRYABLE, RuntimeLink, backoff, is_retryable
 from gateway_service.streams import (
     TERMINAL_KINDS,
@@ -105,6 +106,7 @@ class Gateway:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self.stream_slots = StreamLimiter(config.max_streams, config.max_streams_per_principal)
+        self.owners = OwnerCache(config.owner_cache_size)
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -144,13 +146,16 @@ class Gateway:
         idempotency_key: str,
         policy: CancelPolicy,
         grace: float,
+        owner: str,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
-        # The gateway always sends a key, so it can retry a start whose answer was lost.
+        # The gateway always sends a key, so it can retry a start whose answer was lost. The
+        # runtime scopes keys by owner, so principals cannot reach each other's operations.
         key = idempotency_key or f"gateway-{uuid.uuid4()}"
         request = rt_pb.StartOperationRequest(
             agent=agent,
             idempotency_key=key,
+            owner=owner,
             labels={POLICY_LABEL: policy.value, GRACE_LABEL: f"{grace:g}"},
             hold=duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds)),
         )
@@ -159,6 +164,7 @@ class Gateway:
         try:
             response = await asyncio.shield(start)
             operation_id = response.operation.id
+            self.owners.remember(response.operation)
             if response.created:
                 delay = self.config.release_delay_seconds
                 self._spawn(self._release(operation_id, delay), name=f"release {operation_id}")
@@ -194,11 +200,13 @@ class Gateway:
 
     # ------------------------------------------------------------------ reconnect
 
-    async def stream(self, operation_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
+    async def stream(
+        self, operation_id: str, after_seq: int, owner: str
+    ) -> AsyncGenerator[StreamItem, None]:
         op_id = parse_operation_id(operation_id)
         if after_seq < 0:
             raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
-        operation = (await self.link.get(op_id)).operation
+        operation = self.owners.check((await self.link.get(op_id)).operation, owner)
         policy, grace = policy_from_labels(operation.labels)
         try:
             async for item in self._follow(op_id, after_seq):
@@ -290,12 +298,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ stopping
 
-    async def stop(self, operation_id: str, requested_by: str, reason: str) -> StopAnswer:
+    async def stop(
+        self, operation_id: str, requested_by: str, reason: str, owner: str
+    ) -> StopAnswer:
         op_id = parse_operation_id(operation_id)
         if len(reason) > MAX_REASON:
             raise InvalidArgument(
                 "reason", f"is {len(reason)} characters; the limit is {MAX_REASON}"
             )
+        # Before anything is acknowledged to the operation's streams.
+        await self.owners.require(op_id, owner, self._fetch)
         delivery = self._request_stop(op_id, requested_by, reason)
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         if not delivery.done.done():
@@ -362,9 +374,18 @@ class Gateway:
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, operation_id: str) -> op_pb.Operation:
-        return (await self.link.get(parse_operation_id(operation_id))).operation
+    async def _fetch(self, op_id: str) -> op_pb.Operation:
+        return (await self.link.get(op_id)).operation
 
-    async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
+    async def get(self, operation_id: str, owner: str) -> op_pb.Operation:
+        return self.owners.check(await self._fetch(parse_operation_id(operation_id)), owner)
+
+    async def list(
+        self, request: rt_pb.ListOperationsRequest, owner: str
+    ) -> rt_pb.ListOperationsResponse:
+        if not owner:
+            # The runtime reads an empty owner as "every owner": never let that through.
+            raise AssertionError("list without a principal")
         check_page_size(request.page_size, self.config.max_page_size)
+        request.owner = owner
         return await self.link.list(request)

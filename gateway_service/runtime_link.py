@@ -10,6 +10,7 @@ from grpc import aio
 from tenacity import wait_exponential_jitter
 
 from stopline.grpc_status import UpstreamError
+from stopline.transport import ClientTLS, open_channel
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 
@@ -42,9 +43,16 @@ def backoff(max_seconds: float) -> wait_exponential_jitter:
 
 
 class RuntimeLink:
-    def __init__(self, address: str, rpc_timeout: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        rpc_timeout: float,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+    ) -> None:
         self.address = address
-        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # The service credential goes with every call; the runtime refuses calls without it.
+        self._channel = open_channel(address, token, tls, CHANNEL_OPTIONS)
         self._stub = rt_grpc.RuntimeServiceStub(self._channel)
         self._timeout = rpc_timeout
 

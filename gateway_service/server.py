@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from grpc import aio
 from grpc_health.v1._async import HealthServicer
 
+from gateway_service.auth import Authenticator
 from gateway_service.config import GatewayConfig
 from gateway_service.core import Gateway
 from gateway_service.runtime_link import RuntimeLink
@@ -45,18 +46,27 @@ class RunningGateway:
 
 
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
-    gateway = Gateway(config, RuntimeLink(config.runtime_address, config.rpc_timeout_seconds))
+    """Raises AuthConfigError when no credentials are configured: a gateway that let anybody in
+    would hand every operation to every caller."""
+    authenticator = Authenticator.from_settings(config.auth)
+    link = RuntimeLink(
+        config.runtime_address,
+        config.rpc_timeout_seconds,
+        token=config.service_token,
+        tls=config.runtime_tls,
+    )
+    gateway = Gateway(config, link)
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
-        interceptors=[MalformedRequestGuard()],
+        interceptors=[MalformedRequestGuard(), authenticator.interceptor()],
     )
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server)
     try:
-        port = bind(server, config.address)
+        port = bind(server, config.address, config.tls)
     except OSError:
         await gateway.close()
         raise
-    health = await add_health_and_reflection(server, [SERVICE_NAME])
+    health = await add_health_and_reflection(server, [SERVICE_NAME], config.reflection)
     await server.start()
     return RunningGateway(server, port, health, gateway)
 

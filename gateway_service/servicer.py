@@ -10,11 +10,11 @@ from grpc import aio
 
 from gateway_service.core import Accepted, CancelPolicy, Gateway
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
+from stopline.authn import current_principal
 from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.grpc_status import server_stream, unary
-from stopline.limits import ANONYMOUS
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -38,13 +38,17 @@ def _notice_fields(
 
 
 def _caller(context: aio.ServicerContext[Any, Any]) -> str:
-    return f"client {context.peer()}"
+    """Recorded with a stop: the authenticated principal, and where the call came from. Cut to
+    the runtime's 200-character limit, so a long principal cannot make its own stops invalid."""
+    return f"{current_principal()} (client {context.peer()})"[:REQUESTED_BY_LIMIT]
+
+
+REQUESTED_BY_LIMIT = 200
 
 
 def _stream_key(context: aio.ServicerContext[Any, Any]) -> str:
-    """Whose stream slot a call takes: a placeholder until calls carry an authenticated
-    principal, which then replaces it (and max_streams_per_principal starts to mean something)."""
-    return ANONYMOUS
+    """Whose stream slot a call takes: the authenticated principal's."""
+    return current_principal()
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -72,6 +76,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             request.idempotency_key,
             policy,
             self._gw.check_grace(policy, grace),
+            current_principal(),
         )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(updates):
@@ -90,7 +95,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.StreamOperationRequest,
         context: aio.ServicerContext[pb.StreamOperationRequest, pb.StreamOperationResponse],
     ) -> AsyncGenerator[pb.StreamOperationResponse, None]:
-        items = self._gw.stream(request.operation_id, request.after_seq)
+        items = self._gw.stream(request.operation_id, request.after_seq, current_principal())
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(items):
                 async for item in items:
@@ -102,7 +107,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.StopOperationRequest,
         context: aio.ServicerContext[pb.StopOperationRequest, pb.StopOperationResponse],
     ) -> pb.StopOperationResponse:
-        answer = await self._gw.stop(request.operation_id, _caller(context), request.reason)
+        answer = await self._gw.stop(
+            request.operation_id, _caller(context), request.reason, current_principal()
+        )
         if not answer.delivered or answer.response is None:
             return pb.StopOperationResponse(delivery=pb.STOP_DELIVERY_PENDING)
         return pb.StopOperationResponse(
@@ -117,7 +124,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.GetOperationRequest,
         context: aio.ServicerContext[pb.GetOperationRequest, pb.GetOperationResponse],
     ) -> pb.GetOperationResponse:
-        return pb.GetOperationResponse(operation=await self._gw.get(request.operation_id))
+        operation = await self._gw.get(request.operation_id, current_principal())
+        return pb.GetOperationResponse(operation=operation)
 
     @unary
     async def ListOperations(
@@ -128,7 +136,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         page = await self._gw.list(
             rt_pb.ListOperationsRequest(
                 status=request.status, page_size=request.page_size, page_token=request.page_token
-            )
+            ),
+            current_principal(),
         )
         return pb.ListOperationsResponse(
             operations=page.operations, next_page_token=page.next_page_token

@@ -13,6 +13,13 @@ import click
 from runtime_service.client import ClientError, RuntimeClient
 from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
 from runtime_service.render import describe_event, describe_operation, status_name, to_json
+from stopline.cli_security import (
+    reflection_option,
+    server_tls,
+    server_tls_options,
+    service_token_file_option,
+    service_tokens,
+)
 from stopline.v1 import operation_pb2 as op_pb
 
 EXIT_BY_STATUS = {
@@ -132,6 +139,16 @@ def _database_option(fn: Any) -> Any:
     envvar="STOPLINE_AGENTS",
     help="Extra agent as name=package.module:attr (repeatable; env: space-separated).",
 )
+@service_token_file_option
+@server_tls_options("STOPLINE_RUNTIME")
+@click.option(
+    "--insecure-allow-any-caller",
+    is_flag=True,
+    envvar="STOPLINE_INSECURE_ALLOW_ANY_CALLER",
+    help="DEVELOPMENT ONLY: serve callers without the service credential or a client "
+    "certificate. Anyone who can connect could then start, read and stop every operation.",
+)
+@reflection_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
 def serve(
     address: str,
@@ -147,13 +164,23 @@ def serve(
     abort_mid_step: bool,
     max_page_size: int,
     agents: tuple[str, ...],
+    service_token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    insecure_allow_any_caller: bool,
+    reflection: bool,
     log_level: str,
 ) -> None:
-    """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT."""
+    """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT.
+
+    Only trusted callers are served: those sending the service credential and/or presenting a
+    client certificate (mutual TLS). Without either it refuses to start."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from runtime_service.agents.registry import AgentLoadError
     from runtime_service.server import serve as serve_runtime
+    from runtime_service.trust import TrustConfigError
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -172,10 +199,14 @@ def serve(
         abort_mid_step=abort_mid_step,
         max_page_size=max_page_size,
         agents=agents,
+        service_tokens=service_tokens(service_token_file),
+        tls=server_tls(tls_cert, tls_key, tls_client_ca),
+        allow_any_caller=insecure_allow_any_caller,
+        reflection=reflection,
     )
     try:
         asyncio.run(serve_runtime(config))
-    except (AgentLoadError, OSError, SQLAlchemyError) as exc:
+    except (AgentLoadError, OSError, SQLAlchemyError, TrustConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

@@ -7,11 +7,13 @@ status code and message, which the CLI prints as they are.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 
+from stopline.transport import SERVICE_TOKEN_ENV, ClientTLS, open_sync_channel
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
@@ -38,8 +40,17 @@ class RuntimeClient:
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, address: str, timeout: float = 10.0) -> RuntimeClient:
-        return cls(grpc.insecure_channel(address), timeout)
+    def connect(
+        cls,
+        address: str,
+        timeout: float = 10.0,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
+    ) -> RuntimeClient:
+        """`token` is the service credential; by default the one in STOPLINE_SERVICE_TOKEN."""
+        if token is None:
+            token = os.environ.get(SERVICE_TOKEN_ENV) or None
+        return cls(open_sync_channel(address, token, tls), timeout)
 
     def _unary(self, method: Callable[..., T], request: Any) -> T:
         try:

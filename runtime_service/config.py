@@ -7,6 +7,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from stopline.transport import ServerTLS
+
 DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
 
 
@@ -50,3 +52,10 @@ class RuntimeConfig:
     runner_id: str = field(default_factory=default_runner_id)
     # Apply Alembic migrations at start-up.
     migrate: bool = True
+    # Callers must send one of these as a bearer token (the shared service credential)...
+    service_tokens: tuple[str, ...] = ()
+    # ...and/or connect over TLS; with tls.client_ca_file they must present a client certificate.
+    tls: ServerTLS | None = None
+    # Serve callers with neither credential nor client certificate. Development only.
+    allow_any_caller: bool = False
+    reflection: bool = True

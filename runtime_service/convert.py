@@ -66,6 +66,7 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
         error=operation.error or "",
         create_time=timestamp(operation.created_at),
         update_time=timestamp(operation.updated_at),
+        owner=operation.owner,
     )
     msg.input.update(operation.input)
     msg.labels.update(operation.labels)

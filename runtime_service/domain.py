@@ -91,6 +91,7 @@ class Operation:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    owner: str = ""
 
     @property
     def is_stopping(self) -> bool:

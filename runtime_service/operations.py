@@ -25,12 +25,13 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore
-from stopline.errors import InvalidArgument, NotFound, OutOfRange, Unavailable
+from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.limits import check_input_size, check_page_size
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REQUESTED_BY = 200
+MAX_OWNER = 200
 MAX_REASON = 1000
 MAX_LABELS = 32
 MAX_LABEL_KEY = 63
@@ -81,6 +82,7 @@ class OperationsService:
         idempotency_key: str,
         labels: Mapping[str, str] | None = None,
         hold_seconds: float = 0.0,
+        owner: str = "",
     ) -> Created:
         if not agent_name:
             raise InvalidArgument(
@@ -100,12 +102,19 @@ class OperationsService:
             raise InvalidArgument(exc.field, exc.problem) from exc
         key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
         checked_labels = _check_labels(labels or {})
+        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
         if not 0 <= hold_seconds <= MAX_HOLD_SECONDS:
             raise InvalidArgument(
                 "hold", f"must be between 0 and {MAX_HOLD_SECONDS:g} seconds, got {hold_seconds:g}"
             )
         created = await self.db.call(
-            self.store.create, agent_name, input_value, key, checked_labels, hold_seconds
+            self.store.create,
+            agent_name,
+            input_value,
+            key,
+            checked_labels,
+            hold_seconds,
+            checked_owner,
         )
         self.hub.publish(created.events)
         if created.created and not hold_seconds:
@@ -122,18 +131,21 @@ class OperationsService:
         op_id = parse_operation_id(operation_id)
         operation = await self.db.call(self.store.get, op_id)
         if operation is None:
-            raise NotFound(f"operation {op_id} does not exist")
+            raise operation_not_found(op_id)
         return operation
 
     async def list(
-        self, status: str | None, page_size: int, page_token: str
+        self, status: str | None, page_size: int, page_token: str, owner: str = ""
     ) -> tuple[list[Operation], str]:
+        """A page newest first; a non-empty `owner` lists only that owner's operations."""
         if status is not None and status not in LIST_FILTERS:
             raise InvalidArgument("status", f"unknown status {status!r}")
         check_page_size(page_size, self.config.max_page_size)
         limit = page_size or self.config.default_page_size
         cursor = decode_page_token(page_token, status) if page_token else None
-        page, next_cursor = await self.db.call(self.store.list_page, status, limit, cursor)
+        page, next_cursor = await self.db.call(
+            self.store.list_page, status, limit, cursor, owner or None
+        )
         token = encode_page_token(next_cursor, status) if next_cursor is not None else ""
         return page, token
 
@@ -147,7 +159,7 @@ class OperationsService:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
         result = await self.db.call(self.store.record_stop, op_id, by, why)
         if result is None:
-            raise NotFound(f"operation {op_id} does not exist")
+            raise operation_not_found(op_id)
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             self.runner.deliver_stop(op_id)
@@ -174,7 +186,7 @@ class OperationsService:
         with self.hub.subscribe(op_id) as live:
             operation = await self.db.call(self.store.get, op_id)
             if operation is None:
-                raise NotFound(f"operation {op_id} does not exist")
+                raise operation_not_found(op_id)
             if after_seq > operation.last_seq:
                 raise OutOfRange(
                     "after_seq",

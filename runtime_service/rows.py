@@ -43,6 +43,7 @@ def operation_from_row(row: Any) -> Operation:
         created_at=row.created_at,
         updated_at=row.updated_at,
         finished_at=row.finished_at,
+        owner=row.owner,
     )
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 
 
@@ -62,7 +63,12 @@ operations = Table(
     Column("input_json", Text, nullable=False),
     # sha256 of (agent, input): tells a repeated idempotent start from a conflicting one.
     Column("request_hash", String(64), nullable=False),
-    Column("idempotency_key", String(200), nullable=True, unique=True),
+    # Unique per owner (see the constraint below): two principals never share an operation
+    # through a key, and no owner can learn that another used a given key.
+    Column("idempotency_key", String(200), nullable=True),
+    # The principal the operation belongs to ('' = none, e.g. started on the runtime directly);
+    # the gateway only ever shows a caller its own operations.
+    Column("owner", String(200), nullable=False, server_default=""),
     # Caller metadata (JSON object of strings), e.g. the gateway's cancel policy.
     Column("labels_json", Text, nullable=True),
     Column("status", String(16), nullable=False),
@@ -90,6 +96,8 @@ operations = Table(
     Column("finished_at", UTCDateTime, nullable=True),
     Index(None, "created_at", "id"),
     Index(None, "status", "created_at", "id"),
+    Index(None, "owner", "created_at", "id"),
+    UniqueConstraint("owner", "idempotency_key"),
 )
 
 events = Table(

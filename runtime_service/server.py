@@ -12,6 +12,8 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.app import RuntimeApp
 from runtime_service.config import RuntimeConfig
 from runtime_service.servicer import RuntimeServicer
+from runtime_service.trust import ServiceCredential, TrustConfigError
+from stopline.authn import AuthInterceptor
 from stopline.grpc_status import MalformedRequestGuard
 from stopline.serving import (
     add_health_and_reflection,
@@ -48,23 +50,39 @@ class RunningRuntime:
         await self.app.close()
 
 
+def caller_checks(config: RuntimeConfig) -> list[AuthInterceptor]:
+    """The interceptors that keep untrusted callers out; TrustConfigError when nothing would."""
+    mutual_tls = config.tls is not None and config.tls.mutual
+    if not config.service_tokens and not mutual_tls and not config.allow_any_caller:
+        raise TrustConfigError(
+            "the runtime would serve any caller: configure a service credential "
+            "(--service-token-file or STOPLINE_SERVICE_TOKEN) and/or mutual TLS "
+            "(--tls-cert, --tls-key, --tls-client-ca); for local development only, "
+            "--insecure-allow-any-caller"
+        )
+    if not config.service_tokens:
+        return []
+    return [ServiceCredential(config.service_tokens).interceptor()]
+
+
 async def start_runtime(
     config: RuntimeConfig, agents: AgentRegistry | None = None
 ) -> RunningRuntime:
+    interceptors = caller_checks(config)
     app = await RuntimeApp.open(config, agents)
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
-        interceptors=[MalformedRequestGuard()],
+        interceptors=[MalformedRequestGuard(), *interceptors],
     )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
         RuntimeServicer(app.operations), server
     )
     try:
-        port = bind(server, config.address)
+        port = bind(server, config.address, config.tls)
     except OSError:
         await app.close()
         raise
-    health = await add_health_and_reflection(server, [SERVICE_NAME])
+    health = await add_health_and_reflection(server, [SERVICE_NAME], config.reflection)
     await server.start()
     return RunningRuntime(server, port, health, app)
 
@@ -72,5 +90,7 @@ async def start_runtime(
 async def serve(config: RuntimeConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     running = await start_runtime(config)
+    if config.allow_any_caller and not config.service_tokens:
+        log.warning("INSECURE: serving any caller without a service credential (development only)")
     log.info("runtime listening on %s (database %s)", config.address, running.app.db.backend)
     await run_until_signal(running.stop)

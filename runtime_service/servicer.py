@@ -37,6 +37,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             request.idempotency_key,
             dict(request.labels),
             hold,
+            request.owner,
         )
         return pb.StartOperationResponse(
             operation=convert.operation_to_pb(created.operation), created=created.created
@@ -63,7 +64,9 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             raise InvalidArgument(
                 "status", f"unknown OperationStatus value {request.status}"
             ) from None
-        page, token = await self._ops.list(status, request.page_size, request.page_token)
+        page, token = await self._ops.list(
+            status, request.page_size, request.page_token, request.owner
+        )
         return pb.ListOperationsResponse(
             operations=[convert.operation_to_pb(o) for o in page], next_page_token=token
         )

@@ -121,10 +121,12 @@ class OperationStore:
         return self.hot.get(operation_id)
 
     def list_page(
-        self, status: str | None, limit: int, after: ListCursor | None
+        self, status: str | None, limit: int, after: ListCursor | None, owner: str | None = None
     ) -> tuple[list[Operation], ListCursor | None]:
         """A page of operations newest first, and the cursor of the next page (None at the end)."""
         query = select(operations)
+        if owner is not None:
+            query = query.where(operations.c.owner == owner)
         if status == STOPPING:
             query = query.where(
                 operations.c.status == OperationStatus.RUNNING,
@@ -174,12 +176,14 @@ class OperationStore:
         idempotency_key: str | None,
         labels: Mapping[str, str] | None = None,
         hold_seconds: float = 0.0,
+        owner: str = "",
     ) -> Created:
-        """Insert a PENDING operation and its `created` event, or find the idempotent twin."""
+        """Insert a PENDING operation and its `created` event, or find the idempotent twin
+        (keys are scoped by owner)."""
         labels = dict(labels or {})
         fingerprint = request_hash(agent, input_value, labels)
         if idempotency_key is not None:
-            existing = self._find_by_key(idempotency_key, fingerprint)
+            existing = self._find_by_key(owner, idempotency_key, fingerprint)
             if existing is not None:
                 return Created(existing, created=False, events=())
         now = utcnow()
@@ -193,6 +197,7 @@ class OperationStore:
                         input_json=dump_json(input_value),
                         request_hash=fingerprint,
                         idempotency_key=idempotency_key,
+                        owner=owner,
                         labels_json=dump_json(labels) if labels else None,
                         status=OperationStatus.PENDING,
                         steps_completed=0,
@@ -212,7 +217,7 @@ class OperationStore:
             # Lost a race with a concurrent start using the same key: return the winner.
             if idempotency_key is None:
                 raise
-            existing = self._find_by_key(idempotency_key, fingerprint)
+            existing = self._find_by_key(owner, idempotency_key, fingerprint)
             if existing is None:
                 raise
             return Created(existing, created=False, events=())
@@ -568,10 +573,12 @@ class OperationStore:
         row = conn.execute(select(operations).where(operations.c.id == operation_id)).first()
         return operation_from_row(row) if row is not None else None
 
-    def _find_by_key(self, key: str, fingerprint: str) -> Operation | None:
+    def _find_by_key(self, owner: str, key: str, fingerprint: str) -> Operation | None:
         with self.engine.begin() as conn:
             row = conn.execute(
-                select(operations).where(operations.c.idempotency_key == key)
+                select(operations).where(
+                    operations.c.owner == owner, operations.c.idempotency_key == key
+                )
             ).first()
         if row is None:
             return None

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -27,6 +28,7 @@ from grpc import aio
 from runtime_service.render import describe_event, describe_operation, status_name, to_json
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.transport import TOKEN_ENV, ClientTLS, open_channel
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -97,8 +99,20 @@ def describe_update(update: Update) -> str:
     return NOTICE_PREFIX + "(unknown message)"
 
 
-def connect(address: str) -> aio.Channel:
-    return aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+@dataclass(frozen=True)
+class Target:
+    """Which gateway to call and how: its address, the caller's token, TLS trust."""
+
+    address: str
+    token: str | None = None
+    tls_ca: str | None = None
+
+
+def connect(target: Target | str) -> aio.Channel:
+    if isinstance(target, str):
+        target = Target(target)
+    tls = ClientTLS(ca_file=target.tls_ca) if target.tls_ca else None
+    return open_channel(target.address, target.token, tls, CHANNEL_OPTIONS)
 
 
 def _stub(channel: aio.Channel) -> pb_grpc.GatewayServiceAsyncStub:
@@ -254,14 +268,43 @@ class Follower:
 
 # --------------------------------------------------------------------------- commands
 
-_gateway_option = click.option(
-    "--gateway",
-    "address",
-    envvar="STOPLINE_GATEWAY_ADDRESS",
-    default=DEFAULT_GATEWAY,
-    show_default=True,
-    help="Gateway address.",
-)
+
+def _target(address: str, token: str | None, tls_ca: str | None) -> Target:
+    return Target(address, token or None, tls_ca)
+
+
+def _gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--gateway, --token and --tls-ca; the command receives them as one `target`."""
+
+    def build(**kwargs: Any) -> Any:
+        target = _target(kwargs.pop("address"), kwargs.pop("token"), kwargs.pop("tls_ca"))
+        return fn(target=target, **kwargs)
+
+    build.__name__ = fn.__name__
+    build.__doc__ = fn.__doc__
+    # Options declared below this decorator were attached to `fn`; click collects them here.
+    build.__click_params__ = list(getattr(fn, "__click_params__", []))  # type: ignore[attr-defined]
+    build = click.option(
+        "--tls-ca",
+        envvar="STOPLINE_TLS_CA",
+        type=click.Path(exists=True, dir_okay=False),
+        help="The gateway serves TLS: trust this CA.",
+    )(build)
+    build = click.option(
+        "--token",
+        envvar=TOKEN_ENV,
+        help=f"Your API key or JWT for the gateway (or set {TOKEN_ENV}).",
+    )(build)
+    return click.option(
+        "--gateway",
+        "address",
+        envvar="STOPLINE_GATEWAY_ADDRESS",
+        default=DEFAULT_GATEWAY,
+        show_default=True,
+        help="Gateway address.",
+    )(build)
+
+
 _json_flag = click.option(
     "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
 )
@@ -329,7 +372,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 )
 @click.option("--detach", is_flag=True, help="Start, print the id, and leave it running.")
 def run(
-    address: str,
+    target: Target,
     as_json: bool,
     agent: str,
     input_json: str,
@@ -344,7 +387,7 @@ def run(
     )
 
     async def session() -> int:
-        async with connect(address) as channel:
+        async with connect(target) as channel:
             stub = _stub(channel)
             follower = Follower(stub, as_json, detach=detach)
             with follower.ctrl_c_handled():
@@ -365,11 +408,11 @@ def run(
     show_default=True,
     help="The last seq already seen: stream only later events.",
 )
-def attach(address: str, as_json: bool, operation_id: str, after_seq: int) -> None:
+def attach(target: Target, as_json: bool, operation_id: str, after_seq: int) -> None:
     """Stream an existing operation from --after until it ends; Ctrl-C stops it."""
 
     async def session() -> int:
-        async with connect(address) as channel:
+        async with connect(target) as channel:
             stub = _stub(channel)
             follower = Follower(stub, as_json, operation_id=operation_id, after_seq=after_seq)
             request = pb.StreamOperationRequest(operation_id=operation_id, after_seq=after_seq)
@@ -379,8 +422,8 @@ def attach(address: str, as_json: bool, operation_id: str, after_seq: int) -> No
     sys.exit(asyncio.run(session()))
 
 
-async def _unary(address: str, call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any]) -> Any:
-    async with connect(address) as channel:
+async def _unary(target: Target, call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any]) -> Any:
+    async with connect(target) as channel:
         try:
             return await call(_stub(channel))
         except aio.AioRpcError as exc:
@@ -392,11 +435,11 @@ async def _unary(address: str, call: Callable[[pb_grpc.GatewayServiceAsyncStub],
 @_json_flag
 @click.argument("operation_id")
 @click.option("--reason", default="stopped from the command line", show_default=True)
-def stop(address: str, as_json: bool, operation_id: str, reason: str) -> None:
+def stop(target: Target, as_json: bool, operation_id: str, reason: str) -> None:
     """Stop an operation; answers without waiting for the step in flight."""
     request = pb.StopOperationRequest(operation_id=operation_id, reason=reason)
     response: pb.StopOperationResponse = asyncio.run(
-        _unary(address, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT))
+        _unary(target, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT))
     )
     if as_json:
         click.echo(to_json(response))
@@ -412,14 +455,14 @@ def stop(address: str, as_json: bool, operation_id: str, reason: str) -> None:
 @_json_flag
 @click.option("--status", type=click.Choice(STATUS_CHOICES), default=None)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
-def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
+def list_operations(target: Target, as_json: bool, status: str | None, limit: int) -> None:
     """List operations, newest first."""
     wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
     if status:
         wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
     request = pb.ListOperationsRequest(status=wire_status, page_size=limit)
     response: pb.ListOperationsResponse = asyncio.run(
-        _unary(address, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT))
+        _unary(target, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT))
     )
     for operation in response.operations:
         click.echo(to_json(operation) if as_json else describe_operation(operation))
@@ -429,11 +472,11 @@ def list_operations(address: str, as_json: bool, status: str | None, limit: int)
 @_gateway_option
 @_json_flag
 @click.argument("operation_id")
-def show(address: str, as_json: bool, operation_id: str) -> None:
+def show(target: Target, as_json: bool, operation_id: str) -> None:
     """Show one operation."""
     request = pb.GetOperationRequest(operation_id=operation_id)
     response: pb.GetOperationResponse = asyncio.run(
-        _unary(address, lambda stub: stub.GetOperation(request, timeout=UNARY_TIMEOUT))
+        _unary(target, lambda stub: stub.GetOperation(request, timeout=UNARY_TIMEOUT))
     )
     operation = response.operation
     click.echo(to_json(operation) if as_json else describe_operation(operation))

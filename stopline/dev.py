@@ -10,17 +10,24 @@ keep serving for the `stopline` client commands, buf curl and grpcurl until the 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import signal
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 from grpc import aio
 
+from gateway_service.auth import AuthSettings
 from gateway_service.config import GatewayConfig
+from gateway_service.keys import ApiKey, new_key
 from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
-from stopline.client_cli import connect, describe_update
+from stopline.client_cli import Target, connect, describe_update
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.transport import SERVICE_TOKEN_ENV, TOKEN_ENV
 
 if TYPE_CHECKING:
     from gateway_service.server import RunningGateway
@@ -28,12 +35,13 @@ if TYPE_CHECKING:
 
 DEMO_INPUT: dict[str, Any] = {"steps": 5, "step_seconds": 10, "chunk_interval_seconds": 1}
 TERMINAL_KINDS = frozenset({"completed", "failed", "interrupted"})
+DEV_TOKEN_FILE = Path(".stopline") / "dev-token"
 
 
-async def _demo(gateway_address: str, interrupts: asyncio.Queue[None]) -> None:
+async def _demo(gateway: Target, interrupts: asyncio.Queue[None]) -> None:
     request = pb.StartAndStreamRequest(agent="ticker", cancel_policy=pb.CANCEL_POLICY_STOP)
     request.input.update(DEMO_INPUT)
-    async with connect(gateway_address) as channel:
+    async with connect(gateway) as channel:
         stub = pb_grpc.GatewayServiceStub(channel)
         operation_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -76,6 +84,18 @@ def _dialable(address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _dev_credentials() -> tuple[str, ApiKey, str]:
+    """A fresh API key (principal "dev") and service credential for this run only, so nothing
+    reusable is left behind; the key is also written to .stopline/dev-token for other shells."""
+    token, key = new_key("dev")
+    service_token = secrets.token_urlsafe(32)
+    DEV_TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(DEV_TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token, key, service_token
+
+
 async def run_dev(runtime_config: RuntimeConfig, gateway_address: str, demo: bool) -> None:
     # Imported here: the servers pull in SQLAlchemy and Alembic, which every other `stopline`
     # command would otherwise pay for at start-up.
@@ -89,16 +109,29 @@ async def run_dev(runtime_config: RuntimeConfig, gateway_address: str, demo: boo
     runtime: RunningRuntime | None = None
     gateway: RunningGateway | None = None
     try:
+        token, key, service_token = _dev_credentials()
+        runtime_config = replace(runtime_config, service_tokens=(service_token,))
         runtime = await start_runtime(runtime_config)
         runtime_address = _dialable(runtime_config.address, runtime.port)
         gateway = await start_gateway(
-            GatewayConfig(address=gateway_address, runtime_address=runtime_address)
+            GatewayConfig(
+                address=gateway_address,
+                runtime_address=runtime_address,
+                auth=AuthSettings(keys=(key,)),
+                service_token=service_token,
+            )
         )
         served_gateway = _dialable(gateway_address, gateway.port)
         click.echo(f"runtime serving on {runtime_address} (database {runtime_config.database_url})")
         click.echo(f"gateway serving on {served_gateway} (runtime {runtime_address})")
+        click.echo(
+            f"development API key (principal dev; also in {DEV_TOKEN_FILE}):\n"
+            f"  export {TOKEN_ENV}={token}\n"
+            f"runtime service credential (for `stopline runtime ...` commands):\n"
+            f"  export {SERVICE_TOKEN_ENV}={service_token}"
+        )
         if demo:
-            await _demo(served_gateway, interrupts)
+            await _demo(Target(served_gateway, token), interrupts)
         click.echo(f"\nstill serving on {served_gateway} and {runtime_address}; Ctrl-C to quit")
         await interrupts.get()
     finally:

@@ -27,6 +27,17 @@ class NotFound(StoplineError):
     """No such operation (or, for callers who may not see it, one that is not theirs)."""
 
 
+def operation_not_found(operation_id: str) -> NotFound:
+    """The one answer for an unknown id *and* for another owner's operation: byte-identical, so
+    a caller cannot tell whether an id it does not own exists."""
+    return NotFound(f"operation {operation_id} does not exist")
+
+
+class Unauthenticated(StoplineError):
+    """No credentials, or credentials that do not check out; the message says what to fix and
+    never which keys or principals exist."""
+
+
 class AlreadyExists(StoplineError):
     """An idempotency key was reused for a different request."""
 

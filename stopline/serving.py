@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from stopline.transport import ServerTLS
+
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
@@ -46,20 +48,33 @@ def server_options(max_receive_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> list[t
     ]
 
 
-async def add_health_and_reflection(server: aio.Server, services: Iterable[str]) -> HealthServicer:
-    """Register grpc.health.v1 (SERVING for "" and each service) and server reflection."""
+async def add_health_and_reflection(
+    server: aio.Server, services: Iterable[str], with_reflection: bool = True
+) -> HealthServicer:
+    """Register grpc.health.v1 (SERVING for "" and each service) and, unless switched off (it
+    tells anyone who can connect what the API looks like), server reflection."""
     names = list(services)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    if with_reflection:
+        reflection.enable_server_reflection(
+            (*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return health
 
 
-def bind(server: aio.Server, address: str) -> int:
+def bind(server: aio.Server, address: str, tls: ServerTLS | None = None) -> int:
+    """Listen on `address`, over TLS when `tls` is given (plaintext otherwise)."""
     try:
-        return server.add_insecure_port(address)
+        credentials = tls.credentials() if tls is not None else None
+    except ValueError as exc:
+        raise OSError(str(exc)) from exc
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from exc
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from grpc import aio
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -24,11 +23,15 @@ from runtime_service.server import RunningRuntime, start_runtime
 from runtime_service.store import OperationStore
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent, registry
+from tests.credentials import ENV, SERVICE_TOKEN, runtime_channel
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "STOPLINE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REQUIRE_POSTGRES = os.environ.get("STOPLINE_REQUIRE_POSTGRES") == "1"
+# Every `stopline` command and service a test starts authenticates with the shared test
+# credentials, exactly as in production; tests of refusals pass an environment without them.
+os.environ.update(ENV)
 T = TypeVar("T")
 
 
@@ -91,6 +94,7 @@ def runtime_config(database_url: str, **overrides: object) -> RuntimeConfig:
         "watch_poll_seconds": 1.0,
         "poll_seconds": 0.1,
         "lease_seconds": 3.0,
+        "service_tokens": (SERVICE_TOKEN,),
     }
     settings.update(overrides)
     return RuntimeConfig(**settings)  # type: ignore[arg-type]
@@ -132,7 +136,7 @@ async def runtime(sqlite_url: str, gated: GatedAgent) -> AsyncIterator[RunningRu
 
 @pytest.fixture
 async def stub(runtime: RunningRuntime) -> AsyncIterator[rt_grpc.RuntimeServiceAsyncStub]:
-    async with aio.insecure_channel(runtime.address) as channel:
+    async with runtime_channel(runtime.address) as channel:
         yield rt_grpc.RuntimeServiceStub(channel)
 
 

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.credentials import ENV
 
 
 def free_port() -> int:
@@ -25,9 +28,20 @@ def stopline_command() -> list[str]:
     return [sys.executable, "-m", "stopline.cli"]
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def wait_serving(
+    address: str,
+    process: subprocess.Popen[bytes],
+    timeout: float = 30,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Poll health (exempt from authentication) until SERVING; over TLS with `credentials`."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
@@ -47,12 +61,19 @@ class ServiceProcess:
     """`stopline <service> serve` in a subprocess, serving (health SERVING) when constructed."""
 
     def __init__(
-        self, service: str, workdir: Path, args: list[str], port: int | None = None
+        self,
+        service: str,
+        workdir: Path,
+        args: list[str],
+        port: int | None = None,
+        health_credentials: grpc.ChannelCredentials | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = workdir / f"{service}-{self.port}-{time.monotonic_ns()}.log"
-        env = {**os.environ, "STOPLINE_LOG_LEVEL": "WARNING"}
+        # Every service runs with the shared test credentials (tests/credentials.py).
+        env = {**os.environ, **ENV, "STOPLINE_LOG_LEVEL": "WARNING", **(env or {})}
         command = [*stopline_command(), service, "serve", "--address", self.address]
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
@@ -62,7 +83,7 @@ class ServiceProcess:
                 cwd=workdir,
                 env=env,
             )
-        wait_serving(self.address, self.process)
+        wait_serving(self.address, self.process, credentials=health_credentials)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
@@ -86,8 +107,11 @@ class RuntimeProcess(ServiceProcess):
         workdir: Path,
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        **kwargs: Any,
     ) -> None:
-        super().__init__("runtime", workdir, ["--database-url", database_url, *extra_args], port)
+        super().__init__(
+            "runtime", workdir, ["--database-url", database_url, *extra_args], port, **kwargs
+        )
 
 
 class GatewayProcess(ServiceProcess):
@@ -99,5 +123,8 @@ class GatewayProcess(ServiceProcess):
         workdir: Path,
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        **kwargs: Any,
     ) -> None:
-        super().__init__("gateway", workdir, ["--runtime", runtime_address, *extra_args], port)
+        super().__init__(
+            "gateway", workdir, ["--runtime", runtime_address, *extra_args], port, **kwargs
+        )

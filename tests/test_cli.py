@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.transport import open_sync_channel
 from stopline.v1 import operation_pb2 as op_pb
+from tests.credentials import ENV, TOKEN
 from tests.processes import GatewayProcess, RuntimeProcess, free_port, stopline_command
 
 LONG_TICKER = json.dumps({"steps": 2, "step_seconds": 30, "chunk_interval_seconds": 0.2})
@@ -30,11 +31,11 @@ class Services:
         self.runtime = runtime
         self.gateway = gateway
         self.workdir = workdir
-        self.env = {**os.environ, "STOPLINE_GATEWAY_ADDRESS": gateway.address}
+        self.env = {**os.environ, **ENV, "STOPLINE_GATEWAY_ADDRESS": gateway.address}
 
     def get(self, operation_id: str) -> op_pb.Operation:
         """Straight to the gateway, for polling without the cost of a command per probe."""
-        with grpc.insecure_channel(self.gateway.address) as channel:
+        with open_sync_channel(self.gateway.address, TOKEN) as channel:
             stub = pb_grpc.GatewayServiceStub(channel)
             response = stub.GetOperation(
                 pb.GetOperationRequest(operation_id=operation_id), timeout=5

@@ -20,6 +20,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.v1 import operation_pb2 as op_pb
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, runtime_config
+from tests.credentials import AUTH, SERVICE_TOKEN, gateway_channel
 
 if TYPE_CHECKING:
     Stub = pb_grpc.GatewayServiceAsyncStub
@@ -35,6 +36,8 @@ def gateway_config(runtime_address: str, **overrides: Any) -> GatewayConfig:
         "stop_delivery_deadline_seconds": 15.0,
         "watch_reconnect_deadline_seconds": 15.0,
         "shutdown_grace_seconds": 0.0,
+        "auth": AUTH,
+        "service_token": SERVICE_TOKEN,
     }
     settings.update(overrides)
     return GatewayConfig(**settings)
@@ -51,7 +54,7 @@ async def gateway(runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
 
 @pytest.fixture
 async def client(gateway: RunningGateway) -> AsyncIterator[Stub]:
-    async with aio.insecure_channel(gateway.address) as channel:
+    async with gateway_channel(gateway.address) as channel:
         yield pb_grpc.GatewayServiceStub(channel)
 
 
@@ -211,7 +214,7 @@ async def test_keep_running_policy_survives_cancel_and_reconnects_through_anothe
 
     second = await start_gateway(gateway_config(runtime.address))
     try:
-        async with aio.insecure_channel(second.address) as channel:
+        async with gateway_channel(second.address) as channel:
             other = pb_grpc.GatewayServiceStub(channel)
             resumed = other.StreamOperation(
                 pb.StreamOperationRequest(operation_id=op_id, after_seq=last_seen)
@@ -253,7 +256,7 @@ async def test_grace_policy_spares_an_operation_someone_reconnected_to(
     # Reconnect through a *different* gateway: only the runtime can tell this one about it.
     second = await start_gateway(gateway_config(runtime.address))
     try:
-        async with aio.insecure_channel(second.address) as channel:
+        async with gateway_channel(second.address) as channel:
             other = pb_grpc.GatewayServiceStub(channel)
             resumed = other.StreamOperation(
                 pb.StreamOperationRequest(operation_id=op_id, after_seq=0)
@@ -310,7 +313,7 @@ async def test_stop_while_runtime_is_down_lands_when_it_returns(tmp_path: Path) 
     gateway = await start_gateway(gateway_config(address, stop_ack_seconds=0.2))
     second: RunningRuntime | None = None
     try:
-        async with aio.insecure_channel(gateway.address) as channel:
+        async with gateway_channel(gateway.address) as channel:
             client = pb_grpc.GatewayServiceStub(channel)
             call = client.StartAndStream(
                 start_request("ticker", TICKER_30S, pb.CANCEL_POLICY_KEEP_RUNNING)
@@ -326,7 +329,9 @@ async def test_stop_while_runtime_is_down_lands_when_it_returns(tmp_path: Path) 
             assert rest[-1].event.WhichOneof("kind") == "interrupted"
             operation = await second.app.operations.get(op_id)
             assert operation.status.value == "INTERRUPTED"
-            assert operation.stop is not None and operation.stop.requested_by.startswith("client")
+            assert operation.stop is not None and operation.stop.requested_by.startswith(
+                "tester (client"
+            )
     finally:
         await gateway.stop(grace=0)
         if second is not None:
@@ -342,7 +347,7 @@ async def test_stop_past_the_delivery_deadline_is_reported_undelivered(tmp_path:
     )
     second: RunningRuntime | None = None
     try:
-        async with aio.insecure_channel(gateway.address) as channel:
+        async with gateway_channel(gateway.address) as channel:
             client = pb_grpc.GatewayServiceStub(channel)
             call = client.StartAndStream(
                 start_request("ticker", TICKER_30S, pb.CANCEL_POLICY_KEEP_RUNNING)
@@ -391,7 +396,7 @@ async def test_runtime_restart_under_a_streaming_gateway_leaves_no_gap(tmp_path:
     gateway = await start_gateway(gateway_config(address))
     second: RunningRuntime | None = None
     try:
-        async with aio.insecure_channel(gateway.address) as channel:
+        async with gateway_channel(gateway.address) as channel:
             client = pb_grpc.GatewayServiceStub(channel)
             call = client.StartAndStream(
                 start_request("gated", {"steps": 3}, pb.CANCEL_POLICY_KEEP_RUNNING)
@@ -418,7 +423,7 @@ async def test_runtime_restart_under_a_streaming_gateway_leaves_no_gap(tmp_path:
 async def test_gateway_serves_health_and_reflection(gateway: RunningGateway) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with aio.insecure_channel(gateway.address) as channel:
+    async with gateway_channel(gateway.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="stopline.gateway.v1.GatewayService")
         )

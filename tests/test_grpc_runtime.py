@@ -22,6 +22,7 @@ from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent
+from tests.credentials import runtime_channel
 
 if TYPE_CHECKING:  # the async stub type exists only in the generated .pyi
     Stub = rt_grpc.RuntimeServiceAsyncStub
@@ -493,7 +494,7 @@ async def test_shutdown_ends_watches_with_a_reconnect_hint(tmp_path: Any) -> Non
     from tests.conftest import runtime_config
 
     running = await start_runtime(runtime_config(f"sqlite:///{tmp_path / 'rt.db'}"), registry())
-    async with aio.insecure_channel(running.address) as channel:
+    async with runtime_channel(running.address) as channel:
         stub = rt_grpc.RuntimeServiceStub(channel)
         op = await start(stub, "ticker", {"steps": 1, "step_seconds": 30})
         seen: list[op_pb.Event] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from runtime_service.client import RuntimeClient
 from stopline.v1 import operation_pb2 as op_pb
+from tests.credentials import SERVICE_TOKEN
 from tests.processes import RuntimeProcess, stopline_command
 
 
@@ -16,7 +17,7 @@ def test_killed_runtime_resumes_from_last_completed_step(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'runtime.db'}"
     first = RuntimeProcess(url, tmp_path)
     try:
-        client = RuntimeClient.connect(first.address)
+        client = RuntimeClient.connect(first.address, token=SERVICE_TOKEN)
         op = client.start(
             "ticker", {"steps": 4, "step_seconds": 1, "chunk_interval_seconds": 0.2}
         ).operation
@@ -31,7 +32,7 @@ def test_killed_runtime_resumes_from_last_completed_step(tmp_path: Path) -> None
 
     second = RuntimeProcess(url, tmp_path, port=first.port)
     try:
-        client = RuntimeClient.connect(second.address)
+        client = RuntimeClient.connect(second.address, token=SERVICE_TOKEN)
         rest = list(client.watch(op.id, after_seq=seen[-1].seq))
         seqs = [e.seq for e in seen + rest]
         assert seqs == list(range(1, len(seqs) + 1)), "gap or repeat across the crash"
@@ -52,7 +53,7 @@ def test_sigterm_shuts_down_gracefully_and_leaves_work_resumable(tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'runtime.db'}"
     runtime = RuntimeProcess(url, tmp_path)
     try:
-        client = RuntimeClient.connect(runtime.address)
+        client = RuntimeClient.connect(runtime.address, token=SERVICE_TOKEN)
         op = client.start("ticker", {"steps": 2, "step_seconds": 30}).operation
         for event in client.watch(op.id):
             if event.WhichOneof("kind") == "output_chunk":
@@ -62,7 +63,7 @@ def test_sigterm_shuts_down_gracefully_and_leaves_work_resumable(tmp_path: Path)
         runtime.close()
     again = RuntimeProcess(url, tmp_path)
     try:
-        client = RuntimeClient.connect(again.address)
+        client = RuntimeClient.connect(again.address, token=SERVICE_TOKEN)
         operation = client.get(op.id)
         assert operation.status == op_pb.OPERATION_STATUS_RUNNING  # resumed, not failed or lost
         assert client.interrupt(op.id).outcome == 1

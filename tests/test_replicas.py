@@ -28,6 +28,7 @@ from runtime_service.schema import steps as steps_table
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+from tests.credentials import runtime_channel
 from tests.pg_cluster import PrivatePostgres, private_postgres, require_private_postgres
 from tests.processes import RuntimeProcess
 
@@ -64,7 +65,7 @@ def private_pg() -> Iterator[PrivatePostgres]:
 
 
 async def channel_stubs(replicas: list[RuntimeProcess]) -> tuple[list[aio.Channel], list[Stub]]:
-    channels = [aio.insecure_channel(r.address) for r in replicas]
+    channels = [runtime_channel(r.address) for r in replicas]
     return channels, [rt_grpc.RuntimeServiceStub(c) for c in channels]
 
 

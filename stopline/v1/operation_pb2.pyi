@@ -141,6 +141,7 @@ class Operation(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID in canonical lowercase form)."""
     agent: _builtins.str
@@ -155,6 +156,10 @@ class Operation(_message.Message):
     """Sequence number of the newest event; watching from this value yields only future events."""
     error: _builtins.str
     """Error message, set when FAILED."""
+    owner: _builtins.str
+    """The principal the operation belongs to, as given at start (the gateway sets the
+    authenticated caller); empty for an operation started on the runtime without an owner.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The input the operation was started with."""
@@ -200,10 +205,11 @@ class Operation(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "result", b"result", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "owner", b"owner", "result", b"result", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

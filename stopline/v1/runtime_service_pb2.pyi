@@ -85,10 +85,15 @@ class StartOperationRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     HOLD_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "echo" or "ticker"."""
     idempotency_key: _builtins.str
     """Optional key that makes the start idempotent (at most 200 characters)."""
+    owner: _builtins.str
+    """The principal the operation belongs to (at most 200 characters; empty: no owner). Idempotency
+    keys are scoped by owner: the same key under two owners names two different operations.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The agent's input, any JSON object. Its JSON encoding must fit the runtime's input limit."""
@@ -115,10 +120,11 @@ class StartOperationRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hold: _duration_pb2.Duration | None = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,22 +213,26 @@ class ListOperationsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     status: _operation_pb2.OperationStatus.ValueType
     """Only operations with this status; UNSPECIFIED lists all."""
     page_size: _builtins.int
     """Maximum number of operations to return; 0 means the server's default. Must not be negative."""
     page_token: _builtins.str
     """Token from a previous response's next_page_token, with the same status filter."""
+    owner: _builtins.str
+    """Only operations of this owner; empty lists every owner's operations."""
     def __init__(
         self,
         *,
         status: _operation_pb2.OperationStatus.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
