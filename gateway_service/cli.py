@@ -136,6 +136,13 @@ def gateway() -> None:
     help="Open streams one principal may hold on this gateway (default: only --max-streams).",
 )
 @click.option(
+    "--max-running-per-principal",
+    envvar="STOPLINE_MAX_RUNNING_PER_PRINCIPAL",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Unfinished operations one principal may have; more starts answer RESOURCE_EXHAUSTED.",
+)
+@click.option(
     "--stream-idle-seconds",
     envvar="STOPLINE_STREAM_IDLE_SECONDS",
     type=click.FloatRange(min=0),
@@ -193,6 +200,7 @@ def serve(
     max_request_bytes: int,
     max_streams: int,
     max_streams_per_principal: int | None,
+    max_running_per_principal: int | None,
     stream_idle_seconds: float,
     api_keys_file: str | None,
     jwt_issuer: str | None,
@@ -246,6 +254,7 @@ def serve(
         max_request_bytes=max_request_bytes,
         max_streams=max_streams,
         max_streams_per_principal=max_streams_per_principal,
+        max_running_per_principal=max_running_per_principal,
         stream_idle_seconds=stream_idle_seconds,
         auth=auth,
         tls=server_tls(tls_cert, tls_key, tls_client_ca),

@@ -42,6 +42,9 @@ class GatewayConfig:
     max_streams: int = 1000
     # Per caller, once authentication gives calls a principal (None: only max_streams applies).
     max_streams_per_principal: int | None = None
+    # Operations one principal may have pending, running or stopping (counted on the runtime, so
+    # across gateways); a start over it answers RESOURCE_EXHAUSTED. None: no limit.
+    max_running_per_principal: int | None = None
     # A stream with nothing to send for this long ends with DEADLINE_EXCEEDED and a reconnect hint
     # (after_seq=N), freeing its slot; 0 turns the limit off.
     stream_idle_seconds: float = 900.0

@@ -39,7 +39,7 @@ from gateway_service.streams import (
     StreamItem,
     StreamRegistry,
 )
-from stopline.errors import InvalidArgument
+from stopline.errors import InvalidArgument, ResourceExhausted
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
 from stopline.limits import (
@@ -58,6 +58,13 @@ POLICY_LABEL = "stopline.cancel_policy"
 GRACE_LABEL = "stopline.cancel_grace_seconds"
 MAX_REASON = 1000
 GATEWAY = "gateway"
+# What max_running_per_principal counts: operations that have not ended (STOPPING is RUNNING
+# with a stop recorded; the runtime lists it apart from RUNNING).
+UNFINISHED = (
+    op_pb.OPERATION_STATUS_PENDING,
+    op_pb.OPERATION_STATUS_RUNNING,
+    op_pb.OPERATION_STATUS_STOPPING,
+)
 
 
 class CancelPolicy(enum.StrEnum):
@@ -149,6 +156,7 @@ class Gateway:
         owner: str,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
+        await self._check_running(owner)
         # The gateway always sends a key, so it can retry a start whose answer was lost. The
         # runtime scopes keys by owner, so principals cannot reach each other's operations.
         key = idempotency_key or f"gateway-{uuid.uuid4()}"
@@ -176,6 +184,29 @@ class Gateway:
             # policy; a stream that ended in an error says so to a client that is still there.
             self._client_gone(start, None, policy, grace)
             raise
+
+    async def _check_running(self, owner: str) -> None:
+        """max_running_per_principal: count the owner's unfinished operations on the runtime
+        (every gateway's starts), paging only until the limit is reached. Best effort: starts
+        that race each other can pass together, and a repeated start (same idempotency key) of
+        an operation that is still running counts that operation too."""
+        limit = self.config.max_running_per_principal
+        if limit is None:
+            return
+        count = 0
+        for status in UNFINISHED:
+            request = rt_pb.ListOperationsRequest(status=status, owner=owner)
+            while True:
+                page = await self.link.list(request)
+                count += len(page.operations)
+                if count >= limit:
+                    raise ResourceExhausted(
+                        f"max_running_per_principal ({limit}) reached; "
+                        "stop or wait for one of your operations"
+                    )
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
 
     async def _start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
         retrying = AsyncRetrying(

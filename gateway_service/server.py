@@ -58,7 +58,8 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
     gateway = Gateway(config, link)
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
-        interceptors=[MalformedRequestGuard(), authenticator.interceptor()],
+        # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
+        interceptors=[authenticator.interceptor(), MalformedRequestGuard()],
     )
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server)
     try:

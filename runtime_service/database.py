@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -36,13 +38,11 @@ def create_db_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         # pre_ping replaces connections that died with a database restart; connect_timeout makes
         # an unreachable server an error in seconds (answered UNAVAILABLE), not a hang.
-        return create_engine(
-            url,
-            pool_pre_ping=True,
-            pool_size=8,
-            max_overflow=8,
-            connect_args={"connect_timeout": 5},
+        engine = create_engine(
+            url, pool_size=8, max_overflow=8, connect_args={"connect_timeout": 5}
         )
+        _ping_when_idle(engine)
+        return engine
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +70,39 @@ def create_db_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+# A pooled connection unused for longer than this is checked before use.
+IDLE_PING_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Replace connections that died (a database restart) before anyone uses them, like
+    SQLAlchemy's pool_pre_ping, but only for connections that sat idle: a busy runtime checks
+    connections out thousands of times a second, and a ping each time doubled the round trips
+    of every step. A connection in constant use that breaks fails one call instead; SQLAlchemy
+    then invalidates the whole pool, and callers treat that failure as a lost database (RPCs
+    answer UNAVAILABLE, a run is left to be resumed)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_conn.rollback()
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
 
 
 class Database:

@@ -47,6 +47,10 @@ class EventHub:
         self._subscribers: dict[str, set[Subscription]] = {}
         # Newest seq published here, per watched operation (to recognise our own NOTIFYs).
         self._published: dict[str, int] = {}
+        # Operations with a write of this process in flight, and the newest seq a notification
+        # reported for each meanwhile (see local_write).
+        self._writing: dict[str, int] = {}
+        self._poked_while_writing: dict[str, int] = {}
         self._closed = False
 
     def publish(self, events: Iterable[Event]) -> None:
@@ -65,8 +69,32 @@ class EventHub:
         subs = self._subscribers.get(operation_id)
         if not subs or (seq is not None and seq <= self._published.get(operation_id, 0)):
             return
+        if seq is not None and operation_id in self._writing:
+            # Most likely the notification of the write in flight, which beat its own publish
+            # here; look again once that write has been published.
+            seen = self._poked_while_writing.get(operation_id, 0)
+            self._poked_while_writing[operation_id] = max(seen, seq)
+            return
         for sub in subs:
             sub._put(None)
+
+    @contextmanager
+    def local_write(self, operation_id: str) -> Iterator[None]:
+        """Around a write of this process whose events it publishes itself: a notification
+        for the operation arriving meanwhile waits for that publish instead of sending the
+        operation's watchers back to storage (on PostgreSQL every write notifies, and the
+        notification often arrives before the writer has published)."""
+        self._writing[operation_id] = self._writing.get(operation_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._writing.pop(operation_id) - 1
+            if left:
+                self._writing[operation_id] = left
+            else:
+                seq = self._poked_while_writing.pop(operation_id, None)
+                if seq is not None:
+                    self.poke(operation_id, seq)  # dropped if that seq is published by now
 
     def close(self) -> None:
         """Shutdown: every watcher ends now (and tells its client to reconnect elsewhere)."""

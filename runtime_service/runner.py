@@ -38,7 +38,7 @@ from runtime_service.hub import EventHub
 from runtime_service.store import Claimed, OperationStore
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+W = TypeVar("W", Event | None, list[Event])
 
 
 class OperationHalted(Exception):
@@ -235,15 +235,22 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _write(self, together: Callable[..., T], alone: Callable[..., T], *args: Any) -> T:
-        """A hot write: group-committed with others when the backend gains from it (SQLite's
-        single writer), else in a transaction of its own on the database threads."""
-        if self._group is not None:
-            return await self._group.run(together, *args)
-        return await self._db.call(alone, *args)
+    async def _write(
+        self, together: Callable[..., W], alone: Callable[..., W], operation_id: str, *args: Any
+    ) -> W:
+        """A hot write, whose events are published here once it has committed: group-committed
+        with others when the backend gains from it (SQLite's single writer), else in a
+        transaction of its own on the database threads."""
+        with self._hub.local_write(operation_id):
+            if self._group is not None:
+                written = await self._group.run(together, operation_id, *args)
+            else:
+                written = await self._db.call(alone, operation_id, *args)
+            self._publish(written)
+        return written
 
     def _publish(self, events: Sequence[Event] | Event | None) -> None:
-        if events is None:
+        if not events:
             return
         self._hub.publish([events] if isinstance(events, Event) else events)
 
@@ -299,7 +306,6 @@ class Runner:
                 # A stop was recorded (or the operation ended or moved) before this step began.
                 await self._halt(op_id, step, mid_step=False)
                 return
-            self._publish(started)
             if run.stop.done():
                 # Stopped after the step was recorded as begun, before the agent ran it.
                 await self._halt(op_id, step, mid_step=True)
@@ -342,7 +348,6 @@ class Runner:
             )
             if not written:
                 return  # no longer ours: whoever owns it now carries on
-            self._publish(written[0])
             step += 1
             state = result.state
             started = written[1] if len(written) > 1 else None
@@ -381,31 +386,19 @@ class Runner:
 
     async def _halt(self, op_id: str, step: int, *, mid_step: bool) -> None:
         hot = self._store.hot
-        self._publish(
-            await self._write(
-                hot.finish_interrupted_in,
-                hot.finish_interrupted,
-                op_id,
-                step,
-                mid_step,
-                self.runner_id,
-            )
+        await self._write(
+            hot.finish_interrupted_in, hot.finish_interrupted, op_id, step, mid_step, self.runner_id
         )
 
     async def _emit(self, op_id: str, step: int, text: str) -> None:
         if not isinstance(text, str):
             raise TypeError(f"emit() takes a str, got {type(text).__name__}")
         # The write goes on even if the agent is cancelled while awaiting it, and its event is
-        # published when it lands, so the chunk is never stored yet unannounced.
+        # published when it lands (in _write), so the chunk is never stored yet unannounced.
         hot = self._store.hot
         write = asyncio.ensure_future(
             self._write(hot.append_chunk_in, hot.append_chunk, op_id, step, text, self.runner_id)
         )
-        write.add_done_callback(self._publish_write)
         event = await asyncio.shield(write)
         if event is None:
             raise OperationHalted(f"operation {op_id} has ended; its output is no longer stored")
-
-    def _publish_write(self, write: asyncio.Future[Event | None]) -> None:
-        if not write.cancelled() and write.exception() is None:
-            self._publish(write.result())

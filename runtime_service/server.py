@@ -72,7 +72,8 @@ async def start_runtime(
     app = await RuntimeApp.open(config, agents)
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
-        interceptors=[MalformedRequestGuard(), *interceptors],
+        # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
+        interceptors=[*interceptors, MalformedRequestGuard()],
     )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
         RuntimeServicer(app.operations), server

@@ -237,7 +237,10 @@ class StepWrites:
 
     @contextmanager
     def _raw(self, autocommit: bool) -> Iterator[Any]:
-        fairy = self.engine.raw_connection()
+        try:
+            fairy = self.engine.raw_connection()
+        except self._dbapi.Error as exc:  # cannot even connect: the database is unavailable
+            raise DBAPIError.instance(None, None, exc, self._dbapi.Error) from exc
         driver = fairy.driver_connection
         cursor = None
         try:

@@ -16,8 +16,6 @@ from google.protobuf import json_format, struct_pb2
 
 from stopline.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
-# Until authentication lands every stream shares this key; the lead keys the limiter by principal.
-ANONYMOUS = "anonymous"
 # Fixed, not configurable: protobuf refuses messages nested past 100 levels, each level of input
 # costs two (Struct, Value), and the input is sent on inside Operation and response messages.
 # Deeper input would be stored and then fail every response that carries it.
@@ -93,8 +91,8 @@ def idle_stream_error(idle_seconds: float, last_seq: int) -> DeadlineExceeded:
 class StreamLimiter:
     """Counts open streams overall and per key, refusing one over either cap.
 
-    The key is whoever the caller is; until authentication lands that is the `ANONYMOUS`
-    placeholder, so only the overall cap bites. Single-threaded (the event loop) by design: no
+    The key is whoever the caller is: the gateway uses the authenticated principal (see
+    gateway_service/servicer.py `_stream_key`). Single-threaded (the event loop) by design: no
     lock is needed between the check and the increment because nothing awaits in between.
     """
 

@@ -5,11 +5,12 @@ Fixed values (not secrets: they only ever guard throwaway test servers)."""
 
 from __future__ import annotations
 
+import grpc
 from grpc import aio
 
 from gateway_service.auth import AuthSettings
 from gateway_service.keys import ApiKey, hash_token
-from stopline.transport import SERVICE_TOKEN_ENV, TOKEN_ENV, open_channel
+from stopline.transport import SERVICE_TOKEN_ENV, TOKEN_ENV, open_channel, open_sync_channel
 
 SERVICE_TOKEN = "test-service-credential-0123456789abcdef"
 TOKEN = "stl_7e57c0de_tester-secret-0123456789abcdefghijklmnopqrstuv"
@@ -38,3 +39,12 @@ def gateway_channel(address: str, token: str | None = TOKEN) -> aio.Channel:
 
 def runtime_channel(address: str, token: str | None = SERVICE_TOKEN) -> aio.Channel:
     return open_channel(address, token)
+
+
+def gateway_sync_channel(address: str, token: str | None = TOKEN) -> grpc.Channel:
+    """The synchronous `grpc` twin of `gateway_channel`, for tests driving plain threads."""
+    return open_sync_channel(address, token)
+
+
+def runtime_sync_channel(address: str, token: str | None = SERVICE_TOKEN) -> grpc.Channel:
+    return open_sync_channel(address, token)

@@ -25,6 +25,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+from tests.credentials import PRINCIPAL, gateway_sync_channel, runtime_sync_channel
 from tests.pg_cluster import private_postgres, require_private_postgres
 from tests.processes import GatewayProcess, RuntimeProcess, ServiceProcess
 from tests.test_replicas import assert_gap_free
@@ -101,7 +102,7 @@ def wait_terminal(address: str, op_ids: list[str], deadline: float = 60) -> dict
         op_pb.OPERATION_STATUS_FAILED,
         op_pb.OPERATION_STATUS_INTERRUPTED,
     }
-    with grpc.insecure_channel(address) as channel:
+    with runtime_sync_channel(address) as channel:
         stub = rt_grpc.RuntimeServiceStub(channel)
         while len(statuses) < len(op_ids):
             for op_id in op_ids:
@@ -133,7 +134,7 @@ def test_gateway_killed_mid_stream_client_resumes_through_another(
     processes.append(doomed)
     spare = GatewayProcess(runtime.address, tmp_path)
     processes.append(spare)
-    with grpc.insecure_channel(doomed.address) as channel:
+    with gateway_sync_channel(doomed.address) as channel:
         # The stop policy cannot be applied by a gateway that was SIGKILLed: the operation runs on.
         call = start_stream(
             pb_grpc.GatewayServiceStub(channel),
@@ -149,7 +150,7 @@ def test_gateway_killed_mid_stream_client_resumes_through_another(
         seen += more
     assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
     last = seqs(seen)[-1]
-    with grpc.insecure_channel(spare.address) as channel:
+    with gateway_sync_channel(spare.address) as channel:
         resumed = pb_grpc.GatewayServiceStub(channel).StreamOperation(
             pb.StreamOperationRequest(operation_id=op_id, after_seq=last), timeout=CALL_DEADLINE
         )
@@ -172,7 +173,7 @@ def test_runtime_killed_and_restarted_under_a_gateway_stream_loses_nothing(
     processes.append(runtime)
     gateway = GatewayProcess(runtime.address, tmp_path)
     processes.append(gateway)
-    with grpc.insecure_channel(gateway.address) as channel:
+    with gateway_sync_channel(gateway.address) as channel:
         call = start_stream(
             pb_grpc.GatewayServiceStub(channel),
             pb.CANCEL_POLICY_STOP,
@@ -205,7 +206,7 @@ def test_stop_sent_while_the_runtime_is_dead_lands_when_it_restarts(
     processes.append(runtime)
     gateway = GatewayProcess(runtime.address, tmp_path, extra_args=("--stop-ack-timeout", "0.2"))
     processes.append(gateway)
-    with grpc.insecure_channel(gateway.address) as channel:
+    with gateway_sync_channel(gateway.address) as channel:
         stub = pb_grpc.GatewayServiceStub(channel)
         call = start_stream(stub, pb.CANCEL_POLICY_KEEP_RUNNING, steps=3, step_seconds=30)
         seen = read_until(call, lambda u: event_kind(u) == "output_chunk")
@@ -221,10 +222,10 @@ def test_stop_sent_while_the_runtime_is_dead_lands_when_it_restarts(
     assert event_kind(rest[-1]) == "interrupted"
     got = seqs(seen + rest)
     assert got == list(range(1, len(got) + 1)), f"gap or duplicate: {got}"
-    with grpc.insecure_channel(restarted.address) as channel:
+    with runtime_sync_channel(restarted.address) as channel:
         operation = get(rt_grpc.RuntimeServiceStub(channel), op_id)
     assert operation.status == op_pb.OPERATION_STATUS_INTERRUPTED
-    assert operation.stop_request.requested_by.startswith("client ")
+    assert operation.stop_request.requested_by.startswith(f"{PRINCIPAL} (client ")
     assert_gap_free(url)
 
 
@@ -238,7 +239,7 @@ def test_stop_recorded_just_before_the_runtime_dies_still_ends_the_operation(
     processes.append(runtime)
     gateway = GatewayProcess(runtime.address, tmp_path)
     processes.append(gateway)
-    with grpc.insecure_channel(gateway.address) as channel:
+    with gateway_sync_channel(gateway.address) as channel:
         stub = pb_grpc.GatewayServiceStub(channel)
         call = start_stream(stub, pb.CANCEL_POLICY_KEEP_RUNNING, steps=3, step_seconds=30)
         seen = read_until(call, lambda u: event_kind(u) == "output_chunk")
@@ -281,8 +282,8 @@ def test_sqlite_locked_by_another_process_answers_unavailable_then_recovers(
     gateway = GatewayProcess(runtime.address, tmp_path)
     processes.append(gateway)
     with (
-        grpc.insecure_channel(runtime.address) as rt_channel,
-        grpc.insecure_channel(gateway.address) as gw_channel,
+        runtime_sync_channel(runtime.address) as rt_channel,
+        gateway_sync_channel(gateway.address) as gw_channel,
     ):
         stub = rt_grpc.RuntimeServiceStub(rt_channel)
         settings = {"steps": 4, "step_seconds": 0.3, "chunk_interval_seconds": 0.05}
@@ -357,7 +358,7 @@ def test_postgres_restart_under_a_gateway_stream_loses_nothing(
         processes.append(runtime)
         gateway = GatewayProcess(runtime.address, tmp_path)
         processes.append(gateway)
-        with grpc.insecure_channel(gateway.address) as channel:
+        with gateway_sync_channel(gateway.address) as channel:
             call = start_stream(
                 pb_grpc.GatewayServiceStub(channel),
                 pb.CANCEL_POLICY_STOP,

@@ -9,10 +9,15 @@ answer health checks with SERVING afterwards, and a rejected request -- or an ac
 may not change anything, like stopping a finished operation -- must leave the stored operations,
 events and steps byte-for-byte unchanged.
 
+Gateway calls are made as a caller drawn from `CALL_METADATA`: the seeds' owner (`tester`), or a
+wrong principal -- no credentials, a garbage token, an unknown (revoked-looking) key id, a known
+key id with the wrong secret, the wrong scheme, or the valid key of another principal (`other`).
+Bad credentials are answered UNAUTHENTICATED whatever the request, even bytes that are not
+protobuf at all (credentials are checked first); `other` is answered NOT_FOUND for tester's
+operations, exactly as for an unknown id, and never sees their data.
+
 The servers run in process, on a background event loop, so the property tests themselves stay
-synchronous (hypothesis drives plain functions). Gateway calls take their metadata from
-`CALL_METADATA`; once calls carry principals, a strategy of wrong or missing credentials slots in
-there and every gateway property test exercises it.
+synchronous (hypothesis drives plain functions).
 """
 
 from __future__ import annotations
@@ -40,9 +45,17 @@ from runtime_service.schema import operations as operations_table
 from runtime_service.schema import steps as steps_table
 from runtime_service.server import RunningRuntime, start_runtime
 from stopline.gateway.v1 import gateway_service_pb2 as gw_pb
+from stopline.transport import bearer_metadata
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from tests.agents import registry
 from tests.conftest import runtime_config
+from tests.credentials import (
+    OTHER_PRINCIPAL,
+    OTHER_TOKEN,
+    PRINCIPAL,
+    TOKEN,
+    runtime_sync_channel,
+)
 from tests.test_gateway import gateway_config
 
 RT = "/stopline.v1.RuntimeService/"
@@ -106,8 +119,9 @@ class Stack:
                 gateway_config(self.runtime.address, start_hold_seconds=1.0, max_page_size=50)
             )
         )
+        # No credentials on the gateway channel: every call sends its caller's own metadata.
         self.channel = grpc.insecure_channel(self.gateway.address)
-        self.rt_channel = grpc.insecure_channel(self.runtime.address)
+        self.rt_channel = runtime_sync_channel(self.runtime.address)
         self._engine = create_engine(f"sqlite:///{self.db_path}")
 
     def run(self, coro: Any) -> Any:
@@ -155,10 +169,12 @@ class Stack:
         self.run(self.gateway.gateway.settle())
 
     def healthy(self) -> bool:
-        for channel in (self.channel, self.rt_channel):
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=10
-            )
+        """Both servers answer health SERVING, asked without any credentials."""
+        for address in (self.gateway.address, self.runtime.address):
+            with grpc.insecure_channel(address) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
         return True
@@ -168,6 +184,53 @@ class Stack:
 class Seeds:
     completed: str
     interrupted: str
+
+    def appear_in(self, body: bytes) -> bool:
+        return any(op_id.encode() in body for op_id in (self.completed, self.interrupted))
+
+    def named_by(self, method: str, payload: bytes) -> bool:
+        """Whether `payload` is a gateway request naming a seed by a valid form of its id."""
+        request_type = GATEWAY_BY_ID.get(method)
+        if request_type is None:
+            return False
+        try:
+            op_id = request_type.FromString(payload).operation_id
+        except Exception:  # not a valid message: the call cannot reach a seed
+            return False
+        return op_id.lower() in (self.completed, self.interrupted)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a gateway call claims to be: `principal` is None for credentials that must fail."""
+
+    label: str
+    metadata: tuple[tuple[str, str], ...]
+    principal: str | None
+
+    def __repr__(self) -> str:  # hypothesis prints it for a failing example
+        return f"Caller({self.label})"
+
+
+TESTER = Caller("tester", bearer_metadata(TOKEN), PRINCIPAL)
+OTHER = Caller("other", bearer_metadata(OTHER_TOKEN), OTHER_PRINCIPAL)
+WRONG_CREDENTIALS = [
+    Caller("no credentials", (), None),
+    Caller("garbage token", bearer_metadata("garbage-0123456789"), None),
+    Caller(
+        "unknown key id",
+        bearer_metadata("stl_deadbeef_revoked-secret-0123456789abcdefghijklmnopqrstuv"),
+        None,
+    ),
+    Caller("tester's key id, wrong secret", bearer_metadata(TOKEN[:-4] + "XXXX"), None),
+    Caller("wrong scheme", (("authorization", "Basic " + TOKEN),), None),
+    Caller("bare token", (("authorization", TOKEN),), None),
+]
+GATEWAY_BY_ID: dict[str, Any] = {
+    GW + "StreamOperation": gw_pb.StreamOperationRequest,
+    GW + "StopOperation": gw_pb.StopOperationRequest,
+    GW + "GetOperation": gw_pb.GetOperationRequest,
+}
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +244,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def seeds(stack: Stack) -> Seeds:
-    """Two finished operations, so that valid ids reach real rows."""
+    """Two finished operations of `tester`, so that valid ids reach real rows."""
     ops = stack.runtime.app.operations
-    done = stack.run(ops.start("echo", {"x": 1}, "seed-completed"))
-    held = stack.run(ops.start("ticker", {}, "seed-interrupted", {}, 30.0))
+    done = stack.run(ops.start("echo", {"x": 1}, "seed-completed", owner=PRINCIPAL))
+    held = stack.run(ops.start("ticker", {}, "seed-interrupted", {}, 30.0, owner=PRINCIPAL))
     stack.run(ops.interrupt(held.operation.id, "seed", "seed"))
     deadline = time.monotonic() + 20
     while not stack.run(ops.get(done.operation.id)).status.is_terminal:
@@ -196,45 +259,77 @@ def seeds(stack: Stack) -> Seeds:
 # ------------------------------------------------------------------------ calling
 
 
-def call(
-    stack: Stack, method: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = ()
-) -> tuple[grpc.StatusCode, str]:
+@dataclass(frozen=True)
+class Answer:
+    code: grpc.StatusCode
+    details: str
+    body: bytes = b""
+    """The response (unary) or the first message (stream): what the caller got to see."""
+
+
+def call(stack: Stack, method: str, payload: bytes, caller: Caller = TESTER) -> Answer:
     """Send raw bytes (a serialised request, or garbage) and return the final status; streams are
-    read to their end, or cancelled after their first message (an accepted start)."""
+    read to their end, or cancelled after their first message (an accepted start). Gateway calls
+    carry `caller`'s metadata; runtime calls the service credential (on the channel)."""
     channel = stack.channel_for(method)
+    metadata = caller.metadata if method.startswith(GW) else ()
+    body = b""
     try:
         if method in STREAMING:
             stream = channel.unary_stream(
                 method, request_serializer=lambda b: b, response_deserializer=lambda b: b
             )(payload, timeout=30, metadata=metadata)
-            for _ in stream:
+            for first in stream:
                 stream.cancel()  # type: ignore[no-untyped-call]  # one message is enough: the request was accepted
-                return grpc.StatusCode.OK, ""
-            return grpc.StatusCode.OK, ""
-        channel.unary_unary(
+                return Answer(grpc.StatusCode.OK, "", first)
+            return Answer(grpc.StatusCode.OK, "")
+        body = channel.unary_unary(
             method, request_serializer=lambda b: b, response_deserializer=lambda b: b
         )(payload, timeout=30, metadata=metadata)
     except grpc.RpcError as exc:
         code: grpc.StatusCode = exc.code()
         if code is grpc.StatusCode.CANCELLED:
-            return grpc.StatusCode.OK, ""  # our own cancel above
-        return code, exc.details() or ""
-    return grpc.StatusCode.OK, ""
+            return Answer(grpc.StatusCode.OK, "", body)  # our own cancel above
+        return Answer(code, exc.details() or "")
+    return Answer(grpc.StatusCode.OK, "", body)
 
 
-def check_answer(method: str, code: grpc.StatusCode, details: str) -> None:
-    assert code in DELIBERATE, f"{method}: {code.name} {details[:300]!r}"
+def check_answer(method: str, answer: Answer, caller: Caller = TESTER) -> None:
+    code, details = answer.code, answer.details
     assert "Traceback" not in details and 'File "' not in details, details[:300]
     assert len(details) < 2000, f"{method}: {len(details)}-character message echoes the input"
+    if caller.principal is None:
+        # Refused before any servicer code runs, whatever the request (even bytes that are not
+        # protobuf: credentials are checked before the request is looked at); the message never
+        # echoes the credential.
+        for _, value in caller.metadata:
+            assert value.split()[-1] not in details, details[:300]
+        assert code is grpc.StatusCode.UNAUTHENTICATED, (
+            f"{method} as {caller.label}: {code.name} {details[:300]!r}"
+        )
+        assert answer.body == b""
+        return
+    assert code in DELIBERATE, f"{method} as {caller.label}: {code.name} {details[:300]!r}"
 
 
-def probe(stack: Stack, method: str, payload: bytes, metadata: tuple[tuple[str, str], ...]) -> None:
-    """One hostile call: a deliberate answer, and nothing stored changed unless it created an
-    operation (which is then stopped and waited for)."""
+def probe(stack: Stack, method: str, payload: bytes, caller: Caller, seeds: Seeds) -> None:
+    """One hostile call: a deliberate answer, never another principal's data, and nothing stored
+    changed unless it created an operation (which is then stopped and waited for)."""
     known = stack.operation_ids()
     before = stack.snapshot()
-    code, details = call(stack, method, payload, metadata)
-    check_answer(method, code, details)
+    answer = call(stack, method, payload, caller)
+    code = answer.code
+    check_answer(method, answer, caller)
+    if method.startswith(GW) and caller is not TESTER:
+        assert not seeds.appear_in(answer.body), f"{caller.label} saw tester's operation"
+        if caller is OTHER and seeds.named_by(method, payload):
+            # NOT_FOUND, as for an unknown id; or a field refused before the id is looked up
+            # (a reason over its limit, a negative after_seq), also as for an unknown id.
+            assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), (
+                method,
+                code,
+                answer.details,
+            )
     if stack.operation_ids() != known or method in (RT + "StartOperation", GW + "StartAndStream"):
         stack.settle(known)
         if code is not grpc.StatusCode.OK:
@@ -333,8 +428,11 @@ raw_bytes = st.one_of(
 )
 
 
-# Once calls are authenticated: st.sampled_from([(), wrong principal, garbage token, ...]).
-CALL_METADATA: st.SearchStrategy[tuple[tuple[str, str], ...]] = st.just(())
+# Half the calls as the seeds' owner, so hostile fields still reach the servicer; the rest as
+# another principal or with credentials that must fail.
+CALL_METADATA: st.SearchStrategy[Caller] = st.one_of(
+    st.just(TESTER), st.sampled_from([OTHER, *WRONG_CREDENTIALS])
+)
 
 
 def runtime_requests(seeds: Seeds) -> st.SearchStrategy[tuple[str, bytes]]:
@@ -451,7 +549,7 @@ def test_runtime_answers_hostile_fields_deliberately(
     stack: Stack, seeds: Seeds, data: st.DataObject
 ) -> None:
     method, payload = data.draw(runtime_requests(seeds))
-    probe(stack, method, payload, ())
+    probe(stack, method, payload, TESTER, seeds)
 
 
 @EXAMPLES
@@ -460,7 +558,7 @@ def test_gateway_answers_hostile_fields_deliberately(
     stack: Stack, seeds: Seeds, data: st.DataObject
 ) -> None:
     method, payload = data.draw(gateway_requests(seeds))
-    probe(stack, method, payload, data.draw(CALL_METADATA))
+    probe(stack, method, payload, data.draw(CALL_METADATA), seeds)
 
 
 @EXAMPLES
@@ -468,8 +566,8 @@ def test_gateway_answers_hostile_fields_deliberately(
 def test_raw_bytes_get_a_deliberate_status(
     stack: Stack, seeds: Seeds, method: str, payload: bytes, data: st.DataObject
 ) -> None:
-    metadata = data.draw(CALL_METADATA) if method.startswith(GW) else ()
-    probe(stack, method, payload, metadata)
+    caller = data.draw(CALL_METADATA) if method.startswith(GW) else TESTER
+    probe(stack, method, payload, caller, seeds)
 
 
 @pytest.mark.parametrize("method", [RT + "StartOperation", GW + "StartAndStream"])
@@ -477,8 +575,8 @@ def test_input_nested_past_protobufs_limit_is_invalid_argument(stack: Stack, met
     known = stack.operation_ids()
     before = stack.snapshot()
     for depth in (33, 40, 48, 49, 50, 101, 1000):  # 32 levels is the most input may nest
-        code, details = call(stack, method, deep_start_request(depth))
-        assert code is grpc.StatusCode.INVALID_ARGUMENT, (depth, code, details)
+        answer = call(stack, method, deep_start_request(depth))
+        assert answer.code is grpc.StatusCode.INVALID_ARGUMENT, (depth, answer)
     assert stack.operation_ids() == known and stack.snapshot() == before
 
 
@@ -491,9 +589,59 @@ def test_invalid_utf8_and_corrupt_wire_format_are_invalid_argument(
         b"\x1a\x03\xff\xfe\xfd" if method.endswith("/ListOperations") else b"\x0a\x03\xff\xfe\xfd"
     )
     for payload in (bad_utf8, b"\xff\xff\xff", b"\x0a\xff\xff\xff\x0f"):
-        code, details = call(stack, method, payload)
-        assert code is grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
-        assert details.startswith("request: is not a valid "), details
+        answer = call(stack, method, payload)
+        assert answer.code is grpc.StatusCode.INVALID_ARGUMENT, (method, answer)
+        assert answer.details.startswith("request: is not a valid "), answer.details
+
+
+def _seed_requests(seeds: Seeds) -> list[tuple[str, bytes]]:
+    """A well-formed request of every gateway method, naming a seed where it takes an id."""
+    return [
+        (GW + "StartAndStream", gw_pb.StartAndStreamRequest(agent="echo").SerializeToString()),
+        (GW + "ListOperations", gw_pb.ListOperationsRequest().SerializeToString()),
+        *(
+            (method, request_type(operation_id=op_id).SerializeToString())
+            for method, request_type in GATEWAY_BY_ID.items()
+            for op_id in (seeds.completed, seeds.interrupted.upper())
+        ),
+    ]
+
+
+@pytest.mark.parametrize("caller", WRONG_CREDENTIALS, ids=lambda c: c.label)
+def test_wrong_credentials_are_unauthenticated_on_every_gateway_method(
+    stack: Stack, seeds: Seeds, caller: Caller
+) -> None:
+    known = stack.operation_ids()
+    before = stack.snapshot()
+    for method, payload in _seed_requests(seeds):
+        answer = call(stack, method, payload, caller)
+        assert answer.code is grpc.StatusCode.UNAUTHENTICATED, (method, answer)
+        assert answer.body == b""
+    assert stack.operation_ids() == known and stack.snapshot() == before
+
+
+def test_another_principal_gets_not_found_for_tester_operations(stack: Stack, seeds: Seeds) -> None:
+    known = stack.operation_ids()
+    before = stack.snapshot()
+    for method, request_type in GATEWAY_BY_ID.items():
+        for op_id in (seeds.completed, seeds.interrupted, seeds.completed.upper()):
+            payload = request_type(operation_id=op_id).SerializeToString()
+            answer = call(stack, method, payload, OTHER)
+            # Exactly what an unknown id gets: nothing tells other that the operation exists.
+            assert answer.code is grpc.StatusCode.NOT_FOUND, (method, answer)
+            assert answer.details == f"operation {op_id.lower()} does not exist"
+            assert answer.body == b""
+            # The owner reaches the same operation (GetOperation and a finished operation's
+            # stream and stop change nothing).
+            assert call(stack, method, payload, TESTER).code is grpc.StatusCode.OK
+    listed = call(
+        stack, GW + "ListOperations", gw_pb.ListOperationsRequest().SerializeToString(), OTHER
+    )
+    assert listed.code is grpc.StatusCode.OK
+    page = gw_pb.ListOperationsResponse.FromString(listed.body)
+    assert all(o.owner == OTHER_PRINCIPAL for o in page.operations)
+    assert not seeds.appear_in(listed.body)
+    assert stack.operation_ids() == known and stack.snapshot() == before
 
 
 def test_servers_are_healthy_and_seeds_untouched_after_the_hostile_run(

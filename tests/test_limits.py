@@ -9,17 +9,19 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from click.testing import CliRunner
 from google.protobuf import struct_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway_service.cli import gateway as gateway_cli
+from gateway_service.config import GatewayConfig
 from gateway_service.server import RunningGateway, start_gateway
-from runtime_service.server import RunningRuntime
+from runtime_service.server import RunningRuntime, start_runtime
 from stopline.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.limits import (
-    ANONYMOUS,
     MAX_INPUT_DEPTH,
     StreamLimiter,
     check_input_size,
@@ -31,8 +33,15 @@ from stopline.limits import (
 )
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
-from tests.agents import GatedAgent
-from tests.conftest import eventually
+from tests.agents import GatedAgent, registry
+from tests.conftest import eventually, runtime_config
+from tests.credentials import (
+    OTHER_PRINCIPAL,
+    OTHER_TOKEN,
+    PRINCIPAL,
+    gateway_channel,
+    runtime_channel,
+)
 from tests.test_gateway import (
     gateway_config,
     is_chunk,
@@ -94,9 +103,9 @@ def test_stream_limiter_caps_overall_and_per_key_and_frees_slots() -> None:
 
 def test_stream_limiter_frees_the_slot_when_the_stream_fails() -> None:
     limiter = StreamLimiter(max_total=1)
-    with pytest.raises(RuntimeError), limiter.acquire(ANONYMOUS):
+    with pytest.raises(RuntimeError), limiter.acquire(PRINCIPAL):
         raise RuntimeError("the stream broke")
-    with limiter.acquire(ANONYMOUS):
+    with limiter.acquire(PRINCIPAL):
         assert limiter.total == 1
     with pytest.raises(ValueError, match="at least 1"):
         StreamLimiter(max_total=0)
@@ -133,7 +142,7 @@ async def limited(runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
 
 @pytest.fixture
 async def client(limited: RunningGateway) -> AsyncIterator[Stub]:
-    async with aio.insecure_channel(limited.address) as channel:
+    async with gateway_channel(limited.address) as channel:
         yield pb_grpc.GatewayServiceStub(channel)
 
 
@@ -158,7 +167,7 @@ async def test_page_size_over_the_maximum_is_refused_by_both_services(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == "page_size: is 6; the limit is 5 (max_page_size)"
     assert (await client.ListOperations(pb.ListOperationsRequest(page_size=5))).operations == []
-    async with aio.insecure_channel(runtime.address) as channel:
+    async with runtime_channel(runtime.address) as channel:
         direct = rt_grpc.RuntimeServiceStub(channel)
         limit = runtime.app.config.max_page_size
         error = await rpc_error(
@@ -246,6 +255,161 @@ async def _slots_below(gateway: RunningGateway, count: int) -> bool:
     return gateway.gateway.stream_slots.total < count
 
 
+# ------------------------------------------------------------------------ per principal
+
+
+@pytest.fixture
+async def per_principal(runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(gateway_config(runtime.address, max_streams_per_principal=2))
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0)
+
+
+async def test_streams_per_principal_are_capped_for_each_caller_apart(
+    per_principal: RunningGateway, runtime: RunningRuntime
+) -> None:
+    slots = per_principal.gateway.stream_slots
+    busy = {"steps": 1, "step_seconds": 60, "chunk_interval_seconds": 0.1}
+    async with (
+        gateway_channel(per_principal.address) as mine,
+        gateway_channel(per_principal.address, OTHER_TOKEN) as theirs,
+    ):
+        tester, other = pb_grpc.GatewayServiceStub(mine), pb_grpc.GatewayServiceStub(theirs)
+        calls = [
+            tester.StartAndStream(start_request("ticker", busy, pb.CANCEL_POLICY_STOP))
+            for _ in range(2)
+        ]
+        try:
+            for call in calls:
+                await read_until(call, is_chunk)
+            assert slots.count(PRINCIPAL) == 2
+            error = await rpc_error(tester.StartAndStream(start_request("echo")))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details() == (
+                f"{PRINCIPAL} already has 2 open streams; "
+                "the limit is 2 (max_streams_per_principal)"
+            )
+            op_id = (await runtime.app.operations.list(None, 10, ""))[0][0].id
+            error = await rpc_error(
+                tester.StreamOperation(pb.StreamOperationRequest(operation_id=op_id))
+            )
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            page, _ = await runtime.app.operations.list(None, 10, "")
+            assert len(page) == 2  # the refused start created nothing
+            # Another principal has slots of its own.
+            theirs_done = await read_until(other.StartAndStream(start_request("echo")), is_terminal)
+            assert kind(theirs_done[-1]) == "event:completed"
+            assert theirs_done[0].accepted.operation.owner == OTHER_PRINCIPAL
+            # Closing one of tester's streams frees a slot for tester.
+            calls[0].cancel()
+            await eventually(lambda: _count_below(per_principal, PRINCIPAL, 2))
+            again = await read_until(tester.StartAndStream(start_request("echo")), is_terminal)
+            assert kind(again[-1]) == "event:completed"
+        finally:
+            for call in calls:
+                call.cancel()
+    await eventually(lambda: _count_below(per_principal, PRINCIPAL, 1))
+    assert slots.total == 0
+
+
+async def _count_below(gateway: RunningGateway, principal: str, count: int) -> bool:
+    return gateway.gateway.stream_slots.count(principal) < count
+
+
+@pytest.fixture
+async def paged_runtime(sqlite_url: str, gated: GatedAgent) -> AsyncIterator[RunningRuntime]:
+    """A runtime answering one operation per page, so counting a caller's operations pages."""
+    running = await start_runtime(runtime_config(sqlite_url, default_page_size=1), registry(gated))
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0)
+
+
+@pytest.fixture
+async def running_capped(paged_runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(
+        gateway_config(paged_runtime.address, max_running_per_principal=2)
+    )
+    try:
+        yield running
+    finally:
+        await running.stop(grace=0)
+
+
+async def _ended(runtime: RunningRuntime, op_id: str) -> bool:
+    return (await runtime.app.operations.get(op_id)).status.is_terminal
+
+
+async def test_running_operations_per_principal_are_capped(
+    running_capped: RunningGateway, paged_runtime: RunningRuntime, gated: GatedAgent
+) -> None:
+    runtime = paged_runtime
+    refusal = "max_running_per_principal (2) reached; stop or wait for one of your operations"
+    async with (
+        gateway_channel(running_capped.address) as mine,
+        gateway_channel(running_capped.address, OTHER_TOKEN) as theirs,
+    ):
+        tester, other = pb_grpc.GatewayServiceStub(mine), pb_grpc.GatewayServiceStub(theirs)
+        # Two operations that run on after their clients leave: the cap counts operations, not
+        # streams (one PENDING-held and one RUNNING would count the same).
+        op_ids = []
+        for _ in range(2):
+            call = tester.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_KEEP_RUNNING))
+            op_ids.append((await read_until(call, is_chunk))[0].accepted.operation_id)
+            call.cancel()
+        await eventually(lambda: _slots_below(running_capped, 1))
+        for request in (start_request("echo"), start_request("gated", {}, pb.CANCEL_POLICY_STOP)):
+            error = await rpc_error(tester.StartAndStream(request))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details() == refusal
+        page, _ = await runtime.app.operations.list(None, 10, "")
+        assert {o.id for o in page} == set(op_ids)  # the refused starts created nothing
+        # Another principal's operations are counted apart.
+        theirs_done = await read_until(other.StartAndStream(start_request("echo")), is_terminal)
+        assert kind(theirs_done[-1]) == "event:completed"
+        # Stopping one of tester's operations frees its place once it has ended...
+        await tester.StopOperation(pb.StopOperationRequest(operation_id=op_ids[0]))
+        await eventually(lambda: _ended(runtime, op_ids[0]))
+        again = await read_until(tester.StartAndStream(start_request("echo")), is_terminal)
+        assert kind(again[-1]) == "event:completed"
+        # ...and so does one that finishes by itself.
+        call = tester.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_STOP))
+        third = (await read_until(call, is_chunk))[0].accepted.operation_id
+        error = await rpc_error(tester.StartAndStream(start_request("echo")))
+        assert error.details() == refusal
+        gated.open(third)
+        await read_until(call, is_terminal)
+        again = await read_until(tester.StartAndStream(start_request("echo")), is_terminal)
+        assert kind(again[-1]) == "event:completed"
+        gated.open(op_ids[1])
+        await eventually(lambda: _ended(runtime, op_ids[1]))
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ([], {}, None),
+        (["--max-running-per-principal", "3"], {}, 3),
+        ([], {"STOPLINE_MAX_RUNNING_PER_PRINCIPAL": "7"}, 7),
+    ],
+)
+def test_running_limit_is_set_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str], expected: int | None
+) -> None:
+    configs: list[GatewayConfig] = []
+
+    async def record(config: GatewayConfig) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr("gateway_service.server.serve", record)
+    result = CliRunner().invoke(gateway_cli, ["serve", *args], env=env)
+    assert result.exit_code == 0, result.output
+    assert configs[0].max_running_per_principal == expected
+
+
 async def test_health_answers_serving_while_the_limits_are_saturated(
     client: Stub, limited: RunningGateway, runtime: RunningRuntime
 ) -> None:
@@ -273,6 +437,7 @@ async def test_health_answers_serving_while_the_limits_are_saturated(
     ]
     try:
         for address in (limited.address, runtime.address):
+            # Health needs no credentials: a plain channel, no token.
             async with aio.insecure_channel(address) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
