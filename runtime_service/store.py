@@ -32,10 +32,10 @@ from runtime_service.domain import (
     Operation,
     OperationStatus,
 )
+from runtime_service.hot_path import HotPath
 from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps
-from runtime_service.step_writes import StepWrites
 from stopline.errors import AlreadyExists
 
 STOPPING = "STOPPING"
@@ -112,8 +112,8 @@ def _owned_by(runner_id: str) -> ColumnElement[bool]:
 class OperationStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        # The runner's hot writes, as fixed SQL (see step_writes.py).
-        self.hot = StepWrites(engine)
+        # The runner's hot writes, as fixed SQL (see hot_path.py).
+        self.hot = HotPath(engine)
 
     # ----------------------------------------------------------------------------- reads
 
@@ -366,7 +366,7 @@ class OperationStore:
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> list[Event]:
         """Checkpoint a step that was not the last and begin the next, in one transaction
-        (see StepWrites.advance for what the returned events mean)."""
+        (see HotPath.advance for what the returned events mean)."""
         return self.hot.advance(operation_id, step, output, state, runner_id)
 
     def complete_step(
@@ -420,7 +420,7 @@ class OperationStore:
     def finish_interrupted(
         self, operation_id: str, step: int, mid_step: bool, runner_id: str
     ) -> Event | None:
-        """RUNNING -> INTERRUPTED after the runner halted (see StepWrites.finish_interrupted_in)."""
+        """RUNNING -> INTERRUPTED after the runner halted (see HotPath.finish_interrupted_in)."""
         return self.hot.finish_interrupted(operation_id, step, mid_step, runner_id)
 
     def finish_failed(

@@ -1,4 +1,4 @@
-"""The runner's hot writes (runtime_service/step_writes.py), which bypass SQLAlchemy Core: they
+"""The runner's hot writes (runtime_service/hot_path.py), which bypass SQLAlchemy Core: they
 must keep exactly the store's invariants, on both backends."""
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""The runner's hot writes (a step begins, a chunk is emitted, a step boundary is crossed) as
-fixed SQL strings run on the driver's own cursor.
+"""The latency- and throughput-critical statements, as fixed SQL run on the driver's own cursor:
+the runner's writes (a step begins, a chunk is emitted, a step boundary is crossed, a run is
+halted), the recording of a stop, and the reads watchers repeat (an operation, a page of events).
 
-Why not SQLAlchemy Core like the rest of the store: these writes happen several times per step,
-and building, caching-keying and compiling Core statements cost ten times the database work
-itself (bench/write_path.py measures it). The SQL here is fixed, so it is written once per
-dialect; the drivers then keep their own prepared statements (sqlite3's statement cache,
-psycopg's automatic server-side prepare). The invariants are the store's (see store.py): every
-write is a compare-and-set on the operation row that bumps `last_seq`, and the events it reports
-are inserted with those seqs in the same transaction.
+Why not SQLAlchemy Core like the rest of the store: these run several times per step, and
+building, cache-keying and compiling Core statements, plus the Connection layer around them, cost
+several times the database work itself (`python -m bench.write_path` measures it). The SQL here
+is fixed, so it is written once per dialect; the drivers then keep their own prepared statements
+(sqlite3's statement cache, psycopg's automatic server-side prepare). The invariants are the
+store's (see store.py): every write is a compare-and-set on the operation row that bumps
+`last_seq`, and the events it reports are inserted with those seqs in the same transaction.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ WITH op AS (
 SELECT last_seq, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op"""
 
 
-class StepWrites:
+class HotPath:
     """Each write comes twice: `x_in(cursor, ...)` runs inside a transaction the caller owns (the
     runner's group commit puts many in one), and `x(...)` runs alone in a transaction of its own.
     """
