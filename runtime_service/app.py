@@ -77,4 +77,5 @@ class RuntimeApp:
         await self.runner.shutdown()
         if self.listener is not None:
             await self.listener.close()
+        self.store.hot.close()
         await asyncio.to_thread(self.db.close)

@@ -153,6 +153,11 @@ class GroupCommit:
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written: a write now would have no company."""
+        return not self._draining
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(cursor, *args) inside a shared transaction; its result once that has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

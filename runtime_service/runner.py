@@ -34,6 +34,7 @@ from runtime_service.agents.base import Agent, StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.database import Database, GroupCommit
 from runtime_service.domain import Event, JSONValue, Operation
+from runtime_service.hot_path import WouldBlock
 from runtime_service.hub import EventHub
 from runtime_service.store import Claimed, OperationStore
 
@@ -238,14 +239,20 @@ class Runner:
     async def _write(
         self, together: Callable[..., W], alone: Callable[..., W], operation_id: str, *args: Any
     ) -> W:
-        """A hot write, whose events are published here once it has committed: group-committed
-        with others when the backend gains from it (SQLite's single writer), else in a
-        transaction of its own on the database threads."""
+        """A hot write, whose events are published here once it has committed. On SQLite (one
+        writer): inline when it would be alone, else group-committed with the others queued;
+        elsewhere, in a transaction of its own on the database threads."""
         with self._hub.local_write(operation_id):
-            if self._group is not None:
-                written = await self._group.run(together, operation_id, *args)
-            else:
+            if self._group is None:
                 written = await self._db.call(alone, operation_id, *args)
+            elif self._group.idle:
+                # Alone: write it here and now if SQLite is free (see HotPath.inline).
+                try:
+                    written = self._store.hot.inline(together, operation_id, *args)
+                except WouldBlock:
+                    written = await self._group.run(together, operation_id, *args)
+            else:
+                written = await self._group.run(together, operation_id, *args)
             self._publish(written)
         return written
 

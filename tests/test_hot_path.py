@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from runtime_service import convert
 from runtime_service.database import Database, GroupCommit, create_db_engine
 from runtime_service.domain import Event, EventKind, OperationStatus
+from runtime_service.hot_path import WouldBlock
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.operations import _next_in_order
 from runtime_service.store import OperationStore
@@ -151,3 +154,38 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(tmp_pa
             assert store.events_after(op_id, event.seq - 1)[0].data["text"] == f"out {op_id}"
     finally:
         db.close()
+
+
+def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> None:
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'inline.db'}")
+    upgrade_to_head(engine)
+    store = OperationStore(engine)
+    try:
+        op_id = running(store)
+        event = store.hot.inline(store.hot.append_chunk_in, op_id, 0, "now", "r")
+        assert event is not None and store.events_after(op_id, event.seq - 1)[0].data == {
+            "step": 0,
+            "text": "now",
+        }
+        other = sqlite3.connect(tmp_path / "inline.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+        before = store.events_after(op_id, 0)
+        with pytest.raises(WouldBlock):
+            store.hot.inline(store.hot.append_chunk_in, op_id, 0, "blocked", "r")
+        other.execute("ROLLBACK")
+        other.close()
+        assert store.events_after(op_id, 0) == before
+        assert store.hot.inline(store.hot.append_chunk_in, op_id, 0, "later", "r") is not None
+    finally:
+        store.hot.close()
+        engine.dispose()
+
+
+def test_only_sqlite_files_are_written_inline(store: OperationStore) -> None:
+    op_id = running(store)
+    if store.engine.dialect.name == "sqlite":
+        assert store.hot.inline(store.hot.append_chunk_in, op_id, 0, "x", "r") is not None
+        store.hot.close()
+    else:
+        with pytest.raises(WouldBlock):
+            store.hot.inline(store.hot.append_chunk_in, op_id, 0, "x", "r")
