@@ -1,6 +1,8 @@
-"""Where one write's time goes on SQLite: the store's Core statements vs the same SQL executed
-through `engine.begin()` vs a pooled DBAPI connection. This is the probe behind BENCHMARKS.md's
-"what limits it"; rerun it after changing the store.
+"""Where one write's time goes on SQLite: one output chunk (an `UPDATE ... RETURNING` and an
+`INSERT`, in one transaction) through SQLAlchemy Core statements built per call, the same SQL
+through `engine.begin()`, the runtime's hot path (runtime_service/hot_path.py) on its own and
+inline, and a bare pooled DBAPI connection. This is the probe behind BENCHMARKS.md's "what limits
+it"; rerun it after changing the store.
 
     python -m bench.write_path
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from runtime_service.database import create_db_engine
+from runtime_service.domain import EventKind
 from runtime_service.migrate import upgrade_to_head
-from runtime_service.store import OperationStore
+from runtime_service.store import OperationStore, _owned_by
 
 UPDATE = (
     "UPDATE operations SET last_seq=last_seq+1, updated_at=? "
@@ -39,8 +43,23 @@ def main(n: int = 2000) -> None:
         op_id = store.create("noop", {}, None).operation.id
         store.claim(op_id, "r", 600)
 
-        def via_store() -> object:
+        def via_core() -> object:
+            # How every write was made before the hot path: Core statements built per call.
+            with engine.begin() as conn:
+                return store._append(
+                    conn,
+                    op_id,
+                    EventKind.OUTPUT_CHUNK,
+                    {"step": 0, "text": "x" * 64},
+                    datetime.now(UTC),
+                    where=_owned_by("r"),
+                )
+
+        def via_hot_path() -> object:
             return store.append_chunk(op_id, 0, "x" * 64, "r")
+
+        def via_inline() -> object:
+            return store.hot.inline(store.hot.append_chunk_in, op_id, 0, "x" * 64, "r")
 
         def via_begin() -> object:
             with engine.begin() as conn:
@@ -59,12 +78,15 @@ def main(n: int = 2000) -> None:
             return seq
 
         for label, fn in (
-            ("store.append_chunk (Core statements built per call)", via_store),
+            ("Core statements built per call (the old store)", via_core),
             ("same SQL via engine.begin() + exec_driver_sql", via_begin),
+            ("store.append_chunk: hot path, its own transaction", via_hot_path),
+            ("hot path inline (the runner's idle case)", via_inline),
             ("same SQL on the pooled DBAPI connection", via_dbapi),
         ):
             print(f"{label:<54} {per_call_us(fn, n):6.0f} us")
         raw.close()
+        store.hot.close()
         engine.dispose()
 
 

@@ -112,6 +112,7 @@ class Database:
         self.engine = engine
         workers = 1 if engine.dialect.name == "sqlite" else 8
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stopline-db")
+        self._in_flight = 0  # touched on the event loop only
 
     @property
     def backend(self) -> str:
@@ -122,7 +123,16 @@ class Database:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         bound = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._executor, bound)
+        self._in_flight += 1
+        try:
+            return await loop.run_in_executor(self._executor, bound)
+        finally:
+            self._in_flight -= 1
+
+    @property
+    def idle(self) -> bool:
+        """No call of this process is on (or queued for) the database threads."""
+        return self._in_flight == 0
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -155,8 +165,9 @@ class GroupCommit:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued or being written: a write now would have no company."""
-        return not self._draining
+        """Nothing queued or being written, and the database thread free: a write now would
+        have no company and would not contend with this process for SQLite's write lock."""
+        return not self._draining and self._db.idle
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(cursor, *args) inside a shared transaction; its result once that has committed."""
