@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from runtime_service.domain import Event, EventKind, JSONValue, Operation
-from runtime_service.notifications import EVENTS, STOPS
+from runtime_service.notifications import EVENTS, STOPS, WORK
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import UTCDateTime
 
@@ -124,6 +124,26 @@ UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
 WHERE {_OWNED}
 RETURNING last_seq, stop_requested_at"""
 
+# Starting an operation (StartOperation, ReleaseOperation, the runner's claim after a local start).
+_BY_KEY = "SELECT * FROM operations WHERE owner = :owner AND idempotency_key = :key"
+
+_CREATE = """
+INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner, labels_json,
+  status, steps_completed, last_seq, held_until, created_at, updated_at)
+VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
+  'PENDING', 0, 1, :held_until, :now, :now)"""
+
+_RELEASE = """
+UPDATE operations SET held_until = NULL
+WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
+RETURNING id"""
+
+_CLAIM = """
+UPDATE operations SET status = 'RUNNING', runner_id = :runner, lease_expires_at = :lease,
+  held_until = NULL, last_seq = last_seq + 1, updated_at = :now
+WHERE id = :id AND status = 'PENDING' AND (held_until IS NULL OR held_until <= :now)
+RETURNING last_seq, steps_completed"""
+
 _FINISH_ATTEMPT_INTERRUPTED = """
 UPDATE steps SET finished_at = :now, outcome = 'interrupted'
 WHERE operation_id = :id AND step = :step AND finished_at IS NULL
@@ -211,6 +231,10 @@ class HotPath:
                 "finish": _FINISH_ATTEMPT,
                 "notify": _NOTIFY,
                 "get": _GET,
+                "by_key": _BY_KEY,
+                "create": _CREATE,
+                "release": _RELEASE,
+                "claim": _CLAIM,
                 "events_after": _EVENTS_AFTER,
                 "record_stop": _RECORD_STOP,
                 "interrupt_pending": _INTERRUPT_PENDING,
@@ -363,6 +387,11 @@ class HotPath:
 
     def get_in(self, cur: Any, operation_id: str) -> Operation | None:
         cur.execute(self._q["get"], {"id": operation_id})
+        row = self._row(cur)
+        return None if row is None else operation_from_row(row)
+
+    def _row(self, cur: Any) -> SimpleNamespace | None:
+        """The next row of an operations query, by column name, with timestamps converted."""
         row = cur.fetchone()
         if row is None:
             return None
@@ -370,7 +399,76 @@ class HotPath:
         values = dict(zip(names, row, strict=True))
         for name in _TIME_COLUMNS:
             values[name] = self._read_time(values[name])
-        return operation_from_row(SimpleNamespace(**values))
+        return SimpleNamespace(**values)
+
+    # -------------------------------------------------------------------- starting
+
+    def find_by_key(self, owner: str, key: str) -> SimpleNamespace | None:
+        """The owner's operation with this idempotency key, as a row (with request_hash)."""
+        with self._read() as cur:
+            cur.execute(self._q["by_key"], {"owner": owner, "key": key})
+            return self._row(cur)
+
+    def create_in(
+        self,
+        cur: Any,
+        operation_id: str,
+        columns: dict[str, Any],
+        held_until: datetime | None,
+        now: datetime,
+    ) -> tuple[Operation, Event]:
+        """Insert a PENDING operation (`columns`: agent, input, hash, key, owner, labels) with
+        its `created` event as seq 1."""
+        stamp = self._time(now)
+        cur.execute(
+            self._q["create"],
+            {
+                **columns,
+                "id": operation_id,
+                "held_until": None if held_until is None else self._time(held_until),
+                "now": stamp,
+            },
+        )
+        data: dict[str, JSONValue] = {"agent": columns["agent"]}
+        event = self._event_in(cur, operation_id, 1, EventKind.CREATED, data, now)
+        if held_until is None and self._postgres:
+            cur.execute(self._q["notify"], {"channel": WORK, "payload": ""})
+        operation = self.get_in(cur, operation_id)
+        assert operation is not None
+        return operation, event
+
+    def release(self, operation_id: str) -> bool:
+        """End a hold: the operation becomes claimable now. False if it was not held."""
+        with self.transaction() as cur:
+            cur.execute(self._q["release"], {"id": operation_id})
+            released = cur.fetchone() is not None
+            if released and self._postgres:
+                cur.execute(self._q["notify"], {"channel": WORK, "payload": ""})
+        return released
+
+    def claim(
+        self, operation_id: str, runner_id: str, lease_seconds: float
+    ) -> tuple[Operation, Event] | None:
+        """Take this PENDING, unheld operation for `runner_id`; None when another runner took
+        it first, it is held, or it was stopped."""
+        now = datetime.now(UTC)
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "lease": self._time(now + timedelta(seconds=lease_seconds)),
+        }
+        with self.transaction() as cur:
+            cur.execute(self._q["claim"], params)
+            row = cur.fetchone()
+            if row is None:
+                return None
+            seq, steps_completed = row
+            data: dict[str, JSONValue] = {"from_step": steps_completed, "resumed": False}
+            event = self._event_in(cur, operation_id, seq, EventKind.STARTED, data, now)
+            operation = self.get_in(cur, operation_id)
+        assert operation is not None
+        return operation, event
 
     def _notify(self, cursor: Any, operation_id: str, seq: int) -> None:
         # Watchers on other replicas re-read from their last seq, so the newest seq is enough.

@@ -188,31 +188,18 @@ class OperationStore:
                 return Created(existing, created=False, events=())
         now = utcnow()
         op_id = str(uuid.uuid4())
+        columns = {
+            "agent": agent,
+            "input": dump_json(input_value),
+            "hash": fingerprint,
+            "key": idempotency_key,
+            "owner": owner,
+            "labels": dump_json(labels) if labels else None,
+        }
+        held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
         try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(operations).values(
-                        id=op_id,
-                        agent=agent,
-                        input_json=dump_json(input_value),
-                        request_hash=fingerprint,
-                        idempotency_key=idempotency_key,
-                        owner=owner,
-                        labels_json=dump_json(labels) if labels else None,
-                        status=OperationStatus.PENDING,
-                        steps_completed=0,
-                        last_seq=0,
-                        held_until=now + timedelta(seconds=hold_seconds) if hold_seconds else None,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                event = self._append(conn, op_id, EventKind.CREATED, {"agent": agent}, now)
-                assert event is not None
-                if not hold_seconds:
-                    notify(conn, WORK)
-                operation = self._get(conn, op_id)
-                assert operation is not None
+            with self.hot.transaction() as cursor:
+                operation, event = self.hot.create_in(cursor, op_id, columns, held_until, now)
         except IntegrityError:
             # Lost a race with a concurrent start using the same key: return the winner.
             if idempotency_key is None:
@@ -225,19 +212,7 @@ class OperationStore:
 
     def release(self, operation_id: str) -> bool:
         """End a hold: the operation becomes claimable now. False if it was not held."""
-        with self.engine.begin() as conn:
-            released = conn.execute(
-                update(operations)
-                .where(
-                    operations.c.id == operation_id,
-                    operations.c.status == OperationStatus.PENDING,
-                    operations.c.held_until.is_not(None),
-                )
-                .values(held_until=None)
-            ).rowcount
-            if released:
-                notify(conn, WORK)
-            return bool(released)
+        return self.hot.release(operation_id)
 
     def record_stop(
         self, operation_id: str, requested_by: str, reason: str
@@ -258,17 +233,8 @@ class OperationStore:
     def claim(self, operation_id: str, runner_id: str, lease_seconds: float) -> Claimed | None:
         """Fast path after a start on this replica: take this PENDING, unheld operation.
         None when another replica took it first, it is held, or it was stopped."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            return self._take(
-                conn,
-                operation_id,
-                runner_id,
-                now,
-                lease_seconds,
-                where=_pending_unheld(now),
-                resumed=False,
-            )
+        taken = self.hot.claim(operation_id, runner_id, lease_seconds)
+        return None if taken is None else Claimed(*taken)
 
     def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
         """Take up to `limit` claimable operations: PENDING ones (not held), and RUNNING ones
@@ -574,12 +540,7 @@ class OperationStore:
         return operation_from_row(row) if row is not None else None
 
     def _find_by_key(self, owner: str, key: str, fingerprint: str) -> Operation | None:
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                select(operations).where(
-                    operations.c.owner == owner, operations.c.idempotency_key == key
-                )
-            ).first()
+        row = self.hot.find_by_key(owner, key)
         if row is None:
             return None
         if row.request_hash != fingerprint:

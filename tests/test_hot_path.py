@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy.exc import IntegrityError
 
 from runtime_service import convert
 from runtime_service.database import Database, GroupCommit, create_db_engine
@@ -22,6 +24,7 @@ from runtime_service.hot_path import WouldBlock
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.operations import _next_in_order
 from runtime_service.store import OperationStore
+from stopline.errors import AlreadyExists
 from stopline.v1 import operation_pb2 as op_pb
 
 
@@ -189,3 +192,23 @@ def test_only_sqlite_files_are_written_inline(store: OperationStore) -> None:
     else:
         with pytest.raises(WouldBlock):
             store.hot.inline(store.hot.append_chunk_in, op_id, 0, "x", "r")
+
+
+def test_a_duplicate_idempotency_key_is_sqlalchemys_integrity_error(store: OperationStore) -> None:
+    """The store's race handling (two starts with one key) catches SQLAlchemy's IntegrityError;
+    the raw path must raise that, not the driver's own exception."""
+    now = datetime.now(UTC)
+    columns = {
+        "agent": "echo",
+        "input": "{}",
+        "hash": "h",
+        "key": "k",
+        "owner": "o",
+        "labels": None,
+    }
+    with store.hot.transaction() as cursor:
+        store.hot.create_in(cursor, str(uuid.uuid4()), columns, None, now)
+    with pytest.raises(IntegrityError), store.hot.transaction() as cursor:
+        store.hot.create_in(cursor, str(uuid.uuid4()), columns, None, now)
+    with pytest.raises(AlreadyExists):  # the stored request differs: a conflicting reuse
+        store.create("echo", {}, "k", owner="o")
