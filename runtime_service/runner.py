@@ -177,9 +177,13 @@ class Runner:
         run.task.add_done_callback(partial(self._forget, run))
 
     def _forget(self, run: _Run, task: asyncio.Task[None]) -> None:
+        was_full = len(self._runs) >= self.settings.max_running
         if self._runs.get(run.operation_id) is run:
             del self._runs[run.operation_id]
-        self.wake()  # a slot is free
+        if was_full:
+            # A slot opened where the claim loop had none: look for work that waited for one.
+            # (Below capacity the loop already claims whatever becomes claimable.)
+            self.wake()
         if not task.cancelled() and task.exception() is not None:
             log.error("operation %s: runner crashed", run.operation_id, exc_info=task.exception())
 
