@@ -32,7 +32,6 @@ class OperationStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset(
     {OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.INTERRUPTED}
 )
-ACTIVE_STATUSES = frozenset({OperationStatus.PENDING, OperationStatus.RUNNING})
 
 
 class EventKind(enum.StrEnum):

@@ -244,8 +244,6 @@ class HotPath:
                 "pg_chunk": _PG_CHUNK,
             }.items()
         }
-        # Single-statement writes need no BEGIN/COMMIT round trips of their own.
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:

@@ -1,4 +1,5 @@
-"""Stored rows -> domain values, shared by the SQLAlchemy store and the raw-cursor hot path.
+"""Stored operation rows -> domain values, shared by the SQLAlchemy store and the raw-cursor hot
+path.
 
 `row` is anything with the columns as attributes (a SQLAlchemy Row, or a namespace built from a
 DBAPI cursor), with timestamps already converted to aware datetimes.
@@ -10,8 +11,6 @@ import json
 from typing import Any
 
 from runtime_service.domain import (
-    Event,
-    EventKind,
     JSONValue,
     Operation,
     OperationStatus,
@@ -44,14 +43,4 @@ def operation_from_row(row: Any) -> Operation:
         updated_at=row.updated_at,
         finished_at=row.finished_at,
         owner=row.owner,
-    )
-
-
-def event_from_row(row: Any) -> Event:
-    return Event(
-        operation_id=row.operation_id,
-        seq=row.seq,
-        kind=EventKind(row.kind),
-        data=json.loads(row.data_json),
-        created_at=row.created_at,
     )
