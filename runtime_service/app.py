@@ -10,8 +10,9 @@ from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, GroupCommit, create_db_engine
 from runtime_service.hub import EventHub
 from runtime_service.migrate import upgrade_to_head
-from runtime_service.notifications import Handlers, PostgresListener
+from runtime_service.notifications import Handlers, PostgresListener, libpq_url
 from runtime_service.operations import OperationsService
+from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.runner import Runner, RunnerSettings
 from runtime_service.store import OperationStore
 
@@ -25,6 +26,7 @@ class RuntimeApp:
     runner: Runner
     operations: OperationsService
     listener: PostgresListener | None = None
+    batcher: PostgresBatcher | None = None
 
     @classmethod
     async def open(cls, config: RuntimeConfig, agents: AgentRegistry | None = None) -> RuntimeApp:
@@ -44,10 +46,15 @@ class RuntimeApp:
             poll_seconds=config.poll_seconds,
             abort_mid_step=config.abort_mid_step,
         )
-        # SQLite has one writer: batching the runner's writes into shared transactions pays.
-        group = GroupCommit(db, store.hot.transaction) if db.backend == "sqlite" else None
-        runner = Runner(db, store, registry, hub, settings, group)
-        operations = OperationsService(config, db, store, registry, hub, runner)
+        # The runner's writes share transactions when several are queued: on SQLite through
+        # its one database thread (GroupCommit), on PostgreSQL on the event loop (pg_batch).
+        group, batcher = None, None
+        if db.backend == "sqlite":
+            group = GroupCommit(db, store.hot.run_together)
+        else:
+            batcher = PostgresBatcher(libpq_url(config.database_url))
+        runner = Runner(db, store, registry, hub, settings, group, batcher)
+        operations = OperationsService(config, db, store, registry, hub, runner, batcher)
         listener = None
 
         def recheck_everything() -> None:
@@ -71,11 +78,13 @@ class RuntimeApp:
             # them now instead of waiting for their leases to lapse.
             await db.call(store.expire_all_leases)
         runner.start()
-        return cls(config, db, store, hub, runner, operations, listener)
+        return cls(config, db, store, hub, runner, operations, listener, batcher)
 
     async def close(self) -> None:
         await self.runner.shutdown()
         if self.listener is not None:
             await self.listener.close()
+        if self.batcher is not None:
+            await self.batcher.close()
         self.store.hot.close()
         await asyncio.to_thread(self.db.close)

@@ -15,7 +15,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -23,6 +22,8 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
+
+from runtime_service.hot_path import Together
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -140,24 +141,25 @@ class Database:
 
 
 class GroupCommit:
-    """Many small writes, one transaction: the runner's hot writes queue here, and the database
-    thread runs everything queued so far in a single transaction (group commit).
+    """Many small writes, one transaction (SQLite): the runner's hot writes queue here, and the
+    database thread runs everything queued so far in a single transaction (group commit).
 
-    Why: on SQLite every write funnels through one thread, and opening and committing a
-    transaction costs more than the few statements of a step boundary; with many operations
-    running, the queue is rarely empty, so batching removes most of that cost. Each write's
-    result is handed back only after its transaction commits. If the batch fails, each write is
-    retried alone, so one bad write cannot take the others' results (or errors) with it.
+    Why: SQLite has one writer, and opening and committing a transaction costs more than the
+    few statements of a step boundary; with many operations running the queue is rarely empty,
+    so batching removes most of that cost. A write queued alone runs alone. Each write's result
+    is handed back only after its transaction commits. If a batch fails, each write is retried
+    alone, so one bad write cannot take the others' results (or errors) with it. (PostgreSQL's
+    counterpart, which also pipelines the statements, is pg_batch.PostgresBatcher.)
     """
 
     def __init__(
         self,
         db: Database,
-        transaction: Callable[[], AbstractContextManager[Any]],
+        run_together: Callable[[list[Together]], list[Any]],
         max_batch: int = 256,
     ) -> None:
         self._db = db
-        self._transaction = transaction
+        self._run_together = run_together
         self._max_batch = max_batch
         self._queue: deque[_Write] = deque()
         self._draining = False
@@ -165,14 +167,17 @@ class GroupCommit:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued or being written, and the database thread free: a write now would
+        """Nothing queued or being written, and the database threads free: a write now would
         have no company and would not contend with this process for SQLite's write lock."""
         return not self._draining and self._db.idle
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(cursor, *args) inside a shared transaction; its result once that has committed."""
+    async def run(
+        self, together: Callable[..., Callable[[], T]], alone: Callable[..., T], *args: Any
+    ) -> T:
+        """The write `together(cursor, *args)` inside a shared transaction, or `alone(*args)`
+        if nothing shares it; its result once that has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Write(fn, args, future))
+        self._queue.append(_Write(together, alone, args, future))
         if not self._draining:
             self._draining = True
             self._drainer = asyncio.create_task(self._drain(), name="group commit")
@@ -201,24 +206,25 @@ class GroupCommit:
             self._draining = False
 
     def _execute(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        if len(batch) == 1:
+            return [self._alone(batch[0])]
         try:
-            with self._transaction() as cursor:
-                return [(True, write.fn(cursor, *write.args)) for write in batch]
-        except Exception as exc:
-            if len(batch) == 1:
-                return [(False, exc)]
-        return [self._alone(write) for write in batch]
+            results = self._run_together([(write.together, write.args) for write in batch])
+        except Exception:
+            return [self._alone(write) for write in batch]
+        return [(True, result) for result in results]
 
-    def _alone(self, write: _Write) -> tuple[bool, Any]:
+    @staticmethod
+    def _alone(write: _Write) -> tuple[bool, Any]:
         try:
-            with self._transaction() as cursor:
-                return True, write.fn(cursor, *write.args)
+            return True, write.alone(*write.args)
         except Exception as exc:
             return False, exc
 
 
 @dataclass(eq=False)
 class _Write:
-    fn: Callable[..., Any]
+    together: Callable[..., Callable[[], Any]]
+    alone: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
@@ -28,12 +29,35 @@ from sqlalchemy.exc import DBAPIError
 from runtime_service.domain import Event, EventKind, JSONValue, Operation
 from runtime_service.notifications import EVENTS, STOPS, WORK
 from runtime_service.rows import operation_from_row
-from runtime_service.schema import UTCDateTime
+from runtime_service.schema import UTCDateTime, operations
 
 STEP_COMPLETED = EventKind.STEP_COMPLETED
 
 
 T = TypeVar("T")
+
+
+# What a runner write's `x_in(cursor, ...)` returns: its statements are sent, and calling this reads
+# their outcome.
+Sent = Callable[[], T]
+
+
+@dataclass(frozen=True, slots=True)
+class Statement(Generic[T]):
+    """A write that is one statement (PostgreSQL's chunk and step boundary), as data, so that a
+    batcher can send many at once and read each outcome from its returned row (see pg_batch)."""
+
+    sql: str
+    params: dict[str, Any]
+    read: Callable[[Any], T]  # the statement's one returned row, or None -> the outcome
+
+
+# One write of a group commit: its `x_in` and its arguments after the cursor.
+Together = tuple[Callable[..., Callable[[], Any]], tuple[Any, ...]]
+
+
+def _ready(value: T) -> Sent[T]:
+    return lambda: value
 
 
 class WouldBlock(Exception):
@@ -188,9 +212,87 @@ WITH op AS (
 SELECT last_seq, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op"""
 
 
+# Every column of an operation, in a fixed order, for statements that return a whole row.
+_COLUMNS = tuple(column.name for column in operations.c)
+_COLUMN_LIST = ", ".join(_COLUMNS)
+
+# PostgreSQL: a locally started operation is claimed and its first step begun in one statement
+# (its claim and step_started events, its attempt row); a PENDING operation never has a stop
+# recorded (recording one interrupts it), so the step always begins.
+_PG_CLAIM_AND_START = f"""
+WITH claimed AS (
+  UPDATE operations SET status = 'RUNNING', runner_id = :runner, lease_expires_at = :lease,
+    held_until = NULL, last_seq = last_seq + 2, updated_at = :now
+  WHERE id = :id AND status = 'PENDING' AND (held_until IS NULL OR held_until <= :now)
+  RETURNING {_COLUMN_LIST}
+), attempt AS (
+  SELECT count(*) + 1 AS n FROM steps
+  WHERE operation_id = :id AND step = (SELECT steps_completed FROM claimed)
+), began AS (
+  INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
+  SELECT :id, steps_completed, attempt.n, :runner, :now FROM claimed, attempt
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq - 1, 'started',
+    -- (',"resumed":' and 'false}}' apart: a colon before a word would read as a parameter)
+    '{{"from_step":' || steps_completed || ',"resumed":' || 'false}}', :now FROM claimed
+  UNION ALL
+  SELECT :id, last_seq, 'step_started',
+    '{{"step":' || steps_completed || ',"attempt":' || attempt.n || '}}', :now
+  FROM claimed, attempt
+)
+SELECT {_COLUMN_LIST}, attempt.n, pg_notify('{EVENTS}', :id || ':' || last_seq)
+FROM claimed, attempt"""
+
+# PostgreSQL: a new operation and its `created` event in one statement; no row when the owner's
+# idempotency key is taken (the caller then looks for the twin the slow way).
+_PG_CREATE = f"""
+WITH created AS (
+  INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner,
+    labels_json, status, steps_completed, last_seq, held_until, created_at, updated_at)
+  VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
+    'PENDING', 0, 1, :held_until, :now, :now)
+  ON CONFLICT (owner, idempotency_key) DO NOTHING
+  RETURNING {_COLUMN_LIST}
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT id, 1, 'created', :data, :now FROM created
+)
+SELECT {_COLUMN_LIST}, CASE WHEN :announce AND held_until IS NULL THEN pg_notify('{WORK}', '') END
+FROM created"""
+
+_PG_RELEASE = f"""
+WITH released AS (
+  UPDATE operations SET held_until = NULL
+  WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
+  RETURNING {_COLUMN_LIST}
+)
+SELECT {_COLUMN_LIST}, CASE WHEN :announce THEN pg_notify('{WORK}', '') END FROM released"""
+
+# PostgreSQL: start_step as one statement.
+_PG_START_STEP = f"""
+WITH op AS (
+  UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
+  WHERE {_OWNED} AND stop_requested_at IS NULL
+  RETURNING last_seq
+), attempt AS (
+  SELECT count(*) + 1 AS n FROM steps WHERE operation_id = :id AND step = :step
+), began AS (
+  INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
+  SELECT :id, :step, attempt.n, :runner, :now FROM op, attempt
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq, 'step_started',
+    '{{"step":' || :step || ',"attempt":' || attempt.n || '}}', :now
+  FROM op, attempt
+)
+SELECT last_seq, attempt.n, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op, attempt"""
+
+
 class HotPath:
-    """Each write comes twice: `x_in(cursor, ...)` runs inside a transaction the caller owns (the
-    runner's group commit puts many in one), and `x(...)` runs alone in a transaction of its own.
+    """Each runner write comes twice: `x_in(cursor, ...)` sends it inside a transaction the caller
+    owns and returns how to read its outcome (the runner's group commit puts many in one, see
+    run_together), and `x(...)` runs it alone in a transaction of its own.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -242,6 +344,10 @@ class HotPath:
                 "finish_interrupted": _FINISH_ATTEMPT_INTERRUPTED,
                 "pg_advance": _PG_ADVANCE,
                 "pg_chunk": _PG_CHUNK,
+                "pg_claim_and_start": _PG_CLAIM_AND_START,
+                "pg_release": _PG_RELEASE,
+                "pg_create": _PG_CREATE,
+                "pg_start_step": _PG_START_STEP,
             }.items()
         }
 
@@ -268,6 +374,12 @@ class HotPath:
             return
         with self._raw(autocommit=True) as cursor:
             yield cursor
+
+    def run_together(self, writes: Sequence[Together]) -> list[Any]:
+        """Run `writes` in one transaction and return their outcomes, in order; any failure
+        rolls back all of them and raises (the group commit then retries each alone)."""
+        with self.transaction() as cur:
+            return [write(cur, *args)() for write, args in writes]
 
     @contextmanager
     def _raw(self, autocommit: bool) -> Iterator[Any]:
@@ -306,7 +418,12 @@ class HotPath:
 
     # -------------------------------------------------------------------- inline (SQLite)
 
-    def inline(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def writes_inline(self) -> bool:
+        """Whether inline() can write here at all (a SQLite file)."""
+        return self._inline_path is not None
+
+    def inline(self, fn: Callable[..., Sent[T]], *args: Any) -> T:
         """fn(cursor, *args) in a transaction of its own, right here on the calling (event loop)
         thread, or WouldBlock at once if that would mean waiting.
 
@@ -328,7 +445,7 @@ class HotPath:
             except self._dbapi.OperationalError as exc:
                 raise WouldBlock(str(exc)) from exc
             try:
-                result = fn(cursor, *args)
+                result = fn(cursor, *args)()
                 connection.commit()
             except BaseException:
                 connection.rollback()
@@ -393,7 +510,9 @@ class HotPath:
         row = cur.fetchone()
         if row is None:
             return None
-        names = [column[0] for column in cur.description]
+        return self._named([column[0] for column in cur.description], row)
+
+    def _named(self, names: Sequence[str], row: Sequence[Any]) -> SimpleNamespace:
         values = dict(zip(names, row, strict=True))
         for name in _TIME_COLUMNS:
             values[name] = self._read_time(values[name])
@@ -435,6 +554,34 @@ class HotPath:
         assert operation is not None
         return operation, event
 
+    def create_statement(
+        self,
+        operation_id: str,
+        columns: dict[str, Any],
+        held_until: datetime | None,
+        now: datetime,
+        announce: bool = True,
+    ) -> Statement[tuple[Operation, Event] | None]:
+        """create_in as one PostgreSQL statement; None when the idempotency key is taken.
+        `announce`: as for release_statement."""
+        data: dict[str, JSONValue] = {"agent": columns["agent"]}
+        params = {
+            **columns,
+            "id": operation_id,
+            "held_until": None if held_until is None else self._time(held_until),
+            "now": self._time(now),
+            "data": _dump(data),
+            "announce": announce,
+        }
+
+        def read(row: Any) -> tuple[Operation, Event] | None:
+            if row is None:
+                return None
+            operation = operation_from_row(self._named(_COLUMNS, row[: len(_COLUMNS)]))
+            return operation, Event(operation_id, 1, EventKind.CREATED, data, now)
+
+        return Statement(self._q["pg_create"], params, read)
+
     def release(self, operation_id: str) -> bool:
         """End a hold: the operation becomes claimable now. False if it was not held."""
         with self.transaction() as cur:
@@ -468,6 +615,48 @@ class HotPath:
         assert operation is not None
         return operation, event
 
+    def release_statement(
+        self, operation_id: str, announce: bool = True
+    ) -> Statement[Operation | None]:
+        """release as one PostgreSQL statement: the released operation, or None if it was not
+        held (unknown, already released, or ended). `announce`: tell every replica there is
+        work (not needed when this one runs it right away)."""
+
+        def read(row: Any) -> Operation | None:
+            if row is None:
+                return None
+            return operation_from_row(self._named(_COLUMNS, row[: len(_COLUMNS)]))
+
+        return Statement(self._q["pg_release"], {"id": operation_id, "announce": announce}, read)
+
+    def claim_and_start_statement(
+        self, operation_id: str, runner_id: str, lease_seconds: float
+    ) -> Statement[tuple[Operation, list[Event]] | None]:
+        """claim, then start_step of its next step, as one PostgreSQL statement: the operation
+        (RUNNING, this runner's) and its [started, step_started] events, or None when another
+        runner took it first, it is held, or it was stopped."""
+        now = datetime.now(UTC)
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "lease": self._time(now + timedelta(seconds=lease_seconds)),
+        }
+
+        def read(row: Any) -> tuple[Operation, list[Event]] | None:
+            if row is None:
+                return None
+            operation = operation_from_row(self._named(_COLUMNS, row[: len(_COLUMNS)]))
+            attempt, step, seq = row[len(_COLUMNS)], operation.steps_completed, operation.last_seq
+            claimed: dict[str, JSONValue] = {"from_step": step, "resumed": False}
+            started: dict[str, JSONValue] = {"step": step, "attempt": attempt}
+            return operation, [
+                Event(operation_id, seq - 1, EventKind.STARTED, claimed, now),
+                Event(operation_id, seq, EventKind.STEP_STARTED, started, now),
+            ]
+
+        return Statement(self._q["pg_claim_and_start"], params, read)
+
     def _notify(self, cursor: Any, operation_id: str, seq: int) -> None:
         # Watchers on other replicas re-read from their last seq, so the newest seq is enough.
         if self._postgres:
@@ -478,11 +667,15 @@ class HotPath:
 
     def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         with self.transaction() as cur:
-            return self.start_step_in(cur, operation_id, step, runner_id)
+            return self.start_step_in(cur, operation_id, step, runner_id)()
 
-    def start_step_in(self, cur: Any, operation_id: str, step: int, runner_id: str) -> Event | None:
+    def start_step_in(
+        self, cur: Any, operation_id: str, step: int, runner_id: str
+    ) -> Sent[Event | None]:
         """Begin `step` (attempt row + step_started), unless a stop is recorded or the operation
         is no longer this runner's."""
+        if self._postgres:
+            return self._send(cur, self.start_step_statement(operation_id, step, runner_id))
         now = datetime.now(UTC)
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
         cur.execute(self._q["count"], params)
@@ -490,7 +683,7 @@ class HotPath:
         cur.execute(self._q["start"], params)
         row = cur.fetchone()
         if row is None:
-            return None
+            return _ready(None)
         seq = row[0]
         data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
         cur.execute(
@@ -499,37 +692,68 @@ class HotPath:
         )
         cur.execute(self._q["attempt"], {**params, "attempt": attempt})
         self._notify(cur, operation_id, seq)
-        return Event(operation_id, seq, EventKind.STEP_STARTED, data, now)
+        return _ready(Event(operation_id, seq, EventKind.STEP_STARTED, data, now))
+
+    def start_step_statement(
+        self, operation_id: str, step: int, runner_id: str
+    ) -> Statement[Event | None]:
+        """start_step as one PostgreSQL statement."""
+        now = datetime.now(UTC)
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
+
+        def read(row: Any) -> Event | None:
+            if row is None:
+                return None
+            data: dict[str, JSONValue] = {"step": step, "attempt": row[1]}
+            return Event(operation_id, row[0], EventKind.STEP_STARTED, data, now)
+
+        return Statement(self._q["pg_start_step"], params, read)
 
     # -------------------------------------------------------------------- output
 
     def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
         with self._alone() as cur:
-            return self.append_chunk_in(cur, operation_id, step, text, runner_id)
+            return self.append_chunk_in(cur, operation_id, step, text, runner_id)()
 
     def append_chunk_in(
         self, cur: Any, operation_id: str, step: int, text: str, runner_id: str
-    ) -> Event | None:
+    ) -> Sent[Event | None]:
         """Store an output chunk; None when the operation has ended or changed hands."""
+        if self._postgres:
+            return self._send(cur, self.chunk_statement(operation_id, step, text, runner_id))
         now = datetime.now(UTC)
         data: dict[str, JSONValue] = {"step": step, "text": text}
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
-        if self._postgres:
-            cur.execute(self._q["pg_chunk"], {**params, "data": _dump(data)})
-            row = cur.fetchone()
-            if row is None:
-                return None
-            return Event(operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
         cur.execute(self._q["chunk"], params)
         row = cur.fetchone()
         if row is None:
-            return None
+            return _ready(None)
         seq = row[0]
         cur.execute(
             self._q["event"],
             {**params, "seq": seq, "kind": EventKind.OUTPUT_CHUNK.value, "data": _dump(data)},
         )
-        return Event(operation_id, seq, EventKind.OUTPUT_CHUNK, data, now)
+        return _ready(Event(operation_id, seq, EventKind.OUTPUT_CHUNK, data, now))
+
+    def chunk_statement(
+        self, operation_id: str, step: int, text: str, runner_id: str
+    ) -> Statement[Event | None]:
+        """append_chunk as one PostgreSQL statement."""
+        now = datetime.now(UTC)
+        data: dict[str, JSONValue] = {"step": step, "text": text}
+        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
+
+        def read(row: Any) -> Event | None:
+            if row is None:
+                return None
+            return Event(operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
+
+        return Statement(self._q["pg_chunk"], {**params, "data": _dump(data)}, read)
+
+    @staticmethod
+    def _send(cur: Any, statement: Statement[T]) -> Sent[T]:
+        cur.execute(statement.sql, statement.params)
+        return lambda: statement.read(cur.fetchone())
 
     # -------------------------------------------------------------------- a step boundary
 
@@ -537,7 +761,7 @@ class HotPath:
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> list[Event]:
         with self._alone() as cur:
-            return self.advance_in(cur, operation_id, step, output, state, runner_id)
+            return self.advance_in(cur, operation_id, step, output, state, runner_id)()
 
     def advance_in(
         self,
@@ -547,12 +771,64 @@ class HotPath:
         output: JSONValue,
         state: JSONValue,
         runner_id: str,
-    ) -> list[Event]:
+    ) -> Sent[list[Event]]:
         """Checkpoint step `step` (not the last) and begin step + 1, in one transaction.
 
-        Returns [step_completed, step_started], or [step_completed] alone when a stop was
+        Reads [step_completed, step_started], or [step_completed] alone when a stop was
         recorded (the runner then ends the operation at this boundary), or [] when the
         operation is no longer this runner's."""
+        if self._postgres:
+            return self._send(
+                cur, self.advance_statement(operation_id, step, output, state, runner_id)
+            )
+        params, completed, started, events = self._advancing(
+            operation_id, step, output, state, runner_id
+        )
+        cur.execute(self._q["advance"], params)
+        row = cur.fetchone()
+        if row is None:
+            return _ready([])
+        last_seq, go_on = row[0], row[1] is None
+        cur.execute(self._q["finish"], params)
+        if go_on:
+            cur.execute(
+                self._q["two_events"],
+                {
+                    **params,
+                    "seq": last_seq - 1,
+                    "kind": STEP_COMPLETED.value,
+                    "data": _dump(completed),
+                    "seq2": last_seq,
+                    "kind2": EventKind.STEP_STARTED.value,
+                    "data2": _dump(started),
+                },
+            )
+            cur.execute(self._q["attempt"], {**params, "step": step + 1, "attempt": 1})
+        else:
+            cur.execute(
+                self._q["event"],
+                {**params, "seq": last_seq, "kind": STEP_COMPLETED.value, "data": _dump(completed)},
+            )
+        return _ready(events(row))
+
+    def advance_statement(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> Statement[list[Event]]:
+        """advance as one PostgreSQL statement."""
+        params, completed, started, events = self._advancing(
+            operation_id, step, output, state, runner_id
+        )
+        params.update(data=_dump(completed), data2=_dump(started))
+        return Statement(self._q["pg_advance"], params, events)
+
+    def _advancing(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> tuple[
+        dict[str, Any],
+        dict[str, JSONValue],
+        dict[str, JSONValue],
+        Callable[[Any], list[Event]],
+    ]:
         now = datetime.now(UTC)
         params = {
             "id": operation_id,
@@ -567,52 +843,20 @@ class HotPath:
         # Step + 1 was never begun before: only the runner that completed `step` (this one,
         # under the fencing condition) can begin it, so this is its first attempt.
         started: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
-        if self._postgres:
-            cur.execute(
-                self._q["pg_advance"],
-                {**params, "data": _dump(completed), "data2": _dump(started)},
-            )
-            row = cur.fetchone()
+
+        def events(row: Any) -> list[Event]:
+            """The events a write reported by its row (last_seq, stop recorded) wrote."""
             if row is None:
                 return []
             last_seq, go_on = row[0], row[1] is None
-        else:
-            cur.execute(self._q["advance"], params)
-            row = cur.fetchone()
-            if row is None:
-                return []
-            last_seq, go_on = row[0], row[1] is None
-            cur.execute(self._q["finish"], params)
-            if go_on:
-                cur.execute(
-                    self._q["two_events"],
-                    {
-                        **params,
-                        "seq": last_seq - 1,
-                        "kind": STEP_COMPLETED.value,
-                        "data": _dump(completed),
-                        "seq2": last_seq,
-                        "kind2": EventKind.STEP_STARTED.value,
-                        "data2": _dump(started),
-                    },
-                )
-                cur.execute(self._q["attempt"], {**params, "step": step + 1, "attempt": 1})
-            else:
-                cur.execute(
-                    self._q["event"],
-                    {
-                        **params,
-                        "seq": last_seq,
-                        "kind": STEP_COMPLETED.value,
-                        "data": _dump(completed),
-                    },
-                )
-        if not go_on:
-            return [Event(operation_id, last_seq, STEP_COMPLETED, completed, now)]
-        return [
-            Event(operation_id, last_seq - 1, STEP_COMPLETED, completed, now),
-            Event(operation_id, last_seq, EventKind.STEP_STARTED, started, now),
-        ]
+            if not go_on:
+                return [Event(operation_id, last_seq, STEP_COMPLETED, completed, now)]
+            return [
+                Event(operation_id, last_seq - 1, STEP_COMPLETED, completed, now),
+                Event(operation_id, last_seq, EventKind.STEP_STARTED, started, now),
+            ]
+
+        return params, completed, started, events
 
     # -------------------------------------------------------------------- stopping
 
@@ -669,11 +913,11 @@ class HotPath:
         self, operation_id: str, step: int, mid_step: bool, runner_id: str
     ) -> Event | None:
         with self.transaction() as cur:
-            return self.finish_interrupted_in(cur, operation_id, step, mid_step, runner_id)
+            return self.finish_interrupted_in(cur, operation_id, step, mid_step, runner_id)()
 
     def finish_interrupted_in(
         self, cur: Any, operation_id: str, step: int, mid_step: bool, runner_id: str
-    ) -> Event | None:
+    ) -> Sent[Event | None]:
         """RUNNING -> INTERRUPTED after this runner halted; halt_ms is measured from the stored
         stop time, so it covers delivery and cancellation, not just this write."""
         now = datetime.now(UTC)
@@ -681,7 +925,7 @@ class HotPath:
         cur.execute(self._q["interrupt_owned"], params)
         row = cur.fetchone()
         if row is None:
-            return None
+            return _ready(None)
         seq, requested_at = row[0], self._read_time(row[1])
         if mid_step:
             cur.execute(self._q["finish_interrupted"], params)
@@ -693,7 +937,7 @@ class HotPath:
             "step": step,
             "halt_ms": round(halt_ms, 3),
         }
-        return self._event_in(cur, operation_id, seq, EventKind.INTERRUPTED, data, now)
+        return _ready(self._event_in(cur, operation_id, seq, EventKind.INTERRUPTED, data, now))
 
 
 def _identity(sql: str) -> str:

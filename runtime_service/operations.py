@@ -23,6 +23,7 @@ from runtime_service.domain import (
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
+from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
@@ -67,8 +68,10 @@ class OperationsService:
         agents: AgentRegistry,
         hub: EventHub,
         runner: Runner,
+        batcher: PostgresBatcher | None = None,
     ) -> None:
         self.config = config
+        self.batcher = batcher
         self.db = db
         self.store = store
         self.agents = agents
@@ -107,21 +110,29 @@ class OperationsService:
             raise InvalidArgument(
                 "hold", f"must be between 0 and {MAX_HOLD_SECONDS:g} seconds, got {hold_seconds:g}"
             )
-        created = await self.db.call(
-            self.store.create,
-            agent_name,
-            input_value,
-            key,
-            checked_labels,
-            hold_seconds,
-            checked_owner,
-        )
+        fields = (agent_name, input_value, key, checked_labels, hold_seconds, checked_owner)
+        made = None
+        if self.batcher is not None:
+            # One batched statement on the common path; a taken key goes the slow way below.
+            # Other replicas hear of the new work only if this one cannot run it now.
+            announce = not self.runner.has_room
+            made = await self.batcher.run(self.store.create_statement(*fields, announce=announce))
+        created = made if made is not None else await self.db.call(self.store.create, *fields)
         self.hub.publish(created.events)
         if created.created and not hold_seconds:
             self.runner.submit(created.operation.id)
         return created
 
     async def release(self, operation_id: str) -> Operation:
+        if self.batcher is not None:
+            # One batched statement on the common path (a gateway releases each start).
+            op_id = parse_operation_id(operation_id)
+            announce = not self.runner.has_room  # as in start
+            released = await self.batcher.run(self.store.hot.release_statement(op_id, announce))
+            if released is not None:
+                self.runner.submit(op_id)
+                return released
+            return await self.get(op_id)  # not held (or unknown: NOT_FOUND)
         operation = await self.get(operation_id)
         if await self.db.call(self.store.release, operation.id):
             self.runner.submit(operation.id)

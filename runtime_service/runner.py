@@ -34,8 +34,9 @@ from runtime_service.agents.base import Agent, StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.database import Database, GroupCommit
 from runtime_service.domain import Event, JSONValue, Operation
-from runtime_service.hot_path import WouldBlock
+from runtime_service.hot_path import Statement, WouldBlock
 from runtime_service.hub import EventHub
+from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.store import Claimed, OperationStore
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class _Run:
     stop: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
     step_task: asyncio.Task[StepResult] | None = field(default=None, repr=False)
+    # Claimed (its lease is ours to renew). Until then the lease loop leaves it alone: a run
+    # whose claim is still in flight is not "lost" when renewal does not find it.
+    owned: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,12 @@ class Runner:
         hub: EventHub,
         settings: RunnerSettings,
         group: GroupCommit | None = None,
+        batcher: PostgresBatcher | None = None,
     ) -> None:
         self._db = db
         self._store = store
         self._group = group
+        self._batcher = batcher
         self._agents = agents
         self._hub = hub
         self.settings = settings
@@ -134,6 +140,11 @@ class Runner:
         if not run.stop.done():
             run.stop.set_result(None)
         return True
+
+    @property
+    def has_room(self) -> bool:
+        """Whether an operation submitted now would run here at once."""
+        return not self._closed and len(self._runs) < self.settings.max_running
 
     def is_running(self, operation_id: str) -> bool:
         return operation_id in self._runs
@@ -219,10 +230,13 @@ class Runner:
                     await self._wake_leases.wait()
             except TimeoutError:
                 pass
-            owned = list(self._runs)
+            owned = {op_id: run for op_id, run in self._runs.items() if run.owned}
             try:
                 kept, stopping = await self._db.call(
-                    self._store.renew_leases, self.runner_id, owned, self.settings.lease_seconds
+                    self._store.renew_leases,
+                    self.runner_id,
+                    list(owned),
+                    self.settings.lease_seconds,
                 )
             except SQLAlchemyError as exc:
                 log.warning("renewing leases failed (%s); retrying", exc)
@@ -233,30 +247,39 @@ class Runner:
                 # Finished meanwhile, or taken over after our lease lapsed. Our own writes are
                 # fenced and will be refused; cancel the step in flight so the agent's work
                 # never runs on two replicas at once.
-                run = self._runs.get(operation_id)
-                if run is not None and run.step_task is not None and not run.step_task.done():
+                run = owned[operation_id]
+                if self._runs.get(operation_id) is not run:
+                    continue  # ended meanwhile
+                if run.step_task is not None and not run.step_task.done():
                     log.warning("operation %s: lease lost; abandoning its step", operation_id)
                     run.step_task.cancel()
 
     # ------------------------------------------------------------------ the loop
 
     async def _write(
-        self, together: Callable[..., W], alone: Callable[..., W], operation_id: str, *args: Any
+        self,
+        together: Callable[..., Callable[[], W]],
+        alone: Callable[..., W],
+        operation_id: str,
+        *args: Any,
+        statement: Callable[..., Statement[W]] | None = None,
     ) -> W:
-        """A hot write, whose events are published here once it has committed. On SQLite (one
-        writer): inline when it would be alone, else group-committed with the others queued;
-        elsewhere, in a transaction of its own on the database threads."""
+        """A hot write, whose events are published here once it has committed. On SQLite:
+        group-committed with whatever else is queued (see GroupCommit), or with nothing else
+        queued, inline right here (see HotPath.inline). On PostgreSQL: batched on the event
+        loop when it is one statement (see pg_batch), else alone on the database threads."""
         with self._hub.local_write(operation_id):
-            if self._group is None:
+            if self._batcher is not None and statement is not None:
+                written = await self._batcher.run(statement(operation_id, *args))
+            elif self._group is None:
                 written = await self._db.call(alone, operation_id, *args)
-            elif self._group.idle:
-                # Alone: write it here and now if SQLite is free (see HotPath.inline).
+            elif self._group.idle and self._store.hot.writes_inline:
                 try:
                     written = self._store.hot.inline(together, operation_id, *args)
                 except WouldBlock:
-                    written = await self._group.run(together, operation_id, *args)
+                    written = await self._group.run(together, alone, operation_id, *args)
             else:
-                written = await self._group.run(together, operation_id, *args)
+                written = await self._group.run(together, alone, operation_id, *args)
             self._publish(written)
         return written
 
@@ -267,14 +290,22 @@ class Runner:
 
     async def _run(self, run: _Run, claimed: Claimed | None) -> None:
         op_id = run.operation_id
+        begun: Event | None = None  # the first step's step_started, when claimed with it
         try:
-            if claimed is None:
+            if claimed is None and self._batcher is not None:
+                claimed, begun = await self._claim_and_start(op_id)
+                if claimed is None:
+                    return  # taken elsewhere, held, finished, or stopped before it started
+            elif claimed is None:
                 claimed = await self._db.call(
                     self._store.claim, op_id, self.runner_id, self.settings.lease_seconds
                 )
                 if claimed is None:
                     return  # taken elsewhere, held, finished, or stopped before it started
-            self._publish(claimed.event)
+                self._publish(claimed.event)
+            else:
+                self._publish(claimed.event)
+            run.owned = True
             operation = claimed.operation
             agent = self._agents.get(operation.agent)
             if agent is None:
@@ -289,7 +320,7 @@ class Runner:
                     )
                 )
                 return
-            await self._loop(run, agent, operation)
+            await self._loop(run, agent, operation, begun)
         except SQLAlchemyError as exc:
             # Never guess an outcome without the database: leave the operation RUNNING; once
             # our lease lapses it is claimed again and resumed from its last checkpoint.
@@ -300,18 +331,47 @@ class Runner:
             if run.step_task is not None and not run.step_task.done():
                 run.step_task.cancel()  # shutdown or lost ownership: do not leave the agent running
 
-    async def _loop(self, run: _Run, agent: Agent, operation: Operation) -> None:
+    async def _claim_and_start(self, op_id: str) -> tuple[Claimed | None, Event | None]:
+        """Claim a locally started operation and begin its first step in one write (PostgreSQL:
+        the start path of hundreds of operations at once otherwise queues on the database
+        threads)."""
+        assert self._batcher is not None
+        hot = self._store.hot
+        with self._hub.local_write(op_id):
+            statement = hot.claim_and_start_statement(
+                op_id, self.runner_id, self.settings.lease_seconds
+            )
+            begun = await self._batcher.run(statement)
+            if begun is None:
+                return None, None
+            operation, (claim_event, started) = begun
+            self._publish([claim_event, started])
+        return Claimed(operation, claim_event), started
+
+    async def _loop(
+        self, run: _Run, agent: Agent, operation: Operation, started: Event | None = None
+    ) -> None:
+        """Run the operation's steps from its last checkpoint; `started`: the first of them was
+        begun already (claimed together)."""
         op_id = operation.id
         me = self.runner_id
         step = operation.steps_completed
         state = operation.agent_state
-        if run.stop.done():
-            await self._halt(op_id, step, mid_step=False)
-            return
-        # The first step of a run is begun on its own; every later one is begun in the same
-        # transaction that checkpoints the step before it (one write per step boundary).
         hot = self._store.hot
-        started = await self._write(hot.start_step_in, hot.start_step, op_id, step, me)
+        if started is None:
+            if run.stop.done():
+                await self._halt(op_id, step, mid_step=False)
+                return
+            # The first step of a run is begun on its own; every later one is begun in the same
+            # transaction that checkpoints the step before it (one write per step boundary).
+            started = await self._write(
+                hot.start_step_in,
+                hot.start_step,
+                op_id,
+                step,
+                me,
+                statement=hot.start_step_statement,
+            )
         while True:
             if started is None:
                 # A stop was recorded (or the operation ended or moved) before this step began.
@@ -355,7 +415,14 @@ class Runner:
                     await self._halt(op_id, step + 1, mid_step=False)
                 return
             written = await self._write(
-                hot.advance_in, hot.advance, op_id, step, result.output, result.state, me
+                hot.advance_in,
+                hot.advance,
+                op_id,
+                step,
+                result.output,
+                result.state,
+                me,
+                statement=hot.advance_statement,
             )
             if not written:
                 return  # no longer ours: whoever owns it now carries on
@@ -408,7 +475,15 @@ class Runner:
         # published when it lands (in _write), so the chunk is never stored yet unannounced.
         hot = self._store.hot
         write = asyncio.ensure_future(
-            self._write(hot.append_chunk_in, hot.append_chunk, op_id, step, text, self.runner_id)
+            self._write(
+                hot.append_chunk_in,
+                hot.append_chunk,
+                op_id,
+                step,
+                text,
+                self.runner_id,
+                statement=hot.chunk_statement,
+            )
         )
         event = await asyncio.shield(write)
         if event is None:

@@ -32,7 +32,7 @@ from runtime_service.domain import (
     Operation,
     OperationStatus,
 )
-from runtime_service.hot_path import HotPath
+from runtime_service.hot_path import HotPath, Statement
 from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps
@@ -186,17 +186,9 @@ class OperationStore:
             existing = self._find_by_key(owner, idempotency_key, fingerprint)
             if existing is not None:
                 return Created(existing, created=False, events=())
-        now = utcnow()
-        op_id = str(uuid.uuid4())
-        columns = {
-            "agent": agent,
-            "input": dump_json(input_value),
-            "hash": fingerprint,
-            "key": idempotency_key,
-            "owner": owner,
-            "labels": dump_json(labels) if labels else None,
-        }
-        held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
+        op_id, columns, held_until, now = self._new(
+            agent, input_value, idempotency_key, labels, hold_seconds, owner
+        )
         try:
             with self.hot.transaction() as cursor:
                 operation, event = self.hot.create_in(cursor, op_id, columns, held_until, now)
@@ -209,6 +201,53 @@ class OperationStore:
                 raise
             return Created(existing, created=False, events=())
         return Created(operation, created=True, events=(event,))
+
+    def create_statement(
+        self,
+        agent: str,
+        input_value: JSONValue,
+        idempotency_key: str | None,
+        labels: Mapping[str, str] | None = None,
+        hold_seconds: float = 0.0,
+        owner: str = "",
+        announce: bool = True,
+    ) -> Statement[Created | None]:
+        """create as one PostgreSQL statement (see pg_batch), for a start that is most likely
+        new; None when the key is taken: then `create` finds the twin (or the conflict)."""
+        fields = self._new(
+            agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner
+        )
+        made = self.hot.create_statement(*fields, announce=announce)
+
+        def read(row: Any) -> Created | None:
+            found = made.read(row)
+            if found is None:
+                return None
+            return Created(found[0], created=True, events=(found[1],))
+
+        return Statement(made.sql, made.params, read)
+
+    @staticmethod
+    def _new(
+        agent: str,
+        input_value: JSONValue,
+        idempotency_key: str | None,
+        labels: dict[str, str],
+        hold_seconds: float,
+        owner: str,
+    ) -> tuple[str, dict[str, Any], datetime | None, datetime]:
+        """A new operation's id, columns, hold and creation time."""
+        now = utcnow()
+        columns = {
+            "agent": agent,
+            "input": dump_json(input_value),
+            "hash": request_hash(agent, input_value, labels),
+            "key": idempotency_key,
+            "owner": owner,
+            "labels": dump_json(labels) if labels else None,
+        }
+        held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
+        return str(uuid.uuid4()), columns, held_until, now
 
     def release(self, operation_id: str) -> bool:
         """End a hold: the operation becomes claimable now. False if it was not held."""
@@ -281,14 +320,19 @@ class OperationStore:
         second set is the periodic fallback for a stop notification that never arrived."""
         if not operation_ids:
             return set(), set()
+        ours = (
+            operations.c.id.in_(operation_ids),
+            operations.c.runner_id == runner_id,
+            operations.c.status == OperationStatus.RUNNING,
+        )
+        # Lock the rows in id order first, as the PostgreSQL batcher does (pg_batch), so that this
+        # and a batch of step writes never wait for each other in a cycle (PostgreSQL would
+        # break such a deadlock only after a second). SQLite has one writer and no FOR UPDATE.
+        locked = select(operations.c.id).where(*ours).order_by(operations.c.id).with_for_update()
         with self.engine.begin() as conn:
             rows = conn.execute(
                 update(operations)
-                .where(
-                    operations.c.id.in_(operation_ids),
-                    operations.c.runner_id == runner_id,
-                    operations.c.status == OperationStatus.RUNNING,
-                )
+                .where(operations.c.id.in_(locked), *ours)
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
                 .returning(operations.c.id, operations.c.stop_requested_at)
             ).all()

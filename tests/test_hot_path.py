@@ -134,29 +134,95 @@ def test_live_events_continue_the_sequence_or_send_the_watcher_back_to_storage()
     assert [e.seq for e in batch] == [5] and not back
 
 
-async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(tmp_path: Path) -> None:
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'group.db'}")
-    upgrade_to_head(engine)
-    store = OperationStore(engine)
-    db = Database(engine)
-    group = GroupCommit(db, store.hot.transaction)
-    ops = [running(store) for _ in range(5)]
+async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
+    store: OperationStore,
+) -> None:
+    """A batch mixes every runner write (on PostgreSQL, pipelined); one broken write fails the
+    shared transaction, and every other write still lands, exactly once, with its own result."""
+    hot = store.hot
+    db = Database(store.engine)
+    batches: list[int] = []
 
-    def broken(cursor: Any) -> None:
+    def run_together(writes: list[Any]) -> list[Any]:
+        batches.append(len(writes))
+        return hot.run_together(writes)
+
+    group = GroupCommit(db, run_together)
+    chunked, advanced, halted = ([running(store) for _ in range(4)] for _ in range(3))
+    fresh = store.create("echo", {}, None).operation.id
+    assert store.claim(fresh, "r", 60) is not None
+
+    def broken(cursor: Any) -> Any:
         cursor.execute("INSERT INTO no_such_table VALUES (1)")
+        return lambda: None
+
+    def broken_alone() -> None:
+        with hot.transaction() as cursor:
+            broken(cursor)
 
     try:
-        results = await asyncio.gather(
-            *(group.run(store.hot.append_chunk_in, op_id, 0, f"out {op_id}", "r") for op_id in ops),
-            group.run(broken),
-            return_exceptions=True,
-        )
-        assert isinstance(results[-1], Exception) and "no_such_table" in str(results[-1])
-        for op_id, event in zip(ops, results[:-1], strict=True):
-            assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
-            assert store.events_after(op_id, event.seq - 1)[0].data["text"] == f"out {op_id}"
+        writes = [
+            *(
+                group.run(hot.append_chunk_in, hot.append_chunk, o, 0, f"out {o}", "r")
+                for o in chunked
+            ),
+            group.run(broken, broken_alone),
+            *(
+                group.run(hot.advance_in, hot.advance, o, 0, {"o": o}, {"s": 1}, "r")
+                for o in advanced
+            ),
+            *(
+                group.run(hot.finish_interrupted_in, hot.finish_interrupted, o, 0, True, "r")
+                for o in halted
+            ),
+            group.run(hot.start_step_in, hot.start_step, fresh, 0, "r"),
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
     finally:
         db.close()
+    assert batches[0] == len(writes), "the writes were not batched"
+    assert isinstance(results[4], Exception) and "no_such_table" in str(results[4])
+    for op_id, event in zip(chunked, results[:4], strict=True):
+        assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
+        assert store.events_after(op_id, event.seq - 1)[0].data["text"] == f"out {op_id}"
+    for op_id, events in zip(advanced, results[5:9], strict=True):
+        assert isinstance(events, list)
+        assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
+        assert store.events_after(op_id, events[0].seq - 1)[:2] == events
+    for op_id, event in zip(halted, results[9:13], strict=True):
+        assert isinstance(event, Event) and event.kind is EventKind.INTERRUPTED
+        op = store.get(op_id)
+        assert op is not None and op.status is OperationStatus.INTERRUPTED
+    assert isinstance(results[13], Event) and results[13].kind is EventKind.STEP_STARTED
+    for op_id in [*chunked, *advanced, *halted, fresh]:
+        op = store.get(op_id)
+        assert op is not None
+        assert [e.seq for e in store.events_after(op_id, 0)] == list(range(1, op.last_seq + 1))
+
+
+async def test_group_commit_batches_several_writes_of_one_operation_in_order(
+    store: OperationStore,
+) -> None:
+    hot = store.hot
+    db = Database(store.engine)
+    group = GroupCommit(db, hot.run_together)
+    ops = [running(store) for _ in range(3)]
+    try:
+        results = await asyncio.gather(
+            *(
+                group.run(hot.append_chunk_in, hot.append_chunk, op_id, 0, f"{op_id} {n}", "r")
+                for n in range(3)
+                for op_id in reversed(ops)
+            )
+        )
+    finally:
+        db.close()
+    assert all(isinstance(event, Event) for event in results)
+    for op_id in ops:
+        texts = [
+            e.data["text"] for e in store.events_after(op_id, 0) if e.kind is EventKind.OUTPUT_CHUNK
+        ]
+        assert texts == [f"{op_id} {n}" for n in range(3)]
 
 
 def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> None:

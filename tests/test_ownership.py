@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -105,22 +105,27 @@ def token_jwt(**claims: Any) -> str:
 
 
 @pytest.mark.parametrize(
-    ("token", "message"),
+    ("make_token", "message"),
     [
-        (None, "missing credentials"),
-        ("stl_7e57c0de_wrong-secret", "invalid API key"),
-        ("stl_0dead0ff_revoked-key-secret", "invalid API key"),
-        (token_jwt(exp=int(time.time()) - 600), "expired"),
-        (token_jwt(iss="https://other.test"), "issuer"),
-        (token_jwt(aud="elsewhere"), "audience"),
-        (jwt.encode({"sub": "x"}, "a-different-secret-of-32-bytes-long!", "HS256"), "signature"),
+        (lambda: None, "missing credentials"),
+        (lambda: "stl_7e57c0de_wrong-secret", "invalid API key"),
+        (lambda: "stl_0dead0ff_revoked-key-secret", "invalid API key"),
+        (lambda: token_jwt(exp=int(time.time()) - 600), "expired"),
+        (lambda: token_jwt(iss="https://other.test"), "issuer"),
+        (lambda: token_jwt(aud="elsewhere"), "audience"),
+        (
+            lambda: jwt.encode({"sub": "x"}, "a-different-secret-of-32-bytes-long!", "HS256"),
+            "signature",
+        ),
     ],
     ids=["none", "wrong-key", "revoked", "expired", "issuer", "audience", "signature"],
 )
 async def test_bad_credentials_are_unauthenticated_on_every_rpc(
-    gateway: RunningGateway, token: str | None, message: str
+    gateway: RunningGateway, make_token: Callable[[], str | None], message: str
 ) -> None:
-    async with gateway_channel(gateway.address, token) as channel:
+    # Tokens are made here, not when tests are collected: a JWT made a minute earlier would
+    # have expired by the time a long suite reaches this test (and fail for the wrong reason).
+    async with gateway_channel(gateway.address, make_token()) as channel:
         stub = pb_grpc.GatewayServiceStub(channel)
         calls = [
             lambda: stub.StartAndStream(start_request("echo")),
