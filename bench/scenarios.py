@@ -285,7 +285,15 @@ async def capacity(stack: Stack, n: int, window_seconds: float = 10.0) -> dict[s
         began = time.perf_counter()
         await asyncio.gather(*(start_one() for _ in range(n)))
         start_seconds = time.perf_counter() - began
-        running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
+        # A start returns once the operation is stored; its runner claims it right after.
+        # Give the last claims a moment (polled, bounded) before counting.
+        deadline = time.perf_counter() + 10.0
+        while True:
+            running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
+            if running >= n or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        all_running_seconds = time.perf_counter() - began
         before = await _steps_completed(stack)
         proc.cpu_percent(None)
         await asyncio.sleep(window_seconds)
@@ -298,6 +306,7 @@ async def capacity(stack: Stack, n: int, window_seconds: float = 10.0) -> dict[s
         "started": n,
         "running": running,
         "start_seconds": start_seconds,
+        "all_running_seconds": all_running_seconds,
         "steps_per_second_asked": n,
         "steps_per_second_achieved": (after - before) / window_seconds,
         "rss_mb": rss_mb,

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from runtime_service.domain import Event, EventKind, JSONValue, Operation
+from runtime_service.domain import Event, EventKind, JSONValue, Operation, OperationStatus
 from runtime_service.notifications import EVENTS, STOPS, WORK
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import UTCDateTime, operations
@@ -289,6 +289,52 @@ WITH op AS (
 SELECT last_seq, attempt.n, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op, attempt"""
 
 
+# PostgreSQL: record_stop_in as one statement. A PENDING operation is interrupted in the same
+# UPDATE (SET sees the old row, so `status` there is the status before the stop).
+_PG_RECORD_STOP = f"""
+WITH stopped AS (
+  UPDATE operations SET
+    last_seq = last_seq + CASE WHEN status = 'PENDING' THEN 2 ELSE 1 END,
+    updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
+    status = CASE WHEN status = 'PENDING' THEN 'INTERRUPTED' ELSE status END,
+    finished_at = CASE WHEN status = 'PENDING' THEN :now ELSE finished_at END
+  WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
+  RETURNING {_COLUMN_LIST}
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq - CASE WHEN status = 'INTERRUPTED' THEN 1 ELSE 0 END, 'stop_requested',
+    :data, :now FROM stopped
+  UNION ALL
+  SELECT :id, last_seq, 'interrupted', :halted, :now FROM stopped WHERE status = 'INTERRUPTED'
+)
+SELECT {_COLUMN_LIST}, pg_notify('{EVENTS}', :id || ':' || last_seq),
+  CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
+FROM stopped"""
+
+# PostgreSQL: finish_interrupted_in as one statement. The event's data is built here, where the
+# stored stop time is (halt_ms; whole microseconds, so three decimals are exact), and returned.
+_PG_FINISH_INTERRUPTED = f"""
+WITH op AS (
+  UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
+    status = 'INTERRUPTED', finished_at = :now
+  WHERE {_OWNED}
+  RETURNING last_seq,
+    '{{"mid_step":' || CASE WHEN :mid_step THEN 'true' ELSE 'false' END || ',"step":' || :step
+    || ',"halt_ms":' || coalesce(
+      round(greatest(0, extract(epoch FROM :now - stop_requested_at) * 1000), 3), 0)
+    || '}}' AS data
+), attempt AS (
+  UPDATE steps SET finished_at = :now, outcome = 'interrupted'
+  WHERE :mid_step AND operation_id = :id AND step = :step AND finished_at IS NULL
+    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
+    AND EXISTS (SELECT 1 FROM op)
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq, 'interrupted', data, :now FROM op
+)
+SELECT last_seq, data, pg_notify('{EVENTS}', :id || ':' || last_seq) FROM op"""
+
+
 class HotPath:
     """Each runner write comes twice: `x_in(cursor, ...)` sends it inside a transaction the caller
     owns and returns how to read its outcome (the runner's group commit puts many in one, see
@@ -348,6 +394,8 @@ class HotPath:
                 "pg_release": _PG_RELEASE,
                 "pg_create": _PG_CREATE,
                 "pg_start_step": _PG_START_STEP,
+                "pg_record_stop": _PG_RECORD_STOP,
+                "pg_finish_interrupted": _PG_FINISH_INTERRUPTED,
             }.items()
         }
 
@@ -909,6 +957,56 @@ class HotPath:
             cur.execute(self._q["notify"], {"channel": STOPS, "payload": operation_id})
         return written
 
+    def record_stop_statement(
+        self, operation_id: str, requested_by: str, reason: str, now: datetime
+    ) -> Statement[tuple[Operation, list[Event]] | None]:
+        """record_stop_in as one PostgreSQL statement: the operation after the stop and the
+        events written, or None when there was nothing to record."""
+        data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
+        halt: dict[str, JSONValue] = {"mid_step": False, "step": 0, "halt_ms": 0.0}
+        params = {
+            "id": operation_id,
+            "now": self._time(now),
+            "by": requested_by,
+            "reason": reason,
+            "data": _dump(data),
+            "halted": _dump(halt),
+        }
+
+        def read(row: Any) -> tuple[Operation, list[Event]] | None:
+            if row is None:
+                return None
+            operation = operation_from_row(self._named(_COLUMNS, row[: len(_COLUMNS)]))
+            seq = operation.last_seq
+            if operation.status is not OperationStatus.INTERRUPTED:
+                return operation, [Event(operation_id, seq, EventKind.STOP_REQUESTED, data, now)]
+            return operation, [
+                Event(operation_id, seq - 1, EventKind.STOP_REQUESTED, data, now),
+                Event(operation_id, seq, EventKind.INTERRUPTED, halt, now),
+            ]
+
+        return Statement(self._q["pg_record_stop"], params, read)
+
+    def finish_interrupted_statement(
+        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+    ) -> Statement[Event | None]:
+        """finish_interrupted_in as one PostgreSQL statement."""
+        now = datetime.now(UTC)
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "step": step,
+            "mid_step": mid_step,
+        }
+
+        def read(row: Any) -> Event | None:
+            if row is None:
+                return None
+            return Event(operation_id, row[0], EventKind.INTERRUPTED, json.loads(row[1]), now)
+
+        return Statement(self._q["pg_finish_interrupted"], params, read)
+
     def finish_interrupted(
         self, operation_id: str, step: int, mid_step: bool, runner_id: str
     ) -> Event | None:
@@ -920,6 +1018,9 @@ class HotPath:
     ) -> Sent[Event | None]:
         """RUNNING -> INTERRUPTED after this runner halted; halt_ms is measured from the stored
         stop time, so it covers delivery and cancellation, not just this write."""
+        if self._postgres:
+            statement = self.finish_interrupted_statement(operation_id, step, mid_step, runner_id)
+            return self._send(cur, statement)
         now = datetime.now(UTC)
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
         cur.execute(self._q["interrupt_owned"], params)

@@ -168,7 +168,13 @@ class OperationsService:
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = await self.db.call(self.store.record_stop, op_id, by, why)
+        result = None
+        if self.batcher is not None:
+            # One batched statement on the common path; nothing recorded goes the slow way
+            # below, which says why (unknown, already stopping, or ended).
+            result = await self.batcher.run(self.store.record_stop_statement(op_id, by, why))
+        if result is None:
+            result = await self.db.call(self.store.record_stop, op_id, by, why)
         if result is None:
             raise operation_not_found(op_id)
         self.hub.publish(result.events)

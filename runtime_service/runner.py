@@ -465,7 +465,13 @@ class Runner:
     async def _halt(self, op_id: str, step: int, *, mid_step: bool) -> None:
         hot = self._store.hot
         await self._write(
-            hot.finish_interrupted_in, hot.finish_interrupted, op_id, step, mid_step, self.runner_id
+            hot.finish_interrupted_in,
+            hot.finish_interrupted,
+            op_id,
+            step,
+            mid_step,
+            self.runner_id,
+            statement=hot.finish_interrupted_statement,
         )
 
     async def _emit(self, op_id: str, step: int, text: str) -> None:

@@ -253,6 +253,22 @@ class OperationStore:
         """End a hold: the operation becomes claimable now. False if it was not held."""
         return self.hot.release(operation_id)
 
+    def record_stop_statement(
+        self, operation_id: str, requested_by: str, reason: str
+    ) -> Statement[InterruptResult | None]:
+        """record_stop as one PostgreSQL statement (see pg_batch) for a stop that is most
+        likely new; None when nothing was recorded: then `record_stop` says why."""
+        made = self.hot.record_stop_statement(operation_id, requested_by, reason, utcnow())
+
+        def read(row: Any) -> InterruptResult | None:
+            found = made.read(row)
+            if found is None:
+                return None
+            operation, written = found
+            return InterruptResult(InterruptOutcome.ACCEPTED, operation, tuple(written))
+
+        return Statement(made.sql, made.params, read)
+
     def record_stop(
         self, operation_id: str, requested_by: str, reason: str
     ) -> InterruptResult | None:

@@ -133,3 +133,39 @@ async def test_a_lost_connection_fails_the_writes_in_flight_and_the_next_reconne
     ]
     assert texts == ["before", "after"]
     gap_free(pg_store, op_id)
+
+
+async def test_stops_and_halts_as_single_statements_match_what_is_stored(
+    pg_store: OperationStore, batcher: PostgresBatcher
+) -> None:
+    hot = pg_store.hot
+    running_id = running(pg_store)
+    pending_id = pg_store.create("echo", {}, None, hold_seconds=60).operation.id
+    stops = await asyncio.gather(
+        batcher.run(pg_store.record_stop_statement(running_id, "alice", "enough")),
+        batcher.run(pg_store.record_stop_statement(pending_id, "alice", "never mind")),
+        batcher.run(pg_store.record_stop_statement(running_id, "bob", "again")),
+    )
+    on_running, on_pending, repeated = stops
+    assert repeated is None  # recorded once; the slow path says why
+    assert on_running is not None and on_pending is not None
+    assert on_running.operation.status is OperationStatus.RUNNING
+    assert [e.kind for e in on_running.events] == [EventKind.STOP_REQUESTED]
+    assert on_pending.operation.status is OperationStatus.INTERRUPTED
+    assert [e.kind for e in on_pending.events] == [
+        EventKind.STOP_REQUESTED,
+        EventKind.INTERRUPTED,
+    ]
+    for result in (on_running, on_pending):
+        stored = pg_store.events_after(result.operation.id, result.events[0].seq - 1)
+        assert stored == list(result.events)
+    halted = await batcher.run(hot.finish_interrupted_statement(running_id, 0, True, "r"))
+    assert halted is not None and isinstance(halted.data, dict)
+    assert halted.data["mid_step"] is True and halted.data["step"] == 0
+    assert isinstance(halted.data["halt_ms"], int | float) and halted.data["halt_ms"] >= 0
+    assert pg_store.events_after(running_id, halted.seq - 1) == [halted]
+    assert [(r.step, r.outcome) for r in pg_store.step_records(running_id)] == [(0, "interrupted")]
+    operation = pg_store.get(running_id)
+    assert operation is not None and operation.status is OperationStatus.INTERRUPTED
+    for op_id in (running_id, pending_id):
+        gap_free(pg_store, op_id)
