@@ -7,12 +7,16 @@ socket wait; a batch of a few dozen writes that takes 2 ms on a quiet process to
 way (bench: the concurrency scenario). Here the statements go out, and their rows come back,
 between the loop's other work, with no thread to wake and no GIL to hand over.
 
-Each write is one statement (see HotPath.chunk_statement and advance_statement). Writes queued
-together run as one transaction in one pipeline: one round trip and one commit for the lot. A
-write queued alone runs alone, in autocommit. If a batch fails, each of its writes is retried
-alone, so one bad write cannot take the others' outcomes with it. A batch locks its operations'
-rows in operation-id order, as lease renewal does, so two transactions never wait for each
-other in a cycle.
+Each write is one statement (see HotPath.chunk_statement and advance_statement). A write queued
+alone runs alone, in autocommit, as an ordinary prepared statement. Writes queued together go
+out as one query string of `EXECUTE`s of statements prepared once per connection: PostgreSQL runs
+a multi-statement query as one transaction, so the lot costs one round trip and one commit, and
+the event loop waits for the answer once (a pipeline of separate statements waits once per
+statement, and a busy loop makes each of those waits a full turn of everything else it runs).
+If a batch fails, each of its writes is retried alone, so one bad write cannot take the others'
+outcomes with it (unless the connection itself failed: then they all fail, at once). A batch
+locks its operations' rows in operation-id order, as lease renewal does, so two transactions
+never wait for each other in a cycle.
 
 Errors reach callers as SQLAlchemy's DBAPIError, like every other database error in the
 runtime: the runner then treats the database as lost (leaves the operation for recovery). A
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +43,59 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_SECONDS = 5
+
+# The PostgreSQL type of every parameter the hot statements use, by name: PREPARE is told them,
+# because a parameter used in two contexts (a step number compared and concatenated) could
+# otherwise be inferred as the wrong one.
+PARAMETER_TYPES = {
+    "id": "text",
+    "runner": "text",
+    "now": "timestamptz",
+    "lease": "timestamptz",
+    "held_until": "timestamptz",
+    "step": "integer",
+    "next_step": "integer",
+    "state": "text",
+    "output": "text",
+    "data": "text",
+    "data2": "text",
+    "by": "text",
+    "reason": "text",
+    "halted": "text",
+    "mid_step": "boolean",
+    "announce": "boolean",
+    "agent": "text",
+    "input": "text",
+    "hash": "text",
+    "key": "text",
+    "owner": "text",
+    "labels": "text",
+}
+_PARAMETER = re.compile(r"%\((\w+)\)s")
+_names = (f"stopline_hot_{n}" for n in itertools.count(1))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A hot statement as a prepared one: how to prepare it, and how to call it by name."""
+
+    prepare: str
+    execute: str
+
+    @classmethod
+    def of(cls, sql: str) -> _Prepared:
+        order: list[str] = []
+
+        def positional(match: re.Match[str]) -> str:
+            if match.group(1) not in order:
+                order.append(match.group(1))
+            return f"${order.index(match.group(1)) + 1}"
+
+        body = _PARAMETER.sub(positional, sql)
+        name = next(_names)
+        types = ", ".join(PARAMETER_TYPES[p] for p in order)
+        arguments = ", ".join(f"%({p})s" for p in order)
+        return cls(f"PREPARE {name} ({types}) AS {body}", f"EXECUTE {name}({arguments})")
 
 
 @dataclass(eq=False)
@@ -57,6 +116,8 @@ class PostgresBatcher:
         self._drainer: asyncio.Task[None] | None = None
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
+        self._statements: dict[str, _Prepared] = {}
+        self._prepared: set[str] = set()  # on the current connection
 
     async def run(self, statement: Statement[T]) -> T:
         """The statement's outcome once it has committed."""
@@ -104,8 +165,10 @@ class PostgresBatcher:
             order = sorted(range(len(batch)), key=lambda i: str(batch[i].statement.params["id"]))
             try:
                 results = await self._together([batch[i].statement for i in order])
-            except DBAPIError:
-                pass  # retried one by one below: each gets its own outcome
+            except DBAPIError as exc:
+                if self._connection is None:
+                    return [(False, exc)] * len(batch)  # the connection failed: so would each
+                # Retried one by one below: each gets its own outcome.
             else:
                 outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
                 for i, result in zip(order, results, strict=True):
@@ -115,18 +178,26 @@ class PostgresBatcher:
 
     async def _together(self, statements: list[Statement[Any]]) -> list[Any]:
         async with self._using() as conn:
-            cursors = [conn.cursor() for _ in statements]
+            for statement in statements:
+                prepared = self._statements.get(statement.sql)
+                if prepared is None:
+                    prepared = self._statements[statement.sql] = _Prepared.of(statement.sql)
+                if prepared.prepare not in self._prepared:
+                    await conn.execute(prepared.prepare)
+                    self._prepared.add(prepared.prepare)
+            cursor = self._psycopg.AsyncClientCursor(conn)
             try:
-                async with conn.pipeline(), conn.transaction():
-                    for cursor, statement in zip(cursors, statements, strict=True):
-                        await cursor.execute(statement.sql, statement.params)
-                return [
-                    statement.read(await cursor.fetchone())
-                    for cursor, statement in zip(cursors, statements, strict=True)
+                calls = [
+                    cursor.mogrify(self._statements[statement.sql].execute, statement.params)
+                    for statement in statements
                 ]
+                await cursor.execute(";\n".join(calls))
+                rows = [await cursor.fetchone()]
+                while cursor.nextset():
+                    rows.append(await cursor.fetchone())
             finally:
-                for cursor in cursors:
-                    await cursor.close()
+                await cursor.close()
+        return [statement.read(row) for statement, row in zip(statements, rows, strict=True)]
 
     async def _alone(self, statement: Statement[Any]) -> tuple[bool, Any]:
         try:
@@ -142,6 +213,7 @@ class PostgresBatcher:
         connection that broke dropped (the next write opens another)."""
         try:
             if self._connection is None or self._connection.closed:
+                self._prepared.clear()
                 self._connection = await self._psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS
                 )
@@ -154,3 +226,11 @@ class PostgresBatcher:
                 with contextlib.suppress(self._psycopg.Error):
                     await connection.close()
             raise DBAPIError.instance(None, None, exc, self._psycopg.Error) from exc
+        except BaseException:
+            # Interrupted mid-exchange (cancelled): the connection's state is unknown, so the
+            # next write starts on a new one.
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                with contextlib.suppress(BaseException):
+                    await connection.close()
+            raise

@@ -72,6 +72,7 @@ async def test_writes_queued_together_each_get_their_own_outcome(
         batcher.run(pg_store.create_statement("echo", {"n": 1}, "new-key", owner="alice")),
         batcher.run(pg_store.create_statement("echo", {}, "held-key")),  # the key is taken
         batcher.run(hot.chunk_statement(chunked[0], 0, "second", "other-runner")),  # not its own
+        batcher.run(hot.start_step_statement(advanced[0], 2, "r")),  # a first attempt of step 2
     ]
     results = await asyncio.gather(*writes, return_exceptions=True)
 
@@ -86,7 +87,8 @@ async def test_writes_queued_together_each_get_their_own_outcome(
         assert isinstance(events, list)
         assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
         assert pg_store.events_after(op_id, events[0].seq - 1)[:2] == events
-    released, claimed, created, taken, foreign = results[7:]
+    released, claimed, created, taken, foreign, restarted = results[7:]
+    assert isinstance(restarted, Event) and restarted.data == {"step": 2, "attempt": 1}
     assert released is not None and not isinstance(released, BaseException)
     assert released.id == held
     assert claimed is not None and not isinstance(claimed, BaseException)
