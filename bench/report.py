@@ -42,9 +42,10 @@ def table(results: dict[str, Any]) -> str:
                 )
             elif name == "concurrency":
                 wall = data["wall_seconds"]
+                each = ", ".join(f"{w:.2f}" for w in data.get("wall_seconds_each", [wall]))
                 lines.append(
-                    f"{'concurrency 200x20x10ms':<44} {wall:>9.2f} {'':>9}  s wall; "
-                    f"stopped {data['stopped']}, wrong {data['wrong_final_state']}, "
+                    f"{'concurrency 200x20x10ms':<44} {wall:>9.2f} {'':>9}  s wall (median of "
+                    f"{each}); stopped {data['stopped']}, wrong {data['wrong_final_state']}, "
                     f"missing {data['missing']}"
                 )
             elif name == "capacity":
@@ -69,7 +70,33 @@ def table(results: dict[str, Any]) -> str:
                         lines.append(f"{name + ' ' + key:<44} {median:>9} {p99:>9}  ms")
                     elif isinstance(inner, int | float | str | bool):
                         lines.append(f"{name + ' ' + key:<44} {inner!s:>9}")
+    lines.extend(_ratios(results))
     return "\n".join(lines)
+
+
+def _ratios(results: dict[str, Any]) -> list[str]:
+    """The targets stated against the durable-execution peer, from this run's medians."""
+    dbos = results.get("peers", {}).get("dbos", {})
+    if "error" in dbos or not dbos:
+        return []
+    lines = ["-- against DBOS, same run"]
+    concurrency = dbos.get("concurrency", {}).get("summary", {}).get("wall_ms")
+    per_step = dbos.get("per_step_overhead", {}).get("median_ms")
+    for backend, suite in results["stopline"].items():
+        if concurrency and "concurrency" in suite:
+            ours = suite["concurrency"]["wall_seconds"]
+            theirs = concurrency["median"] / 1000
+            lines.append(
+                f"{'concurrency ' + backend:<44} {theirs / ours:>8.1f}x {'':>9}  faster "
+                f"(DBOS {theirs:.2f} s, median of {concurrency['n']}; Stopline {ours:.2f} s)"
+            )
+        if per_step and "per_step" in suite:
+            ours = suite["per_step"]["runtime_ms_per_step"]["median"]
+            lines.append(
+                f"{'per-step ' + backend:<44} {ours / per_step:>9.2f} {'':>9}  of DBOS's "
+                f"({ours:.2f} vs {per_step:.2f} ms)"
+            )
+    return lines
 
 
 def plots(results: dict[str, Any], out: Path) -> None:

@@ -102,7 +102,7 @@ async def stopline_suite(
         if "streaming" in only:
             out["streaming"] = await streaming(stack, workdir, quick)
         if "concurrency" in only:
-            out["concurrency"] = await scenarios.concurrency(stack)
+            out["concurrency"] = await scenarios.concurrency_repeated(stack, 1 if quick else 3)
     if "baseline" in only:
         with Stack(backend, workdir, abort_mid_step=False) as stack:
             for step, n in base_trials.items():

@@ -200,6 +200,32 @@ WITH op AS (
 SELECT last_seq, CASE WHEN go THEN NULL ELSE 1 END, pg_notify('{EVENTS}', :id || ':' || last_seq)
 FROM op"""
 
+# PostgreSQL: checkpoint the last step and complete the operation, unless a stop was recorded
+# first (then only the checkpoint: the stop wins, and the runner halts at this boundary).
+_PG_COMPLETE = f"""
+WITH op AS (
+  UPDATE operations SET
+    last_seq = last_seq + CASE WHEN stop_requested_at IS NULL THEN 2 ELSE 1 END,
+    steps_completed = :next_step, agent_state_json = :state, updated_at = :now,
+    status = CASE WHEN stop_requested_at IS NULL THEN 'COMPLETED' ELSE status END,
+    result_json = CASE WHEN stop_requested_at IS NULL THEN :output ELSE result_json END,
+    finished_at = CASE WHEN stop_requested_at IS NULL THEN :now ELSE finished_at END
+  WHERE {_OWNED}
+  RETURNING last_seq, stop_requested_at IS NULL AS go
+), finished AS (
+  UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
+  WHERE operation_id = :id AND step = :step AND finished_at IS NULL
+    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
+    AND EXISTS (SELECT 1 FROM op)
+), written AS (
+  INSERT INTO events (operation_id, seq, kind, data_json, created_at)
+  SELECT :id, last_seq - CASE WHEN go THEN 1 ELSE 0 END, 'step_completed', :data, :now FROM op
+  UNION ALL
+  SELECT :id, last_seq, 'completed', :data2, :now FROM op WHERE go
+)
+SELECT last_seq, CASE WHEN go THEN NULL ELSE 1 END, pg_notify('{EVENTS}', :id || ':' || last_seq)
+FROM op"""
+
 _PG_CHUNK = f"""
 WITH op AS (
   UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
@@ -390,6 +416,7 @@ class HotPath:
                 "finish_interrupted": _FINISH_ATTEMPT_INTERRUPTED,
                 "pg_advance": _PG_ADVANCE,
                 "pg_chunk": _PG_CHUNK,
+                "pg_complete": _PG_COMPLETE,
                 "pg_claim_and_start": _PG_CLAIM_AND_START,
                 "pg_release": _PG_RELEASE,
                 "pg_create": _PG_CREATE,
@@ -829,7 +856,7 @@ class HotPath:
             return self._send(
                 cur, self.advance_statement(operation_id, step, output, state, runner_id)
             )
-        params, completed, started, events = self._advancing(
+        _now, params, completed, started, events = self._advancing(
             operation_id, step, output, state, runner_id
         )
         cur.execute(self._q["advance"], params)
@@ -863,15 +890,39 @@ class HotPath:
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> Statement[list[Event]]:
         """advance as one PostgreSQL statement."""
-        params, completed, started, events = self._advancing(
+        _now, params, completed, started, events = self._advancing(
             operation_id, step, output, state, runner_id
         )
         params.update(data=_dump(completed), data2=_dump(started))
         return Statement(self._q["pg_advance"], params, events)
 
+    def complete_statement(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> Statement[list[Event]]:
+        """OperationStore.complete_step of the last step, as one PostgreSQL statement: reads
+        [step_completed, completed], [step_completed] alone when a stop was recorded first, or
+        [] when the operation is no longer this runner's."""
+        now, params, completed, _, _ = self._advancing(operation_id, step, output, state, runner_id)
+        finished: dict[str, JSONValue] = {"result": output}
+        params.update(data=_dump(completed), data2=_dump(finished))
+
+        def read(row: Any) -> list[Event]:
+            if row is None:
+                return []
+            last_seq, go_on = row[0], row[1] is None
+            if not go_on:
+                return [Event(operation_id, last_seq, STEP_COMPLETED, completed, now)]
+            return [
+                Event(operation_id, last_seq - 1, STEP_COMPLETED, completed, now),
+                Event(operation_id, last_seq, EventKind.COMPLETED, finished, now),
+            ]
+
+        return Statement(self._q["pg_complete"], params, read)
+
     def _advancing(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
     ) -> tuple[
+        datetime,
         dict[str, Any],
         dict[str, JSONValue],
         dict[str, JSONValue],
@@ -904,7 +955,7 @@ class HotPath:
                 Event(operation_id, last_seq, EventKind.STEP_STARTED, started, now),
             ]
 
-        return params, completed, started, events
+        return now, params, completed, started, events
 
     # -------------------------------------------------------------------- stopping
 

@@ -406,10 +406,7 @@ class Runner:
                 return
             result = step_task.result()
             if result.done:
-                written = await self._db.call(
-                    self._store.complete_step, op_id, step, result.output, result.state, True, me
-                )
-                self._publish(written)
+                written = await self._complete(op_id, step, result, me)
                 if written and not written[-1].is_terminal:
                     # The last step finished but a stop was recorded first: the stop wins.
                     await self._halt(op_id, step + 1, mid_step=False)
@@ -429,6 +426,21 @@ class Runner:
             step += 1
             state = result.state
             started = written[1] if len(written) > 1 else None
+
+    async def _complete(self, op_id: str, step: int, result: StepResult, me: str) -> list[Event]:
+        """Checkpoint the last step and complete the operation (OperationStore.complete_step)."""
+        if self._batcher is None:
+            written = await self._db.call(
+                self._store.complete_step, op_id, step, result.output, result.state, True, me
+            )
+            self._publish(written)
+            return written
+        hot = self._store.hot
+        with self._hub.local_write(op_id):
+            statement = hot.complete_statement(op_id, step, result.output, result.state, me)
+            written = await self._batcher.run(statement)
+            self._publish(written)
+        return written
 
     @staticmethod
     def _failure(step_task: asyncio.Task[StepResult]) -> str | None:

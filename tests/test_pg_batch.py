@@ -73,6 +73,7 @@ async def test_writes_queued_together_each_get_their_own_outcome(
         batcher.run(pg_store.create_statement("echo", {}, "held-key")),  # the key is taken
         batcher.run(hot.chunk_statement(chunked[0], 0, "second", "other-runner")),  # not its own
         batcher.run(hot.start_step_statement(advanced[0], 2, "r")),  # a first attempt of step 2
+        batcher.run(hot.complete_statement(advanced[1], 1, {"last": True}, None, "r")),
     ]
     results = await asyncio.gather(*writes, return_exceptions=True)
 
@@ -87,7 +88,16 @@ async def test_writes_queued_together_each_get_their_own_outcome(
         assert isinstance(events, list)
         assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
         assert pg_store.events_after(op_id, events[0].seq - 1)[:2] == events
-    released, claimed, created, taken, foreign, restarted = results[7:]
+    released, claimed, created, taken, foreign, restarted, finished = results[7:]
+    assert isinstance(finished, list)
+    assert [(e.kind, e.data) for e in finished] == [
+        (EventKind.STEP_COMPLETED, {"step": 1, "output": {"last": True}}),
+        (EventKind.COMPLETED, {"result": {"last": True}}),
+    ]
+    assert pg_store.events_after(advanced[1], finished[0].seq - 1) == finished
+    done = pg_store.get(advanced[1])
+    assert done is not None and done.status is OperationStatus.COMPLETED
+    assert done.result == {"last": True} and done.steps_completed == 2
     assert isinstance(restarted, Event) and restarted.data == {"step": 2, "attempt": 1}
     assert released is not None and not isinstance(released, BaseException)
     assert released.id == held

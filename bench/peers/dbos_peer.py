@@ -818,7 +818,8 @@ def run_all(quick: bool = False, seed: int | None = None) -> dict[str, Any]:
             f"{step:g}s": cancel_to_halt(step, trials, seed=seed) for step, trials in cancel_plan
         },
         "per_step_overhead": per_step_overhead(steps, repetitions=reps),
-        "concurrency": concurrency(n, conc_steps, 0.01, 0.5, seed=seed),
+        # Repeated like Stopline's (bench/scenarios.py concurrency_repeated): compare medians.
+        "concurrency": concurrency(n, conc_steps, 0.01, 0.5, repetitions=reps, seed=seed),
     }
 
 
