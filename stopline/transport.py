@@ -4,6 +4,8 @@
 The token travels as metadata added by a client interceptor rather than as gRPC call credentials,
 because gRPC refuses call credentials on plaintext channels, and local development (and the
 in-process tests) run plaintext. Over TLS the same interceptor is used, so there is one path.
+Where calls are many (the gateway's link to the runtime), the caller passes `bearer_metadata`
+with each call instead: an aio client interceptor costs about 150 µs per unary call.
 """
 
 from __future__ import annotations
