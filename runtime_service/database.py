@@ -12,7 +12,6 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 
+from runtime_service.batching import Outcome, WriteQueue
 from runtime_service.hot_path import Together
 
 P = ParamSpec("P")
@@ -140,7 +140,7 @@ class Database:
         self.engine.dispose()
 
 
-class GroupCommit:
+class GroupCommit(WriteQueue["_Write"]):
     """Many small writes, one transaction (SQLite): the runner's hot writes queue here, and the
     database thread runs everything queued so far in a single transaction (group commit).
 
@@ -149,7 +149,7 @@ class GroupCommit:
     so batching removes most of that cost. A write queued alone runs alone. Each write's result
     is handed back only after its transaction commits. If a batch fails, each write is retried
     alone, so one bad write cannot take the others' results (or errors) with it. (PostgreSQL's
-    counterpart, which also pipelines the statements, is pg_batch.PostgresBatcher.)
+    counterpart, which writes from the event loop, is pg_batch.PostgresBatcher.)
     """
 
     def __init__(
@@ -158,18 +158,15 @@ class GroupCommit:
         run_together: Callable[[list[Together]], list[Any]],
         max_batch: int = 256,
     ) -> None:
+        super().__init__("group commit", max_batch)
         self._db = db
         self._run_together = run_together
-        self._max_batch = max_batch
-        self._queue: deque[_Write] = deque()
-        self._draining = False
-        self._drainer: asyncio.Task[None] | None = None
 
     @property
     def idle(self) -> bool:
         """Nothing queued or being written, and the database threads free: a write now would
         have no company and would not contend with this process for SQLite's write lock."""
-        return not self._draining and self._db.idle
+        return not self.draining and self._db.idle
 
     async def run(
         self, together: Callable[..., Callable[[], T]], alone: Callable[..., T], *args: Any
@@ -177,35 +174,13 @@ class GroupCommit:
         """The write `together(cursor, *args)` inside a shared transaction, or `alone(*args)`
         if nothing shares it; its result once that has committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Write(together, alone, args, future))
-        if not self._draining:
-            self._draining = True
-            self._drainer = asyncio.create_task(self._drain(), name="group commit")
-        return await future
+        result: T = await self._submit(_Write(together, alone, args, future))
+        return result
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                size = min(len(self._queue), self._max_batch)
-                batch = [self._queue.popleft() for _ in range(size)]
-                outcomes = await self._db.call(self._execute, batch)
-                for write, (ok, value) in zip(batch, outcomes, strict=True):
-                    if write.future.done():
-                        continue  # its caller went away; the write itself stands
-                    if ok:
-                        write.future.set_result(value)
-                    else:
-                        write.future.set_exception(value)
-        except BaseException as exc:  # the loop is going away: fail whatever is left
-            for write in self._queue:
-                if not write.future.done():
-                    write.future.set_exception(exc)
-            self._queue.clear()
-            raise
-        finally:
-            self._draining = False
+    async def _write_batch(self, batch: list[_Write]) -> list[Outcome]:
+        return await self._db.call(self._execute, batch)
 
-    def _execute(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+    def _execute(self, batch: list[_Write]) -> list[Outcome]:
         if len(batch) == 1:
             return [self._alone(batch[0])]
         try:
@@ -215,7 +190,7 @@ class GroupCommit:
         return [(True, result) for result in results]
 
     @staticmethod
-    def _alone(write: _Write) -> tuple[bool, Any]:
+    def _alone(write: _Write) -> Outcome:
         try:
             return True, write.alone(*write.args)
         except Exception as exc:

@@ -173,6 +173,14 @@ UPDATE steps SET finished_at = :now, outcome = 'interrupted'
 WHERE operation_id = :id AND step = :step AND finished_at IS NULL
   AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)"""
 
+# In a PostgreSQL statement whose `op` CTE checkpointed step :step: mark the attempt completed.
+_PG_FINISH_ATTEMPT = """finished AS (
+  UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
+  WHERE operation_id = :id AND step = :step AND finished_at IS NULL
+    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
+    AND EXISTS (SELECT 1 FROM op)
+)"""
+
 # PostgreSQL: the same writes as one statement each (data-modifying CTEs all run, against one
 # snapshot, in the statement's own transaction), so a step boundary costs one round trip and one
 # commit instead of eight round trips.
@@ -183,12 +191,7 @@ WITH op AS (
     steps_completed = :next_step, agent_state_json = :state, updated_at = :now
   WHERE {_OWNED}
   RETURNING last_seq, stop_requested_at IS NULL AS go
-), finished AS (
-  UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
-  WHERE operation_id = :id AND step = :step AND finished_at IS NULL
-    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
-    AND EXISTS (SELECT 1 FROM op)
-), began AS (
+), {_PG_FINISH_ATTEMPT}, began AS (
   INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
   SELECT :id, :next_step, 1, :runner, :now FROM op WHERE go
 ), written AS (
@@ -212,12 +215,7 @@ WITH op AS (
     finished_at = CASE WHEN stop_requested_at IS NULL THEN :now ELSE finished_at END
   WHERE {_OWNED}
   RETURNING last_seq, stop_requested_at IS NULL AS go
-), finished AS (
-  UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
-  WHERE operation_id = :id AND step = :step AND finished_at IS NULL
-    AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)
-    AND EXISTS (SELECT 1 FROM op)
-), written AS (
+), {_PG_FINISH_ATTEMPT}, written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
   SELECT :id, last_seq - CASE WHEN go THEN 1 ELSE 0 END, 'step_completed', :data, :now FROM op
   UNION ALL

@@ -29,12 +29,12 @@ import asyncio
 import contextlib
 import itertools
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
+from runtime_service.batching import Outcome, WriteQueue
 from runtime_service.hot_path import Statement
 
 if TYPE_CHECKING:
@@ -104,16 +104,13 @@ class _Queued:
     future: asyncio.Future[Any]
 
 
-class PostgresBatcher:
+class PostgresBatcher(WriteQueue[_Queued]):
     def __init__(self, conninfo: str, max_batch: int = 256) -> None:
         import psycopg  # here: PostgreSQL's driver is an optional dependency
 
+        super().__init__("postgres batch", max_batch)
         self._psycopg = psycopg
         self._conninfo = conninfo
-        self._max_batch = max_batch
-        self._queue: deque[_Queued] = deque()
-        self._draining = False
-        self._drainer: asyncio.Task[None] | None = None
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
         self._statements: dict[str, _Prepared] = {}
@@ -124,11 +121,8 @@ class PostgresBatcher:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(statement, future))
-        if not self._draining:
-            self._draining = True
-            self._drainer = asyncio.create_task(self._drain(), name="postgres batch")
-        return await future
+        result: T = await self._submit(_Queued(statement, future))
+        return result
 
     async def close(self) -> None:
         self._closed = True
@@ -137,29 +131,7 @@ class PostgresBatcher:
                 await self._connection.close()
             self._connection = None
 
-    async def _drain(self) -> None:
-        try:
-            while self._queue:
-                size = min(len(self._queue), self._max_batch)
-                batch = [self._queue.popleft() for _ in range(size)]
-                outcomes = await self._execute(batch)
-                for queued, (ok, value) in zip(batch, outcomes, strict=True):
-                    if queued.future.done():
-                        continue  # its caller went away; the write itself stands
-                    if ok:
-                        queued.future.set_result(value)
-                    else:
-                        queued.future.set_exception(value)
-        except BaseException as exc:  # the loop is going away: fail whatever is left
-            for queued in self._queue:
-                if not queued.future.done():
-                    queued.future.set_exception(exc)
-            self._queue.clear()
-            raise
-        finally:
-            self._draining = False
-
-    async def _execute(self, batch: list[_Queued]) -> list[tuple[bool, Any]]:
+    async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
         if len(batch) > 1:
             # Stable: two writes of one operation keep their order.
             order = sorted(range(len(batch)), key=lambda i: str(batch[i].statement.params["id"]))
@@ -170,7 +142,7 @@ class PostgresBatcher:
                     return [(False, exc)] * len(batch)  # the connection failed: so would each
                 # Retried one by one below: each gets its own outcome.
             else:
-                outcomes: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+                outcomes: list[Outcome] = [(False, None)] * len(batch)
                 for i, result in zip(order, results, strict=True):
                     outcomes[i] = (True, result)
                 return outcomes
@@ -199,7 +171,7 @@ class PostgresBatcher:
                 await cursor.close()
         return [statement.read(row) for statement, row in zip(statements, rows, strict=True)]
 
-    async def _alone(self, statement: Statement[Any]) -> tuple[bool, Any]:
+    async def _alone(self, statement: Statement[Any]) -> Outcome:
         try:
             async with self._using() as conn, conn.cursor() as cursor:
                 await cursor.execute(statement.sql, statement.params)

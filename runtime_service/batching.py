@@ -1,0 +1,72 @@
+"""Group commit's queue: writes that arrive while a batch is being written wait, and go together
+in the next one. Shared by SQLite's group commit (database.GroupCommit, batches on the database
+thread) and PostgreSQL's batcher (pg_batch.PostgresBatcher, batches on the event loop); each
+says how a batch is written.
+
+Each caller gets its own outcome, and only once its batch has committed. A caller that goes away
+(cancelled) does not take its write back: the write stands, unreported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Generic, Protocol, TypeVar
+
+# One write's outcome: (True, its result) or (False, the exception to raise to its caller).
+Outcome = tuple[bool, Any]
+
+
+class Queued(Protocol):
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
+
+
+Q = TypeVar("Q", bound=Queued)
+
+
+class WriteQueue(Generic[Q]):
+    def __init__(self, name: str, max_batch: int) -> None:
+        self._name = name
+        self._max_batch = max_batch
+        self._queue: deque[Q] = deque()
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        """A batch is being written (or about to be)."""
+        return self._draining
+
+    async def _submit(self, queued: Q) -> Any:
+        self._queue.append(queued)
+        if not self._draining:
+            self._draining = True
+            self._drainer = asyncio.create_task(self._drain(), name=self._name)
+        return await queued.future
+
+    async def _write_batch(self, batch: list[Q]) -> list[Outcome]:
+        """Write `batch`; one outcome per write, in order."""
+        raise NotImplementedError
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                size = min(len(self._queue), self._max_batch)
+                batch = [self._queue.popleft() for _ in range(size)]
+                outcomes = await self._write_batch(batch)
+                for queued, (ok, value) in zip(batch, outcomes, strict=True):
+                    if queued.future.done():
+                        continue  # its caller went away; the write itself stands
+                    if ok:
+                        queued.future.set_result(value)
+                    else:
+                        queued.future.set_exception(value)
+        except BaseException as exc:  # the loop is going away: fail whatever is left
+            for queued in self._queue:
+                if not queued.future.done():
+                    queued.future.set_exception(exc)
+            self._queue.clear()
+            raise
+        finally:
+            self._draining = False
