@@ -35,6 +35,7 @@ STEP_COMPLETED = EventKind.STEP_COMPLETED
 
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 # What a runner write's `x_in(cursor, ...)` returns: its statements are sent, and calling this reads
@@ -44,12 +45,22 @@ Sent = Callable[[], T]
 
 @dataclass(frozen=True, slots=True)
 class Statement(Generic[T]):
-    """A write that is one statement (PostgreSQL's chunk and step boundary), as data, so that a
-    batcher can send many at once and read each outcome from its returned row (see pg_batch)."""
+    """A write that is one PostgreSQL statement, as data, so that a batcher can send many at
+    once and read each outcome from its returned row (see pg_batch)."""
 
     sql: str
     params: dict[str, Any]
     read: Callable[[Any], T]  # the statement's one returned row, or None -> the outcome
+
+    def then(self, convert: Callable[[Any], U]) -> Statement[U | None]:
+        """The same statement, its outcome passed through `convert` unless it is None."""
+        read = self.read
+
+        def converted(row: Any) -> U | None:
+            outcome = read(row)
+            return None if outcome is None else convert(outcome)
+
+        return Statement(self.sql, self.params, converted)
 
 
 # One write of a group commit: its `x_in` and its arguments after the cursor.

@@ -218,14 +218,7 @@ class OperationStore:
             agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner
         )
         made = self.hot.create_statement(*fields, announce=announce)
-
-        def read(row: Any) -> Created | None:
-            found = made.read(row)
-            if found is None:
-                return None
-            return Created(found[0], created=True, events=(found[1],))
-
-        return Statement(made.sql, made.params, read)
+        return made.then(lambda found: Created(found[0], created=True, events=(found[1],)))
 
     @staticmethod
     def _new(
@@ -259,15 +252,9 @@ class OperationStore:
         """record_stop as one PostgreSQL statement (see pg_batch) for a stop that is most
         likely new; None when nothing was recorded: then `record_stop` says why."""
         made = self.hot.record_stop_statement(operation_id, requested_by, reason, utcnow())
-
-        def read(row: Any) -> InterruptResult | None:
-            found = made.read(row)
-            if found is None:
-                return None
-            operation, written = found
-            return InterruptResult(InterruptOutcome.ACCEPTED, operation, tuple(written))
-
-        return Statement(made.sql, made.params, read)
+        return made.then(
+            lambda found: InterruptResult(InterruptOutcome.ACCEPTED, found[0], tuple(found[1]))
+        )
 
     def record_stop(
         self, operation_id: str, requested_by: str, reason: str
