@@ -4,7 +4,8 @@ Guarantees kept here:
 - A stop is never lost to timing. A client that cancels while its start is still in flight gets
   the stop applied as soon as the runtime answers; because the gateway starts every operation
   *held* (the runtime runs no step until released), that stop lands while the operation is still
-  PENDING, so no step ever runs.
+  PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
+  operation already created (`Gateway._start`).
 - A stream never shows a gap or a repeat: the runtime watch is resumed from the last forwarded
   seq whenever the runtime connection breaks.
 - A stop is acknowledged to every local client of the operation at once, then delivered at least
@@ -36,6 +37,7 @@ from gateway_service.streams import (
     EventItem,
     StopRequestedItem,
     StopUndeliveredItem,
+    StreamEnd,
     StreamItem,
     StreamRegistry,
 )
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 POLICY_LABEL = "stopline.cancel_policy"
 GRACE_LABEL = "stopline.cancel_grace_seconds"
 MAX_REASON = 1000
+# One ReleaseOperation attempt; a release is retried until the hold it ends would expire anyway.
+RELEASE_ATTEMPT_SECONDS = 2.0
 GATEWAY = "gateway"
 # What max_running_per_principal counts: operations that have not ended (STOPPING is RUNNING
 # with a stop recorded; the runtime lists it apart from RUNNING).
@@ -64,6 +68,11 @@ UNFINISHED = (
     op_pb.OPERATION_STATUS_PENDING,
     op_pb.OPERATION_STATUS_RUNNING,
     op_pb.OPERATION_STATUS_STOPPING,
+)
+FINISHED = (
+    op_pb.OPERATION_STATUS_COMPLETED,
+    op_pb.OPERATION_STATUS_FAILED,
+    op_pb.OPERATION_STATUS_INTERRUPTED,
 )
 
 
@@ -84,6 +93,16 @@ class Accepted:
 class StopAnswer:
     delivered: bool
     response: rt_pb.InterruptOperationResponse | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The runtime's answer to a start, and whether the operation is this call's to release and
+    to stop under its policy: the runtime created it now, or an earlier attempt of this call may
+    have created it and its answer was lost (`Gateway._start` says how that is told)."""
+
+    response: rt_pb.StartOperationResponse
+    ours: bool
 
 
 class _ProgressThenLost(Exception):
@@ -160,6 +179,7 @@ class Gateway:
         # The gateway always sends a key, so it can retry a start whose answer was lost. The
         # runtime scopes keys by owner, so principals cannot reach each other's operations.
         key = idempotency_key or f"gateway-{uuid.uuid4()}"
+        generated_key = not idempotency_key
         request = rt_pb.StartOperationRequest(
             agent=agent,
             idempotency_key=key,
@@ -168,12 +188,13 @@ class Gateway:
             hold=duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds)),
         )
         request.input.CopyFrom(input_value)
-        start = self._spawn(self._start(request), name="start")
+        start = self._spawn(self._start(request, generated_key), name="start")
         try:
-            response = await asyncio.shield(start)
+            started = await asyncio.shield(start)
+            response = started.response
             operation_id = response.operation.id
             self.owners.remember(response.operation)
-            if response.created:
+            if started.ours:
                 delay = self.config.release_delay_seconds
                 self._spawn(self._release(operation_id, delay), name=f"release {operation_id}")
             yield Accepted(response.operation)
@@ -208,26 +229,63 @@ class Gateway:
                     break
                 request.page_token = page.next_page_token
 
-    async def _start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
+    async def _start(self, request: rt_pb.StartOperationRequest, generated_key: bool) -> Started:
+        """Start, retrying with the same key while the runtime is unreachable.
+
+        A retry answers `created = false` when an earlier attempt committed but its answer was
+        lost; the operation is still this call's, to release and to stop under its policy. It is
+        taken as ours when the key is one this gateway generated for this call, or when an
+        earlier attempt failed in a way that may have followed a commit (UNAVAILABLE, deadline).
+        A client's key that answers `created = false` at the first attempt is a repeat of an
+        earlier call, whose own client decides; after a lost answer the gateway cannot tell
+        such a repeat from its own start, and treats it as its own (README, Held starts)."""
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.config.start_retry_seconds),
             wait=backoff(1.0),
             retry=retry_if_exception(is_retryable),
             reraise=True,
         )
+        maybe_committed = generated_key
         async for attempt in retrying:
             with attempt:
-                return await self.link.start(request)
+                try:
+                    response = await self.link.start(request)
+                except UpstreamError as exc:
+                    maybe_committed = maybe_committed or is_retryable(exc)
+                    raise
+                return Started(response, response.created or maybe_committed)
         raise AssertionError("unreachable: tenacity reraises")
 
     async def _release(self, operation_id: str, delay: float = 0.0) -> None:
+        """Let a held operation run. Retried (ReleaseOperation is idempotent) while the hold
+        lasts, each attempt cut short so that a runtime that does not answer (frozen, or dying
+        with the call in flight) costs one attempt, not the hold; after the hold there is
+        nothing left to release."""
         if delay:
             await asyncio.sleep(delay)  # a timer: the client's window to stop before any step
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self.config.start_hold_seconds),
+            wait=backoff(RELEASE_ATTEMPT_SECONDS / 4),
+            retry=retry_if_exception(is_retryable),
+            reraise=True,
+        )
         try:
-            await self.link.release(operation_id)
+            async for attempt in retrying:
+                with attempt:
+                    await self._release_once(operation_id)
         except UpstreamError as exc:
             # The runtime's hold expires by itself; the operation only starts a little later.
             log.warning("could not release %s (%s); its hold will expire", operation_id, exc)
+
+    async def _release_once(self, operation_id: str) -> None:
+        try:
+            async with asyncio.timeout(RELEASE_ATTEMPT_SECONDS):
+                await self.link.release(operation_id)
+        except TimeoutError:
+            raise UpstreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"ReleaseOperation got no answer in {RELEASE_ATTEMPT_SECONDS:g}s",
+            ) from None
 
     # ------------------------------------------------------------------ reconnect
 
@@ -260,6 +318,8 @@ class Gateway:
                             item = await stream.queue.get()
                     except TimeoutError:
                         raise idle_stream_error(self.config.stream_idle_seconds, cursor) from None
+                    if isinstance(item, StreamEnd):
+                        return
                     if isinstance(item, BaseException):
                         raise item
                     yield item
@@ -299,7 +359,8 @@ class Gateway:
                 return
 
     async def _forward(self, op_id: str, cursor: int, put: Any) -> int:
-        """One runtime watch from `cursor` until the terminal event; returns the last seq."""
+        """One runtime watch from `cursor` until the terminal event (or, for an operation that
+        had ended at `cursor` already, until the runtime's empty answer); returns the last seq."""
         start = cursor
         call = self.link.watch(op_id, cursor)
         try:
@@ -322,9 +383,14 @@ class Gateway:
             raise UpstreamError.from_rpc_error(exc) from exc
         finally:
             call.cancel()
-        # Ended without a terminal event (the runtime shut down gracefully): resume.
+        # Ended without a terminal event: the runtime shut down gracefully (resume), or the
+        # operation had ended before the cursor, which only the operation itself tells apart.
         if cursor > start:
             raise _ProgressThenLost(str(cursor))
+        operation = (await self.link.get(op_id)).operation
+        if operation.status in FINISHED and operation.last_seq <= cursor:
+            put(StreamEnd())
+            return cursor
         raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "the runtime ended the stream early")
 
     # ------------------------------------------------------------------ stopping
@@ -364,7 +430,7 @@ class Gateway:
 
     def _client_gone(
         self,
-        start: asyncio.Task[rt_pb.StartOperationResponse] | None,
+        start: asyncio.Task[Started] | None,
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
@@ -375,20 +441,20 @@ class Gateway:
 
     async def _apply_policy(
         self,
-        start: asyncio.Task[rt_pb.StartOperationResponse] | None,
+        start: asyncio.Task[Started] | None,
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
     ) -> None:
         if start is not None:
             try:
-                response = await start
+                started = await start
             except UpstreamError as exc:
                 log.warning("client left during a start that failed (%s): nothing to stop", exc)
                 return
-            op_id = response.operation.id
-            if not response.created:
-                return  # a repeat of an earlier start: its own client decides
+            op_id = started.response.operation.id
+            if not started.ours:
+                return  # a repeat of an earlier call's start: its own client decides
         assert op_id is not None
         if policy is CancelPolicy.STOP:
             # Still held if the client left during the start: the stop wins before any step.

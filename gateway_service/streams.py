@@ -41,12 +41,18 @@ class StopUndeliveredItem:
 StreamItem = EventItem | StopRequestedItem | StopUndeliveredItem
 
 
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The operation had already ended and nothing comes after the stream's cursor (a reconnect
+    from the terminal event's seq): the stream ends cleanly, without a terminal event to send."""
+
+
 class ClientStream:
     def __init__(self, operation_id: str) -> None:
         self.operation_id = operation_id
-        self.queue: asyncio.Queue[StreamItem | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[StreamItem | StreamEnd | BaseException] = asyncio.Queue()
 
-    def put(self, item: StreamItem | BaseException) -> None:
+    def put(self, item: StreamItem | StreamEnd | BaseException) -> None:
         self.queue.put_nowait(item)
 
 

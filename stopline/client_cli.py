@@ -227,10 +227,32 @@ class Follower:
                         return EXIT_BY_TERMINAL_EVENT[kind]
         except aio.AioRpcError as exc:
             raise from_rpc_error(exc, self._resume_hint(exc.code())) from exc
+        ended = await self._ended_before_the_stream()
+        if ended is not None:
+            return ended
         raise gateway_error(
             grpc.StatusCode.UNAVAILABLE,
             "the gateway ended the stream before the operation ended" + self._resume_hint(),
         )
+
+    async def _ended_before_the_stream(self) -> int | None:
+        """A stream that ends cleanly without a terminal event: the operation had ended at or
+        before --after (nothing to show), or the stream was cut short. Asks the operation which;
+        returns the exit status in the first case."""
+        if not self._operation_id.done():
+            return None
+        request = pb.GetOperationRequest(operation_id=self._id())
+        try:
+            response = await self._stub.GetOperation(request, timeout=UNARY_TIMEOUT)
+        except aio.AioRpcError as exc:
+            raise from_rpc_error(exc, self._resume_hint(exc.code())) from exc
+        operation = response.operation
+        status = status_name(operation.status)
+        exit_code = EXIT_BY_TERMINAL_EVENT.get(status.lower())
+        if exit_code is None or operation.last_seq > self.last_seq:
+            return None
+        self._say(f"operation {self._id()} {status}; no events after seq {self.last_seq}")
+        return exit_code
 
     def _render(self, update: Update) -> str:
         if self._as_json:

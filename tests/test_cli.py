@@ -270,3 +270,21 @@ def test_a_second_ctrl_c_leaves_without_waiting(
     services.wait_for(
         operation_id, lambda op: op.status == op_pb.OPERATION_STATUS_INTERRUPTED, timeout=15
     )
+
+
+def test_attach_after_the_last_event_of_a_finished_operation_ends_at_once(
+    services: Services,
+) -> None:
+    """Issue 11: nothing comes after the terminal event, so attach says how the operation ended
+    and exits with its status, instead of waiting out the gateway's reconnect deadline (60 s)
+    and exiting 69 with a hint to run the same command again."""
+    run = services.run("run", "echo", "--input", '{"word": "hi"}', "--json")
+    assert run.returncode == 0, run.stderr
+    updates = [json.loads(line) for line in run.stdout.splitlines()]
+    operation_id = updates[0]["accepted"]["operation_id"]
+    last_seq = int(updates[-1]["event"]["seq"])
+    attach = services.run("attach", operation_id, "--after", str(last_seq), timeout=20)
+    assert attach.returncode == 0, attach.stderr
+    assert attach.stdout.strip() == (
+        f"operation {operation_id} COMPLETED; no events after seq {last_seq}"
+    )
