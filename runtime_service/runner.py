@@ -7,7 +7,8 @@ A stop reaches a running operation two ways, and either is enough on its own:
 - mid-step: `deliver_stop` resolves the run's stop future, the loop cancels the agent's step
   coroutine at once and gives it `stop_grace` seconds to clean up, then records INTERRUPTED.
   On PostgreSQL a stop recorded by another replica arrives as a notification; the lease loop's
-  periodic look at the stored stop intent is the fallback.
+  periodic look at the stored stop intent is the fallback. Output is refused once a stop is
+  recorded, so an agent emitting before the stop reached this runner learns of it that way.
 
 Ownership: a runner runs an operation under a lease it renews; every write it makes is
 conditional on still owning it. Work is claimed by a claim loop (woken by notifications, a
@@ -45,7 +46,8 @@ W = TypeVar("W", Event | None, list[Event])
 
 
 class OperationHalted(Exception):
-    """Raised inside an agent that emits output after its operation has ended (or moved)."""
+    """Raised inside an agent that emits output once a stop is recorded (nothing more is stored:
+    no output follows the stop_requested event), or after its operation ended or moved."""
 
 
 @dataclass(eq=False)
