@@ -66,7 +66,7 @@ class RuntimeApp:
             listener = PostgresListener(
                 config.database_url,
                 Handlers(
-                    on_stop=runner.deliver_stop,
+                    on_stop=runner.stop_notified,
                     on_event=hub.poke,
                     on_work=runner.wake,
                     on_reconnect=recheck_everything,

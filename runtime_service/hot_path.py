@@ -79,6 +79,22 @@ def _dump(value: JSONValue) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def halt_ms(
+    halted_at: datetime, stop_recorded_at: datetime | None, seen_at: datetime | None
+) -> float:
+    """Milliseconds from the committed stop to the halt, for the `interrupted` event.
+
+    The stored stop time is taken just before the stop's write, so it comes early by however
+    long that write waited and took to commit (under load, hundreds of milliseconds). `seen_at`,
+    when known, is a time after the commit: taken by the replica that recorded the stop right
+    after its commit, or by the runner when the stop's notification arrived. The later of the
+    two is the closer to the commit. (_PG_FINISH_INTERRUPTED computes the same in SQL.)"""
+    since = max((t for t in (stop_recorded_at, seen_at) if t is not None), default=None)
+    if since is None:
+        return 0.0
+    return round(max(0.0, (halted_at - since).total_seconds() * 1000.0), 3)
+
+
 # Owned by this runner and still running: the fencing condition of every runner write.
 _OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
 
@@ -89,9 +105,12 @@ UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
 WHERE {_OWNED} AND stop_requested_at IS NULL
 RETURNING last_seq"""
 
+# Output is stored only while no stop is recorded, so once a stop_requested event is stored no
+# output follows it, only the halt. `:outlives_stop` lifts that for the stop-at-boundary mode,
+# where the step in flight runs to its end and its output is kept.
 _BUMP_FOR_CHUNK = f"""
 UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
-WHERE {_OWNED}
+WHERE {_OWNED} AND (stop_requested_at IS NULL OR :outlives_stop)
 RETURNING last_seq"""
 
 # Checkpoint step N and, unless a stop is recorded, begin step N+1: one seq for step_completed,
@@ -115,8 +134,7 @@ _INSERT_ATTEMPT = """
 INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
 VALUES (:id, :step, :attempt, :runner, :now)"""
 
-# Only the newest attempt is this runner's; older unfinished ones belong to a process that died
-# mid-step and keep no outcome.
+# Only the newest attempt is this runner's (older ones were settled as abandoned at takeover).
 _FINISH_ATTEMPT = """
 UPDATE steps SET finished_at = :now, outcome = 'completed', output_json = :output
 WHERE operation_id = :id AND step = :step AND finished_at IS NULL
@@ -236,10 +254,7 @@ SELECT last_seq, CASE WHEN go THEN NULL ELSE 1 END, pg_notify('{EVENTS}', :id ||
 FROM op"""
 
 _PG_CHUNK = f"""
-WITH op AS (
-  UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
-  WHERE {_OWNED}
-  RETURNING last_seq
+WITH op AS ({_BUMP_FOR_CHUNK}
 ), written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
   SELECT :id, last_seq, 'output_chunk', :data, :now FROM op
@@ -347,7 +362,8 @@ SELECT {_COLUMN_LIST}, pg_notify('{EVENTS}', :id || ':' || last_seq),
 FROM stopped"""
 
 # PostgreSQL: finish_interrupted_in as one statement. The event's data is built here, where the
-# stored stop time is (halt_ms; whole microseconds, so three decimals are exact), and returned.
+# stored stop time is (halt_ms as halt_ms() computes it: from the later of the stored stop time
+# and :seen; whole microseconds, so three decimals are exact), and returned.
 _PG_FINISH_INTERRUPTED = f"""
 WITH op AS (
   UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
@@ -355,8 +371,8 @@ WITH op AS (
   WHERE {_OWNED}
   RETURNING last_seq,
     '{{"mid_step":' || CASE WHEN :mid_step THEN 'true' ELSE 'false' END || ',"step":' || :step
-    || ',"halt_ms":' || coalesce(
-      round(greatest(0, extract(epoch FROM :now - stop_requested_at) * 1000), 3), 0)
+    || ',"halt_ms":' || coalesce(round(
+      greatest(0, extract(epoch FROM :now - greatest(stop_requested_at, :seen)) * 1000), 3), 0)
     || '}}' AS data
 ), attempt AS (
   UPDATE steps SET finished_at = :now, outcome = 'interrupted'
@@ -795,19 +811,39 @@ class HotPath:
 
     # -------------------------------------------------------------------- output
 
-    def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
+    def append_chunk(
+        self,
+        operation_id: str,
+        step: int,
+        text: str,
+        runner_id: str,
+        outlives_stop: bool = False,
+    ) -> Event | None:
         with self._alone() as cur:
-            return self.append_chunk_in(cur, operation_id, step, text, runner_id)()
+            return self.append_chunk_in(cur, operation_id, step, text, runner_id, outlives_stop)()
 
     def append_chunk_in(
-        self, cur: Any, operation_id: str, step: int, text: str, runner_id: str
+        self,
+        cur: Any,
+        operation_id: str,
+        step: int,
+        text: str,
+        runner_id: str,
+        outlives_stop: bool = False,
     ) -> Sent[Event | None]:
-        """Store an output chunk; None when the operation has ended or changed hands."""
+        """Store an output chunk; None when the operation has ended or changed hands, or a stop
+        is recorded (unless `outlives_stop`: the stop-at-boundary mode keeps the step's output)."""
         if self._postgres:
-            return self._send(cur, self.chunk_statement(operation_id, step, text, runner_id))
+            statement = self.chunk_statement(operation_id, step, text, runner_id, outlives_stop)
+            return self._send(cur, statement)
         now = datetime.now(UTC)
         data: dict[str, JSONValue] = {"step": step, "text": text}
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "outlives_stop": outlives_stop,
+        }
         cur.execute(self._q["chunk"], params)
         row = cur.fetchone()
         if row is None:
@@ -820,12 +856,22 @@ class HotPath:
         return _ready(Event(operation_id, seq, EventKind.OUTPUT_CHUNK, data, now))
 
     def chunk_statement(
-        self, operation_id: str, step: int, text: str, runner_id: str
+        self,
+        operation_id: str,
+        step: int,
+        text: str,
+        runner_id: str,
+        outlives_stop: bool = False,
     ) -> Statement[Event | None]:
         """append_chunk as one PostgreSQL statement."""
         now = datetime.now(UTC)
         data: dict[str, JSONValue] = {"step": step, "text": text}
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
+        params = {
+            "id": operation_id,
+            "runner": runner_id,
+            "now": self._time(now),
+            "outlives_stop": outlives_stop,
+        }
 
         def read(row: Any) -> Event | None:
             if row is None:
@@ -1048,7 +1094,12 @@ class HotPath:
         return Statement(self._q["pg_record_stop"], params, read)
 
     def finish_interrupted_statement(
-        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+        self,
+        operation_id: str,
+        step: int,
+        mid_step: bool,
+        runner_id: str,
+        seen_at: datetime | None = None,
     ) -> Statement[Event | None]:
         """finish_interrupted_in as one PostgreSQL statement."""
         now = datetime.now(UTC)
@@ -1058,6 +1109,7 @@ class HotPath:
             "now": self._time(now),
             "step": step,
             "mid_step": mid_step,
+            "seen": None if seen_at is None else self._time(seen_at),
         }
 
         def read(row: Any) -> Event | None:
@@ -1068,18 +1120,35 @@ class HotPath:
         return Statement(self._q["pg_finish_interrupted"], params, read)
 
     def finish_interrupted(
-        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+        self,
+        operation_id: str,
+        step: int,
+        mid_step: bool,
+        runner_id: str,
+        seen_at: datetime | None = None,
     ) -> Event | None:
         with self.transaction() as cur:
-            return self.finish_interrupted_in(cur, operation_id, step, mid_step, runner_id)()
+            return self.finish_interrupted_in(
+                cur, operation_id, step, mid_step, runner_id, seen_at
+            )()
 
     def finish_interrupted_in(
-        self, cur: Any, operation_id: str, step: int, mid_step: bool, runner_id: str
+        self,
+        cur: Any,
+        operation_id: str,
+        step: int,
+        mid_step: bool,
+        runner_id: str,
+        seen_at: datetime | None = None,
     ) -> Sent[Event | None]:
-        """RUNNING -> INTERRUPTED after this runner halted; halt_ms is measured from the stored
-        stop time, so it covers delivery and cancellation, not just this write."""
+        """RUNNING -> INTERRUPTED after this runner halted. halt_ms (see halt_ms()) runs from the
+        committed stop: it covers delivery and cancellation, not the gateway's delivery nor the
+        stop's own write. `seen_at`: when this runner learned of the committed stop, if it did
+        so right away (None: measure from the stored stop time)."""
         if self._postgres:
-            statement = self.finish_interrupted_statement(operation_id, step, mid_step, runner_id)
+            statement = self.finish_interrupted_statement(
+                operation_id, step, mid_step, runner_id, seen_at
+            )
             return self._send(cur, statement)
         now = datetime.now(UTC)
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
@@ -1090,13 +1159,10 @@ class HotPath:
         seq, requested_at = row[0], self._read_time(row[1])
         if mid_step:
             cur.execute(self._q["finish_interrupted"], params)
-        halt_ms = 0.0
-        if requested_at is not None:
-            halt_ms = max(0.0, (now - requested_at).total_seconds() * 1000.0)
         data: dict[str, JSONValue] = {
             "mid_step": mid_step,
             "step": step,
-            "halt_ms": round(halt_ms, 3),
+            "halt_ms": halt_ms(now, requested_at, seen_at),
         }
         return _ready(self._event_in(cur, operation_id, seq, EventKind.INTERRUPTED, data, now))
 

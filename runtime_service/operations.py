@@ -25,7 +25,7 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.runner import Runner
-from runtime_service.store import STOPPING, Created, OperationStore
+from runtime_service.store import STOPPING, Created, OperationStore, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.limits import check_input_size, check_page_size
@@ -175,11 +175,13 @@ class OperationsService:
             result = await self.batcher.run(self.store.record_stop_statement(op_id, by, why))
         if result is None:
             result = await self.db.call(self.store.record_stop, op_id, by, why)
+        committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             raise operation_not_found(op_id)
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
-            self.runner.deliver_stop(op_id)
+            ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
+            self.runner.deliver_stop(op_id, committed if ours else None)
         return result
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:

@@ -63,6 +63,8 @@ PARAMETER_TYPES = {
     "reason": "text",
     "halted": "text",
     "mid_step": "boolean",
+    "outlives_stop": "boolean",
+    "seen": "timestamptz",
     "announce": "boolean",
     "agent": "text",
     "input": "text",

@@ -7,7 +7,8 @@ A stop reaches a running operation two ways, and either is enough on its own:
 - mid-step: `deliver_stop` resolves the run's stop future, the loop cancels the agent's step
   coroutine at once and gives it `stop_grace` seconds to clean up, then records INTERRUPTED.
   On PostgreSQL a stop recorded by another replica arrives as a notification; the lease loop's
-  periodic look at the stored stop intent is the fallback.
+  periodic look at the stored stop intent is the fallback. Output is refused once a stop is
+  recorded, so an agent emitting before the stop reached this runner learns of it that way.
 
 Ownership: a runner runs an operation under a lease it renews; every write it makes is
 conditional on still owning it. Work is claimed by a claim loop (woken by notifications, a
@@ -25,6 +26,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -44,7 +46,8 @@ W = TypeVar("W", Event | None, list[Event])
 
 
 class OperationHalted(Exception):
-    """Raised inside an agent that emits output after its operation has ended (or moved)."""
+    """Raised inside an agent that emits output once a stop is recorded (nothing more is stored:
+    no output follows the stop_requested event), or after its operation ended or moved."""
 
 
 @dataclass(eq=False)
@@ -56,6 +59,8 @@ class _Run:
     # Claimed (its lease is ours to renew). Until then the lease loop leaves it alone: a run
     # whose claim is still in flight is not "lost" when renewal does not find it.
     owned: bool = False
+    # When this runner learned of the committed stop, if it did so at once (see deliver_stop).
+    stop_seen_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -131,15 +136,29 @@ class Runner:
         """Re-read stored stop intents now (after notifications may have been missed)."""
         self._wake_leases.set()
 
-    def deliver_stop(self, operation_id: str) -> bool:
+    def deliver_stop(self, operation_id: str, seen_at: datetime | None = None) -> bool:
         """Wake the loop of an operation this runner runs; False if it runs nothing by that id
-        (the stop is still recorded in storage, where the boundary check finds it)."""
+        (the stop is still recorded in storage, where the boundary check finds it).
+
+        `seen_at`: a time just after the stop committed (the recording replica's own, taken
+        right after its commit, or the arrival of the stop's notification), from which halt_ms
+        is measured; None when the stop was found later (the periodic re-read): halt_ms then
+        runs from the stored stop time."""
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        if not run.stop.done():
-            run.stop.set_result(None)
+        self._stop(run, seen_at)
         return True
+
+    def stop_notified(self, operation_id: str) -> None:
+        """A stop's notification arrived (it is sent on the stop's commit)."""
+        self.deliver_stop(operation_id, datetime.now(UTC))
+
+    @staticmethod
+    def _stop(run: _Run, seen_at: datetime | None) -> None:
+        if not run.stop.done():
+            run.stop_seen_at = seen_at
+            run.stop.set_result(None)
 
     @property
     def has_room(self) -> bool:
@@ -360,7 +379,7 @@ class Runner:
         hot = self._store.hot
         if started is None:
             if run.stop.done():
-                await self._halt(op_id, step, mid_step=False)
+                await self._halt(run, step, mid_step=False)
                 return
             # The first step of a run is begun on its own; every later one is begun in the same
             # transaction that checkpoints the step before it (one write per step boundary).
@@ -375,23 +394,26 @@ class Runner:
         while True:
             if started is None:
                 # A stop was recorded (or the operation ended or moved) before this step began.
-                await self._halt(op_id, step, mid_step=False)
+                await self._halt(run, step, mid_step=False)
                 return
             if run.stop.done():
                 # Stopped after the step was recorded as begun, before the agent ran it.
-                await self._halt(op_id, step, mid_step=True)
+                await self._halt(run, step, mid_step=True)
                 return
 
-            ctx = StepContext(op_id, step, operation.input, state, partial(self._emit, op_id, step))
+            ctx = StepContext(op_id, step, operation.input, state, partial(self._emit, run, step))
             step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
             run.step_task = step_task
             either: set[asyncio.Future[Any]] = {step_task, run.stop}
             if not self.settings.abort_mid_step:
                 either = {step_task}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if run.stop.done() and not step_task.done():
-                await self._cancel_step(op_id, step_task)
-                await self._halt(op_id, step, mid_step=True)
+            if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
+                # Cut by the stop: still running, or ended by it (its output was refused, see
+                # _emit) or in its wake. A step that returned in time is checkpointed below.
+                if not step_task.done():
+                    await self._cancel_step(op_id, step_task)
+                await self._halt(run, step, mid_step=True)
                 return
             run.step_task = None
 
@@ -409,7 +431,7 @@ class Runner:
                 written = await self._complete(op_id, step, result, me)
                 if written and not written[-1].is_terminal:
                     # The last step finished but a stop was recorded first: the stop wins.
-                    await self._halt(op_id, step + 1, mid_step=False)
+                    await self._halt(run, step + 1, mid_step=False)
                 return
             written = await self._write(
                 hot.advance_in,
@@ -474,21 +496,29 @@ class Runner:
                 "operation %s: step raised while being cancelled: %r", op_id, step_task.exception()
             )
 
-    async def _halt(self, op_id: str, step: int, *, mid_step: bool) -> None:
+    async def _halt(self, run: _Run, step: int, *, mid_step: bool) -> None:
         hot = self._store.hot
         await self._write(
             hot.finish_interrupted_in,
             hot.finish_interrupted,
-            op_id,
+            run.operation_id,
             step,
             mid_step,
             self.runner_id,
+            run.stop_seen_at,
             statement=hot.finish_interrupted_statement,
         )
 
-    async def _emit(self, op_id: str, step: int, text: str) -> None:
+    async def _emit(self, run: _Run, step: int, text: str) -> None:
+        """StepContext.emit. In the abort-mid-step mode no output is stored once a stop is
+        recorded (the write refuses it), so none follows the stop_requested event; a refused
+        chunk tells this runner of the stop, if nothing else has yet."""
         if not isinstance(text, str):
             raise TypeError(f"emit() takes a str, got {type(text).__name__}")
+        op_id = run.operation_id
+        keep_after_stop = not self.settings.abort_mid_step
+        if run.stop.done() and not keep_after_stop:
+            raise OperationHalted(f"operation {op_id} is being stopped; its output is closed")
         # The write goes on even if the agent is cancelled while awaiting it, and its event is
         # published when it lands (in _write), so the chunk is never stored yet unannounced.
         hot = self._store.hot
@@ -500,9 +530,19 @@ class Runner:
                 step,
                 text,
                 self.runner_id,
+                keep_after_stop,
                 statement=hot.chunk_statement,
             )
         )
         event = await asyncio.shield(write)
         if event is None:
-            raise OperationHalted(f"operation {op_id} has ended; its output is no longer stored")
+            if not keep_after_stop:
+                # Refused: a stop is recorded (or the operation is no longer ours, and then the
+                # halt is refused too). The step is cut here even if the agent swallows this.
+                self._stop(run, None)
+            raise OperationHalted(f"operation {op_id} has ended or is being stopped")
+
+
+def _returned(step_task: asyncio.Task[StepResult]) -> bool:
+    """The step ran to its end and returned (rather than raised or was cancelled)."""
+    return step_task.done() and not step_task.cancelled() and step_task.exception() is None

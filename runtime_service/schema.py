@@ -121,7 +121,8 @@ steps = Table(
     Column("runner_id", String(100), nullable=False),
     Column("started_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
-    # completed | failed | interrupted; NULL while running or when the runner died mid-step.
+    # completed | failed | interrupted | abandoned (its runner died or lost the operation
+    # mid-step; set by whoever took the operation over or halted it); NULL while running.
     Column("outcome", String(16), nullable=True),
     Column("output_json", Text, nullable=True),
 )

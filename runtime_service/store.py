@@ -32,11 +32,14 @@ from runtime_service.domain import (
     Operation,
     OperationStatus,
 )
-from runtime_service.hot_path import HotPath, Statement
+from runtime_service.hot_path import HotPath, Statement, halt_ms
 from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps
 from stopline.errors import AlreadyExists
+
+ABANDONED = "abandoned"
+"""Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
 
 STOPPING = "STOPPING"
 """List filter for RUNNING operations with a stop recorded (see Operation.is_stopping)."""
@@ -370,10 +373,18 @@ class OperationStore:
         operation is no longer this runner's to run or a stop is recorded."""
         return self.hot.start_step(operation_id, step, runner_id)
 
-    def append_chunk(self, operation_id: str, step: int, text: str, runner_id: str) -> Event | None:
-        """Store an output chunk; None when the operation has ended or changed hands (a step
-        that kept emitting after it was cancelled gets its output dropped)."""
-        return self.hot.append_chunk(operation_id, step, text, runner_id)
+    def append_chunk(
+        self,
+        operation_id: str,
+        step: int,
+        text: str,
+        runner_id: str,
+        outlives_stop: bool = False,
+    ) -> Event | None:
+        """Store an output chunk; None when the operation has ended or changed hands, or a stop
+        is recorded (a step that keeps emitting once stopped gets its output dropped), unless
+        `outlives_stop` (see HotPath.append_chunk_in)."""
+        return self.hot.append_chunk(operation_id, step, text, runner_id, outlives_stop)
 
     def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
@@ -441,8 +452,7 @@ class OperationStore:
     ) -> Event | None:
         now = utcnow()
         with self.engine.begin() as conn:
-            self._finish_attempt(conn, operation_id, step, now, "failed", None)
-            return self._append(
+            failed = self._append(
                 conn,
                 operation_id,
                 EventKind.FAILED,
@@ -451,6 +461,9 @@ class OperationStore:
                 where=_owned_by(runner_id),
                 values={"status": OperationStatus.FAILED, "error": error, "finished_at": now},
             )
+            if failed is not None:  # the attempt is ours to settle only while the operation is
+                self._finish_attempt(conn, operation_id, step, now, "failed", None)
+            return failed
 
     def _take(
         self,
@@ -483,15 +496,41 @@ class OperationStore:
         )
         if event is None:
             return None
+        if resumed:
+            self._settle_abandoned(conn, operation_id, now)
         operation = self._get(conn, operation_id)
         assert operation is not None
         return Claimed(operation, event)
 
     def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> Event | None:
+        """End an operation stopped while its owner was dead. If the owner died in the middle
+        of a step (its attempt never finished), that step was cut: the halt says so."""
         step = conn.execute(
             select(operations.c.steps_completed).where(operations.c.id == operation_id)
         ).scalar_one()
-        return self._interrupt(conn, operation_id, step, False, now, _running_lease_lapsed(now))
+        cut = conn.execute(
+            select(steps.c.attempt).where(
+                steps.c.operation_id == operation_id,
+                steps.c.step == step,
+                steps.c.finished_at.is_(None),
+            )
+        ).first()
+        event = self._interrupt(
+            conn, operation_id, step, cut is not None, now, _running_lease_lapsed(now)
+        )
+        if event is not None:
+            self._settle_abandoned(conn, operation_id, now)
+        return event
+
+    @staticmethod
+    def _settle_abandoned(conn: Connection, operation_id: str, now: datetime) -> None:
+        """Whoever takes over or halts an operation whose owner died settles that owner's
+        unfinished attempt: outcome `abandoned`, finished when the takeover learned of it."""
+        conn.execute(
+            update(steps)
+            .where(steps.c.operation_id == operation_id, steps.c.finished_at.is_(None))
+            .values(finished_at=now, outcome=ABANDONED)
+        )
 
     def _interrupt(
         self,
@@ -505,14 +544,11 @@ class OperationStore:
         requested_at = conn.execute(
             select(operations.c.stop_requested_at).where(operations.c.id == operation_id)
         ).scalar_one_or_none()
-        halt_ms = 0.0
-        if requested_at is not None:
-            halt_ms = max(0.0, (now - requested_at).total_seconds() * 1000.0)
         return self._append(
             conn,
             operation_id,
             EventKind.INTERRUPTED,
-            {"mid_step": mid_step, "step": step, "halt_ms": round(halt_ms, 3)},
+            {"mid_step": mid_step, "step": step, "halt_ms": halt_ms(now, requested_at, None)},
             now,
             where=where,
             values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
@@ -564,8 +600,8 @@ class OperationStore:
         outcome: str,
         output_json: str | None,
     ) -> None:
-        # Only the newest attempt is this runner's; older unfinished ones belong to a process
-        # that died mid-step and stay without an outcome.
+        # Only the newest attempt is this runner's (older ones were settled as abandoned when
+        # this runner took the operation over).
         latest = (
             select(func.max(steps.c.attempt))
             .where(steps.c.operation_id == operation_id, steps.c.step == step)

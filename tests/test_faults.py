@@ -19,7 +19,9 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from sqlalchemy import create_engine
 
+from runtime_service.store import OperationStore
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.v1 import operation_pb2 as op_pb
@@ -253,11 +255,22 @@ def test_stop_recorded_just_before_the_runtime_dies_still_ends_the_operation(
         rest, error = read_to_end(call)
     assert error is None, error
     assert event_kind(rest[-1]) == "interrupted"
+    # Step 0 was in flight when the process died: the halt says the stop cut it there.
+    halted = rest[-1].event.interrupted
+    assert halted.mid_step and halted.step == 0
     kinds = [event_kind(u) for u in seen + rest]
     assert kinds.count("step_started") == 1  # the stop won: no step ran after the restart
     got = seqs(seen + rest)
     assert got == list(range(1, len(got) + 1)), f"gap or duplicate: {got}"
     assert_gap_free(url)
+    # The dead process's attempt was settled by the restarted one, not left open forever.
+    engine = create_engine(url)
+    try:
+        records = OperationStore(engine).step_records(op_id)
+    finally:
+        engine.dispose()
+    assert [(r.step, r.attempt, r.outcome) for r in records] == [(0, 1, "abandoned")]
+    assert records[0].finished_at is not None
 
 
 # ------------------------------------------------------------------------ the database goes away

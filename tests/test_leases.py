@@ -82,6 +82,59 @@ def test_stop_recorded_while_owner_was_dead_ends_it_without_resuming(store: Oper
     assert kinds.count(EventKind.STARTED) == 1  # never resumed
 
 
+def test_stop_while_the_owner_is_dead_mid_step_halts_it_mid_step(store: OperationStore) -> None:
+    op = store.create("ticker", {}, None).operation
+    store.claim(op.id, "A", 0.2)
+    store.start_step(op.id, 0, "A")
+    store.complete_step(op.id, 0, "s0", {"n": 1}, False, "A")
+    store.start_step(op.id, 1, "A")  # A dies in step 1
+    store.record_stop(op.id, "user", "while A was dead")
+    wait_until_lease_lapses(store, op.id)
+    [halted] = store.claim_next("B", 10, 30).finished
+    assert halted.kind is EventKind.INTERRUPTED
+    assert halted.data["mid_step"] is True and halted.data["step"] == 1
+    records = store.step_records(op.id)
+    assert [(r.step, r.attempt, r.outcome) for r in records] == [
+        (0, 1, "completed"),
+        (1, 1, "abandoned"),
+    ]
+    assert records[1].finished_at == halted.created_at
+
+
+def test_stop_while_the_owner_is_dead_between_steps_halts_it_at_the_boundary(
+    store: OperationStore,
+) -> None:
+    op = store.create("ticker", {}, None).operation
+    store.claim(op.id, "A", 0.2)
+    store.start_step(op.id, 0, "A")
+    store.complete_step(op.id, 0, "s0", {"n": 1}, False, "A")  # A dies before step 1 begins
+    store.record_stop(op.id, "user", "while A was dead")
+    wait_until_lease_lapses(store, op.id)
+    [halted] = store.claim_next("B", 10, 30).finished
+    assert halted.data["mid_step"] is False and halted.data["step"] == 1
+    assert [r.outcome for r in store.step_records(op.id)] == ["completed"]
+
+
+def test_takeover_settles_the_dead_owners_attempt_before_the_new_one(
+    store: OperationStore,
+) -> None:
+    op = store.create("ticker", {}, None).operation
+    store.claim(op.id, "A", 0.2)
+    store.start_step(op.id, 0, "A")  # A dies (or stalls) in step 0
+    wait_until_lease_lapses(store, op.id)
+    [taken] = store.claim_next("B", 10, 30).claimed
+    records = store.step_records(op.id)
+    assert [(r.step, r.attempt, r.outcome) for r in records] == [(0, 1, "abandoned")]
+    assert records[0].finished_at == taken.event.created_at
+    began = store.start_step(op.id, 0, "B")
+    assert began is not None and began.data["attempt"] == 2
+    # A wakes up and fails its step: refused, and B's attempt is not A's to settle.
+    assert store.finish_failed(op.id, 0, "late", "A") is None
+    assert [r.outcome for r in store.step_records(op.id)] == ["abandoned", None]
+    store.complete_step(op.id, 0, "s0", {"n": 1}, True, "B")
+    assert [r.outcome for r in store.step_records(op.id)] == ["abandoned", "completed"]
+
+
 def test_held_operation_is_not_claimable_until_released(store: OperationStore) -> None:
     op = store.create("echo", {}, None, hold_seconds=30).operation
     assert store.claim_next("A", 10, 30).claimed == []

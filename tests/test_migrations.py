@@ -48,3 +48,67 @@ def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_attempts_left_open_by_older_versions_are_settled(db_url: str) -> None:
+    """0005: an attempt abandoned by a crash before takeovers settled attempts is settled as
+    `abandoned`, unless it may still be running (the newest attempt of a RUNNING operation)."""
+    from alembic import command
+    from sqlalchemy import insert, select
+
+    from runtime_service.migrate import alembic_config
+    from runtime_service.schema import operations, steps
+    from runtime_service.store import utcnow
+
+    engine = create_db_engine(db_url)
+    try:
+        cfg = alembic_config()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0004")
+        now = utcnow()
+        with engine.begin() as conn:
+            for op_id, status, finished in (("ended", "COMPLETED", now), ("live", "RUNNING", None)):
+                conn.execute(
+                    insert(operations).values(
+                        id=op_id,
+                        agent="ticker",
+                        input_json="{}",
+                        request_hash="-",
+                        status=status,
+                        steps_completed=1,
+                        last_seq=9,
+                        created_at=now,
+                        updated_at=now,
+                        finished_at=finished,
+                    )
+                )
+            started = {"runner_id": "r", "started_at": now}
+            conn.execute(
+                insert(steps),
+                [
+                    {"operation_id": "ended", "step": 0, "attempt": 1, **started},
+                    {"operation_id": "ended", "step": 0, "attempt": 2, **started},
+                    {"operation_id": "live", "step": 0, "attempt": 1, **started},
+                    {"operation_id": "live", "step": 1, "attempt": 1, **started},
+                ],
+            )
+            conn.execute(
+                steps.update()
+                .where(steps.c.operation_id == "ended", steps.c.attempt == 2)
+                .values(finished_at=now, outcome="completed")
+            )
+        upgrade_to_head(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(steps.c.operation_id, steps.c.step, steps.c.attempt, steps.c.outcome)
+                .where(steps.c.finished_at.is_not(None))
+                .order_by(steps.c.operation_id, steps.c.step, steps.c.attempt)
+            ).all()
+        assert [tuple(r) for r in rows] == [
+            ("ended", 0, 1, "abandoned"),
+            ("ended", 0, 2, "completed"),
+            ("live", 0, 1, "abandoned"),  # superseded by step 1
+        ]  # ("live", 1, 1) may still be running: left open
+    finally:
+        engine.dispose()

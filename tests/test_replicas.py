@@ -109,8 +109,8 @@ def owner_index(replicas: list[RuntimeProcess], runner_id: str) -> int:
 
 def assert_never_ran_twice_at_once(rows: list[Any]) -> None:
     """From the stored step records: per operation, no attempt started before the previous one
-    ended. An attempt without an end was abandoned (its replica died or lost the database); the
-    next one comes from a new claim after its lease lapsed, which the crash test checks against
+    ended. An abandoned attempt (its replica died or lost the database) ends when the next
+    claim takes the operation over, after its lease lapsed, which the crash test checks against
     the moment of the kill."""
     by_op: dict[str, list[Any]] = defaultdict(list)
     for row in rows:
@@ -231,11 +231,14 @@ async def test_killed_replica_work_completes_on_another_with_a_gap_free_stream(
         resumed = next(e for e in rest if e.WhichOneof("kind") == "started")
         assert resumed.started.resumed and resumed.started.from_step == 1
         rows = step_rows(postgres_url, op_id)
-        lost = [r for r in rows if r.finished_at is None]
+        assert all(r.finished_at is not None for r in rows)
+        lost = [r for r in rows if r.outcome == "abandoned"]
         assert [(r.step, owner_index(replicas, r.runner_id)) for r in lost] == [(1, owner)]
         retried = [r for r in rows if r.step == 1 and r.attempt == 2]
         assert owner_index(replicas, retried[0].runner_id) == survivor
         assert retried[0].started_at > killed_at
+        # Settled by the survivor's takeover, before its own attempt began.
+        assert killed_at < lost[0].finished_at <= retried[0].started_at
         assert [r.step for r in rows if r.outcome == "completed"] == [0, 1, 2, 3]
         assert_never_ran_twice_at_once(rows)
     finally:
@@ -260,7 +263,12 @@ async def test_stop_requested_while_the_owner_is_dead_ends_it_without_resuming(
         events = [e async for e in watch(survivor, op_id)]
         kinds = [e.WhichOneof("kind") for e in events]
         assert kinds[-1] == "interrupted" and kinds.count("started") == 1  # never resumed
-        assert not events[-1].interrupted.mid_step
+        # The kill cut step 0, whose step_started and output are in the stream: the halt says so.
+        halted = events[-1].interrupted
+        assert halted.mid_step and halted.step == 0
+        rows = step_rows(postgres_url, op_id)
+        assert [(r.step, r.attempt, r.outcome) for r in rows] == [(0, 1, "abandoned")]
+        assert rows[0].finished_at is not None
     finally:
         for channel in channels:
             await channel.close(grace=None)

@@ -161,10 +161,13 @@ async def test_restart_resumes_from_last_completed_step(db_url: str, gated: Gate
         records = second.store.step_records(op.id)
         assert [(r.step, r.attempt, r.outcome) for r in records] == [
             (0, 1, "completed"),
-            (1, 1, None),  # in flight when the first process went away
+            (1, 1, "abandoned"),  # in flight when the first process went away
             (1, 2, "completed"),  # re-run by the second; step 0 was not
             (2, 1, "completed"),
         ]
+        # Settled by the takeover, before the new attempt began.
+        assert records[1].finished_at is not None
+        assert records[1].finished_at <= records[2].started_at
     finally:
         await second.close()
 

@@ -89,6 +89,20 @@ def test_step_checkpoint_never_overwrites_stop_intent(store: OperationStore) -> 
     assert final.data["halt_ms"] >= 0
 
 
+def test_no_output_is_stored_once_a_stop_is_recorded(store: OperationStore) -> None:
+    op = store.create("echo", {}, None).operation
+    store.claim(op.id, "r", 10)
+    store.start_step(op.id, 0, "r")
+    assert store.append_chunk(op.id, 0, "before", "r") is not None
+    store.record_stop(op.id, "alice", "stop")
+    assert store.append_chunk(op.id, 0, "after", "r") is None
+    # The stop-at-boundary mode lets the step in flight finish, and keeps its output.
+    kept = store.append_chunk(op.id, 0, "at-boundary mode", "r", outlives_stop=True)
+    assert kept is not None
+    texts = [e.data["text"] for e in store.events_after(op.id, 0) if e.kind.value == "output_chunk"]
+    assert texts == ["before", "at-boundary mode"]
+
+
 def test_terminal_states_never_change(store: OperationStore) -> None:
     op = store.create("echo", {}, None).operation
     store.claim(op.id, "r", 10)

@@ -19,7 +19,9 @@ was in flight when a process died is run again, so steps should be safe to repea
 Stopping: when a stop arrives mid-step the runtime cancels the `step` coroutine. The agent gets
 `asyncio.CancelledError` at its current `await` and may clean up (in `finally` or an `except`
 that re-raises) within the runtime's stop grace; it must not swallow the cancellation. Output
-already emitted is kept.
+already emitted is kept; once a stop is recorded `emit` stores nothing more and raises
+OperationHalted (runtime_service.runner), even before the cancellation arrives, so no output
+follows the stop in the operation's events.
 """
 
 from __future__ import annotations
