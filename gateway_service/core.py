@@ -18,7 +18,7 @@ import enum
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from gateway_service.streams import (
 from stopline.errors import InvalidArgument, ResourceExhausted
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
+from stopline.json_values import shown
 from stopline.limits import (
     StreamLimiter,
     check_input_size,
@@ -58,6 +59,10 @@ POLICY_LABEL = "stopline.cancel_policy"
 GRACE_LABEL = "stopline.cancel_grace_seconds"
 MAX_REASON = 1000
 GATEWAY = "gateway"
+# The stop's reason when the STOP policy stops an operation whose client left: the servicer
+# tells a call the client cancelled (or whose connection broke) from one whose deadline expired.
+CLIENT_CANCELLED = "the client's stream was cancelled"
+CLIENT_DEADLINE = "the client's deadline expired"
 # What max_running_per_principal counts: operations that have not ended (STOPPING is RUNNING
 # with a stop recorded; the runtime lists it apart from RUNNING).
 UNFINISHED = (
@@ -143,7 +148,7 @@ class Gateway:
             return self.config.default_cancel_grace_seconds
         limit = self.config.max_cancel_grace_seconds
         if not math.isfinite(grace) or not 0 <= grace <= limit:
-            raise InvalidArgument("cancel_grace", f"must be between 0 and {limit:g} seconds")
+            raise InvalidArgument("cancel_grace", f"must be between 0 and {shown(limit)} seconds")
         return grace
 
     async def start_and_stream(
@@ -154,6 +159,7 @@ class Gateway:
         policy: CancelPolicy,
         grace: float,
         owner: str,
+        why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         await self._check_running(owner)
@@ -182,7 +188,7 @@ class Gateway:
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
             # policy; a stream that ended in an error says so to a client that is still there.
-            self._client_gone(start, None, policy, grace)
+            self._client_gone(start, None, policy, grace, why_gone())
             raise
 
     async def _check_running(self, owner: str) -> None:
@@ -232,7 +238,11 @@ class Gateway:
     # ------------------------------------------------------------------ reconnect
 
     async def stream(
-        self, operation_id: str, after_seq: int, owner: str
+        self,
+        operation_id: str,
+        after_seq: int,
+        owner: str,
+        why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
     ) -> AsyncGenerator[StreamItem, None]:
         op_id = parse_operation_id(operation_id)
         if after_seq < 0:
@@ -243,7 +253,7 @@ class Gateway:
             async for item in self._follow(op_id, after_seq):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
-            self._client_gone(None, op_id, policy, grace)
+            self._client_gone(None, op_id, policy, grace, why_gone())
             raise
 
     # ------------------------------------------------------------------ following the runtime
@@ -368,10 +378,12 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
+        reason: str = CLIENT_CANCELLED,
     ) -> None:
         """A client's stream ended before its operation did: apply its cancel policy. Runs from
-        a `finally` of a cancelled call, so it only schedules work, never awaits."""
-        self._spawn(self._apply_policy(start, op_id, policy, grace), name="cancel policy")
+        a `finally` of a cancelled call, so it only schedules work, never awaits. `reason` is
+        the stop's reason under the STOP policy (a cancelled call, or the client's deadline)."""
+        self._spawn(self._apply_policy(start, op_id, policy, grace, reason), name="cancel policy")
 
     async def _apply_policy(
         self,
@@ -379,6 +391,7 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
+        reason: str = CLIENT_CANCELLED,
     ) -> None:
         if start is not None:
             try:
@@ -392,7 +405,7 @@ class Gateway:
         assert op_id is not None
         if policy is CancelPolicy.STOP:
             # Still held if the client left during the start: the stop wins before any step.
-            self._request_stop(op_id, GATEWAY, "the client's stream was cancelled")
+            self._request_stop(op_id, GATEWAY, reason)
             return
         await self._release(op_id)
         if policy is CancelPolicy.STOP_AFTER_GRACE:
