@@ -54,7 +54,9 @@ class Services:
         self.gateway = gateway
         self.workdir = workdir
 
-    def bash(self, *parts: str, gateway_address: str | None = None) -> subprocess.CompletedProcess[str]:
+    def bash(
+        self, *parts: str, gateway_address: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run README text with bash as a user would paste it, tools from this environment's
         bin directory (where pip put `buf` and `grpcurl`) first on PATH."""
         script = "\n".join(parts)
@@ -173,9 +175,10 @@ def test_the_gateway_block_runs_as_printed(services: Services) -> None:
     grace = services.newest()
     assert grace.labels["stopline.cancel_policy"] == "stop_after_grace"
     ended = wait_for(
-        lambda: (op := services.runtime_get(grace.id)).status
-        == op_pb.OPERATION_STATUS_INTERRUPTED
-        and op
+        lambda: (
+            (op := services.runtime_get(grace.id)).status == op_pb.OPERATION_STATUS_INTERRUPTED
+            and op
+        )
     )
     assert ended.stop_request.reason == "nobody reconnected within 3s"
 
@@ -196,7 +199,7 @@ def test_the_runtime_block_runs_as_printed_twice(services: Services) -> None:
         assert '"outcome": "INTERRUPT_OUTCOME_ACCEPTED"' in result.stdout
         assert '"interrupted": {' in result.stdout  # the watch ran to the terminal event
         assert services.runtime_get(op).stop_request.requested_by == "alice"
-        wait_for(lambda: services.runtime_get(held).status == op_pb.OPERATION_STATUS_COMPLETED)
+        wait_for(lambda h=held: services.runtime_get(h).status == op_pb.OPERATION_STATUS_COMPLETED)
 
 
 def test_the_grpcurl_block_runs_as_printed(services: Services) -> None:
