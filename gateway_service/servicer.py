@@ -59,7 +59,7 @@ def _why_gone(context: aio.ServicerContext[Any, Any]) -> Callable[[], str]:
 
     def why() -> str:
         remaining = context.time_remaining()
-        # A small margin: the server's clock reads the deadline a hair after the client's.
+        # A small margin for timer granularity: the call is cancelled when its deadline timer fires.
         return CLIENT_DEADLINE if remaining is not None and remaining <= 0.05 else CLIENT_CANCELLED
 
     return why
