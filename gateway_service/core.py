@@ -19,7 +19,7 @@ import enum
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from gateway_service.streams import (
 from stopline.errors import InvalidArgument, ResourceExhausted
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
+from stopline.json_values import shown
 from stopline.limits import (
     StreamLimiter,
     check_input_size,
@@ -62,6 +63,10 @@ MAX_REASON = 1000
 # One ReleaseOperation attempt; a release is retried until the hold it ends would expire anyway.
 RELEASE_ATTEMPT_SECONDS = 2.0
 GATEWAY = "gateway"
+# The stop's reason when the STOP policy stops an operation whose client left: the servicer
+# tells a call the client cancelled (or whose connection broke) from one whose deadline expired.
+CLIENT_CANCELLED = "the client's stream was cancelled"
+CLIENT_DEADLINE = "the client's deadline expired"
 # What max_running_per_principal counts: operations that have not ended (STOPPING is RUNNING
 # with a stop recorded; the runtime lists it apart from RUNNING).
 UNFINISHED = (
@@ -162,7 +167,7 @@ class Gateway:
             return self.config.default_cancel_grace_seconds
         limit = self.config.max_cancel_grace_seconds
         if not math.isfinite(grace) or not 0 <= grace <= limit:
-            raise InvalidArgument("cancel_grace", f"must be between 0 and {limit:g} seconds")
+            raise InvalidArgument("cancel_grace", f"must be between 0 and {shown(limit)} seconds")
         return grace
 
     async def start_and_stream(
@@ -173,6 +178,7 @@ class Gateway:
         policy: CancelPolicy,
         grace: float,
         owner: str,
+        why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         await self._check_running(owner)
@@ -203,7 +209,7 @@ class Gateway:
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
             # policy; a stream that ended in an error says so to a client that is still there.
-            self._client_gone(start, None, policy, grace)
+            self._client_gone(start, None, policy, grace, why_gone())
             raise
 
     async def _check_running(self, owner: str) -> None:
@@ -290,7 +296,11 @@ class Gateway:
     # ------------------------------------------------------------------ reconnect
 
     async def stream(
-        self, operation_id: str, after_seq: int, owner: str
+        self,
+        operation_id: str,
+        after_seq: int,
+        owner: str,
+        why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
     ) -> AsyncGenerator[StreamItem, None]:
         op_id = parse_operation_id(operation_id)
         if after_seq < 0:
@@ -301,7 +311,7 @@ class Gateway:
             async for item in self._follow(op_id, after_seq):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
-            self._client_gone(None, op_id, policy, grace)
+            self._client_gone(None, op_id, policy, grace, why_gone())
             raise
 
     # ------------------------------------------------------------------ following the runtime
@@ -434,10 +444,12 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
+        reason: str = CLIENT_CANCELLED,
     ) -> None:
         """A client's stream ended before its operation did: apply its cancel policy. Runs from
-        a `finally` of a cancelled call, so it only schedules work, never awaits."""
-        self._spawn(self._apply_policy(start, op_id, policy, grace), name="cancel policy")
+        a `finally` of a cancelled call, so it only schedules work, never awaits. `reason` is
+        the stop's reason under the STOP policy (a cancelled call, or the client's deadline)."""
+        self._spawn(self._apply_policy(start, op_id, policy, grace, reason), name="cancel policy")
 
     async def _apply_policy(
         self,
@@ -445,6 +457,7 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
+        reason: str = CLIENT_CANCELLED,
     ) -> None:
         if start is not None:
             try:
@@ -458,7 +471,7 @@ class Gateway:
         assert op_id is not None
         if policy is CancelPolicy.STOP:
             # Still held if the client left during the start: the stop wins before any step.
-            self._request_stop(op_id, GATEWAY, "the client's stream was cancelled")
+            self._request_stop(op_id, GATEWAY, reason)
             return
         await self._release(op_id)
         if policy is CancelPolicy.STOP_AFTER_GRACE:

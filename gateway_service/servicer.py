@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from grpc import aio
 
-from gateway_service.core import Accepted, CancelPolicy, Gateway
+from gateway_service.core import (
+    CLIENT_CANCELLED,
+    CLIENT_DEADLINE,
+    Accepted,
+    CancelPolicy,
+    Gateway,
+)
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
 from stopline.authn import current_principal
 from stopline.errors import InvalidArgument
@@ -46,6 +52,19 @@ def _caller(context: aio.ServicerContext[Any, Any]) -> str:
 REQUESTED_BY_LIMIT = 200
 
 
+def _why_gone(context: aio.ServicerContext[Any, Any]) -> Callable[[], str]:
+    """Asked when a stream's client has gone: was it its deadline (which gRPC reports to the
+    server as a cancelled call) or a cancel / broken connection? Both trigger the cancel policy;
+    the stop's reason says which."""
+
+    def why() -> str:
+        remaining = context.time_remaining()
+        # A small margin for timer granularity: the call is cancelled when its deadline timer fires.
+        return CLIENT_DEADLINE if remaining is not None and remaining <= 0.05 else CLIENT_CANCELLED
+
+    return why
+
+
 def _stream_key(context: aio.ServicerContext[Any, Any]) -> str:
     """Whose stream slot a call takes: the authenticated principal's."""
     return current_principal()
@@ -77,6 +96,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             policy,
             self._gw.check_grace(policy, grace),
             current_principal(),
+            _why_gone(context),
         )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(updates):
@@ -95,7 +115,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request: pb.StreamOperationRequest,
         context: aio.ServicerContext[pb.StreamOperationRequest, pb.StreamOperationResponse],
     ) -> AsyncGenerator[pb.StreamOperationResponse, None]:
-        items = self._gw.stream(request.operation_id, request.after_seq, current_principal())
+        items = self._gw.stream(
+            request.operation_id, request.after_seq, current_principal(), _why_gone(context)
+        )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(items):
                 async for item in items:

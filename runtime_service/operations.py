@@ -28,6 +28,7 @@ from runtime_service.runner import Runner
 from runtime_service.store import STOPPING, Created, OperationStore, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
+from stopline.json_values import shown
 from stopline.limits import check_input_size, check_page_size
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -93,10 +94,10 @@ class OperationsService:
             )
         agent = self.agents.get(agent_name)
         if agent is None:
-            shown = agent_name if len(agent_name) <= 64 else agent_name[:64] + "…"
             raise InvalidArgument(
                 "agent",
-                f"unknown agent {shown!r}; registered agents: {', '.join(self.agents.names)}",
+                f"unknown agent {shown(agent_name)}; "
+                f"registered agents: {', '.join(self.agents.names)}",
             )
         check_input_size(input_value, self.config.max_input_bytes)
         try:
@@ -108,7 +109,9 @@ class OperationsService:
         checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
         if not 0 <= hold_seconds <= MAX_HOLD_SECONDS:
             raise InvalidArgument(
-                "hold", f"must be between 0 and {MAX_HOLD_SECONDS:g} seconds, got {hold_seconds:g}"
+                "hold",
+                f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
+                f"got {shown(hold_seconds)}",
             )
         fields = (agent_name, input_value, key, checked_labels, hold_seconds, checked_owner)
         made = None
@@ -150,7 +153,7 @@ class OperationsService:
     ) -> tuple[list[Operation], str]:
         """A page newest first; a non-empty `owner` lists only that owner's operations."""
         if status is not None and status not in LIST_FILTERS:
-            raise InvalidArgument("status", f"unknown status {status!r}")
+            raise InvalidArgument("status", f"unknown status {shown(status)}")
         check_page_size(page_size, self.config.max_page_size)
         limit = page_size or self.config.default_page_size
         cursor = decode_page_token(page_token, status) if page_token else None

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from google.protobuf import json_format
-
+from stopline.json_values import message_to_python, value_to_python
 from stopline.v1 import operation_pb2 as op_pb
 
 
@@ -15,7 +14,8 @@ def status_name(value: int) -> str:
 
 
 def to_json(message: Any) -> str:
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True))
+    """protobuf's JSON mapping, with integral numbers as integers (`1`, not `1.0`)."""
+    return json.dumps(message_to_python(message, preserving_proto_field_name=True))
 
 
 def describe_event(event: op_pb.Event) -> str:
@@ -38,7 +38,7 @@ def describe_event(event: op_pb.Event) -> str:
         who = event.stop_requested.requested_by or "someone"
         return prefix + f"stop requested by {who}"
     if kind == "completed":
-        result = json_format.MessageToJson(event.completed.result, indent=None)
+        result = json.dumps(value_to_python(event.completed.result))
         return prefix + f"COMPLETED: {result}"
     if kind == "failed":
         return prefix + f"FAILED at step {event.failed.step}: {event.failed.error}"

@@ -40,6 +40,7 @@ from runtime_service.hot_path import Statement, WouldBlock
 from runtime_service.hub import EventHub
 from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.store import Claimed, OperationStore
+from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
 W = TypeVar("W", Event | None, list[Event])
@@ -328,7 +329,7 @@ class Runner:
             operation = claimed.operation
             agent = self._agents.get(operation.agent)
             if agent is None:
-                message = f"agent {operation.agent!r} is not registered with this runtime"
+                message = f"agent {shown(operation.agent)} is not registered with this runtime"
                 self._publish(
                     await self._db.call(
                         self._store.finish_failed,

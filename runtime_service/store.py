@@ -37,6 +37,7 @@ from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps
 from stopline.errors import AlreadyExists
+from stopline.json_values import shown
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -628,7 +629,7 @@ class OperationStore:
             return None
         if row.request_hash != fingerprint:
             raise AlreadyExists(
-                f"idempotency_key {key!r} was already used for operation {row.id} with a "
+                f"idempotency_key {shown(key)} was already used for operation {row.id} with a "
                 "different agent, input or labels; use a new key for a different request"
             )
         return operation_from_row(row)

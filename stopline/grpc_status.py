@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from stopline import errors
+from stopline.limits import too_deep
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,24 @@ class MalformedRequest:
 
     message_type: str
     problem: str
+    # Set when the reason is known in the caller's terms (input nested too deeply), replacing
+    # the decoder's own words.
+    error: errors.InvalidArgument | None = None
+
+    def as_error(self) -> errors.InvalidArgument:
+        if self.error is not None:
+            return self.error
+        return errors.InvalidArgument(
+            "request", f"is not a valid {self.message_type} message ({self.problem})"
+        )
 
     def describe(self) -> str:
-        return f"request: is not a valid {self.message_type} message ({self.problem})"
+        return str(self.as_error())
 
 
 def _refuse_malformed(request: object) -> None:
     if isinstance(request, MalformedRequest):
-        raise errors.InvalidArgument("request", request.describe().removeprefix("request: "))
+        raise request.as_error()
 
 
 def unary(
@@ -145,14 +156,27 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A deserializer that hands malformed bytes to the handler as a MalformedRequest."""
     message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
     name = getattr(message_type, "full_name", "request")
+    fields = getattr(message_type, "fields_by_name", {})
+    # Only Struct input nests deeply in a valid request, so protobuf's nesting limit (about 33
+    # levels of input: each level is a Struct and a Value) is the input's depth limit there.
+    deep_field = "input" if "input" in fields else None
 
     def parse(raw: bytes) -> Any:
         try:
             return deserialize(raw)
         except Exception as exc:  # DecodeError, bad UTF-8, nesting too deep: all the caller's
-            return MalformedRequest(name, str(exc).split(": ")[-1][:200])
+            text = str(exc)
+            error = too_deep(deep_field) if deep_field and _is_depth_error(text) else None
+            return MalformedRequest(name, text.split(": ")[-1][:200], error)
 
     return parse
+
+
+def _is_depth_error(text: str) -> bool:
+    """protobuf's upb decoder says "Exceeded upb_DecodeOptions_MaxDepth"; the pure-Python one
+    "Error parsing message: too many levels of nesting"."""
+    lowered = text.lower()
+    return "maxdepth" in lowered or "levels of nesting" in lowered or "recursion" in lowered
 
 
 async def _refuse(context: aio.ServicerContext[Any, Any], request: MalformedRequest) -> NoReturn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from stopline.errors import InvalidArgument
+from stopline.json_values import shown
 
 
 def parse_operation_id(value: str, field: str = "operation_id") -> str:
@@ -16,8 +17,7 @@ def parse_operation_id(value: str, field: str = "operation_id") -> str:
     except (ValueError, AttributeError, TypeError):
         parsed = None
     if parsed is None or str(parsed) != value.lower() or len(value) != 36:
-        shown = value if len(value) <= 64 else value[:64] + "…"
         raise InvalidArgument(
-            field, f"{shown!r} is not an operation id (a UUID such as {uuid.UUID(int=0)})"
+            field, f"{shown(value)} is not an operation id (a UUID such as {uuid.UUID(int=0)})"
         )
     return value.lower()

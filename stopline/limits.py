@@ -12,9 +12,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from stopline.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from stopline.json_values import struct_to_python
 
 # Fixed, not configurable: protobuf refuses messages nested past 100 levels, each level of input
 # costs two (Struct, Value), and the input is sent on inside Operation and response messages.
@@ -23,9 +24,10 @@ MAX_INPUT_DEPTH = 32
 
 
 def struct_to_input(value: struct_pb2.Struct, field: str = "input") -> dict[str, Any]:
-    """A Struct as plain JSON-able Python, refusing what JSON cannot hold (NaN, Infinity)."""
+    """A Struct as plain JSON-able Python (integral numbers as ints), refusing what JSON cannot
+    hold (NaN, Infinity)."""
     try:
-        return json_format.MessageToDict(value)
+        return struct_to_python(value)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(field, f"is not JSON: {str(exc)[:200]}") from exc
 
@@ -60,12 +62,20 @@ def json_size(value: Mapping[str, Any], field: str = "input") -> int:
     return len(text.encode())
 
 
+def too_deep(field: str = "input", depth: int | None = None) -> InvalidArgument:
+    """Input nested past MAX_INPUT_DEPTH. `depth` is None when protobuf itself refused to decode
+    the request (its own nesting limit is a few levels above ours), so only a lower bound is
+    known; the caller gets the same kind of message either way."""
+    how_deep = f"{depth} levels" if depth is not None else f"more than {MAX_INPUT_DEPTH} levels"
+    return InvalidArgument(
+        field, f"is nested {how_deep} deep; the limit is {MAX_INPUT_DEPTH} levels"
+    )
+
+
 def check_input_size(value: Mapping[str, Any], limit: int, field: str = "input") -> None:
     depth = json_depth(value)
     if depth > MAX_INPUT_DEPTH:
-        raise InvalidArgument(
-            field, f"is nested {depth} levels deep; the limit is {MAX_INPUT_DEPTH} levels"
-        )
+        raise too_deep(field, depth)
     size = json_size(value, field)
     if size > limit:
         raise InvalidArgument(

@@ -7,14 +7,77 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1._async import HealthServicer as _LibraryHealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from stopline.transport import ServerTLS
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+class HealthServicer(_LibraryHealthServicer):  # type: ignore[misc]
+    """grpcio-health-checking's servicer plus `List`, which its protocol lists but the library
+    leaves UNIMPLEMENTED: a snapshot of every registered service's status."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        statuses = {
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        }
+        return health_pb2.HealthListResponse(statuses=statuses)
+
+
+def _reflection_v1_file() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default descriptor pool, so reflection can
+    describe its own v1 service. grpcio-reflection (1.85) ships only v1alpha; v1 is the same
+    file under another package name (identical messages and field numbers), so it is derived
+    from v1alpha's descriptor rather than vendored."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1_SERVICE)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name = "grpc/reflection/v1/reflection.proto"
+    file.package = "grpc.reflection.v1"
+    file.ClearField("options")
+    for message in file.message_type:
+        for field in message.field:
+            if field.type_name.startswith(".grpc.reflection.v1alpha."):
+                field.type_name = field.type_name.replace(".v1alpha.", ".v1.", 1)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(".v1alpha.", ".v1.", 1)
+            method.output_type = method.output_type.replace(".v1alpha.", ".v1.", 1)
+    pool.Add(file)
+
+
+def _add_reflection(server: aio.Server, names: list[str]) -> None:
+    """grpc.reflection.v1 and v1alpha, one servicer behind both: current clients (grpcurl 1.8.8+,
+    buf curl) ask for v1 first; older ones only know v1alpha. The messages are wire-identical,
+    so v1 requests are read with v1alpha's message classes."""
+    _reflection_v1_file()
+    listed = (*names, HEALTH_SERVICE, REFLECTION_V1_SERVICE, reflection.SERVICE_NAME)
+    servicer = ReflectionServicer(listed)
+    for service in (REFLECTION_V1_SERVICE, reflection.SERVICE_NAME):
+        handler = grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+        )
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -57,9 +120,7 @@ async def add_health_and_reflection(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if with_reflection:
-        reflection.enable_server_reflection(
-            (*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server
-        )
+        _add_reflection(server, names)
     for name in ("", *names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return health

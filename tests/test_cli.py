@@ -225,6 +225,23 @@ def test_json_output_ls_and_show(services: Services) -> None:
     assert newest == show_text
 
 
+def test_json_output_keeps_integers_integers(services: Services) -> None:
+    """google.protobuf.Struct carries doubles; `--json` (and the human line) still say 1."""
+    sent = '{"a":1,"b":1.5,"c":[1,2.0],"d":{"e":-3}}'
+    expected = '{"a": 1, "b": 1.5, "c": [1, 2], "d": {"e": -3}}'
+    run = services.run("run", "echo", "--input", sent, "--json")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    completed = json.loads(lines[-1])["event"]["completed"]["result"]
+    assert json.dumps(completed, sort_keys=True) == expected
+    accepted = json.loads(lines[0])["accepted"]["operation"]["input"]
+    assert json.dumps(accepted, sort_keys=True) == expected
+    assert '"a": 1.0' not in run.stdout and '"e": -3.0' not in run.stdout
+    human = services.run("run", "echo", "--input", sent)
+    assert human.returncode == 0, human.stderr
+    assert "COMPLETED: " in human.stdout and "1.0" not in human.stdout
+
+
 def test_failures_exit_non_zero_with_the_grpc_code_on_stderr(services: Services) -> None:
     nobody = f"127.0.0.1:{free_port()}"
     running = [

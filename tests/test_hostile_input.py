@@ -577,6 +577,9 @@ def test_input_nested_past_protobufs_limit_is_invalid_argument(stack: Stack, met
     for depth in (33, 40, 48, 49, 50, 101, 1000):  # 32 levels is the most input may nest
         answer = call(stack, method, deep_start_request(depth))
         assert answer.code is grpc.StatusCode.INVALID_ARGUMENT, (depth, answer)
+        # The documented message, in the caller's terms, not protobuf's decoder's.
+        assert answer.details.startswith("input: is nested "), (depth, answer)
+        assert answer.details.endswith("deep; the limit is 32 levels"), (depth, answer)
     assert stack.operation_ids() == known and stack.snapshot() == before
 
 

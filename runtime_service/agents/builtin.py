@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from runtime_service.agents.base import InvalidInput, StepContext, StepResult
+from stopline.json_values import shown
 
 
 class EchoAgent:
@@ -25,10 +26,11 @@ def _number(
 ) -> float:
     value = input.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidInput(f"input.{key}", f"must be a number, got {value!r}")
+        raise InvalidInput(f"input.{key}", f"must be a number, got {shown(value)}")
     if not minimum <= value <= maximum:
         raise InvalidInput(
-            f"input.{key}", f"must be between {minimum:g} and {maximum:g}, got {value:g}"
+            f"input.{key}",
+            f"must be between {shown(minimum)} and {shown(maximum)}, got {shown(value)}",
         )
     return float(value)
 
@@ -49,7 +51,7 @@ class TickerAgent:
     def _settings(input: dict[str, Any]) -> tuple[int, float, float, int | None]:
         steps = _number(input, "steps", 3, minimum=1, maximum=1_000_000)
         if steps != int(steps):
-            raise InvalidInput("input.steps", f"must be a whole number, got {steps:g}")
+            raise InvalidInput("input.steps", f"must be a whole number, got {shown(steps)}")
         step_seconds = _number(input, "step_seconds", 1.0, minimum=0, maximum=86_400)
         interval = _number(
             input, "chunk_interval_seconds", step_seconds / 4, minimum=0, maximum=86_400

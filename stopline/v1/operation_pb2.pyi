@@ -147,7 +147,10 @@ class Operation(_message.Message):
     agent: _builtins.str
     """Name of the agent that runs the operation, as registered with the runtime."""
     idempotency_key: _builtins.str
-    """Idempotency key given at start, empty when none was given."""
+    """Idempotency key given at start. Empty when a RuntimeService caller gave none. An operation
+    started through the GatewayService without a key has one the gateway assigned,
+    `gateway-<uuid>`, so that the gateway's own retries of the start are idempotent.
+    """
     status: Global___OperationStatus.ValueType
     """Current status; STOPPING when a stop is recorded but the runner has not halted yet."""
     steps_completed: _builtins.int

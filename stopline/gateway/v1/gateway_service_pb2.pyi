@@ -99,7 +99,10 @@ class StartAndStreamRequest(_message.Message):
     agent: _builtins.str
     """Name of a registered agent, e.g. "ticker"."""
     idempotency_key: _builtins.str
-    """Optional key that makes the start idempotent (at most 200 characters)."""
+    """Optional key that makes the start idempotent (at most 200 characters). When empty, the
+    gateway assigns `gateway-<uuid>` (so that its own retries of the start are idempotent) and
+    the operation shows that key.
+    """
     cancel_policy: Global___CancelPolicy.ValueType
     """What a cancelled stream does to the operation."""
     @_builtins.property
