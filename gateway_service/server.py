@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -45,8 +44,7 @@ class RunningGateway:
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         self.readiness.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.readiness
+        await asyncio.wait([self.readiness])
         config_grace = self.gateway.config.shutdown_grace_seconds
         await self.server.stop(config_grace if grace is None else grace)
         await self.gateway.close()
@@ -91,5 +89,10 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
 
 async def serve(config: GatewayConfig) -> None:
     running = await start_gateway(config)
-    log.info("gateway listening on %s (runtime %s)", config.address, config.runtime_address)
+    log.info(
+        "gateway listening on %s (runtime %s, %s)",
+        config.address,
+        config.runtime_address,
+        config.runtime_load_balancing.value,
+    )
     await run_until_signal(running.stop)
