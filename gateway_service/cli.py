@@ -11,6 +11,7 @@ import click
 from gateway_service.auth import AuthConfigError, AuthSettings, JwtSettings
 from gateway_service.config import GatewayConfig
 from gateway_service.keys import API_KEYS_ENV, KeyFileError, new_key
+from gateway_service.runtime_link import LoadBalancing
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -44,7 +45,16 @@ def gateway() -> None:
     envvar="STOPLINE_RUNTIME_ADDRESS",
     default=_DEFAULTS.runtime_address,
     show_default=True,
-    help="The runtime's host:port.",
+    help="The runtime's host:port; several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT.",
+)
+@click.option(
+    "--runtime-lb-policy",
+    "runtime_load_balancing",
+    envvar="STOPLINE_RUNTIME_LB_POLICY",
+    type=click.Choice([p.value for p in LoadBalancing]),
+    default=_DEFAULTS.runtime_load_balancing.value,
+    show_default=True,
+    help="How calls are spread over the runtime's addresses (gRPC load-balancing policy).",
 )
 @click.option(
     "--stop-ack-timeout",
@@ -189,6 +199,7 @@ def gateway() -> None:
 def serve(
     address: str,
     runtime_address: str,
+    runtime_load_balancing: str,
     stop_ack_timeout: float,
     stop_delivery_deadline: float,
     watch_reconnect_deadline: float,
@@ -243,6 +254,7 @@ def serve(
     config = GatewayConfig(
         address=address,
         runtime_address=runtime_address,
+        runtime_load_balancing=LoadBalancing(runtime_load_balancing),
         stop_ack_seconds=stop_ack_timeout,
         stop_delivery_deadline_seconds=stop_delivery_deadline,
         watch_reconnect_deadline_seconds=watch_reconnect_deadline,

@@ -5,13 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gateway_service.auth import AuthSettings
+from gateway_service.runtime_link import LoadBalancing
 from stopline.transport import ClientTLS, ServerTLS
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     address: str = "127.0.0.1:50052"
+    # One runtime, or several: `ipv4:10.0.0.5:50051,10.0.0.6:50051`, `dns:///runtimes:50051`.
     runtime_address: str = "127.0.0.1:50051"
+    # How calls are spread over the runtime addresses. round_robin: the next replica each call
+    # (with one address it behaves like pick_first).
+    runtime_load_balancing: LoadBalancing = LoadBalancing.ROUND_ROBIN
+    # How often the gateway asks whether a runtime answers (its health for GatewayService
+    # follows), and how long it waits for the answer.
+    readiness_interval_seconds: float = 1.0
+    readiness_timeout_seconds: float = 1.0
     # StopOperation answers after one round trip to the runtime, or after this bound with
     # "accepted, still being delivered".
     stop_ack_seconds: float = 0.25

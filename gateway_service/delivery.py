@@ -2,7 +2,10 @@
 
 A stop is accepted at once and then sent to the runtime, retried with exponential backoff and
 jitter while the runtime is unreachable, until a deadline. InterruptOperation is idempotent, so a
-retry after a lost answer is harmless. A delivery that runs out of time is reported (to every
+retry after a lost answer is harmless. Any runtime replica can record a stop, so an attempt does
+not wait on one that does not answer: without an answer after `hedge_delay` it sends the stop
+again as a new call (which round_robin gives to the next replica), up to `max_calls` calls at
+once, and takes the first answer. A delivery that runs out of time is reported (to every
 local stream of the operation, and in the log), never dropped silently. Deliveries live in this
 gateway process: one that dies mid-delivery loses its retries (the client sees no terminal event
 and can stop again through another gateway).
@@ -38,6 +41,8 @@ class StopDelivery:
     done: asyncio.Future[None]
     state: DeliveryState = DeliveryState.PENDING
     attempts: int = 0
+    # InterruptOperation calls sent, hedges included (attempts counts rounds of them).
+    calls: int = 0
     response: rt_pb.InterruptOperationResponse | None = None
     error: UpstreamError | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -56,12 +61,18 @@ class StopDeliverer:
         attempt_timeout: float = 2.0,
         # Short: once the runtime is back, a pending stop should land within this.
         max_backoff: float = 0.5,
+        # A replica answers a stop in milliseconds; one that has not after this is probably
+        # frozen or cut off, and another replica is asked too.
+        hedge_delay: float = 0.15,
+        max_calls: int = 3,
     ) -> None:
         self._link = link
         self._deadline = deadline_seconds
         self._on_undelivered = on_undelivered
         self._attempt_timeout = attempt_timeout
         self._max_backoff = max_backoff
+        self._hedge_delay = hedge_delay
+        self._max_calls = max_calls
         self._pending: dict[str, StopDelivery] = {}
 
     def deliver(
@@ -96,9 +107,7 @@ class StopDeliverer:
             async for attempt in retrying:
                 with attempt:
                     delivery.attempts += 1
-                    delivery.response = await self._link.interrupt(
-                        delivery.request, deadline_seconds=self._attempt_timeout
-                    )
+                    delivery.response = await self._attempt(delivery)
             delivery.state = DeliveryState.DELIVERED
         except UpstreamError as exc:
             delivery.error = exc
@@ -119,6 +128,39 @@ class StopDeliverer:
                 del self._pending[delivery.operation_id]
             if not delivery.done.done():
                 delivery.done.set_result(None)
+
+    async def _attempt(self, delivery: StopDelivery) -> rt_pb.InterruptOperationResponse:
+        """One attempt: the first answer of up to `max_calls` calls, the next sent when none has
+        answered within `hedge_delay` or when one failed. A definitive refusal (NOT_FOUND, ...)
+        ends the attempt at once; it fails with the last error when every call failed."""
+        sent = 0
+        pending: set[asyncio.Future[rt_pb.InterruptOperationResponse]] = set()
+        last_error: BaseException | None = None
+        try:
+            while True:
+                if sent < self._max_calls:
+                    sent += 1
+                    delivery.calls += 1
+                    call = self._link.interrupt(delivery.request, self._attempt_timeout)
+                    pending.add(asyncio.ensure_future(call))
+                done, pending = await asyncio.wait(
+                    pending,
+                    timeout=self._hedge_delay if sent < self._max_calls else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    error = task.exception()
+                    if error is None:
+                        return task.result()
+                    if not is_retryable(error):
+                        raise error
+                    last_error = error
+                if not pending and sent == self._max_calls:
+                    assert last_error is not None
+                    raise last_error
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def close(self) -> None:
         """Shutdown: stops still being delivered are logged as undelivered, by operation id."""

@@ -1,12 +1,16 @@
-"""The gateway's connection to the runtime: one channel with keepalive, errors as UpstreamError."""
+"""The gateway's connection to the runtime: one channel with keepalive and a load-balancing
+policy over the runtime replicas, errors as UpstreamError."""
 
 from __future__ import annotations
 
+import enum
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import wait_exponential_jitter
 
 from stopline.grpc_status import UpstreamError
@@ -15,18 +19,42 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 
 T = TypeVar("T")
+RUNTIME_SERVICE = rt_pb.DESCRIPTOR.services_by_name["RuntimeService"].full_name
 
-# Keepalive finds a dead runtime connection in seconds instead of at the next TCP timeout, and a
-# short reconnect backoff picks a restarted runtime up quickly.
+# Keepalive finds a dead or frozen runtime connection within about 3 s (a ping every second, 2 s
+# to answer it) instead of at the next TCP timeout: the calls on it (watches, stops) fail with
+# UNAVAILABLE and are retried on another replica. gRPC enforces the answer time of a ping already
+# in flight with ping_timeout_ms (default: a minute), not keepalive_timeout_ms, so both are set.
+# Pings are answered by gRPC's own threads, so a busy runtime still answers in time; the
+# runtime's server options accept pings this often (stopline/serving.py). A short reconnect
+# backoff picks a restarted runtime up quickly.
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_time_ms", 1_000),
+    ("grpc.keepalive_timeout_ms", 2_000),
+    ("grpc.http2.ping_timeout_ms", 2_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
+
+
+class LoadBalancing(enum.StrEnum):
+    """How the gateway spreads calls over the addresses its runtime target resolves to (a list
+    `ipv4:10.0.0.5:50051,10.0.0.6:50051`, or a DNS name with one A record per replica)."""
+
+    # Every call to one replica (the first that connects); the others only when it fails.
+    PICK_FIRST = "pick_first"
+    # Each call to the next connected replica: starts, stops and watches are spread, and a
+    # replica that stops answering leaves the rotation once keepalive finds it gone.
+    ROUND_ROBIN = "round_robin"
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """The policy, set as the channel's default service config."""
+        config: dict[str, Any] = {"loadBalancingConfig": [{self.value: {}}]}
+        return [("grpc.service_config", json.dumps(config))]
+
 
 # What a retry can fix: the runtime was unreachable, restarting, or too slow to answer in time.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -49,14 +77,18 @@ class RuntimeLink:
         rpc_timeout: float,
         token: str | None = None,
         tls: ClientTLS | None = None,
+        *,
+        load_balancing: LoadBalancing,
     ) -> None:
         self.address = address
         # The service credential goes with every call; the runtime refuses calls without it.
         # Passed per call, not by a client interceptor: gRPC's aio interceptors cost about
         # 150 µs per unary call and 10 µs per streamed message (a stop's acknowledgment pays it).
         self._metadata = bearer_metadata(token) if token else None
-        self._channel = open_channel(address, None, tls, CHANNEL_OPTIONS)
+        options = [*CHANNEL_OPTIONS, *load_balancing.channel_options()]
+        self._channel = open_channel(address, None, tls, options)
         self._stub = rt_grpc.RuntimeServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = rpc_timeout
 
     async def close(self) -> None:
@@ -86,6 +118,16 @@ class RuntimeLink:
 
     async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
         return await self._unary(self._stub.ListOperations, request, self._timeout)
+
+    async def serving(self, deadline_seconds: float) -> bool:
+        """Whether a runtime (the one this call lands on) answers its health check SERVING for
+        RuntimeService; a runtime shutting down answers NOT_SERVING."""
+        request = health_pb2.HealthCheckRequest(service=RUNTIME_SERVICE)
+        try:
+            reply = await self._health.Check(request, timeout=deadline_seconds)
+        except aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def watch(self, operation_id: str, after_seq: int) -> Any:
         """The raw streaming call; iterate it, and expect aio.AioRpcError on failure."""

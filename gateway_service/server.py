@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from grpc_health.v1._async import HealthServicer
 from gateway_service.auth import Authenticator
 from gateway_service.config import GatewayConfig
 from gateway_service.core import Gateway
+from gateway_service.readiness import Readiness
 from gateway_service.runtime_link import RuntimeLink
 from gateway_service.servicer import GatewayServicer
 from stopline.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
@@ -33,6 +35,7 @@ class RunningGateway:
     port: int
     health: HealthServicer
     gateway: Gateway
+    readiness: asyncio.Task[None]
 
     @property
     def address(self) -> str:
@@ -40,6 +43,8 @@ class RunningGateway:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
+        self.readiness.cancel()
+        await asyncio.wait([self.readiness])
         config_grace = self.gateway.config.shutdown_grace_seconds
         await self.server.stop(config_grace if grace is None else grace)
         await self.gateway.close()
@@ -54,6 +59,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         config.rpc_timeout_seconds,
         token=config.service_token,
         tls=config.runtime_tls,
+        load_balancing=config.runtime_load_balancing,
     )
     gateway = Gateway(config, link)
     server = aio.server(
@@ -68,11 +74,25 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         await gateway.close()
         raise
     health = await add_health_and_reflection(server, [SERVICE_NAME], config.reflection)
+    readiness = Readiness(
+        link,
+        health,
+        SERVICE_NAME,
+        config.readiness_interval_seconds,
+        config.readiness_timeout_seconds,
+    )
+    await readiness.probe()  # the first answer before anyone can ask
     await server.start()
-    return RunningGateway(server, port, health, gateway)
+    task = asyncio.create_task(readiness.run(), name="readiness")
+    return RunningGateway(server, port, health, gateway, task)
 
 
 async def serve(config: GatewayConfig) -> None:
     running = await start_gateway(config)
-    log.info("gateway listening on %s (runtime %s)", config.address, config.runtime_address)
+    log.info(
+        "gateway listening on %s (runtime %s, %s)",
+        config.address,
+        config.runtime_address,
+        config.runtime_load_balancing.value,
+    )
     await run_until_signal(running.stop)

@@ -103,10 +103,11 @@ def server_options(max_receive_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> list[t
         # gRPC turns SO_REUSEPORT on by default: a second server on a taken port would then start
         # "successfully" and split the traffic between two processes.
         ("grpc.so_reuseport", 0),
-        # Accept the keepalive pings our clients send (every 10 s) instead of answering them
-        # with GOAWAY "too many pings".
+        # Accept the keepalive pings our clients send (the gateway pings its runtimes every
+        # second, gateway_service/runtime_link.py) instead of answering them with GOAWAY
+        # "too_many_pings"; 0 strikes means none is ever counted against a client.
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 

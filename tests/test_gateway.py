@@ -21,6 +21,7 @@ from stopline.v1 import operation_pb2 as op_pb
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, runtime_config
 from tests.credentials import AUTH, SERVICE_TOKEN, gateway_channel
+from tests.processes import free_port
 
 if TYPE_CHECKING:
     Stub = pb_grpc.GatewayServiceAsyncStub
@@ -428,6 +429,43 @@ async def test_gateway_serves_health_and_reflection(gateway: RunningGateway) -> 
             health_pb2.HealthCheckRequest(service="stopline.gateway.v1.GatewayService")
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_gateway_service_is_not_serving_while_no_runtime_answers(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    service = "stopline.gateway.v1.GatewayService"
+    url = f"sqlite:///{tmp_path / 'runtime.db'}"
+    address = f"127.0.0.1:{free_port()}"
+    gateway = await start_gateway(gateway_config(address, readiness_interval_seconds=0.05))
+    runtime: RunningRuntime | None = None
+    try:
+        async with aio.insecure_channel(gateway.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status(name: str = service) -> int:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                return int(reply.status)
+
+            async def reports(wanted: int) -> bool:
+                return await status() == wanted
+
+            # No runtime yet: known before the gateway listens. Alive all the same.
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await status("") == serving
+            runtime = await start_runtime(runtime_config(url, address=address), registry())
+            await eventually(lambda: reports(serving))
+            await runtime.stop(grace=0)
+            runtime = None
+            await eventually(lambda: reports(health_pb2.HealthCheckResponse.NOT_SERVING))
+            assert await status("") == serving
+            runtime = await start_runtime(runtime_config(url, address=address), registry())
+            await eventually(lambda: reports(serving))
+    finally:
+        await gateway.stop(grace=0)
+        if runtime is not None:
+            await runtime.stop(grace=0)
 
 
 async def test_a_rejected_reconnect_does_not_trigger_the_cancel_policy(

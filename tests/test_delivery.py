@@ -1,0 +1,73 @@
+"""StopDeliverer's hedging against a scripted runtime link: a replica that does not answer is not
+waited on, a definitive refusal ends the delivery, and the calls per attempt stay bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import grpc
+
+from gateway_service.delivery import DeliveryState, StopDeliverer
+from gateway_service.runtime_link import RuntimeLink
+from stopline.grpc_status import UpstreamError
+from stopline.v1 import runtime_service_pb2 as rt_pb
+
+ANSWER = rt_pb.InterruptOperationResponse(outcome=rt_pb.INTERRUPT_OUTCOME_ACCEPTED)
+OP_ID = "00000000-0000-4000-8000-000000000001"
+
+
+class ScriptedLink:
+    """Each InterruptOperation call does what the next entry says: "hang" (a frozen replica:
+    never answers until cancelled), "ok", or a status code to fail with."""
+
+    def __init__(self, *script: str | grpc.StatusCode) -> None:
+        self.script = list(script)
+        self.cancelled = 0
+
+    async def interrupt(
+        self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+    ) -> rt_pb.InterruptOperationResponse:
+        step = self.script.pop(0) if self.script else "ok"
+        if step == "hang":
+            try:
+                await asyncio.get_running_loop().create_future()
+            finally:
+                self.cancelled += 1
+        if isinstance(step, grpc.StatusCode):
+            raise UpstreamError(step, "scripted")
+        return ANSWER
+
+
+def deliverer(link: ScriptedLink, **settings: Any) -> StopDeliverer:
+    return StopDeliverer(
+        cast(RuntimeLink, link), deadline_seconds=5, on_undelivered=lambda d: None, **settings
+    )
+
+
+async def test_a_replica_that_does_not_answer_is_not_waited_on() -> None:
+    link = ScriptedLink("hang", "ok")
+    # With hour-long attempts, only the hedge can deliver this stop within the test.
+    delivery = deliverer(link, attempt_timeout=3600, hedge_delay=0.01).deliver(OP_ID, "t", "")
+    await asyncio.wait_for(delivery.done, 10)
+    assert delivery.state is DeliveryState.DELIVERED and delivery.response == ANSWER
+    assert (delivery.attempts, delivery.calls) == (1, 2)
+    assert link.cancelled == 1  # the call still waiting on the frozen replica is given up
+
+
+async def test_a_failed_call_is_followed_at_once_and_a_refusal_ends_the_delivery() -> None:
+    link = ScriptedLink(grpc.StatusCode.UNAVAILABLE, "hang", grpc.StatusCode.NOT_FOUND)
+    delivery = deliverer(link, attempt_timeout=3600, hedge_delay=0.01).deliver(OP_ID, "t", "")
+    await asyncio.wait_for(delivery.done, 10)
+    assert delivery.state is DeliveryState.REJECTED
+    assert delivery.error is not None and delivery.error.code is grpc.StatusCode.NOT_FOUND
+    assert (delivery.attempts, delivery.calls) == (1, 3)
+    assert link.cancelled == 1
+
+
+async def test_calls_per_attempt_are_bounded_then_the_attempt_is_retried() -> None:
+    link = ScriptedLink(*[grpc.StatusCode.UNAVAILABLE] * 3)
+    delivery = deliverer(link, hedge_delay=3600, max_backoff=0.01).deliver(OP_ID, "t", "")
+    await asyncio.wait_for(delivery.done, 10)
+    assert delivery.state is DeliveryState.DELIVERED
+    assert (delivery.attempts, delivery.calls) == (2, 4)
