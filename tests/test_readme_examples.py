@@ -247,7 +247,9 @@ def test_the_errors_sections_commands_answer_as_printed(
     answer = json.loads(result.stderr)
     assert answer["code"] == expected["code"], result.stderr
     if expected["code"] == "unavailable":
-        assert answer["message"].startswith("the runtime is unavailable (failed to connect")
+        # gRPC's own words after "(" depend on its version and the load-balancing policy.
+        printed = expected["message"].split("(")[0]
+        assert answer["message"].startswith(printed), (answer, printed)
         assert answer["message"].endswith("); retry")
     else:
         assert answer["message"] == expected["message"]
