@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import threading
+import traceback
 from collections.abc import Awaitable, Callable
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
@@ -134,8 +135,6 @@ def _worker_main(sock: socket.socket) -> None:
                 raise
             except BaseException as exc:  # SystemExit too: the function's failure, not ours
                 message = {"op": "error", "type": type(exc).__name__, "message": str(exc)}
-                import traceback  # only on the failure path
-
                 send({**message, "traceback": traceback.format_exc()})
             else:
                 try:
@@ -224,7 +223,10 @@ class WorkerPool:
         self.exits: collections.deque[tuple[int, int | None]] = collections.deque(maxlen=64)
         if start_method == "forkserver":
             self._ctx: ForkServerContext | SpawnContext = multiprocessing.get_context("forkserver")
-            self._ctx.set_forkserver_preload([__name__])
+            # "__main__" as multiprocessing does by default: a child imports the parent's main
+            # module (as __mp_main__; scripts need the `if __name__ == "__main__"` guard), and
+            # the fork server doing it once spares every worker the import.
+            self._ctx.set_forkserver_preload(["__main__", __name__])
         else:
             self._ctx = multiprocessing.get_context("spawn")
         self._slots = asyncio.Semaphore(max_workers)
@@ -340,17 +342,22 @@ class WorkerPool:
         )
         try:
             await asyncio.to_thread(process.start)
+        except BaseException:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent_end, limit=_MAX_LINE)
         worker = _Worker(process, reader, writer)
         try:
             async with asyncio.timeout(self.start_timeout):
-                ready = json.loads(await reader.readline())
-            assert ready["op"] == "ready"
+                ready = json.loads(await reader.readline() or b"null")
         except BaseException:
-            await self._stop_shielded(worker)
+            await asyncio.shield(self._stop(worker))
             raise
+        if not isinstance(ready, dict) or ready.get("op") != "ready":
+            await asyncio.shield(self._stop(worker))
+            raise WorkerLost(f"a worker process failed to start (exit code {worker.exitcode})")
         return worker
 
     def _replenish(self) -> None:
