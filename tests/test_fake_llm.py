@@ -322,8 +322,11 @@ async def test_control_over_http(fake: FakeLLM, client: AsyncOpenAI) -> None:
 
 
 async def test_runs_as_a_process(tmp_path: Any) -> None:
+    """Scripted from a file, and a disconnect read by another process over HTTP."""
     script = tmp_path / "script.json"
-    script.write_text(json.dumps([{"text": "from a file"}]))
+    script.write_text(
+        json.dumps([{"text": "from a file"}, {"tokens": 100, "tokens_per_second": 1}])
+    )
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "fake_llm", "--port", "0", "--script", str(script)],
         *["--tokens-per-second", "0"],
@@ -336,7 +339,21 @@ async def test_runs_as_a_process(tmp_path: Any) -> None:
         assert base_url.startswith("http://127.0.0.1:")
         async with AsyncOpenAI(base_url=base_url, api_key="any", max_retries=0) as c:
             done = await c.chat.completions.create(model="m", messages=USER)
-        assert done.choices[0].message.content == "from a file"
+            assert done.choices[0].message.content == "from a file"
+            stream = await c.chat.completions.create(model="m", messages=USER, stream=True)
+            async with stream:
+                async for chunk in stream:
+                    if chunk.choices[0].delta.content:
+                        break  # leaving `async with` closes the stream
+
+        async def closed() -> dict[str, Any] | None:
+            root = base_url.removesuffix("/v1")
+            async with aiohttp.ClientSession() as http, http.get(f"{root}/_fake/requests") as r:
+                last: dict[str, Any] = (await r.json())["requests"][-1]
+            return last if last["client_closed_at"] is not None else None
+
+        record = await eventually(closed, timeout=10)
+        assert record["outcome"] == "client_closed" and record["tokens_sent"] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
