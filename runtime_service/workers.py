@@ -186,11 +186,9 @@ class _Worker:
         return True
 
     def forget(self) -> None:
+        """Release the socket and the process object (the process has ended)."""
         self.writer.close()
-        if self.ended.done():
-            self.process.close()
-        else:  # still running (only at a failed start-up): the pool has killed it
-            asyncio.get_running_loop().remove_reader(self.process.sentinel)
+        self.process.close()
 
 
 class WorkerPool:
@@ -371,17 +369,17 @@ class WorkerPool:
                 self._starting -= 1
             if self._closed:
                 await self._stop(worker)
-                return
             else:
                 self._idle.append(worker)
 
         self._background(refill())
 
-    def _background(self, coro: Awaitable[None]) -> None:
+    def _background(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_failure)
+        return task
 
     async def _stop_shielded(self, worker: _Worker) -> None:
         """Stop a worker; a second cancellation does not abandon the kill (it goes on in the
@@ -393,9 +391,7 @@ class WorkerPool:
     def _stop(self, worker: _Worker) -> asyncio.Task[None]:
         """SIGTERM, wait `grace`, SIGKILL; done once the process is gone (and reaped)."""
         if worker.stopping is None:
-            worker.stopping = asyncio.ensure_future(self._terminate(worker))
-            self._tasks.add(worker.stopping)
-            worker.stopping.add_done_callback(self._tasks.discard)
+            worker.stopping = self._background(self._terminate(worker))
         return worker.stopping
 
     async def _terminate(self, worker: _Worker) -> None:
