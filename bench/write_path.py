@@ -82,7 +82,7 @@ async def _main(n: int) -> None:
                 return storage._chunk(cursor, op_id, 0, "x" * 64, "r", False)
 
         def via_inline() -> object:
-            return storage._inline(storage._chunk, op_id, 0, "x" * 64, "r", False)
+            return storage._inline.run(storage._chunk, op_id, 0, "x" * 64, "r", False)
 
         def via_begin() -> object:
             with engine.begin() as conn:

@@ -19,7 +19,7 @@ from runtime_service import convert
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.operations import _next_in_order
 from runtime_service.storage import SqliteStorage, Storage, StorageError
-from runtime_service.storage.sqlite import WouldBlock
+from runtime_service.storage.sqlite_commit import WouldBlock
 from stopline.errors import AlreadyExists
 from stopline.v1 import operation_pb2 as op_pb
 from tests.conftest import opened_storage
@@ -254,7 +254,7 @@ async def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> Non
     storage = await sqlite_storage(tmp_path)
     try:
         op_id = await running(storage)
-        event = storage._inline(storage._chunk, op_id, 0, "now", "r", False)
+        event = storage._inline.run(storage._chunk, op_id, 0, "now", "r", False)
         assert event is not None
         stored = await storage.events_after(op_id, event.seq - 1)
         assert stored[0].data == {"step": 0, "text": "now"}
@@ -262,11 +262,11 @@ async def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> Non
         other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
         before = await storage.events_after(op_id, 0)
         with pytest.raises(WouldBlock):
-            storage._inline(storage._chunk, op_id, 0, "blocked", "r", False)
+            storage._inline.run(storage._chunk, op_id, 0, "blocked", "r", False)
         other.execute("ROLLBACK")
         other.close()
         assert await storage.events_after(op_id, 0) == before
-        assert storage._inline(storage._chunk, op_id, 0, "later", "r", False) is not None
+        assert storage._inline.run(storage._chunk, op_id, 0, "later", "r", False) is not None
     finally:
         await storage.close()
 

@@ -9,15 +9,12 @@ committing everything queued in one transaction removes most of the cost of a tr
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -29,7 +26,6 @@ from runtime_service.domain import (
     Operation,
 )
 from runtime_service.rows import operation_from_row
-from runtime_service.storage.batching import Outcome, WriteQueue
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
@@ -42,11 +38,9 @@ from runtime_service.storage.interface import (
 )
 from runtime_service.storage.shared import SharedStorage, twin_of
 from runtime_service.storage.sql import Sql
+from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
 
 T = TypeVar("T")
-
-# A write: fn(cursor, *args) inside a transaction that the caller owns and commits.
-Write = Callable[..., Any]
 
 # Owned by this runner and still running: the fencing condition of every runner write.
 _OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
@@ -149,21 +143,15 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
   AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)""")
 
 
-class WouldBlock(Exception):
-    """The write cannot run right here without waiting (see SqliteStorage._inline)."""
-
-
 class SqliteStorage(SharedStorage):
     def __init__(self, db: Database) -> None:
         super().__init__(db, Cursors(db.engine, "named"))
-        database = db.engine.url.database
-        self._inline_path = database if database not in (None, "", ":memory:") else None
-        self._inline_connection: Any = None
+        self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
         self._group = GroupCommit(db, self._together)
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
-        self._drop_inline()
+        self._inline.close()
         await super().close()
 
     # ------------------------------------------------------------------ how writes run
@@ -172,9 +160,9 @@ class SqliteStorage(SharedStorage):
         """A runner write: inline here when nothing else is queued for the database thread,
         else group-committed with whatever is (see GroupCommit)."""
         with translated():
-            if self._group.idle and self._inline_path is not None:
+            if self._group.idle and self._inline.possible:
                 try:
-                    return self._inline(write, *args)
+                    return self._inline.run(write, *args)
                 except WouldBlock:
                     pass
             return await self._group.run(write, args)
@@ -184,50 +172,6 @@ class SqliteStorage(SharedStorage):
         them and raises (the group commit then retries each alone)."""
         with self.cursors.transaction() as cur:
             return [write(cur, *args) for write, args in writes]
-
-    def _inline(self, write: Write, *args: Any) -> Any:
-        """write(cursor, *args) in a transaction of its own, right here on the event loop's
-        thread, or WouldBlock at once if that would mean waiting. It never blocks the loop: the
-        inline connection does not wait for locks (busy timeout 0) and never checkpoints the
-        WAL (the database thread's connections do), so a locked file (the database thread in a
-        transaction, a backup, another process) raises WouldBlock and the write is queued."""
-        dbapi = self.cursors.dbapi
-        connection = self._connection()
-        cursor = connection.cursor()
-        try:
-            try:
-                cursor.execute("BEGIN IMMEDIATE")
-            except dbapi.OperationalError as exc:
-                raise WouldBlock(str(exc)) from exc
-            try:
-                result = write(cursor, *args)
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-        except dbapi.Error as exc:
-            cursor.close()  # before its connection: closing it after raises ProgrammingError
-            self._drop_inline()
-            raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
-        except BaseException:
-            cursor.close()
-            raise
-        cursor.close()
-        return result
-
-    def _connection(self) -> Any:
-        if self._inline_connection is None:
-            connection = self.cursors.dbapi.connect(self._inline_path, isolation_level=None)
-            for pragma in ("busy_timeout=0", "synchronous=NORMAL", "wal_autocheckpoint=0"):
-                connection.execute(f"PRAGMA {pragma}")
-            self._inline_connection = connection
-        return self._inline_connection
-
-    def _drop_inline(self) -> None:
-        if self._inline_connection is not None:
-            with contextlib.suppress(Exception):
-                self._inline_connection.close()
-            self._inline_connection = None
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -577,59 +521,3 @@ STEP_COMPLETED = EventKind.STEP_COMPLETED
 COMPLETED = EventKind.COMPLETED
 STOP_REQUESTED = EventKind.STOP_REQUESTED
 INTERRUPTED = EventKind.INTERRUPTED
-
-
-class GroupCommit(WriteQueue["_Queued"]):
-    """Many small writes, one transaction: the runner's writes queue here, and the database
-    thread runs everything queued so far in a single transaction. A write queued alone runs
-    alone. Each write's result is handed back only after its transaction commits. If a batch
-    fails, each write is retried alone, so one bad write cannot take the others' results (or
-    errors) with it. (PostgreSQL's counterpart, on the event loop, is pg_batch.PostgresBatcher.)
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
-        max_batch: int = 256,
-    ) -> None:
-        super().__init__("group commit", max_batch)
-        self._db = db
-        self._run_together = run_together
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or being written, and the database threads free: a write now would
-        have no company and would not contend with this process for SQLite's write lock."""
-        return not self.draining and self._db.idle
-
-    async def run(self, write: Write, args: tuple[Any, ...]) -> Any:
-        """write(cursor, *args) in a shared transaction; its result once that has committed."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return await self._submit(_Queued(write, args, future))
-
-    async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
-        return await self._db.call(self._execute, batch)
-
-    def _execute(self, batch: list[_Queued]) -> list[Outcome]:
-        if len(batch) > 1:
-            try:
-                results = self._run_together([(queued.write, queued.args) for queued in batch])
-            except Exception:
-                pass  # each alone, below
-            else:
-                return [(True, result) for result in results]
-        return [self._alone(queued) for queued in batch]
-
-    def _alone(self, queued: _Queued) -> Outcome:
-        try:
-            return True, self._run_together([(queued.write, queued.args)])[0]
-        except Exception as exc:
-            return False, exc
-
-
-@dataclass(eq=False)
-class _Queued:
-    write: Write
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
