@@ -1,4 +1,4 @@
-"""Wires the runtime's parts together: database, store, agents, hub, runner, use cases."""
+"""Wires the runtime's parts together: database, storage, agents, hub, runner, use cases."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ _STATUS_TO_PB = {
     OperationStatus.FAILED: op_pb.OPERATION_STATUS_FAILED,
     OperationStatus.INTERRUPTED: op_pb.OPERATION_STATUS_INTERRUPTED,
 }
-# List filter values as the store understands them; STOPPING is a reported-only status.
+# List filter values as storage understands them; STOPPING is a reported-only status.
 _FILTER_FROM_PB: dict[int, str | None] = {
     op_pb.OPERATION_STATUS_UNSPECIFIED: None,
     op_pb.OPERATION_STATUS_STOPPING: "STOPPING",
@@ -40,7 +40,7 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 
 
 def status_filter(value: int) -> str | None:
-    """Wire status -> store list filter; unknown enum numbers raise KeyError."""
+    """Wire status -> storage list filter; unknown enum numbers raise KeyError."""
     return _FILTER_FROM_PB[value]
 
 

@@ -116,7 +116,7 @@ class Database:
         return self.engine.dialect.name
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking store method on the database thread and await its result."""
+        """Run blocking storage work on the database thread and await its result."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         bound = functools.partial(ctx.run, fn, *args, **kwargs)
