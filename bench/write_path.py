@@ -1,24 +1,29 @@
 """Where one write's time goes on SQLite: one output chunk (an `UPDATE ... RETURNING` and an
 `INSERT`, in one transaction) through SQLAlchemy Core statements built per call, the same SQL
-through `engine.begin()`, the runtime's hot path (runtime_service/hot_path.py) on its own and
-inline, and a bare pooled DBAPI connection. This is the probe behind BENCHMARKS.md's "what limits
-it"; rerun it after changing the store.
+through `engine.begin()`, the runtime's SQLite writes (runtime_service/storage/sqlite.py) in a
+transaction of their own and inline, and a bare pooled DBAPI connection. This is the probe
+behind BENCHMARKS.md's "what limits it"; rerun it after changing storage.
 
     python -m bench.write_path
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from runtime_service.database import create_db_engine
-from runtime_service.domain import EventKind
+from sqlalchemy import insert, update
+
+from runtime_service.database import Database, create_db_engine
+from runtime_service.domain import OperationStatus
 from runtime_service.migrate import upgrade_to_head
-from runtime_service.store import OperationStore, _owned_by
+from runtime_service.schema import events, operations
+from runtime_service.storage import SqliteStorage
+from runtime_service.storage.interface import dump_json
 
 UPDATE = (
     "UPDATE operations SET last_seq=last_seq+1, updated_at=? "
@@ -36,30 +41,48 @@ def per_call_us(fn: Callable[[], object], n: int) -> float:
 
 
 def main(n: int = 2000) -> None:
+    asyncio.run(_main(n))
+
+
+async def _main(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_db_engine(f"sqlite:///{Path(tmp) / 'probe.db'}")
         upgrade_to_head(engine)
-        store = OperationStore(engine)
-        op_id = store.create("noop", {}, None).operation.id
-        store.claim(op_id, "r", 600)
+        storage = SqliteStorage(Database(engine))
+        op_id = (await storage.create("noop", {}, None)).operation.id
+        await storage.claim_and_start(op_id, "r", 600)
 
         def via_core() -> object:
-            # How every write was made before the hot path: Core statements built per call.
+            # How every write was made before fixed SQL: Core statements built per call.
+            now = datetime.now(UTC)
             with engine.begin() as conn:
-                return store._append(
-                    conn,
-                    op_id,
-                    EventKind.OUTPUT_CHUNK,
-                    {"step": 0, "text": "x" * 64},
-                    datetime.now(UTC),
-                    where=_owned_by("r"),
+                seq = conn.execute(
+                    update(operations)
+                    .where(
+                        operations.c.id == op_id,
+                        operations.c.status == OperationStatus.RUNNING,
+                        operations.c.runner_id == "r",
+                    )
+                    .values(last_seq=operations.c.last_seq + 1, updated_at=now)
+                    .returning(operations.c.last_seq)
+                ).scalar_one()
+                conn.execute(
+                    insert(events).values(
+                        operation_id=op_id,
+                        seq=seq,
+                        kind="output_chunk",
+                        data_json=dump_json({"step": 0, "text": "x" * 64}),
+                        created_at=now,
+                    )
                 )
+            return seq
 
-        def via_hot_path() -> object:
-            return store.append_chunk(op_id, 0, "x" * 64, "r")
+        def via_own_transaction() -> object:
+            with storage.cursors.transaction() as cursor:
+                return storage._chunk(cursor, op_id, 0, "x" * 64, "r", False)
 
         def via_inline() -> object:
-            return store.hot.inline(store.hot.append_chunk_in, op_id, 0, "x" * 64, "r")
+            return storage._inline.run(storage._chunk, op_id, 0, "x" * 64, "r", False)
 
         def via_begin() -> object:
             with engine.begin() as conn:
@@ -80,14 +103,13 @@ def main(n: int = 2000) -> None:
         for label, fn in (
             ("Core statements built per call (the old store)", via_core),
             ("same SQL via engine.begin() + exec_driver_sql", via_begin),
-            ("store.append_chunk: hot path, its own transaction", via_hot_path),
-            ("hot path inline (the runner's idle case)", via_inline),
+            ("storage chunk: fixed SQL, its own transaction", via_own_transaction),
+            ("storage chunk inline (the runner's idle case)", via_inline),
             ("same SQL on the pooled DBAPI connection", via_dbapi),
         ):
             print(f"{label:<54} {per_call_us(fn, n):6.0f} us")
         raw.close()
-        store.hot.close()
-        engine.dispose()
+        await storage.close()
 
 
 if __name__ == "__main__":

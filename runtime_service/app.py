@@ -1,4 +1,4 @@
-"""Wires the runtime's parts together: database, store, agents, hub, runner, use cases."""
+"""Wires the runtime's parts together: database, storage, agents, hub, runner, use cases."""
 
 from __future__ import annotations
 
@@ -7,26 +7,23 @@ from dataclasses import dataclass
 
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
-from runtime_service.database import Database, GroupCommit, create_db_engine
+from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
 from runtime_service.migrate import upgrade_to_head
-from runtime_service.notifications import Handlers, PostgresListener, libpq_url
+from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
-from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.runner import Runner, RunnerSettings
-from runtime_service.store import OperationStore
+from runtime_service.storage import PostgresStorage, Storage, open_storage
 
 
 @dataclass
 class RuntimeApp:
     config: RuntimeConfig
-    db: Database
-    store: OperationStore
+    storage: Storage
     hub: EventHub
     runner: Runner
     operations: OperationsService
     listener: PostgresListener | None = None
-    batcher: PostgresBatcher | None = None
 
     @classmethod
     async def open(cls, config: RuntimeConfig, agents: AgentRegistry | None = None) -> RuntimeApp:
@@ -36,7 +33,6 @@ class RuntimeApp:
         if config.migrate:
             await asyncio.to_thread(upgrade_to_head, engine)
         db = Database(engine)
-        store = OperationStore(engine)
         hub = EventHub()
         settings = RunnerSettings(
             runner_id=config.runner_id,
@@ -46,15 +42,11 @@ class RuntimeApp:
             poll_seconds=config.poll_seconds,
             abort_mid_step=config.abort_mid_step,
         )
-        # The runner's writes share transactions when several are queued: on SQLite through
-        # its one database thread (GroupCommit), on PostgreSQL on the event loop (pg_batch).
-        group, batcher = None, None
-        if db.backend == "sqlite":
-            group = GroupCommit(db, store.hot.run_together)
-        else:
-            batcher = PostgresBatcher(libpq_url(config.database_url))
-        runner = Runner(db, store, registry, hub, settings, group, batcher)
-        operations = OperationsService(config, db, store, registry, hub, runner, batcher)
+        # The one place that looks at the database's dialect: storage is chosen here, and with
+        # it how replicas hear of each other (PostgreSQL notifications) or that there are none.
+        storage: Storage = open_storage(db, config.database_url)
+        runner = Runner(storage, registry, hub, settings)
+        operations = OperationsService(config, storage, registry, hub, runner)
         listener = None
 
         def recheck_everything() -> None:
@@ -62,7 +54,7 @@ class RuntimeApp:
             runner.check_stops_now()
             hub.poke_all()
 
-        if db.backend == "postgresql":
+        if isinstance(storage, PostgresStorage):
             listener = PostgresListener(
                 config.database_url,
                 Handlers(
@@ -76,15 +68,12 @@ class RuntimeApp:
         else:
             # SQLite serves one replica: whatever ran these operations before is gone, so resume
             # them now instead of waiting for their leases to lapse.
-            await db.call(store.expire_all_leases)
+            await storage.expire_all_leases()
         runner.start()
-        return cls(config, db, store, hub, runner, operations, listener, batcher)
+        return cls(config, storage, hub, runner, operations, listener)
 
     async def close(self) -> None:
         await self.runner.shutdown()
         if self.listener is not None:
             await self.listener.close()
-        if self.batcher is not None:
-            await self.batcher.close()
-        self.store.hot.close()
-        await asyncio.to_thread(self.db.close)
+        await self.storage.close()

@@ -9,7 +9,6 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from runtime_service.domain import Event, EventKind, InterruptOutcome, Operation, OperationStatus
-from stopline.limits import struct_to_input
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -20,7 +19,7 @@ _STATUS_TO_PB = {
     OperationStatus.FAILED: op_pb.OPERATION_STATUS_FAILED,
     OperationStatus.INTERRUPTED: op_pb.OPERATION_STATUS_INTERRUPTED,
 }
-# List filter values as the store understands them; STOPPING is a reported-only status.
+# List filter values as storage understands them; STOPPING is a reported-only status.
 _FILTER_FROM_PB: dict[int, str | None] = {
     op_pb.OPERATION_STATUS_UNSPECIFIED: None,
     op_pb.OPERATION_STATUS_STOPPING: "STOPPING",
@@ -41,7 +40,7 @@ def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 
 
 def status_filter(value: int) -> str | None:
-    """Wire status -> store list filter; unknown enum numbers raise KeyError."""
+    """Wire status -> storage list filter; unknown enum numbers raise KeyError."""
     return _FILTER_FROM_PB[value]
 
 
@@ -49,10 +48,6 @@ def reported_status(operation: Operation) -> op_pb.OperationStatus.ValueType:
     if operation.is_stopping:
         return op_pb.OPERATION_STATUS_STOPPING
     return _STATUS_TO_PB[operation.status]
-
-
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    return struct_to_input(value)
 
 
 def operation_to_pb(operation: Operation) -> op_pb.Operation:

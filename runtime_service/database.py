@@ -1,7 +1,7 @@
 """Engine construction and the thread that runs blocking database work off the event loop.
 
-The store is plain synchronous SQLAlchemy Core (easy to test and to reason about transactions);
-the asyncio side reaches it through Database.call, which runs it in a worker thread. SQLite gets
+Storage's blocking work (SQLAlchemy Core and DBAPI cursors, easy to reason about transactions)
+reaches the event loop through Database.call, which runs it in a worker thread. SQLite gets
 a single worker, so writes never contend for its one write lock inside a process; other backends
 get a small pool.
 """
@@ -14,16 +14,12 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
-
-from runtime_service.batching import Outcome, WriteQueue
-from runtime_service.hot_path import Together
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -120,7 +116,7 @@ class Database:
         return self.engine.dialect.name
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a blocking store method on the database thread and await its result."""
+        """Run blocking storage work on the database thread and await its result."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         bound = functools.partial(ctx.run, fn, *args, **kwargs)
@@ -138,68 +134,3 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
-
-
-class GroupCommit(WriteQueue["_Write"]):
-    """Many small writes, one transaction (SQLite): the runner's hot writes queue here, and the
-    database thread runs everything queued so far in a single transaction (group commit).
-
-    Why: SQLite has one writer, and opening and committing a transaction costs more than the
-    few statements of a step boundary; with many operations running the queue is rarely empty,
-    so batching removes most of that cost. A write queued alone runs alone. Each write's result
-    is handed back only after its transaction commits. If a batch fails, each write is retried
-    alone, so one bad write cannot take the others' results (or errors) with it. (PostgreSQL's
-    counterpart, which writes from the event loop, is pg_batch.PostgresBatcher.)
-    """
-
-    def __init__(
-        self,
-        db: Database,
-        run_together: Callable[[list[Together]], list[Any]],
-        max_batch: int = 256,
-    ) -> None:
-        super().__init__("group commit", max_batch)
-        self._db = db
-        self._run_together = run_together
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued or being written, and the database threads free: a write now would
-        have no company and would not contend with this process for SQLite's write lock."""
-        return not self.draining and self._db.idle
-
-    async def run(
-        self, together: Callable[..., Callable[[], T]], alone: Callable[..., T], *args: Any
-    ) -> T:
-        """The write `together(cursor, *args)` inside a shared transaction, or `alone(*args)`
-        if nothing shares it; its result once that has committed."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        result: T = await self._submit(_Write(together, alone, args, future))
-        return result
-
-    async def _write_batch(self, batch: list[_Write]) -> list[Outcome]:
-        return await self._db.call(self._execute, batch)
-
-    def _execute(self, batch: list[_Write]) -> list[Outcome]:
-        if len(batch) == 1:
-            return [self._alone(batch[0])]
-        try:
-            results = self._run_together([(write.together, write.args) for write in batch])
-        except Exception:
-            return [self._alone(write) for write in batch]
-        return [(True, result) for result in results]
-
-    @staticmethod
-    def _alone(write: _Write) -> Outcome:
-        try:
-            return True, write.alone(*write.args)
-        except Exception as exc:
-            return False, exc
-
-
-@dataclass(eq=False)
-class _Write:
-    together: Callable[..., Callable[[], Any]]
-    alone: Callable[..., Any]
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]

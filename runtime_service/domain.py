@@ -1,6 +1,6 @@
 """Plain value types of the runtime: statuses, operations, events.
 
-These are what the store returns and the step loop manipulates; translation to and from protobuf
+These are what storage returns and the step loop manipulates; translation to and from protobuf
 happens only in runtime_service.convert, so the core never depends on the wire format.
 """
 

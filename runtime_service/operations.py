@@ -13,7 +13,6 @@ from typing import Any
 from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
-from runtime_service.database import Database
 from runtime_service.domain import (
     Event,
     InterruptOutcome,
@@ -23,9 +22,8 @@ from runtime_service.domain import (
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
-from runtime_service.pg_batch import PostgresBatcher
 from runtime_service.runner import Runner
-from runtime_service.store import STOPPING, Created, OperationStore, utcnow
+from runtime_service.storage import STOPPING, Created, Storage, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -64,17 +62,13 @@ class OperationsService:
     def __init__(
         self,
         config: RuntimeConfig,
-        db: Database,
-        store: OperationStore,
+        storage: Storage,
         agents: AgentRegistry,
         hub: EventHub,
         runner: Runner,
-        batcher: PostgresBatcher | None = None,
     ) -> None:
         self.config = config
-        self.batcher = batcher
-        self.db = db
-        self.store = store
+        self.storage = storage
         self.agents = agents
         self.hub = hub
         self.runner = runner
@@ -113,37 +107,28 @@ class OperationsService:
                 f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
                 f"got {shown(hold_seconds)}",
             )
-        fields = (agent_name, input_value, key, checked_labels, hold_seconds, checked_owner)
-        made = None
-        if self.batcher is not None:
-            # One batched statement on the common path; a taken key goes the slow way below.
-            # Other replicas hear of the new work only if this one cannot run it now.
-            announce = not self.runner.has_room
-            made = await self.batcher.run(self.store.create_statement(*fields, announce=announce))
-        created = made if made is not None else await self.db.call(self.store.create, *fields)
+        # Other replicas hear of the new work only if this one cannot run it now.
+        announce = not self.runner.has_room
+        created = await self.storage.create(
+            agent_name, input_value, key, checked_labels, hold_seconds, checked_owner, announce
+        )
         self.hub.publish(created.events)
         if created.created and not hold_seconds:
             self.runner.submit(created.operation.id)
         return created
 
     async def release(self, operation_id: str) -> Operation:
-        if self.batcher is not None:
-            # One batched statement on the common path (a gateway releases each start).
-            op_id = parse_operation_id(operation_id)
-            announce = not self.runner.has_room  # as in start
-            released = await self.batcher.run(self.store.hot.release_statement(op_id, announce))
-            if released is not None:
-                self.runner.submit(op_id)
-                return released
-            return await self.get(op_id)  # not held (or unknown: NOT_FOUND)
-        operation = await self.get(operation_id)
-        if await self.db.call(self.store.release, operation.id):
-            self.runner.submit(operation.id)
-        return operation
+        op_id = parse_operation_id(operation_id)
+        announce = not self.runner.has_room  # as in start
+        released = await self.storage.release(op_id, announce)
+        if released is not None:
+            self.runner.submit(op_id)
+            return released
+        return await self.get(op_id)  # not held (or unknown: NOT_FOUND)
 
     async def get(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
-        operation = await self.db.call(self.store.get, op_id)
+        operation = await self.storage.get(op_id)
         if operation is None:
             raise operation_not_found(op_id)
         return operation
@@ -157,9 +142,7 @@ class OperationsService:
         check_page_size(page_size, self.config.max_page_size)
         limit = page_size or self.config.default_page_size
         cursor = decode_page_token(page_token, status) if page_token else None
-        page, next_cursor = await self.db.call(
-            self.store.list_page, status, limit, cursor, owner or None
-        )
+        page, next_cursor = await self.storage.list_page(status, limit, cursor, owner or None)
         token = encode_page_token(next_cursor, status) if next_cursor is not None else ""
         return page, token
 
@@ -171,13 +154,7 @@ class OperationsService:
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = None
-        if self.batcher is not None:
-            # One batched statement on the common path; nothing recorded goes the slow way
-            # below, which says why (unknown, already stopping, or ended).
-            result = await self.batcher.run(self.store.record_stop_statement(op_id, by, why))
-        if result is None:
-            result = await self.db.call(self.store.record_stop, op_id, by, why)
+        result = await self.storage.record_stop(op_id, by, why)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             raise operation_not_found(op_id)
@@ -206,7 +183,7 @@ class OperationsService:
         if after_seq < 0:
             raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
         with self.hub.subscribe(op_id) as live:
-            operation = await self.db.call(self.store.get, op_id)
+            operation = await self.storage.get(op_id)
             if operation is None:
                 raise operation_not_found(op_id)
             if after_seq > operation.last_seq:
@@ -217,7 +194,7 @@ class OperationsService:
             cursor = after_seq
             finished = operation.status.is_terminal
             while True:
-                page = await self.db.call(self.store.events_after, op_id, cursor, REPLAY_BATCH)
+                page = await self.storage.events_after(op_id, cursor, REPLAY_BATCH)
                 for end, event in enumerate(page, 1):
                     if event.is_terminal:
                         yield page[:end]

@@ -11,7 +11,7 @@ import binascii
 import json
 from datetime import datetime
 
-from runtime_service.store import ListCursor
+from runtime_service.storage.interface import ListCursor
 from stopline.errors import InvalidArgument
 
 

@@ -1,5 +1,5 @@
-"""Stored operation rows -> domain values, shared by the SQLAlchemy store and the raw-cursor hot
-path.
+"""Stored operation rows -> domain values, shared by storage's SQLAlchemy Core reads and its raw
+cursors.
 
 `row` is anything with the columns as attributes (a SQLAlchemy Row, or a namespace built from a
 DBAPI cursor), with timestamps already converted to aware datetimes.

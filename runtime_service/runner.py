@@ -3,7 +3,7 @@
 A stop reaches a running operation two ways, and either is enough on its own:
 - at every step boundary: beginning a step (`start_step`, or `advance` which checkpoints one step
   and begins the next in one transaction) is a conditional write that refuses once a stop is
-  recorded, and `complete_step` refuses to complete an operation whose stop came first;
+  recorded, and `complete` refuses to complete an operation whose stop came first;
 - mid-step: `deliver_stop` resolves the run's stop future, the loop cancels the agent's step
   coroutine at once and gives it `stop_grace` seconds to clean up, then records INTERRUPTED.
   On PostgreSQL a stop recorded by another replica arrives as a notification; the lease loop's
@@ -24,22 +24,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from runtime_service.agents.base import Agent, StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.database import Database, GroupCommit
 from runtime_service.domain import Event, JSONValue, Operation
-from runtime_service.hot_path import Statement, WouldBlock
 from runtime_service.hub import EventHub
-from runtime_service.pg_batch import PostgresBatcher
-from runtime_service.store import Claimed, OperationStore
+from runtime_service.storage import STORAGE_FAILURES, Claimed, Storage
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
@@ -87,18 +82,12 @@ def _json_error(value: JSONValue) -> str | None:
 class Runner:
     def __init__(
         self,
-        db: Database,
-        store: OperationStore,
+        storage: Storage,
         agents: AgentRegistry,
         hub: EventHub,
         settings: RunnerSettings,
-        group: GroupCommit | None = None,
-        batcher: PostgresBatcher | None = None,
     ) -> None:
-        self._db = db
-        self._store = store
-        self._group = group
-        self._batcher = batcher
+        self._storage = storage
         self._agents = agents
         self._hub = hub
         self.settings = settings
@@ -166,13 +155,6 @@ class Runner:
         """Whether an operation submitted now would run here at once."""
         return not self._closed and len(self._runs) < self.settings.max_running
 
-    def is_running(self, operation_id: str) -> bool:
-        return operation_id in self._runs
-
-    @property
-    def running_count(self) -> int:
-        return len(self._runs)
-
     async def wait_finished(self, operation_id: str) -> None:
         """Until this runner no longer runs the operation (for tests and shutdown)."""
         run = self._runs.get(operation_id)
@@ -193,8 +175,8 @@ class Runner:
         if self._loops or tasks:
             await asyncio.wait([*self._loops, *tasks])
         try:
-            await self._db.call(self._store.drop_leases, self.runner_id)
-        except SQLAlchemyError as exc:
+            await self._storage.drop_leases(self.runner_id)
+        except STORAGE_FAILURES as exc:
             log.warning("could not hand back leases (%s); they will expire", exc)
 
     # ------------------------------------------------------------------ claiming and leases
@@ -223,10 +205,10 @@ class Runner:
             free = self.settings.max_running - len(self._runs)
             if free > 0:
                 try:
-                    batch = await self._db.call(
-                        self._store.claim_next, self.runner_id, free, self.settings.lease_seconds
+                    batch = await self._storage.claim_next(
+                        self.runner_id, free, self.settings.lease_seconds
                     )
-                except SQLAlchemyError as exc:
+                except STORAGE_FAILURES as exc:
                     log.warning("claiming work failed (%s); retrying", exc)
                 else:
                     self._publish(batch.finished)
@@ -252,13 +234,10 @@ class Runner:
                 pass
             owned = {op_id: run for op_id, run in self._runs.items() if run.owned}
             try:
-                kept, stopping = await self._db.call(
-                    self._store.renew_leases,
-                    self.runner_id,
-                    list(owned),
-                    self.settings.lease_seconds,
+                kept, stopping = await self._storage.renew_leases(
+                    self.runner_id, list(owned), self.settings.lease_seconds
                 )
-            except SQLAlchemyError as exc:
+            except STORAGE_FAILURES as exc:
                 log.warning("renewing leases failed (%s); retrying", exc)
                 continue
             for operation_id in stopping:
@@ -276,30 +255,10 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _write(
-        self,
-        together: Callable[..., Callable[[], W]],
-        alone: Callable[..., W],
-        operation_id: str,
-        *args: Any,
-        statement: Callable[..., Statement[W]] | None = None,
-    ) -> W:
-        """A hot write, whose events are published here once it has committed. On SQLite:
-        group-committed with whatever else is queued (see GroupCommit), or with nothing else
-        queued, inline right here (see HotPath.inline). On PostgreSQL: batched on the event
-        loop when it is one statement (see pg_batch), else alone on the database threads."""
+    async def _write(self, operation_id: str, write: Awaitable[W]) -> W:
+        """A write of this runner, whose events are published here once it has committed."""
         with self._hub.local_write(operation_id):
-            if self._batcher is not None and statement is not None:
-                written = await self._batcher.run(statement(operation_id, *args))
-            elif self._group is None:
-                written = await self._db.call(alone, operation_id, *args)
-            elif self._group.idle and self._store.hot.writes_inline:
-                try:
-                    written = self._store.hot.inline(together, operation_id, *args)
-                except WouldBlock:
-                    written = await self._group.run(together, alone, operation_id, *args)
-            else:
-                written = await self._group.run(together, alone, operation_id, *args)
+            written = await write
             self._publish(written)
         return written
 
@@ -312,17 +271,15 @@ class Runner:
         op_id = run.operation_id
         begun: Event | None = None  # the first step's step_started, when claimed with it
         try:
-            if claimed is None and self._batcher is not None:
-                claimed, begun = await self._claim_and_start(op_id)
-                if claimed is None:
-                    return  # taken elsewhere, held, finished, or stopped before it started
-            elif claimed is None:
-                claimed = await self._db.call(
-                    self._store.claim, op_id, self.runner_id, self.settings.lease_seconds
-                )
-                if claimed is None:
-                    return  # taken elsewhere, held, finished, or stopped before it started
-                self._publish(claimed.event)
+            if claimed is None:
+                # Started here: claimed with its first step begun, in one write.
+                lease = self.settings.lease_seconds
+                with self._hub.local_write(op_id):
+                    taken = await self._storage.claim_and_start(op_id, self.runner_id, lease)
+                    if taken is None:
+                        return  # taken elsewhere, held, finished, or stopped before it started
+                    claimed, begun = taken
+                    self._publish([claimed.event, begun])
             else:
                 self._publish(claimed.event)
             run.owned = True
@@ -330,18 +287,11 @@ class Runner:
             agent = self._agents.get(operation.agent)
             if agent is None:
                 message = f"agent {shown(operation.agent)} is not registered with this runtime"
-                self._publish(
-                    await self._db.call(
-                        self._store.finish_failed,
-                        op_id,
-                        operation.steps_completed,
-                        message,
-                        self.runner_id,
-                    )
-                )
+                step = operation.steps_completed
+                await self._write(op_id, self._storage.fail(op_id, step, message, self.runner_id))
                 return
             await self._loop(run, agent, operation, begun)
-        except SQLAlchemyError as exc:
+        except STORAGE_FAILURES as exc:
             # Never guess an outcome without the database: leave the operation RUNNING; once
             # our lease lapses it is claimed again and resumed from its last checkpoint.
             log.warning(
@@ -350,23 +300,6 @@ class Runner:
         finally:
             if run.step_task is not None and not run.step_task.done():
                 run.step_task.cancel()  # shutdown or lost ownership: do not leave the agent running
-
-    async def _claim_and_start(self, op_id: str) -> tuple[Claimed | None, Event | None]:
-        """Claim a locally started operation and begin its first step in one write (PostgreSQL:
-        the start path of hundreds of operations at once otherwise queues on the database
-        threads)."""
-        assert self._batcher is not None
-        hot = self._store.hot
-        with self._hub.local_write(op_id):
-            statement = hot.claim_and_start_statement(
-                op_id, self.runner_id, self.settings.lease_seconds
-            )
-            begun = await self._batcher.run(statement)
-            if begun is None:
-                return None, None
-            operation, (claim_event, started) = begun
-            self._publish([claim_event, started])
-        return Claimed(operation, claim_event), started
 
     async def _loop(
         self, run: _Run, agent: Agent, operation: Operation, started: Event | None = None
@@ -377,21 +310,14 @@ class Runner:
         me = self.runner_id
         step = operation.steps_completed
         state = operation.agent_state
-        hot = self._store.hot
+        storage = self._storage
         if started is None:
             if run.stop.done():
                 await self._halt(run, step, mid_step=False)
                 return
             # The first step of a run is begun on its own; every later one is begun in the same
             # transaction that checkpoints the step before it (one write per step boundary).
-            started = await self._write(
-                hot.start_step_in,
-                hot.start_step,
-                op_id,
-                step,
-                me,
-                statement=hot.start_step_statement,
-            )
+            started = await self._write(op_id, storage.start_step(op_id, step, me))
         while True:
             if started is None:
                 # A stop was recorded (or the operation ended or moved) before this step began.
@@ -419,51 +345,29 @@ class Runner:
             run.step_task = None
 
             lost = None if step_task.cancelled() else step_task.exception()
-            if isinstance(lost, SQLAlchemyError):
+            if isinstance(lost, STORAGE_FAILURES):
                 raise lost  # the step failed because storage did: not the agent's failure
             failure = self._failure(step_task)
             if failure is not None:
-                self._publish(
-                    await self._db.call(self._store.finish_failed, op_id, step, failure, me)
-                )
+                await self._write(op_id, storage.fail(op_id, step, failure, me))
                 return
             result = step_task.result()
             if result.done:
-                written = await self._complete(op_id, step, result, me)
+                written = await self._write(
+                    op_id, storage.complete(op_id, step, result.output, result.state, me)
+                )
                 if written and not written[-1].is_terminal:
                     # The last step finished but a stop was recorded first: the stop wins.
                     await self._halt(run, step + 1, mid_step=False)
                 return
             written = await self._write(
-                hot.advance_in,
-                hot.advance,
-                op_id,
-                step,
-                result.output,
-                result.state,
-                me,
-                statement=hot.advance_statement,
+                op_id, storage.advance(op_id, step, result.output, result.state, me)
             )
             if not written:
                 return  # no longer ours: whoever owns it now carries on
             step += 1
             state = result.state
             started = written[1] if len(written) > 1 else None
-
-    async def _complete(self, op_id: str, step: int, result: StepResult, me: str) -> list[Event]:
-        """Checkpoint the last step and complete the operation (OperationStore.complete_step)."""
-        if self._batcher is None:
-            written = await self._db.call(
-                self._store.complete_step, op_id, step, result.output, result.state, True, me
-            )
-            self._publish(written)
-            return written
-        hot = self._store.hot
-        with self._hub.local_write(op_id):
-            statement = hot.complete_statement(op_id, step, result.output, result.state, me)
-            written = await self._batcher.run(statement)
-            self._publish(written)
-        return written
 
     @staticmethod
     def _failure(step_task: asyncio.Task[StepResult]) -> str | None:
@@ -498,17 +402,9 @@ class Runner:
             )
 
     async def _halt(self, run: _Run, step: int, *, mid_step: bool) -> None:
-        hot = self._store.hot
-        await self._write(
-            hot.finish_interrupted_in,
-            hot.finish_interrupted,
-            run.operation_id,
-            step,
-            mid_step,
-            self.runner_id,
-            run.stop_seen_at,
-            statement=hot.finish_interrupted_statement,
-        )
+        op_id = run.operation_id
+        halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at)
+        await self._write(op_id, halted)
 
     async def _emit(self, run: _Run, step: int, text: str) -> None:
         """StepContext.emit. In the abort-mid-step mode no output is stored once a stop is
@@ -522,19 +418,8 @@ class Runner:
             raise OperationHalted(f"operation {op_id} is being stopped; its output is closed")
         # The write goes on even if the agent is cancelled while awaiting it, and its event is
         # published when it lands (in _write), so the chunk is never stored yet unannounced.
-        hot = self._store.hot
-        write = asyncio.ensure_future(
-            self._write(
-                hot.append_chunk_in,
-                hot.append_chunk,
-                op_id,
-                step,
-                text,
-                self.runner_id,
-                keep_after_stop,
-                statement=hot.chunk_statement,
-            )
-        )
+        chunk = self._storage.chunk(op_id, step, text, self.runner_id, keep_after_stop)
+        write = asyncio.ensure_future(self._write(op_id, chunk))
         event = await asyncio.shield(write)
         if event is None:
             if not keep_after_stop:

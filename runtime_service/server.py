@@ -93,5 +93,5 @@ async def serve(config: RuntimeConfig) -> None:
     running = await start_runtime(config)
     if config.allow_any_caller and not config.service_tokens:
         log.warning("INSECURE: serving any caller without a service credential (development only)")
-    log.info("runtime listening on %s (database %s)", config.address, running.app.db.backend)
+    log.info("runtime listening on %s (database %s)", config.address, running.app.storage.dialect)
     await run_until_signal(running.stop)

@@ -11,6 +11,7 @@ from runtime_service import convert
 from runtime_service.operations import OperationsService
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
+from stopline.limits import struct_to_input
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
 
@@ -33,7 +34,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
         created = await self._ops.start(
             request.agent,
-            convert.struct_to_dict(request.input),
+            struct_to_input(request.input),
             request.idempotency_key,
             dict(request.labels),
             hold,

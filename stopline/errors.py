@@ -42,10 +42,6 @@ class AlreadyExists(StoplineError):
     """An idempotency key was reused for a different request."""
 
 
-class FailedPrecondition(StoplineError):
-    """The request is well-formed but the operation's state does not allow it."""
-
-
 class ResourceExhausted(StoplineError):
     """A configured limit was reached; the message names the limit."""
 

@@ -1,8 +1,9 @@
 """Every domain error mapped to a gRPC status code, in one place, for both services' servicers.
 
 Handlers are wrapped with `unary` or `server_stream`; anything they raise becomes a deliberate
-status: domain errors their own code, a lost database UNAVAILABLE (a retry can fix it), and a bug
-INTERNAL with a reference to the logged traceback -- never UNKNOWN, never a stack trace on the wire.
+status: domain errors their own code (a lost database arrives as Unavailable: storage translates
+its failures), an upstream service's error its own, and a bug INTERNAL with a reference to the
+logged traceback -- never UNKNOWN, never a stack trace on the wire.
 
 Bytes that are not a valid request message never reach a handler as an exception: gRPC itself
 would answer those UNKNOWN with the DecodeError's text. `MalformedRequestGuard` (a server
@@ -22,8 +23,6 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc import aio
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from stopline import errors
 from stopline.limits import too_deep
@@ -40,7 +39,6 @@ STATUS_BY_ERROR: dict[type[errors.StoplineError], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -70,11 +68,6 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     for error_type, code in STATUS_BY_ERROR.items():
         if isinstance(exc, error_type):
             return code, str(exc)
-    if isinstance(exc, OperationalError | DisconnectionError | PoolTimeoutError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
-        log.warning("database unavailable: %s", exc)
-        return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry shortly"
     ref = uuid.uuid4().hex[:12]
     log.exception("internal error (ref %s)", ref, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); the server log has the details"

@@ -17,10 +17,10 @@ from sqlalchemy.exc import OperationalError
 
 from runtime_service.app import RuntimeApp
 from runtime_service.config import RuntimeConfig
-from runtime_service.database import create_db_engine
+from runtime_service.database import Database, create_db_engine
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.server import RunningRuntime, start_runtime
-from runtime_service.store import OperationStore
+from runtime_service.storage import Storage, open_storage
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent, registry
 from tests.credentials import ENV, SERVICE_TOKEN, runtime_channel
@@ -100,13 +100,21 @@ def runtime_config(database_url: str, **overrides: object) -> RuntimeConfig:
     return RuntimeConfig(**settings)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator[OperationStore]:
-    """The store alone, migrated, on each backend."""
-    engine = create_db_engine(db_url)
+async def opened_storage(url: str) -> Storage:
+    """Storage for `url`, migrated, as the runtime opens it (close it when done)."""
+    engine = create_db_engine(url)
     upgrade_to_head(engine)
-    yield OperationStore(engine)
-    engine.dispose()
+    return open_storage(Database(engine), url)
+
+
+@pytest.fixture
+async def storage(db_url: str) -> AsyncIterator[Storage]:
+    """Storage alone, migrated, on each backend: the interface the runner uses."""
+    opened = await opened_storage(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 
-from runtime_service.store import OperationStore
+from runtime_service.schema import steps
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.v1 import operation_pb2 as op_pb
@@ -266,7 +266,10 @@ def test_stop_recorded_just_before_the_runtime_dies_still_ends_the_operation(
     # The dead process's attempt was settled by the restarted one, not left open forever.
     engine = create_engine(url)
     try:
-        records = OperationStore(engine).step_records(op_id)
+        with engine.connect() as conn:
+            records = conn.execute(
+                select(steps).where(steps.c.operation_id == op_id).order_by(steps.c.attempt)
+            ).all()
     finally:
         engine.dispose()
     assert [(r.step, r.attempt, r.outcome) for r in records] == [(0, 1, "abandoned")]

@@ -226,7 +226,7 @@ async def test_keep_running_policy_survives_cancel_and_reconnects_through_anothe
     seqs = [u.event.seq for u in rest]
     assert seqs == list(range(last_seen + 1, last_seen + 1 + len(seqs))), "gap or repeat"
     assert rest[-1].event.WhichOneof("kind") == "completed"
-    stored = [e.seq for e in runtime.app.store.events_after(op_id, 0)]
+    stored = [e.seq for e in await runtime.app.storage.events_after(op_id, 0)]
     assert stored == list(range(1, seqs[-1] + 1))
 
 
@@ -297,8 +297,8 @@ async def test_stop_while_the_runtime_is_still_handling_the_start_runs_no_step(
     operation = await eventually(lambda: ended(runtime, listed.id))
     assert operation.status.value == "INTERRUPTED"
     assert gated.steps_started == []
-    assert runtime.app.store.step_records(operation.id) == []
-    events = [e.kind.value for e in runtime.app.store.events_after(operation.id, 0)]
+    assert await runtime.app.storage.step_records(operation.id) == []
+    events = [e.kind.value for e in await runtime.app.storage.events_after(operation.id, 0)]
     assert events == ["created", "stop_requested", "interrupted"]
 
 
@@ -497,5 +497,5 @@ async def test_stop_sent_as_soon_as_the_id_arrives_runs_no_step(
         await client.StopOperation(pb.StopOperationRequest(operation_id=op_id))
         rest = await read_until(call, is_terminal)
         assert "event:step_started" not in [kind(u) for u in rest]
-        assert runtime.app.store.step_records(op_id) == []
+        assert await runtime.app.storage.step_records(op_id) == []
     assert gated.steps_started == []

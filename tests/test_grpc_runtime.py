@@ -18,6 +18,7 @@ from runtime_service.schema import events as events_table
 from runtime_service.schema import operations as operations_table
 from runtime_service.schema import steps as steps_table
 from runtime_service.server import RunningRuntime
+from runtime_service.storage.shared import SharedStorage
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
@@ -308,7 +309,9 @@ UNKNOWN_ID = "3f2b1c4d-0000-4000-8000-000000000000"
 
 
 def snapshot(runtime: RunningRuntime) -> list[list[Any]]:
-    with runtime.app.db.engine.connect() as conn:
+    storage = runtime.app.storage
+    assert isinstance(storage, SharedStorage)
+    with storage.engine.connect() as conn:
         return [
             [tuple(row) for row in conn.execute(select(table).order_by(*table.primary_key.columns))]
             for table in (operations_table, events_table, steps_table)

@@ -5,6 +5,7 @@ cut by a crash, halt_ms measured from the committed stop, and no output after a 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -14,11 +15,12 @@ from runtime_service.agents.base import StepContext, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
-from runtime_service.hot_path import Statement
 from runtime_service.runner import OperationHalted
-from runtime_service.store import OperationStore
+from runtime_service.storage import PostgresStorage, SqliteStorage
+from runtime_service.storage import postgres as pg_storage
+from runtime_service.storage.pg_batch import Statement
 from tests.agents import GatedAgent
-from tests.conftest import eventually, runtime_config
+from tests.conftest import eventually, opened_storage, runtime_config
 
 
 class ChattyAgent:
@@ -84,13 +86,17 @@ async def collect(app: RuntimeApp, op_id: str, timeout: float = 20) -> list[Even
 
 
 async def stored_kinds(app: RuntimeApp, op_id: str) -> list[EventKind]:
-    return [e.kind for e in await app.db.call(app.store.events_after, op_id, 0)]
+    return [e.kind for e in await app.storage.events_after(op_id, 0)]
 
 
 async def crash(app: RuntimeApp, monkeypatch: pytest.MonkeyPatch) -> None:
     """The process dies: its runs end without anything written, and its leases are not handed
     back (they lapse on their own)."""
-    monkeypatch.setattr(app.store, "drop_leases", lambda runner_id: 0)
+
+    async def hand_back_nothing(runner_id: str) -> int:
+        return 0
+
+    monkeypatch.setattr(app.storage, "drop_leases", hand_back_nothing)
     await app.close()
 
 
@@ -110,8 +116,11 @@ async def test_stop_while_the_runtime_is_dead_mid_step_says_the_step_was_cut(
     await crash(first, monkeypatch)  # step 1 in flight
 
     # Another runtime records the stop while nobody runs the operation.
-    other = OperationStore(first.store.engine)
-    stopped = other.record_stop(op.id, "user", "while its runtime was dead")
+    other = await opened_storage(db_url)
+    try:
+        stopped = await other.record_stop(op.id, "user", "while its runtime was dead")
+    finally:
+        await other.close()
     assert stopped is not None and stopped.outcome.value == "ACCEPTED"
     assert stopped.operation.is_stopping
 
@@ -123,7 +132,7 @@ async def test_stop_while_the_runtime_is_dead_mid_step_says_the_step_was_cut(
         assert final.data["mid_step"] is True and final.data["step"] == 1
         began = [e.data["step"] for e in events if e.kind is EventKind.STEP_STARTED]
         assert began == [0, 1]  # not resumed: the stop won over the takeover
-        records = second.store.step_records(op.id)
+        records = await second.storage.step_records(op.id)
         assert [(r.step, r.attempt, r.outcome) for r in records] == [
             (0, 1, "completed"),
             (1, 1, "abandoned"),
@@ -149,30 +158,36 @@ async def test_halt_ms_excludes_the_time_the_stop_took_to_commit(
     gated = GatedAgent()
     app = await RuntimeApp.open(runtime_config(db_url), agents(gated))
     try:
-        if app.batcher is not None:  # PostgreSQL: the stop is one batched statement
-            stops: set[int] = set()
-            build, run = app.store.record_stop_statement, app.batcher.run
-
-            def marked(*args: Any) -> Statement[Any]:
-                statement = build(*args)
-                stops.add(id(statement))
-                return statement
+        storage = app.storage
+        if isinstance(storage, PostgresStorage):  # the stop is one batched statement
+            run = storage.batcher.run
 
             async def slow(statement: Statement[Any]) -> Any:
-                if id(statement) in stops:
+                if statement.sql is pg_storage._RECORD_STOP:
                     await asyncio.sleep(hold)  # injected delay: the write waits to commit
                 return await run(statement)
 
-            monkeypatch.setattr(app.store, "record_stop_statement", marked)
-            monkeypatch.setattr(app.batcher, "run", slow)
-        else:  # SQLite: the stop's transaction is held open before it commits
-            record = app.store.hot.record_stop_in
+            monkeypatch.setattr(storage.batcher, "run", slow)
+        else:  # SQLite: the stop's transaction is held open, after its UPDATE, before commit
+            assert isinstance(storage, SqliteStorage)
+            record, row = storage._record_stop, storage.cursors.row
+            stopping = threading.local()
 
-            def slow_in(*args: Any) -> Any:
-                time.sleep(hold)  # on the database thread; injected delay
-                return record(*args)
+            def flagged(*args: Any) -> Any:
+                stopping.on = True
+                try:
+                    return record(*args)
+                finally:
+                    stopping.on = False
 
-            monkeypatch.setattr(app.store.hot, "record_stop_in", slow_in)
+            def slow_row(cursor: Any) -> Any:
+                read = row(cursor)
+                if getattr(stopping, "on", False):
+                    time.sleep(hold)  # on the database thread; injected delay
+                return read
+
+            monkeypatch.setattr(storage, "_record_stop", flagged)
+            monkeypatch.setattr(storage.cursors, "row", slow_row)
 
         op = (await app.operations.start("gated", {}, "")).operation
         await eventually(lambda: _steps_begun(gated, op.id, 1))
@@ -222,8 +237,11 @@ async def test_output_refused_by_a_stop_not_yet_delivered_halts_the_step(db_url:
     try:
         op = (await app.operations.start("cued", {}, "")).operation
         await eventually(lambda: _has_output(app, op.id))
-        other = OperationStore(app.store.engine)  # another replica's write
-        assert other.record_stop(op.id, "user", "elsewhere") is not None
+        other = await opened_storage(db_url)  # another replica's write
+        try:
+            assert await other.record_stop(op.id, "user", "elsewhere") is not None
+        finally:
+            await other.close()
         cued.cue.set()
         events = await collect(app, op.id)
         kinds = [e.kind for e in events]
@@ -233,7 +251,7 @@ async def test_output_refused_by_a_stop_not_yet_delivered_halts_the_step(db_url:
         assert texts == ["first"]
         operation = await app.operations.get(op.id)
         assert operation.status is OperationStatus.INTERRUPTED
-        records = app.store.step_records(op.id)
+        records = await app.storage.step_records(op.id)
         assert [(r.step, r.outcome) for r in records] == [(0, "interrupted")]
     finally:
         await app.close()

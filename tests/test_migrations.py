@@ -58,7 +58,7 @@ def test_attempts_left_open_by_older_versions_are_settled(db_url: str) -> None:
 
     from runtime_service.migrate import alembic_config
     from runtime_service.schema import operations, steps
-    from runtime_service.store import utcnow
+    from runtime_service.storage import utcnow
 
     engine = create_db_engine(db_url)
     try:

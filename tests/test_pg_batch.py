@@ -1,132 +1,129 @@
-"""The PostgreSQL batcher (runtime_service/pg_batch.py): writes queued together share one
-pipelined transaction, each gets its own outcome, and a lost connection is an error for the
-writes in flight only."""
+"""PostgreSQL's side of storage: writes queued together share one transaction (the batcher,
+runtime_service/storage/pg_batch.py), each gets its own outcome, a lost connection is an error
+for the writes in flight only; and statement parameters are derived from the SQL."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
-from runtime_service.database import create_db_engine
 from runtime_service.domain import Event, EventKind, OperationStatus
-from runtime_service.hot_path import Statement
-from runtime_service.migrate import upgrade_to_head
-from runtime_service.notifications import libpq_url
-from runtime_service.pg_batch import PostgresBatcher
-from runtime_service.store import OperationStore
-
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_store(postgres_url: str) -> Iterator[OperationStore]:
-    engine = create_db_engine(postgres_url)
-    upgrade_to_head(engine)
-    yield OperationStore(engine)
-    engine.dispose()
+from runtime_service.storage import PostgresStorage, Storage
+from runtime_service.storage.pg_batch import Statement
+from runtime_service.storage.sql import PgSql, Sql
+from stopline.errors import Unavailable
+from tests.conftest import opened_storage
+from tests.test_store import running
 
 
 @pytest.fixture
-async def batcher(postgres_url: str) -> AsyncIterator[PostgresBatcher]:
-    batching = PostgresBatcher(libpq_url(postgres_url))
-    yield batching
-    await batching.close()
+async def pg_storage(postgres_url: str) -> AsyncIterator[PostgresStorage]:
+    opened = await opened_storage(postgres_url)
+    assert isinstance(opened, PostgresStorage)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
-def running(store: OperationStore, runner: str = "r") -> str:
-    op_id = store.create("echo", {}, None).operation.id
-    assert store.claim(op_id, runner, 60) is not None
-    assert store.start_step(op_id, 0, runner) is not None
-    return op_id
-
-
-def gap_free(store: OperationStore, op_id: str) -> None:
-    operation = store.get(op_id)
+async def gap_free(storage: Storage, op_id: str) -> None:
+    operation = await storage.get(op_id)
     assert operation is not None
-    seqs = [event.seq for event in store.events_after(op_id, 0)]
+    seqs = [event.seq for event in await storage.events_after(op_id, 0)]
     assert seqs == list(range(1, operation.last_seq + 1))
 
 
+@pytest.mark.postgres
 async def test_writes_queued_together_each_get_their_own_outcome(
-    pg_store: OperationStore, batcher: PostgresBatcher
+    pg_storage: PostgresStorage,
 ) -> None:
-    hot = pg_store.hot
-    chunked = [running(pg_store) for _ in range(3)]
-    advanced = [running(pg_store) for _ in range(3)]
-    held = pg_store.create("echo", {}, "held-key", hold_seconds=60).operation.id
-    pending = pg_store.create("echo", {}, None, hold_seconds=60).operation.id
-    assert pg_store.release(pending)
-    broken: Statement[Any] = Statement("SELECT * FROM no_such_table", {"id": "x"}, lambda r: r)
+    storage = pg_storage
+    chunked = [await running(storage) for _ in range(3)]
+    advanced = [await running(storage) for _ in range(3)]
+    held = (await storage.create("echo", {}, "held-key", hold_seconds=60)).operation.id
+    pending = (await storage.create("echo", {}, None, hold_seconds=60)).operation.id
+    assert await storage.release(pending) is not None
+    bad = PgSql("SELECT * FROM no_such_table WHERE id = :id", id="text")
+    broken: Statement[Any] = Statement(bad, {"id": "x"}, lambda r: r)
+    batches: list[int] = []
+    write_batch = storage.batcher._write_batch
+
+    async def counted(batch: list[Any]) -> Any:
+        batches.append(len(batch))
+        return await write_batch(batch)
+
+    storage.batcher._write_batch = counted  # type: ignore[method-assign]
 
     writes: list[Awaitable[Any]] = [
-        *(batcher.run(hot.chunk_statement(o, 0, f"out {o}", "r")) for o in chunked),
-        batcher.run(broken),
-        *(batcher.run(hot.advance_statement(o, 0, {"o": o}, {"s": 1}, "r")) for o in advanced),
-        batcher.run(hot.release_statement(held)),
-        batcher.run(hot.claim_and_start_statement(pending, "r", 60)),
-        batcher.run(pg_store.create_statement("echo", {"n": 1}, "new-key", owner="alice")),
-        batcher.run(pg_store.create_statement("echo", {}, "held-key")),  # the key is taken
-        batcher.run(hot.chunk_statement(chunked[0], 0, "second", "other-runner")),  # not its own
-        batcher.run(hot.start_step_statement(advanced[0], 2, "r")),  # a first attempt of step 2
-        batcher.run(hot.complete_statement(advanced[1], 1, {"last": True}, None, "r")),
+        *(storage.chunk(o, 0, f"out {o}", "r", False) for o in chunked),
+        storage.batcher.run(broken),
+        *(storage.advance(o, 0, {"o": o}, {"s": 1}, "r") for o in advanced),
+        storage.release(held),
+        storage.claim_and_start(pending, "r", 60),
+        storage.create("echo", {"n": 1}, "new-key", owner="alice"),
+        storage.create("echo", {}, "held-key"),  # the key is taken: its twin
+        storage.chunk(chunked[0], 0, "second", "other-runner", False),  # not its own
+        storage.start_step(advanced[0], 2, "r"),  # a first attempt of step 2
+        storage.complete(advanced[1], 1, {"last": True}, None, "r"),
     ]
     results = await asyncio.gather(*writes, return_exceptions=True)
 
-    assert isinstance(results[3], DBAPIError) and "no_such_table" in str(results[3])
+    assert batches[0] == len(writes), "the writes were not batched"
+    assert isinstance(results[3], Exception) and "no_such_table" in str(results[3])
     for op_id, event in zip(chunked, results[:3], strict=True):
         assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
-        assert pg_store.events_after(op_id, event.seq - 1)[0].data == {
-            "step": 0,
-            "text": f"out {op_id}",
-        }
+        stored = await storage.events_after(op_id, event.seq - 1)
+        assert stored[0].data == {"step": 0, "text": f"out {op_id}"}
     for op_id, events in zip(advanced, results[4:7], strict=True):
         assert isinstance(events, list)
         assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
-        assert pg_store.events_after(op_id, events[0].seq - 1)[:2] == events
-    released, claimed, created, taken, foreign, restarted, finished = results[7:]
+        assert (await storage.events_after(op_id, events[0].seq - 1))[:2] == events
+    released, claimed, created, twin, foreign, restarted, finished = results[7:]
     assert isinstance(finished, list)
     assert [(e.kind, e.data) for e in finished] == [
         (EventKind.STEP_COMPLETED, {"step": 1, "output": {"last": True}}),
         (EventKind.COMPLETED, {"result": {"last": True}}),
     ]
-    assert pg_store.events_after(advanced[1], finished[0].seq - 1) == finished
-    done = pg_store.get(advanced[1])
+    assert await storage.events_after(advanced[1], finished[0].seq - 1) == finished
+    done = await storage.get(advanced[1])
     assert done is not None and done.status is OperationStatus.COMPLETED
     assert done.result == {"last": True} and done.steps_completed == 2
     assert isinstance(restarted, Event) and restarted.data == {"step": 2, "attempt": 1}
     assert released is not None and not isinstance(released, BaseException)
     assert released.id == held
     assert claimed is not None and not isinstance(claimed, BaseException)
-    operation, (claim_event, started) = claimed
-    assert operation.status is OperationStatus.RUNNING and operation.last_seq == started.seq
-    assert (claim_event.kind, claim_event.data) == (
+    claim, started = claimed
+    assert claim.operation.status is OperationStatus.RUNNING
+    assert claim.operation.last_seq == started.seq
+    assert (claim.event.kind, claim.event.data) == (
         EventKind.STARTED,
         {"from_step": 0, "resumed": False},
     )
     assert (started.kind, started.data) == (EventKind.STEP_STARTED, {"step": 0, "attempt": 1})
-    assert pg_store.events_after(pending, claim_event.seq - 1) == [claim_event, started]
-    assert [(r.step, r.attempt) for r in pg_store.step_records(pending)] == [(0, 1)]
+    assert await storage.events_after(pending, claim.event.seq - 1) == [claim.event, started]
+    assert [(r.step, r.attempt) for r in await storage.step_records(pending)] == [(0, 1)]
     assert created is not None and not isinstance(created, BaseException)
     assert created.operation.owner == "alice" and created.operation.input == {"n": 1}
-    assert pg_store.events_after(created.operation.id, 0) == list(created.events)
-    assert taken is None
+    assert await storage.events_after(created.operation.id, 0) == list(created.events)
+    assert not isinstance(twin, BaseException)
+    assert not twin.created and twin.operation.id == held
     assert foreign is None
     for op_id in [*chunked, *advanced, held, pending, created.operation.id]:
-        gap_free(pg_store, op_id)
+        await gap_free(storage, op_id)
 
 
+@pytest.mark.postgres
 async def test_a_lost_connection_fails_the_writes_in_flight_and_the_next_reconnects(
-    pg_store: OperationStore, batcher: PostgresBatcher
+    pg_storage: PostgresStorage,
 ) -> None:
-    hot = pg_store.hot
-    op_id = running(pg_store)
-    assert await batcher.run(hot.chunk_statement(op_id, 0, "before", "r")) is not None
-    with pg_store.engine.connect() as conn:
+    storage = pg_storage
+    op_id = await running(storage)
+    assert await storage.chunk(op_id, 0, "before", "r", False) is not None
+    with storage.engine.connect() as conn:
         # Every other backend of this database: the batcher's connection among them.
         conn.execute(
             text(
@@ -134,32 +131,33 @@ async def test_a_lost_connection_fails_the_writes_in_flight_and_the_next_reconne
                 "WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
         )
-    with pytest.raises(DBAPIError):
-        await batcher.run(hot.chunk_statement(op_id, 0, "lost", "r"))
-    after = await batcher.run(hot.chunk_statement(op_id, 0, "after", "r"))
+    with pytest.raises(Unavailable):  # a domain error: nothing above storage sees psycopg's
+        await storage.chunk(op_id, 0, "lost", "r", False)
+    after = await storage.chunk(op_id, 0, "after", "r", False)
     assert after is not None
     texts = [
         e.data["text"]
-        for e in pg_store.events_after(op_id, 0)
+        for e in await storage.events_after(op_id, 0)
         if e.kind is EventKind.OUTPUT_CHUNK and isinstance(e.data, dict)
     ]
     assert texts == ["before", "after"]
-    gap_free(pg_store, op_id)
+    await gap_free(storage, op_id)
 
 
+@pytest.mark.postgres
 async def test_stops_and_halts_as_single_statements_match_what_is_stored(
-    pg_store: OperationStore, batcher: PostgresBatcher
+    pg_storage: PostgresStorage,
 ) -> None:
-    hot = pg_store.hot
-    running_id = running(pg_store)
-    pending_id = pg_store.create("echo", {}, None, hold_seconds=60).operation.id
+    storage = pg_storage
+    running_id = await running(storage)
+    pending_id = (await storage.create("echo", {}, None, hold_seconds=60)).operation.id
     stops = await asyncio.gather(
-        batcher.run(pg_store.record_stop_statement(running_id, "alice", "enough")),
-        batcher.run(pg_store.record_stop_statement(pending_id, "alice", "never mind")),
-        batcher.run(pg_store.record_stop_statement(running_id, "bob", "again")),
+        storage.record_stop(running_id, "alice", "enough"),
+        storage.record_stop(pending_id, "alice", "never mind"),
+        storage.record_stop(running_id, "bob", "again"),
     )
     on_running, on_pending, repeated = stops
-    assert repeated is None  # recorded once; the slow path says why
+    assert repeated is not None and repeated.outcome.value == "ALREADY_REQUESTED"
     assert on_running is not None and on_pending is not None
     assert on_running.operation.status is OperationStatus.RUNNING
     assert [e.kind for e in on_running.events] == [EventKind.STOP_REQUESTED]
@@ -169,15 +167,40 @@ async def test_stops_and_halts_as_single_statements_match_what_is_stored(
         EventKind.INTERRUPTED,
     ]
     for result in (on_running, on_pending):
-        stored = pg_store.events_after(result.operation.id, result.events[0].seq - 1)
+        stored = await storage.events_after(result.operation.id, result.events[0].seq - 1)
         assert stored == list(result.events)
-    halted = await batcher.run(hot.finish_interrupted_statement(running_id, 0, True, "r"))
+    halted = await storage.halt(running_id, 0, True, "r")
     assert halted is not None and isinstance(halted.data, dict)
     assert halted.data["mid_step"] is True and halted.data["step"] == 0
     assert isinstance(halted.data["halt_ms"], int | float) and halted.data["halt_ms"] >= 0
-    assert pg_store.events_after(running_id, halted.seq - 1) == [halted]
-    assert [(r.step, r.outcome) for r in pg_store.step_records(running_id)] == [(0, "interrupted")]
-    operation = pg_store.get(running_id)
+    assert await storage.events_after(running_id, halted.seq - 1) == [halted]
+    records = await storage.step_records(running_id)
+    assert [(r.step, r.outcome) for r in records] == [(0, "interrupted")]
+    operation = await storage.get(running_id)
     assert operation is not None and operation.status is OperationStatus.INTERRUPTED
     for op_id in (running_id, pending_id):
-        gap_free(pg_store, op_id)
+        await gap_free(storage, op_id)
+
+
+def test_parameters_are_read_from_the_sql() -> None:
+    sql = PgSql(
+        "SELECT :id, :step, :step::text, '{\"a\":' || :n || '}'", id="text", step="integer", n="int"
+    )
+    assert sql.names == ("id", "step", "n")
+    assert sql.pyformat == "SELECT %(id)s, %(step)s, %(step)s::text, '{\"a\":' || %(n)s || '}'"
+    assert sql.prepare.endswith(
+        "(text, integer, int) AS SELECT $1, $2, $2::text, '{\"a\":' || $3 || '}'"
+    )
+    assert sql.execute.endswith("(%(id)s, %(step)s, %(n)s)")
+
+
+def test_a_parameter_without_a_type_fails_where_the_statement_is_defined() -> None:
+    with pytest.raises(ValueError, match=r"undeclared \['runner'\]"):
+        PgSql("SELECT :id, :runner", id="text")
+    with pytest.raises(ValueError, match=r"unused \['step'\]"):
+        PgSql("SELECT :id", id="text", step="integer")
+
+
+def test_a_parameter_left_unbound_fails_naming_it() -> None:
+    with pytest.raises(KeyError, match="no value for runner"):
+        Sql("SELECT :id, :runner").check({"id": "x"})

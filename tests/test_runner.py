@@ -10,7 +10,7 @@ import pytest
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
 from tests.agents import GatedAgent, registry
-from tests.conftest import eventually, runtime_config
+from tests.conftest import eventually, opened_storage, runtime_config
 
 TICKER_30S = {"steps": 3, "step_seconds": 30, "chunk_interval_seconds": 1}
 
@@ -51,7 +51,7 @@ async def test_long_step_is_cancelled_mid_step(app: RuntimeApp) -> None:
     assert EventKind.STEP_COMPLETED not in kinds
     stored = await app.operations.get(op.id)
     assert stored.status is OperationStatus.INTERRUPTED and stored.steps_completed == 0
-    records = app.store.step_records(op.id)
+    records = await app.storage.step_records(op.id)
     assert [(r.step, r.outcome) for r in records] == [(0, "interrupted")]
 
 
@@ -88,7 +88,7 @@ async def test_stop_while_pending_means_no_step_ever_starts(db_url: str, gated: 
             EventKind.INTERRUPTED,
         ]
         assert events[-1].data["mid_step"] is False
-        assert app.store.step_records(waiting.id) == []
+        assert await app.storage.step_records(waiting.id) == []
         assert all(op_id != waiting.id for op_id, _ in gated.steps_started)
     finally:
         await app.close()
@@ -144,7 +144,11 @@ async def test_restart_resumes_from_last_completed_step(db_url: str, gated: Gate
     await eventually(lambda: _in_step(gated, op.id))
     await first.close()  # like a process exit: nothing terminal is written
 
-    left = first.store.get(op.id)
+    reader = await opened_storage(db_url)
+    try:
+        left = await reader.get(op.id)
+    finally:
+        await reader.close()
     assert left is not None and left.status is OperationStatus.RUNNING
     checkpoint = left.steps_completed
     assert checkpoint == 1
@@ -158,7 +162,7 @@ async def test_restart_resumes_from_last_completed_step(db_url: str, gated: Gate
         assert started.data == {"from_step": checkpoint, "resumed": True}
         assert events[-1].kind is EventKind.COMPLETED
         assert [e.seq for e in events] == list(range(left.last_seq + 1, events[-1].seq + 1))
-        records = second.store.step_records(op.id)
+        records = await second.storage.step_records(op.id)
         assert [(r.step, r.attempt, r.outcome) for r in records] == [
             (0, 1, "completed"),
             (1, 1, "abandoned"),  # in flight when the first process went away
@@ -186,7 +190,7 @@ async def test_held_operation_runs_no_step_until_released(
     result = await app.operations.interrupt(stopped.id, "gateway", "client left during start")
     assert result.operation.status is OperationStatus.INTERRUPTED
     assert not any(op_id == stopped.id for op_id, _ in gated.steps_started)
-    assert app.store.step_records(stopped.id) == []
+    assert await app.storage.step_records(stopped.id) == []
     await app.operations.release(stopped.id)  # releasing a stopped operation changes nothing
     await app.operations.release(held.id)
     await asyncio.wait_for(first_event(app, held.id, EventKind.STEP_STARTED), 10)

@@ -7,7 +7,7 @@ socket wait; a batch of a few dozen writes that takes 2 ms on a quiet process to
 way (bench: the concurrency scenario). Here the statements go out, and their rows come back,
 between the loop's other work, with no thread to wake and no GIL to hand over.
 
-Each write is one statement (see HotPath.chunk_statement and advance_statement). A write queued
+Each write is one statement (see postgres.py). A write queued
 alone runs alone, in autocommit, as an ordinary prepared statement. Writes queued together go
 out as one query string of `EXECUTE`s of statements prepared once per connection: PostgreSQL runs
 a multi-statement query as one transaction, so the lot costs one round trip and one commit, and
@@ -18,24 +18,23 @@ outcomes with it (unless the connection itself failed: then they all fail, at on
 locks its operations' rows in operation-id order, as lease renewal does, so two transactions
 never wait for each other in a cycle.
 
-Errors reach callers as SQLAlchemy's DBAPIError, like every other database error in the
-runtime: the runner then treats the database as lost (leaves the operation for recovery). A
-broken connection is dropped and the next write opens a new one.
+Errors leave the batcher as SQLAlchemy's DBAPIError, like every other database error inside
+storage (where they leave storage, they become domain errors: see errors.py). A broken
+connection is dropped and the next write opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from runtime_service.batching import Outcome, WriteQueue
-from runtime_service.hot_path import Statement
+from runtime_service.storage.batching import Outcome, WriteQueue
+from runtime_service.storage.sql import PgSql
 
 if TYPE_CHECKING:
     import psycopg
@@ -44,60 +43,15 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_SECONDS = 5
 
-# The PostgreSQL type of every parameter the hot statements use, by name: PREPARE is told them,
-# because a parameter used in two contexts (a step number compared and concatenated) could
-# otherwise be inferred as the wrong one.
-PARAMETER_TYPES = {
-    "id": "text",
-    "runner": "text",
-    "now": "timestamptz",
-    "lease": "timestamptz",
-    "held_until": "timestamptz",
-    "step": "integer",
-    "next_step": "integer",
-    "state": "text",
-    "output": "text",
-    "data": "text",
-    "data2": "text",
-    "by": "text",
-    "reason": "text",
-    "halted": "text",
-    "mid_step": "boolean",
-    "outlives_stop": "boolean",
-    "seen": "timestamptz",
-    "announce": "boolean",
-    "agent": "text",
-    "input": "text",
-    "hash": "text",
-    "key": "text",
-    "owner": "text",
-    "labels": "text",
-}
-_PARAMETER = re.compile(r"%\((\w+)\)s")
-_names = (f"stopline_hot_{n}" for n in itertools.count(1))
 
+@dataclass(frozen=True, slots=True)
+class Statement(Generic[T]):
+    """A write as data, so that a batch can send many at once and read each outcome from its
+    returned row."""
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A hot statement as a prepared one: how to prepare it, and how to call it by name."""
-
-    prepare: str
-    execute: str
-
-    @classmethod
-    def of(cls, sql: str) -> _Prepared:
-        order: list[str] = []
-
-        def positional(match: re.Match[str]) -> str:
-            if match.group(1) not in order:
-                order.append(match.group(1))
-            return f"${order.index(match.group(1)) + 1}"
-
-        body = _PARAMETER.sub(positional, sql)
-        name = next(_names)
-        types = ", ".join(PARAMETER_TYPES[p] for p in order)
-        arguments = ", ".join(f"%({p})s" for p in order)
-        return cls(f"PREPARE {name} ({types}) AS {body}", f"EXECUTE {name}({arguments})")
+    sql: PgSql
+    params: dict[str, Any]
+    read: Callable[[Any], T]  # the statement's one returned row, or None -> the outcome
 
 
 @dataclass(eq=False)
@@ -115,7 +69,6 @@ class PostgresBatcher(WriteQueue[_Queued]):
         self._conninfo = conninfo
         self._connection: psycopg.AsyncConnection[Any] | None = None
         self._closed = False
-        self._statements: dict[str, _Prepared] = {}
         self._prepared: set[str] = set()  # on the current connection
 
     async def run(self, statement: Statement[T]) -> T:
@@ -153,16 +106,14 @@ class PostgresBatcher(WriteQueue[_Queued]):
     async def _together(self, statements: list[Statement[Any]]) -> list[Any]:
         async with self._using() as conn:
             for statement in statements:
-                prepared = self._statements.get(statement.sql)
-                if prepared is None:
-                    prepared = self._statements[statement.sql] = _Prepared.of(statement.sql)
-                if prepared.prepare not in self._prepared:
-                    await conn.execute(prepared.prepare)
-                    self._prepared.add(prepared.prepare)
+                prepare = statement.sql.prepare
+                if prepare not in self._prepared:
+                    await conn.execute(prepare)
+                    self._prepared.add(prepare)
             cursor = self._psycopg.AsyncClientCursor(conn)
             try:
                 calls = [
-                    cursor.mogrify(self._statements[statement.sql].execute, statement.params)
+                    cursor.mogrify(statement.sql.execute, statement.params)
                     for statement in statements
                 ]
                 await cursor.execute(";\n".join(calls))
@@ -176,7 +127,7 @@ class PostgresBatcher(WriteQueue[_Queued]):
     async def _alone(self, statement: Statement[Any]) -> Outcome:
         try:
             async with self._using() as conn, conn.cursor() as cursor:
-                await cursor.execute(statement.sql, statement.params)
+                await cursor.execute(statement.sql.pyformat, statement.params)
                 return True, statement.read(await cursor.fetchone())
         except DBAPIError as exc:
             return False, exc

@@ -1,5 +1,5 @@
 """Group commit's queue: writes that arrive while a batch is being written wait, and go together
-in the next one. Shared by SQLite's group commit (database.GroupCommit, batches on the database
+in the next one. Shared by SQLite's group commit (sqlite.GroupCommit, batches on the database
 thread) and PostgreSQL's batcher (pg_batch.PostgresBatcher, batches on the event loop); each
 says how a batch is written.
 

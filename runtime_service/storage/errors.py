@@ -1,0 +1,55 @@
+"""Storage failures as domain errors, at the storage boundary.
+
+Inside storage, drivers' errors travel as SQLAlchemy's (the engines, the raw cursors and the
+batcher all raise DBAPIError); here, where they leave storage, they become
+`stopline.errors.Unavailable` when the database cannot be reached (a retry can succeed: RPCs
+answer UNAVAILABLE, a run is left for recovery), and `StorageError` otherwise (a bug: INTERNAL).
+Nothing above storage knows which database library is underneath.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from stopline.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class StorageError(Exception):
+    """A storage failure other than an unreachable database (a broken statement, a violated
+    constraint): not the caller's fault, and not one a retry fixes."""
+
+
+# What a caller catches to treat any storage failure alike (the runner: leave the run as it is).
+STORAGE_FAILURES: tuple[type[Exception], ...] = (Unavailable, StorageError)
+
+UNAVAILABLE_MESSAGE = "the database is unavailable; retry shortly"
+
+
+def as_domain_error(exc: SQLAlchemyError) -> Exception:
+    if isinstance(exc, OperationalError | DisconnectionError | PoolTimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        log.warning("database unavailable: %s", exc)
+        return Unavailable(UNAVAILABLE_MESSAGE)
+    return StorageError(str(exc))
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Around every storage call that leaves storage."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise as_domain_error(exc) from exc

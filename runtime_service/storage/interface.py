@@ -1,0 +1,246 @@
+"""What the runtime asks of storage: one interface, one implementation per SQL dialect.
+
+The runner and the use cases call these methods and nothing else; neither knows which database
+runs them. The implementation is chosen once, when the app is built (see open_storage).
+
+Invariants every implementation keeps:
+- Every state change is a conditional UPDATE of the operation row (compare-and-set): it names
+  the statuses it may leave, so two racing writers (a stop and a completing step) cannot both win.
+- The same UPDATE bumps `last_seq`, and the events it reports are inserted with those seqs in the
+  same transaction: the event sequence is gap-free and never disagrees with the stored state.
+- Step writes never touch the stop-intent columns, and the stop write touches nothing but them
+  (and the status, for an operation that never started), so neither can overwrite the other.
+- Every runner write is fenced: it applies only while the operation is RUNNING under that runner.
+- Once a stop is recorded, no output is stored and no step begins (the stop wins at a boundary).
+- Each write's result is returned only after it has committed (writers publish its events then).
+
+Storage failures leave this interface as domain errors: `stopline.errors.Unavailable` when the
+database cannot be reached (a retry can succeed), `StorageError` otherwise (a bug).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from runtime_service.domain import Event, InterruptResult, JSONValue, Operation
+
+ABANDONED = "abandoned"
+"""Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
+
+STOPPING = "STOPPING"
+"""List filter for RUNNING operations with a stop recorded (see Operation.is_stopping)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def dump_json(value: JSONValue) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def request_hash(agent: str, input_value: JSONValue, labels: Mapping[str, str]) -> str:
+    """Fingerprint of a start request, to tell a retried idempotent start from a conflicting one."""
+    # Without labels the fingerprint is the one stored before labels existed (migration 0002).
+    parts: list[Any] = [agent, input_value, dict(labels)] if labels else [agent, input_value]
+    canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def halt_ms(
+    halted_at: datetime, stop_recorded_at: datetime | None, seen_at: datetime | None
+) -> float:
+    """Milliseconds from the committed stop to the halt, for the `interrupted` event.
+
+    The stored stop time is taken just before the stop's write, so it comes early by however
+    long that write waited and took to commit (under load, hundreds of milliseconds). `seen_at`,
+    when known, is a time after the commit: taken by the replica that recorded the stop right
+    after its commit, or by the runner when the stop's notification arrived. The later of the
+    two is the closer to the commit. (PostgreSQL computes the same in its halt statement.)"""
+    since = max((t for t in (stop_recorded_at, seen_at) if t is not None), default=None)
+    if since is None:
+        return 0.0
+    return round(max(0.0, (halted_at - since).total_seconds() * 1000.0), 3)
+
+
+@dataclass(frozen=True, slots=True)
+class ListCursor:
+    """Keyset position: the last (created_at, id) of the previous page, newest first."""
+
+    created_at: datetime
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    operation: Operation
+    created: bool
+    events: tuple[Event, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An operation a runner now owns, with the event announcing it."""
+
+    operation: Operation
+    event: Event
+
+
+@dataclass
+class ClaimBatch:
+    claimed: list[Claimed] = field(default_factory=list)
+    # Orphans that were stopped while their owner was dead, ended here without resuming.
+    finished: list[Event] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One attempt at a step: when and by which runner it ran, and how it ended."""
+
+    step: int
+    attempt: int
+    runner_id: str
+    started_at: datetime
+    finished_at: datetime | None
+    outcome: str | None
+    output_json: str | None
+
+
+class Storage(Protocol):
+    """Operations, their events and their step attempts. Every method is a coroutine."""
+
+    @property
+    def dialect(self) -> str:
+        """The database's SQL dialect, for logs."""
+        ...
+
+    # -- starting and stopping (the use cases)
+
+    async def create(
+        self,
+        agent: str,
+        input_value: JSONValue,
+        idempotency_key: str | None,
+        labels: Mapping[str, str] | None = None,
+        hold_seconds: float = 0.0,
+        owner: str = "",
+        announce: bool = True,
+    ) -> Created:
+        """Insert a PENDING operation and its `created` event, or find the owner's idempotent
+        twin (AlreadyExists if the key was used for a different request). `announce`: tell
+        other replicas there is work (not needed when this one runs it right away)."""
+        ...
+
+    async def release(self, operation_id: str, announce: bool = True) -> Operation | None:
+        """End a hold: the operation is claimable now. None when it was not held (unknown,
+        released already, or ended)."""
+        ...
+
+    async def record_stop(
+        self, operation_id: str, requested_by: str, reason: str
+    ) -> InterruptResult | None:
+        """Store the stop intent once. A PENDING operation is interrupted right here, so no
+        runner ever starts it. None for an unknown id."""
+        ...
+
+    # -- the runner's writes, all fenced to `runner_id`
+
+    async def claim_and_start(
+        self, operation_id: str, runner_id: str, lease_seconds: float
+    ) -> tuple[Claimed, Event] | None:
+        """Take a PENDING, unheld operation (started on this replica) and begin its first step:
+        the claim and the `step_started` event. None when another runner took it first, it is
+        held, or it was stopped."""
+        ...
+
+    async def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
+        """Begin `step` (an attempt row and `step_started`); None when a stop is recorded or the
+        operation is no longer this runner's."""
+        ...
+
+    async def chunk(
+        self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
+    ) -> Event | None:
+        """Store an output chunk; None when the operation ended or changed hands, or a stop is
+        recorded (unless `outlives_stop`: the stop-at-boundary mode keeps the step's output)."""
+        ...
+
+    async def advance(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> list[Event]:
+        """Checkpoint step `step` (not the last) and begin step + 1, in one transaction:
+        [step_completed, step_started], or [step_completed] alone when a stop was recorded
+        (the runner then halts at this boundary), or [] when no longer this runner's."""
+        ...
+
+    async def complete(
+        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
+    ) -> list[Event]:
+        """Checkpoint the last step and complete the operation: [step_completed, completed],
+        [step_completed] alone when a stop was recorded first (the stop wins), or []."""
+        ...
+
+    async def halt(
+        self,
+        operation_id: str,
+        step: int,
+        mid_step: bool,
+        runner_id: str,
+        seen_at: datetime | None = None,
+    ) -> Event | None:
+        """RUNNING -> INTERRUPTED after this runner halted. halt_ms (see halt_ms()) runs from
+        the committed stop; `seen_at`: when this runner learned of it, if it did so at once."""
+        ...
+
+    async def fail(self, operation_id: str, step: int, error: str, runner_id: str) -> Event | None:
+        """RUNNING -> FAILED, settling the step's attempt as failed."""
+        ...
+
+    # -- reads
+
+    async def get(self, operation_id: str) -> Operation | None: ...
+
+    async def events_after(
+        self, operation_id: str, after_seq: int, limit: int = 1000
+    ) -> list[Event]:
+        """Up to `limit` stored events after `after_seq`, in order (replays read pages)."""
+        ...
+
+    async def list_page(
+        self, status: str | None, limit: int, after: ListCursor | None, owner: str | None = None
+    ) -> tuple[list[Operation], ListCursor | None]:
+        """A page newest first, and the cursor of the next page (None at the end)."""
+        ...
+
+    async def step_records(self, operation_id: str) -> list[StepRecord]:
+        """Every attempt at every step of an operation, for audits and tests."""
+        ...
+
+    # -- ownership
+
+    async def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+        """Take up to `limit` claimable operations: PENDING unheld ones, and RUNNING ones whose
+        owner's lease ran out (resumed from their last checkpoint, the dead owner's attempt
+        settled as abandoned); a dead owner's operation with a stop recorded is halted."""
+        ...
+
+    async def renew_leases(
+        self, runner_id: str, operation_ids: list[str], lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Extend this runner's leases: (still owned, owned with a stop recorded)."""
+        ...
+
+    async def drop_leases(self, runner_id: str) -> int:
+        """Graceful shutdown: let other replicas take this runner's operations at once."""
+        ...
+
+    async def expire_all_leases(self) -> int:
+        """Single-replica start-up: whoever ran these operations is gone."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,363 @@
+"""What both dialects share: the reads and the maintenance that exist once (a page of the list,
+the claim of abandoned work, leases, step records), as SQLAlchemy Core on the database threads,
+and the reads watchers repeat, as fixed SQL (cursors.py). Each dialect's module adds its writes.
+
+Claiming abandoned work stays here because it is rare (a replica died) and must work the same
+everywhere: FOR UPDATE SKIP LOCKED lets PostgreSQL replicas claim concurrently without taking the
+same row, and each take is still a compare-and-set, so even without row locks (SQLite, where
+there is one replica) an operation is never claimed twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
+
+from runtime_service.database import Database
+from runtime_service.domain import Event, EventKind, JSONValue, Operation, OperationStatus
+from runtime_service.notifications import EVENTS, WORK, notify
+from runtime_service.rows import operation_from_row
+from runtime_service.schema import events, operations, steps
+from runtime_service.storage.cursors import Cursors
+from runtime_service.storage.errors import translated
+from runtime_service.storage.interface import (
+    ABANDONED,
+    STOPPING,
+    ClaimBatch,
+    Claimed,
+    ListCursor,
+    StepRecord,
+    dump_json,
+    halt_ms,
+    utcnow,
+)
+from stopline.errors import AlreadyExists
+from stopline.json_values import shown
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _pending_unheld(now: datetime) -> ColumnElement[bool]:
+    """PENDING and not (or no longer) held: claimable."""
+    return and_(
+        operations.c.status == OperationStatus.PENDING,
+        or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
+    )
+
+
+def _running_lease_lapsed(now: datetime) -> ColumnElement[bool]:
+    """RUNNING, but its owner stopped renewing the lease: the owner is presumed dead."""
+    return and_(
+        operations.c.status == OperationStatus.RUNNING,
+        or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
+    )
+
+
+class SharedStorage:
+    """The part of Storage both dialects run alike; see sqlite.py and postgres.py for the rest."""
+
+    def __init__(self, db: Database, cursors: Cursors) -> None:
+        self.db = db
+        self.engine: Engine = db.engine
+        self.cursors = cursors
+
+    @property
+    def dialect(self) -> str:
+        return self.db.backend
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """fn on the database threads; its failures as domain errors."""
+        with translated():
+            return await self.db.call(fn, *args, **kwargs)
+
+    async def close(self) -> None:
+        self.db.close()
+
+    # ----------------------------------------------------------------------------- reads
+
+    async def get(self, operation_id: str) -> Operation | None:
+        return await self._call(self.cursors.get, operation_id)
+
+    async def events_after(
+        self, operation_id: str, after_seq: int, limit: int = 1000
+    ) -> list[Event]:
+        return await self._call(self.cursors.events_after, operation_id, after_seq, limit)
+
+    async def list_page(
+        self, status: str | None, limit: int, after: ListCursor | None, owner: str | None = None
+    ) -> tuple[list[Operation], ListCursor | None]:
+        return await self._call(self._list_page, status, limit, after, owner)
+
+    async def step_records(self, operation_id: str) -> list[StepRecord]:
+        return await self._call(self._step_records, operation_id)
+
+    async def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+        return await self._call(self._claim_next, runner_id, limit, lease_seconds)
+
+    async def renew_leases(
+        self, runner_id: str, operation_ids: list[str], lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        if not operation_ids:
+            return set(), set()
+        return await self._call(self._renew_leases, runner_id, operation_ids, lease_seconds)
+
+    async def drop_leases(self, runner_id: str) -> int:
+        return await self._call(self._drop_leases, runner_id)
+
+    async def expire_all_leases(self) -> int:
+        return await self._call(self._expire_all_leases)
+
+    # ----------------------------------------------------------------------------- on the threads
+
+    def _list_page(
+        self, status: str | None, limit: int, after: ListCursor | None, owner: str | None
+    ) -> tuple[list[Operation], ListCursor | None]:
+        query = select(operations)
+        if owner is not None:
+            query = query.where(operations.c.owner == owner)
+        if status == STOPPING:
+            query = query.where(
+                operations.c.status == OperationStatus.RUNNING,
+                operations.c.stop_requested_at.is_not(None),
+            )
+        elif status == OperationStatus.RUNNING:
+            query = query.where(
+                operations.c.status == OperationStatus.RUNNING,
+                operations.c.stop_requested_at.is_(None),
+            )
+        elif status is not None:
+            query = query.where(operations.c.status == status)
+        if after is not None:
+            query = query.where(
+                or_(
+                    operations.c.created_at < after.created_at,
+                    and_(operations.c.created_at == after.created_at, operations.c.id < after.id),
+                )
+            )
+        query = query.order_by(operations.c.created_at.desc(), operations.c.id.desc())
+        with self.engine.begin() as conn:
+            rows = conn.execute(query.limit(limit + 1)).all()
+        page = [operation_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        cursor = ListCursor(page[-1].created_at, page[-1].id) if more and page else None
+        return page, cursor
+
+    def _step_records(self, operation_id: str) -> list[StepRecord]:
+        query = (
+            select(
+                steps.c.step,
+                steps.c.attempt,
+                steps.c.runner_id,
+                steps.c.started_at,
+                steps.c.finished_at,
+                steps.c.outcome,
+                steps.c.output_json,
+            )
+            .where(steps.c.operation_id == operation_id)
+            .order_by(steps.c.step, steps.c.attempt)
+        )
+        with self.engine.begin() as conn:
+            return [StepRecord(*row) for row in conn.execute(query).all()]
+
+    def _claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+        now = utcnow()
+        claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
+        query = (
+            select(operations.c.id, operations.c.status, operations.c.stop_requested_at)
+            .where(claimable)
+            .order_by(operations.c.created_at, operations.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        batch = ClaimBatch()
+        with self.engine.begin() as conn:
+            for row in conn.execute(query).all():
+                if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
+                    # Stopped while its owner was dead: end it, never resume it.
+                    event = self._halt_orphan(conn, row.id, now)
+                    if event is not None:
+                        batch.finished.append(event)
+                    continue
+                claimed = self._take(
+                    conn,
+                    row.id,
+                    runner_id,
+                    now,
+                    lease_seconds,
+                    where=claimable,
+                    resumed=row.status == OperationStatus.RUNNING,
+                )
+                if claimed is not None:
+                    batch.claimed.append(claimed)
+        return batch
+
+    def _renew_leases(
+        self, runner_id: str, operation_ids: list[str], lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        ours = (
+            operations.c.id.in_(operation_ids),
+            operations.c.runner_id == runner_id,
+            operations.c.status == OperationStatus.RUNNING,
+        )
+        # Lock the rows in id order first, as the PostgreSQL batcher does (pg_batch), so that this
+        # and a batch of step writes never wait for each other in a cycle (PostgreSQL would
+        # break such a deadlock only after a second). SQLite has one writer and no FOR UPDATE.
+        locked = select(operations.c.id).where(*ours).order_by(operations.c.id).with_for_update()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                update(operations)
+                .where(operations.c.id.in_(locked), *ours)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                .returning(operations.c.id, operations.c.stop_requested_at)
+            ).all()
+        return {r.id for r in rows}, {r.id for r in rows if r.stop_requested_at is not None}
+
+    def _drop_leases(self, runner_id: str) -> int:
+        with self.engine.begin() as conn:
+            dropped = conn.execute(
+                update(operations)
+                .where(
+                    operations.c.runner_id == runner_id,
+                    operations.c.status == OperationStatus.RUNNING,
+                )
+                .values(lease_expires_at=utcnow())
+            ).rowcount
+            if dropped:
+                notify(conn, WORK)
+            return dropped
+
+    def _expire_all_leases(self) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(operations)
+                .where(operations.c.status == OperationStatus.RUNNING)
+                .values(lease_expires_at=utcnow())
+            ).rowcount
+
+    def _take(
+        self,
+        conn: Connection,
+        operation_id: str,
+        runner_id: str,
+        now: datetime,
+        lease_seconds: float,
+        where: ColumnElement[bool],
+        resumed: bool,
+    ) -> Claimed | None:
+        steps_completed = conn.execute(
+            select(operations.c.steps_completed).where(operations.c.id == operation_id)
+        ).scalar_one_or_none()
+        if steps_completed is None:
+            return None
+        event = self._append(
+            conn,
+            operation_id,
+            EventKind.STARTED,
+            {"from_step": steps_completed, "resumed": resumed},
+            now,
+            where=where,
+            values={
+                "status": OperationStatus.RUNNING,
+                "runner_id": runner_id,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+                "held_until": None,
+            },
+        )
+        if event is None:
+            return None
+        if resumed:
+            self._settle_abandoned(conn, operation_id, now)
+        row = conn.execute(select(operations).where(operations.c.id == operation_id)).one()
+        return Claimed(operation_from_row(row), event)
+
+    def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> Event | None:
+        """End an operation stopped while its owner was dead. If the owner died in the middle
+        of a step (its attempt never finished), that step was cut: the halt says so."""
+        step, requested_at = conn.execute(
+            select(operations.c.steps_completed, operations.c.stop_requested_at).where(
+                operations.c.id == operation_id
+            )
+        ).one()
+        cut = conn.execute(
+            select(steps.c.attempt).where(
+                steps.c.operation_id == operation_id,
+                steps.c.step == step,
+                steps.c.finished_at.is_(None),
+            )
+        ).first()
+        event = self._append(
+            conn,
+            operation_id,
+            EventKind.INTERRUPTED,
+            {
+                "mid_step": cut is not None,
+                "step": step,
+                "halt_ms": halt_ms(now, requested_at, None),
+            },
+            now,
+            where=_running_lease_lapsed(now),
+            values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
+        )
+        if event is not None:
+            self._settle_abandoned(conn, operation_id, now)
+        return event
+
+    @staticmethod
+    def _settle_abandoned(conn: Connection, operation_id: str, now: datetime) -> None:
+        """Whoever takes over or halts an operation whose owner died settles that owner's
+        unfinished attempt: outcome `abandoned`, finished when the takeover learned of it."""
+        conn.execute(
+            update(steps)
+            .where(steps.c.operation_id == operation_id, steps.c.finished_at.is_(None))
+            .values(finished_at=now, outcome=ABANDONED)
+        )
+
+    @staticmethod
+    def _append(
+        conn: Connection,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        now: datetime,
+        where: ColumnElement[bool],
+        values: Mapping[str, Any],
+    ) -> Event | None:
+        """Compare-and-set the operation row and append the event reporting it, atomically.
+        Returns None (and writes nothing) when the row does not match `where`."""
+        seq = conn.execute(
+            update(operations)
+            .where(operations.c.id == operation_id, where)
+            .values(last_seq=operations.c.last_seq + 1, updated_at=now, **values)
+            .returning(operations.c.last_seq)
+        ).scalar_one_or_none()
+        if seq is None:
+            return None
+        conn.execute(
+            insert(events).values(
+                operation_id=operation_id,
+                seq=seq,
+                kind=kind.value,
+                data_json=dump_json(data),
+                created_at=now,
+            )
+        )
+        notify(conn, EVENTS, f"{operation_id}:{seq}")  # watchers on other replicas
+        return Event(operation_id, seq, kind, data, now)
+
+
+def twin_of(row: Any, key: str, fingerprint: str) -> Operation | None:
+    """The operation a start with this key and request fingerprint finds, if any; AlreadyExists
+    when the key was used for a different request."""
+    if row is None:
+        return None
+    if row.request_hash != fingerprint:
+        raise AlreadyExists(
+            f"idempotency_key {shown(key)} was already used for operation {row.id} with a "
+            "different agent, input or labels; use a new key for a different request"
+        )
+    return operation_from_row(row)

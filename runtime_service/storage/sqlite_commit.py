@@ -1,0 +1,137 @@
+"""SQLite's two ways of running the runner's writes: inline on the event loop, when nothing else
+is queued for the database thread, and group commit otherwise (see sqlite.py for why both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+
+from runtime_service.database import Database
+from runtime_service.storage.batching import Outcome, WriteQueue
+
+# A write: fn(cursor, *args) inside a transaction that the caller owns and commits.
+Write = Callable[..., Any]
+
+
+class WouldBlock(Exception):
+    """The write cannot run right here without waiting (see InlineWriter.run)."""
+
+
+class InlineWriter:
+    """A connection of the event loop's own to a SQLite file."""
+
+    def __init__(self, database: str | None, dbapi: Any) -> None:
+        self._path = database if database not in (None, "", ":memory:") else None
+        self._dbapi = dbapi
+        self._conn: Any = None
+
+    @property
+    def possible(self) -> bool:
+        """Whether writes can run inline at all (a SQLite file, not an in-memory database)."""
+        return self._path is not None
+
+    def run(self, write: Write, *args: Any) -> Any:
+        """write(cursor, *args) in a transaction of its own, right here on the event loop's
+        thread, or WouldBlock at once if that would mean waiting. It never blocks the loop: the
+        inline connection does not wait for locks (busy timeout 0) and never checkpoints the
+        WAL (the database thread's connections do), so a locked file (the database thread in a
+        transaction, a backup, another process) raises WouldBlock and the write is queued."""
+        dbapi = self._dbapi
+        connection = self._connection()
+        cursor = connection.cursor()
+        try:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except dbapi.OperationalError as exc:
+                raise WouldBlock(str(exc)) from exc
+            try:
+                result = write(cursor, *args)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        except dbapi.Error as exc:
+            cursor.close()  # before its connection: closing it after raises ProgrammingError
+            self.close()
+            raise DBAPIError.instance(None, None, exc, dbapi.Error) from exc
+        except BaseException:
+            cursor.close()
+            raise
+        cursor.close()
+        return result
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            connection = self._dbapi.connect(self._path, isolation_level=None)
+            for pragma in ("busy_timeout=0", "synchronous=NORMAL", "wal_autocheckpoint=0"):
+                connection.execute(f"PRAGMA {pragma}")
+            self._conn = connection
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+
+class GroupCommit(WriteQueue["_Queued"]):
+    """Many small writes, one transaction: the runner's writes queue here, and the database
+    thread runs everything queued so far in a single transaction. A write queued alone runs
+    alone. Each write's result is handed back only after its transaction commits. If a batch
+    fails, each write is retried alone, so one bad write cannot take the others' results (or
+    errors) with it. (PostgreSQL's counterpart, on the event loop, is pg_batch.PostgresBatcher.)
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
+        max_batch: int = 256,
+    ) -> None:
+        super().__init__("group commit", max_batch)
+        self._db = db
+        self._run_together = run_together
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written, and the database threads free: a write now would
+        have no company and would not contend with this process for SQLite's write lock."""
+        return not self.draining and self._db.idle
+
+    async def run(self, write: Write, args: tuple[Any, ...]) -> Any:
+        """write(cursor, *args) in a shared transaction; its result once that has committed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._submit(_Queued(write, args, future))
+
+    async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
+        return await self._db.call(self._execute, batch)
+
+    def _execute(self, batch: list[_Queued]) -> list[Outcome]:
+        if len(batch) > 1:
+            try:
+                results = self._run_together([(queued.write, queued.args) for queued in batch])
+            except Exception:
+                pass  # each alone, below
+            else:
+                return [(True, result) for result in results]
+        return [self._alone(queued) for queued in batch]
+
+    def _alone(self, queued: _Queued) -> Outcome:
+        try:
+            return True, self._run_together([(queued.write, queued.args)])[0]
+        except Exception as exc:
+            return False, exc
+
+
+@dataclass(eq=False)
+class _Queued:
+    write: Write
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]

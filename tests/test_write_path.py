@@ -1,0 +1,290 @@
+"""The runner's writes (a step boundary, output, fencing) through the storage interface on both
+backends, and the SQLite side's own machinery: group commit and inline writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime_service import convert
+from runtime_service.domain import Event, EventKind, OperationStatus
+from runtime_service.operations import _next_in_order
+from runtime_service.storage import SqliteStorage, Storage, StorageError
+from runtime_service.storage.sqlite_commit import WouldBlock
+from stopline.errors import AlreadyExists
+from stopline.v1 import operation_pb2 as op_pb
+from tests.conftest import opened_storage
+from tests.test_store import running
+
+
+async def test_advance_checkpoints_and_begins_the_next_step_in_one_write(storage: Storage) -> None:
+    op_id = await running(storage)
+    written = await storage.advance(op_id, 0, {"out": [1, "two"]}, {"n": 1}, "r")
+    assert [(e.kind, e.data) for e in written] == [
+        (EventKind.STEP_COMPLETED, {"step": 0, "output": {"out": [1, "two"]}}),
+        (EventKind.STEP_STARTED, {"step": 1, "attempt": 1}),
+    ]
+    op = await storage.get(op_id)
+    assert op is not None and op.steps_completed == 1 and op.agent_state == {"n": 1}
+    stored = await storage.events_after(op_id, 0)
+    assert [e.seq for e in stored] == list(range(1, op.last_seq + 1))
+    assert [(e.seq, e.kind, e.data) for e in stored[-2:]] == [
+        (e.seq, e.kind, e.data) for e in written
+    ]
+    records = await storage.step_records(op_id)
+    attempts = [(r.step, r.attempt, r.outcome, r.output_json) for r in records]
+    assert attempts == [
+        (0, 1, "completed", json.dumps({"out": [1, "two"]}, separators=(",", ":"))),
+        (1, 1, None, None),
+    ]
+
+
+async def test_advance_after_a_stop_checkpoints_but_begins_nothing(storage: Storage) -> None:
+    op_id = await running(storage)
+    await storage.record_stop(op_id, "alice", "enough")
+    written = await storage.advance(op_id, 0, "out", None, "r")
+    assert [e.kind for e in written] == [EventKind.STEP_COMPLETED]
+    assert [r.step for r in await storage.step_records(op_id)] == [0]
+    op = await storage.get(op_id)
+    assert op is not None and op.steps_completed == 1 and op.status is OperationStatus.RUNNING
+    assert op.last_seq == written[0].seq
+
+
+async def test_writes_of_a_runner_that_lost_the_operation_are_refused(storage: Storage) -> None:
+    op_id = await running(storage, "A")
+    before = await storage.events_after(op_id, 0)
+    assert await storage.advance(op_id, 0, "out", None, "B") == []
+    assert await storage.chunk(op_id, 0, "x", "B", False) is None
+    assert await storage.start_step(op_id, 0, "B") is None
+    assert await storage.halt(op_id, 0, True, "B") is None
+    assert await storage.events_after(op_id, 0) == before
+    chunk = await storage.chunk(op_id, 0, "héllo ✓", "A", False)
+    assert chunk is not None
+    assert (await storage.events_after(op_id, chunk.seq - 1))[0].data["text"] == "héllo ✓"
+
+
+async def test_writes_queued_together_each_get_their_own_outcome(storage: Storage) -> None:
+    """Many writes at once (group-committed on SQLite, batched on PostgreSQL), several of one
+    operation: each lands once, in order, with its own result; a refused one does not take the
+    others with it."""
+    ops = [await running(storage) for _ in range(3)]
+    stopped = await running(storage)
+    await storage.record_stop(stopped, "x", "")
+    results = await asyncio.gather(
+        *(storage.chunk(op_id, 0, f"{op_id} {n}", "r", False) for n in range(3) for op_id in ops),
+        storage.chunk(stopped, 0, "refused", "r", False),
+        *(storage.advance(op_id, 0, {"o": op_id}, {"s": 1}, "r") for op_id in ops),
+        storage.halt(stopped, 0, True, "r"),
+    )
+    for written in results[10:13]:
+        assert isinstance(written, list)
+        assert [e.kind for e in written] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
+    assert isinstance(results[13], Event) and results[13].kind is EventKind.INTERRUPTED
+    for op_id in [*ops, stopped]:
+        stored = await storage.events_after(op_id, 0)
+        op = await storage.get(op_id)
+        assert op is not None and [e.seq for e in stored] == list(range(1, op.last_seq + 1))
+    for op_id in ops:
+        texts = [
+            e.data["text"]
+            for e in await storage.events_after(op_id, 0)
+            if e.kind is EventKind.OUTPUT_CHUNK
+        ]
+        assert texts == [f"{op_id} {n}" for n in range(3)]
+
+
+async def test_a_start_that_loses_the_race_for_its_key_returns_the_winner(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two starts with one key: the one that did not see the other's row before inserting
+    returns the winner (or the conflict), never a database error."""
+    first = await storage.create("echo", {}, "k", owner="o")
+    find = storage.cursors.find_by_key  # type: ignore[attr-defined]
+    looked: list[str] = []
+
+    def not_yet(owner: str, key: str) -> Any:
+        looked.append(key)
+        return None if len(looked) == 1 else find(owner, key)  # as if not committed yet
+
+    monkeypatch.setattr(storage.cursors, "find_by_key", not_yet)  # type: ignore[attr-defined]
+    again = await storage.create("echo", {}, "k", owner="o")
+    assert not again.created and again.operation.id == first.operation.id
+    looked.clear()
+    with pytest.raises(AlreadyExists):  # the stored request differs: a conflicting reuse
+        await storage.create("echo", {"other": 1}, "k", owner="o")
+    assert [e.seq for e in await storage.events_after(first.operation.id, 0)] == [1]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(output=json_values, step=st.integers(0, 2**40))
+def test_event_conversion_matches_the_generic_json_mapping(output: Any, step: int) -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    cases: list[tuple[EventKind, dict[str, Any]]] = [
+        (EventKind.STEP_COMPLETED, {"step": step, "output": output}),
+        (EventKind.COMPLETED, {"result": output}),
+        (EventKind.OUTPUT_CHUNK, {"step": step, "text": str(output)}),
+        (EventKind.INTERRUPTED, {"mid_step": True, "step": step, "halt_ms": 1.5}),
+        (EventKind.STARTED, {"from_step": step, "resumed": False}),
+    ]
+    for kind, data in cases:
+        event = Event("op", 7, kind, data, now)
+        expected = op_pb.Event(operation_id="op", seq=7, time=convert.timestamp(now))
+        json_format.ParseDict(data, getattr(expected, kind.value))
+        assert convert.event_to_pb(event) == expected
+
+
+def test_batches_respect_count_and_size_limits() -> None:
+    now = datetime.now(UTC)
+    events = [
+        Event("op", i, EventKind.OUTPUT_CHUNK, {"step": 0, "text": "x" * 100}, now)
+        for i in range(1, 11)
+    ]
+    groups = list(convert.batched(events, max_events=4, max_bytes=10_000))
+    assert [len(g) for g in groups] == [4, 4, 2]
+    assert [e.seq for g in groups for e in g] == list(range(1, 11))
+    assert [len(g) for g in convert.batched(events, max_events=100, max_bytes=250)] == [2] * 5
+
+
+def test_live_events_continue_the_sequence_or_send_the_watcher_back_to_storage() -> None:
+    now = datetime.now(UTC)
+
+    def ev(seq: int, kind: EventKind = EventKind.OUTPUT_CHUNK) -> Event:
+        return Event("op", seq, kind, {}, now)
+
+    batch, back = _next_in_order([ev(3), ev(4), ev(5), ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5, 6] and not back
+    batch, back = _next_in_order([ev(5), ev(7)], cursor=4)
+    assert [e.seq for e in batch] == [5] and back  # a gap: re-read storage
+    batch, back = _next_in_order([ev(5), None, ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5] and back  # a poke
+    batch, back = _next_in_order([ev(5, EventKind.COMPLETED), ev(6)], cursor=4)
+    assert [e.seq for e in batch] == [5] and not back
+
+
+async def sqlite_storage(tmp_path: Path) -> SqliteStorage:
+    opened = await opened_storage(f"sqlite:///{tmp_path / 'runtime.db'}")
+    assert isinstance(opened, SqliteStorage)
+    return opened
+
+
+async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
+    tmp_path: Path,
+) -> None:
+    """SQLite: a batch mixes every runner write; one broken write fails the shared transaction,
+    and every other write still lands, exactly once, with its own result."""
+    storage = await sqlite_storage(tmp_path)
+    group = storage._group
+    batches: list[int] = []
+    together = group._run_together
+
+    def counted(writes: list[Any]) -> list[Any]:
+        batches.append(len(writes))
+        return together(writes)
+
+    group._run_together = counted
+    try:
+        chunked, advanced, halted = [[await running(storage) for _ in range(4)] for _ in range(3)]
+        fresh = (await storage.create("echo", {}, None)).operation.id
+
+        def broken(cursor: Any) -> Any:
+            cursor.execute("INSERT INTO no_such_table VALUES (1)")
+
+        now = datetime.now(UTC)
+        lease = storage._time(now)
+        writes = [
+            *(group.run(storage._chunk, (o, 0, f"out {o}", "r", False)) for o in chunked),
+            group.run(broken, ()),
+            *(
+                group.run(storage._boundary, (_advance(), o, 0, {"o": o}, {"s": 1}, "r"))
+                for o in advanced
+            ),
+            *(group.run(storage._halt, (o, 0, True, "r", None)) for o in halted),
+            group.run(storage._claim_and_start, (fresh, "r", lease, now)),
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert batches[0] == len(writes), "the writes were not batched"
+        assert isinstance(results[4], Exception) and "no_such_table" in str(results[4])
+        for op_id, event in zip(chunked, results[:4], strict=True):
+            assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
+            stored = await storage.events_after(op_id, event.seq - 1)
+            assert stored[0].data["text"] == f"out {op_id}"
+        for op_id, events in zip(advanced, results[5:9], strict=True):
+            assert isinstance(events, list)
+            assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
+            assert (await storage.events_after(op_id, events[0].seq - 1))[:2] == events
+        for op_id, event in zip(halted, results[9:13], strict=True):
+            assert isinstance(event, Event) and event.kind is EventKind.INTERRUPTED
+            op = await storage.get(op_id)
+            assert op is not None and op.status is OperationStatus.INTERRUPTED
+        assert isinstance(results[13], tuple)
+        for op_id in [*chunked, *advanced, *halted, fresh]:
+            op = await storage.get(op_id)
+            assert op is not None
+            stored = await storage.events_after(op_id, 0)
+            assert [e.seq for e in stored] == list(range(1, op.last_seq + 1))
+    finally:
+        await storage.close()
+
+
+def _advance() -> Any:
+    from runtime_service.storage import sqlite
+
+    return sqlite._BUMP_TO_ADVANCE
+
+
+async def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> None:
+    storage = await sqlite_storage(tmp_path)
+    try:
+        op_id = await running(storage)
+        event = storage._inline.run(storage._chunk, op_id, 0, "now", "r", False)
+        assert event is not None
+        stored = await storage.events_after(op_id, event.seq - 1)
+        assert stored[0].data == {"step": 0, "text": "now"}
+        other = sqlite3.connect(tmp_path / "runtime.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
+        before = await storage.events_after(op_id, 0)
+        with pytest.raises(WouldBlock):
+            storage._inline.run(storage._chunk, op_id, 0, "blocked", "r", False)
+        other.execute("ROLLBACK")
+        other.close()
+        assert await storage.events_after(op_id, 0) == before
+        assert storage._inline.run(storage._chunk, op_id, 0, "later", "r", False) is not None
+    finally:
+        await storage.close()
+
+
+async def test_a_failed_write_is_a_storage_error_not_a_driver_error(tmp_path: Path) -> None:
+    """Storage failures leave storage as domain errors, inline or group-committed (an inline
+    write that failed used to surface as sqlite3's ProgrammingError, from closing its cursor
+    after its connection, which nothing above storage handled)."""
+    storage = await sqlite_storage(tmp_path)
+    try:
+
+        def broken(cursor: Any) -> Any:
+            cursor.execute("INSERT INTO events (operation_id) VALUES (NULL)")
+
+        assert storage._group.idle  # so the write runs inline
+        with pytest.raises(StorageError, match="NOT NULL"):
+            await storage._write(broken)
+        with pytest.raises(StorageError, match="NOT NULL"):  # and on a new inline connection
+            await storage._write(broken)
+    finally:
+        await storage.close()
