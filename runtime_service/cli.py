@@ -11,8 +11,7 @@ from typing import Any
 import click
 
 from runtime_service.client import ClientError, RuntimeClient
-from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
-from runtime_service.render import describe_event, describe_operation, status_name, to_json
+from runtime_service.config import RuntimeConfig
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -20,7 +19,10 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
+from stopline.render import describe_event, describe_operation, status_name, to_json
 from stopline.v1 import operation_pb2 as op_pb
+
+_DEFAULTS = RuntimeConfig()
 
 EXIT_BY_STATUS = {
     op_pb.OPERATION_STATUS_COMPLETED: 0,
@@ -38,7 +40,7 @@ def _database_option(fn: Any) -> Any:
     return click.option(
         "--database-url",
         envvar="STOPLINE_DATABASE_URL",
-        default=DEFAULT_DATABASE_URL,
+        default=_DEFAULTS.database_url,
         show_default=True,
         help="SQLAlchemy URL: sqlite:///path.db (default) or postgresql+psycopg://...",
     )(fn)
@@ -48,7 +50,7 @@ def _database_option(fn: Any) -> Any:
 @click.option(
     "--address",
     envvar="STOPLINE_RUNTIME_ADDRESS",
-    default="127.0.0.1:50051",
+    default=_DEFAULTS.address,
     show_default=True,
     help="host:port to listen on.",
 )
@@ -57,7 +59,7 @@ def _database_option(fn: Any) -> Any:
     "--max-input-bytes",
     envvar="STOPLINE_MAX_INPUT_BYTES",
     type=click.IntRange(min=1),
-    default=64 * 1024,
+    default=_DEFAULTS.max_input_bytes,
     show_default=True,
     help="Largest agent input accepted (compact JSON).",
 )
@@ -65,7 +67,7 @@ def _database_option(fn: Any) -> Any:
     "--max-request-bytes",
     envvar="STOPLINE_MAX_REQUEST_BYTES",
     type=click.IntRange(min=1024),
-    default=4 * 1024 * 1024,
+    default=_DEFAULTS.max_request_bytes,
     show_default=True,
     help="gRPC receive limit (raised to twice --max-input-bytes if larger).",
 )
@@ -73,7 +75,7 @@ def _database_option(fn: Any) -> Any:
     "--db-busy-timeout",
     envvar="STOPLINE_DB_BUSY_TIMEOUT_SECONDS",
     type=click.FloatRange(min=0),
-    default=10.0,
+    default=_DEFAULTS.db_busy_timeout_seconds,
     show_default=True,
     help="Seconds a SQLite write waits for another process's lock before answering UNAVAILABLE.",
 )
@@ -81,7 +83,7 @@ def _database_option(fn: Any) -> Any:
     "--stop-grace",
     envvar="STOPLINE_STOP_GRACE_SECONDS",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=_DEFAULTS.stop_grace_seconds,
     show_default=True,
     help="Seconds a cancelled step may take to clean up.",
 )
@@ -89,7 +91,7 @@ def _database_option(fn: Any) -> Any:
     "--shutdown-grace",
     envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
     type=click.FloatRange(min=0),
-    default=5.0,
+    default=_DEFAULTS.shutdown_grace_seconds,
     show_default=True,
     help="Seconds in-flight RPCs get on SIGTERM.",
 )
@@ -97,7 +99,7 @@ def _database_option(fn: Any) -> Any:
     "--max-running",
     envvar="STOPLINE_MAX_RUNNING",
     type=click.IntRange(min=1),
-    default=1000,
+    default=_DEFAULTS.max_running,
     show_default=True,
     help="Operations run at once; more wait PENDING.",
 )
@@ -105,7 +107,7 @@ def _database_option(fn: Any) -> Any:
     "--lease-seconds",
     envvar="STOPLINE_LEASE_SECONDS",
     type=click.FloatRange(min=0.1),
-    default=10.0,
+    default=_DEFAULTS.lease_seconds,
     show_default=True,
     help="How long a replica owns an operation between renewals (takeover delay after a crash).",
 )
@@ -113,14 +115,14 @@ def _database_option(fn: Any) -> Any:
     "--poll-seconds",
     envvar="STOPLINE_POLL_SECONDS",
     type=click.FloatRange(min=0.01),
-    default=1.0,
+    default=_DEFAULTS.poll_seconds,
     show_default=True,
     help="Fallback interval for claiming work and re-reading stop intents.",
 )
 @click.option(
     "--abort-mid-step/--stop-at-boundary",
     envvar="STOPLINE_ABORT_MID_STEP",
-    default=True,
+    default=_DEFAULTS.abort_mid_step,
     show_default=True,
     help="Cancel the step in flight on a stop, or let it finish and stop at the next boundary.",
 )
@@ -128,7 +130,7 @@ def _database_option(fn: Any) -> Any:
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
-    default=500,
+    default=_DEFAULTS.max_page_size,
     show_default=True,
     help="Largest page ListOperations serves.",
 )
@@ -227,7 +229,7 @@ _target = click.option(
     "--runtime",
     "address",
     envvar="STOPLINE_RUNTIME_ADDRESS",
-    default="127.0.0.1:50051",
+    default=_DEFAULTS.address,
     show_default=True,
     help="Runtime address.",
 )

@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+# Where each service listens by default, and so where the other side and the command look for it.
+DEFAULT_RUNTIME_ADDRESS = "127.0.0.1:50051"
+DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50052"
+
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
 

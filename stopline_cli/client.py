@@ -25,14 +25,13 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from runtime_service.render import describe_event, describe_operation, status_name, to_json
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.transport import TOKEN_ENV, ClientTLS, open_channel
+from stopline.render import describe_event, describe_operation, status_name, to_json
+from stopline.transport import DEFAULT_GATEWAY_ADDRESS, TOKEN_ENV, ClientTLS, open_channel
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
-DEFAULT_GATEWAY = "127.0.0.1:50052"
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: the same command may work later
 EXIT_INTERRUPTED = 130  # what shells report for a process ended by SIGINT
@@ -321,7 +320,7 @@ def _gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--gateway",
         "address",
         envvar="STOPLINE_GATEWAY_ADDRESS",
-        default=DEFAULT_GATEWAY,
+        default=DEFAULT_GATEWAY_ADDRESS,
         show_default=True,
         help="Gateway address.",
     )(build)
