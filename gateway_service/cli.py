@@ -19,7 +19,7 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
-from stopline.transport import ClientTLS
+from stopline.transport import GATEWAY_ADDRESS_ENV, RUNTIME_ADDRESS_ENV, ClientTLS
 
 JWT_SECRET_ENV = "STOPLINE_JWT_HS256_SECRET"
 
@@ -34,7 +34,7 @@ def gateway() -> None:
 @gateway.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_GATEWAY_ADDRESS",
+    envvar=GATEWAY_ADDRESS_ENV,
     default=_DEFAULTS.address,
     show_default=True,
     help="host:port to listen on.",
@@ -42,7 +42,7 @@ def gateway() -> None:
 @click.option(
     "--runtime",
     "runtime_address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
+    envvar=RUNTIME_ADDRESS_ENV,
     default=_DEFAULTS.runtime_address,
     show_default=True,
     help="The runtime's host:port; several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT.",

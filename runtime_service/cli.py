@@ -19,16 +19,19 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
-from stopline.render import describe_event, describe_operation, status_name, to_json
-from stopline.v1 import operation_pb2 as op_pb
+from stopline.render import (
+    EXIT_BY_TERMINAL_EVENT,
+    LIST_LIMIT,
+    STATUS_FILTERS,
+    describe_event,
+    describe_operation,
+    status_name,
+    status_value,
+    to_json,
+)
+from stopline.transport import RUNTIME_ADDRESS_ENV
 
 _DEFAULTS = RuntimeConfig()
-
-EXIT_BY_STATUS = {
-    op_pb.OPERATION_STATUS_COMPLETED: 0,
-    op_pb.OPERATION_STATUS_FAILED: 1,
-    op_pb.OPERATION_STATUS_INTERRUPTED: 130,
-}
 
 
 @click.group("runtime")
@@ -49,7 +52,7 @@ def _database_option(fn: Any) -> Any:
 @runtime.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
+    envvar=RUNTIME_ADDRESS_ENV,
     default=_DEFAULTS.address,
     show_default=True,
     help="host:port to listen on.",
@@ -228,7 +231,7 @@ def migrate(database_url: str) -> None:
 _target = click.option(
     "--runtime",
     "address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
+    envvar=RUNTIME_ADDRESS_ENV,
     default=_DEFAULTS.address,
     show_default=True,
     help="Runtime address.",
@@ -283,7 +286,7 @@ def _stream(client: RuntimeClient, operation_id: str, after_seq: int, as_json: b
     except ClientError as exc:
         _fail(exc)
         return
-    sys.exit(EXIT_BY_STATUS.get(final.status, 0))
+    sys.exit(EXIT_BY_TERMINAL_EVENT.get(status_name(final.status).lower(), 0))
 
 
 @runtime.command()
@@ -341,19 +344,12 @@ def get(address: str, as_json: bool, operation_id: str) -> None:
 @runtime.command("ls")
 @_target
 @_json_flag
-@click.option(
-    "--status",
-    type=click.Choice(["pending", "running", "stopping", "completed", "failed", "interrupted"]),
-    default=None,
-)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--status", type=click.Choice(STATUS_FILTERS), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=LIST_LIMIT, show_default=True)
 def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
     """List operations, newest first."""
-    wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
-    if status:
-        wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
     try:
-        response = _client(address).list(wire_status, limit)
+        response = _client(address).list(status_value(status or ""), limit)
     except ClientError as exc:
         _fail(exc)
         return

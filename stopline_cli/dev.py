@@ -27,7 +27,12 @@ from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
 from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.transport import SERVICE_TOKEN_ENV, TOKEN_ENV
+from stopline.transport import (
+    GATEWAY_ADDRESS_ENV,
+    RUNTIME_ADDRESS_ENV,
+    SERVICE_TOKEN_ENV,
+    TOKEN_ENV,
+)
 from stopline_cli.client import Target, connect, describe_update
 
 if TYPE_CHECKING:
@@ -149,14 +154,14 @@ async def run_dev(runtime_config: RuntimeConfig, gateway_address: str, demo: boo
 @click.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
+    envvar=RUNTIME_ADDRESS_ENV,
     default=RuntimeConfig().address,
     show_default=True,
     help="host:port the runtime listens on.",
 )
 @click.option(
     "--gateway-address",
-    envvar="STOPLINE_GATEWAY_ADDRESS",
+    envvar=GATEWAY_ADDRESS_ENV,
     default=GatewayConfig().address,
     show_default=True,
     help="host:port the gateway listens on.",
