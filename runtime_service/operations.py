@@ -30,6 +30,7 @@ from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
 from stopline.limits import (
+    MAX_HOLD_SECONDS,
     MAX_OWNER,
     MAX_REASON,
     MAX_REQUESTED_BY,
@@ -41,7 +42,6 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_LABELS = 32
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
-MAX_HOLD_SECONDS = 60.0
 REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 

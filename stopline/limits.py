@@ -20,6 +20,8 @@ from stopline.json_values import dump_json, struct_to_python
 MAX_REASON = 1000  # a stop's reason
 MAX_REQUESTED_BY = 200  # who asked for a stop
 MAX_OWNER = 200  # an operation's owner: the gateway's authenticated principal
+# Longest hold of a new operation the runtime accepts (the gateway's --start-hold stays under it).
+MAX_HOLD_SECONDS = 60.0
 
 # Defaults of the configurable limits, the same on both services so that the gateway refuses
 # exactly what the runtime would (max_input_bytes, max_page_size, max_request_bytes).
