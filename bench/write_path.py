@@ -23,7 +23,7 @@ from runtime_service.domain import OperationStatus
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.schema import events, operations
 from runtime_service.storage import SqliteStorage
-from runtime_service.storage.interface import dump_json
+from stopline.json_values import dump_json
 
 UPDATE = (
     "UPDATE operations SET last_seq=last_seq+1, updated_at=? "

@@ -19,7 +19,8 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
-from stopline.transport import ClientTLS
+from stopline.limits import MAX_HOLD_SECONDS
+from stopline.transport import GATEWAY_ADDRESS_ENV, RUNTIME_ADDRESS_ENV, ClientTLS
 
 JWT_SECRET_ENV = "STOPLINE_JWT_HS256_SECRET"
 
@@ -34,7 +35,7 @@ def gateway() -> None:
 @gateway.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_GATEWAY_ADDRESS",
+    envvar=GATEWAY_ADDRESS_ENV,
     default=_DEFAULTS.address,
     show_default=True,
     help="host:port to listen on.",
@@ -42,7 +43,7 @@ def gateway() -> None:
 @click.option(
     "--runtime",
     "runtime_address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
+    envvar=RUNTIME_ADDRESS_ENV,
     default=_DEFAULTS.runtime_address,
     show_default=True,
     help="The runtime's host:port; several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT.",
@@ -83,9 +84,9 @@ def gateway() -> None:
 @click.option(
     "--start-hold",
     envvar="STOPLINE_START_HOLD_SECONDS",
-    # The runtime refuses holds over 60 s, and a zero hold would let a stop sent during the start
+    # The runtime refuses longer holds, and a zero hold would let a stop sent during the start
     # arrive after the first step began.
-    type=click.FloatRange(min=0, min_open=True, max=60),
+    type=click.FloatRange(min=0, min_open=True, max=MAX_HOLD_SECONDS),
     default=_DEFAULTS.start_hold_seconds,
     show_default=True,
     help="Seconds the runtime holds a new operation unless the gateway releases it first.",

@@ -6,14 +6,24 @@ from dataclasses import dataclass, field
 
 from gateway_service.auth import AuthSettings
 from gateway_service.runtime_link import LoadBalancing
-from stopline.transport import ClientTLS, ServerTLS
+from stopline.limits import (
+    DEFAULT_MAX_INPUT_BYTES,
+    DEFAULT_MAX_PAGE_SIZE,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
+from stopline.transport import (
+    DEFAULT_GATEWAY_ADDRESS,
+    DEFAULT_RUNTIME_ADDRESS,
+    ClientTLS,
+    ServerTLS,
+)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    address: str = "127.0.0.1:50052"
+    address: str = DEFAULT_GATEWAY_ADDRESS
     # One runtime, or several: `ipv4:10.0.0.5:50051,10.0.0.6:50051`, `dns:///runtimes:50051`.
-    runtime_address: str = "127.0.0.1:50051"
+    runtime_address: str = DEFAULT_RUNTIME_ADDRESS
     # How calls are spread over the runtime addresses. round_robin: the next replica each call
     # (with one address it behaves like pick_first).
     runtime_load_balancing: LoadBalancing = LoadBalancing.ROUND_ROBIN
@@ -44,9 +54,9 @@ class GatewayConfig:
     shutdown_grace_seconds: float = 5.0
     # Limits (stopline/limits.py). The gateway checks input size and page size itself, so an
     # oversized request never costs a runtime round trip.
-    max_input_bytes: int = 64 * 1024
-    max_page_size: int = 500
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Open StartAndStream + StreamOperation calls on this process; more answer RESOURCE_EXHAUSTED.
     max_streams: int = 1000
     # Per caller, once authentication gives calls a principal (None: only max_streams applies).

@@ -6,8 +6,7 @@ Guarantees kept here:
   *held* (the runtime runs no step until released), that stop lands while the operation is still
   PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
   operation already created (`Gateway._start`).
-- A stream never shows a gap or a repeat: the runtime watch is resumed from the last forwarded
-  seq whenever the runtime connection breaks.
+- A stream never shows a gap or a repeat (follow.py).
 - A stop is acknowledged to every local client of the operation at once, then delivered at least
   once (delivery.py).
 """
@@ -25,19 +24,16 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
-from grpc import aio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
+from gateway_service.follow import Follower
 from gateway_service.ownership import OwnerCache
-from gateway_service.runtime_link import RETRYABLE, RuntimeLink, backoff, is_retryable
+from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from gateway_service.streams import (
-    TERMINAL_KINDS,
-    EventItem,
     StopRequestedItem,
     StopUndeliveredItem,
-    StreamEnd,
     StreamItem,
     StreamRegistry,
 )
@@ -46,10 +42,10 @@ from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
 from stopline.limits import (
+    MAX_REASON,
     StreamLimiter,
     check_input_size,
     check_page_size,
-    idle_stream_error,
     struct_to_input,
 )
 from stopline.v1 import operation_pb2 as op_pb
@@ -59,7 +55,6 @@ log = logging.getLogger(__name__)
 
 POLICY_LABEL = "stopline.cancel_policy"
 GRACE_LABEL = "stopline.cancel_grace_seconds"
-MAX_REASON = 1000
 # One ReleaseOperation attempt; a release is retried until the hold it ends would expire anyway.
 RELEASE_ATTEMPT_SECONDS = 2.0
 GATEWAY = "gateway"
@@ -73,11 +68,6 @@ UNFINISHED = (
     op_pb.OPERATION_STATUS_PENDING,
     op_pb.OPERATION_STATUS_RUNNING,
     op_pb.OPERATION_STATUS_STOPPING,
-)
-FINISHED = (
-    op_pb.OPERATION_STATUS_COMPLETED,
-    op_pb.OPERATION_STATUS_FAILED,
-    op_pb.OPERATION_STATUS_INTERRUPTED,
 )
 
 
@@ -110,10 +100,6 @@ class Started:
     ours: bool
 
 
-class _ProgressThenLost(Exception):
-    """The runtime watch broke after forwarding events: start a fresh retry window."""
-
-
 def policy_from_labels(labels: Mapping[str, str]) -> tuple[CancelPolicy, float]:
     """The cancel policy chosen at start, stored with the operation so any gateway applies it."""
     try:
@@ -132,6 +118,12 @@ class Gateway:
         self.config = config
         self.link = link
         self.streams = StreamRegistry()
+        self.follower = Follower(
+            link,
+            self.streams,
+            config.stream_idle_seconds,
+            config.watch_reconnect_deadline_seconds,
+        )
         self.deliverer = StopDeliverer(
             link, config.stop_delivery_deadline_seconds, self._report_undelivered
         )
@@ -204,7 +196,7 @@ class Gateway:
                 delay = self.config.release_delay_seconds
                 self._spawn(self._release(operation_id, delay), name=f"release {operation_id}")
             yield Accepted(response.operation)
-            async for item in self._follow(operation_id, 0):
+            async for item in self.follower.follow(operation_id, 0):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
@@ -308,100 +300,11 @@ class Gateway:
         operation = self.owners.check((await self.link.get(op_id)).operation, owner)
         policy, grace = policy_from_labels(operation.labels)
         try:
-            async for item in self._follow(op_id, after_seq):
+            async for item in self.follower.follow(op_id, after_seq):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             self._client_gone(None, op_id, policy, grace, why_gone())
             raise
-
-    # ------------------------------------------------------------------ following the runtime
-
-    async def _follow(self, op_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
-        idle = self.config.stream_idle_seconds or None
-        cursor = after_seq
-        with self.streams.open(op_id) as stream:
-            pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
-            try:
-                while True:
-                    try:
-                        async with asyncio.timeout(idle):
-                            item = await stream.queue.get()
-                    except TimeoutError:
-                        raise idle_stream_error(self.config.stream_idle_seconds, cursor) from None
-                    if isinstance(item, StreamEnd):
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if isinstance(item, EventItem):
-                        cursor = item.event.seq
-                        if item.is_terminal:
-                            return
-            finally:
-                pump.cancel()
-
-    async def _pump(self, op_id: str, after_seq: int, put: Any) -> None:
-        """Forward the runtime's events, resuming from the last one after a broken connection."""
-        cursor = after_seq
-        deadline = self.config.watch_reconnect_deadline_seconds
-        while True:
-            retrying = AsyncRetrying(
-                stop=stop_after_delay(deadline),
-                wait=backoff(1.0),
-                retry=retry_if_exception(is_retryable),
-                reraise=True,
-            )
-            try:
-                async for attempt in retrying:
-                    with attempt:
-                        cursor = await self._forward(op_id, cursor, put)
-                return
-            except _ProgressThenLost as lost:
-                cursor = int(str(lost))
-            except UpstreamError as exc:
-                if is_retryable(exc):
-                    exc = UpstreamError(
-                        exc.code,
-                        f"lost the runtime for {deadline:g}s ({exc.details}); "
-                        f"reconnect with after_seq={cursor}",
-                    )
-                put(exc)
-                return
-
-    async def _forward(self, op_id: str, cursor: int, put: Any) -> int:
-        """One runtime watch from `cursor` until the terminal event (or, for an operation that
-        had ended at `cursor` already, until the runtime's empty answer); returns the last seq."""
-        start = cursor
-        call = self.link.watch(op_id, cursor)
-        try:
-            async for response in call:
-                for event in response.events if response.events else (response.event,):
-                    if event.seq <= cursor:
-                        continue
-                    put(EventItem(event))
-                    cursor = event.seq
-                    if event.WhichOneof("kind") in TERMINAL_KINDS:
-                        return cursor
-        except aio.AioRpcError as exc:
-            code = exc.code()
-            # CANCELLED from the runtime side: it is shutting down; resume like UNAVAILABLE.
-            retryable = code in RETRYABLE or code is grpc.StatusCode.CANCELLED
-            if retryable and cursor > start:
-                raise _ProgressThenLost(str(cursor)) from exc
-            if code is grpc.StatusCode.CANCELLED:
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, exc.details() or "") from exc
-            raise UpstreamError.from_rpc_error(exc) from exc
-        finally:
-            call.cancel()
-        # Ended without a terminal event: the runtime shut down gracefully (resume), or the
-        # operation had ended before the cursor, which only the operation itself tells apart.
-        if cursor > start:
-            raise _ProgressThenLost(str(cursor))
-        operation = (await self.link.get(op_id)).operation
-        if operation.status in FINISHED and operation.last_seq <= cursor:
-            put(StreamEnd())
-            return cursor
-        raise UpstreamError(grpc.StatusCode.UNAVAILABLE, "the runtime ended the stream early")
 
     # ------------------------------------------------------------------ stopping
 

@@ -93,9 +93,6 @@ class StopDeliverer:
         delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {operation_id}")
         return delivery
 
-    def pending_count(self) -> int:
-        return len(self._pending)
-
     async def _run(self, delivery: StopDelivery) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_delay(self._deadline),

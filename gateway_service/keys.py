@@ -36,13 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from stopline.errors import Unauthenticated
+from stopline.limits import MAX_OWNER
 
 log = logging.getLogger(__name__)
 
 PREFIX = "stl_"
 API_KEYS_ENV = "STOPLINE_API_KEYS"
 """Keys without a file: `principal:key_id:sha256` entries separated by commas or spaces."""
-MAX_PRINCIPAL = 200
+# A principal becomes the owner of the operations it starts, so it must fit the owner's limit.
+MAX_PRINCIPAL = MAX_OWNER
 _KEY_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 INVALID_KEY = "invalid API key: it is unknown or revoked; ask your operator for a valid key"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -15,6 +15,7 @@ from tenacity import wait_exponential_jitter
 
 from stopline.grpc_status import UpstreamError
 from stopline.transport import ClientTLS, bearer_metadata, open_channel
+from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 
@@ -129,9 +130,22 @@ class RuntimeLink:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def watch(self, operation_id: str, after_seq: int) -> Any:
-        """The raw streaming call; iterate it, and expect aio.AioRpcError on failure."""
-        return self._stub.WatchOperation(
+    async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[op_pb.Event, None]:
+        """The runtime's events after `after_seq`, one by one (the runtime sends them in batches),
+        until it ends the stream; UpstreamError when the call fails. Close the iterator (for
+        example with contextlib.aclosing) to cancel the call when leaving it early."""
+        call = self._stub.WatchOperation(
             rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq, batch=True),
             metadata=self._metadata,
         )
+        try:
+            async for response in call:
+                for event in response.events if response.events else (response.event,):
+                    yield event
+        except aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED:
+                # CANCELLED from the runtime's side: it is shutting down; resume like UNAVAILABLE.
+                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, exc.details() or "") from exc
+            raise UpstreamError.from_rpc_error(exc) from exc
+        finally:
+            call.cancel()

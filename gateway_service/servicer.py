@@ -21,6 +21,7 @@ from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.grpc_status import server_stream, unary
+from stopline.limits import MAX_REQUESTED_BY
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -45,11 +46,9 @@ def _notice_fields(
 
 def _caller(context: aio.ServicerContext[Any, Any]) -> str:
     """Recorded with a stop: the authenticated principal, and where the call came from. Cut to
-    the runtime's 200-character limit, so a long principal cannot make its own stops invalid."""
-    return f"{current_principal()} (client {context.peer()})"[:REQUESTED_BY_LIMIT]
-
-
-REQUESTED_BY_LIMIT = 200
+    the runtime's limit (MAX_REQUESTED_BY), so a long principal cannot make its own stops
+    invalid."""
+    return f"{current_principal()} (client {context.peer()})"[:MAX_REQUESTED_BY]
 
 
 def _why_gone(context: aio.ServicerContext[Any, Any]) -> Callable[[], str]:

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.v1 import operation_pb2 as op_pb
-
-TERMINAL_KINDS = frozenset({"completed", "failed", "interrupted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +22,7 @@ class EventItem:
 
     @property
     def is_terminal(self) -> bool:
-        return self.event.WhichOneof("kind") in TERMINAL_KINDS
+        return self.event.WhichOneof("kind") in TERMINAL_EVENT_KINDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,7 @@ from typing import Any
 import click
 
 from runtime_service.client import ClientError, RuntimeClient
-from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
-from runtime_service.render import describe_event, describe_operation, status_name, to_json
+from runtime_service.config import RuntimeConfig
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -20,13 +19,19 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
-from stopline.v1 import operation_pb2 as op_pb
+from stopline.render import (
+    EXIT_BY_TERMINAL_EVENT,
+    LIST_LIMIT,
+    STATUS_FILTERS,
+    describe_event,
+    describe_operation,
+    status_name,
+    status_value,
+    to_json,
+)
+from stopline.transport import RUNTIME_ADDRESS_ENV
 
-EXIT_BY_STATUS = {
-    op_pb.OPERATION_STATUS_COMPLETED: 0,
-    op_pb.OPERATION_STATUS_FAILED: 1,
-    op_pb.OPERATION_STATUS_INTERRUPTED: 130,
-}
+_DEFAULTS = RuntimeConfig()
 
 
 @click.group("runtime")
@@ -38,7 +43,7 @@ def _database_option(fn: Any) -> Any:
     return click.option(
         "--database-url",
         envvar="STOPLINE_DATABASE_URL",
-        default=DEFAULT_DATABASE_URL,
+        default=_DEFAULTS.database_url,
         show_default=True,
         help="SQLAlchemy URL: sqlite:///path.db (default) or postgresql+psycopg://...",
     )(fn)
@@ -47,8 +52,8 @@ def _database_option(fn: Any) -> Any:
 @runtime.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
-    default="127.0.0.1:50051",
+    envvar=RUNTIME_ADDRESS_ENV,
+    default=_DEFAULTS.address,
     show_default=True,
     help="host:port to listen on.",
 )
@@ -57,7 +62,7 @@ def _database_option(fn: Any) -> Any:
     "--max-input-bytes",
     envvar="STOPLINE_MAX_INPUT_BYTES",
     type=click.IntRange(min=1),
-    default=64 * 1024,
+    default=_DEFAULTS.max_input_bytes,
     show_default=True,
     help="Largest agent input accepted (compact JSON).",
 )
@@ -65,7 +70,7 @@ def _database_option(fn: Any) -> Any:
     "--max-request-bytes",
     envvar="STOPLINE_MAX_REQUEST_BYTES",
     type=click.IntRange(min=1024),
-    default=4 * 1024 * 1024,
+    default=_DEFAULTS.max_request_bytes,
     show_default=True,
     help="gRPC receive limit (raised to twice --max-input-bytes if larger).",
 )
@@ -73,7 +78,7 @@ def _database_option(fn: Any) -> Any:
     "--db-busy-timeout",
     envvar="STOPLINE_DB_BUSY_TIMEOUT_SECONDS",
     type=click.FloatRange(min=0),
-    default=10.0,
+    default=_DEFAULTS.db_busy_timeout_seconds,
     show_default=True,
     help="Seconds a SQLite write waits for another process's lock before answering UNAVAILABLE.",
 )
@@ -81,7 +86,7 @@ def _database_option(fn: Any) -> Any:
     "--stop-grace",
     envvar="STOPLINE_STOP_GRACE_SECONDS",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=_DEFAULTS.stop_grace_seconds,
     show_default=True,
     help="Seconds a cancelled step may take to clean up.",
 )
@@ -89,7 +94,7 @@ def _database_option(fn: Any) -> Any:
     "--shutdown-grace",
     envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
     type=click.FloatRange(min=0),
-    default=5.0,
+    default=_DEFAULTS.shutdown_grace_seconds,
     show_default=True,
     help="Seconds in-flight RPCs get on SIGTERM.",
 )
@@ -97,7 +102,7 @@ def _database_option(fn: Any) -> Any:
     "--max-running",
     envvar="STOPLINE_MAX_RUNNING",
     type=click.IntRange(min=1),
-    default=1000,
+    default=_DEFAULTS.max_running,
     show_default=True,
     help="Operations run at once; more wait PENDING.",
 )
@@ -105,7 +110,7 @@ def _database_option(fn: Any) -> Any:
     "--lease-seconds",
     envvar="STOPLINE_LEASE_SECONDS",
     type=click.FloatRange(min=0.1),
-    default=10.0,
+    default=_DEFAULTS.lease_seconds,
     show_default=True,
     help="How long a replica owns an operation between renewals (takeover delay after a crash).",
 )
@@ -113,14 +118,14 @@ def _database_option(fn: Any) -> Any:
     "--poll-seconds",
     envvar="STOPLINE_POLL_SECONDS",
     type=click.FloatRange(min=0.01),
-    default=1.0,
+    default=_DEFAULTS.poll_seconds,
     show_default=True,
     help="Fallback interval for claiming work and re-reading stop intents.",
 )
 @click.option(
     "--abort-mid-step/--stop-at-boundary",
     envvar="STOPLINE_ABORT_MID_STEP",
-    default=True,
+    default=_DEFAULTS.abort_mid_step,
     show_default=True,
     help="Cancel the step in flight on a stop, or let it finish and stop at the next boundary.",
 )
@@ -128,7 +133,7 @@ def _database_option(fn: Any) -> Any:
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
-    default=500,
+    default=_DEFAULTS.max_page_size,
     show_default=True,
     help="Largest page ListOperations serves.",
 )
@@ -181,6 +186,7 @@ def serve(
     from runtime_service.agents.registry import AgentLoadError
     from runtime_service.server import serve as serve_runtime
     from runtime_service.trust import TrustConfigError
+    from stopline.errors import Unavailable
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -206,7 +212,9 @@ def serve(
     )
     try:
         asyncio.run(serve_runtime(config))
-    except (AgentLoadError, OSError, SQLAlchemyError, TrustConfigError) as exc:
+    except (AgentLoadError, OSError, SQLAlchemyError, TrustConfigError, Unavailable) as exc:
+        # Unavailable: the storage could not reach the database at start-up (SQLAlchemyError:
+        # the migrations could not).
         raise click.ClickException(str(exc)) from exc
 
 
@@ -226,8 +234,8 @@ def migrate(database_url: str) -> None:
 _target = click.option(
     "--runtime",
     "address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
-    default="127.0.0.1:50051",
+    envvar=RUNTIME_ADDRESS_ENV,
+    default=_DEFAULTS.address,
     show_default=True,
     help="Runtime address.",
 )
@@ -281,7 +289,7 @@ def _stream(client: RuntimeClient, operation_id: str, after_seq: int, as_json: b
     except ClientError as exc:
         _fail(exc)
         return
-    sys.exit(EXIT_BY_STATUS.get(final.status, 0))
+    sys.exit(EXIT_BY_TERMINAL_EVENT.get(status_name(final.status).lower(), 0))
 
 
 @runtime.command()
@@ -339,19 +347,12 @@ def get(address: str, as_json: bool, operation_id: str) -> None:
 @runtime.command("ls")
 @_target
 @_json_flag
-@click.option(
-    "--status",
-    type=click.Choice(["pending", "running", "stopping", "completed", "failed", "interrupted"]),
-    default=None,
-)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--status", type=click.Choice(STATUS_FILTERS), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=LIST_LIMIT, show_default=True)
 def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
     """List operations, newest first."""
-    wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
-    if status:
-        wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
     try:
-        response = _client(address).list(wire_status, limit)
+        response = _client(address).list(status_value(status or ""), limit)
     except ClientError as exc:
         _fail(exc)
         return

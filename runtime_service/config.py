@@ -7,7 +7,12 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from stopline.transport import ServerTLS
+from stopline.limits import (
+    DEFAULT_MAX_INPUT_BYTES,
+    DEFAULT_MAX_PAGE_SIZE,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
+from stopline.transport import DEFAULT_RUNTIME_ADDRESS, ServerTLS
 
 DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
 
@@ -19,13 +24,13 @@ def default_runner_id() -> str:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    address: str = "127.0.0.1:50051"
+    address: str = DEFAULT_RUNTIME_ADDRESS
     database_url: str = DEFAULT_DATABASE_URL
     # Largest accepted agent input, measured as its compact JSON encoding.
-    max_input_bytes: int = 64 * 1024
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     # gRPC's receive limit (raised to twice max_input_bytes if that is larger); bigger requests
     # are refused by gRPC with RESOURCE_EXHAUSTED before they are parsed.
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # How long a SQLite write waits for a lock another process holds before the call answers
     # UNAVAILABLE; every queued database call waits behind it, so keep it short.
     db_busy_timeout_seconds: float = 10.0
@@ -34,7 +39,7 @@ class RuntimeConfig:
     # How long in-flight RPCs get to finish on SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = 5.0
     default_page_size: int = 50
-    max_page_size: int = 500
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     # Watchers re-read storage after this much quiet, as a fallback to in-process notification.
     watch_poll_seconds: float = 5.0
     # Operations this process runs at once; more stay PENDING until a slot frees up.

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+# Event kinds are a wire fact both services share (stopline/events.py); re-exported here for the
+# runtime's modules.
+from stopline.events import EventKind as EventKind
+
 JSONValue = Any
 """Anything json.dumps accepts: the agent input, state and outputs."""
 
@@ -32,27 +36,6 @@ class OperationStatus(enum.StrEnum):
 TERMINAL_STATUSES = frozenset(
     {OperationStatus.COMPLETED, OperationStatus.FAILED, OperationStatus.INTERRUPTED}
 )
-
-
-class EventKind(enum.StrEnum):
-    """Kinds of event; the names match the fields of the Event oneof in operation.proto."""
-
-    CREATED = "created"
-    STARTED = "started"
-    STEP_STARTED = "step_started"
-    OUTPUT_CHUNK = "output_chunk"
-    STEP_COMPLETED = "step_completed"
-    STOP_REQUESTED = "stop_requested"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    INTERRUPTED = "interrupted"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_EVENT_KINDS
-
-
-TERMINAL_EVENT_KINDS = frozenset({EventKind.COMPLETED, EventKind.FAILED, EventKind.INTERRUPTED})
 
 
 class InterruptOutcome(enum.StrEnum):

@@ -27,16 +27,19 @@ from runtime_service.storage import STOPPING, Created, Storage, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
-from stopline.limits import check_input_size, check_page_size
+from stopline.limits import (
+    MAX_HOLD_SECONDS,
+    MAX_OWNER,
+    MAX_REASON,
+    MAX_REQUESTED_BY,
+    check_input_size,
+    check_page_size,
+)
 
 MAX_IDEMPOTENCY_KEY = 200
-MAX_REQUESTED_BY = 200
-MAX_OWNER = 200
-MAX_REASON = 1000
 MAX_LABELS = 32
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
-MAX_HOLD_SECONDS = 60.0
 REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 

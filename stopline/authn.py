@@ -132,7 +132,7 @@ class AuthInterceptor(_ServerInterceptor):
         try:
             principal = self._check(handler_call_details.invocation_metadata or ())
         except errors.Unauthenticated as exc:
-            # Imported here: grpc_status pulls in SQLAlchemy, which client commands never need.
+            # Imported here: client commands never need the status mapping.
             from stopline.grpc_status import status_for
 
             log.info("%s refused for %s: %s", self._what, method, exc)

@@ -64,6 +64,12 @@ def message_to_python(message: Any, **options: Any) -> Any:
     return json_numbers(json_format.MessageToDict(message, **options))
 
 
+def dump_json(value: Any) -> str:
+    """`value` as compact JSON, as it is stored and measured: no spaces, UTF-8 text kept as is,
+    NaN and Infinity refused (ValueError), as JSON cannot hold them."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def shown(value: Any, limit: int = 64) -> str:
     """`value` as JSON for an error message (`null`, `true`, `[1]`, `1000000`, `"text"`), a
     string cut to `limit` characters (other values' JSON likewise) so a huge value cannot flood

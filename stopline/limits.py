@@ -7,7 +7,6 @@ are chosen in stopline/grpc_status.py.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -15,7 +14,20 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from stopline.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from stopline.json_values import struct_to_python
+from stopline.json_values import dump_json, struct_to_python
+
+# Caller text the runtime stores; the gateway checks the same limits before calling it.
+MAX_REASON = 1000  # a stop's reason
+MAX_REQUESTED_BY = 200  # who asked for a stop
+MAX_OWNER = 200  # an operation's owner: the gateway's authenticated principal
+# Longest hold of a new operation the runtime accepts (the gateway's --start-hold stays under it).
+MAX_HOLD_SECONDS = 60.0
+
+# Defaults of the configurable limits, the same on both services so that the gateway refuses
+# exactly what the runtime would (max_input_bytes, max_page_size, max_request_bytes).
+DEFAULT_MAX_INPUT_BYTES = 64 * 1024
+DEFAULT_MAX_PAGE_SIZE = 500
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 # Fixed, not configurable: protobuf refuses messages nested past 100 levels, each level of input
 # costs two (Struct, Value), and the input is sent on inside Operation and response messages.
@@ -54,7 +66,7 @@ def json_size(value: Mapping[str, Any], field: str = "input") -> int:
     """Size of `value` as compact UTF-8 JSON: the one measure of agent input on both services,
     so the gateway refuses exactly what the runtime would."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = dump_json(value)
     except RecursionError as exc:
         raise InvalidArgument(field, "is nested too deeply") from exc
     except (TypeError, ValueError) as exc:

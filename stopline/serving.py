@@ -15,6 +15,7 @@ from grpc_health.v1._async import HealthServicer as _LibraryHealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from stopline.limits import DEFAULT_MAX_REQUEST_BYTES
 from stopline.transport import ServerTLS
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -78,9 +79,6 @@ def _add_reflection(server: aio.Server, names: list[str]) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
         )
-
-
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 def receive_limit(max_request_bytes: int, max_input_bytes: int) -> int:

@@ -19,6 +19,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+# Where each service listens by default, and so where the other side and the command look for it.
+DEFAULT_RUNTIME_ADDRESS = "127.0.0.1:50051"
+DEFAULT_GATEWAY_ADDRESS = "127.0.0.1:50052"
+# The environment variables that set them, for the services and for the command alike.
+RUNTIME_ADDRESS_ENV = "STOPLINE_RUNTIME_ADDRESS"
+GATEWAY_ADDRESS_ENV = "STOPLINE_GATEWAY_ADDRESS"
+
 AUTHORIZATION = "authorization"
 BEARER = "Bearer "
 

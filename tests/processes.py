@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def stopline_command() -> list[str]:
-    return [sys.executable, "-m", "stopline.cli"]
+    return [sys.executable, "-m", "stopline_cli"]
 
 
 def wait_serving(

@@ -17,7 +17,6 @@ from runtime_service.agents.base import InvalidInput, StepContext, StepResult
 from runtime_service.agents.builtin import EchoAgent, TickerAgent
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import OperationStatus
-from runtime_service.render import describe_event, to_json
 from runtime_service.server import RunningRuntime, start_runtime
 from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
@@ -25,6 +24,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown, struct_to_python, value_to_python
 from stopline.limits import struct_to_input
+from stopline.render import describe_event, to_json
 from tests.conftest import eventually, runtime_config
 from tests.credentials import gateway_channel
 from tests.test_gateway import gateway_config, is_terminal, read_until, start_request

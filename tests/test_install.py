@@ -13,7 +13,7 @@ def test_runtime_and_gateway_import_without_psycopg() -> None:
         """
         import sys
         sys.modules["psycopg"] = None
-        import stopline.cli, stopline.dev, runtime_service.app, runtime_service.server
+        import stopline_cli.main, stopline_cli.dev, runtime_service.app, runtime_service.server
         import gateway_service.server
         print("ok")
         """

@@ -40,10 +40,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def dump_json(value: JSONValue) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def request_hash(agent: str, input_value: JSONValue, labels: Mapping[str, str]) -> str:
     """Fingerprint of a start request, to tell a retried idempotent start from a conflicting one."""
     # Without labels the fingerprint is the one stored before labels existed (migration 0002).

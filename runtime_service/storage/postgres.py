@@ -27,10 +27,11 @@ from runtime_service.domain import (
 from runtime_service.notifications import EVENTS, STOPS, WORK, libpq_url
 from runtime_service.storage.cursors import COLUMN_LIST, COLUMNS, Cursors
 from runtime_service.storage.errors import translated
-from runtime_service.storage.interface import Claimed, Created, dump_json, request_hash, utcnow
+from runtime_service.storage.interface import Claimed, Created, request_hash, utcnow
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
 from runtime_service.storage.shared import SharedStorage, twin_of
 from runtime_service.storage.sql import PgSql
+from stopline.json_values import dump_json
 
 T = TypeVar("T")
 

@@ -31,12 +31,11 @@ from runtime_service.storage.interface import (
     Claimed,
     ListCursor,
     StepRecord,
-    dump_json,
     halt_ms,
     utcnow,
 )
 from stopline.errors import AlreadyExists
-from stopline.json_values import shown
+from stopline.json_values import dump_json, shown
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -31,7 +31,6 @@ from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
     Claimed,
     Created,
-    dump_json,
     halt_ms,
     request_hash,
     utcnow,
@@ -39,6 +38,7 @@ from runtime_service.storage.interface import (
 from runtime_service.storage.shared import SharedStorage, twin_of
 from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
+from stopline.json_values import dump_json
 
 T = TypeVar("T")
 

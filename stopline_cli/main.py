@@ -7,8 +7,8 @@ import click
 
 from gateway_service.cli import gateway
 from runtime_service.cli import runtime
-from stopline.client_cli import COMMANDS
-from stopline.dev import dev
+from stopline_cli.client import COMMANDS
+from stopline_cli.dev import dev
 
 
 @click.group()
@@ -22,6 +22,3 @@ main.add_command(gateway)
 main.add_command(dev)
 for command in COMMANDS:
     main.add_command(command)
-
-if __name__ == "__main__":
-    main()

@@ -25,18 +25,31 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
-from runtime_service.render import describe_event, describe_operation, status_name, to_json
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.transport import TOKEN_ENV, ClientTLS, open_channel
+from stopline.render import (
+    EXIT_BY_TERMINAL_EVENT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    LIST_LIMIT,
+    STATUS_FILTERS,
+    describe_event,
+    describe_operation,
+    status_name,
+    status_value,
+    to_json,
+)
+from stopline.transport import (
+    DEFAULT_GATEWAY_ADDRESS,
+    GATEWAY_ADDRESS_ENV,
+    TOKEN_ENV,
+    ClientTLS,
+    open_channel,
+)
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
-DEFAULT_GATEWAY = "127.0.0.1:50052"
-EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: the same command may work later
-EXIT_INTERRUPTED = 130  # what shells report for a process ended by SIGINT
-EXIT_BY_TERMINAL_EVENT = {"completed": 0, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
 UNARY_TIMEOUT = 10.0
 STOP_REASON = "Ctrl-C in the stopline command"
 NOTICE_PREFIX = "[   ·] "  # lines the gateway adds that are not durable events (no seq)
@@ -54,7 +67,6 @@ POLICIES = {
     "keep": pb.CANCEL_POLICY_KEEP_RUNNING,
     "grace": pb.CANCEL_POLICY_STOP_AFTER_GRACE,
 }
-STATUS_CHOICES = ["pending", "running", "stopping", "completed", "failed", "interrupted"]
 
 Update = pb.StartAndStreamResponse | pb.StreamOperationResponse
 UpdateCall = aio.UnaryStreamCall[Any, Any]
@@ -320,8 +332,8 @@ def _gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--gateway",
         "address",
-        envvar="STOPLINE_GATEWAY_ADDRESS",
-        default=DEFAULT_GATEWAY,
+        envvar=GATEWAY_ADDRESS_ENV,
+        default=DEFAULT_GATEWAY_ADDRESS,
         show_default=True,
         help="Gateway address.",
     )(build)
@@ -475,14 +487,11 @@ def stop(target: Target, as_json: bool, operation_id: str, reason: str) -> None:
 @click.command("ls")
 @_gateway_option
 @_json_flag
-@click.option("--status", type=click.Choice(STATUS_CHOICES), default=None)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--status", type=click.Choice(STATUS_FILTERS), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=LIST_LIMIT, show_default=True)
 def list_operations(target: Target, as_json: bool, status: str | None, limit: int) -> None:
     """List operations, newest first."""
-    wire_status = op_pb.OPERATION_STATUS_UNSPECIFIED
-    if status:
-        wire_status = op_pb.OperationStatus.Value(f"OPERATION_STATUS_{status.upper()}")
-    request = pb.ListOperationsRequest(status=wire_status, page_size=limit)
+    request = pb.ListOperationsRequest(status=status_value(status or ""), page_size=limit)
     response: pb.ListOperationsResponse = asyncio.run(
         _unary(target, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT))
     )

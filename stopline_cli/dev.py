@@ -24,17 +24,22 @@ from gateway_service.auth import AuthSettings
 from gateway_service.config import GatewayConfig
 from gateway_service.keys import ApiKey, new_key
 from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
-from stopline.client_cli import Target, connect, describe_update
+from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.transport import SERVICE_TOKEN_ENV, TOKEN_ENV
+from stopline.transport import (
+    GATEWAY_ADDRESS_ENV,
+    RUNTIME_ADDRESS_ENV,
+    SERVICE_TOKEN_ENV,
+    TOKEN_ENV,
+)
+from stopline_cli.client import Target, connect, describe_update
 
 if TYPE_CHECKING:
     from gateway_service.server import RunningGateway
     from runtime_service.server import RunningRuntime
 
 DEMO_INPUT: dict[str, Any] = {"steps": 5, "step_seconds": 10, "chunk_interval_seconds": 1}
-TERMINAL_KINDS = frozenset({"completed", "failed", "interrupted"})
 DEV_TOKEN_FILE = Path(".stopline") / "dev-token"
 
 
@@ -69,7 +74,10 @@ async def _demo(gateway: Target, interrupts: asyncio.Queue[None]) -> None:
                     )
                     continue
                 click.echo(describe_update(update))
-                if update.HasField("event") and update.event.WhichOneof("kind") in TERMINAL_KINDS:
+                if (
+                    update.HasField("event")
+                    and update.event.WhichOneof("kind") in TERMINAL_EVENT_KINDS
+                ):
                     break
         except aio.AioRpcError as exc:
             click.echo(f"demo failed: {exc.code().name}: {exc.details()}", err=True)
@@ -146,15 +154,15 @@ async def run_dev(runtime_config: RuntimeConfig, gateway_address: str, demo: boo
 @click.command()
 @click.option(
     "--address",
-    envvar="STOPLINE_RUNTIME_ADDRESS",
-    default="127.0.0.1:50051",
+    envvar=RUNTIME_ADDRESS_ENV,
+    default=RuntimeConfig().address,
     show_default=True,
     help="host:port the runtime listens on.",
 )
 @click.option(
     "--gateway-address",
-    envvar="STOPLINE_GATEWAY_ADDRESS",
-    default="127.0.0.1:50052",
+    envvar=GATEWAY_ADDRESS_ENV,
+    default=GatewayConfig().address,
     show_default=True,
     help="host:port the gateway listens on.",
 )

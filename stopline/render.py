@@ -5,12 +5,36 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from stopline.events import EventKind
 from stopline.json_values import message_to_python, value_to_python
 from stopline.v1 import operation_pb2 as op_pb
+
+# How a command that followed an operation to its end exits, by how it ended.
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # what shells report for a process ended by SIGINT
+EXIT_BY_TERMINAL_EVENT: dict[str, int] = {
+    EventKind.COMPLETED: 0,
+    EventKind.FAILED: EXIT_FAILED,
+    EventKind.INTERRUPTED: EXIT_INTERRUPTED,
+}
+# How the listing commands' --limit defaults (a page size the caller asks for).
+LIST_LIMIT = 20
 
 
 def status_name(value: int) -> str:
     return op_pb.OperationStatus.Name(value).removeprefix("OPERATION_STATUS_")  # type: ignore[arg-type]
+
+
+# The statuses a listing can be filtered by, as typed on the command line (`--status running`).
+STATUS_FILTERS = [status_name(v).lower() for v in op_pb.OperationStatus.values() if v]
+
+
+def status_value(name: str) -> op_pb.OperationStatus.ValueType:
+    """A status filter from the command line as its wire value; UNSPECIFIED (every status) for
+    none."""
+    if not name:
+        return op_pb.OPERATION_STATUS_UNSPECIFIED
+    return op_pb.OperationStatus.Value(f"OPERATION_STATUS_{name.upper()}")
 
 
 def to_json(message: Any) -> str:
