@@ -1,8 +1,17 @@
-"""Summaries of latency samples: medians and tail percentiles, never means alone."""
+"""Summaries of latency samples: medians and tail percentiles, never means alone.
+
+Three p99 definitions live here because three figures were published with them: Stopline's
+own scenarios (:func:`summary`, nearest index by rounding), the DBOS peer
+(:func:`summary_interpolated`, numpy's linear interpolation) and the LangGraph peer
+(:func:`summary_nearest_rank`, ceil rank, rounded to the microsecond). Keeping them side by
+side makes the difference visible; changing one would change the numbers in BENCHMARKS.md.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -22,4 +31,51 @@ def summary(samples: list[float]) -> dict[str, Any]:
         "min": min(samples) if samples else float("nan"),
         "max": max(samples) if samples else float("nan"),
         "samples": samples,
+    }
+
+
+def percentile_interpolated(samples: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), so p99 of few samples is not just max."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary_interpolated(samples: Sequence[float]) -> dict[str, float]:
+    """Median/p99/min/max/n, p99 interpolated, NaN when there are no samples (the DBOS peer)."""
+    if not samples:
+        return {"n": 0, "median": math.nan, "p99": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "n": len(samples),
+        "median": statistics.median(samples),
+        "p99": percentile_interpolated(samples, 99),
+        "min": min(samples),
+        "max": max(samples),
+    }
+
+
+def percentile_nearest_rank(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: with fewer than 100 samples p99 is close to the max."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary_nearest_rank(samples: Sequence[float]) -> dict[str, float | int | None]:
+    """Median and nearest-rank p99 rounded to 3 places, None when empty (the LangGraph peer)."""
+    if not samples:
+        return {"n": 0, "median": None, "p99": None, "min": None, "max": None}
+    ordered = sorted(samples)
+    return {
+        "n": len(ordered),
+        "median": round(statistics.median(ordered), 3),
+        "p99": round(percentile_nearest_rank(ordered, 99), 3),
+        "min": round(ordered[0], 3),
+        "max": round(ordered[-1], 3),
     }
