@@ -186,7 +186,7 @@ async def test_a_stop_cancels_the_tool_call_in_flight_before_the_halt(app: Runti
     await app.operations.interrupt(op.id, "test", "stop the tool")
     events = await collect(app, op.id)
     settled = assert_settled_once(events)
-    [(started, end)] = settled.values()
+    [(_, end)] = settled.values()
     assert end.kind is EventKind.TOOL_CALL_CANCELLED and end.data["reason"] == STOPPED_REASON
     kinds = [e.kind for e in events]
     assert kinds.index(EventKind.STOP_REQUESTED) < end.seq - 1 < kinds.index(EventKind.INTERRUPTED)
