@@ -75,6 +75,9 @@ class ToolAgent:
                     raise StepFailed("the model refused: content policy")
             return StepResult(output="manual", done=True)
         outcomes: list[JSONValue] = []
+        await ctx.event("plan", {"calls": [c["name"] for c in ctx.input.get("calls", [])]})
+        await ctx.delta("Let me ")
+        await ctx.delta("check.")
         for spec in ctx.input.get("calls", []):
             outcome = await ctx.call_tool(spec["name"], spec.get("arguments", {}))
             outcomes.append({"ok": outcome.ok, "result": outcome.result, "error": outcome.error})
