@@ -77,8 +77,9 @@ def describe_event(event: op_pb.Event) -> str:
 
 
 def _compact(value: Any, limit: int = 200) -> str:
-    """A JSON value on one line, cut to `limit` characters (the --json output is exact)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """A JSON value on one line, keys sorted (a Struct's keys have no order), cut to `limit`
+    characters (the --json output is exact)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
