@@ -4,6 +4,7 @@ print the transcript the section shows (call ids aside) and complete with the ex
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -43,7 +44,7 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayP
     serve = blocks(section(), "sh")[0].replace("\\\n", " ").splitlines()[0]
     words = shlex.split(serve)
     extra: list[str] = []
-    for flag, value in zip(words, words[1:], strict=False):
+    for flag, value in itertools.pairwise(words):
         if flag in ("--tool", "--agent"):
             extra += [flag, value]
     assert extra.count("--tool") == 2 and extra.count("--agent") == 1
