@@ -106,3 +106,15 @@ def test_json_prints_the_structured_events_exactly(gateway: tuple[GatewayProcess
     ]
     assert [f["call_id"] for f in by_kind["tool_call_failed"]] == call_ids[1:]
     assert by_kind["tool_call_failed"][0]["error"] == "ValueError: boom: the tool broke"
+
+
+def test_runtime_serve_help_shows_the_tool_and_delta_flags() -> None:
+    shown = subprocess.run(
+        [*stopline_command(), "runtime", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 0, shown.stderr
+    for flag in ("--tool", "--delta-flush-seconds", "--delta-flush-chars", "--worker-pool-size"):
+        assert flag in shown.stdout

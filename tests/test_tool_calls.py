@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from runtime_service import convert
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.step_events import NO_RESULT, STOPPED_REASON
 from stopline.events import TOOL_CALL_ENDINGS
+from stopline.json_values import value_to_python
 from tests.conftest import eventually, runtime_config
 from tests.test_runner import collect, first_event
 from tests.tool_agents import StreamingAgent, agent_registry, tool_registry
@@ -193,6 +195,22 @@ async def test_a_stop_cancels_the_tool_call_in_flight_before_the_halt(app: Runti
     assert events[-1].kind is EventKind.INTERRUPTED and events[-1].data["mid_step"]
     stored = await app.operations.get(op.id)
     assert stored.agent_state == {"kept": "for a stop"}  # keep_on_stop, stored by the halt
+    shown = convert.operation_to_pb(stored).state
+    assert value_to_python(shown) == {"kept": "for a stop"}  # Operation.state on the wire
+
+
+async def test_a_call_the_agent_will_not_leave_is_settled_by_the_runtime_once(
+    app: RuntimeApp,
+) -> None:
+    op = (await app.operations.start("stubborn_tool", {}, "")).operation
+    await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+    await app.operations.interrupt(op.id, "test", "stop ignoring me")
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.INTERRUPTED
+    [(_, end)] = assert_settled_once(events).values()
+    assert end.kind is EventKind.TOOL_CALL_CANCELLED
+    await app.runner.shutdown()  # cancels the abandoned step again: its exit must add nothing
+    assert await app.storage.events_after(op.id, 0) == events
 
 
 def pid_gone(pid: int) -> bool:

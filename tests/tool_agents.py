@@ -84,6 +84,25 @@ class ToolAgent:
         return StepResult(state={"outcomes": outcomes}, output=outcomes, done=True)
 
 
+class StubbornToolAgent:
+    """Opens a tool call and ignores the stop's cancellation inside it: the runtime must settle
+    the call itself when the stop grace runs out, and the agent's own exit must not add a
+    second ending."""
+
+    def validate_input(self, input: dict[str, Any]) -> None:
+        return None
+
+    async def step(self, ctx: StepContext) -> StepResult:
+        async with ctx.tool_call("stubborn", {}) as call:
+            await ctx.emit("in the call")
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                await asyncio.sleep(60)  # ignores the stop; cancelled again only at shutdown
+            call.finish("too late")
+        return StepResult(done=True)
+
+
 class BoomTool(Tool):
     description = "Always raises."
     parameters: ClassVar[dict[str, Any]] = {"type": "object"}
@@ -116,5 +135,6 @@ def agent_registry(streaming: StreamingAgent | None = None) -> AgentRegistry:
             "deltas": DeltaAgent(),
             "streaming": streaming or StreamingAgent(),
             "tools": ToolAgent(),
+            "stubborn_tool": StubbornToolAgent(),
         }
     )
