@@ -10,6 +10,11 @@ A stop reaches a running operation two ways, and either is enough on its own:
   periodic look at the stored stop intent is the fallback. Output is refused once a stop is
   recorded, so an agent emitting before the stop reached this runner learns of it that way.
 
+What a step writes while it runs (output, token deltas, agent events, tool calls) goes through its
+StepEvents (step_events.py). Whatever way the step ends, the runner closes them before its next
+write: buffered deltas are written and every tool call still open gets its one ending (cancelled
+by the stop, or failed), so all of it lands before the boundary, the failure or the halt.
+
 Ownership: a runner runs an operation under a lease it renews; every write it makes is
 conditional on still owning it. Work is claimed by a claim loop (woken by notifications, a
 finished run, or its poll timer), never more than `max_running` at once.
