@@ -355,7 +355,7 @@ class Runner:
                     await self._cancel_step(op_id, step_task)
                 # Deltas passed before the stop reached the step, then the calls it cut.
                 await events.close(stopping=True)
-                kept = None if ctx.kept is None else KeptState(ctx.kept.state)
+                kept = self._kept(op_id, ctx)
                 await self._halt(run, step, mid_step=True, kept=kept)
                 return
             run.step_task = None
@@ -385,6 +385,17 @@ class Runner:
             step += 1
             state = result.state
             started = written[1] if len(written) > 1 else None
+
+    @staticmethod
+    def _kept(op_id: str, ctx: StepContext) -> KeptState | None:
+        """The state the cut step kept for a stop, if any and if JSON can store it."""
+        if ctx.kept is None:
+            return None
+        problem = _json_error(ctx.kept.state)
+        if problem is not None:
+            log.warning("operation %s: keep_on_stop state not stored: %s", op_id, problem)
+            return None
+        return KeptState(ctx.kept.state)
 
     @staticmethod
     def _failure(step_task: asyncio.Task[StepResult]) -> str | None:

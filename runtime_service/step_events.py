@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from runtime_service.domain import EventKind, JSONValue
 from runtime_service.storage import Appended, Storage
 from runtime_service.tools.toolbox import ToolBox, ToolFailed, parse_arguments
 from stopline.json_values import shown
+
+log = logging.getLogger(__name__)
 
 Write = Callable[[Awaitable[Appended | None]], Awaitable[Appended | None]]
 
@@ -93,8 +96,16 @@ class StepEvents:
 
     def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._writes.add(future)
-        future.add_done_callback(self._writes.discard)
+        future.add_done_callback(self._written)
         return future
+
+    def _written(self, future: asyncio.Future[Any]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            # The caller that awaited it (if any) got the error too; a timer's flush has none.
+            # A storage failure fails the runner's next write as well, which leaves the
+            # operation to be resumed (see runner._run).
+            log.warning("operation %s: a write failed: %s", self.operation_id, future.exception())
 
     async def _append(
         self, kind: EventKind, data: dict[str, JSONValue], outlives_stop: bool

@@ -85,7 +85,9 @@ class ToolBox:
         validator = self._validators.get(name)
         if validator is None:
             validator = self._validators[name] = Draft202012Validator(tool.parameters)
-        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+        errors = sorted(
+            validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.absolute_path]
+        )
         if errors:
             first = errors[0]
             raise ToolFailed(f"{_where(first)}: {first.message}")
