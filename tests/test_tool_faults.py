@@ -23,6 +23,7 @@ from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.credentials import runtime_sync_channel
 from tests.processes import RuntimeProcess, ServiceProcess
 from tests.test_replicas import assert_gap_free
+from tests.test_tool_calls import pid_gone
 
 REPO = Path(__file__).resolve().parent.parent
 # Short leases, the test agent and a tool given with --tool (importable through PYTHONPATH).
@@ -118,3 +119,24 @@ def test_runtime_killed_mid_tool_call_settles_it_outcome_unknown_before_the_reru
     assert settled["reason"] == OUTCOME_UNKNOWN_REASON and settled["step"] == 0
     assert kinds.index("stop_requested") < rerun[1][0] - 1 < kinds.index("interrupted")
     assert_gap_free(db_url)
+
+
+def test_a_blocking_call_does_not_outlive_a_runtime_killed_with_minus_9(
+    sqlite_url: str, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    runtime = RuntimeProcess(sqlite_url, tmp_path, extra_args=ARGS, env=ENV)
+    processes.append(runtime)
+    code = "import os\nprint(os.getpid(), flush=True)\nwhile True:\n    pass\n"
+    value = struct_pb2.Struct()
+    value.update({"calls": [{"name": "python", "arguments": {"code": code}}]})
+    with runtime_sync_channel(runtime.address) as channel:
+        started = rt_grpc.RuntimeServiceStub(channel).StartOperation(
+            rt_pb.StartOperationRequest(agent="tools", input=value), timeout=10
+        )
+    log = wait_for_log(sqlite_url, started.operation.id, lambda kinds: "output_chunk" in kinds)
+    pid = int(next(data["text"] for _, kind, data in log if kind == "output_chunk"))
+    runtime.kill()
+    deadline = time.monotonic() + 20
+    while not pid_gone(pid):
+        assert time.monotonic() < deadline, f"worker {pid} outlived its runtime"
+        time.sleep(0.05)  # polling interval, not synchronisation: the loop checks the process
