@@ -15,6 +15,7 @@ from runtime_service import convert
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.step_events import NO_RESULT, STOPPED_REASON
+from runtime_service.tools import ToolLoadError, ToolRegistry
 from stopline.events import TOOL_CALL_ENDINGS
 from stopline.json_values import value_to_python
 from tests.conftest import eventually, runtime_config
@@ -83,6 +84,15 @@ async def test_token_deltas_are_coalesced_into_few_events(app: RuntimeApp) -> No
     # Flushed before the step's next event: every delta precedes the output emitted after it.
     chunk = next(e for e in events if e.kind is EventKind.OUTPUT_CHUNK)
     assert all(e.seq < chunk.seq for e in written)
+
+
+async def test_deltas_streamed_over_time_are_written_per_flush_window(app: RuntimeApp) -> None:
+    # 200 deltas a millisecond or more apart: about one event per 50 ms window, not per delta.
+    events = await run_to_end(app, "deltas", {"count": 200, "pause": 0.001})
+    assert events[-1].kind is EventKind.COMPLETED
+    written = [e for e in events if e.kind is EventKind.TEXT_DELTA]
+    assert 2 <= len(written) <= 100, f"{len(written)} events for 200 deltas"
+    assert deltas_text(events) == "".join(f"t{i} " for i in range(200))
 
 
 async def test_a_stop_mid_stream_keeps_every_delta_passed_before_it(
@@ -238,3 +248,18 @@ async def test_a_blocking_tool_spinning_forever_is_killed_on_a_stop(app: Runtime
         return pid_gone(pid)
 
     await eventually(gone, timeout=20)
+
+
+def test_tool_specs_and_loading_errors() -> None:
+    registry = tool_registry()
+    [python] = registry.specs(["python"])
+    assert python.parameters["required"] == ["code"] and not python.needs_approval
+    assert {"python", "sleep", "boom", "wait"} <= {spec.name for spec in registry.specs()}
+    with pytest.raises(KeyError, match="nope"):
+        registry.specs(["nope"])
+    with pytest.raises(ToolLoadError, match=r"must look like name=package\.module:attr"):
+        ToolRegistry.load(["just-a-name"], use_entry_points=False)
+    with pytest.raises(ToolLoadError, match="is not a tool"):
+        ToolRegistry.load(["x=tests.tool_agents:ToolAgent"], use_entry_points=False)
+    with pytest.raises(ToolLoadError, match="not a valid JSON schema"):
+        ToolRegistry.load(["x=tests.tool_agents:BadSchemaTool"], use_entry_points=False)

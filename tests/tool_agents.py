@@ -20,8 +20,11 @@ class DeltaAgent:
         return None
 
     async def step(self, ctx: StepContext) -> StepResult:
+        pause = float(ctx.input.get("pause", 0))
         for i in range(int(ctx.input.get("count", 200))):
             await ctx.delta(f"t{i} ")
+            if pause:
+                await asyncio.sleep(pause)  # a model streaming tokens
         await ctx.emit("after the deltas")
         return StepResult(output="done", done=True)
 
@@ -121,6 +124,11 @@ class WaitTool(Tool):
         await ctx.emit("waiting")
         await asyncio.Event().wait()
         return None
+
+
+class BadSchemaTool(Tool):
+    description = "Its schema is not one."
+    parameters: ClassVar[dict[str, Any]] = {"type": "object", "properties": {"x": {"type": 5}}}
 
 
 def tool_registry() -> ToolRegistry:
