@@ -13,7 +13,10 @@ from runtime_service.migrate import upgrade_to_head
 from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
 from runtime_service.runner import Runner, RunnerSettings
+from runtime_service.step_events import DeltaSettings
 from runtime_service.storage import PostgresStorage, Storage, open_storage
+from runtime_service.tools import ToolRegistry
+from runtime_service.tools.toolbox import ToolBox
 
 
 @dataclass
@@ -23,12 +26,28 @@ class RuntimeApp:
     hub: EventHub
     runner: Runner
     operations: OperationsService
+    tools: ToolBox
     listener: PostgresListener | None = None
 
     @classmethod
-    async def open(cls, config: RuntimeConfig, agents: AgentRegistry | None = None) -> RuntimeApp:
+    async def open(
+        cls,
+        config: RuntimeConfig,
+        agents: AgentRegistry | None = None,
+        tools: ToolRegistry | None = None,
+    ) -> RuntimeApp:
         """Connect, migrate, and resume what a previous process left unfinished."""
         registry = agents if agents is not None else AgentRegistry.load(config.agents)
+        if tools is None:
+            tools = ToolRegistry.load(
+                config.tools, python_max_seconds=config.python_tool_max_seconds
+            )
+        toolbox = ToolBox(
+            tools,
+            pool_size=config.worker_pool_size,
+            max_workers=config.max_workers,
+            stop_grace=config.stop_grace_seconds,
+        )
         engine = create_db_engine(config.database_url, config.db_busy_timeout_seconds)
         if config.migrate:
             await asyncio.to_thread(upgrade_to_head, engine)
@@ -41,11 +60,12 @@ class RuntimeApp:
             lease_seconds=config.lease_seconds,
             poll_seconds=config.poll_seconds,
             abort_mid_step=config.abort_mid_step,
+            deltas=DeltaSettings(config.delta_flush_seconds, config.delta_flush_chars),
         )
         # The one place that looks at the database's dialect: storage is chosen here, and with
         # it how replicas hear of each other (PostgreSQL notifications) or that there are none.
         storage: Storage = open_storage(db, config.database_url)
-        runner = Runner(storage, registry, hub, settings)
+        runner = Runner(storage, registry, hub, settings, toolbox)
         operations = OperationsService(config, storage, registry, hub, runner)
         listener = None
 
@@ -70,10 +90,11 @@ class RuntimeApp:
             # them now instead of waiting for their leases to lapse.
             await storage.expire_all_leases()
         runner.start()
-        return cls(config, storage, hub, runner, operations, listener)
+        return cls(config, storage, hub, runner, operations, toolbox, listener)
 
     async def close(self) -> None:
         await self.runner.shutdown()
+        await self.tools.close()
         if self.listener is not None:
             await self.listener.close()
         await self.storage.close()

@@ -144,6 +144,45 @@ def _database_option(fn: Any) -> Any:
     envvar="STOPLINE_AGENTS",
     help="Extra agent as name=package.module:attr (repeatable; env: space-separated).",
 )
+@click.option(
+    "--tool",
+    "tools",
+    multiple=True,
+    envvar="STOPLINE_TOOLS",
+    help="Extra tool as name=package.module:attr (repeatable; env: space-separated).",
+)
+@click.option(
+    "--delta-flush-seconds",
+    envvar="STOPLINE_DELTA_FLUSH_SECONDS",
+    type=click.FloatRange(min=0),
+    default=_DEFAULTS.delta_flush_seconds,
+    show_default=True,
+    help="Token deltas are buffered this long before they are written as one event.",
+)
+@click.option(
+    "--delta-flush-chars",
+    envvar="STOPLINE_DELTA_FLUSH_CHARS",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.delta_flush_chars,
+    show_default=True,
+    help="...or until they hold this many characters.",
+)
+@click.option(
+    "--worker-pool-size",
+    envvar="STOPLINE_WORKER_POOL_SIZE",
+    type=click.IntRange(min=0),
+    default=_DEFAULTS.worker_pool_size,
+    show_default=True,
+    help="Warm worker processes for blocking tools (started with the first blocking call).",
+)
+@click.option(
+    "--python-tool-max-seconds",
+    envvar="STOPLINE_PYTHON_TOOL_MAX_SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS.python_tool_max_seconds,
+    show_default=True,
+    help="Cap on the built-in python tool's time limit.",
+)
 @service_token_file_option
 @server_tls_options("STOPLINE_RUNTIME")
 @click.option(
@@ -169,6 +208,11 @@ def serve(
     abort_mid_step: bool,
     max_page_size: int,
     agents: tuple[str, ...],
+    tools: tuple[str, ...],
+    delta_flush_seconds: float,
+    delta_flush_chars: int,
+    worker_pool_size: int,
+    python_tool_max_seconds: float,
     service_token_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -185,6 +229,7 @@ def serve(
 
     from runtime_service.agents.registry import AgentLoadError
     from runtime_service.server import serve as serve_runtime
+    from runtime_service.tools import ToolLoadError
     from runtime_service.trust import TrustConfigError
     from stopline.errors import Unavailable
 
@@ -205,6 +250,12 @@ def serve(
         abort_mid_step=abort_mid_step,
         max_page_size=max_page_size,
         agents=agents,
+        tools=tools,
+        delta_flush_seconds=delta_flush_seconds,
+        delta_flush_chars=delta_flush_chars,
+        worker_pool_size=worker_pool_size,
+        max_workers=max(_DEFAULTS.max_workers, worker_pool_size),
+        python_tool_max_seconds=python_tool_max_seconds,
         service_tokens=service_tokens(service_token_file),
         tls=server_tls(tls_cert, tls_key, tls_client_ca),
         allow_any_caller=insecure_allow_any_caller,
@@ -212,7 +263,14 @@ def serve(
     )
     try:
         asyncio.run(serve_runtime(config))
-    except (AgentLoadError, OSError, SQLAlchemyError, TrustConfigError, Unavailable) as exc:
+    except (
+        AgentLoadError,
+        ToolLoadError,
+        OSError,
+        SQLAlchemyError,
+        TrustConfigError,
+        Unavailable,
+    ) as exc:
         # Unavailable: the storage could not reach the database at start-up (SQLAlchemyError:
         # the migrations could not).
         raise click.ClickException(str(exc)) from exc

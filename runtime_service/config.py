@@ -15,6 +15,13 @@ from stopline.limits import (
 from stopline.transport import DEFAULT_RUNTIME_ADDRESS, ServerTLS
 
 DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
+# How long and how much token deltas (StepContext.delta) are buffered before they are written as
+# one event. A model streams 50-100 tokens a second: 50 ms makes a transaction per 3-5 tokens
+# while a reader sees no lag.
+DEFAULT_DELTA_FLUSH_SECONDS = 0.05
+DEFAULT_DELTA_FLUSH_CHARS = 1024
+# The built-in python tool's cap on its time limit.
+DEFAULT_PYTHON_TOOL_MAX_SECONDS = 60.0
 
 
 def default_runner_id() -> str:
@@ -54,6 +61,17 @@ class RuntimeConfig:
     abort_mid_step: bool = True
     # Extra agents, each "name=package.module:attr".
     agents: tuple[str, ...] = ()
+    # Extra tools, each "name=package.module:attr".
+    tools: tuple[str, ...] = ()
+    # Token deltas (StepContext.delta) are written as one event per this long or this many chars.
+    delta_flush_seconds: float = DEFAULT_DELTA_FLUSH_SECONDS
+    delta_flush_chars: int = DEFAULT_DELTA_FLUSH_CHARS
+    # Warm worker processes for blocking tools, started with the first blocking call.
+    worker_pool_size: int = 1
+    # Most blocking calls run at once (more wait for a worker).
+    max_workers: int = 8
+    # The built-in python tool's time limit cap (a call may ask for less).
+    python_tool_max_seconds: float = DEFAULT_PYTHON_TOOL_MAX_SECONDS
     runner_id: str = field(default_factory=default_runner_id)
     # Apply Alembic migrations at start-up.
     migrate: bool = True

@@ -65,6 +65,7 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
     )
     msg.input.update(operation.input)
     msg.labels.update(operation.labels)
+    msg.state.CopyFrom(json_to_value(operation.agent_state))
     if operation.status is OperationStatus.COMPLETED:
         json_format.ParseDict(operation.result, msg.result)
     if operation.stop is not None:
@@ -90,6 +91,18 @@ _SCALAR_PAYLOADS: dict[EventKind, Any] = {
     EventKind.STOP_REQUESTED: op_pb.StopRequested,
     EventKind.FAILED: op_pb.OperationFailed,
     EventKind.INTERRUPTED: op_pb.OperationInterrupted,
+    EventKind.TEXT_DELTA: op_pb.TextDelta,
+    EventKind.TOOL_CALL_FAILED: op_pb.ToolCallFailed,
+    EventKind.TOOL_CALL_CANCELLED: op_pb.ToolCallCancelled,
+    EventKind.TOOL_CALL_OUTCOME_UNKNOWN: op_pb.ToolCallOutcomeUnknown,
+}
+# Payloads with one JSON value field (google.protobuf.Value): that field's name, the rest scalar.
+_VALUE_PAYLOADS: dict[EventKind, tuple[Any, str]] = {
+    EventKind.STEP_COMPLETED: (op_pb.StepCompleted, "output"),
+    EventKind.COMPLETED: (op_pb.OperationCompleted, "result"),
+    EventKind.TOOL_CALL_STARTED: (op_pb.ToolCallStarted, "arguments"),
+    EventKind.TOOL_CALL_FINISHED: (op_pb.ToolCallFinished, "result"),
+    EventKind.AGENT_EVENT: (op_pb.AgentEvent, "payload"),
 }
 
 
@@ -120,10 +133,10 @@ def event_to_pb(event: Event) -> op_pb.Event:
     payload_type = _SCALAR_PAYLOADS.get(event.kind)
     if payload_type is not None:
         payload = payload_type(**data)
-    elif event.kind is EventKind.STEP_COMPLETED:
-        payload = op_pb.StepCompleted(step=data["step"], output=json_to_value(data["output"]))
-    else:  # EventKind.COMPLETED
-        payload = op_pb.OperationCompleted(result=json_to_value(data["result"]))
+    else:
+        message_type, value_field = _VALUE_PAYLOADS[event.kind]
+        fields = {k: v for k, v in data.items() if k != value_field}
+        payload = message_type(**fields, **{value_field: json_to_value(data.get(value_field))})
     return op_pb.Event(
         operation_id=event.operation_id,
         seq=event.seq,

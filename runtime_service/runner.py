@@ -10,6 +10,11 @@ A stop reaches a running operation two ways, and either is enough on its own:
   periodic look at the stored stop intent is the fallback. Output is refused once a stop is
   recorded, so an agent emitting before the stop reached this runner learns of it that way.
 
+What a step writes while it runs (output, token deltas, agent events, tool calls) goes through its
+StepEvents (step_events.py). Whatever way the step ends, the runner closes them before its next
+write: buffered deltas are written and every tool call still open gets its one ending (cancelled
+by the stop, or failed), so all of it lands before the boundary, the failure or the halt.
+
 Ownership: a runner runs an operation under a lease it renews; every write it makes is
 conditional on still owning it. Work is claimed by a claim loop (woken by notifications, a
 finished run, or its poll timer), never more than `max_running` at once.
@@ -24,26 +29,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from runtime_service.agents.base import Agent, StepContext, StepResult
+from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, JSONValue, Operation
 from runtime_service.hub import EventHub
-from runtime_service.storage import STORAGE_FAILURES, Claimed, Storage
+from runtime_service.step_events import DeltaSettings, OperationHalted, StepEvents
+from runtime_service.storage import STORAGE_FAILURES, Appended, Claimed, KeptState, Storage
+from runtime_service.tools import ToolRegistry
+from runtime_service.tools.toolbox import ToolBox
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
-W = TypeVar("W", Event | None, list[Event])
+W = TypeVar("W")
 
-
-class OperationHalted(Exception):
-    """Raised inside an agent that emits output once a stop is recorded (nothing more is stored:
-    no output follows the stop_requested event), or after its operation ended or moved."""
+__all__ = ["OperationHalted", "Runner", "RunnerSettings"]
 
 
 @dataclass(eq=False)
@@ -69,6 +74,8 @@ class RunnerSettings:
     # False: a stop waits for the step in flight and lands at the next boundary (the behaviour
     # Stopline replaces; kept as the benchmarks' baseline).
     abort_mid_step: bool = True
+    # Token deltas are written as one event per this long or this many characters.
+    deltas: DeltaSettings = field(default_factory=DeltaSettings)
 
 
 def _json_error(value: JSONValue) -> str | None:
@@ -86,8 +93,10 @@ class Runner:
         agents: AgentRegistry,
         hub: EventHub,
         settings: RunnerSettings,
+        tools: ToolBox | None = None,
     ) -> None:
         self._storage = storage
+        self._tools = tools or ToolBox(ToolRegistry.load(use_entry_points=False))
         self._agents = agents
         self._hub = hub
         self.settings = settings
@@ -262,9 +271,12 @@ class Runner:
             self._publish(written)
         return written
 
-    def _publish(self, events: Sequence[Event] | Event | None) -> None:
+    def _publish(self, events: Any) -> None:
+        """The events a committed write reports (an Event, a list of them, or an Appended)."""
         if not events:
             return
+        if isinstance(events, Appended):
+            events = events.event
         self._hub.publish([events] if isinstance(events, Event) else events)
 
     async def _run(self, run: _Run, claimed: Claimed | None) -> None:
@@ -281,7 +293,7 @@ class Runner:
                     claimed, begun = taken
                     self._publish([claimed.event, begun])
             else:
-                self._publish(claimed.event)
+                self._publish([claimed.event, *claimed.settled])
             run.owned = True
             operation = claimed.operation
             agent = self._agents.get(operation.agent)
@@ -328,7 +340,8 @@ class Runner:
                 await self._halt(run, step, mid_step=True)
                 return
 
-            ctx = StepContext(op_id, step, operation.input, state, partial(self._emit, run, step))
+            events = self._step_events(run, step)
+            ctx = StepContext(op_id, step, operation.input, state, events)
             step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
             run.step_task = step_task
             either: set[asyncio.Future[Any]] = {step_task, run.stop}
@@ -340,13 +353,17 @@ class Runner:
                 # _emit) or in its wake. A step that returned in time is checkpointed below.
                 if not step_task.done():
                     await self._cancel_step(op_id, step_task)
-                await self._halt(run, step, mid_step=True)
+                # Deltas passed before the stop reached the step, then the calls it cut.
+                await events.close(stopping=True)
+                kept = self._kept(op_id, ctx)
+                await self._halt(run, step, mid_step=True, kept=kept)
                 return
             run.step_task = None
 
             lost = None if step_task.cancelled() else step_task.exception()
             if isinstance(lost, STORAGE_FAILURES):
                 raise lost  # the step failed because storage did: not the agent's failure
+            await events.close(stopping=False)
             failure = self._failure(step_task)
             if failure is not None:
                 await self._write(op_id, storage.fail(op_id, step, failure, me))
@@ -370,10 +387,23 @@ class Runner:
             started = written[1] if len(written) > 1 else None
 
     @staticmethod
+    def _kept(op_id: str, ctx: StepContext) -> KeptState | None:
+        """The state the cut step kept for a stop, if any and if JSON can store it."""
+        if ctx.kept is None:
+            return None
+        problem = _json_error(ctx.kept.state)
+        if problem is not None:
+            log.warning("operation %s: keep_on_stop state not stored: %s", op_id, problem)
+            return None
+        return KeptState(ctx.kept.state)
+
+    @staticmethod
     def _failure(step_task: asyncio.Task[StepResult]) -> str | None:
         if step_task.cancelled():
             return "the step was cancelled by the agent itself"
         exc = step_task.exception()
+        if isinstance(exc, StepFailed):
+            return exc.message
         if exc is not None:
             return f"{type(exc).__name__}: {exc}"
         result: object = step_task.result()
@@ -401,32 +431,27 @@ class Runner:
                 "operation %s: step raised while being cancelled: %r", op_id, step_task.exception()
             )
 
-    async def _halt(self, run: _Run, step: int, *, mid_step: bool) -> None:
+    async def _halt(
+        self, run: _Run, step: int, *, mid_step: bool, kept: KeptState | None = None
+    ) -> None:
         op_id = run.operation_id
-        halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at)
+        halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at, kept)
         await self._write(op_id, halted)
 
-    async def _emit(self, run: _Run, step: int, text: str) -> None:
-        """StepContext.emit. In the abort-mid-step mode no output is stored once a stop is
-        recorded (the write refuses it), so none follows the stop_requested event; a refused
-        chunk tells this runner of the stop, if nothing else has yet."""
-        if not isinstance(text, str):
-            raise TypeError(f"emit() takes a str, got {type(text).__name__}")
-        op_id = run.operation_id
-        keep_after_stop = not self.settings.abort_mid_step
-        if run.stop.done() and not keep_after_stop:
-            raise OperationHalted(f"operation {op_id} is being stopped; its output is closed")
-        # The write goes on even if the agent is cancelled while awaiting it, and its event is
-        # published when it lands (in _write), so the chunk is never stored yet unannounced.
-        chunk = self._storage.chunk(op_id, step, text, self.runner_id, keep_after_stop)
-        write = asyncio.ensure_future(self._write(op_id, chunk))
-        event = await asyncio.shield(write)
-        if event is None:
-            if not keep_after_stop:
-                # Refused: a stop is recorded (or the operation is no longer ours, and then the
-                # halt is refused too). The step is cut here even if the agent swallows this.
-                self._stop(run, None)
-            raise OperationHalted(f"operation {op_id} has ended or is being stopped")
+    def _step_events(self, run: _Run, step: int) -> StepEvents:
+        """The StepContext's events for `step`: see step_events for deltas and tool calls."""
+        return StepEvents(
+            operation_id=run.operation_id,
+            step=step,
+            runner_id=self.runner_id,
+            storage=self._storage,
+            write=partial(self._write, run.operation_id),
+            stopped=run.stop.done,
+            on_stop=partial(self._stop, run, None),
+            deltas=self.settings.deltas,
+            tools=self._tools,
+            abort_mid_step=self.settings.abort_mid_step,
+        )
 
 
 def _returned(step_task: asyncio.Task[StepResult]) -> bool:

@@ -32,9 +32,11 @@ import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from multiprocessing.context import ForkServerContext, SpawnContext
@@ -109,8 +111,35 @@ def _resolve(target: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
+def _watch_the_runtime(sock: socket.socket, busy: threading.Event) -> None:
+    """A daemon thread: if the runtime's end of the socket closes while a call runs (the runtime
+    died, say of kill -9), stop the call as a stop would (SIGTERM, then SIGKILL after the grace),
+    so a blocking call never runs on unseen after its runtime; whoever resumes the operation
+    settles the call's outcome as unknown. (The fork server cannot do this: every worker holds
+    the fd it watches, so it outlives the runtime as long as a worker does.) Between calls the
+    main loop reads the socket itself and exits at its end."""
+    while True:
+        select.select([sock], [], [])
+        try:
+            peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError:
+            peeked = b""
+        if not peeked and busy.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(_ORPHAN_GRACE)
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)  # data (or the end) the main loop has yet to read: look again soon
+
+
+_ORPHAN_GRACE = 2.0
+
+
 def _worker_main(sock: socket.socket) -> None:
     """The worker's loop: read a call, run it, answer; exit when stopped or the pipe closes."""
+    busy = threading.Event()
+    threading.Thread(target=_watch_the_runtime, args=(sock, busy), daemon=True).start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the pool decides
     signal.signal(signal.SIGTERM, _on_sigterm)
     lock = threading.Lock()  # emit may be called from the function's own threads
@@ -131,6 +160,7 @@ def _worker_main(sock: socket.socket) -> None:
         send({"op": "ready", "pid": os.getpid()})
         for line in reader:
             request = json.loads(line)
+            busy.set()
             try:
                 value = _resolve(request["target"])(request["args"], emit)
             except StopRequested:
@@ -143,6 +173,7 @@ def _worker_main(sock: socket.socket) -> None:
                     send({"op": "result", "value": value})  # encodes before it writes
                 except (TypeError, ValueError) as exc:
                     send({"op": "not_json", "message": f"the result is not JSON: {exc}"})
+            busy.clear()
             if _stopping:  # the function caught StopRequested and returned: still stop
                 return
     except (StopRequested, BrokenPipeError, ConnectionResetError):

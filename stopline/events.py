@@ -16,6 +16,13 @@ class EventKind(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    TEXT_DELTA = "text_delta"
+    TOOL_CALL_STARTED = "tool_call_started"
+    TOOL_CALL_FINISHED = "tool_call_finished"
+    TOOL_CALL_FAILED = "tool_call_failed"
+    TOOL_CALL_CANCELLED = "tool_call_cancelled"
+    TOOL_CALL_OUTCOME_UNKNOWN = "tool_call_outcome_unknown"
+    AGENT_EVENT = "agent_event"
 
     @property
     def is_terminal(self) -> bool:
@@ -26,4 +33,15 @@ class EventKind(enum.StrEnum):
 # `WhichOneof` can be looked up here directly.
 TERMINAL_EVENT_KINDS: frozenset[str] = frozenset(
     {EventKind.COMPLETED, EventKind.FAILED, EventKind.INTERRUPTED}
+)
+
+# The records that end a tool call: every tool_call_started is followed by exactly one of these
+# with the same call_id.
+TOOL_CALL_ENDINGS: frozenset[str] = frozenset(
+    {
+        EventKind.TOOL_CALL_FINISHED,
+        EventKind.TOOL_CALL_FAILED,
+        EventKind.TOOL_CALL_CANCELLED,
+        EventKind.TOOL_CALL_OUTCOME_UNKNOWN,
+    }
 )

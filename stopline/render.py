@@ -70,7 +70,42 @@ def describe_event(event: op_pb.Event) -> str:
         i = event.interrupted
         where = f"mid-step {i.step}" if i.mid_step else f"before step {i.step}"
         return prefix + f"INTERRUPTED {where}, halted {i.halt_ms:.1f} ms after the stop"
+    structured = _describe_structured(event, kind)
+    if structured is not None:
+        return prefix + structured
     return prefix + kind if kind else prefix + "(unknown event)"
+
+
+def _compact(value: Any, limit: int = 200) -> str:
+    """A JSON value on one line, keys sorted (a Struct's keys have no order), cut to `limit`
+    characters (the --json output is exact)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe_structured(event: op_pb.Event, kind: str | None) -> str | None:
+    """The agent's structured events (issue 13), or None for another kind."""
+    if kind == "text_delta":
+        return f"  {event.text_delta.text}"
+    if kind == "tool_call_started":
+        c = event.tool_call_started
+        args = _compact(value_to_python(c.arguments))
+        return f"tool call {c.call_id}: {c.name}({args})"
+    if kind == "tool_call_finished":
+        f = event.tool_call_finished
+        return f"tool call {f.call_id} finished: {_compact(value_to_python(f.result))}"
+    if kind == "tool_call_failed":
+        return f"tool call {event.tool_call_failed.call_id} FAILED: {event.tool_call_failed.error}"
+    if kind == "tool_call_cancelled":
+        c2 = event.tool_call_cancelled
+        return f"tool call {c2.call_id} cancelled: {c2.reason}"
+    if kind == "tool_call_outcome_unknown":
+        u = event.tool_call_outcome_unknown
+        return f"tool call {u.call_id} outcome unknown: {u.reason}"
+    if kind == "agent_event":
+        a = event.agent_event
+        return f"{a.kind}: {_compact(value_to_python(a.payload))}"
+    return None
 
 
 def describe_operation(operation: op_pb.Operation) -> str:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from runtime_service import convert
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.operations import _next_in_order
-from runtime_service.storage import SqliteStorage, Storage, StorageError
+from runtime_service.storage import Appended, SqliteStorage, Storage, StorageError
 from runtime_service.storage.sqlite_commit import WouldBlock
 from stopline.errors import AlreadyExists
 from stopline.v1 import operation_pb2 as op_pb
@@ -210,28 +210,35 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
         now = datetime.now(UTC)
         lease = storage._time(now)
         writes = [
-            *(group.run(storage._chunk, (o, 0, f"out {o}", "r", False)) for o in chunked),
+            *(
+                group.run(
+                    storage._append_event, (o, OUTPUT, {"step": 0, "text": f"out {o}"}, "r", False)
+                )
+                for o in chunked
+            ),
             group.run(broken, ()),
             *(
                 group.run(storage._boundary, (_advance(), o, 0, {"o": o}, {"s": 1}, "r"))
                 for o in advanced
             ),
-            *(group.run(storage._halt, (o, 0, True, "r", None)) for o in halted),
+            *(group.run(storage._halt, (o, 0, True, "r", None, None)) for o in halted),
             group.run(storage._claim_and_start, (fresh, "r", lease, now)),
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert batches[0] == len(writes), "the writes were not batched"
         assert isinstance(results[4], Exception) and "no_such_table" in str(results[4])
-        for op_id, event in zip(chunked, results[:4], strict=True):
-            assert isinstance(event, Event) and event.kind is EventKind.OUTPUT_CHUNK
+        for op_id, appended in zip(chunked, results[:4], strict=True):
+            assert isinstance(appended, Appended)
+            event = appended.event
+            assert event.kind is EventKind.OUTPUT_CHUNK
             stored = await storage.events_after(op_id, event.seq - 1)
             assert stored[0].data["text"] == f"out {op_id}"
         for op_id, events in zip(advanced, results[5:9], strict=True):
             assert isinstance(events, list)
             assert [e.kind for e in events] == [EventKind.STEP_COMPLETED, EventKind.STEP_STARTED]
             assert (await storage.events_after(op_id, events[0].seq - 1))[:2] == events
-        for op_id, event in zip(halted, results[9:13], strict=True):
-            assert isinstance(event, Event) and event.kind is EventKind.INTERRUPTED
+        for op_id, halt in zip(halted, results[9:13], strict=True):
+            assert isinstance(halt, Event) and halt.kind is EventKind.INTERRUPTED
             op = await storage.get(op_id)
             assert op is not None and op.status is OperationStatus.INTERRUPTED
         assert isinstance(results[13], tuple)
@@ -244,6 +251,9 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
         await storage.close()
 
 
+OUTPUT = EventKind.OUTPUT_CHUNK
+
+
 def _advance() -> Any:
     from runtime_service.storage import sqlite
 
@@ -254,19 +264,28 @@ async def test_inline_writes_never_wait_for_a_locked_file(tmp_path: Path) -> Non
     storage = await sqlite_storage(tmp_path)
     try:
         op_id = await running(storage)
-        event = storage._inline.run(storage._chunk, op_id, 0, "now", "r", False)
+        event = storage._inline.run(
+            storage._append_event, op_id, OUTPUT, {"step": 0, "text": "now"}, "r", False
+        )
         assert event is not None
-        stored = await storage.events_after(op_id, event.seq - 1)
+        stored = await storage.events_after(op_id, event.event.seq - 1)
         assert stored[0].data == {"step": 0, "text": "now"}
         other = sqlite3.connect(tmp_path / "runtime.db", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # someone else holds the write lock
         before = await storage.events_after(op_id, 0)
         with pytest.raises(WouldBlock):
-            storage._inline.run(storage._chunk, op_id, 0, "blocked", "r", False)
+            storage._inline.run(
+                storage._append_event, op_id, OUTPUT, {"step": 0, "text": "blocked"}, "r", False
+            )
         other.execute("ROLLBACK")
         other.close()
         assert await storage.events_after(op_id, 0) == before
-        assert storage._inline.run(storage._chunk, op_id, 0, "later", "r", False) is not None
+        assert (
+            storage._inline.run(
+                storage._append_event, op_id, OUTPUT, {"step": 0, "text": "later"}, "r", False
+            )
+            is not None
+        )
     finally:
         await storage.close()
 

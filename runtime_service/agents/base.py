@@ -22,11 +22,22 @@ that re-raises) within the runtime's stop grace; it must not swallow the cancell
 already emitted is kept; once a stop is recorded `emit` stores nothing more and raises
 OperationHalted (runtime_service.runner), even before the cancellation arrives, so no output
 follows the stop in the operation's events.
+
+Structured events: `delta(text)` for a model's token deltas (buffered briefly and written as one
+`text_delta` event; flushed before any other event of the step, when the stop reaches the step
+and at its end, so nothing passed to delta() before the stop reached the step is lost);
+`event(kind, payload)` for kinds of your own; tool calls through `tool_call` (you run the tool)
+or `call_tool` (the runtime runs a registered tool). Every started tool call ends with exactly
+one record: finished, failed, cancelled by a stop, or (the process died mid-call) outcome
+unknown, written when the operation resumes, before the step runs again.
+
+A step that cannot go on raises StepFailed("why"): the operation ends FAILED with that message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +53,82 @@ class InvalidInput(ValueError):
         self.problem = problem
 
 
+class StepFailed(Exception):
+    """Raised by a step to end the operation FAILED with exactly `message` (no traceback)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class ToolCall:
+    """A tool call in progress (see StepContext.tool_call): finish or fail it before it ends."""
+
+    call_id: str
+    name: str
+    arguments: JSONValue
+    result: JSONValue = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)
+    ended: bool = field(default=False, init=False)
+
+    def finish(self, result: JSONValue) -> None:
+        self.result, self.error, self.ended = result, None, True
+
+    def fail(self, error: str) -> None:
+        self.result, self.error, self.ended = None, str(error), True
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """How a call_tool() call ended (a stop raises CancelledError instead)."""
+
+    call_id: str
+    ok: bool
+    result: JSONValue = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A registered tool as a model is told of it: `parameters` is its arguments' JSON schema
+    (an object schema)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    needs_approval: bool = False
+
+
+class StepEvents(Protocol):
+    """Where a StepContext's events go: the runtime's writer (runtime_service.step_events), or
+    a test's fake."""
+
+    async def emit(self, text: str) -> None: ...
+
+    async def delta(self, text: str) -> None: ...
+
+    async def event(self, kind: str, payload: JSONValue) -> None: ...
+
+    def tool_call(
+        self, name: str, arguments: JSONValue, call_id: str | None = None
+    ) -> AbstractAsyncContextManager[ToolCall]: ...
+
+    async def call_tool(
+        self, name: str, arguments: JSONValue, call_id: str | None = None
+    ) -> ToolOutcome: ...
+
+    def tool_specs(self, names: Sequence[str] | None = None) -> list[ToolSpec]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The state a step kept for a stop (see StepContext.keep_on_stop)."""
+
+    state: JSONValue
+
+
 @dataclass(slots=True)
 class StepContext:
     """What an agent sees while it takes a step."""
@@ -50,11 +137,48 @@ class StepContext:
     step: int
     input: dict[str, Any]
     state: JSONValue
-    _emit: Callable[[str], Awaitable[None]] = field(repr=False)
+    _events: StepEvents = field(repr=False)
+    kept: Kept | None = field(default=None, init=False, repr=False)
 
     async def emit(self, text: str) -> None:
         """Store and stream a piece of output now (not at the end of the step)."""
-        await self._emit(text)
+        await self._events.emit(text)
+
+    async def delta(self, text: str) -> None:
+        """A token delta of a model's answer: buffered for a few milliseconds (or characters)
+        and written with its neighbours as one `text_delta` event."""
+        await self._events.delta(text)
+
+    async def event(self, kind: str, payload: JSONValue) -> None:
+        """An event of a kind of your own, with a JSON payload, stored now."""
+        await self._events.event(kind, payload)
+
+    def tool_call(
+        self, name: str, arguments: JSONValue, call_id: str | None = None
+    ) -> AbstractAsyncContextManager[ToolCall]:
+        """`async with ctx.tool_call(name, args) as call:` records the call started; inside, run
+        the tool and call.finish(result) or call.fail(error). On exit it is recorded finished or
+        failed as set; an exception fails it (and propagates); a stop records it cancelled
+        (CancelledError propagates); neither finish nor fail -> failed."""
+        return self._events.tool_call(name, arguments, call_id)
+
+    async def call_tool(
+        self, name: str, arguments: JSONValue, call_id: str | None = None
+    ) -> ToolOutcome:
+        """Run a registered tool in a tool_call: `arguments` (an object, or the JSON text of
+        one) are checked against its schema first. Bad arguments, an unknown tool or a tool
+        that raises give a failed outcome, never an exception; a stop cancels the call (a
+        blocking tool's process is killed) and raises CancelledError after it is recorded."""
+        return await self._events.call_tool(name, arguments, call_id)
+
+    def tool_specs(self, names: Sequence[str] | None = None) -> list[ToolSpec]:
+        """The registered tools (all, or those named; an unknown name raises KeyError)."""
+        return self._events.tool_specs(names)
+
+    def keep_on_stop(self, state: JSONValue) -> None:
+        """The state to store if a stop cuts this step (e.g. the conversation with the partial
+        answer), readable as Operation.state. Without it the last checkpoint's state stays."""
+        self.kept = Kept(state)
 
 
 @dataclass(frozen=True, slots=True)

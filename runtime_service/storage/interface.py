@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from runtime_service.domain import Event, InterruptResult, JSONValue, Operation
+from runtime_service.domain import Event, EventKind, InterruptResult, JSONValue, Operation
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -85,6 +85,25 @@ class Claimed:
 
     operation: Operation
     event: Event
+    # Tool calls the dead owner left open, settled `tool_call_outcome_unknown` by the takeover
+    # (after `event`, before the step runs again).
+    settled: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """An event a runner appended mid-step, and whether a stop was recorded by then (a record
+    allowed after the stop tells its runner of the stop this way)."""
+
+    event: Event
+    stopping: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeptState:
+    """The state a step kept for a stop (StepContext.keep_on_stop), stored by the halt."""
+
+    state: JSONValue
 
 
 @dataclass
@@ -159,11 +178,24 @@ class Storage(Protocol):
         operation is no longer this runner's."""
         ...
 
+    async def append(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> Appended | None:
+        """Append an event of the step in flight (output, a text delta, an agent event, a tool
+        call record); None when the operation ended or changed hands, or a stop is recorded
+        (unless `outlives_stop`: records allowed between the stop and the halt, e.g. settling
+        a tool call, and everything in the stop-at-boundary mode)."""
+        ...
+
     async def chunk(
         self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
     ) -> Event | None:
-        """Store an output chunk; None when the operation ended or changed hands, or a stop is
-        recorded (unless `outlives_stop`: the stop-at-boundary mode keeps the step's output)."""
+        """append() of an output chunk."""
         ...
 
     async def advance(
@@ -188,9 +220,11 @@ class Storage(Protocol):
         mid_step: bool,
         runner_id: str,
         seen_at: datetime | None = None,
+        kept: KeptState | None = None,
     ) -> Event | None:
         """RUNNING -> INTERRUPTED after this runner halted. halt_ms (see halt_ms()) runs from
-        the committed stop; `seen_at`: when this runner learned of it, if it did so at once."""
+        the committed stop; `seen_at`: when this runner learned of it, if it did so at once;
+        `kept`: the state the cut step kept for a stop (else the last checkpoint's stays)."""
         ...
 
     async def fail(self, operation_id: str, step: int, error: str, runner_id: str) -> Event | None:

@@ -27,7 +27,14 @@ from runtime_service.domain import (
 from runtime_service.notifications import EVENTS, STOPS, WORK, libpq_url
 from runtime_service.storage.cursors import COLUMN_LIST, COLUMNS, Cursors
 from runtime_service.storage.errors import translated
-from runtime_service.storage.interface import Claimed, Created, request_hash, utcnow
+from runtime_service.storage.interface import (
+    Appended,
+    Claimed,
+    Created,
+    KeptState,
+    request_hash,
+    utcnow,
+)
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
 from runtime_service.storage.shared import SharedStorage, twin_of
 from runtime_service.storage.sql import PgSql
@@ -162,21 +169,23 @@ SELECT last_seq, attempt.n, {_NOTIFY_EVENT} FROM op, attempt""",
     **_OWNED_TYPES, step=INT,
 )  # fmt: skip
 
+# An event of the step in flight (every kind: output, deltas, agent events, tool call records).
 # Output is stored only while no stop is recorded, so once a stop_requested event is stored no
-# output follows it, only the halt. `:outlives_stop` lifts that for the stop-at-boundary mode,
-# where the step in flight runs to its end and its output is kept.
-_CHUNK = PgSql(
+# output follows it, only the halt. `:outlives_stop` lifts that for records allowed between the
+# stop and the halt (settling tool calls, deltas passed before the stop reached the step) and
+# for the stop-at-boundary mode, where the step in flight runs to its end and its output is kept.
+_APPEND = PgSql(
     f"""
 WITH op AS (
   UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
   WHERE {_OWNED} AND (stop_requested_at IS NULL OR :outlives_stop)
-  RETURNING last_seq
+  RETURNING last_seq, stop_requested_at IS NOT NULL AS stopping
 ), written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
-  SELECT :id, last_seq, 'output_chunk', :data, :now FROM op
+  SELECT :id, last_seq, :kind, :data, :now FROM op
 )
-SELECT last_seq, {_NOTIFY_EVENT} FROM op""",
-    **_OWNED_TYPES, outlives_stop=BOOL, data=TEXT,
+SELECT last_seq, stopping, {_NOTIFY_EVENT} FROM op""",
+    **_OWNED_TYPES, outlives_stop=BOOL, kind=TEXT, data=TEXT,
 )  # fmt: skip
 
 
@@ -230,7 +239,8 @@ _HALT = PgSql(
     f"""
 WITH op AS (
   UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
-    status = 'INTERRUPTED', finished_at = :now
+    status = 'INTERRUPTED', finished_at = :now,
+    agent_state_json = coalesce(:state, agent_state_json)
   WHERE {_OWNED}
   RETURNING last_seq,
     '{{"mid_step":' || CASE WHEN :mid_step THEN 'true' ELSE 'false' END || ',"step":' || :step
@@ -242,7 +252,7 @@ WITH op AS (
   SELECT :id, last_seq, 'interrupted', data, :now FROM op
 )
 SELECT last_seq, data, {_NOTIFY_EVENT} FROM op""",
-    **_OWNED_TYPES, step=INT, mid_step=BOOL, seen=TIME,
+    **_OWNED_TYPES, step=INT, mid_step=BOOL, seen=TIME, state=TEXT,
 )  # fmt: skip
 
 _FAIL = PgSql(
@@ -415,25 +425,30 @@ class PostgresStorage(SharedStorage):
 
         return await self._run(_START_STEP, params, read)
 
-    async def chunk(
-        self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
-    ) -> Event | None:
+    async def append(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> Appended | None:
         now = utcnow()
-        data: dict[str, JSONValue] = {"step": step, "text": text}
         params = {
             "id": operation_id,
             "runner": runner_id,
             "now": self._time(now),
             "outlives_stop": outlives_stop,
+            "kind": kind.value,
             "data": dump_json(data),
         }
 
-        def read(row: Any) -> Event | None:
+        def read(row: Any) -> Appended | None:
             if row is None:
                 return None
-            return Event(operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
+            return Appended(Event(operation_id, row[0], kind, data, now), stopping=row[1])
 
-        return await self._run(_CHUNK, params, read)
+        return await self._run(_APPEND, params, read)
 
     async def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
@@ -496,9 +511,11 @@ class PostgresStorage(SharedStorage):
         mid_step: bool,
         runner_id: str,
         seen_at: datetime | None = None,
+        kept: KeptState | None = None,
     ) -> Event | None:
         now = utcnow()
         params = {
+            "state": None if kept is None else dump_json(kept.state),
             "id": operation_id,
             "runner": runner_id,
             "now": self._time(now),

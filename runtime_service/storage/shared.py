@@ -10,6 +10,7 @@ there is one replica) an operation is never claimed twice.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -27,6 +28,7 @@ from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
     ABANDONED,
     STOPPING,
+    Appended,
     ClaimBatch,
     Claimed,
     ListCursor,
@@ -35,9 +37,15 @@ from runtime_service.storage.interface import (
     utcnow,
 )
 from stopline.errors import AlreadyExists
+from stopline.events import TOOL_CALL_ENDINGS
 from stopline.json_values import dump_json, shown
 
 P = ParamSpec("P")
+
+OUTCOME_UNKNOWN_REASON = (
+    "the runtime running this tool call stopped mid-call (crashed or lost its lease); "
+    "whether the tool's effect happened is unknown"
+)
 T = TypeVar("T")
 
 
@@ -76,6 +84,25 @@ class SharedStorage:
 
     async def close(self) -> None:
         self.db.close()
+
+    async def append(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> Appended | None:
+        raise NotImplementedError  # each dialect's module writes it
+
+    async def chunk(
+        self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
+    ) -> Event | None:
+        data: dict[str, JSONValue] = {"step": step, "text": text}
+        appended = await self.append(
+            operation_id, EventKind.OUTPUT_CHUNK, data, runner_id, outlives_stop
+        )
+        return None if appended is None else appended.event
 
     # ----------------------------------------------------------------------------- reads
 
@@ -178,9 +205,7 @@ class SharedStorage:
             for row in conn.execute(query).all():
                 if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
                     # Stopped while its owner was dead: end it, never resume it.
-                    event = self._halt_orphan(conn, row.id, now)
-                    if event is not None:
-                        batch.finished.append(event)
+                    batch.finished.extend(self._halt_orphan(conn, row.id, now))
                     continue
                 claimed = self._take(
                     conn,
@@ -269,12 +294,15 @@ class SharedStorage:
         )
         if event is None:
             return None
+        settled: list[Event] = []
         if resumed:
             self._settle_abandoned(conn, operation_id, now)
+            mine = operations.c.runner_id == runner_id
+            settled = self._settle_open_calls(conn, operation_id, now, mine)
         row = conn.execute(select(operations).where(operations.c.id == operation_id)).one()
-        return Claimed(operation_from_row(row), event)
+        return Claimed(operation_from_row(row), event, tuple(settled))
 
-    def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> Event | None:
+    def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> list[Event]:
         """End an operation stopped while its owner was dead. If the owner died in the middle
         of a step (its attempt never finished), that step was cut: the halt says so."""
         step, requested_at = conn.execute(
@@ -289,6 +317,7 @@ class SharedStorage:
                 steps.c.finished_at.is_(None),
             )
         ).first()
+        settled = self._settle_open_calls(conn, operation_id, now, _running_lease_lapsed(now))
         event = self._append(
             conn,
             operation_id,
@@ -304,7 +333,37 @@ class SharedStorage:
         )
         if event is not None:
             self._settle_abandoned(conn, operation_id, now)
-        return event
+        return [*settled, event] if event is not None else []
+
+    def _settle_open_calls(
+        self, conn: Connection, operation_id: str, now: datetime, where: ColumnElement[bool]
+    ) -> list[Event]:
+        """Settle the tool calls a dead owner left open as `tool_call_outcome_unknown`, in the
+        transaction that takes the operation over (or halts it), so every started call has
+        exactly one ending before the step runs again. The event log is the call table: a call
+        is open when its tool_call_started has no ending with the same call_id."""
+        kinds = [EventKind.TOOL_CALL_STARTED.value, *sorted(TOOL_CALL_ENDINGS)]
+        rows = conn.execute(
+            select(events.c.kind, events.c.data_json)
+            .where(events.c.operation_id == operation_id, events.c.kind.in_(kinds))
+            .order_by(events.c.seq)
+        ).all()
+        open_calls: dict[str, int] = {}
+        for kind, data_json in rows:
+            data = json.loads(data_json)
+            if kind == EventKind.TOOL_CALL_STARTED:
+                open_calls[data["call_id"]] = data["step"]
+            else:
+                open_calls.pop(data["call_id"], None)
+        settled = []
+        for call_id, step in open_calls.items():
+            data = {"step": step, "call_id": call_id, "reason": OUTCOME_UNKNOWN_REASON}
+            event = self._append(
+                conn, operation_id, EventKind.TOOL_CALL_OUTCOME_UNKNOWN, data, now, where, {}
+            )
+            if event is not None:
+                settled.append(event)
+        return settled
 
     @staticmethod
     def _settle_abandoned(conn: Connection, operation_id: str, now: datetime) -> None:

@@ -29,8 +29,10 @@ from runtime_service.rows import operation_from_row
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
+    Appended,
     Claimed,
     Created,
+    KeptState,
     halt_ms,
     request_hash,
     utcnow,
@@ -83,13 +85,15 @@ UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
 WHERE {_OWNED} AND stop_requested_at IS NULL
 RETURNING last_seq""")
 
+# An event of the step in flight (every kind: output, deltas, agent events, tool call records).
 # Output is stored only while no stop is recorded, so once a stop_requested event is stored no
-# output follows it, only the halt. `:outlives_stop` lifts that for the stop-at-boundary mode,
-# where the step in flight runs to its end and its output is kept.
-_BUMP_FOR_CHUNK = Sql(f"""
+# output follows it, only the halt. `:outlives_stop` lifts that for records allowed between the
+# stop and the halt (settling tool calls, deltas passed before the stop reached the step) and
+# for the stop-at-boundary mode, where the step in flight runs to its end and its output is kept.
+_BUMP_TO_APPEND = Sql(f"""
 UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
 WHERE {_OWNED} AND (stop_requested_at IS NULL OR :outlives_stop)
-RETURNING last_seq""")
+RETURNING last_seq, stop_requested_at""")
 
 # Checkpoint step N and, unless a stop is recorded, begin step N+1: one seq for step_completed,
 # a second for step_started only when no stop is recorded (the stop wins at the boundary).
@@ -112,9 +116,11 @@ UPDATE operations SET
 WHERE {_OWNED}
 RETURNING last_seq, stop_requested_at""")
 
+# `:state`: the state the cut step kept for a stop (NULL: the last checkpoint's stays).
 _HALT = Sql(f"""
 UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
-  status = 'INTERRUPTED', finished_at = :now
+  status = 'INTERRUPTED', finished_at = :now,
+  agent_state_json = coalesce(:state, agent_state_json)
 WHERE {_OWNED}
 RETURNING last_seq, stop_requested_at""")
 
@@ -321,25 +327,36 @@ class SqliteStorage(SharedStorage):
         data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
         return self._event(cur, operation_id, row[0], STEP_STARTED, data, now)
 
-    async def chunk(
-        self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
-    ) -> Event | None:
-        result: Event | None = await self._write(
-            self._chunk, operation_id, step, text, runner_id, outlives_stop
+    async def append(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> Appended | None:
+        result: Appended | None = await self._write(
+            self._append_event, operation_id, kind, data, runner_id, outlives_stop
         )
         return result
 
-    def _chunk(
-        self, cur: Any, operation_id: str, step: int, text: str, runner_id: str, outlives: bool
-    ) -> Event | None:
+    def _append_event(
+        self,
+        cur: Any,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives: bool,
+    ) -> Appended | None:
         now = utcnow()
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
-        cur.execute(_BUMP_FOR_CHUNK.text, {**params, "outlives_stop": outlives})
+        cur.execute(_BUMP_TO_APPEND.text, {**params, "outlives_stop": outlives})
         row = cur.fetchone()
         if row is None:
             return None
-        data: dict[str, JSONValue] = {"step": step, "text": text}
-        return self._event(cur, operation_id, row[0], EventKind.OUTPUT_CHUNK, data, now)
+        event = self._event(cur, operation_id, row[0], kind, data, now)
+        return Appended(event, stopping=row[1] is not None)
 
     async def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
@@ -412,9 +429,11 @@ class SqliteStorage(SharedStorage):
         mid_step: bool,
         runner_id: str,
         seen_at: datetime | None = None,
+        kept: KeptState | None = None,
     ) -> Event | None:
+        state = None if kept is None else dump_json(kept.state)
         result: Event | None = await self._write(
-            self._halt, operation_id, step, mid_step, runner_id, seen_at
+            self._halt, operation_id, step, mid_step, runner_id, seen_at, state
         )
         return result
 
@@ -426,10 +445,11 @@ class SqliteStorage(SharedStorage):
         mid_step: bool,
         runner_id: str,
         seen_at: datetime | None,
+        state: str | None,
     ) -> Event | None:
         now = utcnow()
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
-        cur.execute(_HALT.text, params)
+        cur.execute(_HALT.text, {**params, "state": state})
         row = cur.fetchone()
         if row is None:
             return None

@@ -142,6 +142,7 @@ class Operation(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID in canonical lowercase form)."""
     agent: _builtins.str
@@ -191,6 +192,12 @@ class Operation(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-defined metadata given at start."""
 
+    @_builtins.property
+    def state(self) -> _struct_pb2.Value:
+        """The agent's checkpointed state: after each step, the state it returned; for an operation a
+        stop cut mid-step, the state the step kept for a stop (StepContext.keep_on_stop), if any.
+        """
+
     def __init__(
         self,
         *,
@@ -209,10 +216,11 @@ class Operation(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         owner: _builtins.str = ...,
+        state: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "state", b"state", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "owner", b"owner", "result", b"result", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "owner", b"owner", "result", b"result", "state", b"state", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -455,6 +463,234 @@ class OperationInterrupted(_message.Message):
 Global___OperationInterrupted: _TypeAlias = OperationInterrupted  # noqa: Y015
 
 @_typing.final
+class TextDelta(_message.Message):
+    """Coalesced token deltas of a model's answer: the text the agent passed to ctx.delta() in a
+    short window (the runtime's delta_flush_seconds / delta_flush_chars), written as one event.
+    Concatenating a step's text_delta texts gives exactly the text the agent passed. Deltas the
+    agent passed before the stop reached its step are kept even if the stop was recorded first,
+    so a text_delta may follow stop_requested (never the terminal event).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    text: _builtins.str
+    """The text."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextDelta: _TypeAlias = TextDelta  # noqa: Y015
+
+@_typing.final
+class ToolCallStarted(_message.Message):
+    """A tool call began. Every started call ends with exactly one of ToolCallFinished,
+    ToolCallFailed, ToolCallCancelled or ToolCallOutcomeUnknown with the same call_id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    call_id: _builtins.str
+    """The call's id, unique within the operation (the model's, or one the runtime made)."""
+    name: _builtins.str
+    """The tool's name."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Value:
+        """The arguments as given (a string when the model sent JSON that does not parse)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "name", b"name", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallStarted: _TypeAlias = ToolCallStarted  # noqa: Y015
+
+@_typing.final
+class ToolCallFinished(_message.Message):
+    """Terminal for a tool call: it returned a result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    call_id: _builtins.str
+    """The call's id."""
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value:
+        """What the tool returned."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        result: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "result", b"result", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallFinished: _TypeAlias = ToolCallFinished  # noqa: Y015
+
+@_typing.final
+class ToolCallFailed(_message.Message):
+    """Terminal for a tool call: it failed (bad arguments, an unknown tool, or the tool raised)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    call_id: _builtins.str
+    """The call's id."""
+    error: _builtins.str
+    """What went wrong, naming the argument when an argument was wrong."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallFailed: _TypeAlias = ToolCallFailed  # noqa: Y015
+
+@_typing.final
+class ToolCallCancelled(_message.Message):
+    """Terminal for a tool call: a stop cut it (a blocking tool's process was stopped). Recorded
+    after stop_requested and before the operation's interrupted event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    call_id: _builtins.str
+    """The call's id."""
+    reason: _builtins.str
+    """Why it was cancelled."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallCancelled: _TypeAlias = ToolCallCancelled  # noqa: Y015
+
+@_typing.final
+class ToolCallOutcomeUnknown(_message.Message):
+    """Terminal for a tool call: the process running it died mid-call, so whether the tool's effect
+    happened is unknown. Written when the operation is resumed (or halted) by another runner,
+    before the step runs again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    call_id: _builtins.str
+    """The call's id."""
+    reason: _builtins.str
+    """Why the outcome is unknown."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "reason", b"reason", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallOutcomeUnknown: _TypeAlias = ToolCallOutcomeUnknown  # noqa: Y015
+
+@_typing.final
+class AgentEvent(_message.Message):
+    """An event of the agent's own kind with a JSON payload (progress, a plan, a citation...)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step."""
+    kind: _builtins.str
+    """The agent-defined kind."""
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """The agent-defined payload."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        payload: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "payload", b"payload", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """One entry of an operation's durable, gap-free event sequence."""
 
@@ -472,6 +708,13 @@ class Event(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     INTERRUPTED_FIELD_NUMBER: _builtins.int
+    TEXT_DELTA_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_STARTED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FINISHED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FAILED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_CANCELLED_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
+    AGENT_EVENT_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation the event belongs to."""
     seq: _builtins.int
@@ -516,6 +759,34 @@ class Event(_message.Message):
     def interrupted(self) -> Global___OperationInterrupted:
         """See OperationInterrupted."""
 
+    @_builtins.property
+    def text_delta(self) -> Global___TextDelta:
+        """See TextDelta."""
+
+    @_builtins.property
+    def tool_call_started(self) -> Global___ToolCallStarted:
+        """See ToolCallStarted."""
+
+    @_builtins.property
+    def tool_call_finished(self) -> Global___ToolCallFinished:
+        """See ToolCallFinished."""
+
+    @_builtins.property
+    def tool_call_failed(self) -> Global___ToolCallFailed:
+        """See ToolCallFailed."""
+
+    @_builtins.property
+    def tool_call_cancelled(self) -> Global___ToolCallCancelled:
+        """See ToolCallCancelled."""
+
+    @_builtins.property
+    def tool_call_outcome_unknown(self) -> Global___ToolCallOutcomeUnknown:
+        """See ToolCallOutcomeUnknown."""
+
+    @_builtins.property
+    def agent_event(self) -> Global___AgentEvent:
+        """See AgentEvent."""
+
     def __init__(
         self,
         *,
@@ -531,12 +802,19 @@ class Event(_message.Message):
         completed: Global___OperationCompleted | None = ...,
         failed: Global___OperationFailed | None = ...,
         interrupted: Global___OperationInterrupted | None = ...,
+        text_delta: Global___TextDelta | None = ...,
+        tool_call_started: Global___ToolCallStarted | None = ...,
+        tool_call_finished: Global___ToolCallFinished | None = ...,
+        tool_call_failed: Global___ToolCallFailed | None = ...,
+        tool_call_cancelled: Global___ToolCallCancelled | None = ...,
+        tool_call_outcome_unknown: Global___ToolCallOutcomeUnknown | None = ...,
+        agent_event: Global___AgentEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "output_chunk", b"output_chunk", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "output_chunk", b"output_chunk", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "operation_id", b"operation_id", "output_chunk", b"output_chunk", "seq", b"seq", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "operation_id", b"operation_id", "output_chunk", b"output_chunk", "seq", b"seq", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["created", "started", "step_started", "output_chunk", "step_completed", "stop_requested", "completed", "failed", "interrupted"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["created", "started", "step_started", "output_chunk", "step_completed", "stop_requested", "completed", "failed", "interrupted", "text_delta", "tool_call_started", "tool_call_finished", "tool_call_failed", "tool_call_cancelled", "tool_call_outcome_unknown", "agent_event"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
