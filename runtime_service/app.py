@@ -28,7 +28,9 @@ class RuntimeApp:
     @classmethod
     async def open(cls, config: RuntimeConfig, agents: AgentRegistry | None = None) -> RuntimeApp:
         """Connect, migrate, and resume what a previous process left unfinished."""
-        registry = agents if agents is not None else AgentRegistry.load(config.agents)
+        registry = (
+            agents if agents is not None else AgentRegistry.load(config.agents, llm=config.llm)
+        )
         engine = create_db_engine(config.database_url, config.db_busy_timeout_seconds)
         if config.migrate:
             await asyncio.to_thread(upgrade_to_head, engine)

@@ -16,10 +16,27 @@ from stopline.transport import DEFAULT_RUNTIME_ADDRESS, ServerTLS
 
 DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
 
+# Where the `llm` agent's API key comes from, first one set wins. Read from the environment only
+# (never a flag, which `ps` would show); kept out of input, state and events.
+LLM_API_KEY_ENV = ("STOPLINE_LLM_API_KEY", "OPENAI_API_KEY")
+
 
 def default_runner_id() -> str:
     """Unique per process, readable in step records: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """How the built-in `llm` agent reaches its model provider (any OpenAI-compatible server)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    # Used when an operation's input names no model.
+    model: str = "gpt-4o-mini"
+    # Retries of a 429, a 5xx or a failed connection, with the SDK's backoff (honouring the
+    # provider's retry-after up to a minute); then the step fails naming the status.
+    max_retries: int = 2
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class RuntimeConfig:
     abort_mid_step: bool = True
     # Extra agents, each "name=package.module:attr".
     agents: tuple[str, ...] = ()
+    # The built-in `llm` agent's provider.
+    llm: LLMSettings = field(default_factory=LLMSettings)
     runner_id: str = field(default_factory=default_runner_id)
     # Apply Alembic migrations at start-up.
     migrate: bool = True

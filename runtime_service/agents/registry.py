@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Mapping
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, cast
 
 from runtime_service.agents.base import Agent
 from runtime_service.agents.builtin import EchoAgent, TickerAgent
+from runtime_service.agents.llm import LLMAgent
+from runtime_service.config import LLMSettings
 
 ENTRY_POINT_GROUP = "stopline.agents"
 
@@ -51,9 +53,22 @@ class AgentRegistry:
         self._agents = dict(agents)
 
     @classmethod
-    def load(cls, specs: Iterable[str] = (), *, use_entry_points: bool = True) -> AgentRegistry:
-        """Built-ins, then entry points, then `name=module:attr` specs from configuration."""
-        agents: dict[str, Agent] = {"echo": EchoAgent(), "ticker": TickerAgent()}
+    def load(
+        cls,
+        specs: Iterable[str] = (),
+        *,
+        use_entry_points: bool = True,
+        llm: LLMSettings | None = None,
+    ) -> AgentRegistry:
+        """Built-ins, then entry points, then `name=module:attr` specs from configuration.
+        `llm` configures the built-in `llm` agent's provider (constructing it is free: no
+        network, and the SDK is imported on its first step)."""
+        agents: dict[str, Agent] = {
+            "echo": EchoAgent(),
+            "ticker": TickerAgent(),
+            # cast: its step takes the subset of StepContext it uses (llm.LLMStepContext).
+            "llm": cast(Agent, LLMAgent(llm)),
+        }
         if use_entry_points:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 try:
