@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from stopline.limits import (
@@ -19,6 +20,11 @@ DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
 # Where the `llm` agent's API key comes from, first one set wins. Read from the environment only
 # (never a flag, which `ps` would show); kept out of input, state and events.
 LLM_API_KEY_ENV = ("STOPLINE_LLM_API_KEY", "OPENAI_API_KEY")
+
+
+def llm_api_key_from(environ: Mapping[str, str]) -> str | None:
+    """The `llm` agent's API key: the first of LLM_API_KEY_ENV that is set and not empty."""
+    return next((environ[name] for name in LLM_API_KEY_ENV if environ.get(name)), None)
 
 
 def default_runner_id() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import LLMSettings, RuntimeConfig
 from runtime_service.domain import JSONValue
 from tests.conftest import eventually
+from tests.processes import stopline_command
 
 USER = [{"role": "user", "content": "hello"}]
 KEY = "sk-test-secret-key"
@@ -563,3 +565,43 @@ def test_registry_builds_the_llm_agent_from_configuration() -> None:
     assert isinstance(agent, LLMAgent) and agent.settings == llm
     assert "sk-x" not in repr(RuntimeConfig(llm=llm))  # the key never shows in a repr
     assert isinstance(AgentRegistry.load(use_entry_points=False).get("llm"), LLMAgent)
+
+
+def test_api_key_comes_from_the_environment() -> None:
+    from runtime_service.config import llm_api_key_from
+
+    assert llm_api_key_from({}) is None
+    assert llm_api_key_from({"OPENAI_API_KEY": "sk-o"}) == "sk-o"
+    both = {"OPENAI_API_KEY": "sk-o", "STOPLINE_LLM_API_KEY": "sk-s"}
+    assert llm_api_key_from(both) == "sk-s"
+    assert llm_api_key_from({"STOPLINE_LLM_API_KEY": "", "OPENAI_API_KEY": "sk-o"}) == "sk-o"
+
+
+async def test_stopline_fake_llm_command_serves_the_agent(tmp_path: Any) -> None:
+    """`stopline fake-llm` as a process: it prints the base URL to use, and the agent streams
+    its scripted answer from it."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([{"text": "served by the command"}]))
+    proc = await asyncio.create_subprocess_exec(
+        *stopline_command(),
+        *["fake-llm", "--port", "0", "--tokens-per-second", "0", "--script", str(script)],
+        *["--api-key", KEY],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        base_url = first.strip().rsplit(" ", 1)[-1]
+        assert first.startswith("fake_llm listening on http://127.0.0.1:")
+        hint = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        assert f"--llm-base-url {base_url}" in hint
+        agent = LLMAgent(LLMSettings(base_url=base_url, api_key=KEY, max_retries=0))
+        ctx = FakeContext({"messages": USER})
+        try:
+            result = await agent.step(ctx)
+        finally:
+            await agent.aclose()
+        assert result.output == "served by the command" and len(ctx.deltas) == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
