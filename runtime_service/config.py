@@ -40,7 +40,7 @@ class LLMSettings:
     # Used when an operation's input names no model.
     model: str = "gpt-4o-mini"
     # Retries of a 429, a 5xx or a failed connection, with the SDK's backoff (honouring the
-    # provider's retry-after up to a minute); then the step fails naming the status.
+    # provider's retry-after); then the step fails naming the status.
     max_retries: int = 2
     api_key: str | None = field(default=None, repr=False)
 

@@ -565,6 +565,11 @@ def test_registry_builds_the_llm_agent_from_configuration() -> None:
     assert isinstance(agent, LLMAgent) and agent.settings == llm
     assert "sk-x" not in repr(RuntimeConfig(llm=llm))  # the key never shows in a repr
     assert isinstance(AgentRegistry.load(use_entry_points=False).get("llm"), LLMAgent)
+    with_tools = AgentRegistry.load(use_entry_points=False, tool_names=lambda: {"sleep"}).get("llm")
+    assert with_tools is not None
+    with_tools.validate_input({"messages": USER, "tools": ["sleep"]})
+    with pytest.raises(InvalidInput, match="not a registered tool"):
+        with_tools.validate_input({"messages": USER, "tools": ["python"]})
 
 
 def test_api_key_comes_from_the_environment() -> None:

@@ -9,7 +9,7 @@ arbitrary code.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any, cast
 
@@ -59,15 +59,17 @@ class AgentRegistry:
         *,
         use_entry_points: bool = True,
         llm: LLMSettings | None = None,
+        tool_names: Callable[[], Collection[str]] | None = None,
     ) -> AgentRegistry:
         """Built-ins, then entry points, then `name=module:attr` specs from configuration.
         `llm` configures the built-in `llm` agent's provider (constructing it is free: no
-        network, and the SDK is imported on its first step)."""
+        network, and the SDK is imported on its first step); `tool_names` lists the registered
+        tools, so that it refuses unknown ones in its input at start."""
         agents: dict[str, Agent] = {
             "echo": EchoAgent(),
             "ticker": TickerAgent(),
             # cast: its step takes the subset of StepContext it uses (llm.LLMStepContext).
-            "llm": cast(Agent, LLMAgent(llm)),
+            "llm": cast(Agent, LLMAgent(llm, tool_names)),
         }
         if use_entry_points:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
