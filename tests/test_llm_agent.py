@@ -291,11 +291,19 @@ async def test_malformed_arguments_fail_that_call_only(fake: FakeLLM, agent: LLM
 
 
 async def test_max_steps_bounds_the_loop(fake: FakeLLM, agent: LLMAgent) -> None:
+    """Model calls stop at the bound; tool calls already asked for are answered first, so the
+    last checkpoint is a conversation the API accepts for a next turn."""
     again = CallsTurn(calls=(ToolCall("add", '{"a": 1, "b": 1}'),))
     fake.set_script([again, again, again])
+    input = {"messages": USER, "tools": ["add"], "max_steps": 3}
+    state: JSONValue = None
+    for step in range(4):  # model, tools, model, tools (past the bound: answers the calls)
+        state = (await agent.step(FakeContext(input, state, step, TOOLS))).state
     with pytest.raises(StepFailed, match=r"max_steps \(3\) without a final answer"):
-        await run_steps(agent, {"messages": USER, "tools": ["add"], "max_steps": 3})
-    assert len(fake.requests) == 2  # steps 0 and 2 called the model, step 3 refused
+        await agent.step(FakeContext(input, state, 4, TOOLS))
+    assert len(fake.requests) == 2
+    assert isinstance(state, dict)
+    await accepted_next_turn(fake, state["messages"])
 
 
 # --- stops ---------------------------------------------------------------------------------

@@ -179,15 +179,17 @@ class LLMAgent:
             messages: list[dict[str, Any]] = list(state["messages"])
         else:
             messages = list(ctx.input["messages"])
+        pending = unanswered_tool_calls(messages)
+        if pending:
+            # Run even past max_steps: answered calls leave the checkpointed conversation valid
+            # for a next turn when the bound then fails the operation.
+            return await self._tool_step(ctx, messages, pending)
         max_steps = _max_steps(ctx.input)
         if ctx.step >= max_steps:
             raise StepFailed(
                 f"the llm agent reached max_steps ({max_steps}) without a final answer; "
                 "start a new operation with the conversation (Operation.state) to go on"
             )
-        pending = unanswered_tool_calls(messages)
-        if pending:
-            return await self._tool_step(ctx, messages, pending)
         return await self._model_step(ctx, messages)
 
     def provider(self) -> Provider:
