@@ -10,6 +10,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fake_llm.script import ScriptError, script_from_json
@@ -28,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _announce(base_url: str) -> None:
+    print(f"fake_llm listening on {base_url}", flush=True)
+
+
+async def _serve(args: argparse.Namespace, announce: Callable[[str], None]) -> None:
     script = []
     if args.script is not None:
         script = script_from_json(json.loads(args.script.read_text()))
@@ -44,17 +49,19 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     base_url = await fake.start(args.host, args.port)
-    print(f"fake_llm listening on {base_url}", flush=True)
+    announce(base_url)
     try:
         await done.wait()
     finally:
         await fake.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, announce: Callable[[str], None] = _announce) -> int:
+    """Serve until SIGINT/SIGTERM; `announce` gets the base URL once connections are accepted
+    (`stopline fake-llm` adds how to point the runtime at it)."""
     args = _parser().parse_args(argv)
     try:
-        asyncio.run(_serve(args))
+        asyncio.run(_serve(args, announce))
     except (OSError, ValueError, ScriptError) as exc:
         print(f"fake_llm: {exc}", file=sys.stderr)
         return 2

@@ -37,11 +37,18 @@ class RuntimeApp:
         tools: ToolRegistry | None = None,
     ) -> RuntimeApp:
         """Connect, migrate, and resume what a previous process left unfinished."""
-        registry = agents if agents is not None else AgentRegistry.load(config.agents)
         if tools is None:
             tools = ToolRegistry.load(
                 config.tools, python_max_seconds=config.python_tool_max_seconds
             )
+        known_tools = tools
+        registry = (
+            agents
+            if agents is not None
+            else AgentRegistry.load(
+                config.agents, llm=config.llm, tool_names=lambda: known_tools.names
+            )
+        )
         toolbox = ToolBox(
             tools,
             pool_size=config.worker_pool_size,

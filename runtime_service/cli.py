@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 import click
 
 from runtime_service.client import ClientError, RuntimeClient
-from runtime_service.config import RuntimeConfig
+from runtime_service.config import (
+    LLM_API_KEY_ENV,
+    LLMSettings,
+    RuntimeConfig,
+    llm_api_key_from,
+)
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -183,6 +189,29 @@ def _database_option(fn: Any) -> Any:
     show_default=True,
     help="Cap on the built-in python tool's time limit.",
 )
+@click.option(
+    "--llm-base-url",
+    envvar=["STOPLINE_LLM_BASE_URL", "OPENAI_BASE_URL"],
+    default=_DEFAULTS.llm.base_url,
+    show_default=True,
+    help="The llm agent's OpenAI-compatible API (env: STOPLINE_LLM_BASE_URL or OPENAI_BASE_URL). "
+    f"Its API key comes from the environment only: {' or '.join(LLM_API_KEY_ENV)}.",
+)
+@click.option(
+    "--llm-model",
+    envvar="STOPLINE_LLM_MODEL",
+    default=_DEFAULTS.llm.model,
+    show_default=True,
+    help="The llm agent's model when an operation's input names none.",
+)
+@click.option(
+    "--llm-max-retries",
+    envvar="STOPLINE_LLM_MAX_RETRIES",
+    type=click.IntRange(min=0),
+    default=_DEFAULTS.llm.max_retries,
+    show_default=True,
+    help="Retries (with backoff) of a model call answered 429 or 5xx, or whose connection failed.",
+)
 @service_token_file_option
 @server_tls_options("STOPLINE_RUNTIME")
 @click.option(
@@ -213,6 +242,9 @@ def serve(
     delta_flush_chars: int,
     worker_pool_size: int,
     python_tool_max_seconds: float,
+    llm_base_url: str,
+    llm_model: str,
+    llm_max_retries: int,
     service_token_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -256,6 +288,12 @@ def serve(
         worker_pool_size=worker_pool_size,
         max_workers=max(_DEFAULTS.max_workers, worker_pool_size),
         python_tool_max_seconds=python_tool_max_seconds,
+        llm=LLMSettings(
+            base_url=llm_base_url,
+            model=llm_model,
+            max_retries=llm_max_retries,
+            api_key=llm_api_key_from(os.environ),
+        ),
         service_tokens=service_tokens(service_token_file),
         tls=server_tls(tls_cert, tls_key, tls_client_ca),
         allow_any_caller=insecure_allow_any_caller,

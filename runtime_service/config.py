@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from stopline.limits import (
@@ -23,10 +24,32 @@ DEFAULT_DELTA_FLUSH_CHARS = 1024
 # The built-in python tool's cap on its time limit.
 DEFAULT_PYTHON_TOOL_MAX_SECONDS = 60.0
 
+# Where the `llm` agent's API key comes from, first one set wins. Read from the environment only
+# (never a flag, which `ps` would show); kept out of input, state and events.
+LLM_API_KEY_ENV = ("STOPLINE_LLM_API_KEY", "OPENAI_API_KEY")
+
+
+def llm_api_key_from(environ: Mapping[str, str]) -> str | None:
+    """The `llm` agent's API key: the first of LLM_API_KEY_ENV that is set and not empty."""
+    return next((environ[name] for name in LLM_API_KEY_ENV if environ.get(name)), None)
+
 
 def default_runner_id() -> str:
     """Unique per process, readable in step records: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """How the built-in `llm` agent reaches its model provider (any OpenAI-compatible server)."""
+
+    base_url: str = "https://api.openai.com/v1"
+    # Used when an operation's input names no model.
+    model: str = "gpt-4o-mini"
+    # Retries of a 429, a 5xx or a failed connection, with the SDK's backoff (honouring the
+    # provider's retry-after); then the step fails naming the status.
+    max_retries: int = 2
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,8 @@ class RuntimeConfig:
     max_workers: int = 8
     # The built-in python tool's time limit cap (a call may ask for less).
     python_tool_max_seconds: float = DEFAULT_PYTHON_TOOL_MAX_SECONDS
+    # The built-in `llm` agent's provider.
+    llm: LLMSettings = field(default_factory=LLMSettings)
     runner_id: str = field(default_factory=default_runner_id)
     # Apply Alembic migrations at start-up.
     migrate: bool = True

@@ -9,6 +9,7 @@ from gateway_service.cli import gateway
 from runtime_service.cli import runtime
 from stopline_cli.client import COMMANDS
 from stopline_cli.dev import dev
+from stopline_cli.fake_llm import fake_llm
 
 
 @click.group()
@@ -20,5 +21,6 @@ def main() -> None:
 main.add_command(runtime)
 main.add_command(gateway)
 main.add_command(dev)
+main.add_command(fake_llm)
 for command in COMMANDS:
     main.add_command(command)

@@ -9,12 +9,14 @@ arbitrary code.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
 from runtime_service.agents.base import Agent
 from runtime_service.agents.builtin import EchoAgent, TickerAgent
+from runtime_service.agents.llm import LLMAgent
+from runtime_service.config import LLMSettings
 
 ENTRY_POINT_GROUP = "stopline.agents"
 
@@ -51,9 +53,23 @@ class AgentRegistry:
         self._agents = dict(agents)
 
     @classmethod
-    def load(cls, specs: Iterable[str] = (), *, use_entry_points: bool = True) -> AgentRegistry:
-        """Built-ins, then entry points, then `name=module:attr` specs from configuration."""
-        agents: dict[str, Agent] = {"echo": EchoAgent(), "ticker": TickerAgent()}
+    def load(
+        cls,
+        specs: Iterable[str] = (),
+        *,
+        use_entry_points: bool = True,
+        llm: LLMSettings | None = None,
+        tool_names: Callable[[], Collection[str]] | None = None,
+    ) -> AgentRegistry:
+        """Built-ins, then entry points, then `name=module:attr` specs from configuration.
+        `llm` configures the built-in `llm` agent's provider (constructing it is free: no
+        network, and the SDK is imported on its first step); `tool_names` lists the registered
+        tools, so that it refuses unknown ones in its input at start."""
+        agents: dict[str, Agent] = {
+            "echo": EchoAgent(),
+            "ticker": TickerAgent(),
+            "llm": LLMAgent(llm, tool_names),
+        }
         if use_entry_points:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 try:
