@@ -51,8 +51,8 @@ DEMO_TOKENS_PER_SECOND = 15.0
 DEMO_SLEEP_SECONDS = 6
 DEMO_INTRO = (
     "Hello! I am the llm agent, streaming this answer from a local model server one token at a "
-    "time. Press Ctrl-C while I am still writing and the runtime cuts me off mid-sentence: the HTTP "
-    "stream to the model closes at once and the words so far are kept for the next turn. Now "
+    "time. Press Ctrl-C while I am still writing and the runtime cuts me off mid-sentence: the "
+    "HTTP stream to the model closes at once and the words so far are kept for the next turn. Now "
     f"let me call a slow tool that sleeps for {DEMO_SLEEP_SECONDS} seconds."
 )
 DEMO_OUTRO = (
@@ -142,7 +142,7 @@ def _report_model_stream(fake: FakeLLM, ctrl_c_at: float) -> None:
         after_ms = (closed[-1].client_closed_at - ctrl_c_at) * 1000
         click.echo(
             f"the model server saw its stream closed {after_ms:.0f} ms after Ctrl-C, "
-            f"after {closed[-1].tokens_sent} tokens"
+            f"having sent {closed[-1].tokens_sent} tokens"
         )
 
 
