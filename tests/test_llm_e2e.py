@@ -7,10 +7,15 @@ arguments fail that call only; a runaway `python` tool the model asked for is ki
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 
 from fake_llm import FakeLLM
 from fake_llm.script import ErrorTurn, RequestRecord, TextTurn, ToolCall, ToolCallsTurn, Turn
@@ -21,14 +26,20 @@ from runtime_service.app import RuntimeApp
 from runtime_service.config import LLMSettings
 from runtime_service.domain import Event, EventKind, Operation, OperationStatus
 from runtime_service.server import start_runtime
+from stopline.events import TOOL_CALL_ENDINGS
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.json_values import value_to_python
+from stopline.v1 import runtime_service_pb2 as rt_pb
+from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.conftest import eventually, runtime_config
-from tests.credentials import gateway_channel
+from tests.credentials import gateway_channel, runtime_sync_channel
+from tests.processes import RuntimeProcess, ServiceProcess
 from tests.test_gateway import gateway_config, start_request
+from tests.test_replicas import assert_gap_free
 from tests.test_runner import collect
 from tests.test_tool_calls import assert_settled_once, deltas_text, pid_gone
+from tests.test_tool_faults import wait_for_log
 
 API_KEY = "sk-test-e2e-0123456789"
 ANSWER = (
@@ -314,3 +325,90 @@ async def test_a_runaway_python_tool_the_model_asked_for_is_killed_on_a_stop(
     await eventually(gone, timeout=20)
     messages = kept_messages(await app.operations.get(op.id))
     assert messages[-1]["tool_call_id"] == "call_spin"
+
+
+# ------------------------------------------------------------------------ kill -9 mid-tool
+
+
+@pytest.fixture
+def fake_process(tmp_path: Path) -> Iterator[str]:
+    """`python -m fake_llm` in a subprocess (the runtimes are processes too, and this test's
+    own thread blocks on them): its base URL; /_fake/requests has what it saw."""
+    script = [
+        {
+            "kind": "tool_calls",
+            "calls": [{"name": "sleep", "arguments": '{"seconds": 600}', "id": "call_nap"}],
+        },
+        {"kind": "text", "text": "Done."},
+    ]
+    path = tmp_path / "script.json"
+    path.write_text(json.dumps(script))
+    command = [sys.executable, "-m", "fake_llm", "--port", "0", "--tokens-per-second", "0"]
+    process = subprocess.Popen(
+        [*command, "--script", str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("fake_llm listening on "), line
+        yield line.split()[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.close()
+
+
+def fake_requests(base_url: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/_fake/requests") as answer:
+        requests: list[dict[str, Any]] = json.load(answer)["requests"]
+    return requests
+
+
+def test_runtime_killed_mid_tool_call_the_llm_agent_asked_for(
+    db_url: str, tmp_path: Path, fake_process: str, processes: list[ServiceProcess]
+) -> None:
+    """kill -9 while the model's `sleep` call runs: on resume the call is settled outcome
+    unknown before the step runs again; the rerun does not run it again under the same id (it
+    may have taken effect): the model is told its outcome is unknown, and answers."""
+    postgres = db_url.startswith("postgresql")
+    args = ("--lease-seconds", "1", "--poll-seconds", "0.1", "--llm-base-url", fake_process)
+    first = RuntimeProcess(db_url, tmp_path, extra_args=args)
+    processes.append(first)
+    if postgres:  # a second replica, there all along, takes over once the lease lapses
+        processes.append(RuntimeProcess(db_url, tmp_path, extra_args=args))
+    value = struct_pb2.Struct()
+    value.update({"messages": [USER], "tools": ["sleep"]})
+    with runtime_sync_channel(first.address) as channel:
+        started = rt_grpc.RuntimeServiceStub(channel).StartOperation(
+            rt_pb.StartOperationRequest(agent="llm", input=value), timeout=10
+        )
+    op_id = started.operation.id
+    wait_for_log(db_url, op_id, lambda kinds: "tool_call_started" in kinds)
+    first.kill()
+    if not postgres:
+        processes.append(RuntimeProcess(db_url, tmp_path, port=first.port, extra_args=args))
+    log = wait_for_log(db_url, op_id, lambda kinds: kinds[-1] in ("interrupted", "completed"))
+    kinds = [kind for _, kind, _ in log]
+    assert kinds[-1] == "completed", kinds
+    records: dict[str, list[str]] = {}
+    for _, kind, data in log:
+        if kind == "tool_call_started" or kind in TOOL_CALL_ENDINGS:
+            records.setdefault(data["call_id"], []).append(kind)
+    assert records == {"call_nap": ["tool_call_started", "tool_call_outcome_unknown"]}, kinds
+    unknown = kinds.index("tool_call_outcome_unknown")
+    reruns = [i for i, kind in enumerate(kinds) if kind == "step_started"]
+    assert len(reruns) == 4 and reruns[1] < unknown < reruns[2], kinds  # step 1, twice
+    last = fake_requests(fake_process)[-1]
+    answer = next(m for m in last["messages"] if m["role"] == "tool")
+    assert answer["tool_call_id"] == "call_nap" and "outcome" in answer["content"]
+    assert "unknown" in answer["content"]
+    assert_gap_free(db_url)
