@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.domain import Event, JSONValue, Operation
+from runtime_service.domain import Event, EventKind, JSONValue, Operation
 from runtime_service.hub import EventHub
 from runtime_service.step_events import DeltaSettings, OperationHalted, StepEvents
 from runtime_service.storage import STORAGE_FAILURES, Appended, Claimed, KeptState, Storage
@@ -341,7 +341,8 @@ class Runner:
                 return
 
             events = self._step_events(run, step)
-            ctx = StepContext(op_id, step, operation.input, state, events)
+            unknown = await self._unknown_calls(op_id, step, started)
+            ctx = StepContext(op_id, step, operation.input, state, events, unknown)
             step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
             run.step_task = step_task
             either: set[asyncio.Future[Any]] = {step_task, run.stop}
@@ -437,6 +438,26 @@ class Runner:
         op_id = run.operation_id
         halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at, kept)
         await self._write(op_id, halted)
+
+    async def _unknown_calls(self, op_id: str, step: int, started: Event) -> frozenset[str]:
+        """The calls of `step`'s earlier attempts settled outcome unknown (StepContext
+        .unknown_calls). Only a rerun can have any, so only a rerun reads the log for them."""
+        attempt = started.data.get("attempt", 1)
+        if not isinstance(attempt, int) or attempt <= 1:
+            return frozenset()
+        unknown: set[str] = set()
+        after = 0
+        while True:
+            page = await self._storage.events_after(op_id, after)
+            for event in page:
+                if (
+                    event.kind is EventKind.TOOL_CALL_OUTCOME_UNKNOWN
+                    and event.data.get("step") == step
+                ):
+                    unknown.add(str(event.data["call_id"]))
+            if not page or page[-1].seq >= started.seq:
+                return frozenset(unknown)
+            after = page[-1].seq
 
     def _step_events(self, run: _Run, step: int) -> StepEvents:
         """The StepContext's events for `step`: see step_events for deltas and tool calls."""

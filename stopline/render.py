@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from stopline.events import EventKind
@@ -106,6 +107,39 @@ def _describe_structured(event: op_pb.Event, kind: str | None) -> str | None:
         a = event.agent_event
         return f"{a.kind}: {_compact(value_to_python(a.payload))}"
     return None
+
+
+class EventLines:
+    """The human rendering of a stream as it arrives: one line per event, except that a run of
+    text_delta events of one step continues one line, so a model's answer reads as text rather
+    than as one line per flush. `write` gets raw text (it adds no newline) and should flush.
+    (`--json` prints every event exactly, one per line, and does not use this.)"""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._text_step: int | None = None  # the step whose text line is open
+
+    def event(self, event: op_pb.Event) -> None:
+        if event.WhichOneof("kind") == "text_delta":
+            delta = event.text_delta
+            if self._text_step == delta.step:
+                self._write(delta.text)
+                return
+            self.end_line()
+            self._write(describe_event(event))
+            self._text_step = delta.step
+            return
+        self.line(describe_event(event))
+
+    def line(self, text: str) -> None:
+        """A line of its own (a notice, a remark): ends an open text line first."""
+        self.end_line()
+        self._write(text + "\n")
+
+    def end_line(self) -> None:
+        if self._text_step is not None:
+            self._text_step = None
+            self._write("\n")
 
 
 def describe_operation(operation: op_pb.Operation) -> str:

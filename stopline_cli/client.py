@@ -33,6 +33,7 @@ from stopline.render import (
     EXIT_INTERRUPTED,
     LIST_LIMIT,
     STATUS_FILTERS,
+    EventLines,
     describe_event,
     describe_operation,
     status_name,
@@ -159,10 +160,14 @@ class Follower:
         self._stopper: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[int] | None = None
         self._left = False
+        self._lines = EventLines(lambda text: click.echo(text, nl=False))
 
     def _say(self, text: str) -> None:
         """Remarks for people; with --json they go to stderr so stdout stays parseable."""
-        click.echo(text, err=self._as_json)
+        if self._as_json:
+            click.echo(text, err=True)
+        else:
+            self._lines.line(text)
 
     @contextmanager
     def ctrl_c_handled(self) -> Iterator[None]:
@@ -208,6 +213,8 @@ class Follower:
             self._say(f"left without waiting; see how it ends with: stopline show {self._id()}")
             return EXIT_INTERRUPTED
         finally:
+            if not self._as_json:
+                self._lines.end_line()
             call.cancel()
             if self._stopper is not None and not self._stopper.done():
                 self._stopper.cancel()
@@ -225,7 +232,12 @@ class Follower:
     async def _read(self, call: UpdateCall) -> int:
         try:
             async for update in call:
-                click.echo(self._render(update))
+                if not self._as_json and update.HasField("event"):
+                    self._lines.event(update.event)  # a model's text deltas on one line
+                elif self._as_json:
+                    click.echo(self._render(update))
+                else:
+                    self._lines.line(self._render(update))
                 if isinstance(update, pb.StartAndStreamResponse) and update.HasField("accepted"):
                     self._operation_id.set_result(update.accepted.operation_id)
                     if self._detach:

@@ -118,3 +118,27 @@ def test_runtime_serve_help_shows_the_tool_and_delta_flags() -> None:
     assert shown.returncode == 0, shown.stderr
     for flag in ("--tool", "--delta-flush-seconds", "--delta-flush-chars", "--worker-pool-size"):
         assert flag in shown.stdout
+
+
+def test_a_run_of_text_deltas_is_shown_on_one_line() -> None:
+    from stopline.render import EventLines
+    from stopline.v1 import operation_pb2 as op_pb
+
+    def delta(seq: int, text: str, step: int = 0) -> op_pb.Event:
+        return op_pb.Event(seq=seq, text_delta=op_pb.TextDelta(step=step, text=text))
+
+    written: list[str] = []
+    lines = EventLines(written.append)
+    lines.event(delta(4, "Hello,"))
+    lines.event(delta(5, " world"))
+    lines.line("stopping…")
+    lines.event(delta(7, " again"))
+    lines.event(delta(8, "next step", step=1))
+    lines.event(op_pb.Event(seq=9, step_completed=op_pb.StepCompleted(step=1)))
+    assert "".join(written).splitlines() == [
+        "[   4]   Hello, world",
+        "stopping…",
+        "[   7]    again",
+        "[   8]   next step",
+        "[   9] step 1 completed",
+    ]

@@ -81,6 +81,7 @@ class FakeContext:
     deltas: list[str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     kept: JSONValue = None
+    unknown_calls: frozenset[str] = frozenset()
     # Awaited inside delta() after recording, e.g. to hold the agent there.
     on_delta: Callable[[int], Awaitable[None]] | None = None
 

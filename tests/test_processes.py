@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from runtime_service.client import RuntimeClient
 from stopline.v1 import operation_pb2 as op_pb
@@ -124,7 +128,22 @@ def test_cli_start_streams_and_cli_stop_halts_a_long_step(tmp_path: Path) -> Non
             run.send_signal(signal.SIGKILL)
 
 
-def test_dev_demo_stops_on_ctrl_c_and_reports_halt_time(tmp_path: Path) -> None:
+def _read_until(stream: IO[bytes], seen: bytearray, done: Callable[[str], bool]) -> str:
+    """Read what the process prints, as it comes (not line by line: a model's answer stays on
+    one line while it streams), until `done` holds for all of it, or fail at a deadline."""
+    deadline = time.monotonic() + 60
+    while not done(seen.decode(errors="replace")):
+        assert time.monotonic() < deadline, seen.decode(errors="replace")
+        ready, _, _ = select.select([stream], [], [], 0.5)
+        if ready:
+            chunk = os.read(stream.fileno(), 4096)
+            assert chunk, "the process ended: " + seen.decode(errors="replace")
+            seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_dev_demo_stops_on_ctrl_c_mid_token_and_reports_halt_time(tmp_path: Path) -> None:
+    from stopline_cli.dev import DEMO_INTRO
     from tests.processes import free_port
 
     address = f"127.0.0.1:{free_port()}"
@@ -133,27 +152,29 @@ def test_dev_demo_stops_on_ctrl_c_and_reports_halt_time(tmp_path: Path) -> None:
         [*stopline_command(), "dev", "--address", address, "--gateway-address", gateway_address],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
         cwd=tmp_path,
     )
     try:
         assert dev.stdout is not None
-        before: list[str] = []
-        for line in dev.stdout:
-            before.append(line)
-            if "tick 0" in line:
-                break
-        assert f"gateway serving on {gateway_address}" in "".join(before)
+        seen = bytearray()
+
+        def streaming(text: str) -> bool:  # a few of the model's words on the screen
+            _, _, answer = text.partition("   Hello!")
+            return len(answer.split()) >= 3
+
+        before = _read_until(dev.stdout, seen, streaming)
+        assert f"gateway serving on {gateway_address}" in before
+        assert "local model server (fake_llm) on http://127.0.0.1:" in before
         dev.send_signal(signal.SIGINT)
-        lines: list[str] = []
-        for line in dev.stdout:
-            lines.append(line)
-            if "still serving" in line:
-                break
-        text = "".join(lines)
+        text = _read_until(dev.stdout, seen, lambda t: "still serving" in t)
         assert "stopping…" in text
         assert "INTERRUPTED mid-step 0" in text and "ms after the stop" in text
         assert text.index("stopping…") < text.index("INTERRUPTED")
+        assert "the model server saw its stream closed" in text
+        # The answer was cut: its line ends before the intro does, and the stop came mid-stream.
+        answer_line = text[text.index("   Hello!") + 3 : text.index("stopping…")].strip()
+        assert DEMO_INTRO.startswith(answer_line) and len(answer_line) < len(DEMO_INTRO)
+        assert "tool call" not in text
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=20) == 0
         assert (tmp_path / ".stopline" / "runtime.db").exists()

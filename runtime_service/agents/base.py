@@ -138,6 +138,11 @@ class StepContext:
     input: dict[str, Any]
     state: JSONValue
     _events: StepEvents = field(repr=False)
+    # Call ids an earlier attempt of this step started and that were settled
+    # `tool_call_outcome_unknown` (the process running them died): the tool may or may not have
+    # taken effect. An agent that reran them would repeat their effects and reuse their ids, so
+    # it should treat them as done with an unknown result (the llm agent tells the model so).
+    unknown_calls: frozenset[str] = frozenset()
     kept: Kept | None = field(default=None, init=False, repr=False)
 
     async def emit(self, text: str) -> None:

@@ -39,6 +39,11 @@ if TYPE_CHECKING:
     from runtime_service.agents.llm_provider import Provider
 
 DEFAULT_MAX_STEPS = 20
+# The answer a call gets when the process running it died mid-call (see _tool_step).
+OUTCOME_UNKNOWN = (
+    "the outcome of this tool call is unknown: the process running it stopped mid-call, so it "
+    "may or may not have taken effect; it was not run again"
+)
 MAX_STEPS_LIMIT = 1000
 
 
@@ -78,6 +83,8 @@ class LLMStepContext(Protocol):
     def input(self) -> dict[str, Any]: ...
     @property
     def state(self) -> JSONValue: ...
+    @property
+    def unknown_calls(self) -> frozenset[str]: ...
 
     async def delta(self, text: str) -> None: ...
 
@@ -267,7 +274,12 @@ class LLMAgent:
             )
             call_id, name = str(call["id"]), str(call["function"]["name"])
             raw = call["function"]["arguments"]
-            content, ok = await self._run_tool(ctx, name, raw, call_id, allowed)
+            if call_id in ctx.unknown_calls:
+                # Started by an attempt whose process died, and settled outcome unknown: not run
+                # again (its effect may have happened), the model is told and decides.
+                content, ok = f"error: {OUTCOME_UNKNOWN}", False
+            else:
+                content, ok = await self._run_tool(ctx, name, raw, call_id, allowed)
             answers.append(tool_message(call_id, content))
             results.append({"id": call_id, "name": name, "ok": ok})
         messages.extend(answers)
