@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -266,19 +267,37 @@ async def token_load(
         spans.append((first, last))
         received.append(count)
 
+    processes = {
+        "client": me,
+        "runtime": runtime,
+        "gateway": gateway,
+        "fake_llm": psutil.Process(fake.process.pid),
+    }
+    steady_cpu: dict[str, float] = {}
+
+    async def sample_steady() -> None:
+        """CPU of each process while every operation streams (after the ramp, before the
+        first answers end), where the whole-run figure would dilute it."""
+        span = tokens / 50 - ramp_seconds - 1.0
+        if span < 1.0:
+            return
+        await asyncio.sleep(ramp_seconds + 0.5)
+        for p in processes.values():
+            p.cpu_percent(None)
+        await asyncio.sleep(span)
+        steady_cpu.update({name: p.cpu_percent(None) for name, p in processes.items()})
+
     try:
         async with _control(fake) as session:
             await _script(session, [{"kind": "text", "tokens": tokens}] * operations)
-        for p in (me, runtime, gateway):
+        for p in processes.values():
             p.cpu_percent(None)
         began = time.monotonic()
+        sampler = asyncio.create_task(sample_steady())
         await asyncio.gather(*(one(i) for i in range(operations)))
         wall = time.monotonic() - began
-        cpu = {
-            "client": me.cpu_percent(None),
-            "runtime": runtime.cpu_percent(None),
-            "gateway": gateway.cpu_percent(None),
-        }
+        cpu = {name: p.cpu_percent(None) for name, p in processes.items()}
+        await sampler
     finally:
         for channel in channels:
             await channel.close(grace=None)
@@ -296,6 +315,7 @@ async def token_load(
         "all": _token_summary(every),
         "wall_seconds": wall,
         "cpu_percent": cpu,
+        "steady_cpu_percent": steady_cpu,
     }
 
 
@@ -348,7 +368,8 @@ async def _profiled(
     summarise each as the functions most often on CPU (own time) and on the stack (total)."""
     import shutil
 
-    spy = shutil.which("py-spy")
+    beside = Path(sys.executable).parent / "py-spy"  # a venv's, when it is not on PATH
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
@@ -360,7 +381,8 @@ async def _profiled(
     await asyncio.sleep(ramp)
     for name, pid in procs.items():
         spies[name] = await asyncio.create_subprocess_exec(
-            spy, "record", "-d", str(seconds), "-r", "50", "-p", str(pid), "--format", "raw",
+            spy, "record", "-d", str(seconds), "-r", "100", "--gil", "-p", str(pid),
+            "--format", "raw",
             "-o", str(out / f"{name}-{n}.txt"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -390,8 +412,42 @@ def _top(path: Path, count: int = 15) -> dict[str, Any]:
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + weight
 
+    areas: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            area = _area(stack.split(";"))
+            areas[area] = areas.get(area, 0) + int(n)
+
     def share(table: dict[str, int]) -> list[tuple[str, float]]:
         ranked = sorted(table.items(), key=lambda kv: -kv[1])[:count]
         return [(frame, round(100 * hits / samples, 1)) for frame, hits in ranked]
 
-    return {"samples": samples, "own_percent": share(own), "total_percent": share(total)}
+    return {
+        "samples": samples,
+        "areas_percent": share(areas),
+        "own_percent": share(own),
+        "total_percent": share(total),
+    }
+
+
+# Where a sample's own time goes: the area of the frame nearest its leaf that has one (the
+# asyncio loop only when no other frame does: a socket read under httpx is httpx's).
+AREAS = (
+    ("openai SDK: chunk models (construct_type)", ("openai/_models", "openai/_utils",
+                                                    "openai/_compat", "pydantic", "typing",
+                                                    "inspect.py")),
+    ("openai SDK: SSE decoding", ("openai/_streaming",)),
+    ("HTTP client I/O (httpx, httpcore, h11, anyio)", ("httpx", "httpcore", "h11/", "anyio/")),
+    ("storage (SQLAlchemy, SQLite, psycopg)", ("sqlalchemy/", "sqlite", "psycopg")),
+    ("gRPC (grpc.aio, servicers)", ("grpc/", "grpc_status", "authn.py", "protobuf")),
+    ("runtime/gateway logic", ("runtime_service/", "gateway_service/", "stopline/")),
+)  # fmt: skip
+
+
+def _area(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, marks in AREAS:
+            if any(mark in frame for mark in marks):
+                return name
+    return "asyncio loop / other" if any("asyncio/" in f for f in frames) else "other"

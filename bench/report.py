@@ -95,7 +95,8 @@ def _load_note(run: dict[str, Any]) -> str:
     return (
         f"ms; {run['operations']} op(s), {100 * s['within_100ms']:.1f}% within 100 ms, "
         f"{run['tokens_received']}/{run['tokens_expected']} tokens, "
-        f"{run['completed']}/{run['operations']} completed, cpu {run['cpu_percent']}"
+        f"{run['completed']}/{run['operations']} completed, "
+        f"cpu% {run.get('steady_cpu_percent') or run['cpu_percent']}"
     )
 
 

@@ -152,7 +152,7 @@ async def agents_suite(
                     stack, fake, 1, 100 if quick else 500, ramp_seconds=0
                 )
         if "llm_capacity" in only and backend == "sqlite":
-            loads = [5, 10] if quick else [50, 100, 200, 400, 600, 800]
+            loads = [5, 10] if quick else [50, 75, 100, 150, 200, 300, 400, 500, 600, 800]
             with Stack(backend, workdir, runtime_args=llm_args) as stack:
                 out["llm_capacity"] = await agent_scenarios.llm_capacity(
                     stack,
