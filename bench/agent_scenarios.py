@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from google.protobuf import struct_pb2
 
+from bench import scenarios
 from bench.scenarios import Clients, _is_terminal
 from bench.stack import FakeLLMProcess, Stack
 from bench.stats import percentile, summary
@@ -33,6 +34,7 @@ from stopline.transport import open_channel
 from tests.credentials import TOKEN, WithToken
 
 ms = 1000.0
+SCENARIOS = ("llm_stop", "tool_stop", "token_latency", "llm_capacity")
 SPIN = "import os\nprint(f'pid={os.getpid()}', flush=True)\nwhile True:\n    pass\n"
 
 
@@ -451,3 +453,48 @@ def _area(frames: list[str]) -> str:
             if any(mark in frame for mark in marks):
                 return name
     return "asyncio loop / other" if any("asyncio/" in f for f in frames) else "other"
+
+
+async def suite(
+    backend: str,
+    workdir: Path,
+    quick: bool,
+    only: frozenset[str] = frozenset(SCENARIOS),
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Issue 13's figures, each beside the same run's ticker stop-to-halt (1-second steps) on
+    the same stack. The llm capacity steps up only on SQLite (its target's backend)."""
+    out: dict[str, Any] = {}
+    fake = FakeLLMProcess()
+    try:
+        llm_args = fake.runtime_args()
+        with Stack(backend, workdir, runtime_args=llm_args) as stack:
+            out["ticker_stop/1s"] = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
+            if "llm_stop" in only:
+                out["llm_stop"] = await llm_stop(stack, fake, 5 if quick else 30)
+            if "tool_stop" in only:
+                out["tool_stop"] = await tool_stop(stack, fake, 3 if quick else 20)
+            if "token_latency" in only:
+                out["token_latency"] = await token_load(
+                    stack, fake, 1, 100 if quick else 500, ramp_seconds=0
+                )
+        if "token_latency" in only:
+            # The same with the delta coalescing window off: what the 50 ms window costs.
+            no_window = (*llm_args, "--delta-flush-seconds", "0")
+            with Stack(backend, workdir, runtime_args=no_window) as stack:
+                out["token_latency_no_window"] = await token_load(
+                    stack, fake, 1, 100 if quick else 500, ramp_seconds=0
+                )
+        if "llm_capacity" in only and backend == "sqlite":
+            loads = [5, 10] if quick else [50, 75, 100, 150, 200, 300, 400, 500, 600, 800]
+            with Stack(backend, workdir, runtime_args=llm_args) as stack:
+                out["llm_capacity"] = await llm_capacity(
+                    stack,
+                    fake,
+                    loads,
+                    tokens=100 if quick else 500,
+                    profile_dir=profile_dir,
+                )
+    finally:
+        fake.close()
+    return out

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import agent_scenarios, scenarios
 from bench.raw_server import save
-from bench.stack import FakeLLMProcess, Stack
+from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from tests.credentials import gateway_channel
@@ -81,9 +81,17 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
         await raw.wait()
 
 
-SCENARIOS = ("stop", "early_stop", "per_step", "streaming", "concurrency", "baseline", "cross")
+SCENARIOS: tuple[str, ...] = (
+    "stop",
+    "early_stop",
+    "per_step",
+    "streaming",
+    "concurrency",
+    "baseline",
+    "cross",
+)
 SCENARIOS += ("capacity",)
-AGENT_SCENARIOS = ("llm_stop", "tool_stop", "token_latency", "llm_capacity")
+AGENT_SCENARIOS = agent_scenarios.SCENARIOS
 SCENARIOS += AGENT_SCENARIOS
 
 
@@ -121,48 +129,8 @@ async def stopline_suite(
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
     if only & set(AGENT_SCENARIOS):
-        out.update(await agents_suite(backend, workdir, quick, only))
-    return out
-
-
-async def agents_suite(
-    backend: str, workdir: Path, quick: bool, only: frozenset[str] = frozenset(AGENT_SCENARIOS)
-) -> dict[str, Any]:
-    """Issue 13's figures, each beside the same run's ticker stop-to-halt (1-second steps) on
-    the same stack. The llm capacity steps up only on SQLite (its target's backend)."""
-    out: dict[str, Any] = {}
-    fake = FakeLLMProcess()
-    try:
-        llm_args = fake.runtime_args()
-        with Stack(backend, workdir, runtime_args=llm_args) as stack:
-            out["ticker_stop/1s"] = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
-            if "llm_stop" in only:
-                out["llm_stop"] = await agent_scenarios.llm_stop(stack, fake, 5 if quick else 30)
-            if "tool_stop" in only:
-                out["tool_stop"] = await agent_scenarios.tool_stop(stack, fake, 3 if quick else 20)
-            if "token_latency" in only:
-                out["token_latency"] = await agent_scenarios.token_load(
-                    stack, fake, 1, 100 if quick else 500, ramp_seconds=0
-                )
-        if "token_latency" in only:
-            # The same with the delta coalescing window off: what the 50 ms window costs.
-            no_window = (*llm_args, "--delta-flush-seconds", "0")
-            with Stack(backend, workdir, runtime_args=no_window) as stack:
-                out["token_latency_no_window"] = await agent_scenarios.token_load(
-                    stack, fake, 1, 100 if quick else 500, ramp_seconds=0
-                )
-        if "llm_capacity" in only and backend == "sqlite":
-            loads = [5, 10] if quick else [50, 75, 100, 150, 200, 300, 400, 500, 600, 800]
-            with Stack(backend, workdir, runtime_args=llm_args) as stack:
-                out["llm_capacity"] = await agent_scenarios.llm_capacity(
-                    stack,
-                    fake,
-                    loads,
-                    tokens=100 if quick else 500,
-                    profile_dir=None if quick else RESULTS / "profiles",
-                )
-    finally:
-        fake.close()
+        profiles = None if quick else RESULTS / "profiles"
+        out.update(await agent_scenarios.suite(backend, workdir, quick, only, profiles))
     return out
 
 

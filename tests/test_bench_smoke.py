@@ -30,9 +30,9 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
 
 async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
     """Issue 13's scenarios at quick sizes (a few trials, a short answer, loads of 2 and 4)."""
-    from bench.run import agents_suite
+    from bench import agent_scenarios
 
-    results = await agents_suite("sqlite", tmp_path, quick=True)
+    results = await agent_scenarios.suite("sqlite", tmp_path, quick=True)
     assert results["llm_stop"]["disconnect_ms"]["n"] == 5
     assert results["tool_stop"]["process_exited_ms"]["n"] == 3
     assert results["tool_stop"]["tool_calls_cancelled"] == 3
