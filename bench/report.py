@@ -16,7 +16,9 @@ def table(results: dict[str, Any]) -> str:
     for backend, suite in results["stopline"].items():
         lines.append(f"-- {backend}")
         for name, data in suite.items():
-            if "halt_ms" in data:
+            if name in AGENT_ROWS:
+                lines.extend(AGENT_ROWS[name](name, data))
+            elif "halt_ms" in data:
                 for key in ("ack_ms", "halt_ms"):
                     s = data[key]
                     lines.append(
@@ -71,7 +73,106 @@ def table(results: dict[str, Any]) -> str:
                     elif isinstance(inner, int | float | str | bool):
                         lines.append(f"{name + ' ' + key:<44} {inner!s:>9}")
     lines.extend(_ratios(results))
+    lines.extend(_agent_ratios(results))
     return "\n".join(lines)
+
+
+def _row(label: str, s: dict[str, Any], note: str) -> str:
+    return f"{label:<44} {_fmt(s['median']):>9} {_fmt(s['p99']):>9}  {note}"
+
+
+def _stop_rows(name: str, data: dict[str, Any]) -> list[str]:
+    first = "disconnect_ms" if "disconnect_ms" in data else "process_exited_ms"
+    trials = data["trials"]
+    return [
+        _row(f"{name} {first}", data[first], f"ms (n={data[first]['n']} of {trials})"),
+        _row(f"{name} stop_halt_ms", data["stop_halt_ms"], "ms (stop call -> terminal event)"),
+    ]
+
+
+def _load_note(run: dict[str, Any]) -> str:
+    s = run["steady"] or run["all"]
+    return (
+        f"ms; {run['operations']} op(s), {100 * s['within_100ms']:.1f}% within 100 ms, "
+        f"{run['tokens_received']}/{run['tokens_expected']} tokens, "
+        f"{run['completed']}/{run['operations']} completed, "
+        f"cpu% {run.get('steady_cpu_percent') or run['cpu_percent']}"
+    )
+
+
+def _latency_rows(name: str, data: dict[str, Any]) -> list[str]:
+    return [_row(f"{name} (token send -> client)", data["steady"] or data["all"], _load_note(data))]
+
+
+def _capacity_rows(name: str, data: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{'llm_capacity (50 tokens/s, >=95% in 100 ms)':<44} {data['largest_passing']:>9} "
+        f"{'':>9}  largest passing load; first failing {data['failing']}"
+    ]
+    for run in data["runs"]:
+        label = f"  load {run['operations']} ({'pass' if run['passed'] else 'FAIL'})"
+        lines.append(_row(label, run["steady"] or run["all"], _load_note(run)))
+    return lines
+
+
+AGENT_ROWS = {
+    "llm_stop": _stop_rows,
+    "tool_stop": _stop_rows,
+    "token_latency": _latency_rows,
+    "token_latency_no_window": _latency_rows,
+    "llm_capacity": _capacity_rows,
+}
+
+
+def _agent_ratios(results: dict[str, Any]) -> list[str]:
+    """Issue 13's targets, each against a figure of the same run and backend."""
+    lines: list[str] = []
+    for backend, suite in results["stopline"].items():
+        ticker = suite.get("ticker_stop/1s", {}).get("halt_ms")
+        if ticker is None:
+            continue
+        lines.append(
+            f"-- issue 13 targets, {backend} (ticker stop-to-halt {ticker['median']:.2f} ms)"
+        )
+        if "llm_stop" in suite:
+            ours = suite["llm_stop"]["disconnect_ms"]
+            ratio = ours["median"] / ticker["median"]
+            lines.append(
+                f"{'stop -> model server sees close':<44} {ratio:>8.2f}x {'':>9}  of ticker halt "
+                f"(target <= 1.2x; p99 {ours['p99']:.2f} vs {ticker['p99']:.2f} ms)"
+            )
+        if "tool_stop" in suite:
+            data = suite["tool_stop"]
+            bound = data["stop_grace_seconds"] * 1000 + ticker["median"]
+            exited = data["process_exited_ms"]
+            lines.append(
+                f"{'stop -> blocking tool process exited':<44} {exited['median'] / bound:>8.2f}x "
+                f"{'':>9}  of grace + ticker halt = {bound:.0f} ms (target <= 1; p99 "
+                f"{exited['p99']:.1f} ms)"
+            )
+        capacity = suite.get("llm_capacity")
+        single = suite.get("token_latency")
+        if single:
+            median = (single["steady"] or single["all"])["median"]
+            passing = [r for r in (capacity or {}).get("runs", []) if r["passed"]]
+            if passing:
+                top = passing[-1]
+                p99 = (top["steady"] or top["all"])["p99"]
+                lines.append(
+                    f"{'token p99 at largest load / 1-op median':<44} {p99 / median:>8.2f}x "
+                    f"{'':>9}  ({p99:.1f} ms at {top['operations']} ops vs {median:.1f} ms; "
+                    "target <= 3x)"
+                )
+            off = suite.get("token_latency_no_window")
+            if off:
+                cost = median - (off["steady"] or off["all"])["median"]
+                lines.append(f"{'delta window cost (median, 1 op)':<44} {cost:>9.1f} {'':>9}  ms")
+        if capacity:
+            lines.append(
+                f"{'llm capacity':<44} {capacity['largest_passing']:>9} {'':>9}  operations "
+                "(target >= 500 on SQLite)"
+            )
+    return lines
 
 
 def _ratios(results: dict[str, Any]) -> list[str]:

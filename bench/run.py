@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import agent_scenarios, scenarios
 from bench.raw_server import save
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
@@ -81,8 +81,18 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
         await raw.wait()
 
 
-SCENARIOS = ("stop", "early_stop", "per_step", "streaming", "concurrency", "baseline", "cross")
+SCENARIOS: tuple[str, ...] = (
+    "stop",
+    "early_stop",
+    "per_step",
+    "streaming",
+    "concurrency",
+    "baseline",
+    "cross",
+)
 SCENARIOS += ("capacity",)
+AGENT_SCENARIOS = agent_scenarios.SCENARIOS
+SCENARIOS += AGENT_SCENARIOS
 
 
 async def stopline_suite(
@@ -118,6 +128,9 @@ async def stopline_suite(
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    if only & set(AGENT_SCENARIOS):
+        profiles = None if quick else RESULTS / "profiles"
+        out.update(await agent_scenarios.suite(backend, workdir, quick, only, profiles))
     return out
 
 

@@ -7,6 +7,8 @@ event loop or a GIL, so what is measured includes the real hops.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +23,44 @@ ADMIN_URL = os.environ.get(
     "STOPLINE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeLLMProcess:
+    """`python -m fake_llm` in its own process (as a real provider is: its event loop does not
+    share the runtime's or the client's), stamping each token with its send time."""
+
+    def __init__(self, tokens: int = 100, tokens_per_second: float = 50.0) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fake_llm",
+                "--port",
+                "0",
+                "--stamp-tokens",
+                "--tokens",
+                str(tokens),
+                "--tokens-per-second",
+                str(tokens_per_second),
+            ],
+            stdout=subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        if "listening on" not in line:
+            self.close()
+            raise RuntimeError(f"fake_llm did not start: {line!r}")
+        self.base_url = line.split()[-1]
+        self.control = self.base_url.removesuffix("/v1")
+
+    def runtime_args(self) -> tuple[str, ...]:
+        return ("--llm-base-url", self.base_url, "--llm-model", "fake-model")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
 
 
 class Stack:

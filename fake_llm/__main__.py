@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=20, help="length of a generated answer")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--model", action="append", default=None, help="listed by /v1/models")
+    p.add_argument(
+        "--stamp-tokens",
+        action="store_true",
+        help="send each text token as its send time (time.monotonic()), for benchmarks",
+    )
     p.add_argument("--script", type=Path, default=None, help="a JSON file: a list of turns")
     return p
 
@@ -42,6 +47,7 @@ async def _serve(args: argparse.Namespace, announce: Callable[[str], None]) -> N
         default_tokens=args.tokens,
         api_key=args.api_key,
         models=tuple(args.model or ("fake-model",)),
+        stamp_tokens=args.stamp_tokens,
     )
     fake = FakeLLM(config, script)
     done = asyncio.Event()

@@ -59,6 +59,9 @@ class ServerConfig:
     default_tokens: int = 20  # length of a generated answer
     api_key: str | None = None  # when set, `Authorization: Bearer <key>` must match
     models: tuple[str, ...] = ("fake-model",)  # listed by GET /v1/models (any model is accepted)
+    # Benchmarks: each streamed text token becomes " <time.monotonic() when sent>", so a client
+    # on the same host can time every token from the provider's send to its own receipt.
+    stamp_tokens: bool = False
 
 
 def tokenize(text: str) -> list[str]:
@@ -304,6 +307,7 @@ class _Answer:
         )
         rate = turn.tokens_per_second
         self.rate = fake.config.tokens_per_second if rate is None else rate
+        self.stamp = fake.config.stamp_tokens
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         options = body.get("stream_options")
@@ -380,6 +384,8 @@ class _Answer:
                 if self._break_due():
                     return await self._break(resp)
                 await self._tick()
+                if self.stamp:
+                    token = f" {time.monotonic():.6f}"
                 await resp.write(self._chunk({"content": token}))
                 rec.tokens_sent += 1
             for index, (call_id, call) in enumerate(self.calls):

@@ -26,3 +26,18 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         }
     )
     assert "stop_latency/0.05s halt_ms" in text
+
+
+async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
+    """Issue 13's scenarios at quick sizes (a few trials, a short answer, loads of 2 and 4)."""
+    from bench import agent_scenarios
+
+    results = await agent_scenarios.suite("sqlite", tmp_path, quick=True)
+    assert results["llm_stop"]["disconnect_ms"]["n"] == 5
+    assert results["tool_stop"]["process_exited_ms"]["n"] == 3
+    assert results["tool_stop"]["tool_calls_cancelled"] == 3
+    assert results["token_latency"]["tokens_received"] == 100
+    assert [run["operations"] for run in results["llm_capacity"]["runs"]][:1] == [5]
+    text = table({"machine": {}, "stopline": {"sqlite": results}})
+    assert "stop -> model server sees close" in text
+    assert "token p99 at largest load" in text or not results["llm_capacity"]["largest_passing"]
