@@ -14,6 +14,7 @@ from gateway_service.core import (
     Accepted,
     CancelPolicy,
     Gateway,
+    Limits,
 )
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
 from stopline.authn import current_principal
@@ -96,6 +97,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             self._gw.check_grace(policy, grace),
             current_principal(),
             _why_gone(context),
+            limits=Limits(
+                request.deadline if request.HasField("deadline") else None, request.max_steps
+            ),
         )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(updates):

@@ -84,7 +84,10 @@ class OperationsService:
         labels: Mapping[str, str] | None = None,
         hold_seconds: float = 0.0,
         owner: str = "",
+        deadline_seconds: float | None = None,
+        max_steps: int = 0,
     ) -> Created:
+        """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
         if not agent_name:
             raise InvalidArgument(
                 "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
@@ -110,15 +113,49 @@ class OperationsService:
                 f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
                 f"got {shown(hold_seconds)}",
             )
+        deadline = self._deadline(deadline_seconds)
+        budget = self._max_steps(max_steps)
         # Other replicas hear of the new work only if this one cannot run it now.
         announce = not self.runner.has_room
         created = await self.storage.create(
-            agent_name, input_value, key, checked_labels, hold_seconds, checked_owner, announce
+            agent_name,
+            input_value,
+            key,
+            checked_labels,
+            hold_seconds,
+            checked_owner,
+            announce,
+            deadline_seconds=deadline,
+            max_steps=budget,
         )
         self.hub.publish(created.events)
         if created.created and not hold_seconds:
             self.runner.submit(created.operation.id)
         return created
+
+    def _deadline(self, seconds: float | None) -> float | None:
+        if seconds is None:
+            return self.config.default_deadline_seconds
+        cap = self.config.max_deadline_seconds
+        if not 0 < seconds <= cap:
+            raise InvalidArgument(
+                "deadline",
+                f"must be more than 0 and at most {shown(cap)} seconds (the runtime's cap), "
+                f"got {shown(seconds)}",
+            )
+        return seconds
+
+    def _max_steps(self, max_steps: int) -> int | None:
+        if max_steps == 0:
+            return self.config.default_max_steps
+        cap = self.config.max_steps_cap
+        if not 0 < max_steps <= cap:
+            raise InvalidArgument(
+                "max_steps",
+                f"must be between 1 and {cap} (the runtime's cap), or 0 for the default; "
+                f"got {max_steps}",
+            )
+        return max_steps
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)

@@ -96,6 +96,8 @@ class StartAndStreamRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CANCEL_POLICY_FIELD_NUMBER: _builtins.int
     CANCEL_GRACE_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "ticker"."""
     idempotency_key: _builtins.str
@@ -105,6 +107,10 @@ class StartAndStreamRequest(_message.Message):
     """
     cancel_policy: Global___CancelPolicy.ValueType
     """What a cancelled stream does to the operation."""
+    max_steps: _builtins.int
+    """The most steps the operation may run (see stopline.v1.StartOperationRequest.max_steps);
+    0: the runtime's default.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The agent's input, any JSON object."""
@@ -112,6 +118,12 @@ class StartAndStreamRequest(_message.Message):
     @_builtins.property
     def cancel_grace(self) -> _duration_pb2.Duration:
         """Grace for CANCEL_POLICY_STOP_AFTER_GRACE (default 30 s, at most 24 h)."""
+
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Wall time from the start after which the runtime stops the operation (see
+        stopline.v1.StartOperationRequest.deadline); unset: the runtime's default.
+        """
 
     def __init__(
         self,
@@ -121,10 +133,12 @@ class StartAndStreamRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         cancel_policy: Global___CancelPolicy.ValueType = ...,
         cancel_grace: _duration_pb2.Duration | None = ...,
+        deadline: _duration_pb2.Duration | None = ...,
+        max_steps: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_grace", b"cancel_grace", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_grace", b"cancel_grace", "deadline", b"deadline", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "idempotency_key", b"idempotency_key", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "input", b"input", "max_steps", b"max_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
