@@ -408,6 +408,16 @@ class Gateway:
     async def get(self, operation_id: str, owner: str) -> op_pb.Operation:
         return self.owners.check(await self._fetch(parse_operation_id(operation_id)), owner)
 
+    async def stop_matching(
+        self, request: rt_pb.StopOperationsRequest, owner: str
+    ) -> rt_pb.StopOperationsResponse:
+        """Bulk stop of the caller's own operations: the runtime stops exactly `owner`'s."""
+        if not owner:
+            # The runtime reads an empty owner as "operations without one": never a caller's.
+            raise AssertionError("bulk stop without a principal")
+        request.owner = owner
+        return await self.link.stop_matching(request)
+
     async def list(
         self, request: rt_pb.ListOperationsRequest, owner: str
     ) -> rt_pb.ListOperationsResponse:

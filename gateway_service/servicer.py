@@ -144,6 +144,24 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         )
 
     @unary
+    async def StopOperations(
+        self,
+        request: pb.StopOperationsRequest,
+        context: aio.ServicerContext[pb.StopOperationsRequest, pb.StopOperationsResponse],
+    ) -> pb.StopOperationsResponse:
+        done = await self._gw.stop_matching(
+            rt_pb.StopOperationsRequest(
+                status=request.status, agent=request.agent, labels=dict(request.labels)
+            ),
+            current_principal(),
+        )
+        return pb.StopOperationsResponse(
+            stopped=done.stopped,
+            operation_ids=done.operation_ids,
+            limit_reached=done.limit_reached,
+        )
+
+    @unary
     async def GetOperation(
         self,
         request: pb.GetOperationRequest,

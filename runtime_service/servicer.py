@@ -91,6 +91,27 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             operation=convert.operation_to_pb(result.operation),
         )
 
+    @unary
+    async def StopOperations(
+        self,
+        request: pb.StopOperationsRequest,
+        context: aio.ServicerContext[pb.StopOperationsRequest, pb.StopOperationsResponse],
+    ) -> pb.StopOperationsResponse:
+        try:
+            status = convert.status_filter(request.status)
+        except KeyError:
+            raise InvalidArgument(
+                "status", f"unknown OperationStatus value {request.status}"
+            ) from None
+        done = await self._ops.stop_matching(
+            request.owner, status, request.agent, dict(request.labels)
+        )
+        return pb.StopOperationsResponse(
+            stopped=len(done.operation_ids),
+            operation_ids=done.operation_ids,
+            limit_reached=done.limit_reached,
+        )
+
     @server_stream
     async def WatchOperation(
         self,

@@ -459,3 +459,95 @@ class ReleaseOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseOperationResponse: _TypeAlias = ReleaseOperationResponse  # noqa: Y015
+
+@_typing.final
+class StopOperationsRequest(_message.Message):
+    """Request for StopOperations. Every filter given must match; an empty filter matches all of the
+    owner's unfinished operations.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Whose operations: exactly this owner's (empty: only operations started without an owner).
+    The gateway sets the authenticated principal.
+    """
+    status: _operation_pb2.OperationStatus.ValueType
+    """PENDING or RUNNING; UNSPECIFIED: both. Operations already STOPPING are left as they are."""
+    agent: _builtins.str
+    """Only operations of this agent (empty: any)."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only operations whose labels include all of these."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        status: _operation_pb2.OperationStatus.ValueType = ...,
+        agent: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "labels", b"labels", "owner", b"owner", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsRequest: _TypeAlias = StopOperationsRequest  # noqa: Y015
+
+@_typing.final
+class StopOperationsResponse(_message.Message):
+    """Response for StopOperations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_FIELD_NUMBER: _builtins.int
+    OPERATION_IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_REACHED_FIELD_NUMBER: _builtins.int
+    stopped: _builtins.int
+    """How many operations this call stopped."""
+    limit_reached: _builtins.bool
+    """True when the call stopped as many as one call may (1000): more may match; call again."""
+    @_builtins.property
+    def operation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Their ids."""
+
+    def __init__(
+        self,
+        *,
+        stopped: _builtins.int = ...,
+        operation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        limit_reached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_reached", b"limit_reached", "operation_ids", b"operation_ids", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsResponse: _TypeAlias = StopOperationsResponse  # noqa: Y015
