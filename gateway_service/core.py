@@ -85,6 +85,14 @@ class Accepted:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """A start's deadline (unset: the runtime's default) and step budget (0: the default)."""
+
+    deadline: duration_pb2.Duration | None = None
+    max_steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class StopAnswer:
     delivered: bool
     response: rt_pb.InterruptOperationResponse | None = None
@@ -171,7 +179,10 @@ class Gateway:
         grace: float,
         owner: str,
         why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
+        limits: Limits | None = None,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
+        """`limits`: the start's deadline and step budget, passed to the runtime as given (the
+        runtime applies its defaults and caps)."""
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         await self._check_running(owner)
         # The gateway always sends a key, so it can retry a start whose answer was lost. The
@@ -186,6 +197,10 @@ class Gateway:
             hold=duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds)),
         )
         request.input.CopyFrom(input_value)
+        if limits is not None:
+            if limits.deadline is not None:
+                request.deadline.CopyFrom(limits.deadline)
+            request.max_steps = limits.max_steps
         start = self._spawn(self._start(request, generated_key), name="start")
         try:
             started = await asyncio.shield(start)
@@ -392,6 +407,16 @@ class Gateway:
 
     async def get(self, operation_id: str, owner: str) -> op_pb.Operation:
         return self.owners.check(await self._fetch(parse_operation_id(operation_id)), owner)
+
+    async def stop_matching(
+        self, request: rt_pb.StopOperationsRequest, owner: str
+    ) -> rt_pb.StopOperationsResponse:
+        """Bulk stop of the caller's own operations: the runtime stops exactly `owner`'s."""
+        if not owner:
+            # The runtime reads an empty owner as "operations without one": never a caller's.
+            raise AssertionError("bulk stop without a principal")
+        request.owner = owner
+        return await self.link.stop_matching(request)
 
     async def list(
         self, request: rt_pb.ListOperationsRequest, owner: str

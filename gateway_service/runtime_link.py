@@ -120,6 +120,11 @@ class RuntimeLink:
     async def list(self, request: rt_pb.ListOperationsRequest) -> rt_pb.ListOperationsResponse:
         return await self._unary(self._stub.ListOperations, request, self._timeout)
 
+    async def stop_matching(
+        self, request: rt_pb.StopOperationsRequest
+    ) -> rt_pb.StopOperationsResponse:
+        return await self._unary(self._stub.StopOperations, request, self._timeout)
+
     async def serving(self, deadline_seconds: float) -> bool:
         """Whether a runtime (the one this call lands on) answers its health check SERVING for
         RuntimeService; a runtime shutting down answers NOT_SERVING."""

@@ -14,6 +14,7 @@ from gateway_service.core import (
     Accepted,
     CancelPolicy,
     Gateway,
+    Limits,
 )
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
 from stopline.authn import current_principal
@@ -96,6 +97,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             self._gw.check_grace(policy, grace),
             current_principal(),
             _why_gone(context),
+            limits=Limits(
+                request.deadline if request.HasField("deadline") else None, request.max_steps
+            ),
         )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(updates):
@@ -137,6 +141,24 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             delivery=pb.STOP_DELIVERY_DELIVERED,
             outcome=answer.response.outcome,
             operation=answer.response.operation,
+        )
+
+    @unary
+    async def StopOperations(
+        self,
+        request: pb.StopOperationsRequest,
+        context: aio.ServicerContext[pb.StopOperationsRequest, pb.StopOperationsResponse],
+    ) -> pb.StopOperationsResponse:
+        done = await self._gw.stop_matching(
+            rt_pb.StopOperationsRequest(
+                status=request.status, agent=request.agent, labels=dict(request.labels)
+            ),
+            current_principal(),
+        )
+        return pb.StopOperationsResponse(
+            stopped=done.stopped,
+            operation_ids=done.operation_ids,
+            limit_reached=done.limit_reached,
         )
 
     @unary

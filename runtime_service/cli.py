@@ -129,6 +129,37 @@ def _database_option(fn: Any) -> Any:
     help="Fallback interval for claiming work and re-reading stop intents.",
 )
 @click.option(
+    "--default-deadline",
+    envvar="STOPLINE_DEFAULT_DEADLINE_SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Deadline in seconds (wall time from start) of an operation whose start sets none. "
+    "[default: none]",
+)
+@click.option(
+    "--max-deadline",
+    envvar="STOPLINE_MAX_DEADLINE_SECONDS",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULTS.max_deadline_seconds,
+    show_default=True,
+    help="Largest deadline in seconds a start may set.",
+)
+@click.option(
+    "--default-max-steps",
+    envvar="STOPLINE_DEFAULT_MAX_STEPS",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Step budget of an operation whose start sets none. [default: none]",
+)
+@click.option(
+    "--max-steps-cap",
+    envvar="STOPLINE_MAX_STEPS_CAP",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.max_steps_cap,
+    show_default=True,
+    help="Largest step budget a start may set.",
+)
+@click.option(
     "--abort-mid-step/--stop-at-boundary",
     envvar="STOPLINE_ABORT_MID_STEP",
     default=_DEFAULTS.abort_mid_step,
@@ -234,6 +265,10 @@ def serve(
     max_running: int,
     lease_seconds: float,
     poll_seconds: float,
+    default_deadline: float | None,
+    max_deadline: float,
+    default_max_steps: int | None,
+    max_steps_cap: int,
     abort_mid_step: bool,
     max_page_size: int,
     agents: tuple[str, ...],
@@ -265,6 +300,10 @@ def serve(
     from runtime_service.trust import TrustConfigError
     from stopline.errors import Unavailable
 
+    if default_deadline is not None and default_deadline > max_deadline:
+        raise click.BadParameter("is above --max-deadline", param_hint="--default-deadline")
+    if default_max_steps is not None and default_max_steps > max_steps_cap:
+        raise click.BadParameter("is above --max-steps-cap", param_hint="--default-max-steps")
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -279,6 +318,10 @@ def serve(
         max_running=max_running,
         lease_seconds=lease_seconds,
         poll_seconds=poll_seconds,
+        default_deadline_seconds=default_deadline,
+        max_deadline_seconds=max_deadline,
+        default_max_steps=default_max_steps,
+        max_steps_cap=max_steps_cap,
         abort_mid_step=abort_mid_step,
         max_page_size=max_page_size,
         agents=agents,

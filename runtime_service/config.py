@@ -21,6 +21,9 @@ DEFAULT_DATABASE_URL = "sqlite:///.stopline/runtime.db"
 # while a reader sees no lag.
 DEFAULT_DELTA_FLUSH_SECONDS = 0.05
 DEFAULT_DELTA_FLUSH_CHARS = 1024
+# The caps on an operation's deadline and step budget (a start may ask for less).
+DEFAULT_MAX_DEADLINE_SECONDS = 24 * 3600.0
+DEFAULT_MAX_STEPS_CAP = 100_000
 # The built-in python tool's cap on its time limit.
 DEFAULT_PYTHON_TOOL_MAX_SECONDS = 60.0
 
@@ -80,6 +83,12 @@ class RuntimeConfig:
     # Claimable work and stored stop intents are re-checked at least this often (notifications
     # usually wake the runner much sooner on PostgreSQL).
     poll_seconds: float = 1.0
+    # Limits of an operation (StartOperationRequest.deadline / max_steps): applied when a start
+    # sets none (None: no limit), and the most a start may ask for (more is INVALID_ARGUMENT).
+    default_deadline_seconds: float | None = None
+    max_deadline_seconds: float = DEFAULT_MAX_DEADLINE_SECONDS
+    default_max_steps: int | None = None
+    max_steps_cap: int = DEFAULT_MAX_STEPS_CAP
     # Cancel the step in flight on a stop (False: stop at the next step boundary only).
     abort_mid_step: bool = True
     # Extra agents, each "name=package.module:attr".

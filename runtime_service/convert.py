@@ -78,6 +78,9 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
         )
     if operation.finished_at is not None:
         msg.finish_time.CopyFrom(timestamp(operation.finished_at))
+    if operation.deadline_at is not None:
+        msg.deadline_time.CopyFrom(timestamp(operation.deadline_at))
+    msg.max_steps = operation.max_steps or 0
     return msg
 
 

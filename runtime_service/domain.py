@@ -74,6 +74,9 @@ class Operation:
     updated_at: datetime
     finished_at: datetime | None
     owner: str = ""
+    # Limits set at start: stopped by the runtime at this time / after this many steps.
+    deadline_at: datetime | None = None
+    max_steps: int | None = None
 
     @property
     def is_stopping(self) -> bool:

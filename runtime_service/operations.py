@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from runtime_service import stop_causes
 from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
@@ -23,7 +25,7 @@ from runtime_service.domain import (
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, Created, Storage, utcnow
+from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -42,6 +44,23 @@ MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
 REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
+
+
+# Bulk stop: at most this many operations per call (the answer says when more may match), read
+# in pages of this size.
+BULK_STOP_LIMIT = 1000
+BULK_PAGE = 200
+BULK_STATUSES = (OperationStatus.PENDING.value, OperationStatus.RUNNING.value)
+MAX_AGENT_NAME = 200
+
+
+@dataclass(frozen=True, slots=True)
+class BulkStopped:
+    """What one bulk stop did: the operations it stopped, and whether it stopped as many as one
+    call may while more matched."""
+
+    operation_ids: tuple[str, ...]
+    limit_reached: bool
 
 
 def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -84,7 +103,10 @@ class OperationsService:
         labels: Mapping[str, str] | None = None,
         hold_seconds: float = 0.0,
         owner: str = "",
+        deadline_seconds: float | None = None,
+        max_steps: int = 0,
     ) -> Created:
+        """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
         if not agent_name:
             raise InvalidArgument(
                 "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
@@ -110,15 +132,49 @@ class OperationsService:
                 f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
                 f"got {shown(hold_seconds)}",
             )
+        deadline = self._deadline(deadline_seconds)
+        budget = self._max_steps(max_steps)
         # Other replicas hear of the new work only if this one cannot run it now.
         announce = not self.runner.has_room
         created = await self.storage.create(
-            agent_name, input_value, key, checked_labels, hold_seconds, checked_owner, announce
+            agent_name,
+            input_value,
+            key,
+            checked_labels,
+            hold_seconds,
+            checked_owner,
+            announce,
+            deadline_seconds=deadline,
+            max_steps=budget,
         )
         self.hub.publish(created.events)
         if created.created and not hold_seconds:
             self.runner.submit(created.operation.id)
         return created
+
+    def _deadline(self, seconds: float | None) -> float | None:
+        if seconds is None:
+            return self.config.default_deadline_seconds
+        cap = self.config.max_deadline_seconds
+        if not 0 < seconds <= cap:
+            raise InvalidArgument(
+                "deadline",
+                f"must be more than 0 and at most {shown(cap)} seconds (the runtime's cap), "
+                f"got {shown(seconds)}",
+            )
+        return seconds
+
+    def _max_steps(self, max_steps: int) -> int | None:
+        if max_steps == 0:
+            return self.config.default_max_steps
+        cap = self.config.max_steps_cap
+        if not 0 < max_steps <= cap:
+            raise InvalidArgument(
+                "max_steps",
+                f"must be between 1 and {cap} (the runtime's cap), or 0 for the default; "
+                f"got {max_steps}",
+            )
+        return max_steps
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
@@ -157,15 +213,57 @@ class OperationsService:
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
+        result = await self._record_stop(op_id, by, why)
+        if result is None:
+            raise operation_not_found(op_id)
+        return result
+
+    async def _record_stop(self, op_id: str, by: str, why: str) -> InterruptResult | None:
+        """Record a stop, publish its events, and tell this replica's runner at once (another
+        replica's runner hears of it by the stop's notification)."""
         result = await self.storage.record_stop(op_id, by, why)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
-            raise operation_not_found(op_id)
+            return None
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
             self.runner.deliver_stop(op_id, committed if ours else None)
         return result
+
+    async def stop_matching(
+        self, owner: str, status: str | None, agent: str, labels: Mapping[str, str]
+    ) -> BulkStopped:
+        """Bulk stop: every unfinished operation of exactly `owner` ('' : those without one)
+        matching the filters, each by its own stop write (so each gets its stop_requested event
+        and its runner is told), up to BULK_STOP_LIMIT per call.
+
+        PENDING ones are looked at first, then RUNNING ones: an operation claimed meanwhile is
+        still found among the RUNNING (operations never go back to PENDING)."""
+        if status is not None and status not in BULK_STATUSES:
+            raise InvalidArgument("status", "must be PENDING or RUNNING (unset: both)")
+        wanted = _check_labels(labels)
+        _bounded_text(agent, "agent", MAX_AGENT_NAME)
+        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
+        cause = stop_causes.bulk_stop()
+        stopped: list[str] = []
+        for each in [status] if status is not None else BULK_STATUSES:
+            cursor: ListCursor | None = None
+            while True:
+                page, cursor = await self.storage.list_page(each, BULK_PAGE, cursor, checked_owner)
+                for operation in page:
+                    if agent and operation.agent != agent:
+                        continue
+                    if any(operation.labels.get(k) != v for k, v in wanted.items()):
+                        continue
+                    if len(stopped) >= BULK_STOP_LIMIT:
+                        return BulkStopped(tuple(stopped), limit_reached=True)
+                    result = await self._record_stop(operation.id, cause.requested_by, cause.reason)
+                    if result is not None and result.outcome is InterruptOutcome.ACCEPTED:
+                        stopped.append(operation.id)
+                if cursor is None:
+                    break
+        return BulkStopped(tuple(stopped), limit_reached=False)
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:
         """Stored events after `after_seq`, then live ones, until the terminal event."""

@@ -43,4 +43,6 @@ def operation_from_row(row: Any) -> Operation:
         updated_at=row.updated_at,
         finished_at=row.finished_at,
         owner=row.owner,
+        deadline_at=row.deadline_at,
+        max_steps=row.max_steps,
     )

@@ -35,9 +35,10 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from runtime_service import stop_causes
 from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.domain import Event, EventKind, JSONValue, Operation
+from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
 from runtime_service.hub import EventHub
 from runtime_service.step_events import DeltaSettings, OperationHalted, StepEvents
 from runtime_service.storage import STORAGE_FAILURES, Appended, Claimed, KeptState, Storage
@@ -62,6 +63,8 @@ class _Run:
     owned: bool = False
     # When this runner learned of the committed stop, if it did so at once (see deliver_stop).
     stop_seen_at: datetime | None = None
+    # Stops the operation at its deadline (armed once the run owns it, see _arm_deadline).
+    deadline: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -296,6 +299,7 @@ class Runner:
                 self._publish([claimed.event, *claimed.settled])
             run.owned = True
             operation = claimed.operation
+            self._arm_deadline(run, operation)
             agent = self._agents.get(operation.agent)
             if agent is None:
                 message = f"agent {shown(operation.agent)} is not registered with this runtime"
@@ -310,6 +314,8 @@ class Runner:
                 "operation %s: database unavailable (%s); leaving it for recovery", op_id, exc
             )
         finally:
+            if run.deadline is not None:
+                run.deadline.cancel()
             if run.step_task is not None and not run.step_task.done():
                 run.step_task.cancel()  # shutdown or lost ownership: do not leave the agent running
 
@@ -324,6 +330,9 @@ class Runner:
         state = operation.agent_state
         storage = self._storage
         if started is None:
+            if not run.stop.done() and _budget_spent(operation, step):
+                assert operation.max_steps is not None
+                await self._stop_self(run, stop_causes.step_budget_exhausted(operation.max_steps))
             if run.stop.done():
                 await self._halt(run, step, mid_step=False)
                 return
@@ -378,6 +387,11 @@ class Runner:
                     # The last step finished but a stop was recorded first: the stop wins.
                     await self._halt(run, step + 1, mid_step=False)
                 return
+            if _budget_spent(operation, step + 1):
+                # The budget is spent and the operation is not done: the stop is recorded before
+                # the boundary write, which then checkpoints this step and begins no other.
+                assert operation.max_steps is not None
+                await self._stop_self(run, stop_causes.step_budget_exhausted(operation.max_steps))
             written = await self._write(
                 op_id, storage.advance(op_id, step, result.output, result.state, me)
             )
@@ -386,6 +400,47 @@ class Runner:
             step += 1
             state = result.state
             started = written[1] if len(written) > 1 else None
+
+    # ------------------------------------------------------------------ limits
+
+    def _arm_deadline(self, run: _Run, operation: Operation) -> None:
+        """Stop the operation at its stored deadline; armed by whichever runner owns it (at
+        claim, or at takeover from the same column), at once when the deadline is past."""
+        if operation.deadline_at is None or operation.status.is_terminal:
+            return
+        deadline = (operation.deadline_at - operation.created_at).total_seconds()
+        cause = stop_causes.deadline_exceeded(deadline)
+        timer = self._deadline_timer(run, operation.deadline_at, cause)
+        run.deadline = asyncio.create_task(timer, name=f"operation {run.operation_id} deadline")
+
+    async def _deadline_timer(
+        self, run: _Run, deadline_at: datetime, cause: stop_causes.RuntimeStop
+    ) -> None:
+        await asyncio.sleep(max(0.0, (deadline_at - datetime.now(UTC)).total_seconds()))
+        while not run.stop.done():
+            try:
+                await self._stop_self(run, cause)
+            except STORAGE_FAILURES as exc:
+                log.warning(
+                    "operation %s: recording its deadline stop failed (%s)", run.operation_id, exc
+                )
+                await asyncio.sleep(self.settings.poll_seconds)
+            else:
+                return
+
+    async def _stop_self(self, run: _Run, cause: stop_causes.RuntimeStop) -> None:
+        """Record a stop the runtime requests (a limit was reached) through the same write as
+        a user's stop, and deliver it to this run at once."""
+        op_id = run.operation_id
+        with self._hub.local_write(op_id):
+            result = await self._storage.record_stop(op_id, cause.requested_by, cause.reason)
+            committed = datetime.now(UTC)
+            if result is None:
+                return
+            self._publish(list(result.events))
+        if not result.operation.status.is_terminal:
+            ours = result.outcome is InterruptOutcome.ACCEPTED  # else a stop came first
+            self._stop(run, committed if ours else None)
 
     @staticmethod
     def _kept(op_id: str, ctx: StepContext) -> KeptState | None:
@@ -473,6 +528,11 @@ class Runner:
             tools=self._tools,
             abort_mid_step=self.settings.abort_mid_step,
         )
+
+
+def _budget_spent(operation: Operation, steps_completed: int) -> bool:
+    """No further step may begin once this many steps completed."""
+    return operation.max_steps is not None and steps_completed >= operation.max_steps
 
 
 def _returned(step_task: asyncio.Task[StepResult]) -> bool:

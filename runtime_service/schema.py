@@ -91,6 +91,11 @@ operations = Table(
     Column("stop_requested_at", UTCDateTime, nullable=True),
     Column("stop_requested_by", String(200), nullable=True),
     Column("stop_reason", Text, nullable=True),
+    # Limits set at start (see StartOperationRequest): the runner that owns the operation stops
+    # it at `deadline_at` (re-armed from this column by whoever takes it over), and at the
+    # boundary after `max_steps` steps. NULL: no limit.
+    Column("deadline_at", UTCDateTime, nullable=True),
+    Column("max_steps", Integer, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),

@@ -32,6 +32,9 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     ) -> pb.StartOperationResponse:
         # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
         hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
+        deadline = None
+        if request.HasField("deadline"):
+            deadline = request.deadline.seconds + request.deadline.nanos / 1e9
         created = await self._ops.start(
             request.agent,
             struct_to_input(request.input),
@@ -39,6 +42,8 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             dict(request.labels),
             hold,
             request.owner,
+            deadline,
+            request.max_steps,
         )
         return pb.StartOperationResponse(
             operation=convert.operation_to_pb(created.operation), created=created.created
@@ -84,6 +89,27 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return pb.InterruptOperationResponse(
             outcome=convert.outcome_to_pb(result.outcome),
             operation=convert.operation_to_pb(result.operation),
+        )
+
+    @unary
+    async def StopOperations(
+        self,
+        request: pb.StopOperationsRequest,
+        context: aio.ServicerContext[pb.StopOperationsRequest, pb.StopOperationsResponse],
+    ) -> pb.StopOperationsResponse:
+        try:
+            status = convert.status_filter(request.status)
+        except KeyError:
+            raise InvalidArgument(
+                "status", f"unknown OperationStatus value {request.status}"
+            ) from None
+        done = await self._ops.stop_matching(
+            request.owner, status, request.agent, dict(request.labels)
+        )
+        return pb.StopOperationsResponse(
+            stopped=len(done.operation_ids),
+            operation_ids=done.operation_ids,
+            limit_reached=done.limit_reached,
         )
 
     @server_stream

@@ -70,6 +70,7 @@ RUNTIME_METHODS = [
         "InterruptOperation",
         "WatchOperation",
         "ReleaseOperation",
+        "StopOperations",
     )
 ]
 GATEWAY_METHODS = [
@@ -80,6 +81,7 @@ GATEWAY_METHODS = [
         "StopOperation",
         "GetOperation",
         "ListOperations",
+        "StopOperations",
     )
 ]
 # What a deliberate answer to hostile input may be. UNKNOWN means an exception escaped; INTERNAL
@@ -463,6 +465,16 @@ def runtime_requests(seeds: Seeds) -> st.SearchStrategy[tuple[str, bytes]]:
             page_tokens,
         ),
         st.builds(
+            lambda o, s, a, labels: (
+                "StopOperations",
+                rt_pb.StopOperationsRequest(owner=o, status=s, agent=a, labels=labels),
+            ),
+            any_text,
+            int32s,
+            any_text,
+            st.dictionaries(any_text, any_text, max_size=40),
+        ),
+        st.builds(
             lambda i, by, why, only: (
                 "InterruptOperation",
                 rt_pb.InterruptOperationRequest(
@@ -536,6 +548,15 @@ def gateway_requests(seeds: Seeds) -> st.SearchStrategy[tuple[str, bytes]]:
             int32s,
             page_tokens,
         ),
+        st.builds(
+            lambda s, a, labels: (
+                "StopOperations",
+                gw_pb.StopOperationsRequest(status=s, agent=a, labels=labels),
+            ),
+            int32s,
+            any_text,
+            st.dictionaries(any_text, any_text, max_size=40),
+        ),
     ]
     return st.one_of(requests).map(lambda pair: (GW + pair[0], pair[1].SerializeToString()))
 
@@ -587,10 +608,13 @@ def test_input_nested_past_protobufs_limit_is_invalid_argument(stack: Stack, met
 def test_invalid_utf8_and_corrupt_wire_format_are_invalid_argument(
     stack: Stack, seeds: Seeds, method: str
 ) -> None:
-    # Field 1 is a string in every request but ListOperations, whose page_token is field 3.
-    bad_utf8 = (
-        b"\x1a\x03\xff\xfe\xfd" if method.endswith("/ListOperations") else b"\x0a\x03\xff\xfe\xfd"
-    )
+    # Field 1 is a string in every request but ListOperations, whose page_token is field 3, and
+    # the gateway's StopOperations, whose agent is field 2.
+    bad_utf8 = b"\x0a\x03\xff\xfe\xfd"
+    if method.endswith("/ListOperations"):
+        bad_utf8 = b"\x1a\x03\xff\xfe\xfd"
+    elif method == GW + "StopOperations":
+        bad_utf8 = b"\x12\x03\xff\xfe\xfd"
     for payload in (bad_utf8, b"\xff\xff\xff", b"\x0a\xff\xff\xff\x0f"):
         answer = call(stack, method, payload)
         assert answer.code is grpc.StatusCode.INVALID_ARGUMENT, (method, answer)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from runtime_service.domain import Event, EventKind, InterruptResult, JSONValue, Operation
@@ -46,6 +46,15 @@ def request_hash(agent: str, input_value: JSONValue, labels: Mapping[str, str]) 
     parts: list[Any] = [agent, input_value, dict(labels)] if labels else [agent, input_value]
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def deadline_at(
+    created_at: datetime, deadline_seconds: float | None, to_db: Callable[[datetime], Any]
+) -> Any:
+    """The stored `deadline_at` of an operation created at `created_at` (None: no deadline)."""
+    if deadline_seconds is None:
+        return None
+    return to_db(created_at + timedelta(seconds=deadline_seconds))
 
 
 def halt_ms(
@@ -145,10 +154,13 @@ class Storage(Protocol):
         hold_seconds: float = 0.0,
         owner: str = "",
         announce: bool = True,
+        deadline_seconds: float | None = None,
+        max_steps: int | None = None,
     ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the owner's idempotent
         twin (AlreadyExists if the key was used for a different request). `announce`: tell
-        other replicas there is work (not needed when this one runs it right away)."""
+        other replicas there is work (not needed when this one runs it right away).
+        `deadline_seconds` is stored as the absolute `deadline_at` (creation time + it)."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:

@@ -32,6 +32,7 @@ from runtime_service.storage.interface import (
     Claimed,
     Created,
     KeptState,
+    deadline_at,
     request_hash,
     utcnow,
 )
@@ -67,9 +68,10 @@ _CREATE = PgSql(
     f"""
 WITH created AS (
   INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner,
-    labels_json, status, steps_completed, last_seq, held_until, created_at, updated_at)
+    labels_json, status, steps_completed, last_seq, held_until, created_at, updated_at,
+    deadline_at, max_steps)
   VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-    'PENDING', 0, 1, :held_until, :now, :now)
+    'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps)
   ON CONFLICT (owner, idempotency_key) DO NOTHING
   RETURNING {COLUMN_LIST}
 ), written AS (
@@ -79,7 +81,7 @@ WITH created AS (
 SELECT {COLUMN_LIST}, CASE WHEN :announce AND held_until IS NULL THEN pg_notify('{WORK}', '') END
 FROM created""",
     id=TEXT, agent=TEXT, input=TEXT, hash=TEXT, key=TEXT, owner=TEXT, labels=TEXT,
-    held_until=TIME, now=TIME, data=TEXT, announce=BOOL,
+    held_until=TIME, now=TIME, data=TEXT, announce=BOOL, deadline_at=TIME, max_steps=INT,
 )  # fmt: skip
 
 _RELEASE = PgSql(
@@ -298,6 +300,8 @@ class PostgresStorage(SharedStorage):
         hold_seconds: float = 0.0,
         owner: str = "",
         announce: bool = True,
+        deadline_seconds: float | None = None,
+        max_steps: int | None = None,
     ) -> Created:
         labels = dict(labels or {})
         fingerprint = request_hash(agent, input_value, labels)
@@ -315,6 +319,8 @@ class PostgresStorage(SharedStorage):
                 "labels": dump_json(labels) if labels else None,
                 "held_until": None if held_until is None else self._time(held_until),
                 "now": self._time(now),
+                "deadline_at": deadline_at(now, deadline_seconds, self._time),
+                "max_steps": max_steps,
                 "data": dump_json(data),
                 "announce": announce,
             }

@@ -37,6 +37,9 @@ from runtime_service.storage.interface import (
     request_hash,
     utcnow,
 )
+from runtime_service.storage.interface import (
+    deadline_at as _deadline_at,
+)
 from runtime_service.storage.shared import SharedStorage, twin_of
 from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
@@ -49,9 +52,9 @@ _OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
 
 _CREATE = Sql("""
 INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner, labels_json,
-  status, steps_completed, last_seq, held_until, created_at, updated_at)
+  status, steps_completed, last_seq, held_until, created_at, updated_at, deadline_at, max_steps)
 VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-  'PENDING', 0, 1, :held_until, :now, :now)
+  'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps)
 RETURNING *""")
 
 _RELEASE = Sql("""
@@ -190,10 +193,13 @@ class SqliteStorage(SharedStorage):
         hold_seconds: float = 0.0,
         owner: str = "",
         announce: bool = True,
+        deadline_seconds: float | None = None,
+        max_steps: int | None = None,
     ) -> Created:
         fingerprint = request_hash(agent, input_value, dict(labels or {}))
         fields = (agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner)
-        return await self._call(self._create, fingerprint, *fields)
+        limits = (deadline_seconds, max_steps)
+        return await self._call(self._create, fingerprint, *fields, *limits)
 
     def _create(
         self,
@@ -204,6 +210,8 @@ class SqliteStorage(SharedStorage):
         labels: dict[str, str],
         hold_seconds: float,
         owner: str,
+        deadline_seconds: float | None,
+        max_steps: int | None,
     ) -> Created:
         if key is not None:
             twin = self._twin(owner, key, fingerprint)
@@ -221,6 +229,8 @@ class SqliteStorage(SharedStorage):
             "labels": dump_json(labels) if labels else None,
             "held_until": None if held_until is None else self._time(held_until),
             "now": self._time(now),
+            "deadline_at": _deadline_at(now, deadline_seconds, self._time),
+            "max_steps": max_steps,
         }
         try:
             with self.cursors.transaction() as cur:

@@ -143,6 +143,8 @@ class Operation(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID in canonical lowercase form)."""
     agent: _builtins.str
@@ -164,6 +166,8 @@ class Operation(_message.Message):
     """The principal the operation belongs to, as given at start (the gateway sets the
     authenticated caller); empty for an operation started on the runtime without an owner.
     """
+    max_steps: _builtins.int
+    """The operation's step budget; 0: none."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The input the operation was started with."""
@@ -198,6 +202,12 @@ class Operation(_message.Message):
         stop cut mid-step, the state the step kept for a stop (StepContext.keep_on_stop), if any.
         """
 
+    @_builtins.property
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the runtime stops the operation for its deadline (start time + the start's deadline);
+        unset: no deadline.
+        """
+
     def __init__(
         self,
         *,
@@ -217,10 +227,12 @@ class Operation(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         owner: _builtins.str = ...,
         state: _struct_pb2.Value | None = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        max_steps: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "state", b"state", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "state", b"state", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "owner", b"owner", "result", b"result", "state", b"state", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "deadline_time", b"deadline_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "max_steps", b"max_steps", "owner", b"owner", "result", b"result", "state", b"state", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

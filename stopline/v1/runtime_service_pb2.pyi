@@ -86,6 +86,8 @@ class StartOperationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     HOLD_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "echo" or "ticker"."""
     idempotency_key: _builtins.str
@@ -93,6 +95,11 @@ class StartOperationRequest(_message.Message):
     owner: _builtins.str
     """The principal the operation belongs to (at most 200 characters; empty: no owner). Idempotency
     keys are scoped by owner: the same key under two owners names two different operations.
+    """
+    max_steps: _builtins.int
+    """The most steps the operation may run: after that many steps complete without it being done,
+    the runtime stops it at that boundary (reason "step budget of N steps exhausted"). 0: the
+    runtime's default (none unless configured); above the runtime's cap: INVALID_ARGUMENT.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
@@ -112,6 +119,14 @@ class StartOperationRequest(_message.Message):
         either interrupts or releases it: a stop then wins before any step can start.
         """
 
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Wall time from the start after which the runtime stops the operation as a stop would
+        (requested_by "runtime", reason "deadline of ... exceeded"), mid-step, on whichever replica
+        runs it. Unset: the runtime's default (none unless configured); above the runtime's cap:
+        INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -121,10 +136,12 @@ class StartOperationRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         hold: _duration_pb2.Duration | None = ...,
         owner: _builtins.str = ...,
+        deadline: _duration_pb2.Duration | None = ...,
+        max_steps: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "hold", b"hold", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "deadline", b"deadline", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "max_steps", b"max_steps", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,3 +459,95 @@ class ReleaseOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseOperationResponse: _TypeAlias = ReleaseOperationResponse  # noqa: Y015
+
+@_typing.final
+class StopOperationsRequest(_message.Message):
+    """Request for StopOperations. Every filter given must match; an empty filter matches all of the
+    owner's unfinished operations.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """Whose operations: exactly this owner's (empty: only operations started without an owner).
+    The gateway sets the authenticated principal.
+    """
+    status: _operation_pb2.OperationStatus.ValueType
+    """PENDING or RUNNING; UNSPECIFIED: both. Operations already STOPPING are left as they are."""
+    agent: _builtins.str
+    """Only operations of this agent (empty: any)."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only operations whose labels include all of these."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        status: _operation_pb2.OperationStatus.ValueType = ...,
+        agent: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "labels", b"labels", "owner", b"owner", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsRequest: _TypeAlias = StopOperationsRequest  # noqa: Y015
+
+@_typing.final
+class StopOperationsResponse(_message.Message):
+    """Response for StopOperations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_FIELD_NUMBER: _builtins.int
+    OPERATION_IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_REACHED_FIELD_NUMBER: _builtins.int
+    stopped: _builtins.int
+    """How many operations this call stopped."""
+    limit_reached: _builtins.bool
+    """True when the call stopped as many as one call may (1000): more may match; call again."""
+    @_builtins.property
+    def operation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Their ids."""
+
+    def __init__(
+        self,
+        *,
+        stopped: _builtins.int = ...,
+        operation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        limit_reached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_reached", b"limit_reached", "operation_ids", b"operation_ids", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsResponse: _TypeAlias = StopOperationsResponse  # noqa: Y015

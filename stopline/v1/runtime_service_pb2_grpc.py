@@ -65,6 +65,11 @@ class RuntimeServiceStub:
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
                 response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
                 _registered_method=True)
+        self.StopOperations = channel.unary_unary(
+                '/stopline.v1.RuntimeService/StopOperations',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -118,6 +123,15 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopOperations(self, request, context):
+        """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
+        through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
+        stop"), at most 1000 per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +164,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ReleaseOperation,
                     request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.FromString,
                     response_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.SerializeToString,
+            ),
+            'StopOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopOperations,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +334,33 @@ class RuntimeService:
             '/stopline.v1.RuntimeService/ReleaseOperation',
             stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
             stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/StopOperations',
+            stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class RuntimeServiceStub:
     """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
     (or already finished) is returned unchanged.
     """
+    StopOperations: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]
+    """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
+    through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
+    stop"), at most 1000 per call.
+    """
 
 @_typing.type_check_only
 class RuntimeServiceAsyncStub(RuntimeServiceStub):
@@ -80,6 +85,11 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     ReleaseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]  # type: ignore[assignment]
     """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
     (or already finished) is returned unchanged.
+    """
+    StopOperations: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]  # type: ignore[assignment]
+    """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
+    through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
+    stop"), at most 1000 per call.
     """
 
 class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -140,6 +150,17 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runtime_service_pb2.ReleaseOperationResponse, _abc.Awaitable[_runtime_service_pb2.ReleaseOperationResponse]]:
         """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
         (or already finished) is returned unchanged.
+        """
+
+    @_abc_1.abstractmethod
+    def StopOperations(
+        self,
+        request: _runtime_service_pb2.StopOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_service_pb2.StopOperationsResponse, _abc.Awaitable[_runtime_service_pb2.StopOperationsResponse]]:
+        """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
+        through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
+        stop"), at most 1000 per call.
         """
 
 def add_RuntimeServiceServicer_to_server(servicer: RuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -96,6 +96,8 @@ class StartAndStreamRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CANCEL_POLICY_FIELD_NUMBER: _builtins.int
     CANCEL_GRACE_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    MAX_STEPS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "ticker"."""
     idempotency_key: _builtins.str
@@ -105,6 +107,10 @@ class StartAndStreamRequest(_message.Message):
     """
     cancel_policy: Global___CancelPolicy.ValueType
     """What a cancelled stream does to the operation."""
+    max_steps: _builtins.int
+    """The most steps the operation may run (see stopline.v1.StartOperationRequest.max_steps);
+    0: the runtime's default.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The agent's input, any JSON object."""
@@ -112,6 +118,12 @@ class StartAndStreamRequest(_message.Message):
     @_builtins.property
     def cancel_grace(self) -> _duration_pb2.Duration:
         """Grace for CANCEL_POLICY_STOP_AFTER_GRACE (default 30 s, at most 24 h)."""
+
+    @_builtins.property
+    def deadline(self) -> _duration_pb2.Duration:
+        """Wall time from the start after which the runtime stops the operation (see
+        stopline.v1.StartOperationRequest.deadline); unset: the runtime's default.
+        """
 
     def __init__(
         self,
@@ -121,10 +133,12 @@ class StartAndStreamRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         cancel_policy: Global___CancelPolicy.ValueType = ...,
         cancel_grace: _duration_pb2.Duration | None = ...,
+        deadline: _duration_pb2.Duration | None = ...,
+        max_steps: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_grace", b"cancel_grace", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_grace", b"cancel_grace", "deadline", b"deadline", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "idempotency_key", b"idempotency_key", "input", b"input"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "input", b"input", "max_steps", b"max_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,3 +497,91 @@ class ListOperationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOperationsResponse: _TypeAlias = ListOperationsResponse  # noqa: Y015
+
+@_typing.final
+class StopOperationsRequest(_message.Message):
+    """Request for StopOperations: every filter given must match (none: all of the caller's
+    unfinished operations).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    status: _operation_pb2.OperationStatus.ValueType
+    """PENDING or RUNNING; UNSPECIFIED: both."""
+    agent: _builtins.str
+    """Only operations of this agent (empty: any)."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only operations whose labels include all of these."""
+
+    def __init__(
+        self,
+        *,
+        status: _operation_pb2.OperationStatus.ValueType = ...,
+        agent: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "labels", b"labels", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsRequest: _TypeAlias = StopOperationsRequest  # noqa: Y015
+
+@_typing.final
+class StopOperationsResponse(_message.Message):
+    """Response for StopOperations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_FIELD_NUMBER: _builtins.int
+    OPERATION_IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_REACHED_FIELD_NUMBER: _builtins.int
+    stopped: _builtins.int
+    """How many of the caller's operations this call stopped (each gets stop_requested with
+    requested_by "runtime" and reason "bulk stop", then interrupted).
+    """
+    limit_reached: _builtins.bool
+    """True when the call stopped as many as one call may (1000): more may match; call again."""
+    @_builtins.property
+    def operation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Their ids."""
+
+    def __init__(
+        self,
+        *,
+        stopped: _builtins.int = ...,
+        operation_ids: _abc.Iterable[_builtins.str] | None = ...,
+        limit_reached: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit_reached", b"limit_reached", "operation_ids", b"operation_ids", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopOperationsResponse: _TypeAlias = StopOperationsResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class GatewayServiceStub:
                 request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsRequest.SerializeToString,
                 response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsResponse.FromString,
                 _registered_method=True)
+        self.StopOperations = channel.unary_unary(
+                '/stopline.gateway.v1.GatewayService/StopOperations',
+                request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.SerializeToString,
+                response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -107,6 +112,14 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopOperations(self, request, context):
+        """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
+        how many it stopped. Never touches another principal's operations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +147,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListOperations,
                     request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsRequest.FromString,
                     response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'StopOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopOperations,
+                    request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.FromString,
+                    response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +291,33 @@ class GatewayService:
             '/stopline.gateway.v1.GatewayService/ListOperations',
             stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsRequest.SerializeToString,
             stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.gateway.v1.GatewayService/StopOperations',
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.SerializeToString,
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class GatewayServiceStub:
     """Returns one operation."""
     ListOperations: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ListOperationsRequest, _gateway_service_pb2.ListOperationsResponse]
     """Lists operations, newest first."""
+    StopOperations: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.StopOperationsRequest, _gateway_service_pb2.StopOperationsResponse]
+    """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
+    how many it stopped. Never touches another principal's operations.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -77,6 +81,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Returns one operation."""
     ListOperations: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ListOperationsRequest, _gateway_service_pb2.ListOperationsResponse]  # type: ignore[assignment]
     """Lists operations, newest first."""
+    StopOperations: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.StopOperationsRequest, _gateway_service_pb2.StopOperationsResponse]  # type: ignore[assignment]
+    """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
+    how many it stopped. Never touches another principal's operations.
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing service: start operations and stream them, reconnect, and stop them. A stop is
@@ -129,5 +137,15 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_service_pb2.ListOperationsResponse, _abc.Awaitable[_gateway_service_pb2.ListOperationsResponse]]:
         """Lists operations, newest first."""
+
+    @_abc_1.abstractmethod
+    def StopOperations(
+        self,
+        request: _gateway_service_pb2.StopOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.StopOperationsResponse, _abc.Awaitable[_gateway_service_pb2.StopOperationsResponse]]:
+        """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
+        how many it stopped. Never touches another principal's operations.
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
