@@ -49,7 +49,19 @@ class StopDelivery:
 
     @property
     def operation_id(self) -> str:
+        """The operation's id; empty for a stop by idempotency key (see `target`)."""
         return self.request.operation_id
+
+    @property
+    def target(self) -> str:
+        return _target(self.request)
+
+
+def _target(request: rt_pb.InterruptOperationRequest) -> str:
+    """What a stop stops, for logs and for joining deliveries of the same stop."""
+    if request.idempotency_key:
+        return f"key {request.idempotency_key!r} of {request.owner!r}"
+    return request.operation_id
 
 
 class StopDeliverer:
@@ -88,9 +100,28 @@ class StopDeliverer:
             reason=reason,
             only_if_unwatched=only_if_unwatched,
         )
+        return self._begin(request)
+
+    def deliver_by_key(
+        self, owner: str, idempotency_key: str, requested_by: str, reason: str
+    ) -> StopDelivery:
+        """Deliver a stop by the owner's idempotency key (which may come before the start: the
+        runtime then records it ahead of it), or join the delivery of the same stop."""
+        request = rt_pb.InterruptOperationRequest(
+            idempotency_key=idempotency_key, owner=owner, requested_by=requested_by, reason=reason
+        )
+        current = self._pending.get(_target(request))
+        return current if current is not None else self._begin(request)
+
+    def pending_by_key(self, owner: str, idempotency_key: str) -> StopDelivery | None:
+        """The stop by this key being delivered now, if any."""
+        request = rt_pb.InterruptOperationRequest(idempotency_key=idempotency_key, owner=owner)
+        return self._pending.get(_target(request))
+
+    def _begin(self, request: rt_pb.InterruptOperationRequest) -> StopDelivery:
         delivery = StopDelivery(request, asyncio.get_running_loop().create_future())
-        self._pending[operation_id] = delivery
-        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {operation_id}")
+        self._pending[delivery.target] = delivery
+        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {delivery.target}")
         return delivery
 
     async def _run(self, delivery: StopDelivery) -> None:
@@ -112,7 +143,7 @@ class StopDeliverer:
                 delivery.state = DeliveryState.UNDELIVERED
                 log.error(
                     "stop of operation %s NOT delivered after %d attempts in %.0fs: %s",
-                    delivery.operation_id,
+                    delivery.target,
                     delivery.attempts,
                     self._deadline,
                     exc,
@@ -121,8 +152,8 @@ class StopDeliverer:
             else:
                 delivery.state = DeliveryState.REJECTED
         finally:
-            if self._pending.get(delivery.operation_id) is delivery:
-                del self._pending[delivery.operation_id]
+            if self._pending.get(delivery.target) is delivery:
+                del self._pending[delivery.target]
             if not delivery.done.done():
                 delivery.done.set_result(None)
 
@@ -163,7 +194,7 @@ class StopDeliverer:
         """Shutdown: stops still being delivered are logged as undelivered, by operation id."""
         deliveries = list(self._pending.values())
         for delivery in deliveries:
-            log.error("gateway shutting down: stop of %s NOT delivered", delivery.operation_id)
+            log.error("gateway shutting down: stop of %s NOT delivered", delivery.target)
             if delivery.task is not None:
                 delivery.task.cancel()
         tasks = [d.task for d in deliveries if d.task is not None]

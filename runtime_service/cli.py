@@ -121,6 +121,14 @@ def _database_option(fn: Any) -> Any:
     help="How long a replica owns an operation between renewals (takeover delay after a crash).",
 )
 @click.option(
+    "--stop-tombstone-seconds",
+    envvar="STOPLINE_STOP_TOMBSTONE_SECONDS",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=_DEFAULTS.stop_tombstone_seconds,
+    show_default=True,
+    help="How long a stop sent by idempotency key before its start stays waiting for that start.",
+)
+@click.option(
     "--poll-seconds",
     envvar="STOPLINE_POLL_SECONDS",
     type=click.FloatRange(min=0.01),
@@ -233,6 +241,7 @@ def serve(
     shutdown_grace: float,
     max_running: int,
     lease_seconds: float,
+    stop_tombstone_seconds: float,
     poll_seconds: float,
     abort_mid_step: bool,
     max_page_size: int,
@@ -278,6 +287,7 @@ def serve(
         shutdown_grace_seconds=shutdown_grace,
         max_running=max_running,
         lease_seconds=lease_seconds,
+        stop_tombstone_seconds=stop_tombstone_seconds,
         poll_seconds=poll_seconds,
         abort_mid_step=abort_mid_step,
         max_page_size=max_page_size,

@@ -45,6 +45,9 @@ class InterruptOutcome(enum.StrEnum):
     ALREADY_REQUESTED = "ALREADY_REQUESTED"
     ALREADY_FINISHED = "ALREADY_FINISHED"
     SKIPPED_WATCHED = "SKIPPED_WATCHED"
+    # A stop by idempotency key found no operation with that key: it waits, as a tombstone, for
+    # the start that brings the key, which then creates the operation already INTERRUPTED.
+    RECORDED_AHEAD = "RECORDED_AHEAD"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +102,11 @@ class InterruptResult:
     outcome: InterruptOutcome
     operation: Operation
     events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedAhead:
+    """A stop by idempotency key that found no operation with the key: stored as a tombstone
+    (outcome RECORDED_AHEAD), or one was stored already (ALREADY_REQUESTED)."""
+
+    outcome: InterruptOutcome

@@ -19,6 +19,7 @@ from runtime_service.domain import (
     InterruptResult,
     Operation,
     OperationStatus,
+    RecordedAhead,
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
@@ -115,10 +116,26 @@ class OperationsService:
         created = await self.storage.create(
             agent_name, input_value, key, checked_labels, hold_seconds, checked_owner, announce
         )
+        if created.created and key is not None:
+            created = await self._apply_tombstone(created, checked_owner, key)
         self.hub.publish(created.events)
-        if created.created and not hold_seconds:
+        if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
         return created
+
+    async def _apply_tombstone(self, created: Created, owner: str, key: str) -> Created:
+        """A stop sent by this key before the start (a tombstone) interrupts the new operation
+        now, before it can run: created, stop_requested, interrupted, no step."""
+        tombstone = await self.storage.take_tombstone(owner, key)
+        if tombstone is None:
+            return created
+        requested_by, reason = tombstone
+        stopped = await self.storage.record_stop(created.operation.id, requested_by, reason)
+        if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
+            # The stop by key saw the operation and recorded the stop itself.
+            operation = await self.get(created.operation.id)
+            return Created(operation, created=True, events=created.events)
+        return Created(stopped.operation, created=True, events=created.events + stopped.events)
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
@@ -165,6 +182,26 @@ class OperationsService:
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
             self.runner.deliver_stop(op_id, committed if ours else None)
+        return result
+
+    async def interrupt_by_key(
+        self, idempotency_key: str, owner: str, requested_by: str, reason: str
+    ) -> InterruptResult | RecordedAhead:
+        """A stop by the owner's idempotency key, which may come before the start: see
+        Storage.record_stop_by_key."""
+        key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
+        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
+        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        why = _bounded_text(reason, "reason", MAX_REASON)
+        result = await self.storage.record_stop_by_key(
+            checked_owner, key, by, why, self.config.stop_tombstone_seconds
+        )
+        committed = utcnow()
+        if isinstance(result, InterruptResult):
+            self.hub.publish(result.events)
+            if not result.operation.status.is_terminal:
+                ours = result.outcome is InterruptOutcome.ACCEPTED
+                self.runner.deliver_stop(result.operation.id, committed if ours else None)
         return result
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:

@@ -126,3 +126,19 @@ steps = Table(
     Column("outcome", String(16), nullable=True),
     Column("output_json", Text, nullable=True),
 )
+
+# A stop sent by idempotency key before any operation had that key (for that owner): the start
+# that comes with the key before `expires_at` creates its operation already INTERRUPTED and
+# consumes the row. Expired rows have no effect and are removed when the next stop by key is
+# written. The primary key is what makes two stops by the same key one tombstone.
+stop_tombstones = Table(
+    "stop_tombstones",
+    metadata,
+    Column("owner", String(200), primary_key=True),
+    Column("idempotency_key", String(200), primary_key=True),
+    Column("requested_by", String(200), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index(None, "expires_at"),
+)

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from runtime_service.domain import Event, EventKind, InterruptResult, JSONValue, Operation
+from runtime_service.domain import (
+    Event,
+    EventKind,
+    InterruptResult,
+    JSONValue,
+    Operation,
+    RecordedAhead,
+)
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -161,6 +168,18 @@ class Storage(Protocol):
     ) -> InterruptResult | None:
         """Store the stop intent once. A PENDING operation is interrupted right here, so no
         runner ever starts it. None for an unknown id."""
+        ...
+
+    async def record_stop_by_key(
+        self, owner: str, key: str, requested_by: str, reason: str, expires_seconds: float
+    ) -> InterruptResult | RecordedAhead:
+        """A stop by the owner's idempotency key: recorded on the operation with that key, or,
+        when there is none yet, stored as a tombstone for `expires_seconds` (RecordedAhead)."""
+        ...
+
+    async def take_tombstone(self, owner: str, key: str) -> tuple[str, str] | None:
+        """Consume the owner's live tombstone for `key`: (requested_by, reason), or None. A
+        start asks this after its create committed and before its operation can run."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

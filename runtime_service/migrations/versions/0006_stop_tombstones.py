@@ -1,0 +1,41 @@
+"""stop tombstones: a stop by idempotency key recorded before its start
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-29 20:40:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+import runtime_service.schema
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "stop_tombstones",
+        sa.Column("owner", sa.String(length=200), nullable=False),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=False),
+        sa.Column("requested_by", sa.String(length=200), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column(
+            "requested_at", runtime_service.schema.UTCDateTime(timezone=True), nullable=False
+        ),
+        sa.Column("expires_at", runtime_service.schema.UTCDateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("owner", "idempotency_key", name=op.f("pk_stop_tombstones")),
+    )
+    op.create_index(
+        op.f("ix_stop_tombstones_expires_at"), "stop_tombstones", ["expires_at"], unique=False
+    )
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_stop_tombstones_expires_at"), table_name="stop_tombstones")
+    op.drop_table("stop_tombstones")
