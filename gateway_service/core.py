@@ -5,7 +5,9 @@ Guarantees kept here:
   the stop applied as soon as the runtime answers; because the gateway starts every operation
   *held* (the runtime runs no step until released), that stop lands while the operation is still
   PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
-  operation already created (`Gateway._start`).
+  operation already created (`Gateway._start`). A client may also stop by its start's
+  idempotency key before it has the id (the runtime records the stop ahead of the start if
+  needed); the hold is released as soon as the id is sent, after any such stop in flight here.
 - A stream never shows a gap or a repeat (follow.py).
 - A stop is acknowledged to every local client of the operation at once, then delivered at least
   once (delivery.py).
@@ -339,12 +341,14 @@ class Gateway:
                 )
             # Keys are scoped by owner at the runtime (which also checks the key's length): no
             # ownership check is needed.
-            delivery = self.deliverer.deliver_by_key(owner, idempotency_key, requested_by, reason)
+            delivery = self.deliverer.deliver_by_key(
+                owner, idempotency_key, requested_by, reason, op_pb.STOP_CAUSE_USER
+            )
         else:
             op_id = parse_operation_id(operation_id)
             # Before anything is acknowledged to the operation's streams.
             await self.owners.require(op_id, owner, self._fetch)
-            delivery = self._request_stop(op_id, requested_by, reason)
+            delivery = self._request_stop(op_id, requested_by, reason, op_pb.STOP_CAUSE_USER)
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         if not delivery.done.done():
             return StopAnswer(delivered=False)
@@ -359,12 +363,17 @@ class Gateway:
         raise delivery.error
 
     def _request_stop(
-        self, op_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        op_id: str,
+        requested_by: str,
+        reason: str,
+        cause: op_pb.StopCause.ValueType,
+        only_if_unwatched: bool = False,
     ) -> StopDelivery:
         if not only_if_unwatched:
             # Every local client of the operation learns of the stop now, not after the runtime.
             self.streams.notify(op_id, StopRequestedItem(requested_by, reason))
-        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched)
+        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched, cause)
 
     def _report_undelivered(self, delivery: StopDelivery) -> None:
         self.streams.notify(
@@ -405,7 +414,7 @@ class Gateway:
         assert op_id is not None
         if policy is CancelPolicy.STOP:
             # Still held if the client left during the start: the stop wins before any step.
-            self._request_stop(op_id, GATEWAY, reason)
+            self._request_stop(op_id, GATEWAY, reason, op_pb.STOP_CAUSE_CLIENT_GONE)
             return
         await self._release(op_id)
         if policy is CancelPolicy.STOP_AFTER_GRACE:
@@ -413,7 +422,11 @@ class Gateway:
             if self.streams.count(op_id) == 0:
                 # The runtime re-checks: a client may have reconnected through another gateway.
                 self._request_stop(
-                    op_id, GATEWAY, f"nobody reconnected within {grace:g}s", only_if_unwatched=True
+                    op_id,
+                    GATEWAY,
+                    f"nobody reconnected within {grace:g}s",
+                    op_pb.STOP_CAUSE_GRACE_EXPIRED,
+                    only_if_unwatched=True,
                 )
 
     # ------------------------------------------------------------------ reads

@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from stopline.grpc_status import UpstreamError
+from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,12 @@ class StopDeliverer:
         self._pending: dict[str, StopDelivery] = {}
 
     def deliver(
-        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        only_if_unwatched: bool = False,
+        cause: op_pb.StopCause.ValueType = op_pb.STOP_CAUSE_USER,
     ) -> StopDelivery:
         """Start delivering (or join the delivery already under way for this operation)."""
         current = self._pending.get(operation_id)
@@ -98,17 +104,27 @@ class StopDeliverer:
             operation_id=operation_id,
             requested_by=requested_by,
             reason=reason,
+            cause=cause,
             only_if_unwatched=only_if_unwatched,
         )
         return self._begin(request)
 
     def deliver_by_key(
-        self, owner: str, idempotency_key: str, requested_by: str, reason: str
+        self,
+        owner: str,
+        idempotency_key: str,
+        requested_by: str,
+        reason: str,
+        cause: op_pb.StopCause.ValueType,
     ) -> StopDelivery:
         """Deliver a stop by the owner's idempotency key (which may come before the start: the
         runtime then records it ahead of it), or join the delivery of the same stop."""
         request = rt_pb.InterruptOperationRequest(
-            idempotency_key=idempotency_key, owner=owner, requested_by=requested_by, reason=reason
+            idempotency_key=idempotency_key,
+            owner=owner,
+            requested_by=requested_by,
+            reason=reason,
+            cause=cause,
         )
         current = self._pending.get(_target(request))
         return current if current is not None else self._begin(request)

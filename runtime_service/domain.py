@@ -57,6 +57,19 @@ class StopIntent:
     requested_at: datetime
     requested_by: str
     reason: str
+    cause: StopCause | None = None  # None: recorded before causes existed
+
+
+class StopCause(enum.StrEnum):
+    """Why an operation was stopped (a closed set; the proto's StopCause without its prefix)."""
+
+    USER = "USER"
+    CLIENT_GONE = "CLIENT_GONE"
+    GRACE_EXPIRED = "GRACE_EXPIRED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    STEP_BUDGET = "STEP_BUDGET"
+    OPERATOR = "OPERATOR"
+    BULK = "BULK"
 
 
 @dataclass(frozen=True, slots=True)

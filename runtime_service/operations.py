@@ -20,6 +20,7 @@ from runtime_service.domain import (
     Operation,
     OperationStatus,
     RecordedAhead,
+    StopCause,
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
@@ -129,8 +130,8 @@ class OperationsService:
         tombstone = await self.storage.take_tombstone(owner, key)
         if tombstone is None:
             return created
-        requested_by, reason = tombstone
-        stopped = await self.storage.record_stop(created.operation.id, requested_by, reason)
+        requested_by, reason, cause = tombstone
+        stopped = await self.storage.record_stop(created.operation.id, requested_by, reason, cause)
         if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
             # The stop by key saw the operation and recorded the stop itself.
             operation = await self.get(created.operation.id)
@@ -167,14 +168,19 @@ class OperationsService:
         return page, token
 
     async def interrupt(
-        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        only_if_unwatched: bool = False,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult:
         op_id = parse_operation_id(operation_id)
         by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = await self.storage.record_stop(op_id, by, why)
+        result = await self.storage.record_stop(op_id, by, why, cause)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             raise operation_not_found(op_id)
@@ -185,7 +191,12 @@ class OperationsService:
         return result
 
     async def interrupt_by_key(
-        self, idempotency_key: str, owner: str, requested_by: str, reason: str
+        self,
+        idempotency_key: str,
+        owner: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult | RecordedAhead:
         """A stop by the owner's idempotency key, which may come before the start: see
         Storage.record_stop_by_key."""
@@ -194,7 +205,7 @@ class OperationsService:
         by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         why = _bounded_text(reason, "reason", MAX_REASON)
         result = await self.storage.record_stop_by_key(
-            checked_owner, key, by, why, self.config.stop_tombstone_seconds
+            checked_owner, key, by, why, cause, self.config.stop_tombstone_seconds
         )
         committed = utcnow()
         if isinstance(result, InterruptResult):

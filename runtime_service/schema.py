@@ -91,6 +91,8 @@ operations = Table(
     Column("stop_requested_at", UTCDateTime, nullable=True),
     Column("stop_requested_by", String(200), nullable=True),
     Column("stop_reason", Text, nullable=True),
+    # A StopCause value; NULL for stops recorded before causes existed.
+    Column("stop_cause", String(32), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
@@ -138,6 +140,7 @@ stop_tombstones = Table(
     Column("idempotency_key", String(200), primary_key=True),
     Column("requested_by", String(200), nullable=False),
     Column("reason", Text, nullable=False),
+    Column("cause", String(32), nullable=False),
     Column("requested_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Index(None, "expires_at"),

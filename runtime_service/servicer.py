@@ -89,7 +89,11 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
                     "only_if_unwatched", "applies to a stop by operation_id, not by key"
                 )
             by_key = await self._ops.interrupt_by_key(
-                request.idempotency_key, request.owner, request.requested_by, request.reason
+                request.idempotency_key,
+                request.owner,
+                request.requested_by,
+                request.reason,
+                convert.cause_from_pb(request.cause),
             )
             if isinstance(by_key, RecordedAhead):
                 return pb.InterruptOperationResponse(outcome=convert.outcome_to_pb(by_key.outcome))
@@ -100,6 +104,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
                 request.requested_by,
                 request.reason,
                 request.only_if_unwatched,
+                convert.cause_from_pb(request.cause),
             )
         return pb.InterruptOperationResponse(
             outcome=convert.outcome_to_pb(result.outcome),

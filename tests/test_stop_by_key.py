@@ -1,6 +1,8 @@
-"""Stop by idempotency key (issue 14): a stop may come before the operation's id exists, even
-before the start is sent, and wins with no timing window; and the gateway releases a held start
-as soon as the client has the id, with no fixed wait.
+"""Stops of issue 14. By idempotency key: a stop may come before the operation's id exists, even
+before the start is sent, and wins with no timing window; the gateway releases a held start as
+soon as the client has the id, with no fixed wait. Causes: every stop carries one from a closed
+set, on the stop_requested event, the interrupted event, the operation's StopRequest, and in
+`stopline show` / `ls`; one test per cause the system sets.
 
 Through the gateway on both backends. The agent is GatedAgent: its step never ends unless the
 test opens its gate (never here), and it records every step that began, so any step that ran is
@@ -21,12 +23,13 @@ from grpc import aio
 from gateway_service import core
 from gateway_service.server import RunningGateway, start_gateway
 from runtime_service.app import RuntimeApp
-from runtime_service.domain import InterruptOutcome, OperationStatus
+from runtime_service.convert import event_to_pb, operation_to_pb
+from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus, StopCause
 from runtime_service.server import RunningRuntime, start_runtime
-from runtime_service.storage import Created, utcnow
+from runtime_service.storage import Created, Storage, utcnow
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.render import EXIT_INTERRUPTED
+from stopline.render import EXIT_INTERRUPTED, describe_event, describe_operation
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
@@ -34,7 +37,8 @@ from stopline_cli.client import Follower
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, runtime_config
 from tests.credentials import OTHER_TOKEN, gateway_channel, runtime_channel
-from tests.test_gateway import gateway_config, is_terminal, kind, read_until
+from tests.test_gateway import gateway_config, is_terminal, kind, read_until, start_request
+from tests.test_leases import wait_until_lease_lapses
 
 if TYPE_CHECKING:
     Stub = pb_grpc.GatewayServiceAsyncStub
@@ -376,3 +380,119 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
     assert operation.status == op_pb.OPERATION_STATUS_INTERRUPTED
     assert await runtime.app.storage.step_records(operation.id) == []
     assert gated.steps_started == []
+
+
+# ------------------------------------------------------------------------ causes
+
+
+async def stopped_with(runtime: RunningRuntime, op_id: str, cause: int) -> None:
+    """The cause is on the stop_requested and interrupted events, the operation, and its line
+    in `stopline show` / `ls`."""
+
+    async def ended() -> Any:
+        operation = await runtime.app.operations.get(op_id)
+        return operation if operation.status is OperationStatus.INTERRUPTED else None
+
+    await eventually(ended)
+    events = [event_to_pb(e) for e in await runtime.app.storage.events_after(op_id, 0)]
+    by_kind = {e.WhichOneof("kind"): e for e in events}
+    assert by_kind["stop_requested"].stop_requested.cause == cause
+    assert by_kind["interrupted"].interrupted.cause == cause
+    got = await runtime.app.operations.get(op_id)
+    assert got.stop is not None
+    operation = operation_to_pb(got)
+    assert operation.stop_request.cause == cause
+    name = op_pb.StopCause.Name(cause).removeprefix("STOP_CAUSE_").lower()  # type: ignore[arg-type]
+    assert describe_operation(operation).endswith(f"stop={name}")
+    assert describe_event(by_kind["interrupted"]).endswith(f"cause {name}")
+    assert describe_event(by_kind["stop_requested"]).endswith(f"cause {name}")
+
+
+async def test_a_users_stop_by_id_is_user(mine: Stub, runtime: RunningRuntime) -> None:
+    call = mine.StartAndStream(start("user-by-id"))
+    op_id = (await read_until(call, lambda u: kind(u) == "event:step_started"))[0].accepted
+    await mine.StopOperation(pb.StopOperationRequest(operation_id=op_id.operation_id))
+    await read_until(call, is_terminal)
+    await stopped_with(runtime, op_id.operation_id, op_pb.STOP_CAUSE_USER)
+
+
+async def test_a_users_stop_by_key_ahead_of_the_start_is_user(
+    mine: Stub, runtime: RunningRuntime
+) -> None:
+    await mine.StopOperation(stop("user-by-key"))
+    updates = await read_until(mine.StartAndStream(start("user-by-key")), is_terminal)
+    await stopped_with(runtime, updates[0].accepted.operation_id, op_pb.STOP_CAUSE_USER)
+
+
+async def test_a_client_gone_under_the_stop_policy_is_client_gone(
+    mine: Stub, runtime: RunningRuntime, gateway: RunningGateway
+) -> None:
+    call = mine.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_STOP))
+    op_id = (await read_until(call, lambda u: kind(u) == "event:step_started"))[0]
+    call.cancel()
+    await stopped_with(runtime, op_id.accepted.operation_id, op_pb.STOP_CAUSE_CLIENT_GONE)
+
+
+async def test_an_expired_grace_is_grace_expired(
+    mine: Stub, runtime: RunningRuntime, gateway: RunningGateway
+) -> None:
+    call = mine.StartAndStream(
+        start_request("gated", {}, pb.CANCEL_POLICY_STOP_AFTER_GRACE, grace=0.05)
+    )
+    op_id = (await read_until(call, lambda u: kind(u) == "event:step_started"))[0]
+    call.cancel()
+    await stopped_with(runtime, op_id.accepted.operation_id, op_pb.STOP_CAUSE_GRACE_EXPIRED)
+
+
+@pytest.fixture
+async def runtime_stub(runtime: RunningRuntime) -> AsyncIterator[Any]:
+    async with runtime_channel(runtime.address) as channel:
+        yield rt_grpc.RuntimeServiceStub(channel)
+
+
+async def test_a_direct_interrupt_without_a_cause_is_operator(
+    runtime_stub: Any, runtime: RunningRuntime
+) -> None:
+    started = await runtime_stub.StartOperation(rt_pb.StartOperationRequest(agent="gated"))
+    op_id = started.operation.id
+    await eventually(lambda: _step_began(runtime, op_id))
+    await runtime_stub.InterruptOperation(rt_pb.InterruptOperationRequest(operation_id=op_id))
+    await stopped_with(runtime, op_id, op_pb.STOP_CAUSE_OPERATOR)
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        op_pb.STOP_CAUSE_DEADLINE_EXCEEDED,
+        op_pb.STOP_CAUSE_STEP_BUDGET,
+        op_pb.STOP_CAUSE_BULK,
+        op_pb.STOP_CAUSE_USER,
+    ],
+)
+async def test_a_direct_interrupt_records_the_cause_it_names(
+    runtime_stub: Any, runtime: RunningRuntime, cause: int
+) -> None:
+    """Deadlines, step budgets and bulk stops (issue 14 items 4-5) will name their causes this
+    way; until they exist, a caller can."""
+    started = await runtime_stub.StartOperation(rt_pb.StartOperationRequest(agent="gated"))
+    op_id = started.operation.id
+    await eventually(lambda: _step_began(runtime, op_id))
+    request = rt_pb.InterruptOperationRequest(operation_id=op_id, cause=cause)  # type: ignore[arg-type]
+    await runtime_stub.InterruptOperation(request)
+    await stopped_with(runtime, op_id, cause)
+
+
+async def _step_began(runtime: RunningRuntime, op_id: str) -> bool:
+    return any(
+        e.kind is EventKind.STEP_STARTED for e in await runtime.app.storage.events_after(op_id, 0)
+    )
+
+
+async def test_a_stopped_orphans_halt_keeps_its_cause(storage: Storage) -> None:
+    """The halt of an operation stopped while its owner was dead (claim_next) carries the cause."""
+    op_id = (await storage.create("ticker", {}, None)).operation.id
+    await storage.claim_and_start(op_id, "A", 0.2)
+    await storage.record_stop(op_id, "u", "while A was dead", StopCause.BULK)
+    await wait_until_lease_lapses(storage, op_id)
+    [halted] = (await storage.claim_next("B", 10, 30)).finished
+    assert halted.kind is EventKind.INTERRUPTED and halted.data["cause"] == "BULK"

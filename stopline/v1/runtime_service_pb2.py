@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stopline.v1 import operation_pb2 as stopline_dot_v1_dot_operation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stopline/v1/runtime_service.proto\x12\x0bstopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\"\x8e\x02\n\x15StartOperationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StartOperationRequest.LabelsEntry\x12\'\n\x04hold\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x16StartOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"{\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9a\x01\n\x19InterruptOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11only_if_unwatched\x18\x04 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\"w\n\x1aInterruptOperationResponse\x12.\n\x07outcome\x18\x01 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"O\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\x08\"_\n\x16WatchOperationResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.Event\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.stopline.v1.Event\"/\n\x17ReleaseOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x18ReleaseOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation*\xf3\x01\n\x10InterruptOutcome\x12!\n\x1dINTERRUPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINTERRUPT_OUTCOME_ACCEPTED\x10\x01\x12\'\n#INTERRUPT_OUTCOME_ALREADY_REQUESTED\x10\x02\x12&\n\"INTERRUPT_OUTCOME_ALREADY_FINISHED\x10\x03\x12%\n!INTERRUPT_OUTCOME_SKIPPED_WATCHED\x10\x04\x12$\n INTERRUPT_OUTCOME_RECORDED_AHEAD\x10\x05\x32\xc0\x04\n\x0eRuntimeService\x12Y\n\x0eStartOperation\x12\".stopline.v1.StartOperationRequest\x1a#.stopline.v1.StartOperationResponse\x12S\n\x0cGetOperation\x12 .stopline.v1.GetOperationRequest\x1a!.stopline.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".stopline.v1.ListOperationsRequest\x1a#.stopline.v1.ListOperationsResponse\x12\x65\n\x12InterruptOperation\x12&.stopline.v1.InterruptOperationRequest\x1a\'.stopline.v1.InterruptOperationResponse\x12[\n\x0eWatchOperation\x12\".stopline.v1.WatchOperationRequest\x1a#.stopline.v1.WatchOperationResponse0\x01\x12_\n\x10ReleaseOperation\x12$.stopline.v1.ReleaseOperationRequest\x1a%.stopline.v1.ReleaseOperationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stopline/v1/runtime_service.proto\x12\x0bstopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\"\x8e\x02\n\x15StartOperationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StartOperationRequest.LabelsEntry\x12\'\n\x04hold\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x16StartOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"{\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc1\x01\n\x19InterruptOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11only_if_unwatched\x18\x04 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12%\n\x05\x63\x61use\x18\x07 \x01(\x0e\x32\x16.stopline.v1.StopCause\"w\n\x1aInterruptOperationResponse\x12.\n\x07outcome\x18\x01 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"O\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\x08\"_\n\x16WatchOperationResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.Event\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.stopline.v1.Event\"/\n\x17ReleaseOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x18ReleaseOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation*\xf3\x01\n\x10InterruptOutcome\x12!\n\x1dINTERRUPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINTERRUPT_OUTCOME_ACCEPTED\x10\x01\x12\'\n#INTERRUPT_OUTCOME_ALREADY_REQUESTED\x10\x02\x12&\n\"INTERRUPT_OUTCOME_ALREADY_FINISHED\x10\x03\x12%\n!INTERRUPT_OUTCOME_SKIPPED_WATCHED\x10\x04\x12$\n INTERRUPT_OUTCOME_RECORDED_AHEAD\x10\x05\x32\xc0\x04\n\x0eRuntimeService\x12Y\n\x0eStartOperation\x12\".stopline.v1.StartOperationRequest\x1a#.stopline.v1.StartOperationResponse\x12S\n\x0cGetOperation\x12 .stopline.v1.GetOperationRequest\x1a!.stopline.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".stopline.v1.ListOperationsRequest\x1a#.stopline.v1.ListOperationsResponse\x12\x65\n\x12InterruptOperation\x12&.stopline.v1.InterruptOperationRequest\x1a\'.stopline.v1.InterruptOperationResponse\x12[\n\x0eWatchOperation\x12\".stopline.v1.WatchOperationRequest\x1a#.stopline.v1.WatchOperationResponse0\x01\x12_\n\x10ReleaseOperation\x12$.stopline.v1.ReleaseOperationRequest\x1a%.stopline.v1.ReleaseOperationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTOPERATIONREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_STARTOPERATIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_INTERRUPTOUTCOME']._serialized_start=1409
-  _globals['_INTERRUPTOUTCOME']._serialized_end=1652
+  _globals['_INTERRUPTOUTCOME']._serialized_start=1448
+  _globals['_INTERRUPTOUTCOME']._serialized_end=1691
   _globals['_STARTOPERATIONREQUEST']._serialized_start=142
   _globals['_STARTOPERATIONREQUEST']._serialized_end=412
   _globals['_STARTOPERATIONREQUEST_LABELSENTRY']._serialized_start=367
@@ -53,17 +53,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTOPERATIONSRESPONSE']._serialized_start=737
   _globals['_LISTOPERATIONSRESPONSE']._serialized_end=830
   _globals['_INTERRUPTOPERATIONREQUEST']._serialized_start=833
-  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_end=987
-  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_start=989
-  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_end=1108
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1110
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1189
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1191
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1286
-  _globals['_RELEASEOPERATIONREQUEST']._serialized_start=1288
-  _globals['_RELEASEOPERATIONREQUEST']._serialized_end=1335
-  _globals['_RELEASEOPERATIONRESPONSE']._serialized_start=1337
-  _globals['_RELEASEOPERATIONRESPONSE']._serialized_end=1406
-  _globals['_RUNTIMESERVICE']._serialized_start=1655
-  _globals['_RUNTIMESERVICE']._serialized_end=2231
+  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_end=1026
+  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_start=1028
+  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_end=1147
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1149
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1228
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1230
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1325
+  _globals['_RELEASEOPERATIONREQUEST']._serialized_start=1327
+  _globals['_RELEASEOPERATIONREQUEST']._serialized_end=1374
+  _globals['_RELEASEOPERATIONRESPONSE']._serialized_start=1376
+  _globals['_RELEASEOPERATIONRESPONSE']._serialized_end=1445
+  _globals['_RUNTIMESERVICE']._serialized_start=1694
+  _globals['_RUNTIMESERVICE']._serialized_end=2270
 # @@protoc_insertion_point(module_scope)

@@ -288,6 +288,7 @@ class InterruptOperationRequest(_message.Message):
     ONLY_IF_UNWATCHED_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation to stop. Leave empty to stop by `idempotency_key` instead."""
     requested_by: _builtins.str
@@ -305,6 +306,8 @@ class InterruptOperationRequest(_message.Message):
     """
     owner: _builtins.str
     """The principal whose key `idempotency_key` is (keys are scoped per owner, as for starts)."""
+    cause: _operation_pb2.StopCause.ValueType
+    """Why; UNSPECIFIED is recorded as STOP_CAUSE_OPERATOR (a direct call to the runtime)."""
     def __init__(
         self,
         *,
@@ -314,10 +317,11 @@ class InterruptOperationRequest(_message.Message):
         only_if_unwatched: _builtins.bool = ...,
         idempotency_key: _builtins.str = ...,
         owner: _builtins.str = ...,
+        cause: _operation_pb2.StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "only_if_unwatched", b"only_if_unwatched", "operation_id", b"operation_id", "owner", b"owner", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "idempotency_key", b"idempotency_key", "only_if_unwatched", b"only_if_unwatched", "operation_id", b"operation_id", "owner", b"owner", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,4 +1,4 @@
-"""stop tombstones: a stop by idempotency key recorded before its start
+"""stop tombstones (a stop by idempotency key recorded before its start) and stop causes
 
 Revision ID: 0006
 Revises: 0005
@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("idempotency_key", sa.String(length=200), nullable=False),
         sa.Column("requested_by", sa.String(length=200), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("cause", sa.String(length=32), nullable=False),
         sa.Column(
             "requested_at", runtime_service.schema.UTCDateTime(timezone=True), nullable=False
         ),
@@ -34,8 +35,13 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_stop_tombstones_expires_at"), "stop_tombstones", ["expires_at"], unique=False
     )
+    # Stops recorded before this version keep no cause (NULL: STOP_CAUSE_UNSPECIFIED).
+    with op.batch_alter_table("operations", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("stop_cause", sa.String(length=32), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("operations", schema=None) as batch_op:
+        batch_op.drop_column("stop_cause")
     op.drop_index(op.f("ix_stop_tombstones_expires_at"), table_name="stop_tombstones")
     op.drop_table("stop_tombstones")
