@@ -92,14 +92,6 @@ def gateway() -> None:
     help="Seconds the runtime holds a new operation unless the gateway releases it first.",
 )
 @click.option(
-    "--release-delay",
-    envvar="STOPLINE_RELEASE_DELAY_SECONDS",
-    type=click.FloatRange(min=0, max=5),
-    default=_DEFAULTS.release_delay_seconds,
-    show_default=True,
-    help="Seconds between sending a new operation's id and letting it run.",
-)
-@click.option(
     "--shutdown-grace",
     envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
     type=click.FloatRange(min=0),
@@ -205,7 +197,6 @@ def serve(
     stop_delivery_deadline: float,
     watch_reconnect_deadline: float,
     start_hold: float,
-    release_delay: float,
     shutdown_grace: float,
     max_input_bytes: int,
     max_page_size: int,
@@ -260,7 +251,6 @@ def serve(
         stop_delivery_deadline_seconds=stop_delivery_deadline,
         watch_reconnect_deadline_seconds=watch_reconnect_deadline,
         start_hold_seconds=start_hold,
-        release_delay_seconds=release_delay,
         shutdown_grace_seconds=shutdown_grace,
         max_input_bytes=max_input_bytes,
         max_page_size=max_page_size,

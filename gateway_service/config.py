@@ -41,9 +41,6 @@ class GatewayConfig:
     # How long the runtime holds a new operation before running it, unless the gateway releases
     # (or stops) it first; bounds the damage if the gateway dies between start and release.
     start_hold_seconds: float = 10.0
-    # After sending a new operation's id, the gateway waits this long before releasing the hold,
-    # so that a stop the client sends as soon as it holds the id lands before any step starts.
-    release_delay_seconds: float = 0.025
     # A stream whose runtime watch keeps failing for this long ends with UNAVAILABLE (the client
     # reconnects with its last seq).
     watch_reconnect_deadline_seconds: float = 60.0

@@ -5,7 +5,9 @@ Guarantees kept here:
   the stop applied as soon as the runtime answers; because the gateway starts every operation
   *held* (the runtime runs no step until released), that stop lands while the operation is still
   PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
-  operation already created (`Gateway._start`).
+  operation already created (`Gateway._start`). A client may also stop by its start's
+  idempotency key before it has the id (the runtime records the stop ahead of the start if
+  needed); the hold is released as soon as the id is sent, after any such stop in flight here.
 - A stream never shows a gap or a repeat (follow.py).
 - A stop is acknowledged to every local client of the operation at once, then delivered at least
   once (delivery.py).
@@ -207,10 +209,13 @@ class Gateway:
             response = started.response
             operation_id = response.operation.id
             self.owners.remember(response.operation)
-            if started.ours:
-                delay = self.config.release_delay_seconds
-                self._spawn(self._release(operation_id, delay), name=f"release {operation_id}")
             yield Accepted(response.operation)
+            # The client has the id now (this generator resumes once the message is written):
+            # release at once. A client that must stop before any step stops by its key, which
+            # needs no window (see README, Held starts).
+            if started.ours:
+                release = self._release_unless_stopping(operation_id, owner, key)
+                self._spawn(release, name=f"release {operation_id}")
             async for item in self.follower.follow(operation_id, 0):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
@@ -269,13 +274,20 @@ class Gateway:
                 return Started(response, response.created or maybe_committed)
         raise AssertionError("unreachable: tenacity reraises")
 
-    async def _release(self, operation_id: str, delay: float = 0.0) -> None:
+    async def _release_unless_stopping(self, operation_id: str, owner: str, key: str) -> None:
+        """Release a start, but first let a stop by its key that reached this gateway while the
+        start was in flight land (the operation is then interrupted, and the release changes
+        nothing): such a stop wins however its delivery and the start interleave."""
+        stopping = self.deliverer.pending_by_key(owner, key)
+        if stopping is not None:
+            await asyncio.shield(stopping.done)
+        await self._release(operation_id)
+
+    async def _release(self, operation_id: str) -> None:
         """Let a held operation run. Retried (ReleaseOperation is idempotent) while the hold
         lasts, each attempt cut short so that a runtime that does not answer (frozen, or dying
         with the call in flight) costs one attempt, not the hold; after the hold there is
         nothing left to release."""
-        if delay:
-            await asyncio.sleep(delay)  # a timer: the client's window to stop before any step
         retrying = AsyncRetrying(
             stop=stop_after_delay(self.config.start_hold_seconds),
             wait=backoff(RELEASE_ATTEMPT_SECONDS / 4),
@@ -324,31 +336,59 @@ class Gateway:
     # ------------------------------------------------------------------ stopping
 
     async def stop(
-        self, operation_id: str, requested_by: str, reason: str, owner: str
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        owner: str,
+        idempotency_key: str = "",
     ) -> StopAnswer:
-        op_id = parse_operation_id(operation_id)
+        """Stop by operation id, or by the idempotency key of the caller's start (which may not
+        have reached the runtime yet: the runtime then records the stop ahead of it)."""
         if len(reason) > MAX_REASON:
             raise InvalidArgument(
                 "reason", f"is {len(reason)} characters; the limit is {MAX_REASON}"
             )
-        # Before anything is acknowledged to the operation's streams.
-        await self.owners.require(op_id, owner, self._fetch)
-        delivery = self._request_stop(op_id, requested_by, reason)
+        if idempotency_key:
+            if operation_id:
+                raise InvalidArgument(
+                    "operation_id", "set exactly one of operation_id and idempotency_key"
+                )
+            # Keys are scoped by owner at the runtime (which also checks the key's length): no
+            # ownership check is needed.
+            delivery = self.deliverer.deliver_by_key(
+                owner, idempotency_key, requested_by, reason, op_pb.STOP_CAUSE_USER
+            )
+        else:
+            op_id = parse_operation_id(operation_id)
+            # Before anything is acknowledged to the operation's streams.
+            await self.owners.require(op_id, owner, self._fetch)
+            delivery = self._request_stop(op_id, requested_by, reason, op_pb.STOP_CAUSE_USER)
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         if not delivery.done.done():
             return StopAnswer(delivered=False)
         if delivery.state is DeliveryState.DELIVERED:
+            assert delivery.response is not None
+            stopped = delivery.response.operation.id
+            if idempotency_key and stopped:
+                # The key named an operation: its local clients learn of the stop too.
+                self.streams.notify(stopped, StopRequestedItem(requested_by, reason))
             return StopAnswer(delivered=True, response=delivery.response)
         assert delivery.error is not None
         raise delivery.error
 
     def _request_stop(
-        self, op_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        op_id: str,
+        requested_by: str,
+        reason: str,
+        cause: op_pb.StopCause.ValueType,
+        only_if_unwatched: bool = False,
     ) -> StopDelivery:
         if not only_if_unwatched:
             # Every local client of the operation learns of the stop now, not after the runtime.
             self.streams.notify(op_id, StopRequestedItem(requested_by, reason))
-        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched)
+        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched, cause)
 
     def _report_undelivered(self, delivery: StopDelivery) -> None:
         self.streams.notify(
@@ -389,7 +429,7 @@ class Gateway:
         assert op_id is not None
         if policy is CancelPolicy.STOP:
             # Still held if the client left during the start: the stop wins before any step.
-            self._request_stop(op_id, GATEWAY, reason)
+            self._request_stop(op_id, GATEWAY, reason, op_pb.STOP_CAUSE_CLIENT_GONE)
             return
         await self._release(op_id)
         if policy is CancelPolicy.STOP_AFTER_GRACE:
@@ -397,7 +437,11 @@ class Gateway:
             if self.streams.count(op_id) == 0:
                 # The runtime re-checks: a client may have reconnected through another gateway.
                 self._request_stop(
-                    op_id, GATEWAY, f"nobody reconnected within {grace:g}s", only_if_unwatched=True
+                    op_id,
+                    GATEWAY,
+                    f"nobody reconnected within {grace:g}s",
+                    op_pb.STOP_CAUSE_GRACE_EXPIRED,
+                    only_if_unwatched=True,
                 )
 
     # ------------------------------------------------------------------ reads

@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from stopline.grpc_status import UpstreamError
+from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,19 @@ class StopDelivery:
 
     @property
     def operation_id(self) -> str:
+        """The operation's id; empty for a stop by idempotency key (see `target`)."""
         return self.request.operation_id
+
+    @property
+    def target(self) -> str:
+        return _target(self.request)
+
+
+def _target(request: rt_pb.InterruptOperationRequest) -> str:
+    """What a stop stops, for logs and for joining deliveries of the same stop."""
+    if request.idempotency_key:
+        return f"key {request.idempotency_key!r} of {request.owner!r}"
+    return request.operation_id
 
 
 class StopDeliverer:
@@ -76,7 +89,12 @@ class StopDeliverer:
         self._pending: dict[str, StopDelivery] = {}
 
     def deliver(
-        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        only_if_unwatched: bool = False,
+        cause: op_pb.StopCause.ValueType = op_pb.STOP_CAUSE_USER,
     ) -> StopDelivery:
         """Start delivering (or join the delivery already under way for this operation)."""
         current = self._pending.get(operation_id)
@@ -86,11 +104,40 @@ class StopDeliverer:
             operation_id=operation_id,
             requested_by=requested_by,
             reason=reason,
+            cause=cause,
             only_if_unwatched=only_if_unwatched,
         )
+        return self._begin(request)
+
+    def deliver_by_key(
+        self,
+        owner: str,
+        idempotency_key: str,
+        requested_by: str,
+        reason: str,
+        cause: op_pb.StopCause.ValueType,
+    ) -> StopDelivery:
+        """Deliver a stop by the owner's idempotency key (which may come before the start: the
+        runtime then records it ahead of it), or join the delivery of the same stop."""
+        request = rt_pb.InterruptOperationRequest(
+            idempotency_key=idempotency_key,
+            owner=owner,
+            requested_by=requested_by,
+            reason=reason,
+            cause=cause,
+        )
+        current = self._pending.get(_target(request))
+        return current if current is not None else self._begin(request)
+
+    def pending_by_key(self, owner: str, idempotency_key: str) -> StopDelivery | None:
+        """The stop by this key being delivered now, if any."""
+        request = rt_pb.InterruptOperationRequest(idempotency_key=idempotency_key, owner=owner)
+        return self._pending.get(_target(request))
+
+    def _begin(self, request: rt_pb.InterruptOperationRequest) -> StopDelivery:
         delivery = StopDelivery(request, asyncio.get_running_loop().create_future())
-        self._pending[operation_id] = delivery
-        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {operation_id}")
+        self._pending[delivery.target] = delivery
+        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {delivery.target}")
         return delivery
 
     async def _run(self, delivery: StopDelivery) -> None:
@@ -112,7 +159,7 @@ class StopDeliverer:
                 delivery.state = DeliveryState.UNDELIVERED
                 log.error(
                     "stop of operation %s NOT delivered after %d attempts in %.0fs: %s",
-                    delivery.operation_id,
+                    delivery.target,
                     delivery.attempts,
                     self._deadline,
                     exc,
@@ -121,8 +168,8 @@ class StopDeliverer:
             else:
                 delivery.state = DeliveryState.REJECTED
         finally:
-            if self._pending.get(delivery.operation_id) is delivery:
-                del self._pending[delivery.operation_id]
+            if self._pending.get(delivery.target) is delivery:
+                del self._pending[delivery.target]
             if not delivery.done.done():
                 delivery.done.set_result(None)
 
@@ -163,7 +210,7 @@ class StopDeliverer:
         """Shutdown: stops still being delivered are logged as undelivered, by operation id."""
         deliveries = list(self._pending.values())
         for delivery in deliveries:
-            log.error("gateway shutting down: stop of %s NOT delivered", delivery.operation_id)
+            log.error("gateway shutting down: stop of %s NOT delivered", delivery.target)
             if delivery.task is not None:
                 delivery.task.cancel()
         tasks = [d.task for d in deliveries if d.task is not None]

@@ -133,15 +133,20 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         context: aio.ServicerContext[pb.StopOperationRequest, pb.StopOperationResponse],
     ) -> pb.StopOperationResponse:
         answer = await self._gw.stop(
-            request.operation_id, _caller(context), request.reason, current_principal()
+            request.operation_id,
+            _caller(context),
+            request.reason,
+            current_principal(),
+            request.idempotency_key,
         )
         if not answer.delivered or answer.response is None:
             return pb.StopOperationResponse(delivery=pb.STOP_DELIVERY_PENDING)
-        return pb.StopOperationResponse(
-            delivery=pb.STOP_DELIVERY_DELIVERED,
-            outcome=answer.response.outcome,
-            operation=answer.response.operation,
+        response = pb.StopOperationResponse(
+            delivery=pb.STOP_DELIVERY_DELIVERED, outcome=answer.response.outcome
         )
+        if answer.response.HasField("operation"):  # none when recorded ahead of the start
+            response.operation.CopyFrom(answer.response.operation)
+        return response
 
     @unary
     async def StopOperations(

@@ -121,6 +121,14 @@ def _database_option(fn: Any) -> Any:
     help="How long a replica owns an operation between renewals (takeover delay after a crash).",
 )
 @click.option(
+    "--stop-tombstone-seconds",
+    envvar="STOPLINE_STOP_TOMBSTONE_SECONDS",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=_DEFAULTS.stop_tombstone_seconds,
+    show_default=True,
+    help="How long a stop sent by idempotency key before its start stays waiting for that start.",
+)
+@click.option(
     "--poll-seconds",
     envvar="STOPLINE_POLL_SECONDS",
     type=click.FloatRange(min=0.01),
@@ -264,6 +272,7 @@ def serve(
     shutdown_grace: float,
     max_running: int,
     lease_seconds: float,
+    stop_tombstone_seconds: float,
     poll_seconds: float,
     default_deadline: float | None,
     max_deadline: float,
@@ -317,6 +326,7 @@ def serve(
         shutdown_grace_seconds=shutdown_grace,
         max_running=max_running,
         lease_seconds=lease_seconds,
+        stop_tombstone_seconds=stop_tombstone_seconds,
         poll_seconds=poll_seconds,
         default_deadline_seconds=default_deadline,
         max_deadline_seconds=max_deadline,

@@ -80,6 +80,9 @@ class RuntimeConfig:
     # A runner owns each operation it runs for this long, renewing it every third of it; a dead
     # replica's operations are taken over this long after it died.
     lease_seconds: float = 10.0
+    # How long a stop sent by idempotency key before its start waits for that start (the
+    # tombstone's life): a start with the key within it is created already INTERRUPTED.
+    stop_tombstone_seconds: float = 600.0
     # Claimable work and stored stop intents are re-checked at least this often (notifications
     # usually wake the runner much sooner on PostgreSQL).
     poll_seconds: float = 1.0

@@ -8,7 +8,14 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
-from runtime_service.domain import Event, EventKind, InterruptOutcome, Operation, OperationStatus
+from runtime_service.domain import (
+    Event,
+    EventKind,
+    InterruptOutcome,
+    Operation,
+    OperationStatus,
+    StopCause,
+)
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -30,7 +37,18 @@ _OUTCOME_TO_PB = {
     InterruptOutcome.ALREADY_REQUESTED: rt_pb.INTERRUPT_OUTCOME_ALREADY_REQUESTED,
     InterruptOutcome.ALREADY_FINISHED: rt_pb.INTERRUPT_OUTCOME_ALREADY_FINISHED,
     InterruptOutcome.SKIPPED_WATCHED: rt_pb.INTERRUPT_OUTCOME_SKIPPED_WATCHED,
+    InterruptOutcome.RECORDED_AHEAD: rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD,
 }
+
+
+_CAUSE_TO_PB: dict[StopCause, op_pb.StopCause.ValueType] = {
+    cause: op_pb.StopCause.Value(f"STOP_CAUSE_{cause.value}") for cause in StopCause
+}
+_CAUSE_FROM_PB: dict[op_pb.StopCause.ValueType, StopCause] = {
+    pb: cause for cause, pb in _CAUSE_TO_PB.items()
+}
+# Events whose data carries a StopCause value.
+_CAUSED = (EventKind.STOP_REQUESTED, EventKind.INTERRUPTED)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -74,6 +92,7 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
                 requested_at=timestamp(operation.stop.requested_at),
                 requested_by=operation.stop.requested_by,
                 reason=operation.stop.reason,
+                cause=cause_to_pb(operation.stop.cause),
             )
         )
     if operation.finished_at is not None:
@@ -131,8 +150,19 @@ def json_to_value(value: Any) -> struct_pb2.Value:
     return msg
 
 
+def cause_to_pb(cause: StopCause | None) -> op_pb.StopCause.ValueType:
+    return op_pb.STOP_CAUSE_UNSPECIFIED if cause is None else _CAUSE_TO_PB[cause]
+
+
+def cause_from_pb(value: op_pb.StopCause.ValueType) -> StopCause:
+    """The runtime's reading of a request's cause: UNSPECIFIED (or unknown) is an operator's."""
+    return _CAUSE_FROM_PB.get(value, StopCause.OPERATOR)
+
+
 def event_to_pb(event: Event) -> op_pb.Event:
     data = event.data
+    if "cause" in data and event.kind in _CAUSED:
+        data = {**data, "cause": _CAUSE_TO_PB[StopCause(data["cause"])]}
     payload_type = _SCALAR_PAYLOADS.get(event.kind)
     if payload_type is not None:
         payload = payload_type(**data)

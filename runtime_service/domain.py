@@ -45,6 +45,9 @@ class InterruptOutcome(enum.StrEnum):
     ALREADY_REQUESTED = "ALREADY_REQUESTED"
     ALREADY_FINISHED = "ALREADY_FINISHED"
     SKIPPED_WATCHED = "SKIPPED_WATCHED"
+    # A stop by idempotency key found no operation with that key: it waits, as a tombstone, for
+    # the start that brings the key, which then creates the operation already INTERRUPTED.
+    RECORDED_AHEAD = "RECORDED_AHEAD"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,19 @@ class StopIntent:
     requested_at: datetime
     requested_by: str
     reason: str
+    cause: StopCause | None = None  # None: recorded before causes existed
+
+
+class StopCause(enum.StrEnum):
+    """Why an operation was stopped (a closed set; the proto's StopCause without its prefix)."""
+
+    USER = "USER"
+    CLIENT_GONE = "CLIENT_GONE"
+    GRACE_EXPIRED = "GRACE_EXPIRED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    STEP_BUDGET = "STEP_BUDGET"
+    OPERATOR = "OPERATOR"
+    BULK = "BULK"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +118,11 @@ class InterruptResult:
     outcome: InterruptOutcome
     operation: Operation
     events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedAhead:
+    """A stop by idempotency key that found no operation with the key: stored as a tombstone
+    (outcome RECORDED_AHEAD), or one was stored already (ALREADY_REQUESTED)."""
+
+    outcome: InterruptOutcome

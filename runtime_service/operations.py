@@ -21,6 +21,8 @@ from runtime_service.domain import (
     InterruptResult,
     Operation,
     OperationStatus,
+    RecordedAhead,
+    StopCause,
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
@@ -147,8 +149,10 @@ class OperationsService:
             deadline_seconds=deadline,
             max_steps=budget,
         )
+        if created.created and key is not None:
+            created = await self._apply_tombstone(created, checked_owner, key)
         self.hub.publish(created.events)
-        if created.created and not hold_seconds:
+        if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
         return created
 
@@ -175,6 +179,20 @@ class OperationsService:
                 f"got {max_steps}",
             )
         return max_steps
+
+    async def _apply_tombstone(self, created: Created, owner: str, key: str) -> Created:
+        """A stop sent by this key before the start (a tombstone) interrupts the new operation
+        now, before it can run: created, stop_requested, interrupted, no step."""
+        tombstone = await self.storage.take_tombstone(owner, key)
+        if tombstone is None:
+            return created
+        requested_by, reason, cause = tombstone
+        stopped = await self.storage.record_stop(created.operation.id, requested_by, reason, cause)
+        if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
+            # The stop by key saw the operation and recorded the stop itself.
+            operation = await self.get(created.operation.id)
+            return Created(operation, created=True, events=created.events)
+        return Created(stopped.operation, created=True, events=created.events + stopped.events)
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
@@ -206,22 +224,29 @@ class OperationsService:
         return page, token
 
     async def interrupt(
-        self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        only_if_unwatched: bool = False,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult:
         op_id = parse_operation_id(operation_id)
         by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = await self._record_stop(op_id, by, why)
+        result = await self._record_stop(op_id, by, why, cause)
         if result is None:
             raise operation_not_found(op_id)
         return result
 
-    async def _record_stop(self, op_id: str, by: str, why: str) -> InterruptResult | None:
+    async def _record_stop(
+        self, op_id: str, by: str, why: str, cause: StopCause
+    ) -> InterruptResult | None:
         """Record a stop, publish its events, and tell this replica's runner at once (another
         replica's runner hears of it by the stop's notification)."""
-        result = await self.storage.record_stop(op_id, by, why)
+        result = await self.storage.record_stop(op_id, by, why, cause)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None
@@ -258,12 +283,39 @@ class OperationsService:
                         continue
                     if len(stopped) >= BULK_STOP_LIMIT:
                         return BulkStopped(tuple(stopped), limit_reached=True)
-                    result = await self._record_stop(operation.id, cause.requested_by, cause.reason)
+                    result = await self._record_stop(
+                        operation.id, cause.requested_by, cause.reason, cause.cause
+                    )
                     if result is not None and result.outcome is InterruptOutcome.ACCEPTED:
                         stopped.append(operation.id)
                 if cursor is None:
                     break
         return BulkStopped(tuple(stopped), limit_reached=False)
+
+    async def interrupt_by_key(
+        self,
+        idempotency_key: str,
+        owner: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
+    ) -> InterruptResult | RecordedAhead:
+        """A stop by the owner's idempotency key, which may come before the start: see
+        Storage.record_stop_by_key."""
+        key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
+        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
+        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        why = _bounded_text(reason, "reason", MAX_REASON)
+        result = await self.storage.record_stop_by_key(
+            checked_owner, key, by, why, cause, self.config.stop_tombstone_seconds
+        )
+        committed = utcnow()
+        if isinstance(result, InterruptResult):
+            self.hub.publish(result.events)
+            if not result.operation.status.is_terminal:
+                ours = result.outcome is InterruptOutcome.ACCEPTED
+                self.runner.deliver_stop(result.operation.id, committed if ours else None)
+        return result
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:
         """Stored events after `after_seq`, then live ones, until the terminal event."""

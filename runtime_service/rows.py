@@ -14,6 +14,7 @@ from runtime_service.domain import (
     JSONValue,
     Operation,
     OperationStatus,
+    StopCause,
     StopIntent,
 )
 
@@ -25,7 +26,10 @@ def load_json(text: str | None) -> JSONValue:
 def operation_from_row(row: Any) -> Operation:
     stop = None
     if row.stop_requested_at is not None:
-        stop = StopIntent(row.stop_requested_at, row.stop_requested_by or "", row.stop_reason or "")
+        cause = StopCause(row.stop_cause) if row.stop_cause else None
+        stop = StopIntent(
+            row.stop_requested_at, row.stop_requested_by or "", row.stop_reason or "", cause
+        )
     return Operation(
         id=row.id,
         agent=row.agent,

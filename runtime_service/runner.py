@@ -433,7 +433,9 @@ class Runner:
         a user's stop, and deliver it to this run at once."""
         op_id = run.operation_id
         with self._hub.local_write(op_id):
-            result = await self._storage.record_stop(op_id, cause.requested_by, cause.reason)
+            result = await self._storage.record_stop(
+                op_id, cause.requested_by, cause.reason, cause.cause
+            )
             committed = datetime.now(UTC)
             if result is None:
                 return

@@ -96,6 +96,8 @@ operations = Table(
     # boundary after `max_steps` steps. NULL: no limit.
     Column("deadline_at", UTCDateTime, nullable=True),
     Column("max_steps", Integer, nullable=True),
+    # A StopCause value; NULL for stops recorded before causes existed.
+    Column("stop_cause", String(32), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
@@ -130,4 +132,21 @@ steps = Table(
     # mid-step; set by whoever took the operation over or halted it); NULL while running.
     Column("outcome", String(16), nullable=True),
     Column("output_json", Text, nullable=True),
+)
+
+# A stop sent by idempotency key before any operation had that key (for that owner): the start
+# that comes with the key before `expires_at` creates its operation already INTERRUPTED and
+# consumes the row. Expired rows have no effect and are removed when the next stop by key is
+# written. The primary key is what makes two stops by the same key one tombstone.
+stop_tombstones = Table(
+    "stop_tombstones",
+    metadata,
+    Column("owner", String(200), primary_key=True),
+    Column("idempotency_key", String(200), primary_key=True),
+    Column("requested_by", String(200), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("cause", String(32), nullable=False),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index(None, "expires_at"),
 )

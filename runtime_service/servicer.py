@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 from grpc import aio
 
 from runtime_service import convert
+from runtime_service.domain import RecordedAhead
 from runtime_service.operations import OperationsService
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
@@ -83,9 +84,33 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.InterruptOperationRequest,
         context: aio.ServicerContext[pb.InterruptOperationRequest, pb.InterruptOperationResponse],
     ) -> pb.InterruptOperationResponse:
-        result = await self._ops.interrupt(
-            request.operation_id, request.requested_by, request.reason, request.only_if_unwatched
-        )
+        if request.idempotency_key:
+            if request.operation_id:
+                raise InvalidArgument(
+                    "operation_id", "set exactly one of operation_id and idempotency_key"
+                )
+            if request.only_if_unwatched:
+                raise InvalidArgument(
+                    "only_if_unwatched", "applies to a stop by operation_id, not by key"
+                )
+            by_key = await self._ops.interrupt_by_key(
+                request.idempotency_key,
+                request.owner,
+                request.requested_by,
+                request.reason,
+                convert.cause_from_pb(request.cause),
+            )
+            if isinstance(by_key, RecordedAhead):
+                return pb.InterruptOperationResponse(outcome=convert.outcome_to_pb(by_key.outcome))
+            result = by_key
+        else:
+            result = await self._ops.interrupt(
+                request.operation_id,
+                request.requested_by,
+                request.reason,
+                request.only_if_unwatched,
+                convert.cause_from_pb(request.cause),
+            )
         return pb.InterruptOperationResponse(
             outcome=convert.outcome_to_pb(result.outcome),
             operation=convert.operation_to_pb(result.operation),

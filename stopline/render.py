@@ -61,7 +61,7 @@ def describe_event(event: op_pb.Event) -> str:
         return prefix + f"step {event.step_completed.step} completed"
     if kind == "stop_requested":
         who = event.stop_requested.requested_by or "someone"
-        return prefix + f"stop requested by {who}"
+        return prefix + f"stop requested by {who}" + _cause(event.stop_requested.cause, ", cause ")
     if kind == "completed":
         result = json.dumps(value_to_python(event.completed.result))
         return prefix + f"COMPLETED: {result}"
@@ -70,7 +70,8 @@ def describe_event(event: op_pb.Event) -> str:
     if kind == "interrupted":
         i = event.interrupted
         where = f"mid-step {i.step}" if i.mid_step else f"before step {i.step}"
-        return prefix + f"INTERRUPTED {where}, halted {i.halt_ms:.1f} ms after the stop"
+        halted = f"INTERRUPTED {where}, halted {i.halt_ms:.1f} ms after the stop"
+        return prefix + halted + _cause(i.cause, "; cause ")
     structured = _describe_structured(event, kind)
     if structured is not None:
         return prefix + structured
@@ -142,11 +143,25 @@ class EventLines:
             self._write("\n")
 
 
+def cause_name(cause: op_pb.StopCause.ValueType) -> str:
+    """A stop cause as people read it: `user`, `client_gone`, ... (empty when unspecified)."""
+    if cause == op_pb.STOP_CAUSE_UNSPECIFIED:
+        return ""
+    return op_pb.StopCause.Name(cause).removeprefix("STOP_CAUSE_").lower()
+
+
+def _cause(cause: op_pb.StopCause.ValueType, lead: str) -> str:
+    name = cause_name(cause)
+    return f"{lead}{name}" if name else ""
+
+
 def describe_operation(operation: op_pb.Operation) -> str:
     line = (
         f"{operation.id}  {status_name(operation.status):<11}  {operation.agent:<10}  "
         f"steps={operation.steps_completed}  events={operation.last_seq}"
     )
+    if operation.HasField("stop_request"):
+        line += _cause(operation.stop_request.cause, "  stop=")
     if operation.error:
         line += f"  error={operation.error!r}"
     return line

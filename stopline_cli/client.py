@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -138,7 +139,9 @@ class Follower:
     The first Ctrl-C says "stopping…" at once and sends StopOperation, but keeps reading: the stop
     is only done when the terminal event arrives, and that event is what reports the halt time. If
     the operation id is not known yet (the start is in flight) the stop waits for it rather than
-    being dropped. A second Ctrl-C abandons the stream without waiting for anything.
+    being dropped; with the start's idempotency key (which `run` always sends) it is sent at once,
+    by that key, so it lands before any step however the start and the stop interleave. A second
+    Ctrl-C abandons the stream without waiting for anything.
     """
 
     def __init__(
@@ -148,8 +151,10 @@ class Follower:
         operation_id: str | None = None,
         after_seq: int = 0,
         detach: bool = False,
+        idempotency_key: str = "",
     ) -> None:
         self._stub = stub
+        self._key = idempotency_key
         self._as_json = as_json
         self._detach = detach
         self._operation_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -189,12 +194,16 @@ class Follower:
             self._reader.cancel()
 
     async def _stop(self) -> None:
-        operation_id = await self._operation_id
-        try:
-            response = await self._stub.StopOperation(
-                pb.StopOperationRequest(operation_id=operation_id, reason=STOP_REASON),
-                timeout=UNARY_TIMEOUT,
+        if self._key and not self._operation_id.done():
+            # The id is not known yet: stop by the start's key (recorded ahead of the start if
+            # the start has not reached the runtime), so no timing is involved.
+            request = pb.StopOperationRequest(idempotency_key=self._key, reason=STOP_REASON)
+        else:
+            request = pb.StopOperationRequest(
+                operation_id=await self._operation_id, reason=STOP_REASON
             )
+        try:
+            response = await self._stub.StopOperation(request, timeout=UNARY_TIMEOUT)
         except aio.AioRpcError as exc:
             click.echo(f"stop failed: {exc.code().name}: {exc.details()}", err=True)
             return
@@ -428,14 +437,14 @@ def run(
     detach: bool,
 ) -> None:
     """Start an operation of AGENT and stream it; Ctrl-C stops it (twice: leave at once)."""
-    request = _start_request(
-        agent, _parse_input(input_json), idempotency_key, on_cancel, grace, detach
-    )
+    # Always a key: a Ctrl-C during the start stops by it (see Follower).
+    key = idempotency_key or f"cli-{uuid.uuid4()}"
+    request = _start_request(agent, _parse_input(input_json), key, on_cancel, grace, detach)
 
     async def session() -> int:
         async with connect(target) as channel:
             stub = _stub(channel)
-            follower = Follower(stub, as_json, detach=detach)
+            follower = Follower(stub, as_json, detach=detach, idempotency_key=key)
             with follower.ctrl_c_handled():
                 return await follower.follow(lambda: stub.StartAndStream(request))
 

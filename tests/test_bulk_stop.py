@@ -15,7 +15,7 @@ from grpc import aio
 
 from gateway_service.server import start_gateway
 from runtime_service.app import RuntimeApp
-from runtime_service.domain import EventKind, OperationStatus
+from runtime_service.domain import EventKind, OperationStatus, StopCause
 from runtime_service.server import RunningRuntime, start_runtime
 from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
@@ -80,7 +80,9 @@ async def test_bulk_stop_stops_exactly_the_callers_matching_operations(
             events = [u.event for u in updates if u.WhichOneof("update") == "event"]
             stop = next(e.stop_requested for e in events if e.HasField("stop_requested"))
             assert (stop.requested_by, stop.reason) == BULK
+            assert stop.cause == op_pb.STOP_CAUSE_BULK
             assert events[-1].interrupted.mid_step
+            assert events[-1].interrupted.cause == op_pb.STOP_CAUSE_BULK
         for stub, (_, op_id) in ((mine, my_gated), (theirs, their_ticker)):
             untouched = await status(stub, op_id)
             assert untouched.status == op_pb.OPERATION_STATUS_RUNNING
@@ -125,6 +127,7 @@ async def test_bulk_stop_filters_by_status_and_labels(db_url: str) -> None:
         held = await ops.get(held_a.operation.id)
         assert held.status is OperationStatus.INTERRUPTED and held.stop is not None
         assert (held.stop.requested_by, held.stop.reason) == BULK
+        assert held.stop.cause is StopCause.BULK
 
         team_a = await ops.stop_matching("alice", None, "", {"team": "a"})
         assert team_a.operation_ids == (running_a,)

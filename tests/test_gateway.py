@@ -485,17 +485,3 @@ async def test_a_rejected_reconnect_does_not_trigger_the_cancel_policy(
     operation = await runtime_status(runtime, op_id)
     assert operation.stop is None and operation.status.value == "RUNNING"
     call.cancel()
-
-
-async def test_stop_sent_as_soon_as_the_id_arrives_runs_no_step(
-    client: Stub, runtime: RunningRuntime, gated: GatedAgent
-) -> None:
-    for _ in range(10):
-        call = client.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_KEEP_RUNNING))
-        first = await read_until(call, lambda u: kind(u) == "accepted")
-        op_id = first[0].accepted.operation_id
-        await client.StopOperation(pb.StopOperationRequest(operation_id=op_id))
-        rest = await read_until(call, is_terminal)
-        assert "event:step_started" not in [kind(u) for u in rest]
-        assert await runtime.app.storage.step_records(op_id) == []
-    assert gated.steps_started == []

@@ -93,8 +93,10 @@ async def test_a_deadline_of_200_ms_halts_a_30_s_step_mid_step(
     assert "step_completed" not in kinds  # well before the 30-s step could have ended
     stop = events[kinds.index("stop_requested")].stop_requested
     assert (stop.requested_by, stop.reason) == ("runtime", "deadline of 200 ms exceeded")
+    assert stop.cause == op_pb.STOP_CAUSE_DEADLINE_EXCEEDED
     halted = events[-1].interrupted
     assert halted.mid_step and halted.step == 0
+    assert halted.cause == op_pb.STOP_CAUSE_DEADLINE_EXCEEDED
     got = await gateway.GetOperation(pb.GetOperationRequest(operation_id=accepted.id))
     assert got.operation.status == op_pb.OPERATION_STATUS_INTERRUPTED
     assert got.operation.stop_request.reason == "deadline of 200 ms exceeded"
@@ -111,7 +113,9 @@ async def test_a_step_budget_of_3_ends_after_step_3(gateway: Stub) -> None:
     assert [e.step_started.step for e in events if e.HasField("step_started")] == [0, 1, 2]
     stop = events[kinds.index("stop_requested")].stop_requested
     assert (stop.requested_by, stop.reason) == ("runtime", "step budget of 3 steps exhausted")
+    assert stop.cause == op_pb.STOP_CAUSE_STEP_BUDGET
     halted = events[-1].interrupted
+    assert halted.cause == op_pb.STOP_CAUSE_STEP_BUDGET
     assert not halted.mid_step and halted.step == 3  # at the boundary after step 3
     op_id = updates[0].accepted.operation_id
     got = await gateway.GetOperation(pb.GetOperationRequest(operation_id=op_id))
@@ -177,7 +181,11 @@ async def test_a_deadline_already_past_when_claimed_stops_at_once(db_url: str) -
         await app.operations.release(op_id)
         events = await collect(app, op_id)  # the gate is never opened: only the stop ends it
         stop = next(e for e in events if e.kind is EventKind.STOP_REQUESTED)
-        assert stop.data == {"requested_by": "runtime", "reason": "deadline of 50 ms exceeded"}
+        assert stop.data == {
+            "requested_by": "runtime",
+            "reason": "deadline of 50 ms exceeded",
+            "cause": "DEADLINE_EXCEEDED",
+        }
         assert events[-1].kind is EventKind.INTERRUPTED
         final = await app.operations.get(op_id)
         assert final.status is OperationStatus.INTERRUPTED
@@ -227,6 +235,7 @@ async def test_the_deadline_fires_on_the_replica_that_took_over(
         )
         stop = events[kinds.index("stop_requested")].stop_requested
         assert (stop.requested_by, stop.reason) == ("runtime", "deadline of 8000 ms exceeded")
+        assert stop.cause == op_pb.STOP_CAUSE_DEADLINE_EXCEEDED
         assert events[-1].interrupted.mid_step  # ...and stopped mid-step by the new owner
         assert "step_completed" not in kinds
     finally:

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from runtime_service.domain import Event, EventKind, InterruptResult, JSONValue, Operation
+from runtime_service.domain import (
+    Event,
+    EventKind,
+    InterruptResult,
+    JSONValue,
+    Operation,
+    RecordedAhead,
+    StopCause,
+)
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -55,6 +63,24 @@ def deadline_at(
     if deadline_seconds is None:
         return None
     return to_db(created_at + timedelta(seconds=deadline_seconds))
+
+
+def stop_data(requested_by: str, reason: str, cause: StopCause | None) -> dict[str, JSONValue]:
+    """The `stop_requested` event's data."""
+    data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
+    if cause is not None:
+        data["cause"] = cause.value
+    return data
+
+
+def halt_data(
+    mid_step: bool, step: int, halted_ms: float, cause: StopCause | None
+) -> dict[str, JSONValue]:
+    """The `interrupted` event's data (PostgreSQL's halt statement builds the same in SQL)."""
+    data: dict[str, JSONValue] = {"mid_step": mid_step, "step": step, "halt_ms": halted_ms}
+    if cause is not None:
+        data["cause"] = cause.value
+    return data
 
 
 def halt_ms(
@@ -169,10 +195,32 @@ class Storage(Protocol):
         ...
 
     async def record_stop(
-        self, operation_id: str, requested_by: str, reason: str
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult | None:
         """Store the stop intent once. A PENDING operation is interrupted right here, so no
         runner ever starts it. None for an unknown id."""
+        ...
+
+    async def record_stop_by_key(
+        self,
+        owner: str,
+        key: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause,
+        expires_seconds: float,
+    ) -> InterruptResult | RecordedAhead:
+        """A stop by the owner's idempotency key: recorded on the operation with that key, or,
+        when there is none yet, stored as a tombstone for `expires_seconds` (RecordedAhead)."""
+        ...
+
+    async def take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
+        """Consume the owner's live tombstone for `key`: (requested_by, reason, cause). A
+        start asks this after its create committed and before its operation can run."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

@@ -23,6 +23,7 @@ from runtime_service.domain import (
     JSONValue,
     Operation,
     OperationStatus,
+    StopCause,
 )
 from runtime_service.notifications import EVENTS, STOPS, WORK, libpq_url
 from runtime_service.storage.cursors import COLUMN_LIST, COLUMNS, Cursors
@@ -33,7 +34,9 @@ from runtime_service.storage.interface import (
     Created,
     KeptState,
     deadline_at,
+    halt_data,
     request_hash,
+    stop_data,
     utcnow,
 )
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
@@ -103,6 +106,7 @@ WITH stopped AS (
   UPDATE operations SET
     last_seq = last_seq + CASE WHEN status = 'PENDING' THEN 2 ELSE 1 END,
     updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
+    stop_cause = :cause,
     status = CASE WHEN status = 'PENDING' THEN 'INTERRUPTED' ELSE status END,
     finished_at = CASE WHEN status = 'PENDING' THEN :now ELSE finished_at END
   WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
@@ -117,7 +121,7 @@ WITH stopped AS (
 SELECT {COLUMN_LIST}, {_NOTIFY_EVENT},
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
-    id=TEXT, now=TIME, by=TEXT, reason=TEXT, data=TEXT, halted=TEXT,
+    id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT,
 )  # fmt: skip
 
 # Claim a locally started operation and begin its first step; a PENDING operation never has a
@@ -248,7 +252,7 @@ WITH op AS (
     '{{"mid_step":' || CASE WHEN :mid_step THEN 'true' ELSE 'false' END || ',"step":' || :step
     || ',"halt_ms":' || coalesce(round(
       greatest(0, extract(epoch FROM :now - greatest(stop_requested_at, :seen)) * 1000), 3), 0)
-    || '}}' AS data
+    || coalesce(',"cause":"' || stop_cause || '"', '') || '}}' AS data
 ), {_finish_attempt("interrupted", when=":mid_step")}, written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
   SELECT :id, last_seq, 'interrupted', data, :now FROM op
@@ -350,16 +354,21 @@ class PostgresStorage(SharedStorage):
         return await self._run(_RELEASE, {"id": operation_id, "announce": announce}, read)
 
     async def record_stop(
-        self, operation_id: str, requested_by: str, reason: str
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult | None:
         now = utcnow()
-        data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
-        halt: dict[str, JSONValue] = {"mid_step": False, "step": 0, "halt_ms": 0.0}
+        data = stop_data(requested_by, reason, cause)
+        halt = halt_data(False, 0, 0.0, cause)
         params = {
             "id": operation_id,
             "now": self._time(now),
             "by": requested_by,
             "reason": reason,
+            "cause": cause.value,
             "data": dump_json(data),
             "halted": dump_json(halt),
         }

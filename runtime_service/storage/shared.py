@@ -15,14 +15,25 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
 from runtime_service.database import Database
-from runtime_service.domain import Event, EventKind, JSONValue, Operation, OperationStatus
+from runtime_service.domain import (
+    Event,
+    EventKind,
+    InterruptOutcome,
+    InterruptResult,
+    JSONValue,
+    Operation,
+    OperationStatus,
+    RecordedAhead,
+    StopCause,
+)
 from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
-from runtime_service.schema import events, operations, steps
+from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
@@ -33,6 +44,7 @@ from runtime_service.storage.interface import (
     Claimed,
     ListCursor,
     StepRecord,
+    halt_data,
     halt_ms,
     utcnow,
 )
@@ -94,6 +106,109 @@ class SharedStorage:
         outlives_stop: bool,
     ) -> Appended | None:
         raise NotImplementedError  # each dialect's module writes it
+
+    async def record_stop(
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
+    ) -> InterruptResult | None:
+        raise NotImplementedError  # each dialect's module writes it
+
+    # ------------------------------------------------------------------ stops by key
+
+    async def record_stop_by_key(
+        self,
+        owner: str,
+        key: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause,
+        expires_seconds: float,
+    ) -> InterruptResult | RecordedAhead:
+        """See Storage.record_stop_by_key. Safe against a racing start without locks: each side
+        commits its own row, then looks for the other's (the start: `take_tombstone` after its
+        create committed). Whichever looks second sees the first's row, so at least one of them
+        applies the stop; both may, and the second finds it recorded (record_stop is
+        idempotent). The start looks before its operation can run (held or not yet submitted),
+        and this side records the stop before removing the tombstone, so a stop that raced the
+        start lands before any step whichever side applies it."""
+        row = await self._call(self.cursors.find_by_key, owner, key)
+        if row is None:
+            written = await self._call(
+                self._write_tombstone, owner, key, requested_by, reason, cause, expires_seconds
+            )
+            row = await self._call(self.cursors.find_by_key, owner, key)
+            if row is None:
+                return RecordedAhead(
+                    InterruptOutcome.RECORDED_AHEAD
+                    if written
+                    else InterruptOutcome.ALREADY_REQUESTED
+                )
+            # A start with the key committed meanwhile: the stop applies to its operation. It is
+            # recorded before the tombstone goes, so a start that no longer finds the tombstone
+            # finds its operation stopped (and one that still finds it records the stop too).
+            result = await self.record_stop(row.id, requested_by, reason, cause)
+            await self._call(self._take_tombstone, owner, key)
+        else:
+            result = await self.record_stop(row.id, requested_by, reason, cause)
+        assert result is not None  # operations are never deleted
+        return result
+
+    async def take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
+        return await self._call(self._take_tombstone, owner, key)
+
+    def _write_tombstone(
+        self,
+        owner: str,
+        key: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause,
+        expires_seconds: float,
+    ) -> bool:
+        """Store the tombstone; False when a live one is there already. Expired tombstones (of
+        every key) are removed first: the cleanup is this opportunistic."""
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(stop_tombstones).where(stop_tombstones.c.expires_at <= now))
+                conn.execute(
+                    insert(stop_tombstones).values(
+                        owner=owner,
+                        idempotency_key=key,
+                        requested_by=requested_by,
+                        reason=reason,
+                        cause=cause.value,
+                        requested_at=now,
+                        expires_at=now + timedelta(seconds=expires_seconds),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def _take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
+        """Consume the live tombstone of this key: (requested_by, reason), or None. A read
+        first, so that a start with no tombstone (nearly every start) writes nothing."""
+        mine = and_(stop_tombstones.c.owner == owner, stop_tombstones.c.idempotency_key == key)
+        live = and_(mine, stop_tombstones.c.expires_at > utcnow())
+        with self.engine.connect() as conn:
+            found = conn.execute(select(stop_tombstones.c.owner).where(mine)).first()
+        if found is None:
+            return None
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                delete(stop_tombstones)
+                .where(live)
+                .returning(
+                    stop_tombstones.c.requested_by,
+                    stop_tombstones.c.reason,
+                    stop_tombstones.c.cause,
+                )
+            ).first()
+        return None if taken is None else (taken[0], taken[1], StopCause(taken[2]))
 
     async def chunk(
         self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool
@@ -305,10 +420,12 @@ class SharedStorage:
     def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> list[Event]:
         """End an operation stopped while its owner was dead. If the owner died in the middle
         of a step (its attempt never finished), that step was cut: the halt says so."""
-        step, requested_at = conn.execute(
-            select(operations.c.steps_completed, operations.c.stop_requested_at).where(
-                operations.c.id == operation_id
-            )
+        step, requested_at, cause = conn.execute(
+            select(
+                operations.c.steps_completed,
+                operations.c.stop_requested_at,
+                operations.c.stop_cause,
+            ).where(operations.c.id == operation_id)
         ).one()
         cut = conn.execute(
             select(steps.c.attempt).where(
@@ -322,11 +439,12 @@ class SharedStorage:
             conn,
             operation_id,
             EventKind.INTERRUPTED,
-            {
-                "mid_step": cut is not None,
-                "step": step,
-                "halt_ms": halt_ms(now, requested_at, None),
-            },
+            halt_data(
+                cut is not None,
+                step,
+                halt_ms(now, requested_at, None),
+                StopCause(cause) if cause else None,
+            ),
             now,
             where=_running_lease_lapsed(now),
             values={"status": OperationStatus.INTERRUPTED, "finished_at": now},

@@ -24,6 +24,7 @@ from runtime_service.domain import (
     InterruptResult,
     JSONValue,
     Operation,
+    StopCause,
 )
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.cursors import Cursors
@@ -33,8 +34,10 @@ from runtime_service.storage.interface import (
     Claimed,
     Created,
     KeptState,
+    halt_data,
     halt_ms,
     request_hash,
+    stop_data,
     utcnow,
 )
 from runtime_service.storage.interface import (
@@ -68,6 +71,7 @@ _RECORD_STOP = Sql("""
 UPDATE operations SET
   last_seq = last_seq + CASE WHEN status = 'PENDING' THEN 2 ELSE 1 END,
   updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
+  stop_cause = :cause,
   status = CASE WHEN status = 'PENDING' THEN 'INTERRUPTED' ELSE status END,
   finished_at = CASE WHEN status = 'PENDING' THEN :now ELSE finished_at END
 WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
@@ -125,7 +129,7 @@ UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
   status = 'INTERRUPTED', finished_at = :now,
   agent_state_json = coalesce(:state, agent_state_json)
 WHERE {_OWNED}
-RETURNING last_seq, stop_requested_at""")
+RETURNING last_seq, stop_requested_at, stop_cause""")
 
 _FAIL = Sql(f"""
 UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
@@ -258,15 +262,25 @@ class SqliteStorage(SharedStorage):
         return None if row is None else operation_from_row(row)
 
     async def record_stop(
-        self, operation_id: str, requested_by: str, reason: str
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult | None:
-        return await self._call(self._record_stop, operation_id, requested_by, reason)
+        return await self._call(self._record_stop, operation_id, requested_by, reason, cause)
 
     def _record_stop(
-        self, operation_id: str, requested_by: str, reason: str
+        self, operation_id: str, requested_by: str, reason: str, cause: StopCause
     ) -> InterruptResult | None:
         now = utcnow()
-        params = {"id": operation_id, "now": self._time(now), "by": requested_by, "reason": reason}
+        params = {
+            "id": operation_id,
+            "now": self._time(now),
+            "by": requested_by,
+            "reason": reason,
+            "cause": cause.value,
+        }
         with self.cursors.transaction() as cur:
             cur.execute(_RECORD_STOP.text, params)
             row = self.cursors.row(cur)
@@ -278,11 +292,11 @@ class SqliteStorage(SharedStorage):
                     return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
                 return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
             operation = operation_from_row(row)
-            data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
+            data = stop_data(requested_by, reason, cause)
             if not operation.status.is_terminal:
                 stopped = self._event(cur, operation_id, row.last_seq, STOP_REQUESTED, data, now)
                 return InterruptResult(InterruptOutcome.ACCEPTED, operation, (stopped,))
-            halt: dict[str, JSONValue] = {"mid_step": False, "step": 0, "halt_ms": 0.0}
+            halt = halt_data(False, 0, 0.0, cause)
             written = self._pair(
                 cur, operation_id, row.last_seq - 1, now, STOP_REQUESTED, data, INTERRUPTED, halt
             )
@@ -466,11 +480,9 @@ class SqliteStorage(SharedStorage):
         if mid_step:
             self._finish_attempt(cur, params, "interrupted", None)
         since = self.cursors.from_db(row[1])
-        data: dict[str, JSONValue] = {
-            "mid_step": mid_step,
-            "step": step,
-            "halt_ms": halt_ms(now, since, seen_at),
-        }
+        data = halt_data(
+            mid_step, step, halt_ms(now, since, seen_at), StopCause(row[2]) if row[2] else None
+        )
         return self._event(cur, operation_id, row[0], INTERRUPTED, data, now)
 
     async def fail(self, operation_id: str, step: int, error: str, runner_id: str) -> Event | None:

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstopline/v1/operation.proto\x12\x0bstopline.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"e\n\x0bStopRequest\x12\x30\n\x0crequested_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x99\x05\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12,\n\x06status\x18\x05 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x17\n\x0fsteps_completed\x18\x06 \x01(\x03\x12\x10\n\x08last_seq\x18\x07 \x01(\x03\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\x0cstop_request\x18\n \x01(\x0b\x32\x18.stopline.v1.StopRequest\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x0e \x03(\x0b\x32\".stopline.v1.Operation.LabelsEntry\x12\r\n\x05owner\x18\x0f \x01(\t\x12%\n\x05state\x18\x10 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x31\n\rdeadline_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tmax_steps\x18\x12 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x10OperationCreated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"6\n\x10OperationStarted\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\",\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\")\n\x0bOutputChunk\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"E\n\rStepCompleted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"5\n\rStopRequested\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x12OperationCompleted\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\".\n\x0fOperationFailed\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"G\n\x14OperationInterrupted\x12\x10\n\x08mid_step\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07halt_ms\x18\x03 \x01(\x01\"\'\n\tTextDelta\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"i\n\x0fToolCallStarted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12)\n\targuments\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"Y\n\x10ToolCallFinished\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\">\n\x0eToolCallFailed\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"B\n\x11ToolCallCancelled\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"G\n\x16ToolCallOutcomeUnknown\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\nAgentEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\'\n\x07payload\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xc8\x07\n\x05\x45vent\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x63reated\x18\n \x01(\x0b\x32\x1d.stopline.v1.OperationCreatedH\x00\x12\x30\n\x07started\x18\x0b \x01(\x0b\x32\x1d.stopline.v1.OperationStartedH\x00\x12\x30\n\x0cstep_started\x18\x0c \x01(\x0b\x32\x18.stopline.v1.StepStartedH\x00\x12\x30\n\x0coutput_chunk\x18\r \x01(\x0b\x32\x18.stopline.v1.OutputChunkH\x00\x12\x34\n\x0estep_completed\x18\x0e \x01(\x0b\x32\x1a.stopline.v1.StepCompletedH\x00\x12\x34\n\x0estop_requested\x18\x0f \x01(\x0b\x32\x1a.stopline.v1.StopRequestedH\x00\x12\x34\n\tcompleted\x18\x10 \x01(\x0b\x32\x1f.stopline.v1.OperationCompletedH\x00\x12.\n\x06\x66\x61iled\x18\x11 \x01(\x0b\x32\x1c.stopline.v1.OperationFailedH\x00\x12\x38\n\x0binterrupted\x18\x12 \x01(\x0b\x32!.stopline.v1.OperationInterruptedH\x00\x12,\n\ntext_delta\x18\x13 \x01(\x0b\x32\x16.stopline.v1.TextDeltaH\x00\x12\x39\n\x11tool_call_started\x18\x14 \x01(\x0b\x32\x1c.stopline.v1.ToolCallStartedH\x00\x12;\n\x12tool_call_finished\x18\x15 \x01(\x0b\x32\x1d.stopline.v1.ToolCallFinishedH\x00\x12\x37\n\x10tool_call_failed\x18\x16 \x01(\x0b\x32\x1b.stopline.v1.ToolCallFailedH\x00\x12=\n\x13tool_call_cancelled\x18\x17 \x01(\x0b\x32\x1e.stopline.v1.ToolCallCancelledH\x00\x12H\n\x19tool_call_outcome_unknown\x18\x18 \x01(\x0b\x32#.stopline.v1.ToolCallOutcomeUnknownH\x00\x12.\n\x0b\x61gent_event\x18\x19 \x01(\x0b\x32\x17.stopline.v1.AgentEventH\x00\x42\x06\n\x04kind*\xed\x01\n\x0fOperationStatus\x12 \n\x1cOPERATION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18OPERATION_STATUS_PENDING\x10\x01\x12\x1c\n\x18OPERATION_STATUS_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATUS_STOPPING\x10\x03\x12\x1e\n\x1aOPERATION_STATUS_COMPLETED\x10\x04\x12\x1b\n\x17OPERATION_STATUS_FAILED\x10\x05\x12 \n\x1cOPERATION_STATUS_INTERRUPTED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bstopline/v1/operation.proto\x12\x0bstopline.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\x0bStopRequest\x12\x30\n\x0crequested_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12%\n\x05\x63\x61use\x18\x04 \x01(\x0e\x32\x16.stopline.v1.StopCause\"\x99\x05\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12,\n\x06status\x18\x05 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x17\n\x0fsteps_completed\x18\x06 \x01(\x03\x12\x10\n\x08last_seq\x18\x07 \x01(\x03\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\x0cstop_request\x18\n \x01(\x0b\x32\x18.stopline.v1.StopRequest\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inish_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06labels\x18\x0e \x03(\x0b\x32\".stopline.v1.Operation.LabelsEntry\x12\r\n\x05owner\x18\x0f \x01(\t\x12%\n\x05state\x18\x10 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x31\n\rdeadline_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tmax_steps\x18\x12 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\x10OperationCreated\x12\r\n\x05\x61gent\x18\x01 \x01(\t\"6\n\x10OperationStarted\x12\x11\n\tfrom_step\x18\x01 \x01(\x03\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\",\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\")\n\x0bOutputChunk\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"E\n\rStepCompleted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"\\\n\rStopRequested\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12%\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x16.stopline.v1.StopCause\"<\n\x12OperationCompleted\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\".\n\x0fOperationFailed\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"n\n\x14OperationInterrupted\x12\x10\n\x08mid_step\x18\x01 \x01(\x08\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07halt_ms\x18\x03 \x01(\x01\x12%\n\x05\x63\x61use\x18\x04 \x01(\x0e\x32\x16.stopline.v1.StopCause\"\'\n\tTextDelta\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"i\n\x0fToolCallStarted\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12)\n\targuments\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"Y\n\x10ToolCallFinished\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\">\n\x0eToolCallFailed\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"B\n\x11ToolCallCancelled\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"G\n\x16ToolCallOutcomeUnknown\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"Q\n\nAgentEvent\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\'\n\x07payload\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xc8\x07\n\x05\x45vent\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07\x63reated\x18\n \x01(\x0b\x32\x1d.stopline.v1.OperationCreatedH\x00\x12\x30\n\x07started\x18\x0b \x01(\x0b\x32\x1d.stopline.v1.OperationStartedH\x00\x12\x30\n\x0cstep_started\x18\x0c \x01(\x0b\x32\x18.stopline.v1.StepStartedH\x00\x12\x30\n\x0coutput_chunk\x18\r \x01(\x0b\x32\x18.stopline.v1.OutputChunkH\x00\x12\x34\n\x0estep_completed\x18\x0e \x01(\x0b\x32\x1a.stopline.v1.StepCompletedH\x00\x12\x34\n\x0estop_requested\x18\x0f \x01(\x0b\x32\x1a.stopline.v1.StopRequestedH\x00\x12\x34\n\tcompleted\x18\x10 \x01(\x0b\x32\x1f.stopline.v1.OperationCompletedH\x00\x12.\n\x06\x66\x61iled\x18\x11 \x01(\x0b\x32\x1c.stopline.v1.OperationFailedH\x00\x12\x38\n\x0binterrupted\x18\x12 \x01(\x0b\x32!.stopline.v1.OperationInterruptedH\x00\x12,\n\ntext_delta\x18\x13 \x01(\x0b\x32\x16.stopline.v1.TextDeltaH\x00\x12\x39\n\x11tool_call_started\x18\x14 \x01(\x0b\x32\x1c.stopline.v1.ToolCallStartedH\x00\x12;\n\x12tool_call_finished\x18\x15 \x01(\x0b\x32\x1d.stopline.v1.ToolCallFinishedH\x00\x12\x37\n\x10tool_call_failed\x18\x16 \x01(\x0b\x32\x1b.stopline.v1.ToolCallFailedH\x00\x12=\n\x13tool_call_cancelled\x18\x17 \x01(\x0b\x32\x1e.stopline.v1.ToolCallCancelledH\x00\x12H\n\x19tool_call_outcome_unknown\x18\x18 \x01(\x0b\x32#.stopline.v1.ToolCallOutcomeUnknownH\x00\x12.\n\x0b\x61gent_event\x18\x19 \x01(\x0b\x32\x17.stopline.v1.AgentEventH\x00\x42\x06\n\x04kind*\xed\x01\n\x0fOperationStatus\x12 \n\x1cOPERATION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18OPERATION_STATUS_PENDING\x10\x01\x12\x1c\n\x18OPERATION_STATUS_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATUS_STOPPING\x10\x03\x12\x1e\n\x1aOPERATION_STATUS_COMPLETED\x10\x04\x12\x1b\n\x17OPERATION_STATUS_FAILED\x10\x05\x12 \n\x1cOPERATION_STATUS_INTERRUPTED\x10\x06*\xe2\x01\n\tStopCause\x12\x1a\n\x16STOP_CAUSE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTOP_CAUSE_USER\x10\x01\x12\x1a\n\x16STOP_CAUSE_CLIENT_GONE\x10\x02\x12\x1c\n\x18STOP_CAUSE_GRACE_EXPIRED\x10\x03\x12 \n\x1cSTOP_CAUSE_DEADLINE_EXCEEDED\x10\x04\x12\x1a\n\x16STOP_CAUSE_STEP_BUDGET\x10\x05\x12\x17\n\x13STOP_CAUSE_OPERATOR\x10\x06\x12\x13\n\x0fSTOP_CAUSE_BULK\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +35,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPERATION_LABELSENTRY']._loaded_options = None
   _globals['_OPERATION_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OPERATIONSTATUS']._serialized_start=2866
-  _globals['_OPERATIONSTATUS']._serialized_end=3103
-  _globals['_STOPREQUEST']._serialized_start=107
-  _globals['_STOPREQUEST']._serialized_end=208
-  _globals['_OPERATION']._serialized_start=211
-  _globals['_OPERATION']._serialized_end=876
-  _globals['_OPERATION_LABELSENTRY']._serialized_start=831
-  _globals['_OPERATION_LABELSENTRY']._serialized_end=876
-  _globals['_OPERATIONCREATED']._serialized_start=878
-  _globals['_OPERATIONCREATED']._serialized_end=911
-  _globals['_OPERATIONSTARTED']._serialized_start=913
-  _globals['_OPERATIONSTARTED']._serialized_end=967
-  _globals['_STEPSTARTED']._serialized_start=969
-  _globals['_STEPSTARTED']._serialized_end=1013
-  _globals['_OUTPUTCHUNK']._serialized_start=1015
-  _globals['_OUTPUTCHUNK']._serialized_end=1056
-  _globals['_STEPCOMPLETED']._serialized_start=1058
-  _globals['_STEPCOMPLETED']._serialized_end=1127
-  _globals['_STOPREQUESTED']._serialized_start=1129
-  _globals['_STOPREQUESTED']._serialized_end=1182
-  _globals['_OPERATIONCOMPLETED']._serialized_start=1184
-  _globals['_OPERATIONCOMPLETED']._serialized_end=1244
-  _globals['_OPERATIONFAILED']._serialized_start=1246
-  _globals['_OPERATIONFAILED']._serialized_end=1292
-  _globals['_OPERATIONINTERRUPTED']._serialized_start=1294
-  _globals['_OPERATIONINTERRUPTED']._serialized_end=1365
-  _globals['_TEXTDELTA']._serialized_start=1367
-  _globals['_TEXTDELTA']._serialized_end=1406
-  _globals['_TOOLCALLSTARTED']._serialized_start=1408
-  _globals['_TOOLCALLSTARTED']._serialized_end=1513
-  _globals['_TOOLCALLFINISHED']._serialized_start=1515
-  _globals['_TOOLCALLFINISHED']._serialized_end=1604
-  _globals['_TOOLCALLFAILED']._serialized_start=1606
-  _globals['_TOOLCALLFAILED']._serialized_end=1668
-  _globals['_TOOLCALLCANCELLED']._serialized_start=1670
-  _globals['_TOOLCALLCANCELLED']._serialized_end=1736
-  _globals['_TOOLCALLOUTCOMEUNKNOWN']._serialized_start=1738
-  _globals['_TOOLCALLOUTCOMEUNKNOWN']._serialized_end=1809
-  _globals['_AGENTEVENT']._serialized_start=1811
-  _globals['_AGENTEVENT']._serialized_end=1892
-  _globals['_EVENT']._serialized_start=1895
-  _globals['_EVENT']._serialized_end=2863
+  _globals['_OPERATIONSTATUS']._serialized_start=2984
+  _globals['_OPERATIONSTATUS']._serialized_end=3221
+  _globals['_STOPCAUSE']._serialized_start=3224
+  _globals['_STOPCAUSE']._serialized_end=3450
+  _globals['_STOPREQUEST']._serialized_start=108
+  _globals['_STOPREQUEST']._serialized_end=248
+  _globals['_OPERATION']._serialized_start=251
+  _globals['_OPERATION']._serialized_end=916
+  _globals['_OPERATION_LABELSENTRY']._serialized_start=871
+  _globals['_OPERATION_LABELSENTRY']._serialized_end=916
+  _globals['_OPERATIONCREATED']._serialized_start=918
+  _globals['_OPERATIONCREATED']._serialized_end=951
+  _globals['_OPERATIONSTARTED']._serialized_start=953
+  _globals['_OPERATIONSTARTED']._serialized_end=1007
+  _globals['_STEPSTARTED']._serialized_start=1009
+  _globals['_STEPSTARTED']._serialized_end=1053
+  _globals['_OUTPUTCHUNK']._serialized_start=1055
+  _globals['_OUTPUTCHUNK']._serialized_end=1096
+  _globals['_STEPCOMPLETED']._serialized_start=1098
+  _globals['_STEPCOMPLETED']._serialized_end=1167
+  _globals['_STOPREQUESTED']._serialized_start=1169
+  _globals['_STOPREQUESTED']._serialized_end=1261
+  _globals['_OPERATIONCOMPLETED']._serialized_start=1263
+  _globals['_OPERATIONCOMPLETED']._serialized_end=1323
+  _globals['_OPERATIONFAILED']._serialized_start=1325
+  _globals['_OPERATIONFAILED']._serialized_end=1371
+  _globals['_OPERATIONINTERRUPTED']._serialized_start=1373
+  _globals['_OPERATIONINTERRUPTED']._serialized_end=1483
+  _globals['_TEXTDELTA']._serialized_start=1485
+  _globals['_TEXTDELTA']._serialized_end=1524
+  _globals['_TOOLCALLSTARTED']._serialized_start=1526
+  _globals['_TOOLCALLSTARTED']._serialized_end=1631
+  _globals['_TOOLCALLFINISHED']._serialized_start=1633
+  _globals['_TOOLCALLFINISHED']._serialized_end=1722
+  _globals['_TOOLCALLFAILED']._serialized_start=1724
+  _globals['_TOOLCALLFAILED']._serialized_end=1786
+  _globals['_TOOLCALLCANCELLED']._serialized_start=1788
+  _globals['_TOOLCALLCANCELLED']._serialized_end=1854
+  _globals['_TOOLCALLOUTCOMEUNKNOWN']._serialized_start=1856
+  _globals['_TOOLCALLOUTCOMEUNKNOWN']._serialized_end=1927
+  _globals['_AGENTEVENT']._serialized_start=1929
+  _globals['_AGENTEVENT']._serialized_end=2010
+  _globals['_EVENT']._serialized_start=2013
+  _globals['_EVENT']._serialized_end=2981
 # @@protoc_insertion_point(module_scope)

@@ -67,6 +67,50 @@ OPERATION_STATUS_INTERRUPTED: OperationStatus.ValueType  # 6
 """Terminal: halted by a stop request."""
 Global___OperationStatus: _TypeAlias = OperationStatus  # noqa: Y015
 
+class _StopCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StopCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STOP_CAUSE_UNSPECIFIED: _StopCause.ValueType  # 0
+    """Not known (a stop recorded before causes existed)."""
+    STOP_CAUSE_USER: _StopCause.ValueType  # 1
+    """A user asked: the gateway's StopOperation, or Ctrl-C in the stopline command."""
+    STOP_CAUSE_CLIENT_GONE: _StopCause.ValueType  # 2
+    """The client's stream went away under the STOP cancel policy."""
+    STOP_CAUSE_GRACE_EXPIRED: _StopCause.ValueType  # 3
+    """Nobody reconnected within the STOP_AFTER_GRACE cancel policy's grace period."""
+    STOP_CAUSE_DEADLINE_EXCEEDED: _StopCause.ValueType  # 4
+    """The operation's deadline passed."""
+    STOP_CAUSE_STEP_BUDGET: _StopCause.ValueType  # 5
+    """The operation used up its step budget."""
+    STOP_CAUSE_OPERATOR: _StopCause.ValueType  # 6
+    """An operator called the runtime's InterruptOperation directly (the default there)."""
+    STOP_CAUSE_BULK: _StopCause.ValueType  # 7
+    """A bulk stop of a principal's operations."""
+
+class StopCause(_StopCause, metaclass=_StopCauseEnumTypeWrapper):
+    """Why an operation was stopped: a closed set a client, a dashboard or a metric can rely on."""
+
+STOP_CAUSE_UNSPECIFIED: StopCause.ValueType  # 0
+"""Not known (a stop recorded before causes existed)."""
+STOP_CAUSE_USER: StopCause.ValueType  # 1
+"""A user asked: the gateway's StopOperation, or Ctrl-C in the stopline command."""
+STOP_CAUSE_CLIENT_GONE: StopCause.ValueType  # 2
+"""The client's stream went away under the STOP cancel policy."""
+STOP_CAUSE_GRACE_EXPIRED: StopCause.ValueType  # 3
+"""Nobody reconnected within the STOP_AFTER_GRACE cancel policy's grace period."""
+STOP_CAUSE_DEADLINE_EXCEEDED: StopCause.ValueType  # 4
+"""The operation's deadline passed."""
+STOP_CAUSE_STEP_BUDGET: StopCause.ValueType  # 5
+"""The operation used up its step budget."""
+STOP_CAUSE_OPERATOR: StopCause.ValueType  # 6
+"""An operator called the runtime's InterruptOperation directly (the default there)."""
+STOP_CAUSE_BULK: StopCause.ValueType  # 7
+"""A bulk stop of a principal's operations."""
+Global___StopCause: _TypeAlias = StopCause  # noqa: Y015
+
 @_typing.final
 class StopRequest(_message.Message):
     """Who asked for a stop, when and why. Stored apart from the step state so that saving a step can
@@ -78,10 +122,15 @@ class StopRequest(_message.Message):
     REQUESTED_AT_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     requested_by: _builtins.str
     """Free-form identity of the caller that asked for the stop (a user, a gateway, a script)."""
     reason: _builtins.str
     """Free-form reason given by the caller."""
+    cause: Global___StopCause.ValueType
+    """Why the operation was stopped, from a closed set (UNSPECIFIED for stops recorded before
+    causes existed).
+    """
     @_builtins.property
     def requested_at(self) -> _timestamp_pb2.Timestamp:
         """When the runtime recorded the stop."""
@@ -92,10 +141,11 @@ class StopRequest(_message.Message):
         requested_at: _timestamp_pb2.Timestamp | None = ...,
         requested_by: _builtins.str = ...,
         reason: _builtins.str = ...,
+        cause: Global___StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["requested_at", b"requested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "requested_at", b"requested_at", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "reason", b"reason", "requested_at", b"requested_at", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -374,19 +424,23 @@ class StopRequested(_message.Message):
 
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     requested_by: _builtins.str
     """Who asked for the stop."""
     reason: _builtins.str
     """Why, as given by the caller."""
+    cause: Global___StopCause.ValueType
+    """Why, from the closed set."""
     def __init__(
         self,
         *,
         requested_by: _builtins.str = ...,
         reason: _builtins.str = ...,
+        cause: Global___StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -451,6 +505,7 @@ class OperationInterrupted(_message.Message):
     MID_STEP_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     HALT_MS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     mid_step: _builtins.bool
     """True when a step was in flight and was cancelled; false when the stop landed on a step
     boundary or before any step ran.
@@ -459,16 +514,19 @@ class OperationInterrupted(_message.Message):
     """Index of the step that was cancelled (when mid_step), or of the next step that never started."""
     halt_ms: _builtins.float
     """Milliseconds from the stop being recorded to the operation being halted."""
+    cause: Global___StopCause.ValueType
+    """The stop's cause (as on stop_requested)."""
     def __init__(
         self,
         *,
         mid_step: _builtins.bool = ...,
         step: _builtins.int = ...,
         halt_ms: _builtins.float = ...,
+        cause: Global___StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["halt_ms", b"halt_ms", "mid_step", b"mid_step", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "halt_ms", b"halt_ms", "mid_step", b"mid_step", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

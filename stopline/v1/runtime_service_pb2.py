@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stopline.v1 import operation_pb2 as stopline_dot_v1_dot_operation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stopline/v1/runtime_service.proto\x12\x0bstopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\"\xce\x02\n\x15StartOperationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StartOperationRequest.LabelsEntry\x12\'\n\x04hold\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x06 \x01(\t\x12+\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_steps\x18\x08 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x16StartOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"{\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x19InterruptOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11only_if_unwatched\x18\x04 \x01(\x08\"w\n\x1aInterruptOperationResponse\x12.\n\x07outcome\x18\x01 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"O\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\x08\"_\n\x16WatchOperationResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.Event\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.stopline.v1.Event\"/\n\x17ReleaseOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x18ReleaseOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"\xd2\x01\n\x15StopOperationsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StopOperationsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16StopOperationsResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x05\x12\x15\n\roperation_ids\x18\x02 \x03(\t\x12\x15\n\rlimit_reached\x18\x03 \x01(\x08*\xcd\x01\n\x10InterruptOutcome\x12!\n\x1dINTERRUPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINTERRUPT_OUTCOME_ACCEPTED\x10\x01\x12\'\n#INTERRUPT_OUTCOME_ALREADY_REQUESTED\x10\x02\x12&\n\"INTERRUPT_OUTCOME_ALREADY_FINISHED\x10\x03\x12%\n!INTERRUPT_OUTCOME_SKIPPED_WATCHED\x10\x04\x32\x9b\x05\n\x0eRuntimeService\x12Y\n\x0eStartOperation\x12\".stopline.v1.StartOperationRequest\x1a#.stopline.v1.StartOperationResponse\x12S\n\x0cGetOperation\x12 .stopline.v1.GetOperationRequest\x1a!.stopline.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".stopline.v1.ListOperationsRequest\x1a#.stopline.v1.ListOperationsResponse\x12\x65\n\x12InterruptOperation\x12&.stopline.v1.InterruptOperationRequest\x1a\'.stopline.v1.InterruptOperationResponse\x12[\n\x0eWatchOperation\x12\".stopline.v1.WatchOperationRequest\x1a#.stopline.v1.WatchOperationResponse0\x01\x12_\n\x10ReleaseOperation\x12$.stopline.v1.ReleaseOperationRequest\x1a%.stopline.v1.ReleaseOperationResponse\x12Y\n\x0eStopOperations\x12\".stopline.v1.StopOperationsRequest\x1a#.stopline.v1.StopOperationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stopline/v1/runtime_service.proto\x12\x0bstopline.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\"\xce\x02\n\x15StartOperationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StartOperationRequest.LabelsEntry\x12\'\n\x04hold\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x06 \x01(\t\x12+\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_steps\x18\x08 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x16StartOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"{\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc1\x01\n\x19InterruptOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x14\n\x0crequested_by\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x19\n\x11only_if_unwatched\x18\x04 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12%\n\x05\x63\x61use\x18\x07 \x01(\x0e\x32\x16.stopline.v1.StopCause\"w\n\x1aInterruptOperationResponse\x12.\n\x07outcome\x18\x01 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"O\n\x15WatchOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\x08\"_\n\x16WatchOperationResponse\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.Event\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.stopline.v1.Event\"/\n\x17ReleaseOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"E\n\x18ReleaseOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"\xd2\x01\n\x15StopOperationsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..stopline.v1.StopOperationsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16StopOperationsResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x05\x12\x15\n\roperation_ids\x18\x02 \x03(\t\x12\x15\n\rlimit_reached\x18\x03 \x01(\x08*\xf3\x01\n\x10InterruptOutcome\x12!\n\x1dINTERRUPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aINTERRUPT_OUTCOME_ACCEPTED\x10\x01\x12\'\n#INTERRUPT_OUTCOME_ALREADY_REQUESTED\x10\x02\x12&\n\"INTERRUPT_OUTCOME_ALREADY_FINISHED\x10\x03\x12%\n!INTERRUPT_OUTCOME_SKIPPED_WATCHED\x10\x04\x12$\n INTERRUPT_OUTCOME_RECORDED_AHEAD\x10\x05\x32\x9b\x05\n\x0eRuntimeService\x12Y\n\x0eStartOperation\x12\".stopline.v1.StartOperationRequest\x1a#.stopline.v1.StartOperationResponse\x12S\n\x0cGetOperation\x12 .stopline.v1.GetOperationRequest\x1a!.stopline.v1.GetOperationResponse\x12Y\n\x0eListOperations\x12\".stopline.v1.ListOperationsRequest\x1a#.stopline.v1.ListOperationsResponse\x12\x65\n\x12InterruptOperation\x12&.stopline.v1.InterruptOperationRequest\x1a\'.stopline.v1.InterruptOperationResponse\x12[\n\x0eWatchOperation\x12\".stopline.v1.WatchOperationRequest\x1a#.stopline.v1.WatchOperationResponse0\x01\x12_\n\x10ReleaseOperation\x12$.stopline.v1.ReleaseOperationRequest\x1a%.stopline.v1.ReleaseOperationResponse\x12Y\n\x0eStopOperations\x12\".stopline.v1.StopOperationsRequest\x1a#.stopline.v1.StopOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTOPERATIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_INTERRUPTOUTCOME']._serialized_start=1734
-  _globals['_INTERRUPTOUTCOME']._serialized_end=1939
+  _globals['_INTERRUPTOUTCOME']._serialized_start=1814
+  _globals['_INTERRUPTOUTCOME']._serialized_end=2057
   _globals['_STARTOPERATIONREQUEST']._serialized_start=142
   _globals['_STARTOPERATIONREQUEST']._serialized_end=476
   _globals['_STARTOPERATIONREQUEST_LABELSENTRY']._serialized_start=431
@@ -54,24 +54,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTOPERATIONSREQUEST']._serialized_end=799
   _globals['_LISTOPERATIONSRESPONSE']._serialized_start=801
   _globals['_LISTOPERATIONSRESPONSE']._serialized_end=894
-  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_start=896
-  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_end=1010
-  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_start=1012
-  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_end=1131
-  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1133
-  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1212
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1214
-  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1309
-  _globals['_RELEASEOPERATIONREQUEST']._serialized_start=1311
-  _globals['_RELEASEOPERATIONREQUEST']._serialized_end=1358
-  _globals['_RELEASEOPERATIONRESPONSE']._serialized_start=1360
-  _globals['_RELEASEOPERATIONRESPONSE']._serialized_end=1429
-  _globals['_STOPOPERATIONSREQUEST']._serialized_start=1432
-  _globals['_STOPOPERATIONSREQUEST']._serialized_end=1642
+  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_start=897
+  _globals['_INTERRUPTOPERATIONREQUEST']._serialized_end=1090
+  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_start=1092
+  _globals['_INTERRUPTOPERATIONRESPONSE']._serialized_end=1211
+  _globals['_WATCHOPERATIONREQUEST']._serialized_start=1213
+  _globals['_WATCHOPERATIONREQUEST']._serialized_end=1292
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_start=1294
+  _globals['_WATCHOPERATIONRESPONSE']._serialized_end=1389
+  _globals['_RELEASEOPERATIONREQUEST']._serialized_start=1391
+  _globals['_RELEASEOPERATIONREQUEST']._serialized_end=1438
+  _globals['_RELEASEOPERATIONRESPONSE']._serialized_start=1440
+  _globals['_RELEASEOPERATIONRESPONSE']._serialized_end=1509
+  _globals['_STOPOPERATIONSREQUEST']._serialized_start=1512
+  _globals['_STOPOPERATIONSREQUEST']._serialized_end=1722
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_start=431
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_end=476
-  _globals['_STOPOPERATIONSRESPONSE']._serialized_start=1644
-  _globals['_STOPOPERATIONSRESPONSE']._serialized_end=1731
-  _globals['_RUNTIMESERVICE']._serialized_start=1942
-  _globals['_RUNTIMESERVICE']._serialized_end=2609
+  _globals['_STOPOPERATIONSRESPONSE']._serialized_start=1724
+  _globals['_STOPOPERATIONSRESPONSE']._serialized_end=1811
+  _globals['_RUNTIMESERVICE']._serialized_start=2060
+  _globals['_RUNTIMESERVICE']._serialized_end=2727
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,11 @@ class _InterruptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inte
     """The operation had already completed or failed; nothing changed."""
     INTERRUPT_OUTCOME_SKIPPED_WATCHED: _InterruptOutcome.ValueType  # 4
     """only_if_unwatched was set and a client is watching the operation; nothing changed."""
+    INTERRUPT_OUTCOME_RECORDED_AHEAD: _InterruptOutcome.ValueType  # 5
+    """Stopped by idempotency key, and no operation of the owner had that key yet: the stop waits
+    (for the runtime's tombstone expiry) for the start with that key, which then creates the
+    operation already INTERRUPTED, running no step. The response carries no operation.
+    """
 
 class InterruptOutcome(_InterruptOutcome, metaclass=_InterruptOutcomeEnumTypeWrapper):
     """What an InterruptOperation call achieved."""
@@ -52,6 +57,11 @@ INTERRUPT_OUTCOME_ALREADY_FINISHED: InterruptOutcome.ValueType  # 3
 """The operation had already completed or failed; nothing changed."""
 INTERRUPT_OUTCOME_SKIPPED_WATCHED: InterruptOutcome.ValueType  # 4
 """only_if_unwatched was set and a client is watching the operation; nothing changed."""
+INTERRUPT_OUTCOME_RECORDED_AHEAD: InterruptOutcome.ValueType  # 5
+"""Stopped by idempotency key, and no operation of the owner had that key yet: the stop waits
+(for the runtime's tombstone expiry) for the start with that key, which then creates the
+operation already INTERRUPTED, running no step. The response carries no operation.
+"""
 Global___InterruptOutcome: _TypeAlias = InterruptOutcome  # noqa: Y015
 
 @_typing.final
@@ -293,8 +303,11 @@ class InterruptOperationRequest(_message.Message):
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ONLY_IF_UNWATCHED_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
-    """The operation to stop."""
+    """The operation to stop. Leave empty to stop by `idempotency_key` instead."""
     requested_by: _builtins.str
     """Who is asking (recorded with the stop; at most 200 characters)."""
     reason: _builtins.str
@@ -303,6 +316,15 @@ class InterruptOperationRequest(_message.Message):
     """Stop only if no client is watching the operation on this runtime; otherwise change nothing
     and answer SKIPPED_WATCHED. Used for "stop unless somebody reconnected in time".
     """
+    idempotency_key: _builtins.str
+    """Stop the operation `owner` started with this idempotency key instead of naming its id
+    (exactly one of the two is set). When there is none yet, the stop is recorded ahead of the
+    start (INTERRUPT_OUTCOME_RECORDED_AHEAD). Not combined with only_if_unwatched.
+    """
+    owner: _builtins.str
+    """The principal whose key `idempotency_key` is (keys are scoped per owner, as for starts)."""
+    cause: _operation_pb2.StopCause.ValueType
+    """Why; UNSPECIFIED is recorded as STOP_CAUSE_OPERATOR (a direct call to the runtime)."""
     def __init__(
         self,
         *,
@@ -310,10 +332,13 @@ class InterruptOperationRequest(_message.Message):
         requested_by: _builtins.str = ...,
         reason: _builtins.str = ...,
         only_if_unwatched: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        cause: _operation_pb2.StopCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["only_if_unwatched", b"only_if_unwatched", "operation_id", b"operation_id", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "idempotency_key", b"idempotency_key", "only_if_unwatched", b"only_if_unwatched", "operation_id", b"operation_id", "owner", b"owner", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

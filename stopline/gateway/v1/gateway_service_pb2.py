@@ -28,7 +28,7 @@ from stopline.v1 import operation_pb2 as stopline_dot_v1_dot_operation__pb2
 from stopline.v1 import runtime_service_pb2 as stopline_dot_v1_dot_runtime__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)stopline/gateway/v1/gateway_service.proto\x12\x13stopline.gateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\x1a!stopline/v1/runtime_service.proto\"\x92\x02\n\x15StartAndStreamRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x38\n\rcancel_policy\x18\x04 \x01(\x0e\x32!.stopline.gateway.v1.CancelPolicy\x12/\n\x0c\x63\x61ncel_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\"T\n\x11OperationAccepted\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"2\n\nStopNotice\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x0fStopUndelivered\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\"\x80\x02\n\x16StartAndStreamResponse\x12:\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32&.stopline.gateway.v1.OperationAcceptedH\x00\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.stopline.v1.EventH\x00\x12\x39\n\x0estop_requested\x18\x03 \x01(\x0b\x32\x1f.stopline.gateway.v1.StopNoticeH\x00\x12@\n\x10stop_undelivered\x18\x04 \x01(\x0b\x32$.stopline.gateway.v1.StopUndeliveredH\x00\x42\x08\n\x06update\"A\n\x16StreamOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\xc5\x01\n\x17StreamOperationResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.EventH\x00\x12\x39\n\x0estop_requested\x18\x02 \x01(\x0b\x32\x1f.stopline.gateway.v1.StopNoticeH\x00\x12@\n\x10stop_undelivered\x18\x03 \x01(\x0b\x32$.stopline.gateway.v1.StopUndeliveredH\x00\x42\x08\n\x06update\"<\n\x14StopOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa7\x01\n\x15StopOperationResponse\x12\x33\n\x08\x64\x65livery\x18\x01 \x01(\x0e\x32!.stopline.gateway.v1.StopDelivery\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x03 \x01(\x0b\x32\x16.stopline.v1.Operation\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"l\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcb\x01\n\x15StopOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x46\n\x06labels\x18\x03 \x03(\x0b\x32\x36.stopline.gateway.v1.StopOperationsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16StopOperationsResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x05\x12\x15\n\roperation_ids\x18\x02 \x03(\t\x12\x15\n\rlimit_reached\x18\x03 \x01(\x08*\x89\x01\n\x0c\x43\x61ncelPolicy\x12\x1d\n\x19\x43\x41NCEL_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41NCEL_POLICY_STOP\x10\x01\x12\x1e\n\x1a\x43\x41NCEL_POLICY_KEEP_RUNNING\x10\x02\x12\"\n\x1e\x43\x41NCEL_POLICY_STOP_AFTER_GRACE\x10\x03*e\n\x0cStopDelivery\x12\x1d\n\x19STOP_DELIVERY_UNSPECIFIED\x10\x00\x12\x1b\n\x17STOP_DELIVERY_DELIVERED\x10\x01\x12\x19\n\x15STOP_DELIVERY_PENDING\x10\x02\x32\x90\x05\n\x0eGatewayService\x12k\n\x0eStartAndStream\x12*.stopline.gateway.v1.StartAndStreamRequest\x1a+.stopline.gateway.v1.StartAndStreamResponse0\x01\x12n\n\x0fStreamOperation\x12+.stopline.gateway.v1.StreamOperationRequest\x1a,.stopline.gateway.v1.StreamOperationResponse0\x01\x12\x66\n\rStopOperation\x12).stopline.gateway.v1.StopOperationRequest\x1a*.stopline.gateway.v1.StopOperationResponse\x12\x63\n\x0cGetOperation\x12(.stopline.gateway.v1.GetOperationRequest\x1a).stopline.gateway.v1.GetOperationResponse\x12i\n\x0eListOperations\x12*.stopline.gateway.v1.ListOperationsRequest\x1a+.stopline.gateway.v1.ListOperationsResponse\x12i\n\x0eStopOperations\x12*.stopline.gateway.v1.StopOperationsRequest\x1a+.stopline.gateway.v1.StopOperationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)stopline/gateway/v1/gateway_service.proto\x12\x13stopline.gateway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bstopline/v1/operation.proto\x1a!stopline/v1/runtime_service.proto\"\x92\x02\n\x15StartAndStreamRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x38\n\rcancel_policy\x18\x04 \x01(\x0e\x32!.stopline.gateway.v1.CancelPolicy\x12/\n\x0c\x63\x61ncel_grace\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\"T\n\x11OperationAccepted\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12)\n\toperation\x18\x02 \x01(\x0b\x32\x16.stopline.v1.Operation\"2\n\nStopNotice\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"3\n\x0fStopUndelivered\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x02 \x01(\x05\"\x80\x02\n\x16StartAndStreamResponse\x12:\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32&.stopline.gateway.v1.OperationAcceptedH\x00\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.stopline.v1.EventH\x00\x12\x39\n\x0estop_requested\x18\x03 \x01(\x0b\x32\x1f.stopline.gateway.v1.StopNoticeH\x00\x12@\n\x10stop_undelivered\x18\x04 \x01(\x0b\x32$.stopline.gateway.v1.StopUndeliveredH\x00\x42\x08\n\x06update\"A\n\x16StreamOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\xc5\x01\n\x17StreamOperationResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.stopline.v1.EventH\x00\x12\x39\n\x0estop_requested\x18\x02 \x01(\x0b\x32\x1f.stopline.gateway.v1.StopNoticeH\x00\x12@\n\x10stop_undelivered\x18\x03 \x01(\x0b\x32$.stopline.gateway.v1.StopUndeliveredH\x00\x42\x08\n\x06update\"U\n\x14StopOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\xa7\x01\n\x15StopOperationResponse\x12\x33\n\x08\x64\x65livery\x18\x01 \x01(\x0e\x32!.stopline.gateway.v1.StopDelivery\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.stopline.v1.InterruptOutcome\x12)\n\toperation\x18\x03 \x01(\x0b\x32\x16.stopline.v1.Operation\"+\n\x13GetOperationRequest\x12\x14\n\x0coperation_id\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.stopline.v1.Operation\"l\n\x15ListOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x16ListOperationsResponse\x12*\n\noperations\x18\x01 \x03(\x0b\x32\x16.stopline.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xcb\x01\n\x15StopOperationsRequest\x12,\n\x06status\x18\x01 \x01(\x0e\x32\x1c.stopline.v1.OperationStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x46\n\x06labels\x18\x03 \x03(\x0b\x32\x36.stopline.gateway.v1.StopOperationsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x16StopOperationsResponse\x12\x0f\n\x07stopped\x18\x01 \x01(\x05\x12\x15\n\roperation_ids\x18\x02 \x03(\t\x12\x15\n\rlimit_reached\x18\x03 \x01(\x08*\x89\x01\n\x0c\x43\x61ncelPolicy\x12\x1d\n\x19\x43\x41NCEL_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41NCEL_POLICY_STOP\x10\x01\x12\x1e\n\x1a\x43\x41NCEL_POLICY_KEEP_RUNNING\x10\x02\x12\"\n\x1e\x43\x41NCEL_POLICY_STOP_AFTER_GRACE\x10\x03*e\n\x0cStopDelivery\x12\x1d\n\x19STOP_DELIVERY_UNSPECIFIED\x10\x00\x12\x1b\n\x17STOP_DELIVERY_DELIVERED\x10\x01\x12\x19\n\x15STOP_DELIVERY_PENDING\x10\x02\x32\x90\x05\n\x0eGatewayService\x12k\n\x0eStartAndStream\x12*.stopline.gateway.v1.StartAndStreamRequest\x1a+.stopline.gateway.v1.StartAndStreamResponse0\x01\x12n\n\x0fStreamOperation\x12+.stopline.gateway.v1.StreamOperationRequest\x1a,.stopline.gateway.v1.StreamOperationResponse0\x01\x12\x66\n\rStopOperation\x12).stopline.gateway.v1.StopOperationRequest\x1a*.stopline.gateway.v1.StopOperationResponse\x12\x63\n\x0cGetOperation\x12(.stopline.gateway.v1.GetOperationRequest\x1a).stopline.gateway.v1.GetOperationResponse\x12i\n\x0eListOperations\x12*.stopline.gateway.v1.ListOperationsRequest\x1a+.stopline.gateway.v1.ListOperationsResponse\x12i\n\x0eStopOperations\x12*.stopline.gateway.v1.StopOperationsRequest\x1a+.stopline.gateway.v1.StopOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CANCELPOLICY']._serialized_start=2031
-  _globals['_CANCELPOLICY']._serialized_end=2168
-  _globals['_STOPDELIVERY']._serialized_start=2170
-  _globals['_STOPDELIVERY']._serialized_end=2271
+  _globals['_CANCELPOLICY']._serialized_start=2056
+  _globals['_CANCELPOLICY']._serialized_end=2193
+  _globals['_STOPDELIVERY']._serialized_start=2195
+  _globals['_STOPDELIVERY']._serialized_end=2296
   _globals['_STARTANDSTREAMREQUEST']._serialized_start=193
   _globals['_STARTANDSTREAMREQUEST']._serialized_end=467
   _globals['_OPERATIONACCEPTED']._serialized_start=469
@@ -56,23 +56,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMOPERATIONRESPONSE']._serialized_start=987
   _globals['_STREAMOPERATIONRESPONSE']._serialized_end=1184
   _globals['_STOPOPERATIONREQUEST']._serialized_start=1186
-  _globals['_STOPOPERATIONREQUEST']._serialized_end=1246
-  _globals['_STOPOPERATIONRESPONSE']._serialized_start=1249
-  _globals['_STOPOPERATIONRESPONSE']._serialized_end=1416
-  _globals['_GETOPERATIONREQUEST']._serialized_start=1418
-  _globals['_GETOPERATIONREQUEST']._serialized_end=1461
-  _globals['_GETOPERATIONRESPONSE']._serialized_start=1463
-  _globals['_GETOPERATIONRESPONSE']._serialized_end=1528
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1530
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1638
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1640
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1733
-  _globals['_STOPOPERATIONSREQUEST']._serialized_start=1736
-  _globals['_STOPOPERATIONSREQUEST']._serialized_end=1939
-  _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_start=1894
-  _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_end=1939
-  _globals['_STOPOPERATIONSRESPONSE']._serialized_start=1941
-  _globals['_STOPOPERATIONSRESPONSE']._serialized_end=2028
-  _globals['_GATEWAYSERVICE']._serialized_start=2274
-  _globals['_GATEWAYSERVICE']._serialized_end=2930
+  _globals['_STOPOPERATIONREQUEST']._serialized_end=1271
+  _globals['_STOPOPERATIONRESPONSE']._serialized_start=1274
+  _globals['_STOPOPERATIONRESPONSE']._serialized_end=1441
+  _globals['_GETOPERATIONREQUEST']._serialized_start=1443
+  _globals['_GETOPERATIONREQUEST']._serialized_end=1486
+  _globals['_GETOPERATIONRESPONSE']._serialized_start=1488
+  _globals['_GETOPERATIONRESPONSE']._serialized_end=1553
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1555
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1663
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1665
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1758
+  _globals['_STOPOPERATIONSREQUEST']._serialized_start=1761
+  _globals['_STOPOPERATIONSREQUEST']._serialized_end=1964
+  _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_start=1919
+  _globals['_STOPOPERATIONSREQUEST_LABELSENTRY']._serialized_end=1964
+  _globals['_STOPOPERATIONSRESPONSE']._serialized_start=1966
+  _globals['_STOPOPERATIONSRESPONSE']._serialized_end=2053
+  _globals['_GATEWAYSERVICE']._serialized_start=2299
+  _globals['_GATEWAYSERVICE']._serialized_end=2955
 # @@protoc_insertion_point(module_scope)

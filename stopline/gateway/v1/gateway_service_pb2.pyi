@@ -344,19 +344,27 @@ class StopOperationRequest(_message.Message):
 
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
-    """The operation to stop."""
+    """The operation to stop. Leave empty to stop by `idempotency_key` instead."""
     reason: _builtins.str
     """Why (at most 1000 characters)."""
+    idempotency_key: _builtins.str
+    """Stop the caller's operation started with this idempotency key (exactly one of this and
+    operation_id is set). Works before the start's answer arrives, or before the start is even
+    sent: the stop is then recorded ahead of it (outcome INTERRUPT_OUTCOME_RECORDED_AHEAD, no
+    operation) and the start creates the operation already INTERRUPTED.
+    """
     def __init__(
         self,
         *,
         operation_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "operation_id", b"operation_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
