@@ -18,6 +18,8 @@ RUNTIME = "runtime"
 class RuntimeStop:
     requested_by: str
     reason: str
+    category: str
+    """The stop's cause as a metrics label (runtime_service/metrics.py)."""
 
 
 def _ms(seconds: float) -> str:
@@ -26,15 +28,15 @@ def _ms(seconds: float) -> str:
 
 def deadline_exceeded(deadline_seconds: float) -> RuntimeStop:
     """The operation's deadline (wall time from its start) passed."""
-    return RuntimeStop(RUNTIME, f"deadline of {_ms(deadline_seconds)} exceeded")
+    return RuntimeStop(RUNTIME, f"deadline of {_ms(deadline_seconds)} exceeded", "deadline")
 
 
 def step_budget_exhausted(max_steps: int) -> RuntimeStop:
     """The operation completed the most steps it may run and was not done."""
     unit = "step" if max_steps == 1 else "steps"
-    return RuntimeStop(RUNTIME, f"step budget of {max_steps} {unit} exhausted")
+    return RuntimeStop(RUNTIME, f"step budget of {max_steps} {unit} exhausted", "step_budget")
 
 
 def bulk_stop() -> RuntimeStop:
     """Stopped by a StopOperations call matching it."""
-    return RuntimeStop(RUNTIME, "bulk stop")
+    return RuntimeStop(RUNTIME, "bulk stop", "bulk")
