@@ -69,9 +69,7 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
 async def servers(db_url: str) -> AsyncIterator[tuple[RunningRuntime, RunningGateway]]:
     runtime = await start_runtime(runtime_config(db_url, metrics_address=ANY_PORT), registry())
     try:
-        gateway = await start_gateway(
-            gateway_settings(runtime.address, metrics_address=ANY_PORT)
-        )
+        gateway = await start_gateway(gateway_settings(runtime.address, metrics_address=ANY_PORT))
         try:
             yield runtime, gateway
         finally:
@@ -150,7 +148,9 @@ async def test_refused_and_unknown_calls_are_counted_with_bounded_labels(
         with pytest.raises(aio.AioRpcError) as caught:
             await stub.GetOperation(pb.GetOperationRequest(operation_id="x"))
         assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        made_up = channel.unary_unary("/stopline.gateway.v1.GatewayService/NoSuchMethod")
+        made_up = channel.unary_unary(
+            "/stopline.gateway.v1.GatewayService/NoSuchMethod", None, None
+        )
         with pytest.raises(aio.AioRpcError):
             await made_up(b"")
     samples = await scrape(gateway.metrics)
