@@ -128,13 +128,15 @@ class Gateway:
         self.config = config
         self.link = link
         self.streams = StreamRegistry()
+        self.metrics = GatewayMetrics()
         self.follower = Follower(
             link,
             self.streams,
             config.stream_idle_seconds,
             config.watch_reconnect_deadline_seconds,
+            on_stop_seen=self.metrics.client_stop.observe,
         )
-        self.metrics = GatewayMetrics()
+        self.metrics.count_open_streams(lambda: self.streams.open_count)
         self.deliverer = StopDeliverer(
             link,
             config.stop_delivery_deadline_seconds,

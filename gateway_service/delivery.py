@@ -78,6 +78,7 @@ class StopDeliverer:
         self._hedge_delay = hedge_delay
         self._max_calls = max_calls
         self._pending: dict[str, StopDelivery] = {}
+        self.metrics.count_pending(self._pending.__len__)
 
     def deliver(
         self, operation_id: str, requested_by: str, reason: str, only_if_unwatched: bool = False

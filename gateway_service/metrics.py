@@ -6,7 +6,9 @@ never an operation id or a principal.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stopline.gateway.v1 import gateway_service_pb2
 from stopline.metrics import LATENCY_BUCKETS, GrpcMetrics, method_names
@@ -37,6 +39,23 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.client_stop = Histogram(
+            "stopline_gateway_stop_seen_by_client_seconds",
+            "The whole stop as a client saw it: from the gateway accepting a StopOperation to the "
+            "terminal event forwarded on a stream of that operation (once per such stream).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pending = Gauge(
+            "stopline_gateway_stop_deliveries_pending",
+            "Stops accepted and not yet delivered to (or refused by) the runtime.",
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "stopline_gateway_open_streams",
+            "Client streams (StartAndStream, StreamOperation) open now.",
+            registry=r,
+        )
         self.delivery_calls = Counter(
             "stopline_gateway_stop_delivery_calls",
             "InterruptOperation calls sent to deliver stops (a retried or hedged delivery sends "
@@ -48,3 +67,10 @@ class GatewayMetrics:
             "Delivery attempts after a stop's first (each after a retryable failure).",
             registry=r,
         )
+
+    def count_pending(self, count: Callable[[], int]) -> None:
+        """Gauges read at scrape time on the scrape's thread: a length or int read, no lock."""
+        self.pending.set_function(lambda: float(count()))
+
+    def count_open_streams(self, count: Callable[[], int]) -> None:
+        self.open_streams.set_function(lambda: float(count()))

@@ -87,6 +87,9 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
         call = stub.StartAndStream(start_request("ticker", TICKER_30S))
         updates = await read_until(call, lambda u: kind(u) == "event:step_started")
         op_id = updates[0].accepted.operation_id
+        streaming = await scrape(gateway.metrics)
+        assert value(streaming, "stopline_gateway_open_streams") == 1
+        assert value(await scrape(runtime.metrics), "stopline_runtime_operations_running") == 1
         answer = await stub.StopOperation(pb.StopOperationRequest(operation_id=op_id))
         assert answer.delivery == pb.STOP_DELIVERY_DELIVERED
         await read_until(call, lambda u: kind(u) == "event:interrupted")
@@ -113,6 +116,10 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
     assert value(gw, "stopline_gateway_stop_delivery_seconds_count", outcome="delivered") == 1
     assert value(gw, "stopline_gateway_stop_delivery_calls_total") == 1
     assert value(gw, "stopline_gateway_stop_delivery_retries_total") == 0
+    assert value(gw, "stopline_gateway_stop_deliveries_pending") == 0
+    # The whole stop as the client saw it: the stop call to the interrupted event on its stream.
+    assert value(gw, "stopline_gateway_stop_seen_by_client_seconds_count") == 1
+    assert value(gw, "stopline_gateway_open_streams") == 0
     gw_calls = "stopline_gateway_grpc_server_calls_total"
     assert value(gw, gw_calls, method=f"{GATEWAY_SERVICE}/StopOperation", code="OK") == 1
     assert value(gw, gw_calls, method=f"{GATEWAY_SERVICE}/StartAndStream", code="OK") == 1
