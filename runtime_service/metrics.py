@@ -10,16 +10,14 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from runtime_service import stop_causes
 from stopline.events import EventKind
 from stopline.metrics import LATENCY_BUCKETS, GrpcMetrics, method_names
 from stopline.v1 import runtime_service_pb2
 
-CAUSE_REQUEST = "request"
-"""A stop someone asked for (the gateway's StopOperation or cancel policy, InterruptOperation,
-a bulk stop): the runner learns of it from storage or a notification, without its cause."""
-CAUSE_DEADLINE = "deadline"
-CAUSE_STEP_BUDGET = "step_budget"
-CAUSE_BULK = "bulk"
+CAUSE_UNKNOWN = "unknown"
+"""A stop the runner learned of without its cause: from storage (the periodic re-read) or another
+replica's notification (PostgreSQL). Stops recorded on this replica carry theirs (below)."""
 CAUSE_NONE = "none"
 """The cause label of an operation that completed or failed."""
 AGENT_UNKNOWN = "unregistered"
@@ -30,7 +28,19 @@ TOOL_OUTCOMES = {
     EventKind.TOOL_CALL_CANCELLED: "cancelled",
     EventKind.TOOL_CALL_OUTCOME_UNKNOWN: "outcome_unknown",
 }
-CAUSES = frozenset({CAUSE_REQUEST, CAUSE_DEADLINE, CAUSE_STEP_BUDGET, CAUSE_BULK, CAUSE_NONE})
+CAUSES = frozenset(
+    {
+        CAUSE_UNKNOWN,
+        CAUSE_NONE,
+        stop_causes.DEADLINE,
+        stop_causes.STEP_BUDGET,
+        stop_causes.BULK,
+        stop_causes.USER,
+        stop_causes.CLIENT_GONE,
+        stop_causes.GRACE_EXPIRED,
+    }
+)
+"""Every value of the `cause` label."""
 
 
 class RuntimeMetrics:

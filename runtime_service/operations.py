@@ -213,12 +213,15 @@ class OperationsService:
         why = _bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = await self._record_stop(op_id, by, why)
+        cause = stop_causes.category(by, only_if_unwatched)
+        result = await self._record_stop(op_id, by, why, cause)
         if result is None:
             raise operation_not_found(op_id)
         return result
 
-    async def _record_stop(self, op_id: str, by: str, why: str) -> InterruptResult | None:
+    async def _record_stop(
+        self, op_id: str, by: str, why: str, cause: str
+    ) -> InterruptResult | None:
         """Record a stop, publish its events, and tell this replica's runner at once (another
         replica's runner hears of it by the stop's notification)."""
         result = await self.storage.record_stop(op_id, by, why)
@@ -228,7 +231,7 @@ class OperationsService:
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
-            self.runner.deliver_stop(op_id, committed if ours else None)
+            self.runner.deliver_stop(op_id, committed if ours else None, cause)
         return result
 
     async def stop_matching(
@@ -258,7 +261,9 @@ class OperationsService:
                         continue
                     if len(stopped) >= BULK_STOP_LIMIT:
                         return BulkStopped(tuple(stopped), limit_reached=True)
-                    result = await self._record_stop(operation.id, cause.requested_by, cause.reason)
+                    result = await self._record_stop(
+                        operation.id, cause.requested_by, cause.reason, cause.category
+                    )
                     if result is not None and result.outcome is InterruptOutcome.ACCEPTED:
                         stopped.append(operation.id)
                 if cursor is None:

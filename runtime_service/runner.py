@@ -69,7 +69,7 @@ class _Run:
     # For the metrics: when this runner learned of the stop (monotonic), what asked for it, and
     # the agent (once the run owns the operation).
     stop_learned: float | None = None
-    cause: str = metrics.CAUSE_REQUEST
+    cause: str = metrics.CAUSE_UNKNOWN
     agent: str = ""
 
 
@@ -147,7 +147,9 @@ class Runner:
         """Re-read stored stop intents now (after notifications may have been missed)."""
         self._wake_leases.set()
 
-    def deliver_stop(self, operation_id: str, seen_at: datetime | None = None) -> bool:
+    def deliver_stop(
+        self, operation_id: str, seen_at: datetime | None = None, cause: str | None = None
+    ) -> bool:
         """Wake the loop of an operation this runner runs; False if it runs nothing by that id
         (the stop is still recorded in storage, where the boundary check finds it).
 
@@ -158,7 +160,7 @@ class Runner:
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        self._stop(run, seen_at)
+        self._stop(run, seen_at, cause)
         return True
 
     def stop_notified(self, operation_id: str) -> None:
@@ -166,7 +168,12 @@ class Runner:
         self.deliver_stop(operation_id, datetime.now(UTC))
 
     @staticmethod
-    def _stop(run: _Run, seen_at: datetime | None) -> None:
+    def _stop(run: _Run, seen_at: datetime | None, cause: str | None = None) -> None:
+        """`cause`: the stop's metrics label, when known (runtime_service/metrics.py). It is
+        kept even when the stop arrived first without it (PostgreSQL's notification can beat the
+        recording call's own return by a moment)."""
+        if cause is not None and run.cause == metrics.CAUSE_UNKNOWN:
+            run.cause = cause
         if not run.stop.done():
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
@@ -303,7 +310,7 @@ class Runner:
                 run = self._runs.get(event.operation_id)
                 cause = metrics.CAUSE_NONE
                 if event.kind is EventKind.INTERRUPTED:
-                    cause = run.cause if run is not None else metrics.CAUSE_REQUEST
+                    cause = run.cause if run is not None else metrics.CAUSE_UNKNOWN
                 agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
                 meters.finished.labels(agent, event.kind.value, cause).inc()
             elif event.kind in metrics.TOOL_OUTCOMES:
@@ -475,9 +482,7 @@ class Runner:
             self._publish(list(result.events))
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else a stop came first
-            if ours and not run.stop.done():
-                run.cause = cause.category
-            self._stop(run, committed if ours else None)
+            self._stop(run, committed if ours else None, cause.category if ours else None)
 
     @staticmethod
     def _kept(op_id: str, ctx: StepContext) -> KeptState | None:

@@ -17,6 +17,8 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_service.server import RunningGateway, start_gateway
+from runtime_service import stop_causes
+from runtime_service.metrics import CAUSES
 from runtime_service.server import RunningRuntime, start_runtime
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -130,7 +132,7 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
     assert value(rt, "stopline_runtime_stop_step_cancelled_seconds_count") == 1
     assert value(rt, "stopline_runtime_stop_interrupted_seconds_count") == 1
     finished = "stopline_runtime_operations_finished_total"
-    labels = {"agent": "ticker", "status": "interrupted", "cause": "request"}
+    labels = {"agent": "ticker", "status": "interrupted", "cause": "user"}
     assert value(rt, finished, **labels) == 1
     assert value(rt, "stopline_runtime_operations_started_total", agent="ticker") == 1
     assert value(rt, "stopline_runtime_events_written_total", kind="interrupted") == 1
@@ -182,3 +184,43 @@ def test_a_metrics_address_must_be_host_and_port() -> None:
     for bad in ("9464", "host:", ":9464", "host:port"):
         with pytest.raises(ValueError, match="not host:port"):
             parse_address(bad)
+
+
+async def test_a_cancel_policy_stop_is_counted_with_the_client_gone_cause(
+    servers: tuple[RunningRuntime, RunningGateway],
+) -> None:
+    runtime, gateway = servers
+    async with gateway_channel(gateway.address, TOKEN) as channel:
+        stub: Any = pb_grpc.GatewayServiceStub(channel)
+        call = stub.StartAndStream(start_request("ticker", TICKER_30S))
+        await read_until(call, lambda u: kind(u) == "event:step_started")
+        call.cancel()  # the client leaves; the STOP policy stops its operation
+
+    finished = "stopline_runtime_operations_finished_total"
+    labels = {"agent": "ticker", "status": "interrupted", "cause": "client_gone"}
+
+    async def counted() -> list[Sample] | None:
+        samples = await scrape(runtime.metrics)
+        return samples if value(samples, finished, **labels) else None
+
+    samples = await eventually(counted)
+    assert value(samples, finished, **labels) == 1
+    causes = {s.labels["cause"] for s in samples if s.name == finished}
+    assert causes == {"client_gone"}
+    gw = await scrape(gateway.metrics)
+    # Nobody asked with StopOperation: the client's view of a stop is not measured.
+    assert value(gw, "stopline_gateway_stop_seen_by_client_seconds_count") == 0
+    assert value(gw, "stopline_gateway_stop_delivery_seconds_count", outcome="delivered") == 1
+
+
+def test_every_stop_category_is_a_declared_cause_label() -> None:
+    made = {
+        stop_causes.category("gateway", only_if_unwatched=True),
+        stop_causes.category("gateway", only_if_unwatched=False),
+        stop_causes.category("gateway (client ipv4:127.0.0.1:1)", only_if_unwatched=False),
+        stop_causes.deadline_exceeded(1.0).category,
+        stop_causes.step_budget_exhausted(3).category,
+        stop_causes.bulk_stop().category,
+    }
+    assert made == {"grace_expired", "client_gone", "user", "deadline", "step_budget", "bulk"}
+    assert made <= CAUSES
