@@ -56,6 +56,13 @@ class GatewayMetrics:
             "Client streams (StartAndStream, StreamOperation) open now.",
             registry=r,
         )
+        self.auth_failures = Counter(
+            "stopline_gateway_auth_failures",
+            "Calls refused for their credentials, by kind (no_credentials, api_key, "
+            "jwt_not_accepted, jwt_expired, jwt_invalid).",
+            ["kind"],
+            registry=r,
+        )
         self.delivery_calls = Counter(
             "stopline_gateway_stop_delivery_calls",
             "InterruptOperation calls sent to deliver stops (a retried or hedged delivery sends "
@@ -74,3 +81,6 @@ class GatewayMetrics:
 
     def count_open_streams(self, count: Callable[[], int]) -> None:
         self.open_streams.set_function(lambda: float(count()))
+
+    def count_auth_failure(self, kind: str) -> None:
+        self.auth_failures.labels(kind).inc()

@@ -66,6 +66,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         load_balancing=config.runtime_load_balancing,
     )
     gateway = Gateway(config, link)
+    authenticator.on_refused = gateway.metrics.count_auth_failure
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.

@@ -166,6 +166,12 @@ async def test_refused_and_unknown_calls_are_counted_with_bounded_labels(
     calls = "stopline_gateway_grpc_server_calls_total"
     method = f"{GATEWAY_SERVICE}/GetOperation"
     assert value(samples, calls, method=method, code="UNAUTHENTICATED") == 1
+    failures = "stopline_gateway_auth_failures_total"
+    assert value(samples, failures, kind="api_key") == 1
+    async with aio.insecure_channel(gateway.address) as bare:
+        with pytest.raises(aio.AioRpcError):
+            await pb_grpc.GatewayServiceStub(bare).GetOperation(pb.GetOperationRequest())
+    assert value(await scrape(gateway.metrics), failures, kind="no_credentials") == 1
     names = {s.labels.get("method") for s in samples if s.name == calls}
     assert not any(name and "NoSuchMethod" in name for name in names)
 
