@@ -9,7 +9,7 @@ UNAUTHENTICATED with a message that says what to fix, never which keys or princi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,12 +132,22 @@ class JwtVerifier:
         return subject
 
 
+# The kinds of refusal the gateway's metrics count (stopline_gateway_auth_failures_total).
+REFUSED_NO_CREDENTIALS = "no_credentials"  # no, several, or a malformed authorization entry
+REFUSED_API_KEY = "api_key"  # an API key (stl_...) this gateway does not have
+REFUSED_JWT_NOT_ACCEPTED = "jwt_not_accepted"  # not an API key, and no JWTs are configured
+REFUSED_JWT_EXPIRED = "jwt_expired"
+REFUSED_JWT_INVALID = "jwt_invalid"  # any other JWT problem (signature, issuer, audience, ...)
+
+
 @dataclass
 class Authenticator:
     """Turns a call's metadata into its principal; see the module docstring."""
 
     rings: Sequence[KeyRing] = field(default_factory=list)
     jwt: JwtVerifier | None = None
+    # Told the kind of each refusal (one of REFUSAL_KINDS): the gateway's metrics.
+    on_refused: Callable[[str], None] | None = None
 
     @classmethod
     def from_settings(cls, settings: AuthSettings) -> Authenticator:
@@ -159,7 +169,31 @@ class Authenticator:
         return cls(rings, verifier)
 
     def check(self, metadata: Metadata) -> str:
-        token = bearer_token(metadata)
+        try:
+            token = bearer_token(metadata)
+        except Unauthenticated:
+            self._refused(REFUSED_NO_CREDENTIALS)
+            raise
+        try:
+            return self._principal(token)
+        except Unauthenticated as exc:
+            self._refused(self._refusal_kind(token, exc))
+            raise
+
+    def _refused(self, kind: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(kind)
+
+    def _refusal_kind(self, token: str, exc: Unauthenticated) -> str:
+        if key_id_of(token) is not None:
+            return REFUSED_API_KEY
+        if self.jwt is None:
+            return REFUSED_JWT_NOT_ACCEPTED
+        if isinstance(exc.__cause__, jwt.ExpiredSignatureError):
+            return REFUSED_JWT_EXPIRED
+        return REFUSED_JWT_INVALID
+
+    def _principal(self, token: str) -> str:
         if key_id_of(token) is not None:
             for ring in self.rings:
                 try:

@@ -20,6 +20,7 @@ from stopline.cli_security import (
     service_tokens,
 )
 from stopline.limits import MAX_HOLD_SECONDS
+from stopline.metrics import metrics_address_option
 from stopline.transport import GATEWAY_ADDRESS_ENV, RUNTIME_ADDRESS_ENV, ClientTLS
 
 JWT_SECRET_ENV = "STOPLINE_JWT_HS256_SECRET"
@@ -188,6 +189,7 @@ def gateway() -> None:
 )
 @service_token_file_option
 @reflection_option
+@metrics_address_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
 def serve(
     address: str,
@@ -217,6 +219,7 @@ def serve(
     runtime_tls_key: str | None,
     service_token_file: str | None,
     reflection: bool,
+    metrics_address: str | None,
     log_level: str,
 ) -> None:
     """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT.
@@ -245,6 +248,7 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     config = GatewayConfig(
         address=address,
+        metrics_address=metrics_address,
         runtime_address=runtime_address,
         runtime_load_balancing=LoadBalancing(runtime_load_balancing),
         stop_ack_seconds=stop_ack_timeout,

@@ -22,6 +22,8 @@ from stopline.transport import (
 @dataclass(frozen=True)
 class GatewayConfig:
     address: str = DEFAULT_GATEWAY_ADDRESS
+    # host:port of the Prometheus metrics endpoint; None: not served.
+    metrics_address: str | None = None
     # One runtime, or several: `ipv4:10.0.0.5:50051,10.0.0.6:50051`, `dns:///runtimes:50051`.
     runtime_address: str = DEFAULT_RUNTIME_ADDRESS
     # How calls are spread over the runtime addresses. round_robin: the next replica each call

@@ -19,6 +19,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
 from gateway_service.follow import Follower
+from gateway_service.metrics import GatewayMetrics
 from gateway_service.ownership import OwnerCache
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from gateway_service.streams import (
@@ -128,14 +130,20 @@ class Gateway:
         self.config = config
         self.link = link
         self.streams = StreamRegistry()
+        self.metrics = GatewayMetrics()
         self.follower = Follower(
             link,
             self.streams,
             config.stream_idle_seconds,
             config.watch_reconnect_deadline_seconds,
+            on_stop_seen=self.metrics.client_stop.observe,
         )
+        self.metrics.count_open_streams(lambda: self.streams.open_count)
         self.deliverer = StopDeliverer(
-            link, config.stop_delivery_deadline_seconds, self._report_undelivered
+            link,
+            config.stop_delivery_deadline_seconds,
+            self._report_undelivered,
+            meters=self.metrics,
         )
         self._background: set[asyncio.Task[Any]] = set()
         self.stream_slots = StreamLimiter(config.max_streams, config.max_streams_per_principal)
@@ -349,6 +357,7 @@ class Gateway:
             raise InvalidArgument(
                 "reason", f"is {len(reason)} characters; the limit is {MAX_REASON}"
             )
+        began = time.monotonic()
         if idempotency_key:
             if operation_id:
                 raise InvalidArgument(
@@ -365,6 +374,8 @@ class Gateway:
             await self.owners.require(op_id, owner, self._fetch)
             delivery = self._request_stop(op_id, requested_by, reason, op_pb.STOP_CAUSE_USER)
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
+        delivered = delivery.state is DeliveryState.DELIVERED
+        self.metrics.stop_ack.labels(str(delivered).lower()).observe(time.monotonic() - began)
         if not delivery.done.done():
             return StopAnswer(delivered=False)
         if delivery.state is DeliveryState.DELIVERED:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
+from gateway_service.metrics import GatewayMetrics
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
 from stopline.grpc_status import UpstreamError
 from stopline.v1 import operation_pb2 as op_pb
@@ -78,7 +80,9 @@ class StopDeliverer:
         # frozen or cut off, and another replica is asked too.
         hedge_delay: float = 0.15,
         max_calls: int = 3,
+        meters: GatewayMetrics | None = None,
     ) -> None:
+        self.metrics = meters or GatewayMetrics()
         self._link = link
         self._deadline = deadline_seconds
         self._on_undelivered = on_undelivered
@@ -87,6 +91,7 @@ class StopDeliverer:
         self._hedge_delay = hedge_delay
         self._max_calls = max_calls
         self._pending: dict[str, StopDelivery] = {}
+        self.metrics.count_pending(self._pending.__len__)
 
     def deliver(
         self,
@@ -147,10 +152,13 @@ class StopDeliverer:
             retry=retry_if_exception(is_retryable),
             reraise=True,
         )
+        began = time.monotonic()
         try:
             async for attempt in retrying:
                 with attempt:
                     delivery.attempts += 1
+                    if delivery.attempts > 1:
+                        self.metrics.delivery_retries.inc()
                     delivery.response = await self._attempt(delivery)
             delivery.state = DeliveryState.DELIVERED
         except UpstreamError as exc:
@@ -168,6 +176,8 @@ class StopDeliverer:
             else:
                 delivery.state = DeliveryState.REJECTED
         finally:
+            outcome = delivery.state.value.lower()  # pending: the gateway closed first
+            self.metrics.delivery.labels(outcome).observe(time.monotonic() - began)
             if self._pending.get(delivery.target) is delivery:
                 del self._pending[delivery.target]
             if not delivery.done.done():
@@ -185,6 +195,7 @@ class StopDeliverer:
                 if sent < self._max_calls:
                     sent += 1
                     delivery.calls += 1
+                    self.metrics.delivery_calls.inc()
                     call = self._link.interrupt(delivery.request, self._attempt_timeout)
                     pending.add(asyncio.ensure_future(call))
                 done, pending = await asyncio.wait(

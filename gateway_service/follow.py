@@ -9,6 +9,7 @@ gateway's own notices (streams.py) reach the client through the same queue.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
@@ -16,7 +17,13 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
-from gateway_service.streams import EventItem, StreamEnd, StreamItem, StreamRegistry
+from gateway_service.streams import (
+    EventItem,
+    StopRequestedItem,
+    StreamEnd,
+    StreamItem,
+    StreamRegistry,
+)
 from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.grpc_status import UpstreamError
 from stopline.limits import idle_stream_error
@@ -47,8 +54,12 @@ class Follower:
         streams: StreamRegistry,
         idle_seconds: float,
         reconnect_deadline_seconds: float,
+        on_stop_seen: Callable[[float], None] | None = None,
     ) -> None:
         self.link = link
+        # Told, per stream, the seconds from a stop this gateway accepted to the terminal event
+        # forwarded after it (the metrics).
+        self.on_stop_seen = on_stop_seen
         self.streams = streams
         # 0: no idle limit.
         self.idle_seconds = idle_seconds
@@ -59,6 +70,7 @@ class Follower:
         event (or at once for an operation that had ended at `after_seq`)."""
         idle = self.idle_seconds or None
         cursor = after_seq
+        stop_at: float | None = None
         with self.streams.open(op_id) as stream:
             pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
             try:
@@ -73,9 +85,13 @@ class Follower:
                     if isinstance(item, BaseException):
                         raise item
                     yield item
+                    if isinstance(item, StopRequestedItem) and stop_at is None:
+                        stop_at = item.at
                     if isinstance(item, EventItem):
                         cursor = item.event.seq
                         if item.is_terminal:
+                            if stop_at is not None and self.on_stop_seen is not None:
+                                self.on_stop_seen(time.monotonic() - stop_at)
                             return
             finally:
                 pump.cancel()

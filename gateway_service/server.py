@@ -17,6 +17,7 @@ from gateway_service.runtime_link import RuntimeLink
 from gateway_service.servicer import GatewayServicer
 from stopline.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
 from stopline.grpc_status import MalformedRequestGuard
+from stopline.metrics import MetricsEndpoint, serve_metrics_at
 from stopline.serving import (
     add_health_and_reflection,
     bind,
@@ -36,6 +37,7 @@ class RunningGateway:
     health: HealthServicer
     gateway: Gateway
     readiness: asyncio.Task[None]
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -48,6 +50,8 @@ class RunningGateway:
         config_grace = self.gateway.config.shutdown_grace_seconds
         await self.server.stop(config_grace if grace is None else grace)
         await self.gateway.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def start_gateway(config: GatewayConfig) -> RunningGateway:
@@ -62,10 +66,15 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         load_balancing=config.runtime_load_balancing,
     )
     gateway = Gateway(config, link)
+    authenticator.on_refused = gateway.metrics.count_auth_failure
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
-        interceptors=[authenticator.interceptor(), MalformedRequestGuard()],
+        interceptors=[
+            gateway.metrics.grpc.interceptor(),  # first: counts the others' refusals too
+            authenticator.interceptor(),
+            MalformedRequestGuard(),
+        ],
     )
     gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(gateway), server)
     try:
@@ -82,9 +91,14 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         config.readiness_timeout_seconds,
     )
     await readiness.probe()  # the first answer before anyone can ask
+    try:
+        endpoint = serve_metrics_at(config.metrics_address, gateway.metrics.registry)
+    except OSError:
+        await gateway.close()
+        raise
     await server.start()
     task = asyncio.create_task(readiness.run(), name="readiness")
-    return RunningGateway(server, port, health, gateway, task)
+    return RunningGateway(server, port, health, gateway, task, endpoint)
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -95,4 +109,6 @@ async def serve(config: GatewayConfig) -> None:
         config.runtime_address,
         config.runtime_load_balancing.value,
     )
+    if running.metrics is not None:
+        log.info("gateway metrics on http://%s/metrics", config.metrics_address)
     await run_until_signal(running.stop)

@@ -8,9 +8,10 @@ at once, without waiting for the runtime.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.v1 import operation_pb2 as op_pb
@@ -29,6 +30,9 @@ class EventItem:
 class StopRequestedItem:
     requested_by: str
     reason: str
+    # When the gateway accepted the stop (monotonic): the client's view of the stop's duration
+    # runs from here to the terminal event forwarded on its stream (metrics).
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +62,17 @@ class ClientStream:
 class StreamRegistry:
     def __init__(self) -> None:
         self._streams: dict[str, set[ClientStream]] = {}
+        self.open_count = 0  # read by the metrics' scrape thread: an int, never the dict
 
     @contextmanager
     def open(self, operation_id: str) -> Iterator[ClientStream]:
         stream = ClientStream(operation_id)
         self._streams.setdefault(operation_id, set()).add(stream)
+        self.open_count += 1
         try:
             yield stream
         finally:
+            self.open_count -= 1
             streams = self._streams.get(operation_id)
             if streams is not None:
                 streams.discard(stream)

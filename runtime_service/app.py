@@ -9,6 +9,7 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
+from runtime_service.metrics import RuntimeMetrics
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
@@ -72,7 +73,7 @@ class RuntimeApp:
         # The one place that looks at the database's dialect: storage is chosen here, and with
         # it how replicas hear of each other (PostgreSQL notifications) or that there are none.
         storage: Storage = open_storage(db, config.database_url)
-        runner = Runner(storage, registry, hub, settings, toolbox)
+        runner = Runner(storage, registry, hub, settings, toolbox, RuntimeMetrics())
         operations = OperationsService(config, storage, registry, hub, runner)
         listener = None
 

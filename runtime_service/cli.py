@@ -25,6 +25,7 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
+from stopline.metrics import metrics_address_option
 from stopline.render import (
     EXIT_BY_TERMINAL_EVENT,
     LIST_LIMIT,
@@ -261,6 +262,7 @@ def _database_option(fn: Any) -> Any:
     "certificate. Anyone who can connect could then start, read and stop every operation.",
 )
 @reflection_option
+@metrics_address_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
 def serve(
     address: str,
@@ -295,6 +297,7 @@ def serve(
     tls_client_ca: str | None,
     insecure_allow_any_caller: bool,
     reflection: bool,
+    metrics_address: str | None,
     log_level: str,
 ) -> None:
     """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT.
@@ -318,6 +321,7 @@ def serve(
     )
     config = RuntimeConfig(
         address=address,
+        metrics_address=metrics_address,
         database_url=database_url,
         max_input_bytes=max_input_bytes,
         max_request_bytes=max_request_bytes,

@@ -58,6 +58,8 @@ class LLMSettings:
 @dataclass(frozen=True)
 class RuntimeConfig:
     address: str = DEFAULT_RUNTIME_ADDRESS
+    # host:port of the Prometheus metrics endpoint; None: not served.
+    metrics_address: str | None = None
     database_url: str = DEFAULT_DATABASE_URL
     # Largest accepted agent input, measured as its compact JSON encoding.
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES

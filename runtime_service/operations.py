@@ -253,7 +253,7 @@ class OperationsService:
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
-            self.runner.deliver_stop(op_id, committed if ours else None)
+            self.runner.deliver_stop(op_id, committed if ours else None, stop_causes.label(cause))
         return result
 
     async def stop_matching(

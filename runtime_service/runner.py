@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from runtime_service import stop_causes
+from runtime_service import metrics, stop_causes
 from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
@@ -65,6 +66,11 @@ class _Run:
     stop_seen_at: datetime | None = None
     # Stops the operation at its deadline (armed once the run owns it, see _arm_deadline).
     deadline: asyncio.Task[None] | None = field(default=None, repr=False)
+    # For the metrics: when this runner learned of the stop (monotonic), what asked for it, and
+    # the agent (once the run owns the operation).
+    stop_learned: float | None = None
+    cause: str = metrics.CAUSE_UNKNOWN
+    agent: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,9 @@ class Runner:
         hub: EventHub,
         settings: RunnerSettings,
         tools: ToolBox | None = None,
+        meters: metrics.RuntimeMetrics | None = None,
     ) -> None:
+        self.metrics = meters or metrics.RuntimeMetrics()
         self._storage = storage
         self._tools = tools or ToolBox(ToolRegistry.load(use_entry_points=False))
         self._agents = agents
@@ -110,6 +118,7 @@ class Runner:
         self._wake_leases = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._closed = False
+        self.metrics.count_running(self._runs.__len__)
 
     # ------------------------------------------------------------------ public
 
@@ -138,7 +147,9 @@ class Runner:
         """Re-read stored stop intents now (after notifications may have been missed)."""
         self._wake_leases.set()
 
-    def deliver_stop(self, operation_id: str, seen_at: datetime | None = None) -> bool:
+    def deliver_stop(
+        self, operation_id: str, seen_at: datetime | None = None, cause: str | None = None
+    ) -> bool:
         """Wake the loop of an operation this runner runs; False if it runs nothing by that id
         (the stop is still recorded in storage, where the boundary check finds it).
 
@@ -149,7 +160,7 @@ class Runner:
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        self._stop(run, seen_at)
+        self._stop(run, seen_at, cause)
         return True
 
     def stop_notified(self, operation_id: str) -> None:
@@ -157,8 +168,14 @@ class Runner:
         self.deliver_stop(operation_id, datetime.now(UTC))
 
     @staticmethod
-    def _stop(run: _Run, seen_at: datetime | None) -> None:
+    def _stop(run: _Run, seen_at: datetime | None, cause: str | None = None) -> None:
+        """`cause`: the stop's metrics label, when known (runtime_service/metrics.py). It is
+        kept even when the stop arrived first without it (PostgreSQL's notification can beat the
+        recording call's own return by a moment)."""
+        if cause is not None and run.cause == metrics.CAUSE_UNKNOWN:
+            run.cause = cause
         if not run.stop.done():
+            run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
 
@@ -280,7 +297,28 @@ class Runner:
             return
         if isinstance(events, Appended):
             events = events.event
-        self._hub.publish([events] if isinstance(events, Event) else events)
+        events = [events] if isinstance(events, Event) else events
+        self._count(events)
+        self._hub.publish(events)
+
+    def _count(self, events: list[Event]) -> None:
+        """Metrics of committed events: counter increments only (no I/O, no lock)."""
+        meters = self.metrics
+        for event in events:
+            meters.events.labels(event.kind.value).inc()
+            if event.is_terminal:
+                run = self._runs.get(event.operation_id)
+                cause = metrics.CAUSE_NONE
+                if event.kind is EventKind.INTERRUPTED:
+                    # The halt records the stop's cause; older stops have none.
+                    recorded = event.data.get("cause") if isinstance(event.data, dict) else None
+                    cause = stop_causes.label(recorded if isinstance(recorded, str) else None)
+                    if cause == stop_causes.CAUSE_UNKNOWN and run is not None:
+                        cause = run.cause
+                agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
+                meters.finished.labels(agent, event.kind.value, cause).inc()
+            elif event.kind in metrics.TOOL_OUTCOMES:
+                meters.tool_calls.labels(metrics.TOOL_OUTCOMES[event.kind]).inc()
 
     async def _run(self, run: _Run, claimed: Claimed | None) -> None:
         op_id = run.operation_id
@@ -301,6 +339,9 @@ class Runner:
             operation = claimed.operation
             self._arm_deadline(run, operation)
             agent = self._agents.get(operation.agent)
+            # Only registered names label the metrics: the set stays closed.
+            run.agent = operation.agent if agent is not None else metrics.AGENT_UNKNOWN
+            self.metrics.started.labels(run.agent).inc()
             if agent is None:
                 message = f"agent {shown(operation.agent)} is not registered with this runtime"
                 step = operation.steps_completed
@@ -357,12 +398,17 @@ class Runner:
             either: set[asyncio.Future[Any]] = {step_task, run.stop}
             if not self.settings.abort_mid_step:
                 either = {step_task}
+            step_began = time.monotonic()
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            self.metrics.steps.labels(run.agent).observe(time.monotonic() - step_began)
             if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
                 # Cut by the stop: still running, or ended by it (its output was refused, see
                 # _emit) or in its wake. A step that returned in time is checkpointed below.
                 if not step_task.done():
                     await self._cancel_step(op_id, step_task)
+                if run.stop_learned is not None:
+                    cancelled = time.monotonic() - run.stop_learned
+                    self.metrics.stop_to_cancelled.observe(cancelled)
                 # Deltas passed before the stop reached the step, then the calls it cut.
                 await events.close(stopping=True)
                 kept = self._kept(op_id, ctx)
@@ -442,7 +488,9 @@ class Runner:
             self._publish(list(result.events))
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else a stop came first
-            self._stop(run, committed if ours else None)
+            self._stop(
+                run, committed if ours else None, stop_causes.label(cause.cause) if ours else None
+            )
 
     @staticmethod
     def _kept(op_id: str, ctx: StepContext) -> KeptState | None:
@@ -494,7 +542,9 @@ class Runner:
     ) -> None:
         op_id = run.operation_id
         halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at, kept)
-        await self._write(op_id, halted)
+        written = await self._write(op_id, halted)
+        if written is not None and run.stop_learned is not None:
+            self.metrics.stop_to_interrupted.observe(time.monotonic() - run.stop_learned)
 
     async def _unknown_calls(self, op_id: str, step: int, started: Event) -> frozenset[str]:
         """The calls of `step`'s earlier attempts settled outcome unknown (StepContext
@@ -529,6 +579,7 @@ class Runner:
             deltas=self.settings.deltas,
             tools=self._tools,
             abort_mid_step=self.settings.abort_mid_step,
+            on_flush=self.metrics.deltas_per_event.observe,
         )
 
 

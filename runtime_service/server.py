@@ -15,6 +15,7 @@ from runtime_service.servicer import RuntimeServicer
 from runtime_service.trust import ServiceCredential, TrustConfigError
 from stopline.authn import AuthInterceptor
 from stopline.grpc_status import MalformedRequestGuard
+from stopline.metrics import MetricsEndpoint, serve_metrics_at
 from stopline.serving import (
     add_health_and_reflection,
     bind,
@@ -34,6 +35,7 @@ class RunningRuntime:
     port: int
     health: HealthServicer
     app: RuntimeApp
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -48,6 +50,8 @@ class RunningRuntime:
         await self.app.runner.shutdown()
         await self.server.stop(self.app.config.shutdown_grace_seconds if grace is None else grace)
         await self.app.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def caller_checks(config: RuntimeConfig) -> list[AuthInterceptor]:
@@ -73,7 +77,11 @@ async def start_runtime(
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
-        interceptors=[*interceptors, MalformedRequestGuard()],
+        interceptors=[
+            app.runner.metrics.grpc.interceptor(),  # first: counts the others' refusals too
+            *interceptors,
+            MalformedRequestGuard(),
+        ],
     )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
         RuntimeServicer(app.operations), server
@@ -84,8 +92,13 @@ async def start_runtime(
         await app.close()
         raise
     health = await add_health_and_reflection(server, [SERVICE_NAME], config.reflection)
+    try:
+        endpoint = serve_metrics_at(config.metrics_address, app.runner.metrics.registry)
+    except OSError:
+        await app.close()
+        raise
     await server.start()
-    return RunningRuntime(server, port, health, app)
+    return RunningRuntime(server, port, health, app, endpoint)
 
 
 async def serve(config: RuntimeConfig) -> None:
@@ -94,4 +107,6 @@ async def serve(config: RuntimeConfig) -> None:
     if config.allow_any_caller and not config.service_tokens:
         log.warning("INSECURE: serving any caller without a service credential (development only)")
     log.info("runtime listening on %s (database %s)", config.address, running.app.storage.dialect)
+    if running.metrics is not None:
+        log.info("runtime metrics on http://%s/metrics", config.metrics_address)
     await run_until_signal(running.stop)

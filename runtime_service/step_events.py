@@ -76,6 +76,8 @@ class StepEvents:
     tools: ToolBox
     # False: the stop-at-boundary mode, where the step runs to its end and keeps its output.
     abort_mid_step: bool = True
+    # Told how many delta() calls each text_delta event coalesced (the runtime's metrics).
+    on_flush: Callable[[int], None] | None = None
     _buffer: list[str] = field(default_factory=list)
     _buffered: int = 0
     _timer: asyncio.Task[None] | None = None
@@ -174,6 +176,8 @@ class StepEvents:
             if not self._buffer:
                 return
             text = "".join(self._buffer)
+            if self.on_flush is not None:
+                self.on_flush(len(self._buffer))
             self._buffer.clear()
             self._buffered = 0
             data: dict[str, JSONValue] = {"step": self.step, "text": text}

@@ -22,6 +22,21 @@ class RuntimeStop:
     cause: StopCause
 
 
+CAUSE_UNKNOWN = "unknown"
+"""The metrics label of a stop whose cause is not known (one recorded before causes existed)."""
+
+
+def label(cause: StopCause | str | None) -> str:
+    """A stop's cause as a metrics label (runtime_service/metrics.py): `user`, `client_gone`,
+    `deadline_exceeded`, ...; `unknown` without one."""
+    if cause is None:
+        return CAUSE_UNKNOWN
+    try:
+        return StopCause(cause).value.lower()
+    except ValueError:
+        return CAUSE_UNKNOWN
+
+
 def _ms(seconds: float) -> str:
     return f"{round(seconds * 1000.0, 3):g} ms"
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from fake_llm.server import FakeLLM
     from gateway_service.server import RunningGateway
     from runtime_service.server import RunningRuntime
+    from stopline.metrics import MetricsEndpoint
 
 DEV_TOKEN_FILE = Path(".stopline") / "dev-token"
 DEMO_TOKENS_PER_SECOND = 15.0
@@ -146,6 +147,13 @@ def _report_model_stream(fake: FakeLLM, ctrl_c_at: float) -> None:
         )
 
 
+DEV_METRICS_ADDRESS = "127.0.0.1:0"
+
+
+def _metrics_url(endpoint: MetricsEndpoint | None) -> str:
+    return "off" if endpoint is None else f"http://127.0.0.1:{endpoint.port}/metrics"
+
+
 def _dialable(address: str, port: int) -> str:
     """Where the gateway reaches the runtime: the listening host with the port actually bound
     (the configured one may be 0)."""
@@ -187,6 +195,8 @@ async def run_dev(
         runtime_config = replace(
             runtime_config,
             service_tokens=(service_token,),
+            # Metrics on in development, each on a free port (printed below).
+            metrics_address=runtime_config.metrics_address or DEV_METRICS_ADDRESS,
             llm=replace(runtime_config.llm, base_url=fake_url, model="fake-model"),
         )
         runtime = await start_runtime(runtime_config)
@@ -197,12 +207,17 @@ async def run_dev(
                 runtime_address=runtime_address,
                 auth=AuthSettings(keys=(key,)),
                 service_token=service_token,
+                metrics_address=DEV_METRICS_ADDRESS,
             )
         )
         served_gateway = _dialable(gateway_address, gateway.port)
         click.echo(f"runtime serving on {runtime_address} (database {runtime_config.database_url})")
         click.echo(f"gateway serving on {served_gateway} (runtime {runtime_address})")
         click.echo(f"local model server (fake_llm) on {fake_url}, the llm agent's provider")
+        click.echo(
+            f"Prometheus metrics: runtime {_metrics_url(runtime.metrics)}, "
+            f"gateway {_metrics_url(gateway.metrics)}"
+        )
         click.echo(
             f"development API key (principal dev; also in {DEV_TOKEN_FILE}):\n"
             f"  export {TOKEN_ENV}={token}\n"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -175,6 +177,11 @@ def test_dev_demo_stops_on_ctrl_c_mid_token_and_reports_halt_time(tmp_path: Path
         answer_line = text[text.index("   Hello!") + 3 : text.index("stopping…")].strip()
         assert DEMO_INTRO.startswith(answer_line) and len(answer_line) < len(DEMO_INTRO)
         assert "tool call" not in text
+        # Metrics are on in development, each on a port of its own printed at start-up.
+        urls = re.findall(r"(?:runtime|gateway) (http://\S+/metrics)", before)
+        assert len(urls) == 2
+        with urllib.request.urlopen(urls[0], timeout=10) as scraped:
+            assert b"stopline_runtime_stop_interrupted_seconds_count 1.0" in scraped.read()
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=20) == 0
         assert (tmp_path / ".stopline" / "runtime.db").exists()
