@@ -1,6 +1,7 @@
 """`stopline fake-llm`: the project's local OpenAI-compatible server (fake_llm), for trying the
 `llm` agent, its stops and its tool calls without a provider account. A thin wrapper over
-`python -m fake_llm`, which has the same options."""
+`python -m fake_llm` with its everyday options; the module alone has `--model` (names listed by
+/v1/models) and the benchmarks' `--stamp-tokens`."""
 
 from __future__ import annotations
 

@@ -2,11 +2,15 @@
 
 Imported on the agent's first step, not at start-up (the SDK takes a third of a second to import).
 
-Cancellation: the stream is iterated inside `async with stream:`, so a stop that cancels the step
-closes the HTTP response wherever the task is waiting: inside the SDK's read (httpcore closes the
-unfinished exchange's connection instead of pooling it) or in the agent's own `ctx.delta` await
-(the `async with` exit closes it). The provider sees the connection close at once; see
-fake_llm/server.py's docstring for how the SDK behaves underneath.
+The stream is read raw (`with_streaming_response`, SSE `data:` lines parsed with `json.loads`),
+not as the SDK's typed chunks, which cost most of the runtime's CPU under load (BENCHMARKS.md,
+issue 13); the SDK still builds the request, authenticates, retries and maps HTTP errors.
+
+Cancellation: the stream is read inside `async with` blocks that close the HTTP response, so a
+stop that cancels the step closes it wherever the task is waiting: inside the read (httpcore
+closes the unfinished exchange's connection instead of pooling it) or in the agent's own
+`ctx.delta` await (the `async with` exit closes it). The provider sees the connection close at
+once; see fake_llm/server.py's docstring for how the HTTP client behaves underneath.
 
 Provider errors become `ProviderError` with a message in the operator's terms (the provider's
 own message, never a Python repr or traceback); the agent turns it into StepFailed. 429, 5xx and
@@ -16,15 +20,19 @@ failed connections are retried by the SDK first (`LLMSettings.max_retries`, with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import httpx2
 import openai
 from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from runtime_service.config import LLM_API_KEY_ENV, LLMSettings
+from stopline.json_values import shown
 
 # Sent when no key is configured: the SDK insists on one, local servers ignore it, and a real
 # provider answers 401, which the step reports together with how to configure a key.
@@ -125,38 +133,32 @@ class Provider:
         texts: list[str] = []
         started = False
         try:
-            stream = await self.client().chat.completions.create(
+            request = self.client().chat.completions.with_streaming_response.create(
                 model=model,
                 messages=cast(list[ChatCompletionMessageParam], messages),
                 tools=cast(list[ChatCompletionToolParam], list(tools)) if tools else omit,
                 temperature=omit if temperature is None else temperature,
                 stream=True,
             )
-            started = True
-            async with stream:
+            async with (
+                request as response,
+                contextlib.aclosing(_chunks(response.http_response)) as stream,
+            ):
+                started = True
                 async for chunk in stream:
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    delta = choice.delta
-                    if delta.content:
-                        texts.append(delta.content)
-                        await on_text(delta.content)
-                    for tc in delta.tool_calls or ():
-                        fn = tc.function
-                        calls.add(
-                            tc.index, tc.id, fn.name if fn else None, fn.arguments if fn else None
-                        )
-                    if choice.finish_reason:
-                        answer.finish_reason = choice.finish_reason
+                    content, finish_reason = _read_chunk(chunk, calls)
+                    if content:
+                        texts.append(content)
+                        await on_text(content)
+                    if finish_reason:
+                        answer.finish_reason = finish_reason
         except openai.APIStatusError as exc:
             raise ProviderError(self._status_failure(exc)) from None
         except openai.APIConnectionError as exc:
             raise ProviderError(self._connection_failure(exc, started, texts)) from None
-        except openai.APIError as exc:  # an error event in the stream
+        except _StreamBroken as exc:
             raise ProviderError(
-                f"the model provider's stream broke after {_received(texts)}: it sent an error: "
-                f"{_provider_message(exc)}"
+                f"the model provider's stream broke after {_received(texts)}: {exc}"
             ) from None
         except openai.OpenAIError as exc:
             raise ProviderError(f"the model provider call failed: {exc}") from None
@@ -206,6 +208,121 @@ class Provider:
             f"could not reach the model provider at {self.settings.base_url}: the connection "
             f"{timed_out} (retried up to {self.settings.max_retries} times; {why})"
         )
+
+
+class _StreamBroken(Exception):
+    """The answer's stream failed after it began; the message says how, after "broke after N
+    characters of the answer: "."""
+
+
+# After `data: [DONE]` the rest of the body (normally just its end) is read for at most this
+# long, so the connection goes back to the pool (as the SDK's own stream does).
+_DRAIN_SECONDS = 0.1
+
+
+async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:
+    """The stream's chunks as plain JSON objects, read from the raw server-sent events.
+
+    Why not the SDK's typed stream: it builds a pydantic `ChatCompletionChunk` for every token,
+    which cost most of the runtime's CPU under load (BENCHMARKS.md, issue 13); the request, its
+    retries and the HTTP status errors still go through the SDK. What the SDK's stream also did
+    is done here: events end at a blank line (CR, LF or CRLF, split anywhere across reads),
+    `data: [DONE]` ends the stream, and an event whose JSON holds `error` is the provider's
+    error in the stream. Transport failures while reading become `_StreamBroken`.
+    """
+    body = response.aiter_bytes()
+    pending = b""  # the last line's start, until its end arrives
+    skip_lf = False  # the last read ended with CR: a LF first in the next one ends no line
+    data: list[bytes] = []
+    try:
+        async for received in body:
+            if skip_lf:
+                skip_lf = False
+                if received.startswith(b"\n"):
+                    received = received[1:]
+            pending += received
+            if not pending:
+                continue
+            lines = pending.splitlines()
+            last = pending[-1]
+            skip_lf = last == 13
+            pending = b"" if last == 10 or skip_lf else lines.pop()
+            for line in lines:
+                if line:
+                    if line.startswith(b"data:"):
+                        value = line[5:]
+                        data.append(value[1:] if value.startswith(b" ") else value)
+                    continue  # comments, `event:`, `id:`, `retry:`: nothing the answer needs
+                if not data:
+                    continue
+                event = b"\n".join(data)
+                data = []
+                if event.startswith(b"[DONE]"):
+                    await _drain(body)
+                    return
+                yield _event_json(event)
+    except httpx2.TimeoutException as exc:
+        raise _StreamBroken(f"the connection timed out ({type(exc).__name__}: {exc})") from None
+    except httpx2.RequestError as exc:
+        raise _StreamBroken(_lost(exc)) from None
+    finally:
+        await body.aclose()
+    # The body ended: an event not closed by a blank line still counts (as in the SDK).
+    for line in pending.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+    if data and not data[0].startswith(b"[DONE]"):
+        yield _event_json(b"\n".join(data))
+
+
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    with contextlib.suppress(TimeoutError, httpx2.RequestError):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in body:
+                pass
+
+
+def _lost(exc: Exception) -> str:
+    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"the connection was lost ({why})"
+
+
+def _event_json(event: bytes) -> dict[str, Any]:
+    try:
+        chunk = json.loads(event)
+    except ValueError:
+        text = event.decode(errors="replace")
+        raise _StreamBroken(f"it sent an event that is not JSON: {shown(text, 200)}") from None
+    if not isinstance(chunk, dict):
+        raise _StreamBroken(f"it sent an event that is not a JSON object: {shown(chunk)}")
+    error = chunk.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str) or not message:
+            message = shown(error) if not isinstance(error, dict) else "no message"
+        raise _StreamBroken(f"it sent an error: {message}")
+    return chunk
+
+
+def _read_chunk(chunk: dict[str, Any], calls: _CallAssembler) -> tuple[str | None, str | None]:
+    """A chunk's text and finish reason; its tool-call pieces go to `calls`."""
+    choices = chunk.get("choices")
+    if not choices:
+        return None, None  # e.g. the usage chunk
+    try:
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        for tc in delta.get("tool_calls") or ():
+            fn = tc.get("function") or {}
+            calls.add(tc["index"], tc.get("id"), fn.get("name"), fn.get("arguments"))
+        finish_reason = choice.get("finish_reason")
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise _StreamBroken(f"it sent a malformed chunk: {shown(chunk)}") from None
+    if content is not None and not isinstance(content, str):
+        raise _StreamBroken(f"it sent a malformed chunk: {shown(chunk)}")
+    return content, finish_reason if isinstance(finish_reason, str) else None
 
 
 def _received(texts: list[str]) -> str:
