@@ -37,11 +37,24 @@ def table(results: dict[str, Any]) -> str:
                         f"{'':>9}  events/s; raw {d['raw_baseline']['events_per_second']:.0f}; "
                         f"ratio {d['ratio']:.2f}"
                     )
+            elif name == "start_latency":
+                s, h = data["first_step_ms"], data["stop_halt_1s_ms"]
+                lines.append(
+                    f"{'start -> first step_started':<44} {_fmt(s['median']):>9} "
+                    f"{_fmt(s['p99']):>9}  ms (n={s['n']}); stop halt 1 s "
+                    f"{_fmt(h['median'])} ms; ratio {data['ratio_to_stop_halt']:.2f}"
+                )
             elif name == "early_stop":
                 lines.append(
-                    f"{'early stop':<44} {data['operations_with_a_step_started']:>9} {'':>9}  "
-                    f"operations with a step started, of {data['trials']}"
+                    f"{'early stop (by key)':<44} {data['operations_with_a_step_started']:>9} "
+                    f"{'':>9}  operations with a step started, of {data['trials']}"
                 )
+                for delay, row in data.get("by_delay", {}).items():
+                    lines.append(
+                        f"{'  stop by key ' + delay + ' after the start call':<44} "
+                        f"{row['operations_with_a_step_started']:>9} {'':>9}  of {row['trials']} "
+                        f"(recorded ahead {row['recorded_ahead']})"
+                    )
             elif name == "concurrency":
                 wall = data["wall_seconds"]
                 each = ", ".join(f"{w:.2f}" for w in data.get("wall_seconds_each", [wall]))

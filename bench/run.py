@@ -83,6 +83,7 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
 
 SCENARIOS: tuple[str, ...] = (
     "stop",
+    "start_latency",
     "early_stop",
     "per_step",
     "streaming",
@@ -105,6 +106,15 @@ async def stopline_suite(
         if "stop" in only:
             for step, n in trials.items():
                 out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
+        if "start_latency" in only:
+            # Compared in the same run with stop-to-halt at 1 s steps (issue 14: <= 1.2x).
+            start = await scenarios.start_latency(stack, 10 if quick else 50)
+            stop = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
+            start["stop_halt_1s_ms"] = stop["halt_ms"]
+            start["ratio_to_stop_halt"] = (
+                start["first_step_ms"]["median"] / stop["halt_ms"]["median"]
+            )
+            out["start_latency"] = start
         if "early_stop" in only:
             out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
         if "per_step" in only:

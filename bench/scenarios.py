@@ -6,6 +6,7 @@ import asyncio
 import random
 import statistics
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import struct_pb2
@@ -113,27 +114,72 @@ async def stop_latency(
     }
 
 
-async def early_stop(stack: Stack, trials: int) -> dict[str, Any]:
-    """Stop as soon as the client holds the operation id: did any step start?"""
+async def start_latency(stack: Stack, trials: int) -> dict[str, Any]:
+    """The StartAndStream call -> the first `step_started` event received on the client's stream:
+    what a start costs before any work begins (issue 14 removed the gateway's release delay)."""
     clients = Clients(stack)
-    started = 0
+    first_step: list[float] = []
     try:
         for _ in range(trials):
-            call = clients.gateways[0].StartAndStream(_start("ticker", steps=2, step_seconds=1))
-            updates = aiter(call)
-            op_id = (await anext(updates)).accepted.operation_id
-            await clients.gateways[0].StopOperation(gw.StopOperationRequest(operation_id=op_id))
-            async for update in updates:
+            began = time.perf_counter()
+            call = clients.gateways[0].StartAndStream(_start("ticker", steps=1, step_seconds=0.01))
+            async for update in call:
                 if (
                     update.WhichOneof("update") == "event"
                     and update.event.WhichOneof("kind") == "step_started"
                 ):
-                    started += 1
+                    first_step.append((time.perf_counter() - began) * ms)
                 if _is_terminal(update):
                     break
     finally:
         await clients.close()
-    return {"trials": trials, "operations_with_a_step_started": started}
+    return {"first_step_ms": summary(first_step), "trials": trials}
+
+
+EARLY_STOP_DELAYS_MS = (0.0, 1.0, 5.0)
+
+
+async def early_stop(
+    stack: Stack, trials: int, delays_ms: tuple[float, ...] = EARLY_STOP_DELAYS_MS
+) -> dict[str, Any]:
+    """Stop BY KEY 0, 1 or 5 ms after the start call is made, before its answer: did any step
+    start? With stops by key there is no window in which the client cannot stop (issue 14)."""
+    clients = Clients(stack)
+    by_delay: dict[str, dict[str, int]] = {}
+    started = 0
+    try:
+        for delay in delays_ms:
+            row = {"trials": trials, "operations_with_a_step_started": 0, "recorded_ahead": 0}
+            for _ in range(trials):
+                key = f"bench-early-{uuid.uuid4()}"
+                request = _start("ticker", steps=2, step_seconds=1)
+                request.idempotency_key = key
+                call = clients.gateways[0].StartAndStream(request)
+                if delay:
+                    await asyncio.sleep(delay / ms)
+                answer = await clients.gateways[0].StopOperation(
+                    gw.StopOperationRequest(idempotency_key=key, reason="bench")
+                )
+                if answer.outcome == rt.INTERRUPT_OUTCOME_RECORDED_AHEAD:
+                    row["recorded_ahead"] += 1
+                async for update in call:
+                    if (
+                        update.WhichOneof("update") == "event"
+                        and update.event.WhichOneof("kind") == "step_started"
+                    ):
+                        row["operations_with_a_step_started"] += 1
+                    if _is_terminal(update):
+                        break
+                call.cancel()
+            by_delay[f"{delay:g}ms"] = row
+            started += row["operations_with_a_step_started"]
+    finally:
+        await clients.close()
+    return {
+        "trials": trials * len(delays_ms),
+        "operations_with_a_step_started": started,
+        "by_delay": by_delay,
+    }
 
 
 async def per_step_overhead(stack: Stack, steps: int = 1000, repeats: int = 3) -> dict[str, Any]:

@@ -12,13 +12,14 @@ from bench.stack import Stack
 async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     with Stack("sqlite", tmp_path) as stack:
         stop = await scenarios.stop_latency(stack, 0.05, trials=2)
-        early = await scenarios.early_stop(stack, trials=2)
+        early = await scenarios.early_stop(stack, trials=2, delays_ms=(0.0,))
+        start = await scenarios.start_latency(stack, trials=2)
         steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
     assert stop["halt_ms"]["n"] == 2 and stop["mid_step"] >= 1
-    # early_stop stops *by id* once the id arrived; since issue 14 the gateway releases a start
-    # with no window, so a step may begin first (a stop with no step is a stop by key: see
-    # tests/test_stop_by_key.py). The scenario is to move to stops by key (bench/ owns it).
-    assert early["trials"] == 2
+    # early_stop stops by key right after the start call is made, before its answer (issue 14):
+    # no step may run. (Later delays are for bench/: by then the start may have been answered.)
+    assert early["trials"] == 2 and early["operations_with_a_step_started"] == 0
+    assert start["first_step_ms"]["n"] == 2
     assert steps["runtime_ms_per_step"]["median"] > 0
     text = table(
         {
