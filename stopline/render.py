@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from stopline.events import EventKind
@@ -160,6 +161,11 @@ def describe_operation(operation: op_pb.Operation) -> str:
         f"{operation.id}  {status_name(operation.status):<11}  {operation.agent:<10}  "
         f"steps={operation.steps_completed}  events={operation.last_seq}"
     )
+    if operation.HasField("deadline_time"):
+        deadline = operation.deadline_time.ToDatetime(tzinfo=UTC)
+        line += f"  deadline={deadline.isoformat(timespec='seconds')}"
+    if operation.max_steps:
+        line += f"  max_steps={operation.max_steps}"
     if operation.HasField("stop_request"):
         line += _cause(operation.stop_request.cause, "  stop=")
     if operation.error:

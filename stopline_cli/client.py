@@ -382,6 +382,8 @@ def _start_request(
     on_cancel: str | None,
     grace: float | None,
     detach: bool,
+    deadline: float | None = None,
+    max_steps: int | None = None,
 ) -> pb.StartAndStreamRequest:
     if grace is not None and on_cancel != "grace":
         raise click.UsageError("--grace only applies with --on-cancel grace")
@@ -397,6 +399,10 @@ def _start_request(
     request.input.update(input_value)
     if grace is not None:
         request.cancel_grace.CopyFrom(_duration(grace))
+    if deadline is not None:
+        request.deadline.CopyFrom(_duration(deadline))
+    if max_steps is not None:
+        request.max_steps = max_steps
     return request
 
 
@@ -426,6 +432,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     help="Seconds for --on-cancel grace (the gateway's default when omitted).",
 )
 @click.option("--detach", is_flag=True, help="Start, print the id, and leave it running.")
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds of wall time after which the runtime stops the operation (the runtime's "
+    "default when omitted).",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The most steps the operation may run (the runtime's default when omitted).",
+)
 def run(
     target: Target,
     as_json: bool,
@@ -435,11 +454,15 @@ def run(
     on_cancel: str | None,
     grace: float | None,
     detach: bool,
+    deadline: float | None,
+    max_steps: int | None,
 ) -> None:
     """Start an operation of AGENT and stream it; Ctrl-C stops it (twice: leave at once)."""
     # Always a key: a Ctrl-C during the start stops by it (see Follower).
     key = idempotency_key or f"cli-{uuid.uuid4()}"
-    request = _start_request(agent, _parse_input(input_json), key, on_cancel, grace, detach)
+    request = _start_request(
+        agent, _parse_input(input_json), key, on_cancel, grace, detach, deadline, max_steps
+    )
 
     async def session() -> int:
         async with connect(target) as channel:
@@ -488,11 +511,20 @@ async def _unary(target: Target, call: Callable[[pb_grpc.GatewayServiceAsyncStub
 @click.command()
 @_gateway_option
 @_json_flag
-@click.argument("operation_id")
+@click.argument("operation_id", required=False, default="")
+@click.option(
+    "--key",
+    default="",
+    help="Stop the operation started with this idempotency key instead of by id; works before "
+    "the start is answered, or sent (the stop is then recorded ahead of it).",
+)
 @click.option("--reason", default="stopped from the command line", show_default=True)
-def stop(target: Target, as_json: bool, operation_id: str, reason: str) -> None:
-    """Stop an operation; answers without waiting for the step in flight."""
-    request = pb.StopOperationRequest(operation_id=operation_id, reason=reason)
+def stop(target: Target, as_json: bool, operation_id: str, key: str, reason: str) -> None:
+    """Stop an operation (OPERATION_ID or --key); answers without waiting for the step in
+    flight."""
+    if bool(operation_id) == bool(key):
+        raise click.UsageError("give exactly one of OPERATION_ID and --key")
+    request = pb.StopOperationRequest(operation_id=operation_id, idempotency_key=key, reason=reason)
     response: pb.StopOperationResponse = asyncio.run(
         _unary(target, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT))
     )
@@ -500,9 +532,14 @@ def stop(target: Target, as_json: bool, operation_id: str, reason: str) -> None:
         click.echo(to_json(response))
     elif response.delivery == pb.STOP_DELIVERY_PENDING:
         click.echo("stop accepted; still being delivered to the runtime")
+    elif response.outcome == rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD:
+        click.echo("stop recorded ahead: a start with this key will not run a step")
     else:
         outcome = rt_pb.InterruptOutcome.Name(response.outcome).removeprefix("INTERRUPT_OUTCOME_")
-        click.echo(f"stop delivered: {outcome} ({status_name(response.operation.status)})")
+        if response.HasField("operation"):
+            click.echo(f"stop delivered: {outcome} ({status_name(response.operation.status)})")
+        else:  # stopped by key before the start: nothing to show but the tombstone
+            click.echo(f"stop delivered: {outcome} (no operation with this key yet)")
 
 
 @click.command("ls")

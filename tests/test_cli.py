@@ -305,3 +305,50 @@ def test_attach_after_the_last_event_of_a_finished_operation_ends_at_once(
     assert attach.stdout.strip() == (
         f"operation {operation_id} COMPLETED; no events after seq {last_seq}"
     )
+
+
+def test_run_passes_deadline_and_max_steps_and_show_and_ls_display_them(
+    services: Services,
+) -> None:
+    ticker = json.dumps({"steps": 5, "step_seconds": 0})
+    done = services.run(
+        "run", "ticker", "--input", ticker, "--deadline", "600", "--max-steps", "2", "--json"
+    )
+    first = json.loads(done.stdout.splitlines()[0])
+    operation_id = first["accepted"]["operation_id"]
+    operation = services.wait_for(
+        operation_id, lambda o: o.status != op_pb.OPERATION_STATUS_RUNNING
+    )
+    # The budget of 2 stopped a 5-step ticker; the deadline is the start plus 600 s.
+    assert operation.max_steps == 2 and operation.steps_completed == 2
+    assert operation.HasField("deadline_time")
+    shown = services.run("show", operation_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "max_steps=2" in shown.stdout and "deadline=" in shown.stdout
+    listed = services.run("ls", "--limit", "50")
+    line = next(line for line in listed.stdout.splitlines() if line.startswith(operation_id))
+    assert "max_steps=2" in line and "deadline=" in line
+    plain = services.run("run", "ticker", "--input", json.dumps({"steps": 1, "step_seconds": 0}))
+    plain_id = plain.stdout.split()[1]
+    assert "max_steps=" not in services.run("show", plain_id).stdout
+
+
+def test_stop_by_key_before_the_start_records_it_ahead(services: Services) -> None:
+    key = f"cli-test-{uuid.uuid4()}"
+    stopped = services.run("stop", "--key", key, "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["outcome"] == "INTERRUPT_OUTCOME_RECORDED_AHEAD"
+    again = services.run("stop", "--key", key).stdout
+    assert again.startswith("stop delivered: ALREADY_REQUESTED (no operation with this key yet")
+    fresh = services.run("stop", "--key", f"cli-test-{uuid.uuid4()}").stdout
+    assert "recorded ahead" in fresh
+    run = services.run("run", "ticker", "--input", LONG_TICKER, "--idempotency-key", key)
+    assert "tick 0" not in run.stdout and "INTERRUPTED before step 0" in run.stdout
+    operation_id = run.stdout.split()[1]
+    operation = services.get(operation_id)
+    assert operation.status == op_pb.OPERATION_STATUS_INTERRUPTED
+    assert operation.steps_completed == 0
+    neither = services.run("stop")
+    both = services.run("stop", operation_id, "--key", key)
+    assert neither.returncode != 0 and both.returncode != 0
+    assert "exactly one of OPERATION_ID and --key" in both.stderr
