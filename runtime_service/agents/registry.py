@@ -8,15 +8,14 @@ arbitrary code.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Collection, Iterable, Mapping
-from importlib.metadata import entry_points
 from typing import Any
 
 from runtime_service.agents.base import Agent
 from runtime_service.agents.builtin import EchoAgent, TickerAgent
 from runtime_service.agents.llm import LLMAgent
 from runtime_service.config import LLMSettings
+from runtime_service.plugins import import_plugin, load_plugins
 
 ENTRY_POINT_GROUP = "stopline.agents"
 
@@ -36,16 +35,7 @@ def _instantiate(obj: Any, origin: str) -> Agent:
 
 def import_agent(spec: str) -> Agent:
     """Load `package.module:attr` (a class, which is instantiated, or an agent object)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise AgentLoadError(f"agent spec {spec!r} must look like package.module:attr")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise AgentLoadError(f"cannot load agent {spec!r}: {exc}") from exc
-    return _instantiate(obj, spec)
+    return import_plugin(spec, "agent", _instantiate, AgentLoadError)
 
 
 class AgentRegistry:
@@ -70,22 +60,17 @@ class AgentRegistry:
             "ticker": TickerAgent(),
             "llm": LLMAgent(llm, tool_names),
         }
-        if use_entry_points:
-            for ep in entry_points(group=ENTRY_POINT_GROUP):
-                try:
-                    agents[ep.name] = _instantiate(ep.load(), f"entry point {ep.name}={ep.value}")
-                except Exception as exc:
-                    raise AgentLoadError(
-                        f"cannot load entry point {ep.name}={ep.value}: {exc}"
-                    ) from exc
-        for spec in specs:
-            name, sep, target = spec.partition("=")
-            if not sep or not name.strip():
-                raise AgentLoadError(
-                    f"agent option {spec!r} must look like name=package.module:attr"
-                )
-            agents[name.strip()] = import_agent(target.strip())
-        return cls(agents)
+        return cls(
+            load_plugins(
+                agents,
+                ENTRY_POINT_GROUP,
+                specs,
+                "agent",
+                _instantiate,
+                AgentLoadError,
+                use_entry_points,
+            )
+        )
 
     def get(self, name: str) -> Agent | None:
         return self._agents.get(name)

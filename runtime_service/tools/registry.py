@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -14,6 +12,7 @@ from jsonschema.exceptions import SchemaError
 
 from runtime_service.agents.base import ToolSpec
 from runtime_service.config import DEFAULT_PYTHON_TOOL_MAX_SECONDS
+from runtime_service.plugins import import_plugin, load_plugins
 from runtime_service.tools.base import Tool
 from runtime_service.tools.builtin import PythonTool, SleepTool
 from stopline.json_values import shown
@@ -42,16 +41,7 @@ def _instantiate(obj: Any, origin: str) -> Tool:
 
 def import_tool(spec: str) -> Tool:
     """Load `package.module:attr` (a Tool subclass, which is instantiated, or a Tool)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ToolLoadError(f"tool spec {spec!r} must look like package.module:attr")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ToolLoadError(f"cannot load tool {spec!r}: {exc}") from exc
-    return _instantiate(obj, spec)
+    return import_plugin(spec, "tool", _instantiate, ToolLoadError)
 
 
 class ToolRegistry:
@@ -71,20 +61,17 @@ class ToolRegistry:
             "python": PythonTool(python_max_seconds),
             "sleep": SleepTool(),
         }
-        if use_entry_points:
-            for ep in entry_points(group=ENTRY_POINT_GROUP):
-                try:
-                    tools[ep.name] = _instantiate(ep.load(), f"entry point {ep.name}={ep.value}")
-                except Exception as exc:
-                    raise ToolLoadError(
-                        f"cannot load entry point {ep.name}={ep.value}: {exc}"
-                    ) from exc
-        for spec in specs:
-            name, sep, target = spec.partition("=")
-            if not sep or not name.strip():
-                raise ToolLoadError(f"tool option {spec!r} must look like name=package.module:attr")
-            tools[name.strip()] = import_tool(target.strip())
-        return cls(tools)
+        return cls(
+            load_plugins(
+                tools,
+                ENTRY_POINT_GROUP,
+                specs,
+                "tool",
+                _instantiate,
+                ToolLoadError,
+                use_entry_points,
+            )
+        )
 
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
