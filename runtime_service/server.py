@@ -77,8 +77,9 @@ async def start_runtime(
     server = aio.server(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
+        # The metrics interceptor only when metrics are served (see the gateway's server.py).
         interceptors=[
-            app.runner.metrics.grpc.interceptor(),  # first: counts the others' refusals too
+            *([app.runner.metrics.grpc.interceptor()] if config.metrics_address else []),
             *interceptors,
             MalformedRequestGuard(),
         ],
