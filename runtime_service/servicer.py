@@ -65,12 +65,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.ListOperationsRequest,
         context: aio.ServicerContext[pb.ListOperationsRequest, pb.ListOperationsResponse],
     ) -> pb.ListOperationsResponse:
-        try:
-            status = convert.status_filter(request.status)
-        except KeyError:
-            raise InvalidArgument(
-                "status", f"unknown OperationStatus value {request.status}"
-            ) from None
+        status = _status_filter(request.status)
         page, token = await self._ops.list(
             status, request.page_size, request.page_token, request.owner
         )
@@ -122,12 +117,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.StopOperationsRequest,
         context: aio.ServicerContext[pb.StopOperationsRequest, pb.StopOperationsResponse],
     ) -> pb.StopOperationsResponse:
-        try:
-            status = convert.status_filter(request.status)
-        except KeyError:
-            raise InvalidArgument(
-                "status", f"unknown OperationStatus value {request.status}"
-            ) from None
+        status = _status_filter(request.status)
         done = await self._ops.stop_matching(
             request.owner, status, request.agent, dict(request.labels)
         )
@@ -161,3 +151,12 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     ) -> pb.ReleaseOperationResponse:
         operation = await self._ops.release(request.operation_id)
         return pb.ReleaseOperationResponse(operation=convert.operation_to_pb(operation))
+
+
+def _status_filter(value: int) -> str | None:
+    """A request's `status` filter as the use cases take it; INVALID_ARGUMENT for an unknown
+    enum value (ListOperations and StopOperations)."""
+    try:
+        return convert.status_filter(value)
+    except KeyError:
+        raise InvalidArgument("status", f"unknown OperationStatus value {value}") from None
