@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import agent_scenarios, scenarios
+from bench import agent_scenarios, floor, node_client, scenarios
 from bench.raw_server import save
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
@@ -82,7 +82,10 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
 
 
 SCENARIOS: tuple[str, ...] = (
+    "floor",
     "stop",
+    "stop_second_client",
+    "stop_node",
     "start_latency",
     "early_stop",
     "per_step",
@@ -103,9 +106,21 @@ async def stopline_suite(
     trials = {0.01: 10 if quick else 50, 1.0: 5 if quick else 30, 30.0: 3 if quick else 15}
     base_trials = {0.01: 5 if quick else 30, 1.0: 3 if quick else 10, 30.0: 1 if quick else 2}
     with Stack(backend, workdir) as stack:
+        if "floor" in only:
+            # Raw gRPC, same topology, same pacing, right before the stops it is the floor of.
+            out["floor"] = await floor.floor(stack, workdir, trials)
         if "stop" in only:
             for step, n in trials.items():
                 out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
+        if "stop_second_client" in only:
+            # The stop from another client on its own connection (another service, another tab).
+            for step, n in trials.items():
+                out[f"stop_own_connection/{step:g}s"] = await scenarios.stop_latency(
+                    stack, step, n, own_connection=True
+                )
+        if "stop_node" in only:
+            node = await asyncio.to_thread(node_client.stop_latency, stack, trials)
+            out.update({f"stop_node/{step}": data for step, data in node.items()})
         if "start_latency" in only:
             # Compared in the same run with stop-to-halt at 1 s steps (issue 14: <= 1.2x).
             start = await scenarios.start_latency(stack, 10 if quick else 50)

@@ -59,13 +59,28 @@ class Clients:
             await channel.close(grace=None)
 
 
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+"""Channel option for a client that must not share a connection: gRPC otherwise reuses one TCP
+connection for every channel of a process to the same address (its global subchannel pool)."""
+
+
 async def stop_latency(
-    stack: Stack, step_seconds: float, trials: int, cross_replica: bool = False, seed: int = 1
+    stack: Stack,
+    step_seconds: float,
+    trials: int,
+    cross_replica: bool = False,
+    seed: int = 1,
+    own_connection: bool = False,
 ) -> dict[str, Any]:
     """Stop at a random moment inside a step; time the stop call's return (acknowledgment) and
-    the stop call -> terminal event received on the client's stream (halt)."""
+    the stop call -> terminal event received on the client's stream (halt). With
+    `own_connection`, the stop comes from a second client on a connection of its own (another
+    service, another tab), not on the streaming client's connection (issue 17)."""
     rng = random.Random(seed)
     clients = Clients(stack)
+    second = None
+    if own_connection:
+        second = open_channel(stack.gateways[0].address, options=[OWN_CONNECTION])
     ack: list[float] = []
     halt: list[float] = []
     server_halt: list[float] = []
@@ -92,6 +107,8 @@ async def stop_latency(
             stopper = clients.gateways[0]
             if cross_replica:
                 stopper = clients.gateways[1 - stack.owner(op_id)]
+            if second is not None:
+                stopper = WithToken(gw_grpc.GatewayServiceStub(second), TOKEN)
             await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
             began = time.perf_counter()
             await stopper.StopOperation(gw.StopOperationRequest(operation_id=op_id, reason="bench"))
@@ -105,7 +122,10 @@ async def stop_latency(
                     break
     finally:
         await clients.close()
+        if second is not None:
+            await second.close(grace=None)
     return {
+        "stop_connection": "own" if own_connection else "same",
         "ack_ms": summary(ack),
         "halt_ms": summary(halt),
         "runtime_halt_ms": summary(server_halt),

@@ -1,0 +1,301 @@
+"""The floor: what a stop can cost at best on this machine, measured in the same run (issue 17).
+
+The same topology as a stop through Stopline, with no logic in it: the client (the benchmark
+process), a relay server (in the gateway's place) and a backend server (in the runtime's place),
+three processes on the same host, talking grpc.aio with Stopline's own protos and with messages
+recorded from a real stop on the stack under test, so the bytes on the wire match.
+
+* **(a) unary**: ``StopOperation`` client → relay, relayed as ``InterruptOperation`` to the
+  backend, which answers at once; the relay answers the client. What a stop's acknowledgment
+  can cost at best.
+* **(b) push**: the same call, but the backend also pushes the recorded terminal event on the
+  ``WatchOperation`` stream the relay holds for the client's ``StreamOperation``; the figure is
+  call sent → that event received by the client. What stop → terminal event (and start → first
+  step event) can cost at best.
+
+The client paces trials exactly as :func:`bench.scenarios.stop_latency` does (same seed, same
+pause after the stream's first chunk, per step length), and the backend sends a recorded output
+chunk on the stream every ``max(step / 4, 5 ms)`` as the ``ticker`` agent does: idle processes on
+this VM cost more per call than busy ones, so the floor must be exactly as idle as the stops.
+The backend learns the chunk period from the operation id (``floor-<n>-<period µs>``), the one
+field the relay passes on unchanged; whether to push comes in ``reason`` (``push``/``ack``).
+
+    python -m bench.floor backend MESSAGES_FILE   # prints "ready PORT"
+    python -m bench.floor relay BACKEND_ADDRESS   # prints "ready PORT"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from bench.stack import REPO, Stack
+from bench.stats import summary
+from stopline.gateway.v1 import gateway_service_pb2 as gw
+from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from stopline.transport import open_channel
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt
+from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
+from tests.credentials import SERVICE_TOKEN, TOKEN, WithToken
+
+ms = 1000.0
+PUSH, ACK = "push", "ack"
+STEPS = (0.01, 1.0, 30.0)
+
+
+def chunk_period(step_seconds: float) -> float:
+    """The `ticker` agent's chunk interval in the stop scenarios (bench/scenarios.stop_latency)."""
+    return max(step_seconds / 4, 0.005)
+
+
+# ---------------------------------------------------------------------------------------------
+# The messages: recorded from one real stop through the gateway
+# ---------------------------------------------------------------------------------------------
+
+
+async def record(stack: Stack, path: Path) -> None:
+    """One real stop through the stack's gateway; keep its answer, an output chunk and the
+    terminal event, so the floor sends the same messages (sizes) as Stopline does."""
+    from bench.scenarios import Clients, _is_terminal, _start
+
+    clients = Clients(stack)
+    try:
+        gateway = clients.gateways[0]
+        call = gateway.StartAndStream(
+            _start("ticker", steps=2, step_seconds=1.0, chunk_interval_seconds=0.25)
+        )
+        op_id, chunk = "", None
+        async for update in call:
+            if update.WhichOneof("update") == "accepted":
+                op_id = update.accepted.operation_id
+            elif update.event.WhichOneof("kind") == "output_chunk":
+                chunk = update.event
+                break
+        answer = await gateway.StopOperation(
+            gw.StopOperationRequest(operation_id=op_id, reason="bench")
+        )
+        terminal = None
+        async for update in call:
+            if _is_terminal(update):
+                terminal = update.event
+                break
+    finally:
+        await clients.close()
+    assert chunk is not None and terminal is not None
+    with path.open("wb") as out:
+        for message in (answer, chunk, terminal):
+            raw = message.SerializeToString()
+            out.write(len(raw).to_bytes(4, "big") + raw)
+
+
+def load(path: Path) -> tuple[gw.StopOperationResponse, op_pb.Event, op_pb.Event]:
+    data = path.read_bytes()
+    parts: list[bytes] = []
+    offset = 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        parts.append(data[offset + 4 : offset + 4 + size])
+        offset += 4 + size
+    answer, chunk, terminal = parts
+    return (
+        gw.StopOperationResponse.FromString(answer),
+        op_pb.Event.FromString(chunk),
+        op_pb.Event.FromString(terminal),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The two servers: no storage, no validation, no fan-out
+# ---------------------------------------------------------------------------------------------
+
+
+class Backend(rt_grpc.RuntimeServiceServicer):
+    """In the runtime's place: answers InterruptOperation at once and, when asked, pushes the
+    terminal event on the operation's WatchOperation stream."""
+
+    def __init__(self, path: Path) -> None:
+        answer, self._chunk, self._terminal = load(path)
+        self._answer = rt.InterruptOperationResponse(
+            outcome=answer.outcome, operation=answer.operation
+        )
+        self._streams: dict[str, asyncio.Event] = {}
+
+    async def WatchOperation(  # type: ignore[override]
+        self, request: rt.WatchOperationRequest, context: Any
+    ) -> AsyncGenerator[rt.WatchOperationResponse, None]:
+        period = int(request.operation_id.rsplit("-", 1)[1]) / 1e6
+        stopped = self._streams[request.operation_id] = asyncio.Event()
+        chunk = rt.WatchOperationResponse(events=[self._chunk])
+        try:
+            while True:
+                yield chunk
+                try:
+                    await asyncio.wait_for(stopped.wait(), period)
+                except TimeoutError:
+                    continue
+                yield rt.WatchOperationResponse(events=[self._terminal])
+                return
+        finally:
+            self._streams.pop(request.operation_id, None)
+
+    async def InterruptOperation(  # type: ignore[override]
+        self, request: rt.InterruptOperationRequest, context: Any
+    ) -> rt.InterruptOperationResponse:
+        if request.reason == PUSH:
+            self._streams[request.operation_id].set()
+        return self._answer
+
+
+class Relay(gw_grpc.GatewayServiceServicer):
+    """In the gateway's place: one channel to the backend, calls passed on with the service
+    credential as metadata (as the gateway's link does), responses translated, nothing else."""
+
+    def __init__(self, backend: str) -> None:
+        self._channel = open_channel(backend)
+        self._backend = WithToken(rt_grpc.RuntimeServiceStub(self._channel), SERVICE_TOKEN)
+
+    async def StreamOperation(  # type: ignore[override]
+        self, request: gw.StreamOperationRequest, context: Any
+    ) -> AsyncGenerator[gw.StreamOperationResponse, None]:
+        watch = self._backend.WatchOperation(
+            rt.WatchOperationRequest(operation_id=request.operation_id, batch=True)
+        )
+        async for message in watch:
+            for event in message.events:
+                yield gw.StreamOperationResponse(event=event)
+
+    async def StopOperation(  # type: ignore[override]
+        self, request: gw.StopOperationRequest, context: Any
+    ) -> gw.StopOperationResponse:
+        answer = await self._backend.InterruptOperation(
+            rt.InterruptOperationRequest(
+                operation_id=request.operation_id, requested_by="floor", reason=request.reason
+            )
+        )
+        return gw.StopOperationResponse(
+            delivery=gw.STOP_DELIVERY_DELIVERED, outcome=answer.outcome, operation=answer.operation
+        )
+
+
+async def serve(role: str, arg: str) -> None:
+    server = aio.server()
+    if role == "backend":
+        rt_grpc.add_RuntimeServiceServicer_to_server(Backend(Path(arg)), server)
+    else:
+        gw_grpc.add_GatewayServiceServicer_to_server(Relay(arg), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"ready {port}", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+class Server:
+    """`python -m bench.floor ROLE ARG` as a process of its own."""
+
+    def __init__(self, role: str, arg: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor", role, arg], stdout=subprocess.PIPE, cwd=REPO
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode().split()
+        if line[:1] != ["ready"]:
+            self.close()
+            raise RuntimeError(f"bench.floor {role} did not start: {line!r}")
+        self.address = f"127.0.0.1:{line[1]}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client: paced like the stop scenarios
+# ---------------------------------------------------------------------------------------------
+
+
+async def _trial(stub: Any, name: str, mode: str, pause: float) -> float:
+    """Open the stream, wait for its first chunk, pause, send the call; time the call's return
+    (ack) or the pushed event's arrival (push)."""
+    call = stub.StreamOperation(gw.StreamOperationRequest(operation_id=name))
+    updates = aiter(call)
+    await anext(updates)  # the first chunk: the stream is established end to end
+    await asyncio.sleep(pause)
+    began = time.perf_counter()
+    await stub.StopOperation(gw.StopOperationRequest(operation_id=name, reason=mode))
+    if mode == ACK:
+        elapsed = (time.perf_counter() - began) * ms
+        call.cancel()
+        return elapsed
+    async for update in updates:
+        if update.event.WhichOneof("kind") != "output_chunk":
+            return (time.perf_counter() - began) * ms
+    raise RuntimeError("the floor's stream ended without the pushed event")
+
+
+async def measure(
+    address: str, trials: dict[float, int], seed: int = 1
+) -> dict[str, dict[str, Any]]:
+    """For each step length: `n` unary trials and `n` push trials, interleaved, each with the
+    pause stop_latency would draw for the same trial (same seed, same formula)."""
+    channel = open_channel(address)
+    stub = WithToken(gw_grpc.GatewayServiceStub(channel), TOKEN)
+    out: dict[str, dict[str, Any]] = {}
+    counter = 0
+    try:
+        for step, n in trials.items():
+            period_us = round(chunk_period(step) * 1e6)
+            rngs = {ACK: random.Random(seed), PUSH: random.Random(seed)}
+            samples: dict[str, list[float]] = {ACK: [], PUSH: []}
+            for _ in range(n):
+                for mode in (ACK, PUSH):
+                    counter += 1
+                    pause = rngs[mode].uniform(0, min(step, 1.0) * 0.5)
+                    name = f"floor-{counter}-{period_us}"
+                    samples[mode].append(await _trial(stub, name, mode, pause))
+            out[f"{step:g}s"] = {
+                "unary_ms": summary(samples[ACK]),
+                "push_ms": summary(samples[PUSH]),
+                "trials": n,
+                "chunk_period_ms": period_us / 1000,
+            }
+    finally:
+        await channel.close(grace=None)
+    return out
+
+
+async def floor(stack: Stack, workdir: Path, trials: dict[float, int]) -> dict[str, Any]:
+    """The floor beside `stack` (running, idle): messages recorded from it, then relay and
+    backend processes of their own, measured from this process."""
+    path = workdir / "floor-messages.bin"
+    await record(stack, path)
+    backend = Server("backend", str(path))
+    try:
+        relay = Server("relay", backend.address)
+        try:
+            by_step = await measure(relay.address, trials)
+        finally:
+            relay.close()
+    finally:
+        backend.close()
+    return {
+        "how": "grpc.aio client -> relay -> backend, three processes, recorded messages",
+        **by_step,
+    }
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], sys.argv[2]))
