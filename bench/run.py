@@ -212,10 +212,15 @@ def main() -> None:
         results["peers"] = peers(args.quick)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str))
     from bench.report import plots, table
+    from bench.table import markdown
 
     print(table(results))
     plots(results, RESULTS / "plots")
-    print(f"\nraw results: {RESULTS / 'latest.json'}; plots: {RESULTS / 'plots'}")
+    (RESULTS / "table.md").write_text(markdown(results, "bench/results/latest.json") + "\n")
+    print(
+        f"\nraw results: {RESULTS / 'latest.json'}; plots: {RESULTS / 'plots'}; "
+        f"ratios to the floor and the peers (Markdown): {RESULTS / 'table.md'}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,34 +2,101 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
-from bench import scenarios
+import psutil
+
+from bench import floor, node_client, scenarios
 from bench.report import table
 from bench.stack import Stack
+from bench.table import markdown
+from stopline.gateway.v1 import gateway_service_pb2 as gw
+from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from stopline.transport import open_channel
+from tests.credentials import TOKEN, WithToken
 
 
 async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     with Stack("sqlite", tmp_path) as stack:
+        ground = await floor.floor(stack, tmp_path, {0.01: 2, 0.05: 2})
         stop = await scenarios.stop_latency(stack, 0.05, trials=2)
+        second = await scenarios.stop_latency(stack, 0.05, trials=2, own_connection=True)
         early = await scenarios.early_stop(stack, trials=2, delays_ms=(0.0,))
         start = await scenarios.start_latency(stack, trials=2)
         steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
+    for step in ("0.01s", "0.05s"):
+        assert ground[step]["unary_ms"]["n"] == 2 and ground[step]["push_ms"]["n"] == 2
+        assert ground[step]["unary_ms"]["median"] > 0 and ground[step]["push_ms"]["median"] > 0
     assert stop["halt_ms"]["n"] == 2 and stop["mid_step"] >= 1
+    assert second["stop_connection"] == "own" and second["halt_ms"]["n"] == 2
     # early_stop stops by key right after the start call is made, before its answer (issue 14):
     # no step may run. (Later delays are for bench/: by then the start may have been answered.)
     assert early["trials"] == 2 and early["operations_with_a_step_started"] == 0
     assert start["first_step_ms"]["n"] == 2
     assert steps["runtime_ms_per_step"]["median"] > 0
-    text = table(
-        {
-            "machine": {},
-            "stopline": {
-                "sqlite": {"stop_latency/0.05s": stop, "early_stop": early, "per_step": steps}
-            },
-        }
-    )
-    assert "stop_latency/0.05s halt_ms" in text
+    # As bench.run records it: beside the same run's stop-to-halt.
+    start["stop_halt_1s_ms"] = stop["halt_ms"]
+    start["ratio_to_stop_halt"] = start["first_step_ms"]["median"] / stop["halt_ms"]["median"]
+    suite = {
+        "floor": ground,
+        "stop_latency/0.05s": stop,
+        "stop_own_connection/0.05s": second,
+        "early_stop": early,
+        "start_latency": start,
+        "per_step": steps,
+    }
+    results = {"machine": {"when": "now"}, "quick": True, "stopline": {"sqlite": suite}}
+    text = table(results)
+    assert "stop_latency/0.05s halt_ms" in text and "floor/0.05s (b)" in text
+    # The published table divides each figure by its own floor: (a) for the acknowledgment,
+    # (b) for stop -> terminal event and (at 10 ms pacing) for start -> first step.
+    lines = [line.split(" | ") for line in markdown(results).splitlines() if line[:2] == "| "]
+    rows = {cells[1]: cells for cells in lines}
+    ack = rows["stop, same connection: acknowledgment"]
+    assert float(ack[4].split()[0]) == round(ground["0.05s"]["unary_ms"]["median"], 2)
+    ratio = stop["ack_ms"]["median"] / ground["0.05s"]["unary_ms"]["median"]
+    assert ack[5] == f"**{ratio:.2f}×**" or ratio >= 100 or ratio < 0.1
+    halt = rows["stop from a second connection: stop → terminal event"]
+    assert float(halt[4].split()[0]) == round(ground["0.05s"]["push_ms"]["median"], 2)
+    first = rows["start → first step event"]
+    assert float(first[4].split()[0]) == round(ground["0.01s"]["push_ms"]["median"], 2)
+    assert "Quick run" in markdown(results)
+
+
+async def test_own_connection_option_opens_a_connection_of_its_own(tmp_path: Path) -> None:
+    """gRPC shares one TCP connection between a process's channels to one address unless told
+    otherwise: the second-client stop figure means something only if its option works."""
+    with Stack("sqlite", tmp_path) as stack:
+        address = stack.gateways[0].address
+        port = int(address.rsplit(":", 1)[1])
+        channels = [
+            open_channel(address),
+            open_channel(address),
+            open_channel(address, options=[scenarios.OWN_CONNECTION]),
+        ]
+        try:
+            for channel in channels:
+                stub = WithToken(gw_grpc.GatewayServiceStub(channel), TOKEN)
+                await stub.ListOperations(gw.ListOperationsRequest())
+            mine = psutil.Process(os.getpid()).net_connections(kind="tcp")
+            to_gateway = [c for c in mine if c.raddr and c.raddr.port == port]
+            assert len(to_gateway) == 2
+        finally:
+            for channel in channels:
+                await channel.close(grace=None)
+
+
+async def test_node_client_stops_through_the_gateway(tmp_path: Path) -> None:
+    """bench/node/stop_client.mjs (grpc-js, protos loaded from protos/) against a real stack;
+    `npm ci` on first use. .ci/run installs the packages, so this never skips in CI."""
+    with Stack("sqlite", tmp_path) as stack:
+        runs = await asyncio.to_thread(node_client.stop_latency, stack, {0.05: 2})
+    run = runs["0.05s"]
+    assert run["client"] == "node" and run["versions"]["@grpc/grpc-js"]
+    assert run["ack_ms"]["n"] == 2 and run["halt_ms"]["n"] == 2
+    assert run["halt_ms"]["min"] >= run["ack_ms"]["min"] > 0
 
 
 async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
