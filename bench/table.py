@@ -38,6 +38,8 @@ STOPS = (
     ("ticker_stop", "stop (agent-scenario stack)"),
     ("baseline_boundary_only", "boundary-only baseline (no mid-step abort)"),
 )
+TIMES = "\u00d7"
+"""The multiplication sign of the ratios (Markdown renders it; ruff rightly flags it in code)."""
 STEP_NAMES = {"0.01s": "10 ms", "1s": "1 s", "30s": "30 s"}
 # Issue 17's targets, as a bound on the ratio to the floor (backend None: either).
 TARGETS = {
@@ -146,7 +148,7 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
             wall = _median(((dbos.get("concurrency") or {}).get("summary") or {}).get("wall_ms"))
             yield Row(
                 backend,
-                "200 operations × 20 steps, 100 stopped: wall time",
+                "200 operations x 20 steps, 100 stopped: wall time",
                 "10 ms",
                 suite["concurrency"]["wall_seconds"],
                 dbos=wall / 1000 if wall is not None else None,
@@ -172,11 +174,11 @@ def _ratio(ours: float | None, theirs: float | None, bold: bool = False) -> str:
         return "—"
     ratio = ours / theirs
     if ratio >= 100:
-        text = f"{ratio:,.0f}×"
+        text = f"{ratio:,.0f}{TIMES}"
     elif ratio >= 0.1:
-        text = f"{ratio:.2f}×"
+        text = f"{ratio:.2f}{TIMES}"
     else:
-        text = f"{ratio:.2g}×"
+        text = f"{ratio:.2g}{TIMES}"
     return f"**{text}**" if bold else text
 
 
@@ -204,7 +206,8 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
     for row in rows(results):
         lines.append(
             f"| {row.backend} | {row.figure} | {row.step} | {_value(row.ours, row.unit)} | "
-            f"{_value(row.floor, row.unit)} | {_ratio(row.ours, row.floor, bold=True)} | {row.target} | "
+            f"{_value(row.floor, row.unit)} | {_ratio(row.ours, row.floor, bold=True)} | "
+            f"{row.target} | "
             f"{_value(row.langgraph, row.unit)} | {_ratio(row.ours, row.langgraph)} | "
             f"{_value(row.dbos, row.unit)} | {_ratio(row.ours, row.dbos)} |"
         )
@@ -218,14 +221,10 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
     notes = [
         head + ".",
         "",
-        *(
-            ["**Quick run (few trials): indicative only.**", ""]
-            if results.get("quick")
-            else []
-        ),
+        *(["**Quick run (few trials): indicative only.**", ""] if results.get("quick") else []),
         "Medians; a ratio below 1 means Stopline is faster. *Floor*: the same three-process",
         "topology (client, relay, backend) in raw grpc.aio with no logic, measured in the same run",
-        "at the same pacing (`python -m bench.floor`): an acknowledgment is divided by floor (a),",
+        "at the same pacing (bench/floor.py): an acknowledgment is divided by floor (a),",
         "one unary call relayed there and back; stop → terminal event and start → first step",
         "event by floor (b), that call plus an event pushed back through the relay's stream.",
         f"Peers: {_versions(peers)}. LangGraph's figures are its cancel call's return and its",

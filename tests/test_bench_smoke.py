@@ -11,7 +11,7 @@ import psutil
 from bench import floor, node_client, scenarios
 from bench.report import table
 from bench.stack import Stack
-from bench.table import markdown
+from bench.table import TIMES, markdown
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from stopline.transport import open_channel
@@ -57,7 +57,7 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     ack = rows["stop, same connection: acknowledgment"]
     assert float(ack[4].split()[0]) == round(ground["0.05s"]["unary_ms"]["median"], 2)
     ratio = stop["ack_ms"]["median"] / ground["0.05s"]["unary_ms"]["median"]
-    assert ack[5] == f"**{ratio:.2f}×**" or ratio >= 100 or ratio < 0.1
+    assert ack[5] == f"**{ratio:.2f}{TIMES}**" or ratio >= 100 or ratio < 0.1
     halt = rows["stop from a second connection: stop → terminal event"]
     assert float(halt[4].split()[0]) == round(ground["0.05s"]["push_ms"]["median"], 2)
     first = rows["start → first step event"]
