@@ -235,7 +235,7 @@ class Runner:
             if free > 0:
                 try:
                     batch = await self._storage.claim_next(
-                        self.runner_id, free, self.settings.lease_seconds
+                        self.runner_id, free, self.settings.lease_seconds, list(self._runs)
                     )
                 except STORAGE_FAILURES as exc:
                     log.warning("claiming work failed (%s); retrying", exc)

@@ -179,3 +179,16 @@ async def test_concurrent_claimers_never_take_the_same_operation(postgres_url: s
     finally:
         for storage in storages:
             await storage.close()
+
+
+async def test_a_runner_never_claims_again_what_it_is_running(storage: Storage) -> None:
+    """A runner whose event loop stalled past its lease must not claim its own operation again:
+    its writes are fenced by runner id only, so a second claim would run the operation twice in
+    one process (seen as two `started` events and a tool call left unsettled)."""
+    op_id = (await storage.create("ticker", {}, None)).operation.id
+    await storage.claim_and_start(op_id, "A", 0.2)
+    await wait_until_lease_lapses(storage, op_id)
+    assert (await storage.claim_next("A", 10, 30, running=[op_id])).claimed == []
+    kept, _ = await storage.renew_leases("A", [op_id], 30)  # its lease loop renews it instead
+    assert kept == {op_id}
+    assert (await storage.claim_next("B", 10, 30)).claimed == []

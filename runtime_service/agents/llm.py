@@ -18,6 +18,7 @@ continues by starting a new operation with those messages and its next user mess
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable, Collection, Sequence
@@ -133,6 +134,7 @@ class LLMAgent:
         self.settings = settings or LLMSettings()
         self._tool_names = tool_names
         self._provider: Provider | None = None
+        self._making: asyncio.Future[Provider] | None = None
 
     # --- validation ----------------------------------------------------------------------
 
@@ -189,11 +191,18 @@ class LLMAgent:
             )
         return await self._model_step(ctx, messages)
 
-    def provider(self) -> Provider:
+    async def provider(self) -> Provider:
+        """The SDK client, made on first use in a worker thread: importing `openai` takes a
+        second or more, and done on the event loop it stalled every other operation's stops
+        and lease renewals (a healthy operation was seen as abandoned and taken over)."""
         if self._provider is None:
-            from runtime_service.agents.llm_provider import Provider
-
-            self._provider = Provider(self.settings)
+            if self._making is None:
+                self._making = asyncio.ensure_future(
+                    asyncio.to_thread(_make_provider, self.settings)
+                )
+            # Shielded: a stop of the step that asked first must not cancel the making.
+            provider = await asyncio.shield(self._making)
+            self._provider = self._provider or provider
         return self._provider
 
     async def aclose(self) -> None:
@@ -202,6 +211,7 @@ class LLMAgent:
             await self._provider.aclose()
 
     async def _model_step(self, ctx: LLMStepContext, messages: list[dict[str, Any]]) -> StepResult:
+        provider = await self.provider()  # first: it imports llm_provider off the event loop
         from runtime_service.agents.llm_provider import ProviderError
 
         names = _tool_names(ctx.input)
@@ -233,7 +243,7 @@ class LLMAgent:
 
         temperature = ctx.input.get("temperature")
         try:
-            answer = await self.provider().stream_answer(
+            answer = await provider.stream_answer(
                 step=ctx.step,
                 model=ctx.input.get("model") or self.settings.model,
                 messages=messages,
@@ -311,3 +321,9 @@ class LLMAgent:
         if outcome.cancelled:
             return f"error: {outcome.error or CANCELLED_BY_STOP}", False
         return f"error: {outcome.error or 'the tool call failed'}", False
+
+
+def _make_provider(settings: LLMSettings) -> Provider:
+    from runtime_service.agents.llm_provider import Provider
+
+    return Provider(settings)

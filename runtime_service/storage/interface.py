@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -313,10 +313,21 @@ class Storage(Protocol):
 
     # -- ownership
 
-    async def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+    async def claim_next(
+        self,
+        runner_id: str,
+        limit: int,
+        lease_seconds: float,
+        running: Collection[str] = (),
+    ) -> ClaimBatch:
         """Take up to `limit` claimable operations: PENDING unheld ones, and RUNNING ones whose
         owner's lease ran out (resumed from their last checkpoint, the dead owner's attempt
-        settled as abandoned); a dead owner's operation with a stop recorded is halted."""
+        settled as abandoned); a dead owner's operation with a stop recorded is halted.
+
+        `running` are the operations this runner is running now. They are never claimed again
+        here even when their lease lapsed (a stalled event loop): this runner's writes are
+        fenced by its id only, so a second claim would run the same operation twice in one
+        process; its lease loop renews them instead."""
         ...
 
     async def renew_leases(

@@ -11,7 +11,7 @@ there is one replica) an operation is never claimed twice.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -237,8 +237,14 @@ class SharedStorage:
     async def step_records(self, operation_id: str) -> list[StepRecord]:
         return await self._call(self._step_records, operation_id)
 
-    async def claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
-        return await self._call(self._claim_next, runner_id, limit, lease_seconds)
+    async def claim_next(
+        self,
+        runner_id: str,
+        limit: int,
+        lease_seconds: float,
+        running: Collection[str] = (),
+    ) -> ClaimBatch:
+        return await self._call(self._claim_next, runner_id, limit, lease_seconds, list(running))
 
     async def renew_leases(
         self, runner_id: str, operation_ids: list[str], lease_seconds: float
@@ -305,12 +311,14 @@ class SharedStorage:
         with self.engine.begin() as conn:
             return [StepRecord(*row) for row in conn.execute(query).all()]
 
-    def _claim_next(self, runner_id: str, limit: int, lease_seconds: float) -> ClaimBatch:
+    def _claim_next(
+        self, runner_id: str, limit: int, lease_seconds: float, running: list[str]
+    ) -> ClaimBatch:
         now = utcnow()
         claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
         query = (
             select(operations.c.id, operations.c.status, operations.c.stop_requested_at)
-            .where(claimable)
+            .where(claimable, operations.c.id.not_in(running))
             .order_by(operations.c.created_at, operations.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
