@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -31,7 +33,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.v1 import operation_pb2 as op_pb
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, opened_storage, runtime_config
-from tests.credentials import gateway_channel
+from tests.credentials import TOKEN, TOKEN_ENV, gateway_channel
 from tests.test_gateway import gateway_config
 
 HOUR = 3600.0
@@ -333,6 +335,31 @@ async def test_a_stream_through_the_gateway_of_expired_events_fails_precondition
             assert [u async for u in again] == []
             shown = await client.GetOperation(pb.GetOperationRequest(operation_id=op_id))
             assert shown.operation.status == op_pb.OPERATION_STATUS_COMPLETED
+
+        # `stopline attach` says the same, and where to look instead.
+        async def attach(*args: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "stopline_cli",
+                "attach",
+                op_id,
+                "--gateway",
+                gateway.address,
+                *args,
+                env={**os.environ, TOKEN_ENV: TOKEN},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            output, _ = await asyncio.wait_for(process.communicate(), 60)
+            return await process.wait(), output.decode()
+
+        code, output = await attach()
+        assert code != 0
+        assert "FAILED_PRECONDITION" in output and "expired" in output
+        assert f"stopline show {op_id}" in output
+        code, output = await attach("--after", str(last_seq))
+        assert code == 0, output
     finally:
         await gateway.stop(grace=0)
         await runtime.stop(grace=0)
