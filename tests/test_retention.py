@@ -30,11 +30,13 @@ from runtime_service.storage import Storage, utcnow
 from stopline.errors import FailedPrecondition
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.transport import TOKEN_ENV
 from stopline.v1 import operation_pb2 as op_pb
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, opened_storage, runtime_config
-from tests.credentials import TOKEN, TOKEN_ENV, gateway_channel
+from tests.credentials import TOKEN, gateway_channel
 from tests.test_gateway import gateway_config
+from tests.test_metrics import ANY_PORT, scrape, value
 
 HOUR = 3600.0
 
@@ -307,7 +309,7 @@ async def test_a_replay_cut_short_by_retention_says_the_events_expired(
 async def test_a_stream_through_the_gateway_of_expired_events_fails_precondition(
     sqlite_url: str,
 ) -> None:
-    runtime = await start_runtime(runtime_config(sqlite_url), registry())
+    runtime = await start_runtime(runtime_config(sqlite_url, metrics_address=ANY_PORT), registry())
     gateway = await start_gateway(gateway_config(runtime.address))
     try:
         async with gateway_channel(gateway.address) as channel:
@@ -319,6 +321,11 @@ async def test_a_stream_through_the_gateway_of_expired_events_fails_precondition
             assert runtime.app.retention is not None  # the default, 7 days
             swept = await runtime.app.retention.sweep(now=utcnow() + timedelta(days=8))
             assert swept is not None and swept.operations == 1
+            samples = await scrape(runtime.metrics)
+            assert value(samples, "stopline_runtime_retention_events_deleted_total") == last_seq
+            assert value(samples, "stopline_runtime_retention_operations_expired_total") == 1
+            steps_deleted = "stopline_runtime_retention_step_records_deleted_total"
+            assert value(samples, steps_deleted) == 1
 
             stream = client.StreamOperation(pb.StreamOperationRequest(operation_id=op_id))
             with pytest.raises(grpc.aio.AioRpcError) as raised:
