@@ -9,10 +9,11 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
-from runtime_service.metrics import RuntimeMetrics
+from runtime_service.metrics import RetentionMetrics, RuntimeMetrics
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
+from runtime_service.retention import RetentionSweeper
 from runtime_service.runner import Runner, RunnerSettings
 from runtime_service.step_events import DeltaSettings
 from runtime_service.storage import PostgresStorage, Storage, open_storage
@@ -29,6 +30,7 @@ class RuntimeApp:
     operations: OperationsService
     tools: ToolBox
     listener: PostgresListener | None = None
+    retention: RetentionSweeper | None = None
 
     @classmethod
     async def open(
@@ -98,9 +100,19 @@ class RuntimeApp:
             # them now instead of waiting for their leases to lapse.
             await storage.expire_all_leases()
         runner.start()
-        return cls(config, storage, hub, runner, operations, toolbox, listener)
+        retention = RetentionSweeper(
+            storage,
+            config.event_retention_seconds,
+            config.retention_batch_size,
+            config.retention_interval_seconds,
+            RetentionMetrics(runner.metrics.registry),
+        )
+        retention.start()
+        return cls(config, storage, hub, runner, operations, toolbox, listener, retention)
 
     async def close(self) -> None:
+        if self.retention is not None:
+            await self.retention.close()
         await self.runner.shutdown()
         await self.tools.close()
         if self.listener is not None:

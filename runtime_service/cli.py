@@ -17,6 +17,8 @@ from runtime_service.config import (
     LLMSettings,
     RuntimeConfig,
     llm_api_key_from,
+    parse_retention,
+    shown_duration,
 )
 from stopline.cli_security import (
     reflection_option,
@@ -39,6 +41,14 @@ from stopline.render import (
 from stopline.transport import RUNTIME_ADDRESS_ENV
 
 _DEFAULTS = RuntimeConfig()
+
+
+def _retention(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """--event-retention as seconds: a duration such as 7d or 12h (see parse_retention)."""
+    try:
+        return parse_retention(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from exc
 
 
 @click.group("runtime")
@@ -176,6 +186,25 @@ def _database_option(fn: Any) -> Any:
     help="Cancel the step in flight on a stop, or let it finish and stop at the next boundary.",
 )
 @click.option(
+    "--event-retention",
+    envvar="STOPLINE_EVENT_RETENTION",
+    metavar="DURATION",
+    callback=_retention,
+    default=shown_duration(_DEFAULTS.event_retention_seconds),
+    show_default=True,
+    help="Delete the events and step records of operations that ended longer ago than this "
+    "(e.g. 7d, 12h, 30m); their status, result and cause stay. 0 keeps everything.",
+)
+@click.option(
+    "--retention-batch-size",
+    envvar="STOPLINE_RETENTION_BATCH_SIZE",
+    type=click.IntRange(min=1),
+    default=_DEFAULTS.retention_batch_size,
+    show_default=True,
+    help="Rows retention deletes per transaction (small: running operations' writes go "
+    "between batches).",
+)
+@click.option(
     "--max-page-size",
     envvar="STOPLINE_MAX_PAGE_SIZE",
     type=click.IntRange(min=1),
@@ -281,6 +310,8 @@ def serve(
     default_max_steps: int | None,
     max_steps_cap: int,
     abort_mid_step: bool,
+    event_retention: float,
+    retention_batch_size: int,
     max_page_size: int,
     agents: tuple[str, ...],
     tools: tuple[str, ...],
@@ -337,6 +368,8 @@ def serve(
         default_max_steps=default_max_steps,
         max_steps_cap=max_steps_cap,
         abort_mid_step=abort_mid_step,
+        event_retention_seconds=event_retention,
+        retention_batch_size=retention_batch_size,
         max_page_size=max_page_size,
         agents=agents,
         tools=tools,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -24,6 +25,11 @@ DEFAULT_DELTA_FLUSH_CHARS = 1024
 # The caps on an operation's deadline and step budget (a start may ask for less).
 DEFAULT_MAX_DEADLINE_SECONDS = 24 * 3600.0
 DEFAULT_MAX_STEPS_CAP = 100_000
+# Retention: the events and step records of operations that ended longer ago than this are
+# deleted (0 keeps everything), in batches of this many rows, looked for this often.
+DEFAULT_EVENT_RETENTION_SECONDS = 7 * 24 * 3600.0
+DEFAULT_RETENTION_BATCH_SIZE = 500
+DEFAULT_RETENTION_INTERVAL_SECONDS = 60.0
 # The built-in python tool's cap on its time limit.
 DEFAULT_PYTHON_TOOL_MAX_SECONDS = 60.0
 
@@ -35,6 +41,32 @@ LLM_API_KEY_ENV = ("STOPLINE_LLM_API_KEY", "OPENAI_API_KEY")
 def llm_api_key_from(environ: Mapping[str, str]) -> str | None:
     """The `llm` agent's API key: the first of LLM_API_KEY_ENV that is set and not empty."""
     return next((environ[name] for name in LLM_API_KEY_ENV if environ.get(name)), None)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def parse_retention(text: str) -> float:
+    """`7d`, `12h`, `30m`, `90s`, `1w`, a bare number of seconds, or `0` (keep everything), as
+    seconds. ValueError names what is accepted."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration; use a number with s, m, h, d or w (e.g. 7d, 12h), "
+            "or 0 to keep every event"
+        )
+    number, unit = match.groups()
+    return float(number) * _UNITS[unit or "s"]
+
+
+def shown_duration(seconds: float) -> str:
+    """A retention as an operator would write it (the inverse of parse_retention, roughly)."""
+    for unit in ("d", "h", "m"):
+        size = _UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def default_runner_id() -> str:
@@ -94,6 +126,11 @@ class RuntimeConfig:
     max_deadline_seconds: float = DEFAULT_MAX_DEADLINE_SECONDS
     default_max_steps: int | None = None
     max_steps_cap: int = DEFAULT_MAX_STEPS_CAP
+    # Retention (runtime_service/retention.py): events and step records of operations that ended
+    # longer ago than this are deleted, the operation rows kept; 0 keeps everything.
+    event_retention_seconds: float = DEFAULT_EVENT_RETENTION_SECONDS
+    retention_batch_size: int = DEFAULT_RETENTION_BATCH_SIZE
+    retention_interval_seconds: float = DEFAULT_RETENTION_INTERVAL_SECONDS
     # Cancel the step in flight on a stop (False: stop at the next step boundary only).
     abort_mid_step: bool = True
     # Extra agents, each "name=package.module:attr".

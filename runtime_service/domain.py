@@ -93,6 +93,8 @@ class Operation:
     # Limits set at start: stopped by the runtime at this time / after this many steps.
     deadline_at: datetime | None = None
     max_steps: int | None = None
+    # When retention deleted its events and step records (None: they are kept).
+    events_expired_at: datetime | None = None
 
     @property
     def is_stopping(self) -> bool:

@@ -26,6 +26,7 @@ from runtime_service.domain import (
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
+from runtime_service.retention import events_expired
 from runtime_service.runner import Runner
 from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
@@ -344,10 +345,19 @@ class OperationsService:
                     "after_seq",
                     f"is {after_seq} but the operation's newest event is {operation.last_seq}",
                 )
+            # From its last seq a watch wants nothing, expired or not: it ends at once, as for
+            # any operation that had ended there.
+            if operation.events_expired_at is not None and after_seq < operation.last_seq:
+                raise events_expired(operation)
             cursor = after_seq
             finished = operation.status.is_terminal
             while True:
                 page = await self.storage.events_after(op_id, cursor, REPLAY_BATCH)
+                if finished and _short_of(page, cursor, operation.last_seq, REPLAY_BATCH):
+                    # Retention began deleting its events during this replay.
+                    expired = await self.storage.get(op_id)
+                    if expired is not None and expired.events_expired_at is not None:
+                        raise events_expired(expired)
                 for end, event in enumerate(page, 1):
                     if event.is_terminal:
                         yield page[:end]
@@ -376,6 +386,14 @@ class OperationsService:
                             return
                     if back_to_storage:
                         break
+
+
+def _short_of(page: Sequence[Event], cursor: int, last_seq: int, limit: int) -> bool:
+    """Whether a replay page of an ended operation misses events: a gap in it, or an end short
+    of the operation's last seq."""
+    if page and page[-1].seq - cursor != len(page):
+        return True
+    return len(page) < limit and (page[-1].seq if page else cursor) < last_seq
 
 
 def _next_in_order(items: list[Event | None], cursor: int) -> tuple[list[Event], bool]:

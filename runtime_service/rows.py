@@ -49,4 +49,5 @@ def operation_from_row(row: Any) -> Operation:
         owner=row.owner,
         deadline_at=row.deadline_at,
         max_steps=row.max_steps,
+        events_expired_at=row.events_expired_at,
     )

@@ -101,7 +101,14 @@ operations = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
+    # When retention (runtime_service/retention.py) expired the operation's events and step
+    # records: set before the first of them is deleted, so a watch tells "expired" from "never
+    # existed". The row itself (status, result, cause) stays. NULL: its events are kept.
+    Column("events_expired_at", UTCDateTime, nullable=True),
     Index(None, "created_at", "id"),
+    # Retention's candidates: not yet expired, oldest finished first (IS NULL is an index
+    # condition on both backends, so expired rows are never scanned again).
+    Index(None, "events_expired_at", "finished_at"),
     Index(None, "status", "created_at", "id"),
     Index(None, "owner", "created_at", "id"),
     UniqueConstraint("owner", "idempotency_key"),
@@ -149,4 +156,14 @@ stop_tombstones = Table(
     Column("requested_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
     Index(None, "expires_at"),
+)
+
+# Operations retention has expired whose events or step records are not all deleted yet: the
+# deletion runs in small batches, and a row here survives a crash between them (removed when
+# the operation has nothing left).
+event_purges = Table(
+    "event_purges",
+    metadata,
+    Column("operation_id", String(36), ForeignKey("operations.id"), primary_key=True),
+    Column("queued_at", UTCDateTime, nullable=False),
 )

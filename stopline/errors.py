@@ -23,6 +23,11 @@ class OutOfRange(StoplineError):
         self.field = field
 
 
+class FailedPrecondition(StoplineError):
+    """The request is valid but the state it needs is gone for good (e.g. a watch of an
+    operation whose events retention deleted); retrying will not help."""
+
+
 class NotFound(StoplineError):
     """No such operation (or, for callers who may not see it, one that is not theirs)."""
 

@@ -232,7 +232,10 @@ class Follower:
         return self._operation_id.result() if self._operation_id.done() else "ID"
 
     def _resume_hint(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> str:
-        """Only a broken or idle-ended stream is worth resuming; other errors would repeat."""
+        """Only a broken or idle-ended stream is worth resuming; other errors would repeat.
+        One whose events expired (retention) can still be shown."""
+        if code is grpc.StatusCode.FAILED_PRECONDITION and self._operation_id.done():
+            return f"; see how it ended with: stopline show {self._id()}"
         resumable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         if code not in resumable or not self._operation_id.done():
             return ""

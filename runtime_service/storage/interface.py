@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -159,6 +160,21 @@ class StepRecord:
     finished_at: datetime | None
     outcome: str | None
     output_json: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredBatch:
+    """What one batch of retention did: operations it newly marked expired, and the events and
+    step records it deleted (of those, or of operations marked by an earlier batch)."""
+
+    operations: int = 0
+    events: int = 0
+    steps: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing was left to do: the retention pass is over."""
+        return not (self.operations or self.events or self.steps)
 
 
 class Storage(Protocol):
@@ -342,6 +358,22 @@ class Storage(Protocol):
 
     async def expire_all_leases(self) -> int:
         """Single-replica start-up: whoever ran these operations is gone."""
+        ...
+
+    # -- retention
+
+    def retention_turn(self) -> AbstractAsyncContextManager[bool]:
+        """Enter to expire events: True inside while this replica is the only one doing so
+        (taken, and given back on exit); False when another replica is at it (skip this round).
+        One database serves every replica, so only one of them deletes at a time."""
+        ...
+
+    async def expire_events(self, cutoff: datetime, batch_size: int) -> ExpiredBatch:
+        """One batch of retention, one short transaction of at most `batch_size` rows: go on
+        deleting the events and step records of operations already expired, or else expire
+        the oldest operations that ended before `cutoff` (their `events_expired_at` is set in
+        the transaction that deletes their first rows). The operation rows stay; an operation
+        that has not ended is never touched. Call again until the batch is `empty`."""
         ...
 
     async def close(self) -> None: ...

@@ -8,11 +8,15 @@ in the same statement (see notifications.py).
 from __future__ import annotations
 
 import json
+import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
+
+from sqlalchemy import Connection, text
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -45,6 +49,11 @@ from runtime_service.storage.sql import PgSql
 from stopline.json_values import dump_json
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# The session advisory lock of the replica expiring events (retention): any fixed 64-bit key
+# no other lock uses; "STOPLINE" in ASCII, read as a number.
+RETENTION_LOCK_KEY = int.from_bytes(b"STOPLINE", "big")
 
 TEXT, INT, BOOL, TIME = "text", "integer", "boolean", "timestamptz"
 
@@ -286,6 +295,46 @@ class PostgresStorage(SharedStorage):
     async def close(self) -> None:
         await self.batcher.close()
         await super().close()
+
+    @asynccontextmanager
+    async def retention_turn(self) -> AsyncIterator[bool]:
+        """A session advisory lock, on a pooled connection kept for the turn: PostgreSQL gives
+        it to one session at a time, and lets go of it when that session's connection dies, so
+        a replica that dies mid-turn holds up no other."""
+        held = await self._call(self._take_retention_lock)
+        if held is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            await self._call(self._give_back_retention_lock, held)
+
+    def _take_retention_lock(self) -> Connection | None:
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            taken = conn.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": RETENTION_LOCK_KEY}
+            ).scalar_one()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not taken:
+            conn.close()
+            return None
+        return conn
+
+    @staticmethod
+    def _give_back_retention_lock(conn: Connection) -> None:
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": RETENTION_LOCK_KEY})
+        except Exception:
+            # Closing the session releases the lock; a pooled connection must not keep it.
+            log.warning("could not release the retention lock; closing its connection")
+            conn.invalidate()
+        finally:
+            conn.close()
 
     async def _run(self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]) -> T:
         sql.check(params)

@@ -36,12 +36,14 @@ from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
+from runtime_service.storage.expiry import expire_batch
 from runtime_service.storage.interface import (
     ABANDONED,
     STOPPING,
     Appended,
     ClaimBatch,
     Claimed,
+    ExpiredBatch,
     ListCursor,
     StepRecord,
     halt_data,
@@ -258,6 +260,9 @@ class SharedStorage:
 
     async def expire_all_leases(self) -> int:
         return await self._call(self._expire_all_leases)
+
+    async def expire_events(self, cutoff: datetime, batch_size: int) -> ExpiredBatch:
+        return await self._call(expire_batch, self.engine, cutoff, batch_size, utcnow())
 
     # ----------------------------------------------------------------------------- on the threads
 

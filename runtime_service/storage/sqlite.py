@@ -10,7 +10,8 @@ committing everything queued in one transaction removes most of the cost of a tr
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -166,6 +167,11 @@ class SqliteStorage(SharedStorage):
     async def close(self) -> None:
         self._inline.close()
         await super().close()
+
+    @asynccontextmanager
+    async def retention_turn(self) -> AsyncIterator[bool]:
+        """Always this replica's: a SQLite database serves one runtime process."""
+        yield True
 
     # ------------------------------------------------------------------ how writes run
 
