@@ -36,6 +36,7 @@ from runtime_service.domain import (
     RecordedAhead,
     StopCause,
 )
+from runtime_service.metrics import UnfinishedCounts
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -317,6 +318,11 @@ class Storage(Protocol):
         """Take up to `limit` claimable operations: PENDING unheld ones, and RUNNING ones whose
         owner's lease ran out (resumed from their last checkpoint, the dead owner's attempt
         settled as abandoned); a dead owner's operation with a stop recorded is halted."""
+        ...
+
+    async def count_unfinished(self) -> UnfinishedCounts:
+        """Operations not yet finished, by status, and how many are claimable now (the
+        metrics): a count over the unfinished statuses only, which the status index bounds."""
         ...
 
     async def renew_leases(
