@@ -124,9 +124,7 @@ class PrometheusServer:
         result: list[dict[str, Any]] = data["result"]
         return result
 
-    def query_range(
-        self, expr: str, start: float, end: float, step: float
-    ) -> list[dict[str, Any]]:
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
         """A range's series: [{"metric": {...}, "values": [[t, "v"], ...]}, ...]."""
         params = {"query": expr, "start": str(start), "end": str(end), "step": str(step)}
         result: list[dict[str, Any]] = self._get("/api/v1/query_range", params)["result"]

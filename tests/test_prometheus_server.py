@@ -1,12 +1,15 @@
 """A real Prometheus server (issue 16): Debian's `prometheus`, run as a subprocess with a config
 of the test's own, scrapes both services while a stop goes through the gateway; its query API
-then returns the stop-latency histograms of both, and the dashboard's stop-latency query
-(histogram_quantile over the buckets) answers with a number."""
+then returns the stop-latency histograms of both, the dashboard's stop-latency query
+(histogram_quantile over the buckets) answers with a number, and every dashboard query is valid
+PromQL."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from tests.credentials import TOKEN, gateway_channel
 from tests.prometheus import PrometheusServer, require_prometheus
 from tests.test_gateway import TICKER_30S, kind, read_until, start_request
 from tests.test_gateway import gateway_config as gateway_settings
+from tests.test_metrics_docs import REPO, dashboard_exprs
 
 ANY_PORT = "127.0.0.1:0"
 
@@ -82,8 +86,23 @@ async def test_prometheus_scrapes_both_services_and_returns_the_stop_latency_his
             "(stopline_gateway_stop_seen_by_client_seconds_bucket))"
         )
         assert math.isfinite(float(p99["value"][1]))
+        # Every query of the committed dashboard is valid PromQL that Prometheus evaluates.
+        for expr in dashboard_exprs():
+            await query(expr.replace("$__rate_interval", "5s"))
     finally:
         if prometheus is not None:
             await asyncio.to_thread(prometheus.close)
         await gateway.stop(grace=0)
         await runtime.stop(grace=0)
+
+
+def test_the_example_prometheus_config_is_valid() -> None:
+    binary = require_prometheus()
+    promtool = shutil.which("promtool") or str(Path(binary).with_name("promtool"))
+    checked = subprocess.run(
+        [promtool, "check", "config", str(REPO / "deploy" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
