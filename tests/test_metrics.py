@@ -177,6 +177,8 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
     # Each event sent on the stream measured for its lag once.
     assert value(gw, "stopline_gateway_stream_lag_seconds_count") == events_sent
     rt_calls = "stopline_runtime_grpc_server_calls_total"
+    # The watch the gateway closed after the terminal event is CANCELLED, never UNKNOWN.
+    assert not [s for s in rt if s.name == rt_calls and s.labels["code"] == "UNKNOWN"]
     assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/InterruptOperation", code="OK") == 1
     assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/StartOperation", code="OK") == 1
 
