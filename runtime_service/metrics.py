@@ -52,7 +52,9 @@ dead."""
 WRITE_PATHS = ("inline", "group_commit", "batch")
 """How a runner write reached the database: SQLite inline on the event loop or group-committed
 on the database thread; PostgreSQL's pipelined batch."""
-BATCH_QUEUES = ("sqlite_group_commit", "postgres_batch")
+SQLITE_GROUP_COMMIT = "sqlite_group_commit"
+POSTGRES_BATCH = "postgres_batch"
+"""The `queue` label: which write queue a batch went through."""
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNFINISHED_STATUSES = tuple(status.value for status in OperationStatus if not status.is_terminal)
 """The statuses stopline_runtime_operations reports (always, 0 included): every one an

@@ -26,7 +26,7 @@ from runtime_service.domain import (
     OperationStatus,
     StopCause,
 )
-from runtime_service.metrics import StorageMetrics
+from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import EVENTS, STOPS, WORK, libpq_url
 from runtime_service.storage.cursors import COLUMN_LIST, COLUMNS, Cursors
 from runtime_service.storage.errors import translated
@@ -285,7 +285,7 @@ class PostgresStorage(SharedStorage):
     ) -> None:
         super().__init__(db, Cursors(db.engine, "pyformat"), meters)
         self.batcher = PostgresBatcher(
-            libpq_url(database_url), observe=self.meters.batch("postgres_batch")
+            libpq_url(database_url), observe=self.meters.batch(POSTGRES_BATCH)
         )
         self._batch_took = self.meters.write_path["batch"]
         self._time = self.cursors.to_db

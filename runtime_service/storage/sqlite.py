@@ -27,7 +27,7 @@ from runtime_service.domain import (
     Operation,
     StopCause,
 )
-from runtime_service.metrics import StorageMetrics
+from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
@@ -163,7 +163,7 @@ class SqliteStorage(SharedStorage):
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
         self._group = GroupCommit(
-            db, self._together, observe=self.meters.batch("sqlite_group_commit")
+            db, self._together, observe=self.meters.batch(SQLITE_GROUP_COMMIT)
         )
         self._inline_took = self.meters.write_path["inline"]
         self._group_took = self.meters.write_path["group_commit"]
