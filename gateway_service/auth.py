@@ -138,6 +138,13 @@ REFUSED_API_KEY = "api_key"  # an API key (stl_...) this gateway does not have
 REFUSED_JWT_NOT_ACCEPTED = "jwt_not_accepted"  # not an API key, and no JWTs are configured
 REFUSED_JWT_EXPIRED = "jwt_expired"
 REFUSED_JWT_INVALID = "jwt_invalid"  # any other JWT problem (signature, issuer, audience, ...)
+REFUSAL_KINDS = (
+    REFUSED_NO_CREDENTIALS,
+    REFUSED_API_KEY,
+    REFUSED_JWT_NOT_ACCEPTED,
+    REFUSED_JWT_EXPIRED,
+    REFUSED_JWT_INVALID,
+)
 
 
 @dataclass

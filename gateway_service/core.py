@@ -137,6 +137,7 @@ class Gateway:
             config.stream_idle_seconds,
             config.watch_reconnect_deadline_seconds,
             on_stop_seen=self.metrics.client_stop.observe,
+            on_event_sent=self.metrics.stream_lag.observe,
         )
         self.metrics.count_open_streams(lambda: self.streams.open_count)
         self.deliverer = StopDeliverer(

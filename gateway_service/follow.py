@@ -55,11 +55,16 @@ class Follower:
         idle_seconds: float,
         reconnect_deadline_seconds: float,
         on_stop_seen: Callable[[float], None] | None = None,
+        on_event_sent: Callable[[float], None] | None = None,
     ) -> None:
         self.link = link
         # Told, per stream, the seconds from a stop this gateway accepted to the terminal event
         # forwarded after it (the metrics).
         self.on_stop_seen = on_stop_seen
+        # Told, per event sent to a client, its lag: from the later of the event's stored time
+        # (the runtime's clock) and the stream's opening (a replayed history is not lag) to
+        # the client's stream taking it (the metrics).
+        self.on_event_sent = on_event_sent
         self.streams = streams
         # 0: no idle limit.
         self.idle_seconds = idle_seconds
@@ -71,6 +76,8 @@ class Follower:
         idle = self.idle_seconds or None
         cursor = after_seq
         stop_at: float | None = None
+        sent = self.on_event_sent
+        opened = time.time()
         with self.streams.open(op_id) as stream:
             pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
             try:
@@ -88,6 +95,10 @@ class Follower:
                     if isinstance(item, StopRequestedItem) and stop_at is None:
                         stop_at = item.at
                     if isinstance(item, EventItem):
+                        if sent is not None:
+                            at = item.event.time
+                            stored = at.seconds + at.nanos * 1e-9
+                            sent(max(0.0, time.time() - max(stored, opened)))
                         cursor = item.event.seq
                         if item.is_terminal:
                             if stop_at is not None and self.on_stop_seen is not None:

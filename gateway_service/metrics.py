@@ -10,8 +10,13 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gateway_service.auth import REFUSAL_KINDS
 from stopline.gateway.v1 import gateway_service_pb2
 from stopline.metrics import LATENCY_BUCKETS, GrpcMetrics, method_names
+
+DELIVERY_OUTCOMES = ("delivered", "rejected", "undelivered")
+"""The outcomes of a stop's delivery shown from the start (`pending` appears only when the
+gateway closes with deliveries still running)."""
 
 
 class GatewayMetrics:
@@ -46,6 +51,14 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stream_lag = Histogram(
+            "stopline_gateway_stream_lag_seconds",
+            "Per event sent on a client stream: from the event's stored time on the runtime (or "
+            "the stream's opening, for an older event replayed) to the client's stream taking "
+            "it. Runtime and gateway clocks both count: keep them in sync (NTP).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.pending = Gauge(
             "stopline_gateway_stop_deliveries_pending",
             "Stops accepted and not yet delivered to (or refused by) the runtime.",
@@ -74,6 +87,14 @@ class GatewayMetrics:
             "Delivery attempts after a stop's first (each after a retryable failure).",
             registry=r,
         )
+
+        # Every series of a closed label set from the start, at 0: a rate() sees the first one.
+        for kind in REFUSAL_KINDS:
+            self.auth_failures.labels(kind)
+        for outcome in DELIVERY_OUTCOMES:
+            self.delivery.labels(outcome)
+        for delivered in ("true", "false"):
+            self.stop_ack.labels(delivered)
 
     def count_pending(self, count: Callable[[], int]) -> None:
         """Gauges read at scrape time on the scrape's thread: a length or int read, no lock."""

@@ -74,8 +74,9 @@ class RuntimeApp:
         )
         # The one place that looks at the database's dialect: storage is chosen here, and with
         # it how replicas hear of each other (PostgreSQL notifications) or that there are none.
-        storage: Storage = open_storage(db, config.database_url)
-        runner = Runner(storage, registry, hub, settings, toolbox, RuntimeMetrics())
+        meters = RuntimeMetrics()
+        storage: Storage = open_storage(db, config.database_url, meters.storage)
+        runner = Runner(storage, registry, hub, settings, toolbox, meters)
         operations = OperationsService(config, storage, registry, hub, runner)
         listener = None
 

@@ -42,7 +42,14 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
 from runtime_service.hub import EventHub
 from runtime_service.step_events import DeltaSettings, OperationHalted, StepEvents
-from runtime_service.storage import STORAGE_FAILURES, Appended, Claimed, KeptState, Storage
+from runtime_service.storage import (
+    STORAGE_FAILURES,
+    Appended,
+    ClaimBatch,
+    Claimed,
+    KeptState,
+    Storage,
+)
 from runtime_service.tools import ToolRegistry
 from runtime_service.tools.toolbox import ToolBox
 from stopline.json_values import shown
@@ -128,6 +135,8 @@ class Runner:
             asyncio.create_task(self._claim_loop(), name="claim loop"),
             asyncio.create_task(self._lease_loop(), name="lease loop"),
         ]
+        # Counted only when scraped, on this loop (see metrics.StoredOperations).
+        self.metrics.stored.bind(asyncio.get_running_loop(), self._storage.count_unfinished)
 
     def submit(self, operation_id: str) -> None:
         """Fast path for an operation started here: run it now if there is room; otherwise
@@ -196,6 +205,7 @@ class Runner:
         if self._closed:
             return
         self._closed = True
+        self.metrics.stored.unbind()
         for loop in self._loops:
             loop.cancel()
         tasks = [run.task for run in self._runs.values() if run.task is not None]
@@ -241,6 +251,7 @@ class Runner:
                     log.warning("claiming work failed (%s); retrying", exc)
                 else:
                     self._publish(batch.finished)
+                    self._count_takeovers(batch)
                     for claimed in batch.claimed:
                         self._launch(claimed.operation.id, claimed)
                     if len(batch.claimed) == free:
@@ -251,6 +262,16 @@ class Runner:
                     await self._wake_claimer.wait()
             except TimeoutError:
                 pass
+
+    def _count_takeovers(self, batch: ClaimBatch) -> None:
+        takeover = self.metrics.takeover
+        for event in batch.finished:
+            if event.is_terminal:
+                takeover["halted"].inc()
+        for claimed in batch.claimed:
+            data = claimed.event.data
+            if isinstance(data, dict) and data.get("resumed") is True:
+                takeover["resumed"].inc()
 
     async def _lease_loop(self) -> None:
         interval = min(self.settings.poll_seconds, self.settings.lease_seconds / 3)
@@ -304,8 +325,9 @@ class Runner:
     def _count(self, events: list[Event]) -> None:
         """Metrics of committed events: counter increments only (no I/O, no lock)."""
         meters = self.metrics
+        by_kind = meters.event_kind
         for event in events:
-            meters.events.labels(event.kind.value).inc()
+            by_kind[event.kind].inc()
             if event.is_terminal:
                 run = self._runs.get(event.operation_id)
                 cause = metrics.CAUSE_NONE
@@ -317,8 +339,8 @@ class Runner:
                         cause = run.cause
                 agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
                 meters.finished.labels(agent, event.kind.value, cause).inc()
-            elif event.kind in metrics.TOOL_OUTCOMES:
-                meters.tool_calls.labels(metrics.TOOL_OUTCOMES[event.kind]).inc()
+            elif event.kind in meters.tool_outcome:
+                meters.tool_outcome[event.kind].inc()
 
     async def _run(self, run: _Run, claimed: Claimed | None) -> None:
         op_id = run.operation_id
@@ -370,6 +392,7 @@ class Runner:
         step = operation.steps_completed
         state = operation.agent_state
         storage = self._storage
+        step_seconds = self.metrics.steps.labels(run.agent)
         if started is None:
             if not run.stop.done() and _budget_spent(operation, step):
                 assert operation.max_steps is not None
@@ -400,7 +423,7 @@ class Runner:
                 either = {step_task}
             step_began = time.monotonic()
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            self.metrics.steps.labels(run.agent).observe(time.monotonic() - step_began)
+            step_seconds.observe(time.monotonic() - step_began)
             if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
                 # Cut by the stop: still running, or ended by it (its output was refused, see
                 # _emit) or in its wake. A step that returned in time is checkpointed below.

@@ -135,7 +135,8 @@ def _code(context: aio.ServicerContext[Any, Any], error: BaseException | None) -
         for status in grpc.StatusCode:
             if status.value[0] == code:
                 return status.name
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        # GeneratorExit: a stream closed by grpc at a yield, as when its client went away.
         return grpc.StatusCode.CANCELLED.name
     if error is not None:
         return grpc.StatusCode.UNKNOWN.name

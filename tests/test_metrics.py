@@ -14,21 +14,33 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_service.server import RunningGateway, start_gateway
 from runtime_service import stop_causes
+from runtime_service.database import Database, create_db_engine
 from runtime_service.domain import StopCause
-from runtime_service.metrics import CAUSES
+from runtime_service.metrics import (
+    CAUSES,
+    WRITE_PATHS,
+    StorageMetrics,
+    StoredOperations,
+    UnfinishedCounts,
+)
 from runtime_service.server import RunningRuntime, start_runtime
+from runtime_service.storage import open_storage
+from runtime_service.storage.batching import Outcome, WriteQueue
+from stopline.errors import Unavailable
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.metrics import MetricsEndpoint, parse_address
 from tests.agents import registry
-from tests.conftest import eventually, runtime_config
+from tests.conftest import eventually, opened_storage, runtime_config
 from tests.credentials import PRINCIPAL, TOKEN, gateway_channel
 from tests.test_gateway import TICKER_30S, kind, read_until, start_request
 from tests.test_gateway import gateway_config as gateway_settings
+from tests.test_leases import wait_until_lease_lapses
 
 ANY_PORT = "127.0.0.1:0"
 GATEWAY_SERVICE = "/stopline.gateway.v1.GatewayService"
@@ -92,12 +104,18 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
         op_id = updates[0].accepted.operation_id
         streaming = await scrape(gateway.metrics)
         assert value(streaming, "stopline_gateway_open_streams") == 1
-        assert value(await scrape(runtime.metrics), "stopline_runtime_operations_running") == 1
+        running = await scrape(runtime.metrics)
+        assert value(running, "stopline_runtime_operations_running") == 1
+        # The database's count, by status: the one operation RUNNING, nothing left to claim.
+        assert value(running, "stopline_runtime_operations", status="RUNNING") == 1
+        assert value(running, "stopline_runtime_operations", status="PENDING") == 0
+        assert value(running, "stopline_runtime_operations_pending") == 0
         answer = await stub.StopOperation(pb.StopOperationRequest(operation_id=op_id))
         assert answer.delivery == pb.STOP_DELIVERY_DELIVERED
-        await read_until(call, lambda u: kind(u) == "event:interrupted")
-        async for _ in call:  # to the stream's end, so its call is counted
-            pass
+        updates += await read_until(call, lambda u: kind(u) == "event:interrupted")
+        async for update in call:  # to the stream's end, so its call is counted
+            updates.append(update)
+    events_sent = sum(1 for u in updates if u.WhichOneof("update") == "event")
 
     async def runtime_done() -> list[Sample] | None:
         samples = await scrape(runtime.metrics)
@@ -139,7 +157,28 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
     assert value(rt, "stopline_runtime_events_written_total", kind="interrupted") == 1
     assert value(rt, "stopline_runtime_step_seconds_count", agent="ticker") == 1
     assert value(rt, "stopline_runtime_operations_running") == 0
+
+    async def none_running() -> bool:  # the status count is at most a second old
+        samples = await scrape(runtime.metrics)
+        return value(samples, "stopline_runtime_operations", status="RUNNING") == 0
+
+    await eventually(none_running)
+    assert value(rt, "stopline_runtime_lease_takeovers_total", outcome="resumed") == 0
+    # Every runner write went through one of the write paths; the stop was recorded once.
+    writes = sum(
+        value(rt, "stopline_runtime_storage_write_seconds_count", path=path) for path in WRITE_PATHS
+    )
+    assert writes >= 2  # the claim with its first step begun, and the halt, at least
+    storage_call = "stopline_runtime_storage_call_seconds_count"
+    stops = value(rt, storage_call, call="record_stop")  # SQLite: on the database thread
+    stops += value(rt, "stopline_runtime_storage_write_seconds_count", path="batch")
+    assert stops >= 1
+    assert value(rt, "stopline_runtime_storage_unavailable_total") == 0
+    # Each event sent on the stream measured for its lag once.
+    assert value(gw, "stopline_gateway_stream_lag_seconds_count") == events_sent
     rt_calls = "stopline_runtime_grpc_server_calls_total"
+    # The watch the gateway closed after the terminal event is CANCELLED, never UNKNOWN.
+    assert not [s for s in rt if s.name == rt_calls and s.labels["code"] == "UNKNOWN"]
     assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/InterruptOperation", code="OK") == 1
     assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/StartOperation", code="OK") == 1
 
@@ -233,3 +272,122 @@ def test_every_stop_cause_is_a_declared_cause_label() -> None:
     assert {"user", "client_gone", "grace_expired", "deadline_exceeded", "bulk"} <= made
     assert stop_causes.label(None) == "unknown"
     assert made <= CAUSES
+
+
+def registry_samples(registry: CollectorRegistry) -> list[Sample]:
+    return [
+        Sample(s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    ]
+
+
+async def test_storage_counts_unfinished_operations_by_status_and_claimable(
+    db_url: str,
+) -> None:
+    storage = await opened_storage(db_url)
+    try:
+        ids = [(await storage.create("echo", {"n": n}, None)).operation.id for n in range(3)]
+        await storage.create("echo", {}, None, hold_seconds=3600)  # held: not claimable
+        counts = await storage.count_unfinished()
+        assert counts.by_status == {"PENDING": 4} and counts.claimable == 3
+        assert await storage.claim_and_start(ids[0], "A", 30) is not None
+        await storage.halt(ids[0], 0, True, "A")  # INTERRUPTED now: not counted at all
+        assert await storage.claim_and_start(ids[1], "A", 30) is not None
+        counts = await storage.count_unfinished()
+        assert counts.by_status == {"PENDING": 2, "RUNNING": 1} and counts.claimable == 1
+    finally:
+        await storage.close()
+
+
+async def test_stored_operations_are_counted_only_when_scraped_and_at_most_once_per_max_age(
+    sqlite_url: str,
+) -> None:
+    storage = await opened_storage(sqlite_url)
+    reads = 0
+
+    async def count() -> UnfinishedCounts:
+        nonlocal reads
+        reads += 1
+        return await storage.count_unfinished()
+
+    try:
+        registry = CollectorRegistry(auto_describe=True)
+        stored = StoredOperations(max_age=3600)
+        registry.register(stored)
+        await storage.create("echo", {}, None)
+        unbound = await asyncio.to_thread(registry_samples, registry)
+        assert value(unbound, "stopline_runtime_operations_pending") == 0  # nothing to read yet
+        stored.bind(asyncio.get_running_loop(), count)
+        first = await asyncio.to_thread(registry_samples, registry)
+        assert value(first, "stopline_runtime_operations", status="PENDING") == 1
+        assert value(first, "stopline_runtime_operations", status="RUNNING") == 0
+        assert value(first, "stopline_runtime_operations_pending") == 1
+        await storage.create("echo", {}, None)
+        again = await asyncio.to_thread(registry_samples, registry)
+        assert reads == 1  # within max_age: the count read before
+        assert value(again, "stopline_runtime_operations_pending") == 1
+    finally:
+        await storage.close()
+
+
+async def test_storage_metrics_count_batches_calls_and_an_unreachable_database() -> None:
+    meters = StorageMetrics(registry := CollectorRegistry())
+    engine = create_db_engine("postgresql+psycopg://postgres@127.0.0.1:9/nowhere")
+    storage = open_storage(Database(engine), "postgresql+psycopg://postgres@127.0.0.1:9/x", meters)
+    try:
+        with pytest.raises(Unavailable):
+            await storage.get("00000000-0000-0000-0000-000000000000")
+        with pytest.raises(Unavailable):
+            await storage.create("echo", {}, None)  # through the batcher
+    finally:
+        await storage.close()
+    samples = registry_samples(registry)
+    assert value(samples, "stopline_runtime_storage_unavailable_total") == 2
+    assert value(samples, "stopline_runtime_storage_call_seconds_count", call="get") == 1
+    assert value(samples, "stopline_runtime_storage_write_seconds_count", path="batch") == 1
+
+
+async def test_a_write_queue_reports_each_batch_size_once() -> None:
+    batches: list[int] = []
+
+    class Doubling(WriteQueue[Any]):
+        async def _write_batch(self, batch: list[Any]) -> list[Outcome]:
+            await asyncio.sleep(0)
+            return [(True, queued.n * 2) for queued in batch]
+
+    @dataclass(eq=False)
+    class Queued:
+        n: int
+        future: asyncio.Future[Any]
+
+    queue = Doubling("test", 4, observe=lambda size, _seconds: batches.append(size))
+    loop = asyncio.get_running_loop()
+    results = await asyncio.gather(
+        *(queue._submit(Queued(n, loop.create_future())) for n in range(10))
+    )
+    assert results == [n * 2 for n in range(10)]
+    assert sum(batches) == 10 and max(batches) <= 4
+
+
+async def test_a_takeover_is_counted_as_resumed(db_url: str) -> None:
+    storage = await opened_storage(db_url)
+    try:
+        op_id = (await storage.create("ticker", TICKER_30S, None)).operation.id
+        await storage.claim_and_start(op_id, "dead-runner", 0.2)
+        await wait_until_lease_lapses(storage, op_id)
+    finally:
+        await storage.close()
+    runtime = await start_runtime(runtime_config(db_url, metrics_address=ANY_PORT), registry())
+    try:
+        takeovers = "stopline_runtime_lease_takeovers_total"
+
+        async def taken() -> list[Sample] | None:
+            samples = await scrape(runtime.metrics)
+            return samples if value(samples, takeovers, outcome="resumed") else None
+
+        samples = await eventually(taken)
+        assert value(samples, takeovers, outcome="resumed") == 1
+        assert value(samples, takeovers, outcome="halted") == 0
+    finally:
+        await runtime.stop(grace=0)

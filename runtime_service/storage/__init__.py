@@ -4,6 +4,7 @@ postgres.py) over what they share (shared.py), chosen once, by open_storage."""
 from __future__ import annotations
 
 from runtime_service.database import Database
+from runtime_service.metrics import StorageMetrics
 from runtime_service.storage.errors import STORAGE_FAILURES, StorageError
 from runtime_service.storage.interface import (
     ABANDONED,
@@ -43,13 +44,16 @@ __all__ = [
 ]
 
 
-def open_storage(db: Database, database_url: str) -> SqliteStorage | PostgresStorage:
-    """The implementation for the database's dialect (the one place that looks at it)."""
+def open_storage(
+    db: Database, database_url: str, meters: StorageMetrics | None = None
+) -> SqliteStorage | PostgresStorage:
+    """The implementation for the database's dialect (the one place that looks at it).
+    `meters`: the runtime's storage metrics (a registry of their own when not given)."""
     dialect = db.engine.dialect
     if dialect.name == "sqlite":
-        return SqliteStorage(db)
+        return SqliteStorage(db, meters)
     if dialect.name == "postgresql" and dialect.driver == "psycopg":
-        return PostgresStorage(db, database_url)
+        return PostgresStorage(db, database_url, meters)
     raise NotImplementedError(
         f"no storage for {dialect.name}+{dialect.driver}; use sqlite:/// or postgresql+psycopg://"
     )

@@ -10,7 +10,9 @@ Each caller gets its own outcome, and only once its batch has committed. A calle
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 # One write's outcome: (True, its result) or (False, the exception to raise to its caller).
@@ -26,9 +28,13 @@ Q = TypeVar("Q", bound=Queued)
 
 
 class WriteQueue(Generic[Q]):
-    def __init__(self, name: str, max_batch: int) -> None:
+    def __init__(
+        self, name: str, max_batch: int, observe: Callable[[int, float], None] | None = None
+    ) -> None:
         self._name = name
         self._max_batch = max_batch
+        # Told each batch's size and seconds (the metrics).
+        self._observe = observe
         self._queue: deque[Q] = deque()
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
@@ -54,7 +60,10 @@ class WriteQueue(Generic[Q]):
             while self._queue:
                 size = min(len(self._queue), self._max_batch)
                 batch = [self._queue.popleft() for _ in range(size)]
+                began = time.monotonic()
                 outcomes = await self._write_batch(batch)
+                if self._observe is not None:
+                    self._observe(size, time.monotonic() - began)
                 for queued, (ok, value) in zip(batch, outcomes, strict=True):
                     if queued.future.done():
                         continue  # its caller went away; the write itself stands

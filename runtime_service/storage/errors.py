@@ -10,7 +10,7 @@ Nothing above storage knows which database library is underneath.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy.exc import (
@@ -47,9 +47,13 @@ def as_domain_error(exc: SQLAlchemyError) -> Exception:
 
 
 @contextmanager
-def translated() -> Iterator[None]:
-    """Around every storage call that leaves storage."""
+def translated(on_unavailable: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around every storage call that leaves storage. `on_unavailable`: told of each failure
+    to reach the database (the metrics)."""
     try:
         yield
     except SQLAlchemyError as exc:
-        raise as_domain_error(exc) from exc
+        error = as_domain_error(exc)
+        if on_unavailable is not None and isinstance(error, Unavailable):
+            on_unavailable()
+        raise error from exc

@@ -37,6 +37,7 @@ from runtime_service.domain import (
     RecordedAhead,
     StopCause,
 )
+from runtime_service.metrics import UnfinishedCounts
 
 ABANDONED = "abandoned"
 """Outcome of an attempt whose runner died (or lost its lease) mid-step, set by the takeover."""
@@ -344,6 +345,11 @@ class Storage(Protocol):
         here even when their lease lapsed (a stalled event loop): this runner's writes are
         fenced by its id only, so a second claim would run the same operation twice in one
         process; its lease loop renews them instead."""
+        ...
+
+    async def count_unfinished(self) -> UnfinishedCounts:
+        """Operations not yet finished, by status, and how many are claimable now (the
+        metrics): a count over the unfinished statuses only, which the status index bounds."""
         ...
 
     async def renew_leases(

@@ -61,10 +61,15 @@ class _Queued:
 
 
 class PostgresBatcher(WriteQueue[_Queued]):
-    def __init__(self, conninfo: str, max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        max_batch: int = 256,
+        observe: Callable[[int, float], None] | None = None,
+    ) -> None:
         import psycopg  # here: PostgreSQL's driver is an optional dependency
 
-        super().__init__("postgres batch", max_batch)
+        super().__init__("postgres batch", max_batch, observe)
         self._psycopg = psycopg
         self._conninfo = conninfo
         self._connection: psycopg.AsyncConnection[Any] | None = None

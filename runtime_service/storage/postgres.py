@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from runtime_service.domain import (
     OperationStatus,
     StopCause,
 )
+from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import EVENTS, STOPS, WORK, libpq_url
 from runtime_service.storage.cursors import COLUMN_LIST, COLUMNS, Cursors
 from runtime_service.storage.errors import translated
@@ -287,9 +289,14 @@ SELECT last_seq, {_NOTIFY_EVENT} FROM op""",
 
 
 class PostgresStorage(SharedStorage):
-    def __init__(self, db: Database, database_url: str) -> None:
-        super().__init__(db, Cursors(db.engine, "pyformat"))
-        self.batcher = PostgresBatcher(libpq_url(database_url))
+    def __init__(
+        self, db: Database, database_url: str, meters: StorageMetrics | None = None
+    ) -> None:
+        super().__init__(db, Cursors(db.engine, "pyformat"), meters)
+        self.batcher = PostgresBatcher(
+            libpq_url(database_url), observe=self.meters.batch(POSTGRES_BATCH)
+        )
+        self._batch_took = self.meters.write_path["batch"]
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
@@ -338,8 +345,12 @@ class PostgresStorage(SharedStorage):
 
     async def _run(self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]) -> T:
         sql.check(params)
-        with translated():
-            result: T = await self.batcher.run(Statement(sql, params, read))
+        began = time.monotonic()
+        try:
+            with translated(self._unavailable):
+                result: T = await self.batcher.run(Statement(sql, params, read))
+        finally:
+            self._batch_took.observe(time.monotonic() - began)
         return result
 
     # ------------------------------------------------------------------ starting and stopping

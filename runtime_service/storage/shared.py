@@ -11,11 +11,23 @@ there is one replica) an operation is never claimed twice.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -31,6 +43,7 @@ from runtime_service.domain import (
     RecordedAhead,
     StopCause,
 )
+from runtime_service.metrics import UNFINISHED_STATUSES, StorageMetrics, UnfinishedCounts
 from runtime_service.notifications import EVENTS, WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
@@ -82,10 +95,12 @@ def _running_lease_lapsed(now: datetime) -> ColumnElement[bool]:
 class SharedStorage:
     """The part of Storage both dialects run alike; see sqlite.py and postgres.py for the rest."""
 
-    def __init__(self, db: Database, cursors: Cursors) -> None:
+    def __init__(self, db: Database, cursors: Cursors, meters: StorageMetrics | None) -> None:
         self.db = db
         self.engine: Engine = db.engine
         self.cursors = cursors
+        self.meters = meters if meters is not None else StorageMetrics()
+        self._unavailable = self.meters.unavailable.inc
 
     @property
     def dialect(self) -> str:
@@ -93,8 +108,13 @@ class SharedStorage:
 
     async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """fn on the database threads; its failures as domain errors."""
-        with translated():
-            return await self.db.call(fn, *args, **kwargs)
+        took = self.meters.call(fn.__name__)
+        began = time.monotonic()
+        try:
+            with translated(self._unavailable):
+                return await self.db.call(fn, *args, **kwargs)
+        finally:
+            took.observe(time.monotonic() - began)
 
     async def close(self) -> None:
         self.db.close()
@@ -315,6 +335,27 @@ class SharedStorage:
         )
         with self.engine.begin() as conn:
             return [StepRecord(*row) for row in conn.execute(query).all()]
+
+    async def count_unfinished(self) -> UnfinishedCounts:
+        return await self._call(self._count_unfinished)
+
+    def _count_unfinished(self) -> UnfinishedCounts:
+        claimable = or_(_pending_unheld(utcnow()), _running_lease_lapsed(utcnow()))
+        query = (
+            select(
+                operations.c.status,
+                func.count(),
+                func.coalesce(func.sum(case((claimable, 1), else_=0)), 0),
+            )
+            .where(operations.c.status.in_(UNFINISHED_STATUSES))
+            .group_by(operations.c.status)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return UnfinishedCounts(
+            by_status={str(row[0]): int(row[1]) for row in rows},
+            claimable=sum(int(row[2]) for row in rows),
+        )
 
     def _claim_next(
         self, runner_id: str, limit: int, lease_seconds: float, running: list[str]

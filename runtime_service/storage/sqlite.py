@@ -9,6 +9,7 @@ committing everything queued in one transaction removes most of the cost of a tr
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from runtime_service.domain import (
     Operation,
     StopCause,
 )
+from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
@@ -158,10 +160,14 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
 
 
 class SqliteStorage(SharedStorage):
-    def __init__(self, db: Database) -> None:
-        super().__init__(db, Cursors(db.engine, "named"))
+    def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
+        super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
-        self._group = GroupCommit(db, self._together)
+        self._group = GroupCommit(
+            db, self._together, observe=self.meters.batch(SQLITE_GROUP_COMMIT)
+        )
+        self._inline_took = self.meters.write_path["inline"]
+        self._group_took = self.meters.write_path["group_commit"]
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
@@ -178,13 +184,20 @@ class SqliteStorage(SharedStorage):
     async def _write(self, write: Write, *args: Any) -> Any:
         """A runner write: inline here when nothing else is queued for the database thread,
         else group-committed with whatever is (see GroupCommit)."""
-        with translated():
+        began = time.monotonic()
+        with translated(self._unavailable):
             if self._group.idle and self._inline.possible:
                 try:
-                    return self._inline.run(write, *args)
+                    result = self._inline.run(write, *args)
                 except WouldBlock:
                     pass
-            return await self._group.run(write, args)
+                else:
+                    self._inline_took.observe(time.monotonic() - began)
+                    return result
+            try:
+                return await self._group.run(write, args)
+            finally:
+                self._group_took.observe(time.monotonic() - began)
 
     def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of

@@ -94,8 +94,9 @@ class GroupCommit(WriteQueue["_Queued"]):
         db: Database,
         run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
         max_batch: int = 256,
+        observe: Callable[[int, float], None] | None = None,
     ) -> None:
-        super().__init__("group commit", max_batch)
+        super().__init__("group commit", max_batch, observe)
         self._db = db
         self._run_together = run_together
 
