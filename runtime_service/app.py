@@ -9,7 +9,7 @@ from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
-from runtime_service.metrics import RetentionMetrics, RuntimeMetrics
+from runtime_service.metrics import RuntimeMetrics
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.notifications import Handlers, PostgresListener
 from runtime_service.operations import OperationsService
@@ -106,7 +106,7 @@ class RuntimeApp:
             config.event_retention_seconds,
             config.retention_batch_size,
             config.retention_interval_seconds,
-            RetentionMetrics(runner.metrics.registry),
+            runner.metrics.retention,
         )
         retention.start()
         return cls(config, storage, hub, runner, operations, toolbox, listener, retention)

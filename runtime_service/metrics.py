@@ -224,10 +224,38 @@ class StoredOperations(Collector):
         yield pending
 
 
+class RetentionMetrics:
+    """Retention's deletions (runtime_service/retention.py), on the runtime's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter(
+            "stopline_runtime_retention_events_deleted",
+            "Events deleted by retention (of operations that ended longer ago than it).",
+            registry=registry,
+        )
+        self.steps = Counter(
+            "stopline_runtime_retention_step_records_deleted",
+            "Step records (attempts) deleted by retention.",
+            registry=registry,
+        )
+        self.operations = Counter(
+            "stopline_runtime_retention_operations_expired",
+            "Operations whose events retention expired (their rows stay).",
+            registry=registry,
+        )
+        self.sweeps = Counter(
+            "stopline_runtime_retention_sweeps",
+            "Retention sweeps by outcome: done, skipped (another replica's turn), failed.",
+            ["outcome"],
+            registry=registry,
+        )
+
+
 class RuntimeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.retention = RetentionMetrics(r)
         self.grpc = GrpcMetrics(
             r,
             "stopline_runtime",
@@ -309,30 +337,3 @@ class RuntimeMetrics:
     def count_running(self, count: Callable[[], int]) -> None:
         """Read at scrape time (on the scrape's thread): a length read, never a lock or I/O."""
         self.running.set_function(lambda: float(count()))
-
-
-class RetentionMetrics:
-    """Retention's deletions (runtime_service/retention.py), on the runtime's registry."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.events = Counter(
-            "stopline_runtime_retention_events_deleted",
-            "Events deleted by retention (of operations that ended longer ago than it).",
-            registry=registry,
-        )
-        self.steps = Counter(
-            "stopline_runtime_retention_step_records_deleted",
-            "Step records (attempts) deleted by retention.",
-            registry=registry,
-        )
-        self.operations = Counter(
-            "stopline_runtime_retention_operations_expired",
-            "Operations whose events retention expired (their rows stay).",
-            registry=registry,
-        )
-        self.sweeps = Counter(
-            "stopline_runtime_retention_sweeps",
-            "Retention sweeps by outcome: done, skipped (another replica's turn), failed.",
-            ["outcome"],
-            registry=registry,
-        )
