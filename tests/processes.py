@@ -128,3 +128,25 @@ class GatewayProcess(ServiceProcess):
         super().__init__(
             "gateway", workdir, ["--runtime", runtime_address, *extra_args], port, **kwargs
         )
+
+
+def owner_of(
+    replicas: list[ServiceProcess], database_url: str, operation_id: str
+) -> ServiceProcess:
+    """The replica process running an operation now. A start lands on one replica, but any
+    replica's claim loop may take the new operation first, so a test that kills "the" runner
+    must look. Runner ids are host-pid-suffix."""
+    from sqlalchemy import create_engine, select
+
+    from runtime_service.schema import operations
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            runner_id = conn.execute(
+                select(operations.c.runner_id).where(operations.c.id == operation_id)
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    pid = int(runner_id.split("-")[-2])
+    return next(r for r in replicas if r.process.pid == pid)

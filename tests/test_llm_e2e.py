@@ -34,7 +34,7 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.conftest import eventually, runtime_config
 from tests.credentials import gateway_channel, runtime_sync_channel
-from tests.processes import RuntimeProcess, ServiceProcess
+from tests.processes import RuntimeProcess, ServiceProcess, owner_of
 from tests.test_gateway import gateway_config, start_request
 from tests.test_replicas import assert_gap_free
 from tests.test_runner import collect
@@ -393,9 +393,10 @@ def test_runtime_killed_mid_tool_call_the_llm_agent_asked_for(
         )
     op_id = started.operation.id
     wait_for_log(db_url, op_id, lambda kinds: "tool_call_started" in kinds)
-    first.kill()
+    owner = owner_of(processes, db_url, op_id)  # the other replica may have claimed it first
+    owner.kill()
     if not postgres:
-        processes.append(RuntimeProcess(db_url, tmp_path, port=first.port, extra_args=args))
+        processes.append(RuntimeProcess(db_url, tmp_path, port=owner.port, extra_args=args))
     log = wait_for_log(db_url, op_id, lambda kinds: kinds[-1] in ("interrupted", "completed"))
     kinds = [kind for _, kind, _ in log]
     assert kinds[-1] == "completed", kinds

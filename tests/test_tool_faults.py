@@ -21,7 +21,7 @@ from stopline.events import TOOL_CALL_ENDINGS
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.credentials import runtime_sync_channel
-from tests.processes import RuntimeProcess, ServiceProcess
+from tests.processes import RuntimeProcess, ServiceProcess, owner_of
 from tests.test_replicas import assert_gap_free
 from tests.test_tool_calls import pid_gone
 
@@ -82,8 +82,7 @@ def test_runtime_killed_mid_tool_call_settles_it_outcome_unknown_before_the_reru
     first = RuntimeProcess(db_url, tmp_path, extra_args=ARGS, env=ENV)
     processes.append(first)
     if postgres:  # a second replica, there all along, takes over once the lease lapses
-        other = RuntimeProcess(db_url, tmp_path, extra_args=ARGS, env=ENV)
-        processes.append(other)
+        processes.append(RuntimeProcess(db_url, tmp_path, extra_args=ARGS, env=ENV))
     value = struct_pb2.Struct()
     value.update({"calls": [{"name": "wait"}]})
     with runtime_sync_channel(first.address) as channel:
@@ -92,9 +91,13 @@ def test_runtime_killed_mid_tool_call_settles_it_outcome_unknown_before_the_reru
         )
     op_id = started.operation.id
     wait_for_log(db_url, op_id, lambda kinds: "output_chunk" in kinds)  # the tool is waiting
-    first.kill()
-    if not postgres:
-        other = RuntimeProcess(db_url, tmp_path, port=first.port, extra_args=ARGS, env=ENV)
+    owner = owner_of(processes, db_url, op_id)  # the other replica may have claimed it first
+    owner.kill()
+    other: ServiceProcess
+    if postgres:
+        other = next(process for process in processes if process is not owner)
+    else:
+        other = RuntimeProcess(db_url, tmp_path, port=owner.port, extra_args=ARGS, env=ENV)
         processes.append(other)
     # The step reruns (a second call starts and waits), then a stop ends it.
     wait_for_log(db_url, op_id, lambda kinds: kinds.count("output_chunk") == 2)
