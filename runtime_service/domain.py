@@ -93,6 +93,8 @@ class Operation:
     # Limits set at start: stopped by the runtime at this time / after this many steps.
     deadline_at: datetime | None = None
     max_steps: int | None = None
+    # The start's W3C traceparent (tracing on at the start), continued by the operation's runs.
+    trace_parent: str | None = None
 
     @property
     def is_stopping(self) -> bool:

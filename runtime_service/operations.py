@@ -28,6 +28,7 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
 from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
+from stopline import tracing
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -148,6 +149,7 @@ class OperationsService:
             announce,
             deadline_seconds=deadline,
             max_steps=budget,
+            trace_parent=tracing.current_traceparent(),
         )
         if created.created and key is not None:
             created = await self._apply_tombstone(created, checked_owner, key)

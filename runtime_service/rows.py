@@ -49,4 +49,5 @@ def operation_from_row(row: Any) -> Operation:
         owner=row.owner,
         deadline_at=row.deadline_at,
         max_steps=row.max_steps,
+        trace_parent=row.trace_parent,
     )
