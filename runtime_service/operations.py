@@ -7,6 +7,7 @@ validation of caller input happens here, raising the domain errors of stopline.e
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
 from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
-from stopline import tracing
+from stopline import logs, tracing
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -40,6 +41,8 @@ from stopline.limits import (
     check_input_size,
     check_page_size,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_LABELS = 32
@@ -252,6 +255,7 @@ class OperationsService:
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None
+        _log_stop(op_id, result.outcome, cause, by)
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
@@ -312,6 +316,10 @@ class OperationsService:
             checked_owner, key, by, why, cause, self.config.stop_tombstone_seconds
         )
         committed = utcnow()
+        if isinstance(result, InterruptResult):
+            _log_stop(result.operation.id, result.outcome, cause, by)
+        else:
+            _log_stop(None, None, cause, by, key=True)
         if isinstance(result, InterruptResult):
             self.hub.publish(result.events)
             if not result.operation.status.is_terminal:
@@ -378,6 +386,26 @@ class OperationsService:
                             return
                     if back_to_storage:
                         break
+
+
+def _log_stop(
+    op_id: str | None,
+    outcome: InterruptOutcome | None,
+    cause: StopCause,
+    requested_by: str,
+    key: bool = False,
+) -> None:
+    """A stop recorded (or found recorded): its line, with what it did."""
+    log.info(
+        "stop requested",
+        extra=logs.fields(
+            operation_id=op_id,
+            outcome=outcome.value if outcome is not None else "RECORDED_AHEAD",
+            cause=stop_causes.label(cause),
+            requested_by=requested_by,
+            by_key=key,
+        ),
+    )
 
 
 def _next_in_order(items: list[Event | None], cursor: int) -> tuple[list[Event], bool]:
