@@ -78,6 +78,8 @@ class _Run:
     # the README); a stop links its RPC's span to the step span it cuts.
     span: trace.Span = field(default=trace.INVALID_SPAN, repr=False)
     step_span: trace.Span | None = field(default=None, repr=False)
+    # The span the stop cut: the step's in flight when the stop first reached the run.
+    stopped_span: trace.Span | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,12 @@ class Runner:
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
-            _link_stop(run)
+            run.stopped_span = run.step_span if run.step_span is not None else run.span
+            if run.stopped_span.is_recording():
+                run.stopped_span.add_event("stop received", {"stopline.stop_cause": run.cause})
+        # Also when the stop reached the run first by another way (PostgreSQL's notification
+        # can beat the recording call's own delivery): the call still links to what it cut.
+        _link_stop(run)
 
     @property
     def has_room(self) -> bool:
@@ -676,20 +683,21 @@ STOPPED_BY = {"stopline.link": "stopped_by"}
 
 
 def _link_stop(run: _Run) -> None:
-    """The stop reached this run: when it came with a call's span (the InterruptOperation that
-    recorded it on this replica), that span links to the step span the stop cuts (the operation
-    span between steps) and the step span links back. A stop heard by notification from another
-    replica, or found by the periodic re-read, has no call here: the step span notes it only."""
-    target = run.step_span if run.step_span is not None else run.span
-    if not target.is_recording():
-        return
-    target.add_event("stop received", {"stopline.stop_cause": run.cause})
+    """A stop delivered by a call on this replica (the InterruptOperation that recorded it):
+    the call's span links to the step span the stop cut (the operation span between steps) and,
+    while that one is still open, it links back. A stop heard by notification from another
+    replica, or found by the periodic re-read, has no call here: the step span only notes it
+    (the "stop received" event)."""
+    target = run.stopped_span
     caller = trace.get_current_span()
+    if target is None or getattr(caller, "kind", None) is not trace.SpanKind.SERVER:
+        return
     context = caller.get_span_context()
-    if caller is target or not context.is_valid or context == run.span.get_span_context():
+    if not context.is_valid or not target.get_span_context().is_valid:
         return
     caller.add_link(target.get_span_context(), STOPPED_STEP)
-    target.add_link(context, STOPPED_BY)
+    if target.is_recording():
+        target.add_link(context, STOPPED_BY)
 
 
 def _finished(event: Event, cause: str, run: _Run | None) -> None:
