@@ -359,13 +359,14 @@ class Runner:
             run.agent = operation.agent if agent is not None else metrics.AGENT_UNKNOWN
             run.span = _operation_span(operation, run.agent)
             logs.bind(principal=operation.owner or None)
-            log.info(
-                "operation started",
-                extra=logs.fields(agent=run.agent, step=operation.steps_completed),
-            )
             with trace.use_span(
                 run.span, end_on_exit=True, record_exception=False, set_status_on_exception=False
             ):
+                # In the run's span: the claim loop's task, which may have launched it, has none.
+                log.info(
+                    "operation started",
+                    extra=logs.fields(agent=run.agent, step=operation.steps_completed),
+                )
                 self._arm_deadline(run, operation)
                 self.metrics.started.labels(run.agent).inc()
                 if agent is None:

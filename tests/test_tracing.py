@@ -30,6 +30,7 @@ from runtime_service.server import start_runtime
 from stopline import logs, tracing
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.render import EXIT_INTERRUPTED
 from stopline_cli import client
 from tests.conftest import eventually, runtime_config
 from tests.credentials import PRINCIPAL, TOKEN
@@ -118,7 +119,7 @@ async def test_a_start_and_stop_is_one_trace_and_its_log_lines_carry_it(
                 pressing = asyncio.create_task(ctrl_c_mid_answer())
                 status = await follower.follow(lambda: stub.StartAndStream(request))
                 await pressing
-        assert status == client.EXIT_INTERRUPTED
+        assert status == EXIT_INTERRUPTED
         [model_call] = fake.requests
         assert model_call.outcome == "client_closed"
 
