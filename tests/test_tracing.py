@@ -216,7 +216,8 @@ def test_without_otel_variables_nothing_is_installed_or_exported() -> None:
         import asyncio, json, os, tempfile
         from opentelemetry import trace
         from stopline import tracing
-                from tests.conftest import runtime_config
+        from runtime_service.app import RuntimeApp
+        from tests.conftest import runtime_config
 
         configured = tracing.configure_from_env("stopline-test")
 
