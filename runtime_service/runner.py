@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace
 
-from runtime_service import metrics, stop_causes
+from runtime_service import metrics, run_telemetry, stop_causes
 from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
@@ -47,7 +47,7 @@ from runtime_service.step_events import DeltaSettings, OperationHalted, StepEven
 from runtime_service.storage import STORAGE_FAILURES, Appended, Claimed, KeptState, Storage
 from runtime_service.tools import ToolRegistry
 from runtime_service.tools.toolbox import ToolBox
-from stopline import logs, tracing
+from stopline import logs
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,10 @@ class Runner:
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
             run.stopped_span = run.step_span if run.step_span is not None else run.span
-            if run.stopped_span.is_recording():
-                run.stopped_span.add_event("stop received", {"stopline.stop_cause": run.cause})
+            run_telemetry.stop_received(run.stopped_span, run.cause)
         # Also when the stop reached the run first by another way (PostgreSQL's notification
         # can beat the recording call's own delivery): the call still links to what it cut.
-        _link_stop(run)
+        run_telemetry.link_stop(run.stopped_span)
 
     @property
     def has_room(self) -> bool:
@@ -332,7 +331,7 @@ class Runner:
                         cause = run.cause
                 agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
                 meters.finished.labels(agent, event.kind.value, cause).inc()
-                _finished(event, cause, run)
+                run_telemetry.finished(event, cause, run.span if run is not None else None)
             elif event.kind in metrics.TOOL_OUTCOMES:
                 meters.tool_calls.labels(metrics.TOOL_OUTCOMES[event.kind]).inc()
 
@@ -357,7 +356,7 @@ class Runner:
             agent = self._agents.get(operation.agent)
             # Only registered names label the metrics: the set stays closed.
             run.agent = operation.agent if agent is not None else metrics.AGENT_UNKNOWN
-            run.span = _operation_span(operation, run.agent)
+            run.span = run_telemetry.operation_span(operation, run.agent)
             logs.bind(principal=operation.owner or None)
             with trace.use_span(
                 run.span, end_on_exit=True, record_exception=False, set_status_on_exception=False
@@ -422,7 +421,7 @@ class Runner:
             events = self._step_events(run, step)
             unknown = await self._unknown_calls(op_id, step, started)
             ctx = StepContext(op_id, step, operation.input, state, events, unknown)
-            step_span = run.step_span = _step_span(run, step)
+            step_span = run.step_span = run_telemetry.step_span(op_id, run.agent, step)
             # The step's task runs in a copy of this context: its spans are the step span's.
             with trace.use_span(step_span, end_on_exit=False):
                 step_task = asyncio.create_task(
@@ -465,7 +464,7 @@ class Runner:
         if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
             # Cut by the stop: still running, or ended by it (its output was refused, see
             # _emit) or in its wake. A step that returned in time is checkpointed below.
-            step_span.set_attribute(STEP_OUTCOME, "stopped")
+            step_span.set_attribute(run_telemetry.STEP_OUTCOME, "stopped")
             if not step_task.done():
                 await self._cancel_step(op_id, step_task)
             if run.stop_learned is not None:
@@ -484,13 +483,13 @@ class Runner:
         await events.close(stopping=False)
         failure = self._failure(step_task)
         if failure is not None:
-            step_span.set_attribute(STEP_OUTCOME, "failed")
+            step_span.set_attribute(run_telemetry.STEP_OUTCOME, "failed")
             step_span.set_status(trace.StatusCode.ERROR, "the step failed")
             log.info("step failed", extra=logs.fields(step=step, error=failure[:300]))
             await self._write(op_id, storage.fail(op_id, step, failure, me))
             return None
         result = step_task.result()
-        step_span.set_attribute(STEP_OUTCOME, "done" if result.done else "returned")
+        step_span.set_attribute(run_telemetry.STEP_OUTCOME, "done" if result.done else "returned")
         if result.done:
             written = await self._write(
                 op_id, storage.complete(op_id, step, result.output, result.state, me)
@@ -645,78 +644,6 @@ class Runner:
             abort_mid_step=self.settings.abort_mid_step,
             on_flush=self.metrics.deltas_per_event.observe,
         )
-
-
-# ---------------------------------------------------------------------- traces and logs
-
-STEP_OUTCOME = "stopline.step.outcome"
-"""How a step's span ended: returned (a next step follows), done, failed, stopped."""
-
-
-def _operation_span(operation: Operation, agent: str) -> trace.Span:
-    """This run of the operation: a child of the start request's span (stored with the
-    operation), however long after the start and on whichever replica it runs."""
-    return tracing.tracer().start_span(
-        "operation",
-        context=tracing.context_from_traceparent(operation.trace_parent),
-        attributes={
-            "stopline.operation_id": operation.id,
-            "stopline.agent": agent,
-            "stopline.step": operation.steps_completed,
-        },
-    )
-
-
-def _step_span(run: _Run, step: int) -> trace.Span:
-    """A child of the operation span (current in the run's task)."""
-    return tracing.tracer().start_span(
-        "step",
-        attributes={
-            "stopline.operation_id": run.operation_id,
-            "stopline.agent": run.agent,
-            "stopline.step": step,
-        },
-    )
-
-
-STOPPED_STEP = {"stopline.link": "stopped_step"}
-STOPPED_BY = {"stopline.link": "stopped_by"}
-
-
-def _link_stop(run: _Run) -> None:
-    """A stop delivered by a call on this replica (the InterruptOperation that recorded it):
-    the call's span links to the step span the stop cut (the operation span between steps) and,
-    while that one is still open, it links back. A stop heard by notification from another
-    replica, or found by the periodic re-read, has no call here: the step span only notes it
-    (the "stop received" event)."""
-    target = run.stopped_span
-    caller = trace.get_current_span()
-    if target is None or getattr(caller, "kind", None) is not trace.SpanKind.SERVER:
-        return
-    context = caller.get_span_context()
-    if not context.is_valid or not target.get_span_context().is_valid:
-        return
-    caller.add_link(target.get_span_context(), STOPPED_STEP)
-    if target.is_recording():
-        target.add_link(context, STOPPED_BY)
-
-
-def _finished(event: Event, cause: str, run: _Run | None) -> None:
-    """The terminal event of an operation committed: its line, and its run span's status."""
-    data = event.data if isinstance(event.data, dict) else {}
-    facts: dict[str, Any] = {"operation_id": event.operation_id, "status": event.kind.value}
-    if event.kind is EventKind.INTERRUPTED:
-        facts["cause"] = cause
-        for key in ("halt_ms", "mid_step"):
-            if key in data:
-                facts[key] = data[key]
-    if run is not None and run.span.is_recording():
-        run.span.set_attribute("stopline.status", event.kind.value)
-        if "cause" in facts:
-            run.span.set_attribute("stopline.stop_cause", cause)
-        if event.kind is EventKind.FAILED:
-            run.span.set_status(trace.StatusCode.ERROR, "the operation failed")
-    log.info("operation finished", extra=logs.fields(**facts))
 
 
 def _budget_spent(operation: Operation, steps_completed: int) -> bool:
