@@ -187,6 +187,8 @@ class RequestRecord:
     client_closed_at: float | None = None
     error: str | None = None
     messages: list[Any] = field(default_factory=list)
+    # The W3C trace context the client sent (a traced runtime sends its LLM span's).
+    traceparent: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -190,7 +190,11 @@ class FakeLLM:
         return web.json_response({"object": "list", "data": data})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        rec = RequestRecord(request_id=f"req_{uuid.uuid4().hex}", received_at=time.monotonic())
+        rec = RequestRecord(
+            request_id=f"req_{uuid.uuid4().hex}",
+            received_at=time.monotonic(),
+            traceparent=request.headers.get("traceparent"),
+        )
         self.requests.append(rec)
         headers = {"x-request-id": rec.request_id}
         denied = self._auth_error(request)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 
 import click
@@ -12,6 +11,7 @@ from gateway_service.auth import AuthConfigError, AuthSettings, JwtSettings
 from gateway_service.config import GatewayConfig
 from gateway_service.keys import API_KEYS_ENV, KeyFileError, new_key
 from gateway_service.runtime_link import LoadBalancing
+from stopline import logs, tracing
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -20,6 +20,7 @@ from stopline.cli_security import (
     service_tokens,
 )
 from stopline.limits import MAX_HOLD_SECONDS
+from stopline.logs import log_format_option
 from stopline.metrics import metrics_address_option
 from stopline.transport import GATEWAY_ADDRESS_ENV, RUNTIME_ADDRESS_ENV, ClientTLS
 
@@ -191,6 +192,7 @@ def gateway() -> None:
 @reflection_option
 @metrics_address_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
+@log_format_option
 def serve(
     address: str,
     runtime_address: str,
@@ -221,15 +223,18 @@ def serve(
     reflection: bool,
     metrics_address: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve GatewayService (with health and reflection) until SIGTERM/SIGINT.
 
     Refuses to start without credentials for its callers (API keys and/or JWTs)."""
     from gateway_service.server import serve as serve_gateway
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level, log_format)
+    try:
+        tracing.configure_from_env("stopline-gateway")  # off unless OTEL_* variables say otherwise
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     jwt_secret = os.environ.get(JWT_SECRET_ENV) or None
     jwt_settings = None
     if jwt_issuer or jwt_audience or jwt_public_key_file or jwt_secret:
@@ -270,7 +275,10 @@ def serve(
         reflection=reflection,
     )
     try:
-        asyncio.run(serve_gateway(config))
+        try:
+            asyncio.run(serve_gateway(config))
+        finally:
+            tracing.shutdown()  # export the spans still buffered
     except (OSError, AuthConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 

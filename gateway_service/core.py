@@ -41,6 +41,7 @@ from gateway_service.streams import (
     StreamItem,
     StreamRegistry,
 )
+from stopline import logs
 from stopline.errors import InvalidArgument, ResourceExhausted
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
@@ -218,6 +219,8 @@ class Gateway:
             response = started.response
             operation_id = response.operation.id
             self.owners.remember(response.operation)
+            logs.bind(operation_id=operation_id)  # the rest of this call is about it
+            log.info("start accepted", extra=logs.fields(agent=agent, created=response.created))
             yield Accepted(response.operation)
             # The client has the id now (this generator resumes once the message is written):
             # release at once. A client that must stop before any step stops by its key, which
@@ -377,6 +380,14 @@ class Gateway:
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         delivered = delivery.state is DeliveryState.DELIVERED
         self.metrics.stop_ack.labels(str(delivered).lower()).observe(time.monotonic() - began)
+        log.info(
+            "stop requested",
+            extra=logs.fields(
+                operation_id=operation_id or None,
+                by_key=bool(idempotency_key),
+                delivery=delivery.state.value,
+            ),
+        )
         if not delivery.done.done():
             return StopAnswer(delivered=False)
         if delivery.state is DeliveryState.DELIVERED:
@@ -419,6 +430,7 @@ class Gateway:
         """A client's stream ended before its operation did: apply its cancel policy. Runs from
         a `finally` of a cancelled call, so it only schedules work, never awaits. `reason` is
         the stop's reason under the STOP policy (a cancelled call, or the client's deadline)."""
+        log.info("client gone", extra=logs.fields(policy=policy.value, reason=reason))
         self._spawn(self._apply_policy(start, op_id, policy, grace, reason), name="cancel policy")
 
     async def _apply_policy(

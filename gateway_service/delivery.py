@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.metrics import GatewayMetrics
 from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
+from stopline import logs, tracing
 from stopline.grpc_status import UpstreamError
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
@@ -153,24 +156,47 @@ class StopDeliverer:
             reraise=True,
         )
         began = time.monotonic()
+        failed = ""
+        # A child of the stop call's span (this task runs in a copy of its context); the
+        # runtime's InterruptOperation spans are its children.
+        span = tracing.tracer().start_span(
+            "stop delivery",
+            attributes={"stopline.operation_id": delivery.operation_id}
+            if delivery.operation_id
+            else {"stopline.by_key": True},
+        )
+        # Current for the rest of this task (it is the delivery's own): its calls carry it.
+        otel_context.attach(trace.set_span_in_context(span))
         try:
             async for attempt in retrying:
                 with attempt:
                     delivery.attempts += 1
                     if delivery.attempts > 1:
                         self.metrics.delivery_retries.inc()
-                    delivery.response = await self._attempt(delivery)
+                        log.info(
+                            "stop delivery retry",
+                            extra=logs.fields(
+                                stop_of=delivery.target, attempt=delivery.attempts, after=failed
+                            ),
+                        )
+                    try:
+                        delivery.response = await self._attempt(delivery)
+                    except UpstreamError as exc:
+                        failed = str(exc)
+                        raise
             delivery.state = DeliveryState.DELIVERED
         except UpstreamError as exc:
             delivery.error = exc
             if is_retryable(exc):
                 delivery.state = DeliveryState.UNDELIVERED
                 log.error(
-                    "stop of operation %s NOT delivered after %d attempts in %.0fs: %s",
-                    delivery.target,
-                    delivery.attempts,
-                    self._deadline,
-                    exc,
+                    "stop NOT delivered",
+                    extra=logs.fields(
+                        stop_of=delivery.target,
+                        attempts=delivery.attempts,
+                        deadline_s=self._deadline,
+                        error=str(exc),
+                    ),
                 )
                 self._on_undelivered(delivery)
             else:
@@ -178,6 +204,13 @@ class StopDeliverer:
         finally:
             outcome = delivery.state.value.lower()  # pending: the gateway closed first
             self.metrics.delivery.labels(outcome).observe(time.monotonic() - began)
+            span.set_attributes(
+                {
+                    "stopline.delivery.outcome": outcome,
+                    "stopline.delivery.attempts": delivery.attempts,
+                }
+            )
+            span.end()
             if self._pending.get(delivery.target) is delivery:
                 del self._pending[delivery.target]
             if not delivery.done.done():

@@ -13,6 +13,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import wait_exponential_jitter
 
+from stopline import tracing
 from stopline.grpc_status import UpstreamError
 from stopline.transport import ClientTLS, bearer_metadata, open_channel
 from stopline.v1 import operation_pb2 as op_pb
@@ -97,7 +98,8 @@ class RuntimeLink:
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, deadline: float) -> T:
         try:
-            return await method(request, timeout=deadline, metadata=self._metadata)
+            metadata = tracing.outgoing_metadata(self._metadata)
+            return await method(request, timeout=deadline, metadata=metadata)
         except aio.AioRpcError as exc:
             raise UpstreamError.from_rpc_error(exc) from exc
 
@@ -141,7 +143,7 @@ class RuntimeLink:
         example with contextlib.aclosing) to cancel the call when leaving it early."""
         call = self._stub.WatchOperation(
             rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq, batch=True),
-            metadata=self._metadata,
+            metadata=tracing.outgoing_metadata(self._metadata),
         )
         try:
             async for response in call:

@@ -15,6 +15,7 @@ from gateway_service.core import Gateway
 from gateway_service.readiness import Readiness
 from gateway_service.runtime_link import RuntimeLink
 from gateway_service.servicer import GatewayServicer
+from stopline import tracing
 from stopline.gateway.v1 import gateway_service_pb2, gateway_service_pb2_grpc
 from stopline.grpc_status import MalformedRequestGuard
 from stopline.metrics import MetricsEndpoint, serve_metrics_at
@@ -72,7 +73,9 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
         # The metrics interceptor only when metrics are served: a wrapper per call costs
         # tens of microseconds that nobody would read. First: it counts the others' refusals too.
+        # Tracing (when on) first of all: refused calls have spans too.
         interceptors=[
+            *tracing.server_interceptors(),
             *([gateway.metrics.grpc.interceptor()] if config.metrics_address else []),
             authenticator.interceptor(),
             MalformedRequestGuard(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -20,6 +19,7 @@ from runtime_service.config import (
     parse_retention,
     shown_duration,
 )
+from stopline import logs, tracing
 from stopline.cli_security import (
     reflection_option,
     server_tls,
@@ -27,6 +27,7 @@ from stopline.cli_security import (
     service_token_file_option,
     service_tokens,
 )
+from stopline.logs import log_format_option
 from stopline.metrics import metrics_address_option
 from stopline.render import (
     EXIT_BY_TERMINAL_EVENT,
@@ -293,6 +294,7 @@ def _database_option(fn: Any) -> Any:
 @reflection_option
 @metrics_address_option
 @click.option("--log-level", envvar="STOPLINE_LOG_LEVEL", default="INFO", show_default=True)
+@log_format_option
 def serve(
     address: str,
     database_url: str,
@@ -330,6 +332,7 @@ def serve(
     reflection: bool,
     metrics_address: str | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Serve RuntimeService (with health and reflection) until SIGTERM/SIGINT.
 
@@ -347,9 +350,11 @@ def serve(
         raise click.BadParameter("is above --max-deadline", param_hint="--default-deadline")
     if default_max_steps is not None and default_max_steps > max_steps_cap:
         raise click.BadParameter("is above --max-steps-cap", param_hint="--default-max-steps")
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_level, log_format)
+    try:
+        tracing.configure_from_env("stopline-runtime")  # off unless OTEL_* variables say otherwise
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     config = RuntimeConfig(
         address=address,
         metrics_address=metrics_address,
@@ -390,7 +395,10 @@ def serve(
         reflection=reflection,
     )
     try:
-        asyncio.run(serve_runtime(config))
+        try:
+            asyncio.run(serve_runtime(config))
+        finally:
+            tracing.shutdown()  # export the spans still buffered
     except (
         AgentLoadError,
         ToolLoadError,

@@ -95,6 +95,8 @@ class Operation:
     max_steps: int | None = None
     # When retention deleted its events and step records (None: they are kept).
     events_expired_at: datetime | None = None
+    # The start's W3C traceparent (tracing on at the start), continued by the operation's runs.
+    trace_parent: str | None = None
 
     @property
     def is_stopping(self) -> bool:

@@ -7,6 +7,7 @@ validation of caller input happens here, raising the domain errors of stopline.e
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.retention import events_expired
 from runtime_service.runner import Runner
 from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
+from stopline import logs, tracing
 from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -40,6 +42,8 @@ from stopline.limits import (
     check_input_size,
     check_page_size,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_LABELS = 32
@@ -149,6 +153,7 @@ class OperationsService:
             announce,
             deadline_seconds=deadline,
             max_steps=budget,
+            trace_parent=tracing.current_traceparent(),
         )
         if created.created and key is not None:
             created = await self._apply_tombstone(created, checked_owner, key)
@@ -251,6 +256,7 @@ class OperationsService:
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None
+        _log_stop(op_id, result.outcome, cause, by)
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
@@ -311,6 +317,10 @@ class OperationsService:
             checked_owner, key, by, why, cause, self.config.stop_tombstone_seconds
         )
         committed = utcnow()
+        if isinstance(result, InterruptResult):
+            _log_stop(result.operation.id, result.outcome, cause, by)
+        else:
+            _log_stop(None, None, cause, by, key=True)
         if isinstance(result, InterruptResult):
             self.hub.publish(result.events)
             if not result.operation.status.is_terminal:
@@ -394,6 +404,26 @@ def _short_of(page: Sequence[Event], cursor: int, last_seq: int, limit: int) -> 
     if page and page[-1].seq - cursor != len(page):
         return True
     return len(page) < limit and (page[-1].seq if page else cursor) < last_seq
+
+
+def _log_stop(
+    op_id: str | None,
+    outcome: InterruptOutcome | None,
+    cause: StopCause,
+    requested_by: str,
+    key: bool = False,
+) -> None:
+    """A stop recorded (or found recorded): its line, with what it did."""
+    log.info(
+        "stop requested",
+        extra=logs.fields(
+            operation_id=op_id,
+            outcome=outcome.value if outcome is not None else "RECORDED_AHEAD",
+            cause=stop_causes.label(cause),
+            requested_by=requested_by,
+            by_key=key,
+        ),
+    )
 
 
 def _next_in_order(items: list[Event | None], cursor: int) -> tuple[list[Event], bool]:

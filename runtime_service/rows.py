@@ -50,4 +50,5 @@ def operation_from_row(row: Any) -> Operation:
         deadline_at=row.deadline_at,
         max_steps=row.max_steps,
         events_expired_at=row.events_expired_at,
+        trace_parent=row.trace_parent,
     )

@@ -36,7 +36,9 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from runtime_service import metrics, stop_causes
+from opentelemetry import trace
+
+from runtime_service import metrics, run_telemetry, stop_causes
 from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
@@ -52,6 +54,7 @@ from runtime_service.storage import (
 )
 from runtime_service.tools import ToolRegistry
 from runtime_service.tools.toolbox import ToolBox
+from stopline import logs
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,12 @@ class _Run:
     stop_learned: float | None = None
     cause: str = metrics.CAUSE_UNKNOWN
     agent: str = ""
+    # Traces: this run's operation span, and the span of the step in flight (see tracing in
+    # the README); a stop links its RPC's span to the step span it cuts.
+    span: trace.Span = field(default=trace.INVALID_SPAN, repr=False)
+    step_span: trace.Span | None = field(default=None, repr=False)
+    # The span the stop cut: the step's in flight when the stop first reached the run.
+    stopped_span: trace.Span | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,11 @@ class Runner:
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
+            run.stopped_span = run.step_span if run.step_span is not None else run.span
+            run_telemetry.stop_received(run.stopped_span, run.cause)
+        # Also when the stop reached the run first by another way (PostgreSQL's notification
+        # can beat the recording call's own delivery): the call still links to what it cut.
+        run_telemetry.link_stop(run.stopped_span)
 
     @property
     def has_room(self) -> bool:
@@ -339,11 +353,13 @@ class Runner:
                         cause = run.cause
                 agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
                 meters.finished.labels(agent, event.kind.value, cause).inc()
+                run_telemetry.finished(event, cause, run.span if run is not None else None)
             elif event.kind in meters.tool_outcome:
                 meters.tool_outcome[event.kind].inc()
 
     async def _run(self, run: _Run, claimed: Claimed | None) -> None:
         op_id = run.operation_id
+        logs.bind(operation_id=op_id)  # this task's lines are about this operation
         begun: Event | None = None  # the first step's step_started, when claimed with it
         try:
             if claimed is None:
@@ -359,17 +375,29 @@ class Runner:
                 self._publish([claimed.event, *claimed.settled])
             run.owned = True
             operation = claimed.operation
-            self._arm_deadline(run, operation)
             agent = self._agents.get(operation.agent)
             # Only registered names label the metrics: the set stays closed.
             run.agent = operation.agent if agent is not None else metrics.AGENT_UNKNOWN
-            self.metrics.started.labels(run.agent).inc()
-            if agent is None:
-                message = f"agent {shown(operation.agent)} is not registered with this runtime"
-                step = operation.steps_completed
-                await self._write(op_id, self._storage.fail(op_id, step, message, self.runner_id))
-                return
-            await self._loop(run, agent, operation, begun)
+            run.span = run_telemetry.operation_span(operation, run.agent)
+            logs.bind(principal=operation.owner or None)
+            with trace.use_span(
+                run.span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+            ):
+                # In the run's span: the claim loop's task, which may have launched it, has none.
+                log.info(
+                    "operation started",
+                    extra=logs.fields(agent=run.agent, step=operation.steps_completed),
+                )
+                self._arm_deadline(run, operation)
+                self.metrics.started.labels(run.agent).inc()
+                if agent is None:
+                    message = f"agent {shown(operation.agent)} is not registered with this runtime"
+                    step = operation.steps_completed
+                    await self._write(
+                        op_id, self._storage.fail(op_id, step, message, self.runner_id)
+                    )
+                    return
+                await self._loop(run, agent, operation, begun)
         except STORAGE_FAILURES as exc:
             # Never guess an outcome without the database: leave the operation RUNNING; once
             # our lease lapses it is claimed again and resumed from its last checkpoint.
@@ -392,7 +420,6 @@ class Runner:
         step = operation.steps_completed
         state = operation.agent_state
         storage = self._storage
-        step_seconds = self.metrics.steps.labels(run.agent)
         if started is None:
             if not run.stop.done() and _budget_spent(operation, step):
                 assert operation.max_steps is not None
@@ -416,59 +443,94 @@ class Runner:
             events = self._step_events(run, step)
             unknown = await self._unknown_calls(op_id, step, started)
             ctx = StepContext(op_id, step, operation.input, state, events, unknown)
-            step_task = asyncio.create_task(agent.step(ctx), name=f"operation {op_id} step {step}")
-            run.step_task = step_task
-            either: set[asyncio.Future[Any]] = {step_task, run.stop}
-            if not self.settings.abort_mid_step:
-                either = {step_task}
-            step_began = time.monotonic()
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            step_seconds.observe(time.monotonic() - step_began)
-            if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
-                # Cut by the stop: still running, or ended by it (its output was refused, see
-                # _emit) or in its wake. A step that returned in time is checkpointed below.
-                if not step_task.done():
-                    await self._cancel_step(op_id, step_task)
-                if run.stop_learned is not None:
-                    cancelled = time.monotonic() - run.stop_learned
-                    self.metrics.stop_to_cancelled.observe(cancelled)
-                # Deltas passed before the stop reached the step, then the calls it cut.
-                await events.close(stopping=True)
-                kept = self._kept(op_id, ctx)
-                await self._halt(run, step, mid_step=True, kept=kept)
-                return
-            run.step_task = None
-
-            lost = None if step_task.cancelled() else step_task.exception()
-            if isinstance(lost, STORAGE_FAILURES):
-                raise lost  # the step failed because storage did: not the agent's failure
-            await events.close(stopping=False)
-            failure = self._failure(step_task)
-            if failure is not None:
-                await self._write(op_id, storage.fail(op_id, step, failure, me))
-                return
-            result = step_task.result()
-            if result.done:
-                written = await self._write(
-                    op_id, storage.complete(op_id, step, result.output, result.state, me)
+            step_span = run.step_span = run_telemetry.step_span(op_id, run.agent, step)
+            # The step's task runs in a copy of this context: its spans are the step span's.
+            with trace.use_span(step_span, end_on_exit=False):
+                step_task = asyncio.create_task(
+                    agent.step(ctx), name=f"operation {op_id} step {step}"
                 )
-                if written and not written[-1].is_terminal:
-                    # The last step finished but a stop was recorded first: the stop wins.
-                    await self._halt(run, step + 1, mid_step=False)
+            run.step_task = step_task
+            try:
+                written = await self._after_step(run, step, step_task, events, ctx, operation)
+            finally:
+                run.step_span = None
+                step_span.end()
+            if written is None:
                 return
-            if _budget_spent(operation, step + 1):
-                # The budget is spent and the operation is not done: the stop is recorded before
-                # the boundary write, which then checkpoints this step and begins no other.
-                assert operation.max_steps is not None
-                await self._stop_self(run, stop_causes.step_budget_exhausted(operation.max_steps))
-            written = await self._write(
-                op_id, storage.advance(op_id, step, result.output, result.state, me)
-            )
-            if not written:
-                return  # no longer ours: whoever owns it now carries on
             step += 1
-            state = result.state
-            started = written[1] if len(written) > 1 else None
+            state = written[0]
+            started = written[1]
+
+    async def _after_step(
+        self,
+        run: _Run,
+        step: int,
+        step_task: asyncio.Task[StepResult],
+        events: StepEvents,
+        ctx: StepContext,
+        operation: Operation,
+    ) -> tuple[JSONValue, Event | None] | None:
+        """Wait for the step (or the stop that cuts it) and write its boundary: the next step's
+        state and its step_started event (None: stopped before it began), or None when the
+        operation ended or is no longer this runner's."""
+        op_id = run.operation_id
+        me = self.runner_id
+        storage = self._storage
+        step_span = run.step_span or trace.INVALID_SPAN
+        either: set[asyncio.Future[Any]] = {step_task, run.stop}
+        if not self.settings.abort_mid_step:
+            either = {step_task}
+        step_began = time.monotonic()
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        self.metrics.steps.labels(run.agent).observe(time.monotonic() - step_began)
+        if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
+            # Cut by the stop: still running, or ended by it (its output was refused, see
+            # _emit) or in its wake. A step that returned in time is checkpointed below.
+            step_span.set_attribute(run_telemetry.STEP_OUTCOME, "stopped")
+            if not step_task.done():
+                await self._cancel_step(op_id, step_task)
+            if run.stop_learned is not None:
+                cancelled = time.monotonic() - run.stop_learned
+                self.metrics.stop_to_cancelled.observe(cancelled)
+            # Deltas passed before the stop reached the step, then the calls it cut.
+            await events.close(stopping=True)
+            kept = self._kept(op_id, ctx)
+            await self._halt(run, step, mid_step=True, kept=kept)
+            return None
+        run.step_task = None
+
+        lost = None if step_task.cancelled() else step_task.exception()
+        if isinstance(lost, STORAGE_FAILURES):
+            raise lost  # the step failed because storage did: not the agent's failure
+        await events.close(stopping=False)
+        failure = self._failure(step_task)
+        if failure is not None:
+            step_span.set_attribute(run_telemetry.STEP_OUTCOME, "failed")
+            step_span.set_status(trace.StatusCode.ERROR, "the step failed")
+            log.info("step failed", extra=logs.fields(step=step, error=failure[:300]))
+            await self._write(op_id, storage.fail(op_id, step, failure, me))
+            return None
+        result = step_task.result()
+        step_span.set_attribute(run_telemetry.STEP_OUTCOME, "done" if result.done else "returned")
+        if result.done:
+            written = await self._write(
+                op_id, storage.complete(op_id, step, result.output, result.state, me)
+            )
+            if written and not written[-1].is_terminal:
+                # The last step finished but a stop was recorded first: the stop wins.
+                await self._halt(run, step + 1, mid_step=False)
+            return None
+        if _budget_spent(operation, step + 1):
+            # The budget is spent and the operation is not done: the stop is recorded before
+            # the boundary write, which then checkpoints this step and begins no other.
+            assert operation.max_steps is not None
+            await self._stop_self(run, stop_causes.step_budget_exhausted(operation.max_steps))
+        written = await self._write(
+            op_id, storage.advance(op_id, step, result.output, result.state, me)
+        )
+        if not written:
+            return None  # no longer ours: whoever owns it now carries on
+        return result.state, written[1] if len(written) > 1 else None
 
     # ------------------------------------------------------------------ limits
 

@@ -96,6 +96,9 @@ operations = Table(
     # boundary after `max_steps` steps. NULL: no limit.
     Column("deadline_at", UTCDateTime, nullable=True),
     Column("max_steps", Integer, nullable=True),
+    # The W3C traceparent of the start request's span: each run of the operation (on whichever
+    # replica, however long after the start) is a child of it. NULL when tracing was off.
+    Column("trace_parent", String(55), nullable=True),
     # A StopCause value; NULL for stops recorded before causes existed.
     Column("stop_cause", String(32), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),

@@ -13,6 +13,7 @@ from runtime_service.app import RuntimeApp
 from runtime_service.config import RuntimeConfig
 from runtime_service.servicer import RuntimeServicer
 from runtime_service.trust import ServiceCredential, TrustConfigError
+from stopline import tracing
 from stopline.authn import AuthInterceptor
 from stopline.grpc_status import MalformedRequestGuard
 from stopline.metrics import MetricsEndpoint, serve_metrics_at
@@ -78,7 +79,9 @@ async def start_runtime(
         options=server_options(receive_limit(config.max_request_bytes, config.max_input_bytes)),
         # Credentials first: an unauthenticated caller learns nothing, not even about its bytes.
         # The metrics interceptor only when metrics are served (see the gateway's server.py).
+        # Tracing (when on) first of all: refused calls have spans too.
         interceptors=[
+            *tracing.server_interceptors(),
             *([app.runner.metrics.grpc.interceptor()] if config.metrics_address else []),
             *interceptors,
             MalformedRequestGuard(),

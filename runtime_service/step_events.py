@@ -34,6 +34,7 @@ from runtime_service.config import DEFAULT_DELTA_FLUSH_CHARS, DEFAULT_DELTA_FLUS
 from runtime_service.domain import EventKind, JSONValue
 from runtime_service.storage import Appended, Storage
 from runtime_service.tools.toolbox import ToolBox, ToolFailed, parse_arguments
+from stopline import tracing
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ Write = Callable[[Awaitable[Appended | None]], Awaitable[Appended | None]]
 STOPPED_REASON = "the operation was stopped"
 NOT_STOPPED_REASON = "the runtime stopped running the step (shutdown or lost ownership)"
 NO_RESULT = "the tool call ended without a result"
+OUTCOME = "stopline.tool_call.outcome"
+"""The span attribute of a tool call's ending: finished, failed or cancelled."""
 OPEN_AT_END = "the step ended before the tool call did"
 
 
@@ -216,21 +219,33 @@ class StepEvents:
                 self.on_stop()
             raise OperationHalted(f"operation {self.operation_id} has ended or is being stopped")
         call = ToolCall(call_id, name, arguments)
-        try:
-            yield call
-        except asyncio.CancelledError:
-            reason = STOPPED_REASON if self.stopped() else NOT_STOPPED_REASON
-            await self._settle(call_id, EventKind.TOOL_CALL_CANCELLED, {"reason": reason})
-            raise
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            await self._settle(call_id, EventKind.TOOL_CALL_FAILED, {"error": error})
-            raise
-        if call.ended and call.error is None:
-            await self._settle(call_id, EventKind.TOOL_CALL_FINISHED, {"result": call.result})
-        else:
-            error = call.error if call.ended and call.error is not None else NO_RESULT
-            await self._settle(call_id, EventKind.TOOL_CALL_FAILED, {"error": error})
+        # A child of the step's span (current in the step's task); the tool's name and the
+        # call's id only: arguments and results may hold anything.
+        with tracing.tracer().start_as_current_span(
+            f"execute_tool {name}",
+            attributes={"gen_ai.tool.name": name, "gen_ai.tool.call.id": call_id},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield call
+            except asyncio.CancelledError:
+                reason = STOPPED_REASON if self.stopped() else NOT_STOPPED_REASON
+                span.set_attribute(OUTCOME, "cancelled")
+                await self._settle(call_id, EventKind.TOOL_CALL_CANCELLED, {"reason": reason})
+                raise
+            except BaseException as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                span.set_attribute(OUTCOME, "failed")
+                await self._settle(call_id, EventKind.TOOL_CALL_FAILED, {"error": error})
+                raise
+            if call.ended and call.error is None:
+                span.set_attribute(OUTCOME, "finished")
+                await self._settle(call_id, EventKind.TOOL_CALL_FINISHED, {"result": call.result})
+            else:
+                error = call.error if call.ended and call.error is not None else NO_RESULT
+                span.set_attribute(OUTCOME, "failed")
+                await self._settle(call_id, EventKind.TOOL_CALL_FAILED, {"error": error})
 
     async def _settle(self, call_id: str, kind: EventKind, fields: dict[str, JSONValue]) -> None:
         """The one ending of a call, unless close() wrote it already. Allowed after a stop."""

@@ -132,10 +132,14 @@ class AuthInterceptor(_ServerInterceptor):
         try:
             principal = self._check(handler_call_details.invocation_metadata or ())
         except errors.Unauthenticated as exc:
-            # Imported here: client commands never need the status mapping.
+            # Imported here: client commands never need the status mapping (nor logs: a cycle).
             from stopline.grpc_status import status_for
+            from stopline.logs import fields
 
-            log.info("%s refused for %s: %s", self._what, method, exc)
+            log.info(
+                "authentication failed",
+                extra=fields(check=self._what, method=method, why=str(exc)),
+            )
             code, message = status_for(exc)
             return _denied(handler, code, message)
         return _as_principal(handler, principal)

@@ -159,16 +159,18 @@ def open_channel(
     token: str | None = None,
     tls: ClientTLS | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
 ) -> aio.Channel:
-    """An aio channel that sends `token` (if any) with every call, over TLS when `tls` is set."""
-    interceptors = token_interceptors(token) if token else None
+    """An aio channel that sends `token` (if any) with every call, over TLS when `tls` is set;
+    `interceptors` run before the token's."""
+    chosen = [*interceptors, *(token_interceptors(token) if token else ())] or None
     if tls is None:
-        return aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+        return aio.insecure_channel(address, options=list(options), interceptors=chosen)
     return aio.secure_channel(
         address,
         tls.credentials(),
         options=[*options, *tls.options()],
-        interceptors=interceptors,
+        interceptors=chosen,
     )
 
 

@@ -11,6 +11,7 @@ second Ctrl-C); errors from the gateway exit 1, or 69 (EX_UNAVAILABLE) when a re
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import signal
 import sys
@@ -26,6 +27,7 @@ import grpc
 from google.protobuf import duration_pb2
 from grpc import aio
 
+from stopline import tracing
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.render import (
@@ -54,6 +56,8 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 EXIT_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: the same command may work later
 UNARY_TIMEOUT = 10.0
 STOP_REASON = "Ctrl-C in the stopline command"
+CLIENT_SERVICE_NAME = "stopline-cli"
+"""The command's service.name in traces (OTEL_SERVICE_NAME overrides it)."""
 NOTICE_PREFIX = "[   ·] "  # lines the gateway adds that are not durable events (no seq)
 
 # A stream can sit silent for a whole long step; keepalive notices a dead path meanwhile. The
@@ -123,10 +127,36 @@ class Target:
 
 
 def connect(target: Target | str) -> aio.Channel:
+    """A channel to the gateway; with tracing on, every call carries the caller's trace
+    context (open it inside `command_span` for the command's span to be the parent)."""
     if isinstance(target, str):
         target = Target(target)
     tls = ClientTLS(ca_file=target.tls_ca) if target.tls_ca else None
-    return open_channel(target.address, target.token, tls, CHANNEL_OPTIONS)
+    return open_channel(
+        target.address, target.token, tls, CHANNEL_OPTIONS, tracing.client_interceptors()
+    )
+
+
+@contextmanager
+def command_span(name: str, **attributes: str) -> Iterator[None]:
+    """The command's span, the root of its trace: the gateway's and the runtime's spans of the
+    calls made inside it are its children. Tracing is switched on by the same OTEL_* variables as
+    the services' (nothing is set up or sent when they are unset), and what was recorded is
+    exported before the command exits."""
+    configured = False
+    if not tracing.enabled():
+        try:
+            configured = tracing.configure_from_env(CLIENT_SERVICE_NAME)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+    try:
+        with tracing.tracer().start_as_current_span(
+            name, attributes={f"stopline.{key}": value for key, value in attributes.items()}
+        ):
+            yield
+    finally:
+        if configured:
+            tracing.uninstall()
 
 
 def _stub(channel: aio.Channel) -> pb_grpc.GatewayServiceAsyncStub:
@@ -166,6 +196,7 @@ class Follower:
         self._reader: asyncio.Task[int] | None = None
         self._left = False
         self._lines = EventLines(lambda text: click.echo(text, nl=False))
+        self._context: contextvars.Context | None = None
 
     def _say(self, text: str) -> None:
         """Remarks for people; with --json they go to stderr so stdout stays parseable."""
@@ -187,7 +218,9 @@ class Follower:
         if self._ctrl_c_at is None:
             self._ctrl_c_at = time.monotonic()
             self._say("stopping…")
-            self._stopper = asyncio.create_task(self._stop())
+            # In the stream's context (its span), wherever the signal handler runs.
+            context = self._context.copy() if self._context is not None else None
+            self._stopper = asyncio.create_task(self._stop(), context=context)
             return
         self._left = True
         if self._reader is not None:
@@ -212,6 +245,7 @@ class Follower:
 
     async def follow(self, open_call: Callable[[], UpdateCall]) -> int:
         """Stream until the terminal event; returns the exit status."""
+        self._context = contextvars.copy_context()
         call = open_call()
         self._reader = asyncio.create_task(self._read(call))
         try:
@@ -468,11 +502,12 @@ def run(
     )
 
     async def session() -> int:
-        async with connect(target) as channel:
-            stub = _stub(channel)
-            follower = Follower(stub, as_json, detach=detach, idempotency_key=key)
-            with follower.ctrl_c_handled():
-                return await follower.follow(lambda: stub.StartAndStream(request))
+        with command_span("stopline run", agent=agent):
+            async with connect(target) as channel:
+                stub = _stub(channel)
+                follower = Follower(stub, as_json, detach=detach, idempotency_key=key)
+                with follower.ctrl_c_handled():
+                    return await follower.follow(lambda: stub.StartAndStream(request))
 
     sys.exit(asyncio.run(session()))
 
@@ -493,22 +528,26 @@ def attach(target: Target, as_json: bool, operation_id: str, after_seq: int) -> 
     """Stream an existing operation from --after until it ends; Ctrl-C stops it."""
 
     async def session() -> int:
-        async with connect(target) as channel:
-            stub = _stub(channel)
-            follower = Follower(stub, as_json, operation_id=operation_id, after_seq=after_seq)
-            request = pb.StreamOperationRequest(operation_id=operation_id, after_seq=after_seq)
-            with follower.ctrl_c_handled():
-                return await follower.follow(lambda: stub.StreamOperation(request))
+        with command_span("stopline attach", operation_id=operation_id):
+            async with connect(target) as channel:
+                stub = _stub(channel)
+                follower = Follower(stub, as_json, operation_id=operation_id, after_seq=after_seq)
+                request = pb.StreamOperationRequest(operation_id=operation_id, after_seq=after_seq)
+                with follower.ctrl_c_handled():
+                    return await follower.follow(lambda: stub.StreamOperation(request))
 
     sys.exit(asyncio.run(session()))
 
 
-async def _unary(target: Target, call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any]) -> Any:
-    async with connect(target) as channel:
-        try:
-            return await call(_stub(channel))
-        except aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+async def _unary(
+    target: Target, call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any], name: str
+) -> Any:
+    with command_span(name):
+        async with connect(target) as channel:
+            try:
+                return await call(_stub(channel))
+            except aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from exc
 
 
 @click.command()
@@ -529,7 +568,9 @@ def stop(target: Target, as_json: bool, operation_id: str, key: str, reason: str
         raise click.UsageError("give exactly one of OPERATION_ID and --key")
     request = pb.StopOperationRequest(operation_id=operation_id, idempotency_key=key, reason=reason)
     response: pb.StopOperationResponse = asyncio.run(
-        _unary(target, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT))
+        _unary(
+            target, lambda stub: stub.StopOperation(request, timeout=UNARY_TIMEOUT), "stopline stop"
+        )
     )
     if as_json:
         click.echo(to_json(response))
@@ -554,7 +595,9 @@ def list_operations(target: Target, as_json: bool, status: str | None, limit: in
     """List operations, newest first."""
     request = pb.ListOperationsRequest(status=status_value(status or ""), page_size=limit)
     response: pb.ListOperationsResponse = asyncio.run(
-        _unary(target, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT))
+        _unary(
+            target, lambda stub: stub.ListOperations(request, timeout=UNARY_TIMEOUT), "stopline ls"
+        )
     )
     for operation in response.operations:
         click.echo(to_json(operation) if as_json else describe_operation(operation))
@@ -568,7 +611,9 @@ def show(target: Target, as_json: bool, operation_id: str) -> None:
     """Show one operation."""
     request = pb.GetOperationRequest(operation_id=operation_id)
     response: pb.GetOperationResponse = asyncio.run(
-        _unary(target, lambda stub: stub.GetOperation(request, timeout=UNARY_TIMEOUT))
+        _unary(
+            target, lambda stub: stub.GetOperation(request, timeout=UNARY_TIMEOUT), "stopline show"
+        )
     )
     operation = response.operation
     click.echo(to_json(operation) if as_json else describe_operation(operation))

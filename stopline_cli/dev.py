@@ -29,6 +29,7 @@ from gateway_service.auth import AuthSettings
 from gateway_service.config import GatewayConfig
 from gateway_service.keys import ApiKey, new_key
 from runtime_service.config import DEFAULT_DATABASE_URL, RuntimeConfig
+from stopline import tracing
 from stopline.events import TERMINAL_EVENT_KINDS
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -278,6 +279,9 @@ def dev(
     stop with Ctrl-C."""
     config = RuntimeConfig(address=address, database_url=database_url)
     try:
+        tracing.configure_from_env("stopline-dev")  # off unless OTEL_* variables say otherwise
         asyncio.run(run_dev(config, gateway_address, demo, fake_llm_port))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        tracing.shutdown()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -30,8 +31,10 @@ import httpx2
 import openai
 from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
+from opentelemetry import trace
 
 from runtime_service.config import LLM_API_KEY_ENV, LLMSettings
+from stopline import tracing
 from stopline.json_values import shown
 
 # Sent when no key is configured: the SDK insists on one, local servers ignore it, and a real
@@ -78,6 +81,11 @@ class _CallAssembler:
             }
             for index, call in sorted(self._calls.items())
         ]
+
+
+def _host(base_url: str) -> str:
+    """The provider's host, for the span (never the path, which may hold a deployment key)."""
+    return urllib.parse.urlsplit(base_url).hostname or ""
 
 
 def _provider_message(exc: openai.APIError) -> str:
@@ -127,7 +135,47 @@ class Provider:
         temperature: float | None,
         on_text: Callable[[str], Awaitable[None]],
     ) -> ModelAnswer:
-        """Stream one answer, passing each piece of text to `on_text` as it arrives."""
+        """Stream one answer, passing each piece of text to `on_text` as it arrives.
+
+        One CLIENT span per call (OpenTelemetry's GenAI conventions: `chat <model>`), a child of
+        the step's span; the request carries its trace context to a provider that reads it.
+        Model and finish reason only: no message, no key."""
+        with tracing.tracer().start_as_current_span(
+            f"chat {model}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": "openai",
+                "gen_ai.request.model": model,
+                "server.address": _host(self.settings.base_url),
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                answer = await self._stream_answer(
+                    step, model, messages, tools, temperature, on_text
+                )
+            except ProviderError:
+                span.set_status(trace.StatusCode.ERROR, "provider error")
+                span.set_attribute("error.type", "provider_error")
+                raise
+            except asyncio.CancelledError:
+                span.set_attribute("stopline.cancelled", True)
+                raise
+            if answer.finish_reason is not None:
+                span.set_attribute("gen_ai.response.finish_reasons", [answer.finish_reason])
+            return answer
+
+    async def _stream_answer(
+        self,
+        step: int,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: Sequence[dict[str, Any]],
+        temperature: float | None,
+        on_text: Callable[[str], Awaitable[None]],
+    ) -> ModelAnswer:
         answer = ModelAnswer()
         calls = _CallAssembler()
         texts: list[str] = []
@@ -139,6 +187,7 @@ class Provider:
                 tools=cast(list[ChatCompletionToolParam], list(tools)) if tools else omit,
                 temperature=omit if temperature is None else temperature,
                 stream=True,
+                extra_headers=dict(tracing.outgoing_metadata(()) or ()) or None,
             )
             async with (
                 request as response,

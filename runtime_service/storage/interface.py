@@ -199,11 +199,13 @@ class Storage(Protocol):
         announce: bool = True,
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
+        trace_parent: str | None = None,
     ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the owner's idempotent
         twin (AlreadyExists if the key was used for a different request). `announce`: tell
         other replicas there is work (not needed when this one runs it right away).
-        `deadline_seconds` is stored as the absolute `deadline_at` (creation time + it)."""
+        `deadline_seconds` is stored as the absolute `deadline_at` (creation time + it).
+        `trace_parent`: the start's W3C traceparent, which the operation's runs continue."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:

@@ -83,9 +83,9 @@ _CREATE = PgSql(
 WITH created AS (
   INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner,
     labels_json, status, steps_completed, last_seq, held_until, created_at, updated_at,
-    deadline_at, max_steps)
+    deadline_at, max_steps, trace_parent)
   VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-    'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps)
+    'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps, :trace_parent)
   ON CONFLICT (owner, idempotency_key) DO NOTHING
   RETURNING {COLUMN_LIST}
 ), written AS (
@@ -96,6 +96,7 @@ SELECT {COLUMN_LIST}, CASE WHEN :announce AND held_until IS NULL THEN pg_notify(
 FROM created""",
     id=TEXT, agent=TEXT, input=TEXT, hash=TEXT, key=TEXT, owner=TEXT, labels=TEXT,
     held_until=TIME, now=TIME, data=TEXT, announce=BOOL, deadline_at=TIME, max_steps=INT,
+    trace_parent=TEXT,
 )  # fmt: skip
 
 _RELEASE = PgSql(
@@ -366,6 +367,7 @@ class PostgresStorage(SharedStorage):
         announce: bool = True,
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
+        trace_parent: str | None = None,
     ) -> Created:
         labels = dict(labels or {})
         fingerprint = request_hash(agent, input_value, labels)
@@ -385,6 +387,7 @@ class PostgresStorage(SharedStorage):
                 "now": self._time(now),
                 "deadline_at": deadline_at(now, deadline_seconds, self._time),
                 "max_steps": max_steps,
+                "trace_parent": trace_parent,
                 "data": dump_json(data),
                 "announce": announce,
             }

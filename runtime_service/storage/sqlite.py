@@ -58,9 +58,10 @@ _OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
 
 _CREATE = Sql("""
 INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner, labels_json,
-  status, steps_completed, last_seq, held_until, created_at, updated_at, deadline_at, max_steps)
+  status, steps_completed, last_seq, held_until, created_at, updated_at, deadline_at, max_steps,
+  trace_parent)
 VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-  'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps)
+  'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps, :trace_parent)
 RETURNING *""")
 
 _RELEASE = Sql("""
@@ -218,11 +219,12 @@ class SqliteStorage(SharedStorage):
         announce: bool = True,
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
+        trace_parent: str | None = None,
     ) -> Created:
         fingerprint = request_hash(agent, input_value, dict(labels or {}))
         fields = (agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner)
         limits = (deadline_seconds, max_steps)
-        return await self._call(self._create, fingerprint, *fields, *limits)
+        return await self._call(self._create, fingerprint, *fields, *limits, trace_parent)
 
     def _create(
         self,
@@ -235,6 +237,7 @@ class SqliteStorage(SharedStorage):
         owner: str,
         deadline_seconds: float | None,
         max_steps: int | None,
+        trace_parent: str | None = None,
     ) -> Created:
         if key is not None:
             twin = self._twin(owner, key, fingerprint)
@@ -254,6 +257,7 @@ class SqliteStorage(SharedStorage):
             "now": self._time(now),
             "deadline_at": _deadline_at(now, deadline_seconds, self._time),
             "max_steps": max_steps,
+            "trace_parent": trace_parent,
         }
         try:
             with self.cursors.transaction() as cur:

@@ -1,0 +1,180 @@
+"""Structured log lines for both services: readable by default, one JSON object per line with
+`--log-format json` (STOPLINE_LOG_FORMAT=json).
+
+Every line carries, where known, the operation it concerns, the trace it belongs to and the
+principal who asked. Those come from context variables, not from each call site: a runner's run
+task binds its operation (and owner) for its whole life, a gRPC call's task binds its principal
+(stopline.authn) or the operation it is about, and the trace id is the current OpenTelemetry
+span's (present when tracing is on). A call site adds the facts of its event as fields:
+
+    log.info("operation finished", extra=fields(status="INTERRUPTED", halt_ms=3.2))
+
+Messages are short event names; the values are fields, so a log store can filter on them. A
+stack trace goes with a line only where the code says so (`exc_info`): for bugs, never for
+failures that are expected in operation (a refused credential, an unreachable runtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from opentelemetry import trace
+
+from stopline import authn
+
+FIELDS = "stopline_fields"
+"""The LogRecord attribute holding a line's own fields (see `fields`)."""
+TEXT = "text"
+JSON = "json"
+
+_operation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "stopline_log_operation", default=None
+)
+_principal: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "stopline_log_principal", default=None
+)
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """`extra=` for a log call: the event's facts (ids, counts, statuses; never secrets or
+    inputs)."""
+    return {FIELDS: values}
+
+
+def bind(operation_id: str | None = None, principal: str | None = None) -> None:
+    """For the rest of the current task (a run, a call): its lines carry these. Only values
+    given are set."""
+    if operation_id is not None:
+        _operation.set(operation_id)
+    if principal is not None:
+        _principal.set(principal)
+
+
+@contextlib.contextmanager
+def bound(operation_id: str | None = None, principal: str | None = None) -> Iterator[None]:
+    """`bind` for a block only."""
+    tokens = []
+    if operation_id is not None:
+        tokens.append((_operation, _operation.set(operation_id)))
+    if principal is not None:
+        tokens.append((_principal, _principal.set(principal)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    """What a line carries besides its message: the context, then its own fields."""
+    out: dict[str, Any] = {}
+    own: dict[str, Any] = getattr(record, FIELDS, None) or {}
+    operation = own.get("operation_id") or _operation.get()
+    if operation:
+        out["operation_id"] = operation
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        out["trace_id"] = format(span.trace_id, "032x")
+        out["span_id"] = format(span.span_id, "016x")
+    principal = own.get("principal") or _principal.get()
+    if principal is None:
+        try:
+            principal = authn.current_principal()
+        except LookupError:
+            principal = None
+    if principal:
+        out["principal"] = principal
+    for key, value in own.items():
+        if key not in ("operation_id", "principal"):
+            out[key] = value
+    return out
+
+
+class ContextFilter(logging.Filter):
+    """Reads the context when the line is logged (in the task that logs it), before any
+    formatting that may happen elsewhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.stopline_context = _context(record)
+        return True
+
+
+def _context_of(record: logging.LogRecord) -> dict[str, Any]:
+    context = getattr(record, "stopline_context", None)
+    return context if context is not None else _context(record)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\n'):
+        return value
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-11-30 10:00:00,123 INFO runtime_service.runner: operation finished status=... `"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = _context_of(record)
+        if not context:
+            return line
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in context.items())
+        head, newline, tail = line.partition("\n")  # a traceback stays below the line
+        return f"{head} {pairs}{newline}{tail}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then the
+    context (operation_id, trace_id, span_id, principal) and the line's fields; `exception`
+    holds a traceback where the code logged one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in _context_of(record).items():
+            line.setdefault(key, value)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def handler(log_format: str = TEXT, stream: Any = None) -> logging.Handler:
+    """A handler writing lines of `log_format` (with their context) to `stream` (stderr)."""
+    out = logging.StreamHandler(sys.stderr if stream is None else stream)
+    out.setFormatter(JsonFormatter() if log_format == JSON else TextFormatter())
+    out.addFilter(ContextFilter())
+    return out
+
+
+def configure(level: str = "INFO", log_format: str = TEXT) -> None:
+    """The services' logging: one handler on the root logger (replacing any), at `level`."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler(log_format))
+    root.setLevel(level.upper())
+
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice([TEXT, JSON]),
+    envvar="STOPLINE_LOG_FORMAT",
+    default=TEXT,
+    show_default=True,
+    help="Log lines readable (text) or one JSON object per line (json).",
+)

@@ -1,0 +1,389 @@
+"""OpenTelemetry tracing for both services and the command line: switching it on, and carrying
+the W3C trace context over gRPC.
+
+Off unless the standard `OTEL_*` variables ask for it (`configure_from_env`): with
+OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set, or OTEL_TRACES_EXPORTER
+naming an exporter (`otlp`, `console`), an SDK TracerProvider is installed with a batching OTLP
+exporter (OTEL_EXPORTER_OTLP_PROTOCOL picks gRPC or HTTP; endpoint, headers, sampler, resource and
+batch sizes are read by the SDK itself). OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none keep
+it off. Off, nothing is installed: `tracer()` is OpenTelemetry's no-op tracer (a span costs a
+context switch, no allocation of span data, no export), the gRPC interceptors are not added to
+servers or channels, and no `traceparent` is sent.
+
+Spans are made through `tracer()`, not the API's global provider, so tests and benchmarks can
+switch tracing on and off in one process (`install`, `uninstall`); `configure_from_env` also sets
+the global provider, so an agent's own OpenTelemetry spans join the operation's trace.
+
+Context crosses processes as gRPC metadata (`traceparent`, `tracestate`, by the propagators of
+OTEL_PROPAGATORS, W3C trace context by default): `TracingServerInterceptor` continues it on the
+servers, `client_interceptors` (the command line) and `outgoing_metadata` (the gateway's calls to
+the runtime, per call: an aio client interceptor costs ~150 µs per call) send it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "stopline"
+TRACEPARENT = "traceparent"
+MAX_TRACEPARENT = 55
+"""Characters of a version-00 W3C traceparent, as stored with an operation."""
+
+Handler = Any  # grpc.RpcMethodHandler (a namedtuple whose fields grpc-stubs leave untyped)
+
+UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Server methods without spans: probes (the gateway checks the runtime every few seconds) would
+fill a trace store with one-span traces that say nothing."""
+
+# Server span status ERROR only for codes that mean the server failed (OpenTelemetry's RPC
+# semantic conventions): a caller's mistake (NOT_FOUND, INVALID_ARGUMENT...) is not an error here.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class _State:
+    provider: TracerProvider | None = None
+    tracer: trace.Tracer = trace.NoOpTracer()
+
+
+def enabled() -> bool:
+    """Whether spans are recorded and exported (an SDK provider is installed)."""
+    return _State.provider is not None
+
+
+def tracer() -> trace.Tracer:
+    return _State.tracer
+
+
+def provider() -> TracerProvider | None:
+    return _State.provider
+
+
+# ---------------------------------------------------------------------------- switching it on
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def exporter_names(env: Mapping[str, str] | None = None) -> list[str]:
+    """The exporters the environment asks for; empty: tracing stays off."""
+    env = os.environ if env is None else env
+    if _flag(env, "OTEL_SDK_DISABLED"):
+        return []
+    named = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if named:
+        return [n.strip() for n in named.split(",") if n.strip() and n.strip() != "none"]
+    if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return ["otlp"]
+    return []
+
+
+def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ValueError(
+            f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (use otlp, console or none)"
+        )
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "grpc"
+    ).strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpSpanExporter,
+        )
+
+        return HttpSpanExporter()
+    raise ValueError(
+        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} (grpc or http/protobuf)"
+    )
+
+
+def configure_from_env(service_name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Install an SDK provider exporting as the `OTEL_*` variables say; False (and nothing
+    installed) when they say nothing. ValueError names a variable with an unsupported value.
+    `service_name` is the default of OTEL_SERVICE_NAME."""
+    env = os.environ if env is None else env
+    names = exporter_names(env)
+    if not names:
+        return False
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    exporters = [_exporter(name, env) for name in names]
+    sdk_provider = _new_provider(service_name)
+    for exporter in exporters:
+        sdk_provider.add_span_processor(BatchSpanProcessor(exporter))
+    _use(sdk_provider)
+    # Also the global one (settable once per process), so agents' own spans join the trace.
+    trace.set_tracer_provider(sdk_provider)
+    return True
+
+
+def install(
+    exporter: SpanExporter | None = None, service_name: str = "stopline", *, batch: bool = False
+) -> TracerProvider:
+    """Switch tracing on in this process (tests, benchmarks). `exporter` None: spans are
+    recorded, batched and dropped (the whole cost of tracing but the network), which is what a
+    benchmark of tracing on vs off compares. `batch` False exports each span as it ends (tests
+    read an InMemorySpanExporter at once). Undo with `uninstall`."""
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class _Dropping(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    sdk_provider = _new_provider(service_name)
+    chosen = exporter if exporter is not None else _Dropping()
+    use_batch = batch or exporter is None
+    processor = BatchSpanProcessor(chosen) if use_batch else SimpleSpanProcessor(chosen)
+    sdk_provider.add_span_processor(processor)
+    _use(sdk_provider)
+    return sdk_provider
+
+
+def uninstall() -> None:
+    """Back to off, after exporting what is buffered."""
+    old = _State.provider
+    _State.provider = None
+    _State.tracer = trace.NoOpTracer()
+    if old is not None:
+        old.shutdown()
+
+
+def shutdown() -> None:
+    """At process exit: export what is buffered (the batch processor sends every few seconds)."""
+    if _State.provider is not None:
+        _State.provider.shutdown()
+
+
+def _new_provider(service_name: str) -> TracerProvider:
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, which win.
+    return TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+
+
+def _use(sdk_provider: TracerProvider) -> None:
+    if _State.provider is not None and _State.provider is not sdk_provider:
+        _State.provider.shutdown()
+    _State.provider = sdk_provider
+    _State.tracer = sdk_provider.get_tracer(TRACER_NAME)
+
+
+# ---------------------------------------------------------------------------- context
+
+
+def current_traceparent() -> str | None:
+    """The W3C traceparent of the current span, to store with work that runs later (an
+    operation's runs); None when tracing is off or there is no span."""
+    if not enabled():
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    value = carrier.get(TRACEPARENT)
+    return value if value is not None and len(value) <= MAX_TRACEPARENT else None
+
+
+def context_from_traceparent(traceparent: str | None) -> otel_context.Context | None:
+    """The context a stored traceparent names (a parent for spans begun now); None without one."""
+    if not traceparent:
+        return None
+    return propagate.extract({TRACEPARENT: traceparent})
+
+
+def outgoing_metadata(
+    metadata: Sequence[tuple[str, str]] | None,
+) -> Sequence[tuple[str, str]] | None:
+    """`metadata` plus the current trace context (when tracing is on and a span is current)."""
+    if not enabled():
+        return metadata
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return metadata
+    return (*(metadata or ()), *carrier.items())
+
+
+def _metadata_getter(metadata: Any) -> dict[str, str]:
+    """gRPC metadata as the propagators' carrier (text values only; keys are lower case)."""
+    return {key: value for key, value in metadata or () if isinstance(value, str)}
+
+
+class TracingServerInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """One SERVER span per call (`package.Service/Method`, with the rpc.* attributes), a child of
+    the caller's span when the call carries a trace context, current while the handler runs (so
+    the handler's own spans, logs and outgoing calls belong to it). Put it before the others, so
+    the calls they refuse have spans too."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNTRACED_PREFIXES):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        field = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        wrapped: Handler = handler._replace(**{field: _traced(method, getattr(handler, field))})
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _traced(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    name = method.lstrip("/")
+    service, _, rpc_method = name.partition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc_method}
+
+    @contextlib.contextmanager
+    def span(context: aio.ServicerContext[Any, Any]) -> Iterator[trace.Span]:
+        parent = propagate.extract(_metadata_getter(context.invocation_metadata()))
+        with tracer().start_as_current_span(
+            name,
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as current:
+            error: BaseException | None = None
+            try:
+                yield current
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                _end(current, context, error)
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def traced_stream(request: Any, context: Any) -> AsyncGenerator[Any, None]:
+            # The call's own task runs every resumption of this generator, so the span stays
+            # current for the handler across its yields.
+            with span(context):
+                async for item in behaviour(request, context):
+                    yield item
+
+        return traced_stream
+
+    async def traced(request: Any, context: Any) -> Any:
+        with span(context):
+            return await behaviour(request, context)
+
+    return traced
+
+
+def _end(
+    span: trace.Span, context: aio.ServicerContext[Any, Any], error: BaseException | None
+) -> None:
+    code = context.code()
+    status: grpc.StatusCode | None = code if isinstance(code, grpc.StatusCode) else None
+    if status is None and isinstance(code, int):
+        status = next((s for s in grpc.StatusCode if s.value[0] == code), None)
+    if status is None:
+        if isinstance(error, asyncio.CancelledError):
+            status = grpc.StatusCode.CANCELLED
+        elif error is not None:
+            status = grpc.StatusCode.UNKNOWN
+        else:
+            status = grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", status.value[0])
+    if status in _SERVER_ERRORS:
+        span.set_status(trace.StatusCode.ERROR, status.name)
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+class _Inject:
+    @staticmethod
+    def _details(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if not carrier:
+            return details
+        metadata = aio.Metadata(*(details.metadata or ()))
+        for key, value in carrier.items():
+            metadata.add(key, value)
+        return aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+if TYPE_CHECKING:  # generic in the stubs only
+    _UU = aio.UnaryUnaryClientInterceptor[Any, Any]
+    _US = aio.UnaryStreamClientInterceptor[Any, Any]
+else:
+    _UU = aio.UnaryUnaryClientInterceptor
+    _US = aio.UnaryStreamClientInterceptor
+
+
+class _UnaryUnaryInject(_Inject, _UU):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamInject(_Inject, _US):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def client_interceptors() -> list[Any]:
+    """For a client's channel (the command line's): every call carries the caller's trace
+    context. Empty when tracing is off, so the channel has no interceptor to pay for."""
+    if not enabled():
+        return []
+    return [_UnaryUnaryInject(), _UnaryStreamInject()]
+
+
+def server_interceptors() -> list[aio.ServerInterceptor]:  # type: ignore[type-arg]
+    """For a server: its calls' spans. Empty when tracing is off."""
+    return [TracingServerInterceptor()] if enabled() else []
