@@ -49,4 +49,6 @@ def operation_from_row(row: Any) -> Operation:
         owner=row.owner,
         deadline_at=row.deadline_at,
         max_steps=row.max_steps,
+        input_request_id=row.input_request_id,
+        pause_requested_at=row.pause_requested_at,
     )

@@ -42,6 +42,12 @@ class AlreadyExists(StoplineError):
     """An idempotency key was reused for a different request."""
 
 
+class FailedPrecondition(StoplineError):
+    """The request is well-formed but the operation's state refuses it (an input request that
+    was answered differently, expired, or belongs to an operation that ended); the message says
+    what the state is."""
+
+
 class ResourceExhausted(StoplineError):
     """A configured limit was reached; the message names the limit."""
 
