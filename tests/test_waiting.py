@@ -285,8 +285,8 @@ async def test_free_answer_checked_against_its_schema(app: RuntimeApp) -> None:
     with pytest.raises(InvalidArgument) as raised:
         await app.operations.answer(op.id, asked.data["request_id"], "a", {"value": {}}, "x")
     assert raised.value.field == "answer.value"
+    bad = {"value": {"colour": 7}}
     with pytest.raises(InvalidArgument) as raised:
-        bad = {"value": {"colour": 7}}
         await app.operations.answer(op.id, asked.data["request_id"], "a", bad, "x")
     assert raised.value.field == "answer.value.colour"
     good = {"value": {"colour": "red"}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 from runtime_service.domain import JSONValue
@@ -27,6 +28,6 @@ class SendTool(Tool):
         SendTool.runs.append(arguments)
         log = os.environ.get("STOPLINE_TEST_SEND_LOG")
         if log:
-            with open(log, "a") as f:
+            with Path(log).open("a") as f:  # noqa: ASYNC230 (a test's small append)
                 f.write(json.dumps(arguments) + "\n")
         return {"sent": arguments["amount"], "to": arguments["to"]}
