@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stopline.json_values import value_to_python
 from stopline.v1 import operation_pb2 as op_pb
 from stopline_cli.waiting import reply_for
 from tests.credentials import OTHER_TOKEN
@@ -72,7 +73,7 @@ def test_answer_a_waiting_operation_from_a_script(services: Services) -> None:
     shown = services.run("attach", op_id)
     assert "WAITING for a person: answer: Which colour?" in shown.stdout, shown.stdout
     assert 'answered {"colour":"red"} by tester' in shown.stdout
-    assert done.result.struct_value["value"]["colour"] == "red"
+    assert value_to_python(done.result) == {"value": {"colour": "red"}, "expired": False}
 
 
 def test_pause_and_resume_from_the_command_line(services: Services) -> None:
