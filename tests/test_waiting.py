@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,7 +69,7 @@ class AskerAgent:
 
 class CutOnceAgent:
     """Two steps; the first attempt at step 0 hangs (until a stop or pause cuts it), every later
-    attempt returns at once. Counts attempts per operation."""
+    attempt returns at once. Counts attempts per operation (in this process)."""
 
     def __init__(self) -> None:
         self.attempts: dict[str, int] = defaultdict(int)
@@ -80,7 +81,14 @@ class CutOnceAgent:
     async def step(self, ctx: StepContext) -> StepResult:
         if ctx.step == 0:
             self.attempts[ctx.operation_id] += 1
-            if self.attempts[ctx.operation_id] == 1:
+            # Across processes (input "marker": a file path), the first attempt is the one that
+            # finds no marker file.
+            marker = ctx.input.get("marker")
+            first = self.attempts[ctx.operation_id] == 1
+            if marker is not None:
+                first = not await asyncio.to_thread(Path(marker).exists)
+                await asyncio.to_thread(Path(marker).touch)
+            if first:
                 await ctx.emit("working")
                 self.hanging[ctx.operation_id].set()
                 await asyncio.Event().wait()

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def fake_llm(tmp_path: Path) -> Iterator[str]:
-    """A fake model in its own process: each operation's first turn asks for `send`, the
-    second answers."""
+    """A fake model in its own process, asking for `send` (set_script then makes it answer)."""
     asks = {
         "kind": "tool_calls",
         "calls": [{"name": "send", "arguments": '{"to": "bob", "amount": 5}', "id": "call_send"}],
     }
-    script = [asks] * OPERATIONS + [{"kind": "text", "text": "Sent."}] * OPERATIONS
+    script = [asks] * (OPERATIONS * 3)
     path = tmp_path / "script.json"
     path.write_text(json.dumps(script))
     command = [sys.executable, "-m", "fake_llm", "--port", "0", "--tokens-per-second", "0"]
@@ -59,6 +59,16 @@ def processes() -> Iterator[list[ServiceProcess]]:
         process.close()
 
 
+def set_script(base_url: str, turns: list[dict[str, object]]) -> None:
+    request = urllib.request.Request(
+        base_url.removesuffix("/v1") + "/_fake/script",
+        data=json.dumps(turns).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
 def poll(stub: rt_grpc.RuntimeServiceStub, op_ids: list[str], status: int) -> list[op_pb.Operation]:
     deadline = time.monotonic() + 60
     while True:
@@ -69,7 +79,15 @@ def poll(stub: rt_grpc.RuntimeServiceStub, op_ids: list[str], status: int) -> li
         if all(o.status == status for o in found):
             return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"not all {status}: {[o.status for o in found]}")
+            kinds = [
+                [
+                    (r.event.WhichOneof("kind"), str(r.event)[:300])
+                    for r in stub.WatchOperation(rt_pb.WatchOperationRequest(operation_id=i))
+                ]
+                for i in op_ids
+                if i in [o.id for o in found if o.status in (4, 5, 6)]
+            ]
+            raise AssertionError(f"not all {status}: {[o.status for o in found]} {kinds}")
         time.sleep(0.05)  # polling interval, not synchronisation: the loop checks the state
 
 
@@ -97,6 +115,7 @@ def test_runtime_killed_while_operations_wait_answers_resume_them_elsewhere(
             op_ids.append(stub.StartOperation(start, timeout=10).operation.id)
             poll(stub, op_ids[-1:], op_pb.OPERATION_STATUS_WAITING)
     first.kill()
+    set_script(fake_llm, [{"kind": "text", "text": "Sent."}] * (OPERATIONS * 3))
 
     second = RuntimeProcess(postgres_url, tmp_path, extra_args=args, env=env)
     processes.append(second)
@@ -129,3 +148,55 @@ def test_runtime_killed_while_operations_wait_answers_resume_them_elsewhere(
     runs = [json.loads(line) for line in send_log.read_text().splitlines()]
     assert runs == [{"to": "bob", "amount": 5}] * OPERATIONS  # each ran once, after the restart
     assert first.process.returncode == -9
+
+
+def test_pause_sent_to_another_replica_cuts_the_step_where_it_runs(
+    postgres_url: str, tmp_path: Path, processes: list[ServiceProcess]
+) -> None:
+    """The pause lands on the replica that did not run the operation: it reaches the runner the
+    way a stop does; the resume, on that same other replica, reruns the cut step elsewhere or
+    there, as a new attempt, and the operation completes."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    args = (
+        *("--lease-seconds", "1", "--poll-seconds", "0.1"),
+        *("--agent", "cut_once=tests.test_waiting:CutOnceAgent"),
+    )
+    runner = RuntimeProcess(postgres_url, tmp_path, extra_args=args, env=env)
+    processes.append(runner)
+    other = RuntimeProcess(postgres_url, tmp_path, extra_args=args, env=env)
+    processes.append(other)
+    with (
+        runtime_sync_channel(runner.address) as first,
+        runtime_sync_channel(other.address) as second,
+    ):
+        here, there = rt_grpc.RuntimeServiceStub(first), rt_grpc.RuntimeServiceStub(second)
+        start = rt_pb.StartOperationRequest(agent="cut_once")
+        start.input.update({"marker": str(tmp_path / "first-attempt")})
+        op_id = here.StartOperation(start, timeout=10).operation.id
+        for response in here.WatchOperation(rt_pb.WatchOperationRequest(operation_id=op_id)):
+            if response.event.WhichOneof("kind") == "output_chunk":
+                break  # the first attempt hangs in its step now
+        paused = there.PauseOperation(
+            rt_pb.PauseOperationRequest(operation_id=op_id, requested_by="ops"), timeout=10
+        )
+        assert paused.outcome == rt_pb.PAUSE_OUTCOME_ACCEPTED
+        [operation] = poll(there, [op_id], op_pb.OPERATION_STATUS_PAUSED)
+        assert not operation.pause_requested
+        resumed = there.ResumeOperation(
+            rt_pb.ResumeOperationRequest(operation_id=op_id, requested_by="ops"), timeout=10
+        )
+        assert resumed.outcome == rt_pb.RESUME_OUTCOME_ACCEPTED
+        poll(there, [op_id], op_pb.OPERATION_STATUS_COMPLETED)
+        events = [
+            r.event for r in there.WatchOperation(rt_pb.WatchOperationRequest(operation_id=op_id))
+        ]
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert "interrupted" not in kinds
+    [cut] = [e.paused for e in events if e.WhichOneof("kind") == "paused"]
+    assert cut.mid_step and cut.step == 0
+    attempts = [
+        (e.step_started.step, e.step_started.attempt)
+        for e in events
+        if e.WhichOneof("kind") == "step_started"
+    ]
+    assert attempts == [(0, 1), (0, 2), (1, 1)]
