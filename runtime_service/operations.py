@@ -370,6 +370,7 @@ class OperationsService:
             raise InvalidArgument("answer_id", "is required: choose one, and reuse it on retries")
         _bounded_text(answer_id, "answer_id", MAX_ANSWER_ID)
         by = _bounded_text(answered_by, "answered_by", MAX_REQUESTED_BY)
+        check_input_size(answer, self.config.max_input_bytes, "answer")
         if "reason" in answer:
             _bounded_text(str(answer["reason"]), "answer.approval.reason", MAX_REASON)
         op_id = await self._owned(operation_id, owner)

@@ -342,9 +342,22 @@ class Runner:
 
     async def _expire_requests(self) -> None:
         """Resolve input requests past their expiry (every replica sweeps; each resolution is a
-        compare-and-set), and look for the work they made claimable."""
+        compare-and-set), and look for the work they made claimable; stop waiting operations
+        past their deadline."""
         try:
             expired = await self._storage.expire_requests()
+            overdue = await self._storage.overdue_waiting()
+            for operation in overdue:
+                # Nobody owns it to arm its deadline: the stop is recorded here, and ends it
+                # at once (no step is in flight).
+                assert operation.deadline_at is not None
+                seconds = (operation.deadline_at - operation.created_at).total_seconds()
+                cause = stop_causes.deadline_exceeded(seconds)
+                stopped = await self._storage.record_stop(
+                    operation.id, cause.requested_by, cause.reason, cause.cause
+                )
+                if stopped is not None:
+                    self._publish(list(stopped.events))
         except STORAGE_FAILURES as exc:
             log.warning("expiring input requests failed (%s); retrying", exc)
             return

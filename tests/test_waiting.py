@@ -398,3 +398,13 @@ async def test_pause_waiting_then_stop_ends_it(app: RuntimeApp, fake: FakeLLM) -
     await app.operations.pause(op2, "ops")
     result = await app.operations.interrupt(op2, "ops", "enough")
     assert result.operation.status is OperationStatus.INTERRUPTED
+
+
+async def test_deadline_passes_while_waiting_ends_it(app: RuntimeApp) -> None:
+    """No runner owns a waiting operation to arm its deadline: the sweep stops it."""
+    op = (await app.operations.start("asker", {}, "", deadline_seconds=0.5)).operation
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.INTERRUPTED, events[-1]
+    assert events[-1].data["cause"] == "DEADLINE_EXCEEDED"
+    kinds = [e.kind for e in events]
+    assert EventKind.INPUT_REQUESTED in kinds and EventKind.INPUT_ANSWERED not in kinds

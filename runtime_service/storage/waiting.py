@@ -412,6 +412,24 @@ class WaitingStorage(SharedStorage):
         notify(conn, WORK)
         return [event]
 
+    async def overdue_waiting(self, limit: int = 100) -> list[Operation]:
+        """WAITING or PAUSED operations past their deadline with no stop recorded: no runner
+        owns them to arm the deadline, so the lease loop's sweep stops them."""
+        return await self._call(self._overdue_waiting, limit)
+
+    def _overdue_waiting(self, limit: int) -> list[Operation]:
+        query = (
+            select(operations)
+            .where(
+                operations.c.status.in_(_WAITS),
+                operations.c.deadline_at <= utcnow(),
+                operations.c.stop_requested_at.is_(None),
+            )
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [operation_from_row(row) for row in conn.execute(query)]
+
     # ------------------------------------------------------------------ pause and resume
 
     async def pause(self, operation_id: str, requested_by: str) -> PauseResult | None:

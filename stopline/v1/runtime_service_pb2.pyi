@@ -614,7 +614,9 @@ class StopOperationsRequest(_message.Message):
     The gateway sets the authenticated principal.
     """
     status: _operation_pb2.OperationStatus.ValueType
-    """PENDING or RUNNING; UNSPECIFIED: both. Operations already STOPPING are left as they are."""
+    """PENDING, RUNNING, WAITING or PAUSED; UNSPECIFIED: all four. Operations already STOPPING are
+    left as they are.
+    """
     agent: _builtins.str
     """Only operations of this agent (empty: any)."""
     @_builtins.property

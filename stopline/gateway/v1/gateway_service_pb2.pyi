@@ -538,7 +538,7 @@ class StopOperationsRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     status: _operation_pb2.OperationStatus.ValueType
-    """PENDING or RUNNING; UNSPECIFIED: both."""
+    """PENDING, RUNNING, WAITING or PAUSED; UNSPECIFIED: all four."""
     agent: _builtins.str
     """Only operations of this agent (empty: any)."""
     @_builtins.property
