@@ -100,7 +100,7 @@ def test_runtime_killed_while_operations_wait_answers_resume_them_elsewhere(
         "STOPLINE_TEST_SEND_LOG": str(send_log),
     }
     args = (
-        *("--lease-seconds", "1", "--poll-seconds", "0.1", "--llm-base-url", fake_llm),
+        *("--lease-seconds", "5", "--poll-seconds", "0.1", "--llm-base-url", fake_llm),
         *("--tool", "send=tests.waiting_tools:SendTool"),
     )
     first = RuntimeProcess(postgres_url, tmp_path, extra_args=args, env=env)
@@ -158,7 +158,7 @@ def test_pause_sent_to_another_replica_cuts_the_step_where_it_runs(
     there, as a new attempt, and the operation completes."""
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     args = (
-        *("--lease-seconds", "1", "--poll-seconds", "0.1"),
+        *("--lease-seconds", "5", "--poll-seconds", "0.1"),
         *("--agent", "cut_once=tests.test_waiting:CutOnceAgent"),
     )
     runner = RuntimeProcess(postgres_url, tmp_path, extra_args=args, env=env)
