@@ -215,4 +215,8 @@ def describe_operation(operation: op_pb.Operation) -> str:
         line += _cause(operation.stop_request.cause, "  stop=")
     if operation.error:
         line += f"  error={operation.error!r}"
+    if operation.status == op_pb.OPERATION_STATUS_WAITING and operation.input_request_id:
+        line += f"  request={operation.input_request_id}"
+    if operation.pause_requested:
+        line += "  pause_requested"
     return line
