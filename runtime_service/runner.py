@@ -25,9 +25,9 @@ last checkpoint.
 
 Waiting for a person (storage/waiting.py): a step that returns `ask` ends the run: the boundary
 write checkpoints it, stores the request and leaves the operation WAITING with no runner, so the
-slot and the coroutine are freed at once. An answer (or an expiry, swept by every replica's lease
-loop) makes it PENDING, and whichever runner claims it gives the answer to the next step
-(StepContext.answer). A pause travels like a stop (the same notification channel, marked, and the
+slot and the coroutine are freed at once. An answer (or an expiry, swept by every replica's sweep
+loop every poll_seconds, apart from the lease loop so it never delays a renewal) makes it
+PENDING, and whichever runner claims it gives the answer to the next step (StepContext.answer). A pause travels like a stop (the same notification channel, marked, and the
 lease loop's look at the stored intent) and cuts the step the same way; only the last write
 differs: `pause_halt` leaves the operation PAUSED instead of INTERRUPTED, keeping the last
 checkpoint (a resume reruns the cut step as a new attempt).
@@ -155,6 +155,7 @@ class Runner:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim loop"),
             asyncio.create_task(self._lease_loop(), name="lease loop"),
+            asyncio.create_task(self._sweep_loop(), name="input expiry loop"),
         ]
 
     def submit(self, operation_id: str) -> None:
@@ -323,7 +324,6 @@ class Runner:
                 if run.step_task is not None and not run.step_task.done():
                     log.warning("operation %s: lease lost; abandoning its step", operation_id)
                     run.step_task.cancel()
-            await self._expire_requests()
 
     async def _deliver_stored(self, operation_id: str) -> None:
         """Deliver the stored intent (stop or pause) of an operation this runner runs."""
@@ -339,6 +339,12 @@ class Runner:
             self.deliver_stop(operation_id)
         elif operation.pause_requested_at is not None:
             self.deliver_pause(operation_id)
+
+    async def _sweep_loop(self) -> None:
+        """Its own loop, so that a slow sweep never delays a lease renewal."""
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            await self._expire_requests()
 
     async def _expire_requests(self) -> None:
         """Resolve input requests past their expiry (every replica sweeps; each resolution is a
