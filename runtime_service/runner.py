@@ -27,9 +27,9 @@ Waiting for a person (storage/waiting.py): a step that returns `ask` ends the ru
 write checkpoints it, stores the request and leaves the operation WAITING with no runner, so the
 slot and the coroutine are freed at once. An answer (or an expiry, swept by every replica's sweep
 loop every poll_seconds, apart from the lease loop so it never delays a renewal) makes it
-PENDING, and whichever runner claims it gives the answer to the next step (StepContext.answer). A pause travels like a stop (the same notification channel, marked, and the
-lease loop's look at the stored intent) and cuts the step the same way; only the last write
-differs: `pause_halt` leaves the operation PAUSED instead of INTERRUPTED, keeping the last
+PENDING, and whichever runner claims it gives the answer to the next step (StepContext.answer).
+A pause travels like a stop (the same notification channel, marked, and the lease loop's look at
+the stored intent) and cuts the step the same way; only the last write differs: `pause_halt` leaves the operation PAUSED instead of INTERRUPTED, keeping the last
 checkpoint (a resume reruns the cut step as a new attempt).
 """
 
