@@ -29,8 +29,9 @@ slot and the coroutine are freed at once. An answer (or an expiry, swept by ever
 loop every poll_seconds, apart from the lease loop so it never delays a renewal) makes it
 PENDING, and whichever runner claims it gives the answer to the next step (StepContext.answer).
 A pause travels like a stop (the same notification channel, marked, and the lease loop's look at
-the stored intent) and cuts the step the same way; only the last write differs: `pause_halt` leaves the operation PAUSED instead of INTERRUPTED, keeping the last
-checkpoint (a resume reruns the cut step as a new attempt).
+the stored intent) and cuts the step the same way; only the last write differs: `pause_halt`
+leaves the operation PAUSED instead of INTERRUPTED, keeping the last checkpoint (a resume reruns
+the cut step as a new attempt).
 """
 
 from __future__ import annotations
