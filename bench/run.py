@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import agent_scenarios, floor, node_client, scenarios
+from bench import agent_scenarios, floor, node_client, scenarios, waiting_scenarios
 from bench.raw_server import save
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
@@ -94,7 +94,7 @@ SCENARIOS: tuple[str, ...] = (
     "baseline",
     "cross",
 )
-SCENARIOS += ("capacity",)
+SCENARIOS += ("capacity", "waiting")
 AGENT_SCENARIOS = agent_scenarios.SCENARIOS
 SCENARIOS += AGENT_SCENARIOS
 
@@ -153,6 +153,11 @@ async def stopline_suite(
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    if "waiting" in only:
+        with Stack(backend, workdir, runtime_args=waiting_scenarios.RUNTIME_ARGS) as stack:
+            out["waiting"] = await waiting_scenarios.waiting_capacity(
+                stack, 1000 if quick else 10_000
+            )
     if only & set(AGENT_SCENARIOS):
         profiles = None if quick else RESULTS / "profiles"
         out.update(await agent_scenarios.suite(backend, workdir, quick, only, profiles))

@@ -476,6 +476,36 @@ class Gateway:
     async def get(self, operation_id: str, owner: str) -> op_pb.Operation:
         return self.owners.check(await self._fetch(parse_operation_id(operation_id)), owner)
 
+    # ------------------------------------------------------------------ waiting for a person
+
+    async def answer(
+        self, request: rt_pb.AnswerInputRequest, owner: str
+    ) -> rt_pb.AnswerInputResponse:
+        """Answer an input request of the caller's operation: checked here (NOT_FOUND for
+        anyone else's) and again by the runtime (`owner` on the request)."""
+        op_id = parse_operation_id(request.operation_id)
+        await self.owners.require(op_id, owner, self._fetch)
+        request.operation_id, request.owner = op_id, owner
+        return await self.link.answer(request)
+
+    async def pause(
+        self, operation_id: str, requested_by: str, owner: str
+    ) -> rt_pb.PauseOperationResponse:
+        op_id = parse_operation_id(operation_id)
+        await self.owners.require(op_id, owner, self._fetch)
+        return await self.link.pause(
+            rt_pb.PauseOperationRequest(operation_id=op_id, requested_by=requested_by, owner=owner)
+        )
+
+    async def resume(
+        self, operation_id: str, requested_by: str, owner: str
+    ) -> rt_pb.ResumeOperationResponse:
+        op_id = parse_operation_id(operation_id)
+        await self.owners.require(op_id, owner, self._fetch)
+        return await self.link.resume(
+            rt_pb.ResumeOperationRequest(operation_id=op_id, requested_by=requested_by, owner=owner)
+        )
+
     async def stop_matching(
         self, request: rt_pb.StopOperationsRequest, owner: str
     ) -> rt_pb.StopOperationsResponse:

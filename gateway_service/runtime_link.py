@@ -127,6 +127,15 @@ class RuntimeLink:
     ) -> rt_pb.StopOperationsResponse:
         return await self._unary(self._stub.StopOperations, request, self._timeout)
 
+    async def answer(self, request: rt_pb.AnswerInputRequest) -> rt_pb.AnswerInputResponse:
+        return await self._unary(self._stub.AnswerInput, request, self._timeout)
+
+    async def pause(self, request: rt_pb.PauseOperationRequest) -> rt_pb.PauseOperationResponse:
+        return await self._unary(self._stub.PauseOperation, request, self._timeout)
+
+    async def resume(self, request: rt_pb.ResumeOperationRequest) -> rt_pb.ResumeOperationResponse:
+        return await self._unary(self._stub.ResumeOperation, request, self._timeout)
+
     async def serving(self, deadline_seconds: float) -> bool:
         """Whether a runtime (the one this call lands on) answers its health check SERVING for
         RuntimeService; a runtime shutting down answers NOT_SERVING."""

@@ -190,3 +190,41 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.ListOperationsResponse(
             operations=page.operations, next_page_token=page.next_page_token
         )
+
+    @unary
+    async def AnswerInput(
+        self,
+        request: pb.AnswerInputRequest,
+        context: aio.ServicerContext[pb.AnswerInputRequest, pb.AnswerInputResponse],
+    ) -> pb.AnswerInputResponse:
+        answered = await self._gw.answer(
+            rt_pb.AnswerInputRequest(
+                operation_id=request.operation_id,
+                request_id=request.request_id,
+                answer_id=request.answer_id,
+                answer=request.answer,
+                answered_by=current_principal()[:MAX_REQUESTED_BY],
+            ),
+            current_principal(),
+        )
+        return pb.AnswerInputResponse(
+            outcome=answered.outcome, operation=answered.operation, answered=answered.answered
+        )
+
+    @unary
+    async def PauseOperation(
+        self,
+        request: pb.PauseOperationRequest,
+        context: aio.ServicerContext[pb.PauseOperationRequest, pb.PauseOperationResponse],
+    ) -> pb.PauseOperationResponse:
+        paused = await self._gw.pause(request.operation_id, _caller(context), current_principal())
+        return pb.PauseOperationResponse(outcome=paused.outcome, operation=paused.operation)
+
+    @unary
+    async def ResumeOperation(
+        self,
+        request: pb.ResumeOperationRequest,
+        context: aio.ServicerContext[pb.ResumeOperationRequest, pb.ResumeOperationResponse],
+    ) -> pb.ResumeOperationResponse:
+        resumed = await self._gw.resume(request.operation_id, _caller(context), current_principal())
+        return pb.ResumeOperationResponse(outcome=resumed.outcome, operation=resumed.operation)

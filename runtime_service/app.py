@@ -71,6 +71,7 @@ class RuntimeApp:
             poll_seconds=config.poll_seconds,
             abort_mid_step=config.abort_mid_step,
             deltas=DeltaSettings(config.delta_flush_seconds, config.delta_flush_chars),
+            input_expiry_seconds=config.input_expiry_seconds,
         )
         # The one place that looks at the database's dialect: storage is chosen here, and with
         # it how replicas hear of each other (PostgreSQL notifications) or that there are none.

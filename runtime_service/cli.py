@@ -141,6 +141,15 @@ def _database_option(fn: Any) -> Any:
     help="How long a stop sent by idempotency key before its start stays waiting for that start.",
 )
 @click.option(
+    "--input-expiry-seconds",
+    envvar="STOPLINE_INPUT_EXPIRY_SECONDS",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=_DEFAULTS.input_expiry_seconds,
+    show_default=True,
+    help="How long an input request stays open when its agent sets no expiry (then it takes its "
+    "default: deny unless the agent said otherwise).",
+)
+@click.option(
     "--poll-seconds",
     envvar="STOPLINE_POLL_SECONDS",
     type=click.FloatRange(min=0.01),
@@ -306,6 +315,7 @@ def serve(
     max_running: int,
     lease_seconds: float,
     stop_tombstone_seconds: float,
+    input_expiry_seconds: float,
     poll_seconds: float,
     default_deadline: float | None,
     max_deadline: float,
@@ -367,6 +377,7 @@ def serve(
         max_running=max_running,
         lease_seconds=lease_seconds,
         stop_tombstone_seconds=stop_tombstone_seconds,
+        input_expiry_seconds=input_expiry_seconds,
         poll_seconds=poll_seconds,
         default_deadline_seconds=default_deadline,
         max_deadline_seconds=max_deadline,

@@ -117,6 +117,9 @@ class RuntimeConfig:
     # How long a stop sent by idempotency key before its start waits for that start (the
     # tombstone's life): a start with the key within it is created already INTERRUPTED.
     stop_tombstone_seconds: float = 600.0
+    # How long an input request a step makes stays open when the agent sets no expiry of its own
+    # (then it takes its default: deny, unless the agent said otherwise).
+    input_expiry_seconds: float = 86400.0
     # Claimable work and stored stop intents are re-checked at least this often (notifications
     # usually wake the runner much sooner on PostgreSQL).
     poll_seconds: float = 1.0

@@ -9,13 +9,18 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from runtime_service.domain import (
+    AnswerOutcome,
     Event,
     EventKind,
     InterruptOutcome,
     Operation,
     OperationStatus,
+    PauseOutcome,
+    ResumeOutcome,
     StopCause,
 )
+from stopline.errors import InvalidArgument
+from stopline.json_values import struct_to_python, value_to_python
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 
@@ -25,6 +30,8 @@ _STATUS_TO_PB = {
     OperationStatus.COMPLETED: op_pb.OPERATION_STATUS_COMPLETED,
     OperationStatus.FAILED: op_pb.OPERATION_STATUS_FAILED,
     OperationStatus.INTERRUPTED: op_pb.OPERATION_STATUS_INTERRUPTED,
+    OperationStatus.WAITING: op_pb.OPERATION_STATUS_WAITING,
+    OperationStatus.PAUSED: op_pb.OPERATION_STATUS_PAUSED,
 }
 # List filter values as storage understands them; STOPPING is a reported-only status.
 _FILTER_FROM_PB: dict[int, str | None] = {
@@ -100,6 +107,8 @@ def operation_to_pb(operation: Operation) -> op_pb.Operation:
     if operation.deadline_at is not None:
         msg.deadline_time.CopyFrom(timestamp(operation.deadline_at))
     msg.max_steps = operation.max_steps or 0
+    msg.input_request_id = operation.input_request_id or ""
+    msg.pause_requested = operation.pause_requested_at is not None
     return msg
 
 
@@ -117,6 +126,8 @@ _SCALAR_PAYLOADS: dict[EventKind, Any] = {
     EventKind.TOOL_CALL_FAILED: op_pb.ToolCallFailed,
     EventKind.TOOL_CALL_CANCELLED: op_pb.ToolCallCancelled,
     EventKind.TOOL_CALL_OUTCOME_UNKNOWN: op_pb.ToolCallOutcomeUnknown,
+    EventKind.PAUSE_REQUESTED: op_pb.PauseRequested,
+    EventKind.PAUSED: op_pb.OperationPaused,
 }
 # Payloads with one JSON value field (google.protobuf.Value): that field's name, the rest scalar.
 _VALUE_PAYLOADS: dict[EventKind, tuple[Any, str]] = {
@@ -164,7 +175,10 @@ def event_to_pb(event: Event) -> op_pb.Event:
     if "cause" in data and event.kind in _CAUSED:
         data = {**data, "cause": _CAUSE_TO_PB[StopCause(data["cause"])]}
     payload_type = _SCALAR_PAYLOADS.get(event.kind)
-    if payload_type is not None:
+    special = _SPECIAL_PAYLOADS.get(event.kind)
+    if special is not None:
+        payload = special(data)
+    elif payload_type is not None:
         payload = payload_type(**data)
     else:
         message_type, value_field = _VALUE_PAYLOADS[event.kind]
@@ -176,6 +190,102 @@ def event_to_pb(event: Event) -> op_pb.Event:
         time=timestamp(event.created_at),
         **{event.kind.value: payload},
     )
+
+
+# --- waiting for a person: answers as stored JSON (runtime_service/waiting.py) <-> protobuf ----
+
+_KINDS_TO_PB = {"approval": op_pb.INPUT_KIND_APPROVAL, "answer": op_pb.INPUT_KIND_ANSWER}
+
+
+def answer_to_pb(answer: dict[str, Any] | None) -> op_pb.InputAnswer:
+    msg = op_pb.InputAnswer()
+    if answer is None:
+        return msg
+    if "approved" in answer:
+        msg.approval.approved = bool(answer["approved"])
+        msg.approval.reason = str(answer.get("reason") or "")
+        if isinstance(answer.get("arguments"), dict):
+            msg.approval.arguments.update(answer["arguments"])
+    else:
+        msg.value.CopyFrom(json_to_value(answer.get("value")))
+    return msg
+
+
+def answer_from_pb(msg: op_pb.InputAnswer) -> dict[str, Any]:
+    """A request's answer as stored; INVALID_ARGUMENT when it is missing or not JSON."""
+    which = msg.WhichOneof("answer")
+    if which is None:
+        raise InvalidArgument("answer", "is required: an approval or a value")
+    try:
+        if which == "approval":
+            approval = msg.approval
+            answer: dict[str, Any] = {"approved": approval.approved, "reason": approval.reason}
+            if approval.HasField("arguments"):
+                answer["arguments"] = struct_to_python(approval.arguments)
+            return answer
+        return {"value": value_to_python(msg.value)}
+    except ValueError as exc:
+        raise InvalidArgument(f"answer.{which}", f"is not JSON: {exc}") from None
+
+
+def _input_requested(data: dict[str, Any]) -> op_pb.InputRequested:
+    msg = op_pb.InputRequested(
+        step=data["step"],
+        request_id=data["request_id"],
+        kind=_KINDS_TO_PB.get(data.get("kind", ""), op_pb.INPUT_KIND_UNSPECIFIED),
+        prompt=data.get("prompt", ""),
+        call_id=data.get("call_id", ""),
+        tool_name=data.get("tool_name", ""),
+        default_answer=answer_to_pb(data.get("default_answer")),
+    )
+    if "arguments" in data:
+        msg.arguments.CopyFrom(json_to_value(data["arguments"]))
+    if "schema" in data:
+        msg.schema.CopyFrom(json_to_value(data["schema"]))
+    msg.expire_time.CopyFrom(timestamp(datetime.fromisoformat(data["expire_time"])))
+    return msg
+
+
+def _input_answered(data: dict[str, Any]) -> op_pb.InputAnswered:
+    return op_pb.InputAnswered(
+        step=data["step"],
+        request_id=data["request_id"],
+        answer_id=data.get("answer_id", ""),
+        answer=answer_to_pb(data.get("answer")),
+        answered_by=data.get("answered_by", ""),
+        expired=bool(data.get("expired", False)),
+    )
+
+
+def _resumed(data: dict[str, Any]) -> op_pb.OperationResumed:
+    return op_pb.OperationResumed(
+        requested_by=data.get("requested_by", ""),
+        status=_STATUS_TO_PB[OperationStatus(data["status"])],
+    )
+
+
+_SPECIAL_PAYLOADS: dict[EventKind, Any] = {
+    EventKind.INPUT_REQUESTED: _input_requested,
+    EventKind.INPUT_ANSWERED: _input_answered,
+    EventKind.RESUMED: _resumed,
+}
+
+
+def answered_to_pb(data: dict[str, Any]) -> op_pb.InputAnswered:
+    """An input_answered event's data (StoredRequest.resolution) as its message."""
+    return _input_answered(data)
+
+
+def answer_outcome_to_pb(outcome: AnswerOutcome) -> rt_pb.AnswerOutcome.ValueType:
+    return rt_pb.AnswerOutcome.Value(f"ANSWER_OUTCOME_{outcome.value}")
+
+
+def pause_outcome_to_pb(outcome: PauseOutcome) -> rt_pb.PauseOutcome.ValueType:
+    return rt_pb.PauseOutcome.Value(f"PAUSE_OUTCOME_{outcome.value}")
+
+
+def resume_outcome_to_pb(outcome: ResumeOutcome) -> rt_pb.ResumeOutcome.ValueType:
+    return rt_pb.ResumeOutcome.Value(f"RESUME_OUTCOME_{outcome.value}")
 
 
 def batched(

@@ -27,6 +27,10 @@ class OperationStatus(enum.StrEnum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     INTERRUPTED = "INTERRUPTED"
+    # Waiting for a person's answer to an input request: holds no runner slot, only its rows.
+    WAITING = "WAITING"
+    # Paused by an operator: no step runs until it is resumed.
+    PAUSED = "PAUSED"
 
     @property
     def is_terminal(self) -> bool:
@@ -97,6 +101,10 @@ class Operation:
     events_expired_at: datetime | None = None
     # The start's W3C traceparent (tracing on at the start), continued by the operation's runs.
     trace_parent: str | None = None
+    # The newest input request a step made (open while WAITING), and a pause requested while a
+    # step ran that its runner has not landed yet.
+    input_request_id: str | None = None
+    pause_requested_at: datetime | None = None
 
     @property
     def is_stopping(self) -> bool:
@@ -130,3 +138,82 @@ class RecordedAhead:
     (outcome RECORDED_AHEAD), or one was stored already (ALREADY_REQUESTED)."""
 
     outcome: InterruptOutcome
+
+
+# --- waiting for a person ---------------------------------------------------------------------
+
+
+class AnswerOutcome(enum.StrEnum):
+    """What one AnswerInput call achieved (every other case is an error: see waiting.py)."""
+
+    ACCEPTED = "ACCEPTED"
+    ALREADY_ANSWERED = "ALREADY_ANSWERED"  # the same answer id had won already
+
+
+class PauseOutcome(enum.StrEnum):
+    ACCEPTED = "ACCEPTED"
+    ALREADY_PAUSED = "ALREADY_PAUSED"
+    ALREADY_FINISHED = "ALREADY_FINISHED"
+    STOPPING = "STOPPING"  # a stop is recorded: it wins
+
+
+class ResumeOutcome(enum.StrEnum):
+    ACCEPTED = "ACCEPTED"
+    NOT_PAUSED = "NOT_PAUSED"
+    ALREADY_FINISHED = "ALREADY_FINISHED"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """An input request as stored: `data` is its input_requested event's data; `outcome` is
+    'open', 'answered' or 'expired'; `answer` the winning (or default) answer once resolved."""
+
+    operation_id: str
+    request_id: str
+    step: int
+    kind: str
+    data: dict[str, Any]
+    schema: dict[str, Any] | None
+    default: dict[str, Any]
+    expires_at: datetime
+    outcome: str
+    answer_id: str | None
+    answer: dict[str, Any] | None
+    answered_by: str | None
+    resolved_at: datetime | None
+
+    @property
+    def resolution(self) -> dict[str, Any]:
+        """The input_answered event's data for this (resolved) request."""
+        return {
+            "step": self.step,
+            "request_id": self.request_id,
+            "answer_id": self.answer_id or "",
+            "answer": self.answer,
+            "answered_by": self.answered_by or "",
+            "expired": self.outcome == "expired",
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerResult:
+    """An answer's effect: `request` as it now stands; `won`: this call's answer won now."""
+
+    request: StoredRequest
+    operation: Operation
+    won: bool
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PauseResult:
+    outcome: PauseOutcome
+    operation: Operation
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    outcome: ResumeOutcome
+    operation: Operation
+    events: tuple[Event, ...] = ()

@@ -3,6 +3,8 @@
 Replicas sharing one database tell each other three things, each sent inside the transaction that
 makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
 - `stopline_stops` (payload: operation id): a stop was recorded; its runner cancels the step now.
+  A pause travels the same way, its payload marked (`pause_payload`): the runner cuts the step
+  and pauses the operation instead of halting it.
 - `stopline_events` (payload: "id:seq"): an event was stored; local watchers re-read storage.
 - `stopline_work` (no payload): an operation became claimable; replicas with room claim it.
 
@@ -27,6 +29,14 @@ log = logging.getLogger(__name__)
 STOPS = "stopline_stops"
 EVENTS = "stopline_events"
 WORK = "stopline_work"
+
+
+PAUSE_MARK = "pause:"
+
+
+def pause_payload(operation_id: str) -> str:
+    """The `stopline_stops` payload of a pause (a stop's is the bare operation id)."""
+    return PAUSE_MARK + operation_id
 
 
 def notify(conn: Connection, channel: str, payload: str = "") -> None:

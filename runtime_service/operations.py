@@ -12,17 +12,21 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from runtime_service import stop_causes
+from runtime_service import stop_causes, waiting
 from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
 from runtime_service.domain import (
+    AnswerOutcome,
+    AnswerResult,
     Event,
     InterruptOutcome,
     InterruptResult,
     Operation,
     OperationStatus,
+    PauseResult,
     RecordedAhead,
+    ResumeResult,
     StopCause,
 )
 from runtime_service.hub import EventHub
@@ -31,13 +35,22 @@ from runtime_service.retention import events_expired
 from runtime_service.runner import Runner
 from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
 from stopline import logs, tracing
-from stopline.errors import InvalidArgument, OutOfRange, Unavailable, operation_not_found
+from stopline.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+    operation_not_found,
+)
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
 from stopline.limits import (
+    MAX_ANSWER_ID,
     MAX_HOLD_SECONDS,
     MAX_OWNER,
     MAX_REASON,
+    MAX_REQUEST_ID,
     MAX_REQUESTED_BY,
     check_input_size,
     check_page_size,
@@ -57,7 +70,14 @@ LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 # in pages of this size.
 BULK_STOP_LIMIT = 1000
 BULK_PAGE = 200
-BULK_STATUSES = (OperationStatus.PENDING.value, OperationStatus.RUNNING.value)
+# In the order operations move through them (a paused one resumes waiting or pending, a waiting
+# one becomes pending, a pending one running), so one moving on meanwhile is still found later.
+BULK_STATUSES = (
+    OperationStatus.PAUSED.value,
+    OperationStatus.WAITING.value,
+    OperationStatus.PENDING.value,
+    OperationStatus.RUNNING.value,
+)
 MAX_AGENT_NAME = 200
 
 
@@ -270,10 +290,13 @@ class OperationsService:
         matching the filters, each by its own stop write (so each gets its stop_requested event
         and its runner is told), up to BULK_STOP_LIMIT per call.
 
-        PENDING ones are looked at first, then RUNNING ones: an operation claimed meanwhile is
-        still found among the RUNNING (operations never go back to PENDING)."""
+        Statuses are looked at in the order operations move through them (BULK_STATUSES): an
+        operation claimed meanwhile is still found among the RUNNING. (One that moved back, from
+        RUNNING to WAITING or PAUSED during the call, may be missed: call again.)"""
         if status is not None and status not in BULK_STATUSES:
-            raise InvalidArgument("status", "must be PENDING or RUNNING (unset: both)")
+            raise InvalidArgument(
+                "status", "must be PENDING, RUNNING, WAITING or PAUSED (unset: all of them)"
+            )
         wanted = _check_labels(labels)
         _bounded_text(agent, "agent", MAX_AGENT_NAME)
         checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
@@ -326,6 +349,96 @@ class OperationsService:
             if not result.operation.status.is_terminal:
                 ours = result.outcome is InterruptOutcome.ACCEPTED
                 self.runner.deliver_stop(result.operation.id, committed if ours else None)
+        return result
+
+    # ------------------------------------------------------------------ waiting for a person
+
+    async def _owned(self, operation_id: str, owner: str) -> str:
+        """The parsed id; the unknown-id NOT_FOUND when `owner` is set and is not the owner."""
+        op_id = parse_operation_id(operation_id)
+        if owner:
+            operation = await self.get(op_id)
+            if operation.owner != owner:
+                raise operation_not_found(op_id)
+        return op_id
+
+    async def answer(
+        self,
+        operation_id: str,
+        request_id: str,
+        answer_id: str,
+        answer: dict[str, Any],
+        answered_by: str,
+        owner: str = "",
+    ) -> tuple[AnswerOutcome, AnswerResult]:
+        """Answer an open input request: the first answer wins (see storage/waiting.py). The
+        same answer id again gets ALREADY_ANSWERED; anything else that cannot win is an error
+        saying why (FAILED_PRECONDITION naming the winner, the expiry or the ended operation)."""
+        if not request_id:
+            raise InvalidArgument("request_id", "is required (InputRequested.request_id)")
+        _bounded_text(request_id, "request_id", MAX_REQUEST_ID)
+        if not answer_id:
+            raise InvalidArgument("answer_id", "is required: choose one, and reuse it on retries")
+        _bounded_text(answer_id, "answer_id", MAX_ANSWER_ID)
+        by = _bounded_text(answered_by, "answered_by", MAX_REQUESTED_BY)
+        check_input_size(answer, self.config.max_input_bytes, "answer")
+        if "reason" in answer:
+            _bounded_text(str(answer["reason"]), "answer.approval.reason", MAX_REASON)
+        op_id = await self._owned(operation_id, owner)
+        stored = await self.storage.input_request(op_id, request_id)
+        if stored is None:
+            await self.get(op_id)  # an unknown operation says so first
+            raise NotFound(f"operation {op_id} has no input request {shown(request_id)}")
+        if stored.outcome == "open":
+            waiting.check_answer(stored, answer)
+        result = await self.storage.answer(op_id, request_id, answer_id, answer, by)
+        if result is None:
+            raise NotFound(f"operation {op_id} has no input request {shown(request_id)}")
+        self.hub.publish(result.events)
+        if result.events and result.operation.status is OperationStatus.PENDING:
+            self.runner.submit(op_id)
+        if result.won:
+            return AnswerOutcome.ACCEPTED, result
+        resolved = result.request
+        if resolved.outcome == "answered":
+            if resolved.answer_id == answer_id:
+                return AnswerOutcome.ALREADY_ANSWERED, result
+            raise FailedPrecondition(
+                f"input request {shown(request_id)} was already answered: answer_id "
+                f"{shown(resolved.answer_id)} won ({waiting.describe(resolved.answer)}, "
+                f"by {shown(resolved.answered_by or '')})"
+            )
+        if resolved.outcome == "expired":
+            raise FailedPrecondition(
+                f"input request {shown(request_id)} expired at "
+                f"{resolved.expires_at.isoformat()} and took its default "
+                f"({waiting.describe(resolved.answer)})"
+            )
+        raise FailedPrecondition(
+            f"operation {op_id} is {result.operation.status.value}: its input request "
+            f"{shown(request_id)} can no longer be answered"
+        )
+
+    async def pause(self, operation_id: str, requested_by: str, owner: str = "") -> PauseResult:
+        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        op_id = await self._owned(operation_id, owner)
+        result = await self.storage.pause(op_id, by)
+        if result is None:
+            raise operation_not_found(op_id)
+        self.hub.publish(result.events)
+        if result.operation.pause_requested_at is not None:
+            self.runner.deliver_pause(op_id)  # another replica's runner hears it notified
+        return result
+
+    async def resume(self, operation_id: str, requested_by: str, owner: str = "") -> ResumeResult:
+        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        op_id = await self._owned(operation_id, owner)
+        result = await self.storage.resume(op_id, by)
+        if result is None:
+            raise operation_not_found(op_id)
+        self.hub.publish(result.events)
+        if result.events and result.operation.status is OperationStatus.PENDING:
+            self.runner.submit(op_id)
         return result
 
     async def watch(self, operation_id: str, after_seq: int) -> AsyncGenerator[Event, None]:

@@ -51,4 +51,6 @@ def operation_from_row(row: Any) -> Operation:
         max_steps=row.max_steps,
         events_expired_at=row.events_expired_at,
         trace_parent=row.trace_parent,
+        input_request_id=row.input_request_id,
+        pause_requested_at=row.pause_requested_at,
     )

@@ -22,6 +22,16 @@ finished run, or its poll timer), never more than `max_running` at once.
 Cancelling a run because of shutdown, a lost lease or a lost database is not a stop: nothing
 terminal is written, the operation stays RUNNING, and whoever claims it next resumes it from its
 last checkpoint.
+
+Waiting for a person (storage/waiting.py): a step that returns `ask` ends the run: the boundary
+write checkpoints it, stores the request and leaves the operation WAITING with no runner, so the
+slot and the coroutine are freed at once. An answer (or an expiry, swept by every replica's sweep
+loop every poll_seconds, apart from the lease loop so it never delays a renewal) makes it
+PENDING, and whichever runner claims it gives the answer to the next step (StepContext.answer).
+A pause travels like a stop (the same notification channel, marked, and the lease loop's look at
+the stored intent) and cuts the step the same way; only the last write differs: `pause_halt`
+leaves the operation PAUSED instead of INTERRUPTED, keeping the last checkpoint (a resume reruns
+the cut step as a new attempt).
 """
 
 from __future__ import annotations
@@ -38,11 +48,19 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace
 
-from runtime_service import metrics, run_telemetry, stop_causes
-from runtime_service.agents.base import Agent, StepContext, StepFailed, StepResult
+from runtime_service import metrics, run_telemetry, stop_causes, waiting
+from runtime_service.agents.base import (
+    Agent,
+    Answered,
+    InputRequest,
+    StepContext,
+    StepFailed,
+    StepResult,
+)
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.domain import Event, EventKind, InterruptOutcome, JSONValue, Operation
 from runtime_service.hub import EventHub
+from runtime_service.notifications import PAUSE_MARK
 from runtime_service.step_events import DeltaSettings, OperationHalted, StepEvents
 from runtime_service.storage import (
     STORAGE_FAILURES,
@@ -87,6 +105,9 @@ class _Run:
     step_span: trace.Span | None = field(default=None, repr=False)
     # The span the stop cut: the step's in flight when the stop first reached the run.
     stopped_span: trace.Span | None = field(default=None, repr=False)
+    # The stop future was resolved by a pause: cut the step, but land PAUSED, not INTERRUPTED
+    # (a stop recorded meanwhile still wins: pause_halt refuses, and the halt follows).
+    pausing: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,8 @@ class RunnerSettings:
     abort_mid_step: bool = True
     # Token deltas are written as one event per this long or this many characters.
     deltas: DeltaSettings = field(default_factory=DeltaSettings)
+    # An input request's expiry when its agent sets none.
+    input_expiry_seconds: float = 86400.0
 
 
 def _json_error(value: JSONValue) -> str | None:
@@ -143,6 +166,7 @@ class Runner:
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="claim loop"),
             asyncio.create_task(self._lease_loop(), name="lease loop"),
+            asyncio.create_task(self._sweep_loop(), name="input expiry loop"),
         ]
         # Counted only when scraped, on this loop (see metrics.StoredOperations).
         self.metrics.stored.bind(asyncio.get_running_loop(), self._storage.count_unfinished)
@@ -182,8 +206,22 @@ class Runner:
         return True
 
     def stop_notified(self, operation_id: str) -> None:
-        """A stop's notification arrived (it is sent on the stop's commit)."""
+        """A stop's (or a pause's, marked) notification arrived (sent on its commit)."""
+        if operation_id.startswith(PAUSE_MARK):
+            self.deliver_pause(operation_id[len(PAUSE_MARK) :])
+            return
         self.deliver_stop(operation_id, datetime.now(UTC))
+
+    def deliver_pause(self, operation_id: str) -> bool:
+        """Cut the step of an operation this runner runs, for a recorded pause; False if it
+        runs nothing by that id (the lease loop's look at the stored intent finds it)."""
+        run = self._runs.get(operation_id)
+        if run is None:
+            return False
+        if not run.stop.done():
+            run.pausing = True
+        self._stop(run, None)
+        return True
 
     @staticmethod
     def _stop(run: _Run, seen_at: datetime | None, cause: str | None = None) -> None:
@@ -305,7 +343,7 @@ class Runner:
                 log.warning("renewing leases failed (%s); retrying", exc)
                 continue
             for operation_id in stopping:
-                self.deliver_stop(operation_id)  # the fallback for a missed notification
+                await self._deliver_stored(operation_id)  # the fallback for a missed notification
             for operation_id in set(owned) - kept:
                 # Finished meanwhile, or taken over after our lease lapsed. Our own writes are
                 # fenced and will be refused; cancel the step in flight so the agent's work
@@ -316,6 +354,52 @@ class Runner:
                 if run.step_task is not None and not run.step_task.done():
                     log.warning("operation %s: lease lost; abandoning its step", operation_id)
                     run.step_task.cancel()
+
+    async def _deliver_stored(self, operation_id: str) -> None:
+        """Deliver the stored intent (stop or pause) of an operation this runner runs."""
+        run = self._runs.get(operation_id)
+        if run is None or run.stop.done():
+            return
+        try:
+            operation = await self._storage.get(operation_id)
+        except STORAGE_FAILURES as exc:
+            log.warning("reading a stored stop intent failed (%s); retrying", exc)
+            return
+        if operation is None or operation.stop is not None:
+            self.deliver_stop(operation_id)
+        elif operation.pause_requested_at is not None:
+            self.deliver_pause(operation_id)
+
+    async def _sweep_loop(self) -> None:
+        """Its own loop, so that a slow sweep never delays a lease renewal."""
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            await self._expire_requests()
+
+    async def _expire_requests(self) -> None:
+        """Resolve input requests past their expiry (every replica sweeps; each resolution is a
+        compare-and-set), and look for the work they made claimable; stop waiting operations
+        past their deadline."""
+        try:
+            expired = await self._storage.expire_requests()
+            overdue = await self._storage.overdue_waiting()
+            for operation in overdue:
+                # Nobody owns it to arm its deadline: the stop is recorded here, and ends it
+                # at once (no step is in flight).
+                assert operation.deadline_at is not None
+                seconds = (operation.deadline_at - operation.created_at).total_seconds()
+                cause = stop_causes.deadline_exceeded(seconds)
+                stopped = await self._storage.record_stop(
+                    operation.id, cause.requested_by, cause.reason, cause.cause
+                )
+                if stopped is not None:
+                    self._publish(list(stopped.events))
+        except STORAGE_FAILURES as exc:
+            log.warning("expiring input requests failed (%s); retrying", exc)
+            return
+        if expired:
+            self._publish(expired)
+            self.wake()
 
     # ------------------------------------------------------------------ the loop
 
@@ -442,7 +526,8 @@ class Runner:
 
             events = self._step_events(run, step)
             unknown = await self._unknown_calls(op_id, step, started)
-            ctx = StepContext(op_id, step, operation.input, state, events, unknown)
+            answer = await self._answer(operation, step)
+            ctx = StepContext(op_id, step, operation.input, state, events, unknown, answer)
             step_span = run.step_span = run_telemetry.step_span(op_id, run.agent, step)
             # The step's task runs in a copy of this context: its spans are the step span's.
             with trace.use_span(step_span, end_on_exit=False):
@@ -511,6 +596,10 @@ class Runner:
             await self._write(op_id, storage.fail(op_id, step, failure, me))
             return None
         result = step_task.result()
+        if result.ask is not None and not result.done:
+            step_span.set_attribute(run_telemetry.STEP_OUTCOME, "asked")
+            await self._ask(run, step, result, result.ask)
+            return None
         step_span.set_attribute(run_telemetry.STEP_OUTCOME, "done" if result.done else "returned")
         if result.done:
             written = await self._write(
@@ -531,6 +620,31 @@ class Runner:
         if not written:
             return None  # no longer ours: whoever owns it now carries on
         return result.state, written[1] if len(written) > 1 else None
+
+    # ------------------------------------------------------------------ waiting for a person
+
+    async def _ask(self, run: _Run, step: int, result: StepResult, request: InputRequest) -> None:
+        """End the run with the step's question: the operation WAITS, holding nothing here."""
+        op_id = run.operation_id
+        stored = waiting.new_request(step, request, self.settings.input_expiry_seconds)
+        written = await self._write(
+            op_id,
+            self._storage.ask(op_id, step, result.output, result.state, stored, self.runner_id),
+        )
+        if len(written) == 1:
+            # A stop was recorded first: the step is checkpointed and the stop wins here.
+            await self._halt(run, step + 1, mid_step=False)
+
+    async def _answer(self, operation: Operation, step: int) -> Answered | None:
+        """The resolution of the request the step before `step` ended with, if it asked (only
+        the first step of a run can follow a question: asking ends the run)."""
+        request_id = operation.input_request_id
+        if request_id is None or step != operation.steps_completed:
+            return None
+        stored = await self._storage.input_request(operation.id, request_id)
+        if stored is None or stored.step != step - 1:
+            return None
+        return waiting.answered(stored)
 
     # ------------------------------------------------------------------ limits
 
@@ -626,6 +740,12 @@ class Runner:
         self, run: _Run, step: int, *, mid_step: bool, kept: KeptState | None = None
     ) -> None:
         op_id = run.operation_id
+        if run.pausing:
+            paused = self._storage.pause_halt(op_id, step, mid_step, self.runner_id)
+            if await self._write(op_id, paused) is not None:
+                return
+            # Refused: a stop was recorded meanwhile (it wins), or the operation is not ours
+            # (then the halt below is refused too).
         halted = self._storage.halt(op_id, step, mid_step, self.runner_id, run.stop_seen_at, kept)
         written = await self._write(op_id, halted)
         if written is not None and run.stop_learned is not None:

@@ -101,6 +101,12 @@ operations = Table(
     Column("trace_parent", String(55), nullable=True),
     # A StopCause value; NULL for stops recorded before causes existed.
     Column("stop_cause", String(32), nullable=True),
+    # The newest input request a step made (see input_requests); NULL: none yet.
+    Column("input_request_id", String(64), nullable=True),
+    # A pause requested while a step ran, until its runner cuts the step (status PAUSED) or a
+    # stop wins. Like the stop intent, written by the pause alone, never by a step write.
+    Column("pause_requested_at", UTCDateTime, nullable=True),
+    Column("pause_requested_by", String(200), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
@@ -169,4 +175,31 @@ event_purges = Table(
     metadata,
     Column("operation_id", String(36), ForeignKey("operations.id"), primary_key=True),
     Column("queued_at", UTCDateTime, nullable=False),
+)
+
+
+# A question a step asked a person (see runtime_service/waiting.py): an approval of a tool call or
+# a free answer. `outcome` is 'open' until the first answer wins ('answered', a compare-and-set
+# on this column) or the request expires ('expired', resolved with `default_json`). The
+# (outcome, expires_at) index is what the expiry sweep reads: only open requests, soonest first.
+input_requests = Table(
+    "input_requests",
+    metadata,
+    Column("operation_id", String(36), ForeignKey("operations.id"), primary_key=True),
+    Column("request_id", String(64), primary_key=True),
+    Column("step", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("prompt", Text, nullable=False),
+    # The request as the input_requested event shows it (call, arguments, schema, default).
+    Column("request_json", Text, nullable=False),
+    Column("schema_json", Text, nullable=True),
+    Column("default_json", Text, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("answer_id", String(200), nullable=True),
+    Column("answer_json", Text, nullable=True),
+    Column("answered_by", String(200), nullable=True),
+    Column("resolved_at", UTCDateTime, nullable=True),
+    Index(None, "outcome", "expires_at"),
 )

@@ -152,6 +152,50 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         operation = await self._ops.release(request.operation_id)
         return pb.ReleaseOperationResponse(operation=convert.operation_to_pb(operation))
 
+    @unary
+    async def AnswerInput(
+        self,
+        request: pb.AnswerInputRequest,
+        context: aio.ServicerContext[pb.AnswerInputRequest, pb.AnswerInputResponse],
+    ) -> pb.AnswerInputResponse:
+        outcome, result = await self._ops.answer(
+            request.operation_id,
+            request.request_id,
+            request.answer_id,
+            convert.answer_from_pb(request.answer),
+            request.answered_by,
+            request.owner,
+        )
+        return pb.AnswerInputResponse(
+            outcome=convert.answer_outcome_to_pb(outcome),
+            operation=convert.operation_to_pb(result.operation),
+            answered=convert.answered_to_pb(result.request.resolution),
+        )
+
+    @unary
+    async def PauseOperation(
+        self,
+        request: pb.PauseOperationRequest,
+        context: aio.ServicerContext[pb.PauseOperationRequest, pb.PauseOperationResponse],
+    ) -> pb.PauseOperationResponse:
+        result = await self._ops.pause(request.operation_id, request.requested_by, request.owner)
+        return pb.PauseOperationResponse(
+            outcome=convert.pause_outcome_to_pb(result.outcome),
+            operation=convert.operation_to_pb(result.operation),
+        )
+
+    @unary
+    async def ResumeOperation(
+        self,
+        request: pb.ResumeOperationRequest,
+        context: aio.ServicerContext[pb.ResumeOperationRequest, pb.ResumeOperationResponse],
+    ) -> pb.ResumeOperationResponse:
+        result = await self._ops.resume(request.operation_id, request.requested_by, request.owner)
+        return pb.ResumeOperationResponse(
+            outcome=convert.resume_outcome_to_pb(result.outcome),
+            operation=convert.operation_to_pb(result.operation),
+        )
+
 
 def _status_filter(value: int) -> str | None:
     """A request's `status` filter as the use cases take it; INVALID_ARGUMENT for an unknown

@@ -23,11 +23,6 @@ class OutOfRange(StoplineError):
         self.field = field
 
 
-class FailedPrecondition(StoplineError):
-    """The request is valid but the state it needs is gone for good (e.g. a watch of an
-    operation whose events retention deleted); retrying will not help."""
-
-
 class NotFound(StoplineError):
     """No such operation (or, for callers who may not see it, one that is not theirs)."""
 
@@ -45,6 +40,12 @@ class Unauthenticated(StoplineError):
 
 class AlreadyExists(StoplineError):
     """An idempotency key was reused for a different request."""
+
+
+class FailedPrecondition(StoplineError):
+    """The request is well-formed but the operation's state refuses it for good (an input request
+    answered differently or expired, a watch of events retention deleted); the message says what
+    the state is, and retrying will not help."""
 
 
 class ResourceExhausted(StoplineError):

@@ -23,6 +23,11 @@ class EventKind(enum.StrEnum):
     TOOL_CALL_CANCELLED = "tool_call_cancelled"
     TOOL_CALL_OUTCOME_UNKNOWN = "tool_call_outcome_unknown"
     AGENT_EVENT = "agent_event"
+    INPUT_REQUESTED = "input_requested"
+    INPUT_ANSWERED = "input_answered"
+    PAUSE_REQUESTED = "pause_requested"
+    PAUSED = "paused"
+    RESUMED = "resumed"
 
     @property
     def is_terminal(self) -> bool:

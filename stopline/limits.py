@@ -158,3 +158,8 @@ class StreamLimiter:
                 self._open[key] = left
             else:
                 del self._open[key]
+
+
+# An answer's client-chosen id (AnswerInputRequest.answer_id), and an input request's id.
+MAX_ANSWER_ID = 200
+MAX_REQUEST_ID = 64

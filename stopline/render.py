@@ -108,6 +108,51 @@ def _describe_structured(event: op_pb.Event, kind: str | None) -> str | None:
     if kind == "agent_event":
         a = event.agent_event
         return f"{a.kind}: {_compact(value_to_python(a.payload))}"
+    return _describe_waiting(event, kind)
+
+
+def describe_answer(answer: op_pb.InputAnswer) -> str:
+    """An answer (or a request's default) in a person's words."""
+    which = answer.WhichOneof("answer")
+    if which == "approval":
+        a = answer.approval
+        if not a.approved:
+            return f"rejected ({a.reason})" if a.reason else "rejected"
+        if a.HasField("arguments"):
+            return f"approved with arguments {_compact(message_to_python(a.arguments))}"
+        return "approved"
+    if which == "value":
+        return f"answered {_compact(value_to_python(answer.value))}"
+    return "no answer"
+
+
+def _describe_waiting(event: op_pb.Event, kind: str | None) -> str | None:
+    """Waiting for a person (issue 15), or None for another kind."""
+    if kind == "input_requested":
+        r = event.input_requested
+        expires = r.expire_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+        what = f"approve {r.tool_name}({_compact(value_to_python(r.arguments))})"
+        if r.kind != op_pb.INPUT_KIND_APPROVAL:
+            what = f"answer: {r.prompt}"
+        return (
+            f"WAITING for a person: {what} [request {r.request_id}; expires {expires}, "
+            f"then {describe_answer(r.default_answer)}]"
+        )
+    if kind == "input_answered":
+        a = event.input_answered
+        if a.expired:
+            return f"request {a.request_id} expired: {describe_answer(a.answer)} by default"
+        who = a.answered_by or "someone"
+        return f"request {a.request_id} {describe_answer(a.answer)} by {who}"
+    if kind == "pause_requested":
+        return f"pause requested by {event.pause_requested.requested_by or 'someone'}"
+    if kind == "paused":
+        p = event.paused
+        where = f"mid-step {p.step}" if p.mid_step else f"before step {p.step}"
+        return f"PAUSED {where} by {p.requested_by or 'someone'}"
+    if kind == "resumed":
+        r2 = event.resumed
+        return f"resumed by {r2.requested_by or 'someone'} ({status_name(r2.status)})"
     return None
 
 
@@ -170,4 +215,8 @@ def describe_operation(operation: op_pb.Operation) -> str:
         line += _cause(operation.stop_request.cause, "  stop=")
     if operation.error:
         line += f"  error={operation.error!r}"
+    if operation.status == op_pb.OPERATION_STATUS_WAITING and operation.input_request_id:
+        line += f"  request={operation.input_request_id}"
+    if operation.pause_requested:
+        line += "  pause_requested"
     return line

@@ -197,6 +197,14 @@ class Follower:
         self._left = False
         self._lines = EventLines(lambda text: click.echo(text, nl=False))
         self._context: contextvars.Context | None = None
+        # Told of every event (the prompt that answers input requests, stopline_cli/waiting.py).
+        self.on_event: Callable[[op_pb.Event], None] | None = None
+
+    def operation_id(self) -> str:
+        return self._id()
+
+    def say(self, text: str) -> None:
+        self._say(text)
 
     def _say(self, text: str) -> None:
         """Remarks for people; with --json they go to stderr so stdout stays parseable."""
@@ -291,6 +299,8 @@ class Follower:
                 elif update.HasField("event"):
                     event = update.event
                     self.last_seq = event.seq
+                    if self.on_event is not None:
+                        self.on_event(event)
                     kind = event.WhichOneof("kind")
                     if kind in EXIT_BY_TERMINAL_EVENT:
                         self._report_end(event)
@@ -506,6 +516,7 @@ def run(
             async with connect(target) as channel:
                 stub = _stub(channel)
                 follower = Follower(stub, as_json, detach=detach, idempotency_key=key)
+                _prompt_for_input(follower, stub, as_json)
                 with follower.ctrl_c_handled():
                     return await follower.follow(lambda: stub.StartAndStream(request))
 
@@ -533,10 +544,22 @@ def attach(target: Target, as_json: bool, operation_id: str, after_seq: int) -> 
                 stub = _stub(channel)
                 follower = Follower(stub, as_json, operation_id=operation_id, after_seq=after_seq)
                 request = pb.StreamOperationRequest(operation_id=operation_id, after_seq=after_seq)
+                _prompt_for_input(follower, stub, as_json)
                 with follower.ctrl_c_handled():
                     return await follower.follow(lambda: stub.StreamOperation(request))
 
     sys.exit(asyncio.run(session()))
+
+
+def _prompt_for_input(
+    follower: Follower, stub: pb_grpc.GatewayServiceAsyncStub, as_json: bool
+) -> None:
+    """At a terminal, ask the person to answer the input requests the stream shows."""
+    from stopline_cli.waiting import Prompter  # (it builds on this module's helpers)
+
+    if Prompter.wanted(as_json):
+        prompter = Prompter(stub, follower.operation_id, follower.say)
+        follower.on_event = prompter.on_event
 
 
 async def _unary(

@@ -1,5 +1,6 @@
 """The `stopline` command: one entry point, a subcommand group per service, and the client
-commands (run, attach, stop, ls, show) at the top level because they are what people type."""
+commands (run, attach, stop, ls, show, answer, pause, resume) at the top level because they are
+what people type."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from runtime_service.cli import runtime
 from stopline_cli.client import COMMANDS
 from stopline_cli.dev import dev
 from stopline_cli.fake_llm import fake_llm
+from stopline_cli.waiting import COMMANDS as WAITING_COMMANDS
 
 
 @click.group()
@@ -22,5 +24,5 @@ main.add_command(runtime)
 main.add_command(gateway)
 main.add_command(dev)
 main.add_command(fake_llm)
-for command in COMMANDS:
+for command in [*COMMANDS, *WAITING_COMMANDS]:
     main.add_command(command)

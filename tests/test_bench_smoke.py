@@ -112,3 +112,15 @@ async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
     text = table({"machine": {}, "stopline": {"sqlite": results}})
     assert "stop -> model server sees close" in text
     assert "token p99 at largest load" in text or not results["llm_capacity"]["largest_passing"]
+
+
+async def test_waiting_capacity_scenario_runs(tmp_path: Path) -> None:
+    """Issue 15's figure at a tiny size: waiting operations hold no slot."""
+    from bench import waiting_scenarios
+
+    with Stack("sqlite", tmp_path, runtime_args=waiting_scenarios.RUNTIME_ARGS) as stack:
+        result = await waiting_scenarios.waiting_capacity(stack, 30, window_seconds=1.0)
+    assert result["waiting"] == 30
+    assert result["running_beside_them"] == waiting_scenarios.MAX_RUNNING
+    assert result["slots_used_by_waiting"] == 0
+    assert result["steps_per_second_beside_waiting"] > 0

@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from fake_llm import ErrorTurn, FakeLLM, RequestRecord, ServerConfig, TextTurn, ToolCall
 from fake_llm import ToolCallsTurn as CallsTurn
-from runtime_service.agents.base import InvalidInput, StepFailed, StepResult
+from runtime_service.agents.base import Answered, InvalidInput, StepFailed, StepResult
 from runtime_service.agents.llm import LLMAgent
 from runtime_service.agents.llm_messages import CANCELLED_BY_STOP
 from runtime_service.agents.registry import AgentRegistry
@@ -82,6 +82,7 @@ class FakeContext:
     calls: list[Call] = field(default_factory=list)
     kept: JSONValue = None
     unknown_calls: frozenset[str] = frozenset()
+    answer: Answered | None = None
     # Awaited inside delta() after recording, e.g. to hold the agent there.
     on_delta: Callable[[int], Awaitable[None]] | None = None
 

@@ -32,6 +32,12 @@ one record: finished, failed, cancelled by a stop, or (the process died mid-call
 unknown, written when the operation resumes, before the step runs again.
 
 A step that cannot go on raises StepFailed("why"): the operation ends FAILED with that message.
+
+Waiting for a person: a step may end by asking (`StepResult(state=..., ask=InputRequest.approval(
+...))` or `InputRequest.question(...)`). Its state is checkpointed, the request goes out as an
+`input_requested` event, and the operation is WAITING, holding no slot and no coroutine. When the
+request is answered (or expires and takes its default) the operation resumes on any replica and
+the next step finds the resolution in `ctx.answer`.
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ class StepContext:
     # taken effect. An agent that reran them would repeat their effects and reuse their ids, so
     # it should treat them as done with an unknown result (the llm agent tells the model so).
     unknown_calls: frozenset[str] = frozenset()
+    # The resolution of the input request the previous step ended with, if it asked.
+    answer: Answered | None = None
     kept: Kept | None = field(default=None, init=False, repr=False)
 
     async def emit(self, text: str) -> None:
@@ -186,14 +194,92 @@ class StepContext:
         self.kept = Kept(state)
 
 
+APPROVAL = "approval"
+ANSWER = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class InputRequest:
+    """A question a step ends with (StepResult.ask). Build one with approval() or question().
+
+    `expires_in`: seconds until the request takes `default` (None: the runtime's
+    input_expiry_seconds). `default`: the stored answer an expiry gives, as AnswerInput stores
+    one: {"approved": bool, "reason": str} for an approval (None: rejected), {"value": ...} for
+    a question (None: {"value": null})."""
+
+    kind: str
+    prompt: str
+    call_id: str = ""
+    tool_name: str = ""
+    arguments: JSONValue = None
+    schema: dict[str, Any] | None = None
+    expires_in: float | None = None
+    default: dict[str, JSONValue] | None = None
+
+    @classmethod
+    def approval(
+        cls,
+        call_id: str,
+        tool_name: str,
+        arguments: JSONValue,
+        prompt: str = "",
+        schema: dict[str, Any] | None = None,
+        expires_in: float | None = None,
+        approve_on_expiry: bool = False,
+    ) -> InputRequest:
+        """Ask to run a tool call; `schema` (the tool's parameters) checks edited arguments."""
+        default: dict[str, JSONValue] = (
+            {"approved": True, "reason": "approved by default: nobody answered in time"}
+            if approve_on_expiry
+            else {"approved": False, "reason": "rejected by default: nobody answered in time"}
+        )
+        prompt = prompt or f"Run {tool_name}?"
+        return cls(APPROVAL, prompt, call_id, tool_name, arguments, schema, expires_in, default)
+
+    @classmethod
+    def question(
+        cls,
+        prompt: str,
+        schema: dict[str, Any] | None = None,
+        expires_in: float | None = None,
+        default: JSONValue = None,
+    ) -> InputRequest:
+        """Ask for a free answer (any JSON value, checked against `schema` when given)."""
+        return cls(ANSWER, prompt, schema=schema, expires_in=expires_in, default={"value": default})
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """How the previous step's input request was resolved (StepContext.answer).
+
+    For an approval: `approved`, `reason`, and `arguments` (the edited arguments, or the ones
+    asked for). For a question: `value`. `expired`: nobody answered in time and this is the
+    request's default."""
+
+    request_id: str
+    kind: str
+    step: int
+    call_id: str
+    approved: bool
+    reason: str
+    arguments: JSONValue
+    value: JSONValue
+    expired: bool
+    answered_by: str
+    # The person edited the arguments (`arguments` are theirs, not the ones asked for).
+    edited: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """What a step returns: the state to checkpoint, its output, and whether the agent is done.
-    The output of the final step is the operation's result. Both must be JSON-serialisable."""
+    The output of the final step is the operation's result. Both must be JSON-serialisable.
+    `ask`: end the step by asking a person (see InputRequest); the operation waits."""
 
     state: JSONValue = None
     output: JSONValue = None
     done: bool = False
+    ask: InputRequest | None = None
 
 
 @runtime_checkable

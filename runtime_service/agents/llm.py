@@ -14,6 +14,14 @@ conversation the API accepts for the next turn: the messages so far plus the par
 text (never a half-streamed tool call), or, during tool calls, the assistant's tool calls with a
 tool message for every call id (a cut or unstarted one says "cancelled by a stop"). A client
 continues by starting a new operation with those messages and its next user message.
+
+Approvals: before a tool step runs any call, every call to a tool marked `needs_approval` must
+have a person's decision. The step asks for the first one missing (StepResult.ask: the operation
+WAITS, holding nothing) and the decisions collected so far ride in the state
+(`{"messages": ..., "approvals": {call_id: answer}}`), so the next step picks them up. Once all
+are in, the calls run: an approved one with the arguments the person gave (edited, or as asked),
+a rejected one not at all (its tool message tells the model it was rejected and why, and the
+model goes on). A call thus runs at most once however many answers race: only the first wins.
 """
 
 from __future__ import annotations
@@ -25,7 +33,13 @@ from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runtime_service.agents.base import InvalidInput, StepFailed, StepResult
+from runtime_service.agents.base import (
+    Answered,
+    InputRequest,
+    InvalidInput,
+    StepFailed,
+    StepResult,
+)
 from runtime_service.agents.llm_messages import (
     CANCELLED_BY_STOP,
     tool_message,
@@ -69,6 +83,8 @@ class ToolSpecLike(Protocol):
     def description(self) -> str: ...
     @property
     def parameters(self) -> dict[str, Any]: ...
+    @property
+    def needs_approval(self) -> bool: ...
 
 
 class ToolCallLike(Protocol):
@@ -86,6 +102,8 @@ class LLMStepContext(Protocol):
     def state(self) -> JSONValue: ...
     @property
     def unknown_calls(self) -> frozenset[str]: ...
+    @property
+    def answer(self) -> Answered | None: ...
 
     async def delta(self, text: str) -> None: ...
 
@@ -180,9 +198,18 @@ class LLMAgent:
             messages = list(ctx.input["messages"])
         pending = unanswered_tool_calls(messages)
         if pending:
+            approvals = _approvals(state, ctx.answer)
+            asking = self._approval_needed(ctx, pending, approvals)
+            if asking is not None:
+                # Nothing runs until every call needing approval has its decision.
+                return StepResult(
+                    state={"messages": messages, "approvals": approvals},
+                    output={"awaiting_approval": asking.call_id},
+                    ask=asking,
+                )
             # Run even past max_steps: answered calls leave the checkpointed conversation valid
             # for a next turn when the bound then fails the operation.
-            return await self._tool_step(ctx, messages, pending)
+            return await self._tool_step(ctx, messages, pending, approvals)
         max_steps = _max_steps(ctx.input)
         if ctx.step >= max_steps:
             raise StepFailed(
@@ -264,11 +291,45 @@ class LLMAgent:
             return StepResult(state={"messages": messages}, output={"tool_calls": asked})
         return StepResult(state={"messages": messages}, output=answer.text, done=True)
 
+    def _approval_needed(
+        self,
+        ctx: LLMStepContext,
+        calls: list[dict[str, Any]],
+        approvals: dict[str, Any],
+    ) -> InputRequest | None:
+        """The approval to ask for next: the first call to a tool that needs one and has no
+        decision yet (calls settled outcome unknown are never run again, so need none)."""
+        allowed = set(_tool_names(ctx.input))
+        for call in calls:
+            call_id, name = str(call["id"]), str(call["function"]["name"])
+            if call_id in approvals or call_id in ctx.unknown_calls or name not in allowed:
+                continue
+            try:
+                (spec,) = ctx.tool_specs([name])
+            except (KeyError, ValueError):
+                continue  # unknown: the tool step fails the call, naming why
+            if not spec.needs_approval:
+                continue
+            raw = call["function"]["arguments"]
+            try:
+                arguments: JSONValue = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                arguments = raw
+            return InputRequest.approval(
+                call_id,
+                name,
+                arguments,
+                prompt=f"The model asks to run {name} with {dump_json(arguments)}",
+                schema=spec.parameters,
+            )
+        return None
+
     async def _tool_step(
         self,
         ctx: LLMStepContext,
         messages: list[dict[str, Any]],
         calls: list[dict[str, Any]],
+        approvals: dict[str, Any] | None = None,
     ) -> StepResult:
         allowed = set(_tool_names(ctx.input))
         answers: list[dict[str, Any]] = []
@@ -284,16 +345,36 @@ class LLMAgent:
             )
             call_id, name = str(call["id"]), str(call["function"]["name"])
             raw = call["function"]["arguments"]
+            decision = (approvals or {}).get(call_id)
             if call_id in ctx.unknown_calls:
                 # Started by an attempt whose process died, and settled outcome unknown: not run
                 # again (its effect may have happened), the model is told and decides.
                 content, ok = f"error: {OUTCOME_UNKNOWN}", False
+            elif isinstance(decision, dict) and not decision.get("approved"):
+                content, ok = await self._rejected(ctx, name, raw, call_id, decision), False
             else:
+                if isinstance(decision, dict) and "arguments" in decision:
+                    raw = dump_json(decision["arguments"])  # the person's edit
                 content, ok = await self._run_tool(ctx, name, raw, call_id, allowed)
             answers.append(tool_message(call_id, content))
             results.append({"id": call_id, "name": name, "ok": ok})
         messages.extend(answers)
         return StepResult(state={"messages": messages}, output={"tool_results": results})
+
+    @staticmethod
+    async def _rejected(
+        ctx: LLMStepContext, name: str, raw: str, call_id: str, decision: dict[str, Any]
+    ) -> str:
+        """A call a person rejected: recorded failed without running, the model told why."""
+        reason = str(decision.get("reason") or "no reason given")
+        error = f"a person rejected this tool call: {reason}"
+        try:
+            arguments: JSONValue = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            arguments = raw
+        async with ctx.tool_call(name, arguments, call_id) as record:
+            record.fail(error)
+        return f"error: {error}"
 
     async def _run_tool(
         self,
@@ -327,3 +408,17 @@ def _make_provider(settings: LLMSettings) -> Provider:
     from runtime_service.agents.llm_provider import Provider
 
     return Provider(settings)
+
+
+def _approvals(state: JSONValue, answer: Answered | None) -> dict[str, Any]:
+    """The decisions collected so far (in the state), with the one the previous step's question
+    just got."""
+    approvals: dict[str, Any] = {}
+    if isinstance(state, dict) and isinstance(state.get("approvals"), dict):
+        approvals = dict(state["approvals"])
+    if answer is not None and answer.call_id:
+        decision: dict[str, Any] = {"approved": answer.approved, "reason": answer.reason}
+        if answer.approved and answer.edited:
+            decision["arguments"] = answer.arguments
+        approvals[answer.call_id] = decision
+    return approvals

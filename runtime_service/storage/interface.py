@@ -29,13 +29,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from runtime_service.domain import (
+    AnswerResult,
     Event,
     EventKind,
     InterruptResult,
     JSONValue,
     Operation,
+    PauseResult,
     RecordedAhead,
+    ResumeResult,
     StopCause,
+    StoredRequest,
 )
 from runtime_service.metrics import UnfinishedCounts
 
@@ -141,6 +145,20 @@ class KeptState:
     """The state a step kept for a stop (StepContext.keep_on_stop), stored by the halt."""
 
     state: JSONValue
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    """An input request a step ends with, as the runner hands it to storage: `data` is its
+    input_requested event's data; `default` the answer an expiry gives."""
+
+    request_id: str
+    kind: str
+    prompt: str
+    data: dict[str, JSONValue]
+    schema: dict[str, Any] | None
+    default: dict[str, JSONValue]
+    expires_at: datetime
 
 
 @dataclass
@@ -310,6 +328,54 @@ class Storage(Protocol):
         """RUNNING -> FAILED, settling the step's attempt as failed."""
         ...
 
+    # -- waiting for a person (storage/waiting.py)
+
+    async def ask(
+        self,
+        operation_id: str,
+        step: int,
+        output: JSONValue,
+        state: JSONValue,
+        request: NewRequest,
+        runner_id: str,
+    ) -> list[Event]:
+        """Checkpoint `step`, store its input request and leave the operation WAITING with no
+        runner: [step_completed, input_requested] (+ paused when a pause was requested),
+        [step_completed] alone when a stop was recorded (the runner halts), [] when not ours."""
+        ...
+
+    async def pause_halt(
+        self, operation_id: str, step: int, mid_step: bool, runner_id: str
+    ) -> Event | None:
+        """RUNNING -> PAUSED after this runner cut its step for a pause; None when a stop won
+        or the operation is no longer ours."""
+        ...
+
+    async def input_request(self, operation_id: str, request_id: str) -> StoredRequest | None: ...
+
+    async def answer(
+        self,
+        operation_id: str,
+        request_id: str,
+        answer_id: str,
+        answer: dict[str, JSONValue],
+        answered_by: str,
+    ) -> AnswerResult | None:
+        """Resolve an open request once (first answer wins); None for an unknown request."""
+        ...
+
+    async def expire_requests(self, limit: int = 100) -> list[Event]:
+        """Resolve open requests past their expiry with their defaults."""
+        ...
+
+    async def overdue_waiting(self, limit: int = 100) -> list[Operation]:
+        """WAITING or PAUSED operations past their deadline with no stop recorded."""
+        ...
+
+    async def pause(self, operation_id: str, requested_by: str) -> PauseResult | None: ...
+
+    async def resume(self, operation_id: str, requested_by: str) -> ResumeResult | None: ...
+
     # -- reads
 
     async def get(self, operation_id: str) -> Operation | None: ...
@@ -357,7 +423,7 @@ class Storage(Protocol):
     async def renew_leases(
         self, runner_id: str, operation_ids: list[str], lease_seconds: float
     ) -> tuple[set[str], set[str]]:
-        """Extend this runner's leases: (still owned, owned with a stop recorded)."""
+        """Extend this runner's leases: (still owned, owned with a stop or a pause recorded)."""
         ...
 
     async def drop_leases(self, runner_id: str) -> int:

@@ -46,8 +46,9 @@ from runtime_service.storage.interface import (
     utcnow,
 )
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
-from runtime_service.storage.shared import SharedStorage, twin_of
+from runtime_service.storage.shared import twin_of
 from runtime_service.storage.sql import PgSql
+from runtime_service.storage.waiting import WaitingStorage
 from stopline.json_values import dump_json
 
 T = TypeVar("T")
@@ -110,18 +111,20 @@ SELECT {COLUMN_LIST}, CASE WHEN :announce THEN pg_notify('{WORK}', '') END FROM 
     id=TEXT, announce=BOOL,
 )  # fmt: skip
 
-# The stop intent, recorded once. A PENDING operation is interrupted in the same UPDATE (SET sees
-# the old row, so `status` there is the status before the stop); a RUNNING one's runner is told.
+# The stop intent, recorded once. An operation with no step in flight (PENDING, WAITING, PAUSED)
+# is interrupted in the same UPDATE (SET sees the old row, so `status` there is the status before
+# the stop); a RUNNING one's runner is told.
 _RECORD_STOP = PgSql(
     f"""
 WITH stopped AS (
   UPDATE operations SET
-    last_seq = last_seq + CASE WHEN status = 'PENDING' THEN 2 ELSE 1 END,
+    last_seq = last_seq + CASE WHEN status <> 'RUNNING' THEN 2 ELSE 1 END,
     updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
     stop_cause = :cause,
-    status = CASE WHEN status = 'PENDING' THEN 'INTERRUPTED' ELSE status END,
-    finished_at = CASE WHEN status = 'PENDING' THEN :now ELSE finished_at END
-  WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
+    status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
+    finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
+  WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
+  AND stop_requested_at IS NULL
   RETURNING {COLUMN_LIST}
 ), written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
@@ -289,7 +292,7 @@ SELECT last_seq, {_NOTIFY_EVENT} FROM op""",
 )  # fmt: skip
 
 
-class PostgresStorage(SharedStorage):
+class PostgresStorage(WaitingStorage):
     def __init__(
         self, db: Database, database_url: str, meters: StorageMetrics | None = None
     ) -> None:

@@ -138,6 +138,9 @@ class SharedStorage:
     ) -> InterruptResult | None:
         raise NotImplementedError  # each dialect's module writes it
 
+    def _pause_orphan(self, conn: Connection, operation_id: str, now: datetime) -> list[Event]:
+        raise NotImplementedError  # storage/waiting.py
+
     # ------------------------------------------------------------------ stops by key
 
     async def record_stop_by_key(
@@ -363,7 +366,12 @@ class SharedStorage:
         now = utcnow()
         claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
         query = (
-            select(operations.c.id, operations.c.status, operations.c.stop_requested_at)
+            select(
+                operations.c.id,
+                operations.c.status,
+                operations.c.stop_requested_at,
+                operations.c.pause_requested_at,
+            )
             .where(claimable, operations.c.id.not_in(running))
             .order_by(operations.c.created_at, operations.c.id)
             .limit(limit)
@@ -375,6 +383,10 @@ class SharedStorage:
                 if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
                     # Stopped while its owner was dead: end it, never resume it.
                     batch.finished.extend(self._halt_orphan(conn, row.id, now))
+                    continue
+                if row.status == OperationStatus.RUNNING and row.pause_requested_at is not None:
+                    # Paused while its owner was dead: pause it, do not resume it.
+                    batch.finished.extend(self._pause_orphan(conn, row.id, now))
                     continue
                 claimed = self._take(
                     conn,
@@ -406,9 +418,19 @@ class SharedStorage:
                 update(operations)
                 .where(operations.c.id.in_(locked), *ours)
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-                .returning(operations.c.id, operations.c.stop_requested_at)
+                .returning(
+                    operations.c.id,
+                    operations.c.stop_requested_at,
+                    operations.c.pause_requested_at,
+                )
             ).all()
-        return {r.id for r in rows}, {r.id for r in rows if r.stop_requested_at is not None}
+        # A pause is an intent the runner must act on like a stop (it reads which one it is).
+        intents = {
+            r.id
+            for r in rows
+            if r.stop_requested_at is not None or r.pause_requested_at is not None
+        }
+        return {r.id for r in rows}, intents
 
     def _drop_leases(self, runner_id: str) -> int:
         with self.engine.begin() as conn:

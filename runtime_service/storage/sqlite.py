@@ -46,9 +46,10 @@ from runtime_service.storage.interface import (
 from runtime_service.storage.interface import (
     deadline_at as _deadline_at,
 )
-from runtime_service.storage.shared import SharedStorage, twin_of
+from runtime_service.storage.shared import twin_of
 from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
+from runtime_service.storage.waiting import WaitingStorage
 from stopline.json_values import dump_json
 
 T = TypeVar("T")
@@ -69,16 +70,18 @@ UPDATE operations SET held_until = NULL
 WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
 RETURNING *""")
 
-# The stop intent, recorded once, on an operation that has not ended. A PENDING one is
-# interrupted in the same UPDATE (SET sees the old row: `status` there is the one before).
+# The stop intent, recorded once, on an operation that has not ended. One that is not RUNNING
+# (PENDING, WAITING, PAUSED: no step in flight) is interrupted in the same UPDATE (SET sees the
+# old row: `status` there is the one before).
 _RECORD_STOP = Sql("""
 UPDATE operations SET
-  last_seq = last_seq + CASE WHEN status = 'PENDING' THEN 2 ELSE 1 END,
+  last_seq = last_seq + CASE WHEN status <> 'RUNNING' THEN 2 ELSE 1 END,
   updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
   stop_cause = :cause,
-  status = CASE WHEN status = 'PENDING' THEN 'INTERRUPTED' ELSE status END,
-  finished_at = CASE WHEN status = 'PENDING' THEN :now ELSE finished_at END
-WHERE id = :id AND status IN ('PENDING', 'RUNNING') AND stop_requested_at IS NULL
+  status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
+  finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
+WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
+  AND stop_requested_at IS NULL
 RETURNING *""")
 
 # A PENDING operation never has a stop recorded (recording one interrupts it), so the claim is
@@ -160,7 +163,7 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
   AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)""")
 
 
-class SqliteStorage(SharedStorage):
+class SqliteStorage(WaitingStorage):
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)

@@ -43,10 +43,22 @@ class _OperationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Opera
     """Terminal: the agent raised an error or returned something that cannot be stored."""
     OPERATION_STATUS_INTERRUPTED: _OperationStatus.ValueType  # 6
     """Terminal: halted by a stop request."""
+    OPERATION_STATUS_WAITING: _OperationStatus.ValueType  # 7
+    """A step asked a person for input (see InputRequested) and the operation waits for the answer
+    or the request's expiry. It holds no runner slot: only its stored rows remain. Answered or
+    expired, it becomes PENDING and any replica resumes it.
+    """
+    OPERATION_STATUS_PAUSED: _OperationStatus.ValueType  # 8
+    """Paused by its owner or an operator (PauseOperation): no step runs until ResumeOperation. A
+    step in flight when the pause arrived was cut, and is rerun as a new attempt on resume.
+    """
 
 class OperationStatus(_OperationStatus, metaclass=_OperationStatusEnumTypeWrapper):
     """The lifecycle of an operation. PENDING -> RUNNING -> COMPLETED | FAILED | INTERRUPTED, and
-    PENDING -> INTERRUPTED. COMPLETED, FAILED and INTERRUPTED are terminal and never change again.
+    PENDING -> INTERRUPTED. While it waits for a person: RUNNING -> WAITING -> PENDING (answered
+    or expired). Paused by an operator: PENDING | RUNNING | WAITING -> PAUSED -> PENDING | WAITING
+    (resumed). Every non-terminal status can be stopped. COMPLETED, FAILED and INTERRUPTED are
+    terminal and never change again.
     """
 
 OPERATION_STATUS_UNSPECIFIED: OperationStatus.ValueType  # 0
@@ -65,6 +77,15 @@ OPERATION_STATUS_FAILED: OperationStatus.ValueType  # 5
 """Terminal: the agent raised an error or returned something that cannot be stored."""
 OPERATION_STATUS_INTERRUPTED: OperationStatus.ValueType  # 6
 """Terminal: halted by a stop request."""
+OPERATION_STATUS_WAITING: OperationStatus.ValueType  # 7
+"""A step asked a person for input (see InputRequested) and the operation waits for the answer
+or the request's expiry. It holds no runner slot: only its stored rows remain. Answered or
+expired, it becomes PENDING and any replica resumes it.
+"""
+OPERATION_STATUS_PAUSED: OperationStatus.ValueType  # 8
+"""Paused by its owner or an operator (PauseOperation): no step runs until ResumeOperation. A
+step in flight when the pause arrived was cut, and is rerun as a new attempt on resume.
+"""
 Global___OperationStatus: _TypeAlias = OperationStatus  # noqa: Y015
 
 class _StopCause:
@@ -110,6 +131,30 @@ STOP_CAUSE_OPERATOR: StopCause.ValueType  # 6
 STOP_CAUSE_BULK: StopCause.ValueType  # 7
 """A bulk stop of a principal's operations."""
 Global___StopCause: _TypeAlias = StopCause  # noqa: Y015
+
+class _InputKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InputKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InputKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INPUT_KIND_UNSPECIFIED: _InputKind.ValueType  # 0
+    """Never set."""
+    INPUT_KIND_APPROVAL: _InputKind.ValueType  # 1
+    """Approve a tool call (as asked, or with edited arguments) or reject it with a reason."""
+    INPUT_KIND_ANSWER: _InputKind.ValueType  # 2
+    """A free answer, optionally checked against the request's JSON schema."""
+
+class InputKind(_InputKind, metaclass=_InputKindEnumTypeWrapper):
+    """What kind of input a request asks for."""
+
+INPUT_KIND_UNSPECIFIED: InputKind.ValueType  # 0
+"""Never set."""
+INPUT_KIND_APPROVAL: InputKind.ValueType  # 1
+"""Approve a tool call (as asked, or with edited arguments) or reject it with a reason."""
+INPUT_KIND_ANSWER: InputKind.ValueType  # 2
+"""A free answer, optionally checked against the request's JSON schema."""
+Global___InputKind: _TypeAlias = InputKind  # noqa: Y015
 
 @_typing.final
 class StopRequest(_message.Message):
@@ -195,6 +240,8 @@ class Operation(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     DEADLINE_TIME_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    INPUT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PAUSE_REQUESTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID in canonical lowercase form)."""
     agent: _builtins.str
@@ -218,6 +265,12 @@ class Operation(_message.Message):
     """
     max_steps: _builtins.int
     """The operation's step budget; 0: none."""
+    input_request_id: _builtins.str
+    """The id of the newest input request a step made (see InputRequested); empty when none. The
+    request is open while the operation is WAITING (or PAUSED while waiting).
+    """
+    pause_requested: _builtins.bool
+    """Set when a pause was requested while a step ran and the runner has not cut it yet."""
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """The input the operation was started with."""
@@ -279,14 +332,279 @@ class Operation(_message.Message):
         state: _struct_pb2.Value | None = ...,
         deadline_time: _timestamp_pb2.Timestamp | None = ...,
         max_steps: _builtins.int = ...,
+        input_request_id: _builtins.str = ...,
+        pause_requested: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline_time", b"deadline_time", "finish_time", b"finish_time", "input", b"input", "result", b"result", "state", b"state", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "deadline_time", b"deadline_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "last_seq", b"last_seq", "max_steps", b"max_steps", "owner", b"owner", "result", b"result", "state", b"state", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "create_time", b"create_time", "deadline_time", b"deadline_time", "error", b"error", "finish_time", b"finish_time", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "input_request_id", b"input_request_id", "labels", b"labels", "last_seq", b"last_seq", "max_steps", b"max_steps", "owner", b"owner", "pause_requested", b"pause_requested", "result", b"result", "state", b"state", "status", b"status", "steps_completed", b"steps_completed", "stop_request", b"stop_request", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class Approval(_message.Message):
+    """A person's decision on a tool call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    approved: _builtins.bool
+    """True: run the tool; false: do not (the agent is told `reason`)."""
+    reason: _builtins.str
+    """Why it was rejected (or any note with an approval); at most 1000 characters."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """Approve with these arguments instead of the ones asked for (checked against the tool's
+        parameters schema). Unset: the arguments as asked.
+        """
+
+    def __init__(
+        self,
+        *,
+        approved: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "arguments", b"arguments", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Approval: _TypeAlias = Approval  # noqa: Y015
+
+@_typing.final
+class InputAnswer(_message.Message):
+    """An answer to an input request: an approval for INPUT_KIND_APPROVAL, a value for
+    INPUT_KIND_ANSWER.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def approval(self) -> Global___Approval:
+        """See Approval."""
+
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """A free answer (any JSON value), checked against the request's schema when it has one."""
+
+    def __init__(
+        self,
+        *,
+        approval: Global___Approval | None = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "approval", b"approval", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["approval", "value"]  # noqa: Y015
+    _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
+
+Global___InputAnswer: _TypeAlias = InputAnswer  # noqa: Y015
+
+@_typing.final
+class InputRequested(_message.Message):
+    """A step ended by asking a person for input; the operation is now WAITING. Answer it with
+    AnswerInput (operation id + request_id); when nobody answers before expire_time the request
+    is resolved with default_answer (deny, unless the agent said otherwise).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DEFAULT_ANSWER_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step that asked; the next step sees the answer."""
+    request_id: _builtins.str
+    """The request's id, unique within the operation."""
+    kind: Global___InputKind.ValueType
+    """Approval of a tool call, or a free answer."""
+    prompt: _builtins.str
+    """What to show the person."""
+    call_id: _builtins.str
+    """For an approval: the tool call's id, as it will appear on tool_call_started."""
+    tool_name: _builtins.str
+    """For an approval: the tool's name."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Value:
+        """For an approval: the arguments the agent asks to call the tool with."""
+
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Value:
+        """The JSON schema an answer must match (for an approval: the tool's parameters, which edited
+        arguments must match); unset: any.
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the request expires and takes its default."""
+
+    @_builtins.property
+    def default_answer(self) -> Global___InputAnswer:
+        """The answer used when the request expires."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        kind: Global___InputKind.ValueType = ...,
+        prompt: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        arguments: _struct_pb2.Value | None = ...,
+        schema: _struct_pb2.Value | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        default_answer: Global___InputAnswer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "default_answer", b"default_answer", "expire_time", b"expire_time", "schema", b"schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "default_answer", b"default_answer", "expire_time", b"expire_time", "kind", b"kind", "prompt", b"prompt", "request_id", b"request_id", "schema", b"schema", "step", b"step", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputRequested: _TypeAlias = InputRequested  # noqa: Y015
+
+@_typing.final
+class InputAnswered(_message.Message):
+    """An input request was resolved: answered by a person, or expired and given its default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Zero-based index of the step that asked."""
+    request_id: _builtins.str
+    """The request's id."""
+    answer_id: _builtins.str
+    """The client-chosen id of the winning answer (empty when the request expired)."""
+    answered_by: _builtins.str
+    """Who answered (the principal, or "runtime" for an expiry)."""
+    expired: _builtins.bool
+    """True when nobody answered in time and the default was taken."""
+    @_builtins.property
+    def answer(self) -> Global___InputAnswer:
+        """The answer (the default when expired)."""
+
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        answer_id: _builtins.str = ...,
+        answer: Global___InputAnswer | None = ...,
+        answered_by: _builtins.str = ...,
+        expired: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_id", b"answer_id", "answered_by", b"answered_by", "expired", b"expired", "request_id", b"request_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputAnswered: _TypeAlias = InputAnswered  # noqa: Y015
+
+@_typing.final
+class PauseRequested(_message.Message):
+    """A pause was requested while a step ran; the runner cuts the step and pauses the operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    requested_by: _builtins.str
+    """Who asked."""
+    def __init__(
+        self,
+        *,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRequested: _TypeAlias = PauseRequested  # noqa: Y015
+
+@_typing.final
+class OperationPaused(_message.Message):
+    """The operation is PAUSED: no step runs until it is resumed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MID_STEP_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    mid_step: _builtins.bool
+    """True when a step was in flight and was cut (it is rerun as a new attempt on resume)."""
+    step: _builtins.int
+    """The step that was cut, or the next step to run."""
+    requested_by: _builtins.str
+    """Who asked for the pause."""
+    def __init__(
+        self,
+        *,
+        mid_step: _builtins.bool = ...,
+        step: _builtins.int = ...,
+        requested_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mid_step", b"mid_step", "requested_by", b"requested_by", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationPaused: _TypeAlias = OperationPaused  # noqa: Y015
+
+@_typing.final
+class OperationResumed(_message.Message):
+    """A paused operation was resumed: claimable again (PENDING), or WAITING when its input request
+    is still open.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    requested_by: _builtins.str
+    """Who asked."""
+    status: Global___OperationStatus.ValueType
+    """The status it resumed to."""
+    def __init__(
+        self,
+        *,
+        requested_by: _builtins.str = ...,
+        status: Global___OperationStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requested_by", b"requested_by", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperationResumed: _TypeAlias = OperationResumed  # noqa: Y015
 
 @_typing.final
 class OperationCreated(_message.Message):
@@ -785,6 +1103,11 @@ class Event(_message.Message):
     TOOL_CALL_CANCELLED_FIELD_NUMBER: _builtins.int
     TOOL_CALL_OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
     AGENT_EVENT_FIELD_NUMBER: _builtins.int
+    INPUT_REQUESTED_FIELD_NUMBER: _builtins.int
+    INPUT_ANSWERED_FIELD_NUMBER: _builtins.int
+    PAUSE_REQUESTED_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation the event belongs to."""
     seq: _builtins.int
@@ -857,6 +1180,26 @@ class Event(_message.Message):
     def agent_event(self) -> Global___AgentEvent:
         """See AgentEvent."""
 
+    @_builtins.property
+    def input_requested(self) -> Global___InputRequested:
+        """See InputRequested."""
+
+    @_builtins.property
+    def input_answered(self) -> Global___InputAnswered:
+        """See InputAnswered."""
+
+    @_builtins.property
+    def pause_requested(self) -> Global___PauseRequested:
+        """See PauseRequested."""
+
+    @_builtins.property
+    def paused(self) -> Global___OperationPaused:
+        """See OperationPaused."""
+
+    @_builtins.property
+    def resumed(self) -> Global___OperationResumed:
+        """See OperationResumed."""
+
     def __init__(
         self,
         *,
@@ -879,12 +1222,17 @@ class Event(_message.Message):
         tool_call_cancelled: Global___ToolCallCancelled | None = ...,
         tool_call_outcome_unknown: Global___ToolCallOutcomeUnknown | None = ...,
         agent_event: Global___AgentEvent | None = ...,
+        input_requested: Global___InputRequested | None = ...,
+        input_answered: Global___InputAnswered | None = ...,
+        pause_requested: Global___PauseRequested | None = ...,
+        paused: Global___OperationPaused | None = ...,
+        resumed: Global___OperationResumed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "output_chunk", b"output_chunk", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "input_answered", b"input_answered", "input_requested", b"input_requested", "interrupted", b"interrupted", "kind", b"kind", "output_chunk", b"output_chunk", "pause_requested", b"pause_requested", "paused", b"paused", "resumed", b"resumed", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "interrupted", b"interrupted", "kind", b"kind", "operation_id", b"operation_id", "output_chunk", b"output_chunk", "seq", b"seq", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_event", b"agent_event", "completed", b"completed", "created", b"created", "failed", b"failed", "input_answered", b"input_answered", "input_requested", b"input_requested", "interrupted", b"interrupted", "kind", b"kind", "operation_id", b"operation_id", "output_chunk", b"output_chunk", "pause_requested", b"pause_requested", "paused", b"paused", "resumed", b"resumed", "seq", b"seq", "started", b"started", "step_completed", b"step_completed", "step_started", b"step_started", "stop_requested", b"stop_requested", "text_delta", b"text_delta", "time", b"time", "tool_call_cancelled", b"tool_call_cancelled", "tool_call_failed", b"tool_call_failed", "tool_call_finished", b"tool_call_finished", "tool_call_outcome_unknown", b"tool_call_outcome_unknown", "tool_call_started", b"tool_call_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["created", "started", "step_started", "output_chunk", "step_completed", "stop_requested", "completed", "failed", "interrupted", "text_delta", "tool_call_started", "tool_call_finished", "tool_call_failed", "tool_call_cancelled", "tool_call_outcome_unknown", "agent_event"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["created", "started", "step_started", "output_chunk", "step_completed", "stop_requested", "completed", "failed", "interrupted", "text_delta", "tool_call_started", "tool_call_finished", "tool_call_failed", "tool_call_cancelled", "tool_call_outcome_unknown", "agent_event", "input_requested", "input_answered", "pause_requested", "paused", "resumed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

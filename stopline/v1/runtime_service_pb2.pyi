@@ -64,6 +64,98 @@ operation already INTERRUPTED, running no step. The response carries no operatio
 """
 Global___InterruptOutcome: _TypeAlias = InterruptOutcome  # noqa: Y015
 
+class _AnswerOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnswerOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnswerOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANSWER_OUTCOME_UNSPECIFIED: _AnswerOutcome.ValueType  # 0
+    """Never returned."""
+    ANSWER_OUTCOME_ACCEPTED: _AnswerOutcome.ValueType  # 1
+    """This call's answer won; the operation resumes."""
+    ANSWER_OUTCOME_ALREADY_ANSWERED: _AnswerOutcome.ValueType  # 2
+    """This answer_id had already won (a retry); nothing changed."""
+
+class AnswerOutcome(_AnswerOutcome, metaclass=_AnswerOutcomeEnumTypeWrapper):
+    """What an AnswerInput call achieved."""
+
+ANSWER_OUTCOME_UNSPECIFIED: AnswerOutcome.ValueType  # 0
+"""Never returned."""
+ANSWER_OUTCOME_ACCEPTED: AnswerOutcome.ValueType  # 1
+"""This call's answer won; the operation resumes."""
+ANSWER_OUTCOME_ALREADY_ANSWERED: AnswerOutcome.ValueType  # 2
+"""This answer_id had already won (a retry); nothing changed."""
+Global___AnswerOutcome: _TypeAlias = AnswerOutcome  # noqa: Y015
+
+class _PauseOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PauseOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PauseOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAUSE_OUTCOME_UNSPECIFIED: _PauseOutcome.ValueType  # 0
+    """Never returned."""
+    PAUSE_OUTCOME_ACCEPTED: _PauseOutcome.ValueType  # 1
+    """Paused now (it was PENDING or WAITING), or the pause is recorded and the runner is cutting
+    its step (the operation shows pause_requested until it is PAUSED).
+    """
+    PAUSE_OUTCOME_ALREADY_PAUSED: _PauseOutcome.ValueType  # 2
+    """Already paused, or a pause is already on its way; nothing changed."""
+    PAUSE_OUTCOME_ALREADY_FINISHED: _PauseOutcome.ValueType  # 3
+    """The operation had already finished; nothing changed."""
+    PAUSE_OUTCOME_STOPPING: _PauseOutcome.ValueType  # 4
+    """A stop is recorded: it wins, and the operation is halting; nothing changed."""
+
+class PauseOutcome(_PauseOutcome, metaclass=_PauseOutcomeEnumTypeWrapper):
+    """What a PauseOperation call achieved."""
+
+PAUSE_OUTCOME_UNSPECIFIED: PauseOutcome.ValueType  # 0
+"""Never returned."""
+PAUSE_OUTCOME_ACCEPTED: PauseOutcome.ValueType  # 1
+"""Paused now (it was PENDING or WAITING), or the pause is recorded and the runner is cutting
+its step (the operation shows pause_requested until it is PAUSED).
+"""
+PAUSE_OUTCOME_ALREADY_PAUSED: PauseOutcome.ValueType  # 2
+"""Already paused, or a pause is already on its way; nothing changed."""
+PAUSE_OUTCOME_ALREADY_FINISHED: PauseOutcome.ValueType  # 3
+"""The operation had already finished; nothing changed."""
+PAUSE_OUTCOME_STOPPING: PauseOutcome.ValueType  # 4
+"""A stop is recorded: it wins, and the operation is halting; nothing changed."""
+Global___PauseOutcome: _TypeAlias = PauseOutcome  # noqa: Y015
+
+class _ResumeOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResumeOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResumeOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESUME_OUTCOME_UNSPECIFIED: _ResumeOutcome.ValueType  # 0
+    """Never returned."""
+    RESUME_OUTCOME_ACCEPTED: _ResumeOutcome.ValueType  # 1
+    """Resumed: PENDING (claimable on any replica), or WAITING when its request is still open."""
+    RESUME_OUTCOME_NOT_PAUSED: _ResumeOutcome.ValueType  # 2
+    """It was not paused (running, waiting or pending; a pause still on its way is not undone);
+    nothing changed.
+    """
+    RESUME_OUTCOME_ALREADY_FINISHED: _ResumeOutcome.ValueType  # 3
+    """The operation had already finished; nothing changed."""
+
+class ResumeOutcome(_ResumeOutcome, metaclass=_ResumeOutcomeEnumTypeWrapper):
+    """What a ResumeOperation call achieved."""
+
+RESUME_OUTCOME_UNSPECIFIED: ResumeOutcome.ValueType  # 0
+"""Never returned."""
+RESUME_OUTCOME_ACCEPTED: ResumeOutcome.ValueType  # 1
+"""Resumed: PENDING (claimable on any replica), or WAITING when its request is still open."""
+RESUME_OUTCOME_NOT_PAUSED: ResumeOutcome.ValueType  # 2
+"""It was not paused (running, waiting or pending; a pause still on its way is not undone);
+nothing changed.
+"""
+RESUME_OUTCOME_ALREADY_FINISHED: ResumeOutcome.ValueType  # 3
+"""The operation had already finished; nothing changed."""
+Global___ResumeOutcome: _TypeAlias = ResumeOutcome  # noqa: Y015
+
 @_typing.final
 class StartOperationRequest(_message.Message):
     """Request for StartOperation."""
@@ -522,7 +614,9 @@ class StopOperationsRequest(_message.Message):
     The gateway sets the authenticated principal.
     """
     status: _operation_pb2.OperationStatus.ValueType
-    """PENDING or RUNNING; UNSPECIFIED: both. Operations already STOPPING are left as they are."""
+    """PENDING, RUNNING, WAITING or PAUSED; UNSPECIFIED: all four. Operations already STOPPING are
+    left as they are.
+    """
     agent: _builtins.str
     """Only operations of this agent (empty: any)."""
     @_builtins.property
@@ -576,3 +670,201 @@ class StopOperationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StopOperationsResponse: _TypeAlias = StopOperationsResponse  # noqa: Y015
+
+@_typing.final
+class AnswerInputRequest(_message.Message):
+    """Request for AnswerInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation whose request is answered."""
+    request_id: _builtins.str
+    """The request's id (InputRequested.request_id)."""
+    answer_id: _builtins.str
+    """A client-chosen id for this answer (1 to 200 characters): repeating the call with the same
+    id is harmless and gets the same result.
+    """
+    answered_by: _builtins.str
+    """Who answers (recorded on the input_answered event; at most 200 characters)."""
+    owner: _builtins.str
+    """When set, only this principal's operation may be answered (anyone else's: NOT_FOUND). The
+    gateway sets the authenticated caller.
+    """
+    @_builtins.property
+    def answer(self) -> _operation_pb2.InputAnswer:
+        """The answer: an approval for an approval request, a value for a free answer."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        answer_id: _builtins.str = ...,
+        answer: _operation_pb2.InputAnswer | None = ...,
+        answered_by: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_id", b"answer_id", "answered_by", b"answered_by", "operation_id", b"operation_id", "owner", b"owner", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerInputRequest: _TypeAlias = AnswerInputRequest  # noqa: Y015
+
+@_typing.final
+class AnswerInputResponse(_message.Message):
+    """Response for AnswerInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    outcome: Global___AnswerOutcome.ValueType
+    """What this call achieved."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call (PENDING, or further along)."""
+
+    @_builtins.property
+    def answered(self) -> _operation_pb2.InputAnswered:
+        """The winning answer, as recorded."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___AnswerOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+        answered: _operation_pb2.InputAnswered | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerInputResponse: _TypeAlias = AnswerInputResponse  # noqa: Y015
+
+@_typing.final
+class PauseOperationRequest(_message.Message):
+    """Request for PauseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation to pause."""
+    requested_by: _builtins.str
+    """Who asks (recorded on the events; at most 200 characters)."""
+    owner: _builtins.str
+    """When set, only this principal's operation may be paused (anyone else's: NOT_FOUND)."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "owner", b"owner", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseOperationRequest: _TypeAlias = PauseOperationRequest  # noqa: Y015
+
+@_typing.final
+class PauseOperationResponse(_message.Message):
+    """Response for PauseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    outcome: Global___PauseOutcome.ValueType
+    """What this call achieved."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___PauseOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseOperationResponse: _TypeAlias = PauseOperationResponse  # noqa: Y015
+
+@_typing.final
+class ResumeOperationRequest(_message.Message):
+    """Request for ResumeOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation to resume."""
+    requested_by: _builtins.str
+    """Who asks (recorded on the resumed event; at most 200 characters)."""
+    owner: _builtins.str
+    """When set, only this principal's operation may be resumed (anyone else's: NOT_FOUND)."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        owner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "owner", b"owner", "requested_by", b"requested_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeOperationRequest: _TypeAlias = ResumeOperationRequest  # noqa: Y015
+
+@_typing.final
+class ResumeOperationResponse(_message.Message):
+    """Response for ResumeOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    outcome: Global___ResumeOutcome.ValueType
+    """What this call achieved."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    def __init__(
+        self,
+        *,
+        outcome: Global___ResumeOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeOperationResponse: _TypeAlias = ResumeOperationResponse  # noqa: Y015

@@ -70,6 +70,21 @@ class RuntimeServiceStub:
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.SerializeToString,
                 response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.FromString,
                 _registered_method=True)
+        self.AnswerInput = channel.unary_unary(
+                '/stopline.v1.RuntimeService/AnswerInput',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.AnswerInputRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.AnswerInputResponse.FromString,
+                _registered_method=True)
+        self.PauseOperation = channel.unary_unary(
+                '/stopline.v1.RuntimeService/PauseOperation',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.PauseOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.PauseOperationResponse.FromString,
+                _registered_method=True)
+        self.ResumeOperation = channel.unary_unary(
+                '/stopline.v1.RuntimeService/ResumeOperation',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -132,6 +147,33 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerInput(self, request, context):
+        """Answers an operation's open input request. The first answer wins (a compare-and-set in the
+        database); the same answer_id repeated gets the same result; a different answer after the
+        first is FAILED_PRECONDITION naming the winner. An answer that does not match the request's
+        schema is INVALID_ARGUMENT naming the field; an expired or already-resolved request is
+        FAILED_PRECONDITION saying which; an unknown one NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseOperation(self, request, context):
+        """Pauses an operation: a step in flight is cut as by a stop, but nothing terminal is written;
+        the status becomes PAUSED. Idempotent; the answer says what happened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeOperation(self, request, context):
+        """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
+        Idempotent; the answer says what happened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +211,21 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.StopOperations,
                     request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.FromString,
                     response_serializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.SerializeToString,
+            ),
+            'AnswerInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerInput,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.AnswerInputRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.AnswerInputResponse.SerializeToString,
+            ),
+            'PauseOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseOperation,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.PauseOperationRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.PauseOperationResponse.SerializeToString,
+            ),
+            'ResumeOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeOperation,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,6 +418,87 @@ class RuntimeService:
             '/stopline.v1.RuntimeService/StopOperations',
             stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.SerializeToString,
             stopline_dot_v1_dot_runtime__service__pb2.StopOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/AnswerInput',
+            stopline_dot_v1_dot_runtime__service__pb2.AnswerInputRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.AnswerInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/PauseOperation',
+            stopline_dot_v1_dot_runtime__service__pb2.PauseOperationRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.PauseOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/ResumeOperation',
+            stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

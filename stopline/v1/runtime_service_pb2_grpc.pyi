@@ -59,6 +59,21 @@ class RuntimeServiceStub:
     through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
     stop"), at most 1000 per call.
     """
+    AnswerInput: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.AnswerInputRequest, _runtime_service_pb2.AnswerInputResponse]
+    """Answers an operation's open input request. The first answer wins (a compare-and-set in the
+    database); the same answer_id repeated gets the same result; a different answer after the
+    first is FAILED_PRECONDITION naming the winner. An answer that does not match the request's
+    schema is INVALID_ARGUMENT naming the field; an expired or already-resolved request is
+    FAILED_PRECONDITION saying which; an unknown one NOT_FOUND.
+    """
+    PauseOperation: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.PauseOperationRequest, _runtime_service_pb2.PauseOperationResponse]
+    """Pauses an operation: a step in flight is cut as by a stop, but nothing terminal is written;
+    the status becomes PAUSED. Idempotent; the answer says what happened.
+    """
+    ResumeOperation: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.ResumeOperationRequest, _runtime_service_pb2.ResumeOperationResponse]
+    """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
+    Idempotent; the answer says what happened.
+    """
 
 @_typing.type_check_only
 class RuntimeServiceAsyncStub(RuntimeServiceStub):
@@ -90,6 +105,21 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
     through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
     stop"), at most 1000 per call.
+    """
+    AnswerInput: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.AnswerInputRequest, _runtime_service_pb2.AnswerInputResponse]  # type: ignore[assignment]
+    """Answers an operation's open input request. The first answer wins (a compare-and-set in the
+    database); the same answer_id repeated gets the same result; a different answer after the
+    first is FAILED_PRECONDITION naming the winner. An answer that does not match the request's
+    schema is INVALID_ARGUMENT naming the field; an expired or already-resolved request is
+    FAILED_PRECONDITION saying which; an unknown one NOT_FOUND.
+    """
+    PauseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.PauseOperationRequest, _runtime_service_pb2.PauseOperationResponse]  # type: ignore[assignment]
+    """Pauses an operation: a step in flight is cut as by a stop, but nothing terminal is written;
+    the status becomes PAUSED. Idempotent; the answer says what happened.
+    """
+    ResumeOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ResumeOperationRequest, _runtime_service_pb2.ResumeOperationResponse]  # type: ignore[assignment]
+    """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
+    Idempotent; the answer says what happened.
     """
 
 class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -161,6 +191,39 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
         through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
         stop"), at most 1000 per call.
+        """
+
+    @_abc_1.abstractmethod
+    def AnswerInput(
+        self,
+        request: _runtime_service_pb2.AnswerInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_service_pb2.AnswerInputResponse, _abc.Awaitable[_runtime_service_pb2.AnswerInputResponse]]:
+        """Answers an operation's open input request. The first answer wins (a compare-and-set in the
+        database); the same answer_id repeated gets the same result; a different answer after the
+        first is FAILED_PRECONDITION naming the winner. An answer that does not match the request's
+        schema is INVALID_ARGUMENT naming the field; an expired or already-resolved request is
+        FAILED_PRECONDITION saying which; an unknown one NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseOperation(
+        self,
+        request: _runtime_service_pb2.PauseOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_service_pb2.PauseOperationResponse, _abc.Awaitable[_runtime_service_pb2.PauseOperationResponse]]:
+        """Pauses an operation: a step in flight is cut as by a stop, but nothing terminal is written;
+        the status becomes PAUSED. Idempotent; the answer says what happened.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeOperation(
+        self,
+        request: _runtime_service_pb2.ResumeOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_service_pb2.ResumeOperationResponse, _abc.Awaitable[_runtime_service_pb2.ResumeOperationResponse]]:
+        """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
+        Idempotent; the answer says what happened.
         """
 
 def add_RuntimeServiceServicer_to_server(servicer: RuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

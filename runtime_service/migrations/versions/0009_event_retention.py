@@ -13,7 +13,7 @@ from alembic import op
 import runtime_service.schema
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -538,7 +538,7 @@ class StopOperationsRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     status: _operation_pb2.OperationStatus.ValueType
-    """PENDING or RUNNING; UNSPECIFIED: both."""
+    """PENDING, RUNNING, WAITING or PAUSED; UNSPECIFIED: all four."""
     agent: _builtins.str
     """Only operations of this agent (empty: any)."""
     @_builtins.property
@@ -593,3 +593,175 @@ class StopOperationsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StopOperationsResponse: _TypeAlias = StopOperationsResponse  # noqa: Y015
+
+@_typing.final
+class AnswerInputRequest(_message.Message):
+    """Request for AnswerInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_ID_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation whose request is answered."""
+    request_id: _builtins.str
+    """The request's id (InputRequested.request_id)."""
+    answer_id: _builtins.str
+    """A client-chosen id for this answer (1 to 200 characters); a retry with the same id is
+    harmless.
+    """
+    @_builtins.property
+    def answer(self) -> _operation_pb2.InputAnswer:
+        """The answer."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        answer_id: _builtins.str = ...,
+        answer: _operation_pb2.InputAnswer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "answer_id", b"answer_id", "operation_id", b"operation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerInputRequest: _TypeAlias = AnswerInputRequest  # noqa: Y015
+
+@_typing.final
+class AnswerInputResponse(_message.Message):
+    """Response for AnswerInput."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    outcome: _runtime_service_pb2.AnswerOutcome.ValueType
+    """ACCEPTED, or ALREADY_ANSWERED for a repeated answer_id."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    @_builtins.property
+    def answered(self) -> _operation_pb2.InputAnswered:
+        """The winning answer, as recorded."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _runtime_service_pb2.AnswerOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+        answered: _operation_pb2.InputAnswered | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerInputResponse: _TypeAlias = AnswerInputResponse  # noqa: Y015
+
+@_typing.final
+class PauseOperationRequest(_message.Message):
+    """Request for PauseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation to pause."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseOperationRequest: _TypeAlias = PauseOperationRequest  # noqa: Y015
+
+@_typing.final
+class PauseOperationResponse(_message.Message):
+    """Response for PauseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    outcome: _runtime_service_pb2.PauseOutcome.ValueType
+    """What the call achieved."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _runtime_service_pb2.PauseOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseOperationResponse: _TypeAlias = PauseOperationResponse  # noqa: Y015
+
+@_typing.final
+class ResumeOperationRequest(_message.Message):
+    """Request for ResumeOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation to resume."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeOperationRequest: _TypeAlias = ResumeOperationRequest  # noqa: Y015
+
+@_typing.final
+class ResumeOperationResponse(_message.Message):
+    """Response for ResumeOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    outcome: _runtime_service_pb2.ResumeOutcome.ValueType
+    """What the call achieved."""
+    @_builtins.property
+    def operation(self) -> _operation_pb2.Operation:
+        """The operation after the call."""
+
+    def __init__(
+        self,
+        *,
+        outcome: _runtime_service_pb2.ResumeOutcome.ValueType = ...,
+        operation: _operation_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeOperationResponse: _TypeAlias = ResumeOperationResponse  # noqa: Y015

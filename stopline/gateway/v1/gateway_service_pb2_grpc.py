@@ -66,6 +66,21 @@ class GatewayServiceStub:
                 request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.SerializeToString,
                 response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.FromString,
                 _registered_method=True)
+        self.AnswerInput = channel.unary_unary(
+                '/stopline.gateway.v1.GatewayService/AnswerInput',
+                request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputRequest.SerializeToString,
+                response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputResponse.FromString,
+                _registered_method=True)
+        self.PauseOperation = channel.unary_unary(
+                '/stopline.gateway.v1.GatewayService/PauseOperation',
+                request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationResponse.FromString,
+                _registered_method=True)
+        self.ResumeOperation = channel.unary_unary(
+                '/stopline.gateway.v1.GatewayService/ResumeOperation',
+                request_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -120,6 +135,28 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerInput(self, request, context):
+        """Answers an input request of one of the caller's operations (see the runtime's AnswerInput:
+        first answer wins, the same answer_id repeated gets the same result).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseOperation(self, request, context):
+        """Pauses one of the caller's operations (see the runtime's PauseOperation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeOperation(self, request, context):
+        """Resumes one of the caller's paused operations (see the runtime's ResumeOperation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +189,21 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.StopOperations,
                     request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.FromString,
                     response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.SerializeToString,
+            ),
+            'AnswerInput': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerInput,
+                    request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputRequest.FromString,
+                    response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputResponse.SerializeToString,
+            ),
+            'PauseOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseOperation,
+                    request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationRequest.FromString,
+                    response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationResponse.SerializeToString,
+            ),
+            'ResumeOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeOperation,
+                    request_deserializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationRequest.FromString,
+                    response_serializer=stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,6 +370,87 @@ class GatewayService:
             '/stopline.gateway.v1.GatewayService/StopOperations',
             stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsRequest.SerializeToString,
             stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.StopOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.gateway.v1.GatewayService/AnswerInput',
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputRequest.SerializeToString,
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.AnswerInputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.gateway.v1.GatewayService/PauseOperation',
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationRequest.SerializeToString,
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.PauseOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stopline.gateway.v1.GatewayService/ResumeOperation',
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationRequest.SerializeToString,
+            stopline_dot_gateway_dot_v1_dot_gateway__service__pb2.ResumeOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ class GatewayServiceStub:
     """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
     how many it stopped. Never touches another principal's operations.
     """
+    AnswerInput: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.AnswerInputRequest, _gateway_service_pb2.AnswerInputResponse]
+    """Answers an input request of one of the caller's operations (see the runtime's AnswerInput:
+    first answer wins, the same answer_id repeated gets the same result).
+    """
+    PauseOperation: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.PauseOperationRequest, _gateway_service_pb2.PauseOperationResponse]
+    """Pauses one of the caller's operations (see the runtime's PauseOperation)."""
+    ResumeOperation: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ResumeOperationRequest, _gateway_service_pb2.ResumeOperationResponse]
+    """Resumes one of the caller's paused operations (see the runtime's ResumeOperation)."""
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -85,6 +93,14 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
     how many it stopped. Never touches another principal's operations.
     """
+    AnswerInput: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.AnswerInputRequest, _gateway_service_pb2.AnswerInputResponse]  # type: ignore[assignment]
+    """Answers an input request of one of the caller's operations (see the runtime's AnswerInput:
+    first answer wins, the same answer_id repeated gets the same result).
+    """
+    PauseOperation: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.PauseOperationRequest, _gateway_service_pb2.PauseOperationResponse]  # type: ignore[assignment]
+    """Pauses one of the caller's operations (see the runtime's PauseOperation)."""
+    ResumeOperation: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ResumeOperationRequest, _gateway_service_pb2.ResumeOperationResponse]  # type: ignore[assignment]
+    """Resumes one of the caller's paused operations (see the runtime's ResumeOperation)."""
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client-facing service: start operations and stream them, reconnect, and stop them. A stop is
@@ -147,5 +163,31 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stops all of the caller's unfinished operations that match a filter (bulk stop) and answers
         how many it stopped. Never touches another principal's operations.
         """
+
+    @_abc_1.abstractmethod
+    def AnswerInput(
+        self,
+        request: _gateway_service_pb2.AnswerInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.AnswerInputResponse, _abc.Awaitable[_gateway_service_pb2.AnswerInputResponse]]:
+        """Answers an input request of one of the caller's operations (see the runtime's AnswerInput:
+        first answer wins, the same answer_id repeated gets the same result).
+        """
+
+    @_abc_1.abstractmethod
+    def PauseOperation(
+        self,
+        request: _gateway_service_pb2.PauseOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.PauseOperationResponse, _abc.Awaitable[_gateway_service_pb2.PauseOperationResponse]]:
+        """Pauses one of the caller's operations (see the runtime's PauseOperation)."""
+
+    @_abc_1.abstractmethod
+    def ResumeOperation(
+        self,
+        request: _gateway_service_pb2.ResumeOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ResumeOperationResponse, _abc.Awaitable[_gateway_service_pb2.ResumeOperationResponse]]:
+        """Resumes one of the caller's paused operations (see the runtime's ResumeOperation)."""
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,294 @@
+"""Waiting for a person on the command line: `stopline answer`, `pause` and `resume` for scripts,
+and the prompt `run` and `attach` show when an operation asks and stdin is a terminal.
+
+The prompt reads the terminal on a daemon thread, so the stream (and Ctrl-C, which stops the
+operation as always) keeps going while it waits for a person. It asks only about a request that
+is still open when it arrives (a replayed one that was answered long ago is just shown), and is
+dropped if the request is resolved meanwhile (answered elsewhere, expired, or stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import click
+from grpc import aio
+
+from stopline.gateway.v1 import gateway_service_pb2 as pb
+from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.render import describe_answer, status_name, to_json
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt_pb
+from stopline_cli.client import UNARY_TIMEOUT, Target, _gateway_option, _json_flag, _unary
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=what) from exc
+
+
+def build_answer(
+    approve: bool, reject: str | None, arguments: str | None, value: str | None
+) -> op_pb.InputAnswer:
+    """The answer the options ask for: exactly one of --approve, --reject, --args, --value."""
+    if sum((approve, reject is not None, arguments is not None, value is not None)) != 1:
+        raise click.UsageError("give exactly one of --approve, --reject, --args and --value")
+    answer = op_pb.InputAnswer()
+    if value is not None:
+        answer.value.CopyFrom(_to_value(_json_arg(value, "--value")))
+    elif reject is not None:
+        answer.approval.CopyFrom(op_pb.Approval(approved=False, reason=reject))
+    else:
+        answer.approval.approved = True
+        if arguments is not None:
+            edited = _json_arg(arguments, "--args")
+            if not isinstance(edited, dict):
+                raise click.BadParameter("must be a JSON object", param_hint="--args")
+            answer.approval.arguments.update(edited)
+    return answer
+
+
+def _to_value(value: Any) -> Any:
+    from google.protobuf import struct_pb2
+
+    holder = struct_pb2.Struct()
+    holder.update({"v": value})
+    return holder.fields["v"]
+
+
+def _outcome(response: pb.AnswerInputResponse) -> str:
+    won = rt_pb.AnswerOutcome.Name(response.outcome).removeprefix("ANSWER_OUTCOME_")
+    return f"answer {won}: {describe_answer(response.answered.answer)}"
+
+
+async def _request_id(stub: pb_grpc.GatewayServiceAsyncStub, operation_id: str) -> str:
+    request = pb.GetOperationRequest(operation_id=operation_id)
+    operation = (await stub.GetOperation(request, timeout=UNARY_TIMEOUT)).operation
+    if not operation.input_request_id:
+        raise click.ClickException(f"operation {operation_id} has not asked for input")
+    return str(operation.input_request_id)
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+@click.argument("request_id", required=False, default="")
+@click.option("--approve", is_flag=True, help="Approve the tool call as asked.")
+@click.option("--reject", metavar="REASON", default=None, help="Reject the tool call, saying why.")
+@click.option(
+    "--args", "arguments", metavar="JSON", default=None, help="Approve with these arguments."
+)
+@click.option("--value", metavar="JSON", default=None, help="A free answer (any JSON value).")
+@click.option(
+    "--answer-id",
+    default="",
+    help="Your id for this answer: repeating it is harmless (default: a new one).",
+)
+def answer(
+    target: Target,
+    as_json: bool,
+    operation_id: str,
+    request_id: str,
+    approve: bool,
+    reject: str | None,
+    arguments: str | None,
+    value: str | None,
+    answer_id: str,
+) -> None:
+    """Answer an operation's input request (REQUEST_ID; default: its newest one)."""
+    reply = build_answer(approve, reject, arguments, value)
+
+    async def call(stub: pb_grpc.GatewayServiceAsyncStub) -> pb.AnswerInputResponse:
+        request = pb.AnswerInputRequest(
+            operation_id=operation_id,
+            request_id=request_id or await _request_id(stub, operation_id),
+            answer_id=answer_id or f"cli-{uuid.uuid4()}",
+            answer=reply,
+        )
+        return await stub.AnswerInput(request, timeout=UNARY_TIMEOUT)
+
+    response: pb.AnswerInputResponse = asyncio.run(_unary(target, call, "stopline answer"))
+    click.echo(to_json(response) if as_json else _outcome(response))
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+def pause(target: Target, as_json: bool, operation_id: str) -> None:
+    """Pause an operation: its step in flight is cut; nothing runs until `resume`."""
+    request = pb.PauseOperationRequest(operation_id=operation_id)
+    response: pb.PauseOperationResponse = asyncio.run(
+        _unary(
+            target,
+            lambda stub: stub.PauseOperation(request, timeout=UNARY_TIMEOUT),
+            "stopline pause",
+        )
+    )
+    if as_json:
+        click.echo(to_json(response))
+        return
+    outcome = rt_pb.PauseOutcome.Name(response.outcome).removeprefix("PAUSE_OUTCOME_")
+    click.echo(f"pause {outcome} ({status_name(response.operation.status)})")
+
+
+@click.command()
+@_gateway_option
+@_json_flag
+@click.argument("operation_id")
+def resume(target: Target, as_json: bool, operation_id: str) -> None:
+    """Resume a paused operation from its last checkpoint."""
+    request = pb.ResumeOperationRequest(operation_id=operation_id)
+    response: pb.ResumeOperationResponse = asyncio.run(
+        _unary(
+            target,
+            lambda stub: stub.ResumeOperation(request, timeout=UNARY_TIMEOUT),
+            "stopline resume",
+        )
+    )
+    if as_json:
+        click.echo(to_json(response))
+        return
+    outcome = rt_pb.ResumeOutcome.Name(response.outcome).removeprefix("RESUME_OUTCOME_")
+    click.echo(f"resume {outcome} ({status_name(response.operation.status)})")
+
+
+COMMANDS: list[click.Command] = [answer, pause, resume]
+
+
+# --------------------------------------------------------------------------- the prompt
+
+
+def reply_for(request: op_pb.InputRequested, lines: list[str]) -> op_pb.InputAnswer | str:
+    """The answer a person's typed lines give (for an approval: y / n + reason / e + JSON
+    arguments; for a question: JSON, or else the text as a string), or the next question to ask
+    when more input is needed."""
+    if request.kind != op_pb.INPUT_KIND_APPROVAL:
+        if not lines:
+            return f"{request.prompt} (JSON, or text): "
+        try:
+            value = json.loads(lines[0])
+        except json.JSONDecodeError:
+            value = lines[0]
+        reply = op_pb.InputAnswer()
+        reply.value.CopyFrom(_to_value(value))
+        return reply
+    if not lines:
+        return "approve? [y]es / [n]o / [e]dit the arguments: "
+    choice = lines[0].strip().lower()[:1]
+    if choice == "y":
+        return op_pb.InputAnswer(approval=op_pb.Approval(approved=True))
+    if choice == "n":
+        if len(lines) < 2:
+            return "reason: "
+        return op_pb.InputAnswer(approval=op_pb.Approval(approved=False, reason=lines[1]))
+    if choice == "e":
+        if len(lines) < 2:
+            return "arguments (a JSON object): "
+        try:
+            edited = json.loads(lines[1])
+        except json.JSONDecodeError:
+            edited = None
+        if not isinstance(edited, dict):
+            del lines[1:]
+            return "not a JSON object; arguments: "
+        reply = op_pb.InputAnswer(approval=op_pb.Approval(approved=True))
+        reply.approval.arguments.update(edited)
+        return reply
+    lines.clear()
+    return "please type y, n or e: "
+
+
+class Prompter:
+    """Asks a person at the terminal to answer the requests a stream shows (see the module
+    docstring); `say` prints a remark."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.GatewayServiceAsyncStub,
+        operation_id: Callable[[], str],
+        say: Callable[[str], None],
+    ) -> None:
+        self._stub = stub
+        self._operation_id = operation_id
+        self._say = say
+        self._task: asyncio.Task[None] | None = None
+        self._request_id = ""
+
+    @staticmethod
+    def wanted(as_json: bool) -> bool:
+        return not as_json and sys.stdin.isatty()
+
+    def on_event(self, event: op_pb.Event) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "input_requested":
+            self.close()
+            self._request_id = event.input_requested.request_id
+            self._task = asyncio.create_task(self._ask(event.input_requested))
+        elif (
+            kind == "input_answered" and event.input_answered.request_id == self._request_id
+        ) or event.WhichOneof("kind") in ("completed", "failed", "interrupted"):
+            self.close()
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
+
+    async def _ask(self, request: op_pb.InputRequested) -> None:
+        op_id = self._operation_id()
+        get = pb.GetOperationRequest(operation_id=op_id)
+        operation = (await self._stub.GetOperation(get, timeout=UNARY_TIMEOUT)).operation
+        if (
+            operation.status != op_pb.OPERATION_STATUS_WAITING
+            or operation.input_request_id != request.request_id
+        ):
+            return  # replayed: resolved already
+        answer_id = f"cli-{uuid.uuid4()}"
+        lines: list[str] = []
+        while True:
+            step = reply_for(request, lines)
+            if isinstance(step, str):
+                lines.append(await _read_line(step))
+                continue
+            call = pb.AnswerInputRequest(
+                operation_id=op_id, request_id=request.request_id, answer_id=answer_id, answer=step
+            )
+            try:
+                response = await self._stub.AnswerInput(call, timeout=UNARY_TIMEOUT)
+            except aio.AioRpcError as exc:
+                self._say(f"answer refused: {exc.code().name}: {exc.details()}")
+                if exc.code().name != "INVALID_ARGUMENT":
+                    return
+                lines.clear()
+                continue
+            self._say(_outcome(response))
+            return
+
+
+def _settle(done: asyncio.Future[str], line: str) -> None:
+    if not done.done():  # not cancelled meanwhile (the request was resolved elsewhere)
+        done.set_result(line)
+
+
+async def _read_line(question: str) -> str:
+    """One line from the terminal, read on a daemon thread (never holds up the exit)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        line = sys.stdin.readline().rstrip("\n")
+        loop.call_soon_threadsafe(_settle, done, line)
+
+    click.echo(question, nl=False)
+    threading.Thread(target=read, name="stopline prompt", daemon=True).start()
+    return await done
