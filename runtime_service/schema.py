@@ -119,6 +119,8 @@ operations = Table(
     # condition on both backends, so expired rows are never scanned again).
     Index(None, "events_expired_at", "finished_at"),
     Index(None, "status", "created_at", "id"),
+    # The sweep for WAITING / PAUSED operations past their deadline reads only those due.
+    Index(None, "status", "deadline_at"),
     Index(None, "owner", "created_at", "id"),
     UniqueConstraint("owner", "idempotency_key"),
 )

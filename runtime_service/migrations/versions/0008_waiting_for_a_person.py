@@ -60,10 +60,14 @@ def upgrade() -> None:
             )
         )
         batch_op.add_column(sa.Column("pause_requested_by", sa.String(length=200), nullable=True))
+        batch_op.create_index(
+            batch_op.f("ix_operations_status_deadline_at"), ["status", "deadline_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("operations", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_operations_status_deadline_at"))
         batch_op.drop_column("pause_requested_by")
         batch_op.drop_column("pause_requested_at")
         batch_op.drop_column("input_request_id")
