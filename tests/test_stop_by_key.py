@@ -58,7 +58,9 @@ async def runtime(db_url: str, gated: GatedAgent) -> AsyncIterator[RunningRuntim
 
 @pytest.fixture
 async def gateway(runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
-    running = await start_gateway(gateway_config(runtime.address))
+    # These tests read the delivery's outcome: a wide acknowledgment window, so that a loaded
+    # machine answers DELIVERED with the outcome rather than PENDING (its timing is benchmarked).
+    running = await start_gateway(gateway_config(runtime.address, stop_ack_seconds=10))
     try:
         yield running
     finally:
