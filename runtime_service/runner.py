@@ -190,7 +190,11 @@ class Runner:
         self._wake_leases.set()
 
     def deliver_stop(
-        self, operation_id: str, seen_at: datetime | None = None, cause: str | None = None
+        self,
+        operation_id: str,
+        seen_at: datetime | None = None,
+        cause: str | None = None,
+        path: str = "stored",
     ) -> bool:
         """Wake the loop of an operation this runner runs; False if it runs nothing by that id
         (the stop is still recorded in storage, where the boundary check finds it).
@@ -198,19 +202,23 @@ class Runner:
         `seen_at`: a time just after the stop committed (the recording replica's own, taken
         right after its commit, or the arrival of the stop's notification), from which halt_ms
         is measured; None when the stop was found later (the periodic re-read): halt_ms then
-        runs from the stored stop time."""
+        runs from the stored stop time. `path`: how the stop got here (metrics.STOP_PATHS)."""
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        self._stop(run, seen_at, cause)
+        self._stop(run, seen_at, cause, path)
         return True
+
+    def runs(self, operation_id: str) -> bool:
+        """Whether this runner runs the operation now."""
+        return operation_id in self._runs
 
     def stop_notified(self, operation_id: str) -> None:
         """A stop's (or a pause's, marked) notification arrived (sent on its commit)."""
         if operation_id.startswith(PAUSE_MARK):
             self.deliver_pause(operation_id[len(PAUSE_MARK) :])
             return
-        self.deliver_stop(operation_id, datetime.now(UTC))
+        self.deliver_stop(operation_id, datetime.now(UTC), path="notification")
 
     def deliver_pause(self, operation_id: str) -> bool:
         """Cut the step of an operation this runner runs, for a recorded pause; False if it
@@ -220,17 +228,27 @@ class Runner:
             return False
         if not run.stop.done():
             run.pausing = True
-        self._stop(run, None)
+        self._stop(run, None, path=None)
         return True
 
-    @staticmethod
-    def _stop(run: _Run, seen_at: datetime | None, cause: str | None = None) -> None:
+    def _stop(
+        self,
+        run: _Run,
+        seen_at: datetime | None,
+        cause: str | None = None,
+        path: str | None = "stored",
+    ) -> None:
         """`cause`: the stop's metrics label, when known (runtime_service/metrics.py). It is
         kept even when the stop arrived first without it (PostgreSQL's notification can beat the
-        recording call's own return by a moment)."""
+        recording call's own return by a moment). `path`: how it got here, counted when it is
+        the first (None: a pause, not counted)."""
         if cause is not None and run.cause == metrics.CAUSE_UNKNOWN:
             run.cause = cause
         if not run.stop.done():
+            if path is not None:
+                self.metrics.stop_path[path].inc()
+                if path != "local":
+                    log.debug("stop of %s reached its run by %s", run.operation_id, path)
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
@@ -688,7 +706,10 @@ class Runner:
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else a stop came first
             self._stop(
-                run, committed if ours else None, stop_causes.label(cause.cause) if ours else None
+                run,
+                committed if ours else None,
+                stop_causes.label(cause.cause) if ours else None,
+                "local",
             )
 
     @staticmethod

@@ -868,3 +868,58 @@ class ResumeOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeOperationResponse: _TypeAlias = ResumeOperationResponse  # noqa: Y015
+
+@_typing.final
+class DeliverStopRequest(_message.Message):
+    """Request for DeliverStop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNER_ID_FIELD_NUMBER: _builtins.int
+    STOP_REQUESTED_FIELD_NUMBER: _builtins.int
+    runner_id: _builtins.str
+    """The runner the sender found running the operation (its runner id in the database)."""
+    @_builtins.property
+    def stop_requested(self) -> _operation_pb2.Event:
+        """The stop_requested event the sender stored: the receiver passes it to its watchers of the
+        operation, who would otherwise re-read it from the database.
+        """
+
+    def __init__(
+        self,
+        *,
+        runner_id: _builtins.str = ...,
+        stop_requested: _operation_pb2.Event | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stop_requested", b"stop_requested"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runner_id", b"runner_id", "stop_requested", b"stop_requested"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverStopRequest: _TypeAlias = DeliverStopRequest  # noqa: Y015
+
+@_typing.final
+class DeliverStopResponse(_message.Message):
+    """Response for DeliverStop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNING_FIELD_NUMBER: _builtins.int
+    running: _builtins.bool
+    """This replica runs the operation under that runner id, and its run now has the stop (by this
+    call or an earlier signal). False: stale routing; the notification and the runner's
+    periodic look at the stored stop still find it.
+    """
+    def __init__(
+        self,
+        *,
+        running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliverStopResponse: _TypeAlias = DeliverStopResponse  # noqa: Y015
