@@ -108,6 +108,8 @@ class _Run:
     # The stop future was resolved by a pause: cut the step, but land PAUSED, not INTERRUPTED
     # (a stop recorded meanwhile still wins: pause_halt refuses, and the halt follows).
     pausing: bool = False
+    # The path that brought the stop first (metrics.STOP_PATHS), for the log of a second one.
+    stop_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -244,11 +246,22 @@ class Runner:
         the first (None: a pause, not counted)."""
         if cause is not None and run.cause == metrics.CAUSE_UNKNOWN:
             run.cause = cause
-        if not run.stop.done():
+        if run.stop.done():
+            if path is not None and run.stop_path is not None and run.stop_learned is not None:
+                # How much sooner the first path was (direct against notification, issue 17).
+                log.info(
+                    "stop also arrived by another path",
+                    extra=logs.fields(
+                        operation_id=run.operation_id,
+                        path=path,
+                        first=run.stop_path,
+                        later_ms=round((time.monotonic() - run.stop_learned) * 1000, 3),
+                    ),
+                )
+        else:
             if path is not None:
                 self.metrics.stop_path[path].inc()
-                if path != "local":
-                    log.debug("stop of %s reached its run by %s", run.operation_id, path)
+                run.stop_path = path
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
