@@ -6,9 +6,8 @@ import asyncio
 from dataclasses import dataclass
 
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.config import RuntimeConfig, advertised_address
+from runtime_service.config import RuntimeConfig
 from runtime_service.database import Database, create_db_engine
-from runtime_service.direct_stops import DirectStops
 from runtime_service.hub import EventHub
 from runtime_service.metrics import RuntimeMetrics
 from runtime_service.migrate import upgrade_to_head
@@ -20,7 +19,6 @@ from runtime_service.step_events import DeltaSettings
 from runtime_service.storage import PostgresStorage, Storage, open_storage
 from runtime_service.tools import ToolRegistry
 from runtime_service.tools.toolbox import ToolBox
-from stopline.transport import ClientTLS
 
 
 @dataclass
@@ -33,7 +31,6 @@ class RuntimeApp:
     tools: ToolBox
     listener: PostgresListener | None = None
     retention: RetentionSweeper | None = None
-    direct: DirectStops | None = None
 
     @classmethod
     async def open(
@@ -100,10 +97,6 @@ class RuntimeApp:
                 ),
             )
             listener.start()
-            # Stops recorded here for another replica's operation also go straight to it.
-            operations.direct = DirectStops(
-                storage, config.runner_id, meters, *_peer_credentials(config)
-            )
         else:
             # SQLite serves one replica: whatever ran these operations before is gone, so resume
             # them now instead of waiting for their leases to lapse.
@@ -117,36 +110,13 @@ class RuntimeApp:
             runner.metrics.retention,
         )
         retention.start()
-        direct = operations.direct
-        return cls(config, storage, hub, runner, operations, toolbox, listener, retention, direct)
-
-    def advertise(self, listen: str, port: int) -> str | None:
-        """Once serving on `port`: register where other replicas send this one their stops
-        (nothing on SQLite, one replica, or with --advertise-address off)."""
-        address = advertised_address(listen, port, self.config.advertise_address)
-        if self.direct is not None and address is not None:
-            self.direct.start(address)
-            return address
-        return None
+        return cls(config, storage, hub, runner, operations, toolbox, listener, retention)
 
     async def close(self) -> None:
         if self.retention is not None:
             await self.retention.close()
         await self.runner.shutdown()
-        if self.direct is not None:
-            await self.direct.close()
         await self.tools.close()
         if self.listener is not None:
             await self.listener.close()
         await self.storage.close()
-
-
-def _peer_credentials(config: RuntimeConfig) -> tuple[str | None, ClientTLS | None]:
-    """How this replica calls the others: with the service credential it accepts (replicas
-    share it) and, when it serves TLS, over TLS presenting its own certificate, checked
-    against its client CA (the system roots without one)."""
-    token = config.service_tokens[0] if config.service_tokens else None
-    tls = config.tls
-    if tls is None:
-        return token, None
-    return token, ClientTLS(tls.client_ca_file, tls.cert_file, tls.key_file)

@@ -75,15 +75,6 @@ def _database_option(fn: Any) -> Any:
     show_default=True,
     help="host:port to listen on.",
 )
-@click.option(
-    "--advertise-address",
-    envvar="STOPLINE_ADVERTISE_ADDRESS",
-    default=None,
-    help="host:port other runtime replicas reach this one at, to send it the stops they record "
-    "for its operations straight away (PostgreSQL; the notification is the fallback). Default: "
-    "--address, with a wildcard host (0.0.0.0, [::]) replaced by this host's address; 'off' "
-    "sends none here.",
-)
 @_database_option
 @click.option(
     "--max-input-bytes",
@@ -315,7 +306,6 @@ def _database_option(fn: Any) -> Any:
 @log_format_option
 def serve(
     address: str,
-    advertise_address: str | None,
     database_url: str,
     max_input_bytes: int,
     max_request_bytes: int,
@@ -377,7 +367,6 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     config = RuntimeConfig(
         address=address,
-        advertise_address=advertise_address,
         metrics_address=metrics_address,
         database_url=database_url,
         max_input_bytes=max_input_bytes,

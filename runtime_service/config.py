@@ -69,25 +69,6 @@ def shown_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-ADVERTISE_OFF = "off"
-
-
-def advertised_address(listen: str, port: int, configured: str | None) -> str | None:
-    """Where other replicas reach this one: `configured`, else the bound address (`port` is the
-    port actually bound, for a listen port of 0) with a wildcard host replaced by this host's
-    address (what its name resolves to; a container's or pod's own IP). None when off."""
-    if configured is not None:
-        return None if configured.strip().lower() == ADVERTISE_OFF else configured.strip()
-    host = listen.rpartition(":")[0].strip("[]")
-    if host in ("", "0.0.0.0", "::"):
-        name = socket.gethostname()
-        try:
-            host = socket.gethostbyname(name)
-        except OSError:
-            host = name
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def default_runner_id() -> str:
     """Unique per process, readable in step records: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -109,10 +90,6 @@ class LLMSettings:
 @dataclass(frozen=True)
 class RuntimeConfig:
     address: str = DEFAULT_RUNTIME_ADDRESS
-    # host:port other replicas send this one the stops they record for its operations at
-    # (direct_stops.py). None: `address` as bound, a wildcard host replaced by this host's own
-    # address (advertised_address); ADVERTISE_OFF: no stop is sent here directly.
-    advertise_address: str | None = None
     # host:port of the Prometheus metrics endpoint; None: not served.
     metrics_address: str | None = None
     database_url: str = DEFAULT_DATABASE_URL

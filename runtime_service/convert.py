@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -19,7 +19,6 @@ from runtime_service.domain import (
     ResumeOutcome,
     StopCause,
 )
-from runtime_service.storage.interface import stop_data
 from stopline.errors import InvalidArgument
 from stopline.json_values import struct_to_python, value_to_python
 from stopline.v1 import operation_pb2 as op_pb
@@ -169,22 +168,6 @@ def cause_to_pb(cause: StopCause | None) -> op_pb.StopCause.ValueType:
 def cause_from_pb(value: op_pb.StopCause.ValueType) -> StopCause:
     """The runtime's reading of a request's cause: UNSPECIFIED (or unknown) is an operator's."""
     return _CAUSE_FROM_PB.get(value, StopCause.OPERATOR)
-
-
-def stop_requested_from_pb(event: op_pb.Event) -> Event:
-    """A stop_requested event another replica stored (DeliverStop), as the domain's (the
-    inverse of event_to_pb for this kind); InvalidArgument for any other kind."""
-    if event.WhichOneof("kind") != EventKind.STOP_REQUESTED.value or not event.operation_id:
-        raise InvalidArgument("stop_requested", "must be a stop_requested event of an operation")
-    stop = event.stop_requested
-    cause = _CAUSE_FROM_PB.get(stop.cause)
-    return Event(
-        event.operation_id,
-        event.seq,
-        EventKind.STOP_REQUESTED,
-        stop_data(stop.requested_by, stop.reason, cause),
-        event.time.ToDatetime(tzinfo=UTC),
-    )
 
 
 def event_to_pb(event: Event) -> op_pb.Event:

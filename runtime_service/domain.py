@@ -105,8 +105,6 @@ class Operation:
     # step ran that its runner has not landed yet.
     input_request_id: str | None = None
     pause_requested_at: datetime | None = None
-    # The runner that runs it (RUNNING) or ran it last; where a stop recorded elsewhere is sent.
-    runner_id: str | None = None
 
     @property
     def is_stopping(self) -> bool:

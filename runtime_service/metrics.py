@@ -46,14 +46,6 @@ CAUSES = frozenset(
     }
 )
 """Every value of the `cause` label."""
-STOP_PATHS = ("local", "direct", "notification", "stored")
-"""How a stop first reached the run it cuts: recorded on this replica (local); sent straight here
-by the replica that recorded it (direct, issue 17); PostgreSQL's stop notification; or found in
-storage (the lease loop's periodic look, a refused write at a step boundary)."""
-FORWARD_OUTCOMES = ("running", "not_running", "unreachable", "no_route")
-"""What a stop sent straight to its owner found: the owner runs it (running); the replica at that
-address does not (not_running: stale routing); no answer (unreachable); no address registered
-for the owner (no_route). In every case the stop is stored and notified as well."""
 TAKEOVER_OUTCOMES = ("resumed", "halted")
 """A takeover resumes the operation, or ends it when a stop was recorded while its owner was
 dead."""
@@ -332,20 +324,6 @@ class RuntimeMetrics:
             ["outcome"],
             registry=r,
         )
-        self.stop_paths = Counter(
-            "stopline_runtime_stop_paths",
-            "Stops that reached a run of this runtime, by the path that reached it first (local, "
-            "direct, notification, stored).",
-            ["path"],
-            registry=r,
-        )
-        self.stop_forwards = Counter(
-            "stopline_runtime_stop_forwards",
-            "Stops this runtime recorded for an operation another replica runs and sent straight "
-            "to it, by outcome (running, not_running, unreachable, no_route).",
-            ["outcome"],
-            registry=r,
-        )
         self.storage = StorageMetrics(r)
         self.stored = StoredOperations()
         r.register(self.stored)
@@ -355,8 +333,6 @@ class RuntimeMetrics:
             kind: self.tool_calls.labels(outcome) for kind, outcome in TOOL_OUTCOMES.items()
         }
         self.takeover = {outcome: self.takeovers.labels(outcome) for outcome in TAKEOVER_OUTCOMES}
-        self.stop_path = {path: self.stop_paths.labels(path) for path in STOP_PATHS}
-        self.stop_forward = {o: self.stop_forwards.labels(o) for o in FORWARD_OUTCOMES}
 
     def count_running(self, count: Callable[[], int]) -> None:
         """Read at scrape time (on the scrape's thread): a length read, never a lock or I/O."""

@@ -10,19 +10,16 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from runtime_service import stop_causes, waiting
 from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
 from runtime_service.config import RuntimeConfig
-from runtime_service.direct_stops import DirectStops
 from runtime_service.domain import (
     AnswerOutcome,
     AnswerResult,
     Event,
-    EventKind,
     InterruptOutcome,
     InterruptResult,
     Operation,
@@ -124,9 +121,6 @@ class OperationsService:
         self.agents = agents
         self.hub = hub
         self.runner = runner
-        # Sends stops recorded here for another replica's operation straight to it (PostgreSQL;
-        # set by app.py).
-        self.direct: DirectStops | None = None
 
     async def start(
         self,
@@ -276,43 +270,18 @@ class OperationsService:
     async def _record_stop(
         self, op_id: str, by: str, why: str, cause: StopCause
     ) -> InterruptResult | None:
-        """Record a stop, publish its events, and tell the runner that runs it at once: this
-        replica's, or another's by the stop's notification and a direct call (direct_stops.py)."""
+        """Record a stop, publish its events, and tell this replica's runner at once (another
+        replica's runner hears of it by the stop's notification)."""
         result = await self.storage.record_stop(op_id, by, why, cause)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None
-        self._tell_runner(result, committed, stop_causes.label(cause))
         _log_stop(op_id, result.outcome, cause, by)
         self.hub.publish(result.events)
+        if not result.operation.status.is_terminal:
+            ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
+            self.runner.deliver_stop(op_id, committed if ours else None, stop_causes.label(cause))
         return result
-
-    def _tell_runner(self, result: InterruptResult, committed: datetime, cause: str) -> None:
-        """A stop this call recorded: to this replica's run of it, else straight to the runner
-        that runs it (which the stop's notification reaches as well)."""
-        if result.operation.status.is_terminal:
-            return
-        ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
-        here = self.runner.deliver_stop(
-            result.operation.id, committed if ours else None, cause if ours else None, "local"
-        )
-        owner = result.operation.runner_id
-        if here or not ours or self.direct is None or owner in (None, self.runner.runner_id):
-            return
-        stop = next(e for e in result.events if e.kind is EventKind.STOP_REQUESTED)
-        self.direct.send(owner, stop)
-
-    def deliver_direct(self, runner_id: str, stop_requested: Event) -> bool:
-        """A stop another replica recorded and sent here (DeliverStop): its event to this
-        replica's watchers (it is committed), and the stop to the run. False when this
-        replica does not run the operation under `runner_id` (stale routing)."""
-        op_id = stop_requested.operation_id
-        if runner_id != self.runner.runner_id or not self.runner.runs(op_id):
-            return False
-        self.hub.publish([stop_requested])
-        given = stop_requested.data.get("cause")
-        cause = stop_causes.label(given if isinstance(given, str) else None)
-        return self.runner.deliver_stop(op_id, utcnow(), cause, "direct")
 
     async def stop_matching(
         self, owner: str, status: str | None, agent: str, labels: Mapping[str, str]
@@ -376,8 +345,10 @@ class OperationsService:
         else:
             _log_stop(None, None, cause, by, key=True)
         if isinstance(result, InterruptResult):
-            self._tell_runner(result, committed, stop_causes.label(cause))
             self.hub.publish(result.events)
+            if not result.operation.status.is_terminal:
+                ours = result.outcome is InterruptOutcome.ACCEPTED
+                self.runner.deliver_stop(result.operation.id, committed if ours else None)
         return result
 
     # ------------------------------------------------------------------ waiting for a person

@@ -53,5 +53,4 @@ def operation_from_row(row: Any) -> Operation:
         trace_parent=row.trace_parent,
         input_request_id=row.input_request_id,
         pause_requested_at=row.pause_requested_at,
-        runner_id=row.runner_id,
     )

@@ -108,8 +108,6 @@ class _Run:
     # The stop future was resolved by a pause: cut the step, but land PAUSED, not INTERRUPTED
     # (a stop recorded meanwhile still wins: pause_halt refuses, and the halt follows).
     pausing: bool = False
-    # The path that brought the stop first (metrics.STOP_PATHS), for the log of a second one.
-    stop_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,11 +190,7 @@ class Runner:
         self._wake_leases.set()
 
     def deliver_stop(
-        self,
-        operation_id: str,
-        seen_at: datetime | None = None,
-        cause: str | None = None,
-        path: str = "stored",
+        self, operation_id: str, seen_at: datetime | None = None, cause: str | None = None
     ) -> bool:
         """Wake the loop of an operation this runner runs; False if it runs nothing by that id
         (the stop is still recorded in storage, where the boundary check finds it).
@@ -204,23 +198,19 @@ class Runner:
         `seen_at`: a time just after the stop committed (the recording replica's own, taken
         right after its commit, or the arrival of the stop's notification), from which halt_ms
         is measured; None when the stop was found later (the periodic re-read): halt_ms then
-        runs from the stored stop time. `path`: how the stop got here (metrics.STOP_PATHS)."""
+        runs from the stored stop time."""
         run = self._runs.get(operation_id)
         if run is None:
             return False
-        self._stop(run, seen_at, cause, path)
+        self._stop(run, seen_at, cause)
         return True
-
-    def runs(self, operation_id: str) -> bool:
-        """Whether this runner runs the operation now."""
-        return operation_id in self._runs
 
     def stop_notified(self, operation_id: str) -> None:
         """A stop's (or a pause's, marked) notification arrived (sent on its commit)."""
         if operation_id.startswith(PAUSE_MARK):
             self.deliver_pause(operation_id[len(PAUSE_MARK) :])
             return
-        self.deliver_stop(operation_id, datetime.now(UTC), path="notification")
+        self.deliver_stop(operation_id, datetime.now(UTC))
 
     def deliver_pause(self, operation_id: str) -> bool:
         """Cut the step of an operation this runner runs, for a recorded pause; False if it
@@ -230,38 +220,17 @@ class Runner:
             return False
         if not run.stop.done():
             run.pausing = True
-        self._stop(run, None, path=None)
+        self._stop(run, None)
         return True
 
-    def _stop(
-        self,
-        run: _Run,
-        seen_at: datetime | None,
-        cause: str | None = None,
-        path: str | None = "stored",
-    ) -> None:
+    @staticmethod
+    def _stop(run: _Run, seen_at: datetime | None, cause: str | None = None) -> None:
         """`cause`: the stop's metrics label, when known (runtime_service/metrics.py). It is
         kept even when the stop arrived first without it (PostgreSQL's notification can beat the
-        recording call's own return by a moment). `path`: how it got here, counted when it is
-        the first (None: a pause, not counted)."""
+        recording call's own return by a moment)."""
         if cause is not None and run.cause == metrics.CAUSE_UNKNOWN:
             run.cause = cause
-        if run.stop.done():
-            if path is not None and run.stop_path is not None and run.stop_learned is not None:
-                # How much sooner the first path was (direct against notification, issue 17).
-                log.info(
-                    "stop also arrived by another path",
-                    extra=logs.fields(
-                        operation_id=run.operation_id,
-                        path=path,
-                        first=run.stop_path,
-                        later_ms=round((time.monotonic() - run.stop_learned) * 1000, 3),
-                    ),
-                )
-        else:
-            if path is not None:
-                self.metrics.stop_path[path].inc()
-                run.stop_path = path
+        if not run.stop.done():
             run.stop_learned = time.monotonic()
             run.stop_seen_at = seen_at
             run.stop.set_result(None)
@@ -719,10 +688,7 @@ class Runner:
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else a stop came first
             self._stop(
-                run,
-                committed if ours else None,
-                stop_causes.label(cause.cause) if ours else None,
-                "local",
+                run, committed if ours else None, stop_causes.label(cause.cause) if ours else None
             )
 
     @staticmethod

@@ -178,19 +178,6 @@ event_purges = Table(
 )
 
 
-# Where each live runner can be reached (its --advertise-address), so that a replica that records
-# a stop for an operation another runner runs can also send it straight there (issue 17): the
-# stops notification stays the fallback, so a missing or stale row costs speed, never a stop.
-# Each runner re-registers every minute; rows not seen for ten minutes are dropped (runner ids
-# are unique per process, so a dead runner's row only ever points at nothing).
-runners = Table(
-    "runners",
-    metadata,
-    Column("runner_id", String(100), primary_key=True),
-    Column("address", String(300), nullable=False),
-    Column("seen_at", UTCDateTime, nullable=False),
-)
-
 # A question a step asked a person (see runtime_service/waiting.py): an approval of a tool call or
 # a free answer. `outcome` is 'open' until the first answer wins ('answered', a compare-and-set
 # on this column) or the request expires ('expired', resolved with `default_json`). The

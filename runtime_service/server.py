@@ -102,7 +102,6 @@ async def start_runtime(
         await app.close()
         raise
     await server.start()
-    app.advertise(config.address, port)
     return RunningRuntime(server, port, health, app, endpoint)
 
 

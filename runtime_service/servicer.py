@@ -112,15 +112,6 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         )
 
     @unary
-    async def DeliverStop(
-        self,
-        request: pb.DeliverStopRequest,
-        context: aio.ServicerContext[pb.DeliverStopRequest, pb.DeliverStopResponse],
-    ) -> pb.DeliverStopResponse:
-        stop = convert.stop_requested_from_pb(request.stop_requested)
-        return pb.DeliverStopResponse(running=self._ops.deliver_direct(request.runner_id, stop))
-
-    @unary
     async def StopOperations(
         self,
         request: pb.StopOperationsRequest,

@@ -434,20 +434,6 @@ class Storage(Protocol):
         """Single-replica start-up: whoever ran these operations is gone."""
         ...
 
-    # -- the runner directory (storage/runners.py): where runners can be reached
-
-    async def register_runner(self, runner_id: str, address: str) -> None:
-        """Record (or refresh) where this runner is reached; drops rows long unrefreshed."""
-        ...
-
-    async def unregister_runner(self, runner_id: str) -> None:
-        """Graceful shutdown: this runner is no longer reached there."""
-        ...
-
-    async def runner_addresses(self) -> dict[str, str]:
-        """Every registered runner's address, by runner id."""
-        ...
-
     # -- retention
 
     def retention_turn(self) -> AbstractAsyncContextManager[bool]:

@@ -46,7 +46,6 @@ from runtime_service.storage.interface import (
     utcnow,
 )
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
-from runtime_service.storage.runners import RunnerDirectory
 from runtime_service.storage.shared import twin_of
 from runtime_service.storage.sql import PgSql
 from runtime_service.storage.waiting import WaitingStorage
@@ -293,7 +292,7 @@ SELECT last_seq, {_NOTIFY_EVENT} FROM op""",
 )  # fmt: skip
 
 
-class PostgresStorage(WaitingStorage, RunnerDirectory):
+class PostgresStorage(WaitingStorage):
     def __init__(
         self, db: Database, database_url: str, meters: StorageMetrics | None = None
     ) -> None:

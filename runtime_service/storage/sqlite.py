@@ -46,7 +46,6 @@ from runtime_service.storage.interface import (
 from runtime_service.storage.interface import (
     deadline_at as _deadline_at,
 )
-from runtime_service.storage.runners import RunnerDirectory
 from runtime_service.storage.shared import twin_of
 from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
@@ -164,7 +163,7 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
   AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)""")
 
 
-class SqliteStorage(WaitingStorage, RunnerDirectory):
+class SqliteStorage(WaitingStorage):
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)

@@ -85,11 +85,6 @@ class RuntimeServiceStub:
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.SerializeToString,
                 response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.FromString,
                 _registered_method=True)
-        self.DeliverStop = channel.unary_unary(
-                '/stopline.v1.RuntimeService/DeliverStop',
-                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.DeliverStopRequest.SerializeToString,
-                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.DeliverStopResponse.FromString,
-                _registered_method=True)
 
 
 class RuntimeServiceServicer:
@@ -179,16 +174,6 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DeliverStop(self, request, context):
-        """Between runtime replicas: a stop another replica has just recorded (and committed), sent
-        straight to the runner that runs the operation so that it cuts the step without waiting for
-        the database's stop notification (which still follows, and stays the fallback). Changes
-        nothing stored. Answers whether this replica runs the operation under that runner id.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_RuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,11 +226,6 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ResumeOperation,
                     request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.FromString,
                     response_serializer=stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.SerializeToString,
-            ),
-            'DeliverStop': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeliverStop,
-                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.DeliverStopRequest.FromString,
-                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.DeliverStopResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,33 +499,6 @@ class RuntimeService:
             '/stopline.v1.RuntimeService/ResumeOperation',
             stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationRequest.SerializeToString,
             stopline_dot_v1_dot_runtime__service__pb2.ResumeOperationResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeliverStop(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/stopline.v1.RuntimeService/DeliverStop',
-            stopline_dot_v1_dot_runtime__service__pb2.DeliverStopRequest.SerializeToString,
-            stopline_dot_v1_dot_runtime__service__pb2.DeliverStopResponse.FromString,
             options,
             channel_credentials,
             insecure,

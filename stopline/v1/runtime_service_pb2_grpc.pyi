@@ -74,12 +74,6 @@ class RuntimeServiceStub:
     """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
     Idempotent; the answer says what happened.
     """
-    DeliverStop: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.DeliverStopRequest, _runtime_service_pb2.DeliverStopResponse]
-    """Between runtime replicas: a stop another replica has just recorded (and committed), sent
-    straight to the runner that runs the operation so that it cuts the step without waiting for
-    the database's stop notification (which still follows, and stays the fallback). Changes
-    nothing stored. Answers whether this replica runs the operation under that runner id.
-    """
 
 @_typing.type_check_only
 class RuntimeServiceAsyncStub(RuntimeServiceStub):
@@ -126,12 +120,6 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     ResumeOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ResumeOperationRequest, _runtime_service_pb2.ResumeOperationResponse]  # type: ignore[assignment]
     """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
     Idempotent; the answer says what happened.
-    """
-    DeliverStop: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.DeliverStopRequest, _runtime_service_pb2.DeliverStopResponse]  # type: ignore[assignment]
-    """Between runtime replicas: a stop another replica has just recorded (and committed), sent
-    straight to the runner that runs the operation so that it cuts the step without waiting for
-    the database's stop notification (which still follows, and stays the fallback). Changes
-    nothing stored. Answers whether this replica runs the operation under that runner id.
     """
 
 class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -236,18 +224,6 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runtime_service_pb2.ResumeOperationResponse, _abc.Awaitable[_runtime_service_pb2.ResumeOperationResponse]]:
         """Resumes a PAUSED operation from its last checkpoint (a cut step reruns as a new attempt).
         Idempotent; the answer says what happened.
-        """
-
-    @_abc_1.abstractmethod
-    def DeliverStop(
-        self,
-        request: _runtime_service_pb2.DeliverStopRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_runtime_service_pb2.DeliverStopResponse, _abc.Awaitable[_runtime_service_pb2.DeliverStopResponse]]:
-        """Between runtime replicas: a stop another replica has just recorded (and committed), sent
-        straight to the runner that runs the operation so that it cuts the step without waiting for
-        the database's stop notification (which still follows, and stays the fallback). Changes
-        nothing stored. Answers whether this replica runs the operation under that runner id.
         """
 
 def add_RuntimeServiceServicer_to_server(servicer: RuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
