@@ -3,6 +3,7 @@ the stop-to-halt and per-step scenarios, both arms in the same run.
 
     python -m bench.overhead                    # both backends, about 6 minutes
     python -m bench.overhead --quick            # a smoke run
+    python -m bench.overhead --ablate           # and each component alone: what costs most
     python -m bench.run --only observability    # the same, inside the suite
 
 Two stacks (a runtime and a gateway each, separate processes) run side by side for the whole run:
@@ -43,7 +44,10 @@ from bench.stack import REPO, Stack
 from bench.stats import summary
 from stopline import tracing
 
-ARMS = ("off", "on")
+COMPONENTS = ("metrics", "tracing", "json_logs")
+ARMS: dict[str, tuple[str, ...]] = {"off": (), "on": COMPONENTS}
+ABLATION: dict[str, tuple[str, ...]] = {name: (name,) for name in COMPONENTS}
+"""With --ablate, an arm per component alone as well (what costs the most)."""
 CLIENT_SERVICE = "stopline-bench-client"
 TARGET = 1.10
 """Issue 16: on at most 1.1 times off."""
@@ -93,23 +97,25 @@ class Sidecar:
                 self.process.kill()
 
 
-def on_stack(backend: str, workdir: Path, sidecar: Sidecar) -> tuple[Stack, list[str]]:
-    """The "on" arm's stack, and its two metrics URLs."""
-    runtime_metrics, gateway_metrics = free_port(), free_port()
-    env = {
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sidecar.endpoint}",
-        "OTEL_EXPORTER_OTLP_INSECURE": "true",
-        "STOPLINE_LOG_LEVEL": "INFO",
-        "STOPLINE_LOG_FORMAT": "json",
-    }
-    stack = Stack(
-        backend,
-        workdir,
-        runtime_args=("--metrics-address", f"127.0.0.1:{runtime_metrics}"),
-        gateway_args=("--metrics-address", f"127.0.0.1:{gateway_metrics}"),
-        env=env,
-    )
-    urls = [f"http://127.0.0.1:{p}/metrics" for p in (runtime_metrics, gateway_metrics)]
+def arm_stack(
+    backend: str, workdir: Path, sidecar: Sidecar, components: tuple[str, ...]
+) -> tuple[Stack, list[str]]:
+    """An arm's stack with `components` switched on, and its metrics URLs (to scrape)."""
+    env = {"STOPLINE_LOG_LEVEL": "INFO"}  # the services' default (the other figures: WARNING)
+    runtime_args: tuple[str, ...] = ()
+    gateway_args: tuple[str, ...] = ()
+    urls: list[str] = []
+    if "metrics" in components:
+        runtime_metrics, gateway_metrics = free_port(), free_port()
+        runtime_args = ("--metrics-address", f"127.0.0.1:{runtime_metrics}")
+        gateway_args = ("--metrics-address", f"127.0.0.1:{gateway_metrics}")
+        urls = [f"http://127.0.0.1:{p}/metrics" for p in (runtime_metrics, gateway_metrics)]
+    if "tracing" in components:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{sidecar.endpoint}"
+        env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
+    if "json_logs" in components:
+        env["STOPLINE_LOG_FORMAT"] = "json"
+    stack = Stack(backend, workdir, runtime_args=runtime_args, gateway_args=gateway_args, env=env)
     return stack, urls
 
 
@@ -141,24 +147,25 @@ def json_log_lines(stack: Stack) -> dict[str, int]:
     return {"json_lines": lines, "operation_finished_lines": finished}
 
 
-def compare(turns: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per figure: each arm's samples pooled over the rounds (median, p99), the ratio on/off of
-    the medians and of the p99s, and the median of the per-round ratios (paired: each round's
-    two turns ran minutes apart at most)."""
+def compare(turns: dict[str, list[dict[str, Any]]], arm: str = "on") -> dict[str, Any]:
+    """Per figure: off's and `arm`'s samples pooled over the rounds (median, p99), the ratio
+    arm/off of the medians and of the p99s, and the median of the per-round ratios (paired:
+    each round's turns ran a minute or so apart)."""
     out: dict[str, Any] = {}
     for scenario, key, _ in FIGURES:
         pooled = {
-            arm: summary([s for t in turns[arm] for s in t[scenario][key]["samples"]])
-            for arm in ARMS
+            name: summary([s for t in turns[name] for s in t[scenario][key]["samples"]])
+            for name in ("off", arm)
         }
         per_round = [
             on[scenario][key]["median"] / off[scenario][key]["median"]
-            for off, on in zip(turns["off"], turns["on"], strict=True)
+            for off, on in zip(turns["off"], turns[arm], strict=True)
         ]
         out[f"{scenario}/{key}"] = {
-            **pooled,
-            "ratio_median": pooled["on"]["median"] / pooled["off"]["median"],
-            "ratio_p99": pooled["on"]["p99"] / pooled["off"]["p99"],
+            "off": pooled["off"],
+            "on": pooled[arm],
+            "ratio_median": pooled[arm]["median"] / pooled["off"]["median"],
+            "ratio_p99": pooled[arm]["p99"] / pooled["off"]["p99"],
             "ratio_per_round": per_round,
             "ratio_per_round_median": statistics.median(per_round),
         }
@@ -187,40 +194,49 @@ async def observability(
     stop_trials: int = 8,
     steps: int = 1000,
     repeats: int = 2,
+    ablate: bool = False,
 ) -> dict[str, Any]:
-    """Both arms, alternating, on one backend; see the module docstring."""
+    """Both arms (and with `ablate` one per component), alternating, on one backend; see the
+    module docstring. Every arm's stack runs for the whole run, so idle stacks weigh on all."""
+    arms = {**ARMS, **(ABLATION if ablate else {})}
     sidecar = Sidecar()
-    turns: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    turns: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    stacks: dict[str, tuple[Stack, list[str]]] = {}
     try:
-        with Stack(backend, workdir, env={"STOPLINE_LOG_LEVEL": "INFO"}) as off:
-            on, urls = on_stack(backend, workdir, sidecar)
-            with on:
-                sidecar.send("targets " + " ".join(urls))
-                for r in range(rounds):
-                    for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
-                        if arm == "on":
-                            sidecar.send("scrape on")
-                            client_tracing_on(sidecar)
-                        try:
-                            stack = on if arm == "on" else off
-                            result = await turn(stack, r + 1, stop_trials, steps, repeats)
-                            turns[arm].append(result)
-                        finally:
-                            if arm == "on":
-                                tracing.uninstall()  # exports what the client still holds
-                                sidecar.send("scrape off")
-                logs = json_log_lines(on)
-            # The services export what they still buffer when they exit (SIGTERM).
-        stats = sidecar.stats()
+        for arm, components in arms.items():
+            stacks[arm] = arm_stack(backend, workdir, sidecar, components)
+        urls = stacks["on"][1]
+        for r in range(rounds):
+            # off, on, ...; then reversed: drift within a round falls on every arm alike.
+            order = list(arms) if r % 2 == 0 else list(arms)[::-1]
+            for arm in order:
+                stack, arm_urls = stacks[arm]
+                if arm_urls:
+                    sidecar.send("targets " + " ".join(arm_urls))
+                    sidecar.send("scrape on")
+                if "tracing" in arms[arm]:
+                    client_tracing_on(sidecar)
+                try:
+                    turns[arm].append(await turn(stack, r + 1, stop_trials, steps, repeats))
+                finally:
+                    tracing.uninstall()  # exports what the client still holds
+                    sidecar.send("scrape off")
+        logs = json_log_lines(stacks["on"][0])
     finally:
+        # The services export what they still buffer when they exit (SIGTERM, waited for).
+        for stack, _ in stacks.values():
+            stack.close()
         tracing.uninstall()
+        stats = sidecar.stats() if sidecar.process.poll() is None else {}
         sidecar.close()
     return {
         "backend": backend,
         "rounds": rounds,
+        "arms": {arm: list(components) for arm, components in arms.items()},
         "stop_trials_per_turn": stop_trials,
         "per_step": {"steps": steps, "repeats_per_turn": repeats},
         "figures": compare(turns),
+        "ablation": {arm: compare(turns, arm) for arm in arms if arm in ABLATION},
         "sink": stats,
         "logs": logs,
         **verify(stats, urls, logs),
@@ -244,6 +260,24 @@ def markdown(results: dict[str, Any]) -> str:
                 f"**{f['ratio_median']:.3f}** | {f['ratio_per_round_median']:.3f} | "
                 f"{f['off']['p99']:.3f} | {f['on']['p99']:.3f} | {f['ratio_p99']:.3f} | {ok} |"
             )
+    ablation = [
+        (backend, arm, figures)
+        for backend, result in results["observability"].items()
+        for arm, figures in result.get("ablation", {}).items()
+    ]
+    if ablation:
+        lines += [
+            "",
+            "| backend | switched on alone | " + " | ".join(label for *_, label in FIGURES) + " |",
+            "|---|---|" + "---:|" * len(FIGURES),
+        ]
+        for backend, arm, figures in ablation:
+            cells = [
+                f"{figures[f'{sc}/{key}']['ratio_median']:.3f} "
+                f"({figures[f'{sc}/{key}']['ratio_per_round_median']:.3f})"
+                for sc, key, _ in FIGURES
+            ]
+            lines.append(f"| {backend} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -268,6 +302,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "observability.json")
+    parser.add_argument(
+        "--ablate", action="store_true", help="also an arm per component alone (metrics, ...)"
+    )
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 8)
     sizes: dict[str, int] = (
@@ -280,10 +318,10 @@ def main() -> None:
         for backend in args.backends.split(","):
             print(f"== observability overhead on {backend}", flush=True)
             results["observability"][backend] = asyncio.run(
-                observability(backend, Path(tmp), rounds, **sizes)
+                observability(backend, Path(tmp), rounds, ablate=args.ablate, **sizes)
             )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "observability.json"
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))
     print(checks_text(results))

@@ -94,7 +94,7 @@ SCENARIOS: tuple[str, ...] = (
     "baseline",
     "cross",
 )
-SCENARIOS += ("capacity",)
+SCENARIOS += ("capacity", "observability")
 AGENT_SCENARIOS = agent_scenarios.SCENARIOS
 SCENARIOS += AGENT_SCENARIOS
 
@@ -153,6 +153,12 @@ async def stopline_suite(
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+    if "observability" in only:
+        # Issue 16: metrics, tracing and JSON logs on against off, stacks of their own.
+        from bench import overhead  # imports this module
+
+        sizes = {"rounds": 2, "stop_trials": 3, "steps": 200, "repeats": 1} if quick else {}
+        out["observability"] = await overhead.observability(backend, workdir, **sizes)
     if only & set(AGENT_SCENARIOS):
         profiles = None if quick else RESULTS / "profiles"
         out.update(await agent_scenarios.suite(backend, workdir, quick, only, profiles))

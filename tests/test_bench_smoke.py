@@ -112,3 +112,27 @@ async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
     text = table({"machine": {}, "stopline": {"sqlite": results}})
     assert "stop -> model server sees close" in text
     assert "token p99 at largest load" in text or not results["llm_capacity"]["largest_passing"]
+
+
+async def test_observability_overhead_scenario_runs_with_everything_on(tmp_path: Path) -> None:
+    """Issue 16's overhead benchmark (bench/overhead.py) at tiny sizes: both arms measured, and
+    the "on" arm really on: the OTLP sink received spans from the runtime, the gateway and the
+    benchmark client, both metrics endpoints were scraped without a failure, JSON lines logged."""
+    from bench import overhead
+
+    result = await overhead.observability(
+        "sqlite", tmp_path, rounds=2, stop_trials=2, steps=20, repeats=1
+    )
+    for name in ("stop/halt_ms", "stop/ack_ms", "per_step/runtime_ms_per_step"):
+        figure = result["figures"][name]
+        assert figure["off"]["n"] > 0 and figure["on"]["n"] == figure["off"]["n"]
+        assert figure["ratio_median"] > 0 and len(figure["ratio_per_round"]) == 2
+    spans = result["sink"]["spans_by_service"]
+    assert spans["stopline-runtime"] > 0 and spans["stopline-gateway"] > 0
+    assert spans[overhead.CLIENT_SERVICE] == 2 * (2 + 1)  # one client span per trial
+    scrapes = result["sink"]["scrapes_ok"]
+    assert len(scrapes) == 2 and all(n > 0 for n in scrapes.values())
+    assert not any(result["sink"]["scrapes_failed"].values())
+    assert result["logs"]["operation_finished_lines"] >= 2 * (2 + 1)
+    assert result["really_on"], result["checks"]
+    assert "stop → terminal event" in overhead.markdown({"observability": {"sqlite": result}})
