@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
-from bench.run import RESULTS, free_port, machine
+from bench.machine import RESULTS, machine
 from bench.stack import REPO, Stack
 from bench.stats import summary
 from stopline import tracing
+from tests.processes import free_port
 
 COMPONENTS = ("metrics", "tracing", "json_logs")
 ARMS: dict[str, tuple[str, ...]] = {"off": (), "on": COMPONENTS}
