@@ -65,6 +65,13 @@ def table(results: dict[str, Any]) -> str:
                     f"{each}); stopped {data['stopped']}, wrong {data['wrong_final_state']}, "
                     f"missing {data['missing']}"
                 )
+            elif name == "observability":
+                for figure, f in data["figures"].items():
+                    lines.append(
+                        f"{'observability on/off ' + figure:<44} {f['ratio_median']:>9.3f} "
+                        f"{f['ratio_p99']:>9.3f}  ratio (off {_fmt(f['off']['median'])}, on "
+                        f"{_fmt(f['on']['median'])} ms; really on: {data['really_on']})"
+                    )
             elif name == "capacity":
                 lines.append(
                     f"{'capacity (1 s steps)':<44} {data['running']:>9} {'':>9}  running of "

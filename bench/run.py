@@ -12,42 +12,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import agent_scenarios, floor, node_client, scenarios, waiting_scenarios
+from bench.machine import RESULTS, machine
 from bench.raw_server import save
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from tests.credentials import gateway_channel
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
 
 
 async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
@@ -94,7 +80,7 @@ SCENARIOS: tuple[str, ...] = (
     "baseline",
     "cross",
 )
-SCENARIOS += ("capacity", "waiting")
+SCENARIOS += ("capacity", "waiting", "observability")
 AGENT_SCENARIOS = agent_scenarios.SCENARIOS
 SCENARIOS += AGENT_SCENARIOS
 
@@ -158,6 +144,16 @@ async def stopline_suite(
             out["waiting"] = await waiting_scenarios.waiting_capacity(
                 stack, 1000 if quick else 10_000
             )
+    if "observability" in only:
+        # Issue 16: metrics, tracing and JSON logs on against off, stacks of their own.
+        from bench import overhead
+
+        if quick:
+            out["observability"] = await overhead.observability(
+                backend, workdir, rounds=2, stop_trials=3, steps=200, repeats=1
+            )
+        else:
+            out["observability"] = await overhead.observability(backend, workdir)
     if only & set(AGENT_SCENARIOS):
         profiles = None if quick else RESULTS / "profiles"
         out.update(await agent_scenarios.suite(backend, workdir, quick, only, profiles))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import statistics
 import time
@@ -13,9 +14,10 @@ from google.protobuf import struct_pb2
 
 from bench.stack import Stack
 from bench.stats import summary
+from stopline import tracing
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
-from stopline.transport import open_channel
+from stopline.transport import bearer_metadata, open_channel
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
@@ -44,11 +46,46 @@ def _is_terminal(update: Any) -> bool:
     return update.WhichOneof("update") == "event" and update.event.WhichOneof("kind") in TERMINAL
 
 
+class WithTokenAndTrace:
+    """WithToken, plus the current trace context in each call's metadata (computed per call, as
+    the gateway sends it to the runtime): the benchmark client with tracing on sends
+    `traceparent` as the `stopline` command does, still without an aio interceptor (~150 µs a
+    call, which neither arm's client pays)."""
+
+    def __init__(self, stub: Any, token: str) -> None:
+        self._stub = stub
+        self._metadata = bearer_metadata(token)
+
+    def __getattr__(self, method: str) -> Any:
+        call = getattr(self._stub, method)
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            return call(*args, metadata=tracing.outgoing_metadata(self._metadata), **kwargs)
+
+        return traced
+
+
+def gateway_stub(channel: Any) -> Any:
+    """The gateway's stub as the benchmark client calls it: with tracing switched on in this
+    process (`stopline.tracing.install`, the observability scenario's "on" arm) its calls carry
+    the trial's trace context; off, exactly the lean client of every other figure."""
+    stub = gw_grpc.GatewayServiceStub(channel)
+    return WithTokenAndTrace(stub, TOKEN) if tracing.enabled() else WithToken(stub, TOKEN)
+
+
+def trial_span(name: str) -> contextlib.AbstractContextManager[Any]:
+    """With tracing on in this process, one client span per trial, the root of its trace (as a
+    `stopline run` command's span is); off, nothing at all."""
+    if not tracing.enabled():
+        return contextlib.nullcontext()
+    return tracing.tracer().start_as_current_span(name)
+
+
 class Clients:
     def __init__(self, stack: Stack) -> None:
         # Credentials as call metadata (tests.credentials.WithToken), as a lean client sends them.
         self.channels = [open_channel(g.address) for g in stack.gateways]
-        self.gateways = [WithToken(gw_grpc.GatewayServiceStub(c), TOKEN) for c in self.channels]
+        self.gateways = [gateway_stub(c) for c in self.channels]
         self.rt_channels = [open_channel(r.address) for r in stack.runtimes]
         self.runtimes = [
             WithToken(rt_grpc.RuntimeServiceStub(c), SERVICE_TOKEN) for c in self.rt_channels
@@ -87,39 +124,42 @@ async def stop_latency(
     mid_step = 0
     try:
         for _ in range(trials):
-            call = clients.gateways[0].StartAndStream(
-                _start(
-                    "ticker",
-                    steps=2,
-                    step_seconds=step_seconds,
-                    chunk_interval_seconds=max(step_seconds / 4, 0.005),
+            with trial_span("stop trial"):
+                call = clients.gateways[0].StartAndStream(
+                    _start(
+                        "ticker",
+                        steps=2,
+                        step_seconds=step_seconds,
+                        chunk_interval_seconds=max(step_seconds / 4, 0.005),
+                    )
                 )
-            )
-            op_id = ""
-            async for update in call:
-                if update.WhichOneof("update") == "accepted":
-                    op_id = update.accepted.operation_id
-                if (
-                    update.WhichOneof("update") == "event"
-                    and update.event.WhichOneof("kind") == "output_chunk"
-                ):
-                    break
-            stopper = clients.gateways[0]
-            if cross_replica:
-                stopper = clients.gateways[1 - stack.owner(op_id)]
-            if second is not None:
-                stopper = WithToken(gw_grpc.GatewayServiceStub(second), TOKEN)
-            await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
-            began = time.perf_counter()
-            await stopper.StopOperation(gw.StopOperationRequest(operation_id=op_id, reason="bench"))
-            ack.append((time.perf_counter() - began) * ms)
-            async for update in call:
-                if _is_terminal(update):
-                    halt.append((time.perf_counter() - began) * ms)
-                    if update.event.WhichOneof("kind") == "interrupted":
-                        server_halt.append(update.event.interrupted.halt_ms)
-                        mid_step += int(update.event.interrupted.mid_step)
-                    break
+                op_id = ""
+                async for update in call:
+                    if update.WhichOneof("update") == "accepted":
+                        op_id = update.accepted.operation_id
+                    if (
+                        update.WhichOneof("update") == "event"
+                        and update.event.WhichOneof("kind") == "output_chunk"
+                    ):
+                        break
+                stopper = clients.gateways[0]
+                if cross_replica:
+                    stopper = clients.gateways[1 - stack.owner(op_id)]
+                if second is not None:
+                    stopper = gateway_stub(second)
+                await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
+                began = time.perf_counter()
+                await stopper.StopOperation(
+                    gw.StopOperationRequest(operation_id=op_id, reason="bench")
+                )
+                ack.append((time.perf_counter() - began) * ms)
+                async for update in call:
+                    if _is_terminal(update):
+                        halt.append((time.perf_counter() - began) * ms)
+                        if update.event.WhichOneof("kind") == "interrupted":
+                            server_halt.append(update.event.interrupted.halt_ms)
+                            mid_step += int(update.event.interrupted.mid_step)
+                        break
     finally:
         await clients.close()
         if second is not None:
@@ -210,20 +250,21 @@ async def per_step_overhead(stack: Stack, steps: int = 1000, repeats: int = 3) -
     client_ms: list[float] = []
     try:
         for _ in range(repeats):
-            began = time.perf_counter()
-            first_time = last_time = None
-            async for update in clients.gateways[0].StartAndStream(_start("noop", steps=steps)):
-                if update.WhichOneof("update") != "event":
-                    continue
-                event = update.event
-                if event.WhichOneof("kind") == "started":
-                    first_time = event.time.ToDatetime()
-                if _is_terminal(update):
-                    last_time = event.time.ToDatetime()
-                    break
-            client_ms.append((time.perf_counter() - began) * ms / steps)
-            assert first_time is not None and last_time is not None
-            runtime_ms.append((last_time - first_time).total_seconds() * ms / steps)
+            with trial_span("per-step trial"):
+                began = time.perf_counter()
+                first_time = last_time = None
+                async for update in clients.gateways[0].StartAndStream(_start("noop", steps=steps)):
+                    if update.WhichOneof("update") != "event":
+                        continue
+                    event = update.event
+                    if event.WhichOneof("kind") == "started":
+                        first_time = event.time.ToDatetime()
+                    if _is_terminal(update):
+                        last_time = event.time.ToDatetime()
+                        break
+                client_ms.append((time.perf_counter() - began) * ms / steps)
+                assert first_time is not None and last_time is not None
+                runtime_ms.append((last_time - first_time).total_seconds() * ms / steps)
     finally:
         await clients.close()
     return {"runtime_ms_per_step": summary(runtime_ms), "client_ms_per_step": summary(client_ms)}

@@ -71,7 +71,12 @@ class Stack:
         replicas: int = 1,
         abort_mid_step: bool = True,
         runtime_args: tuple[str, ...] = (),
+        gateway_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
+        """`runtime_args` and `gateway_args` are added to each replica's command line, `env` to
+        every service's environment (the observability scenario switches metrics, tracing and
+        JSON logs on with them)."""
         # The runtime subprocesses load bench.agents from this checkout.
         os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         self.backend = backend
@@ -98,9 +103,11 @@ class Stack:
         self.gateways: list[GatewayProcess] = []
         try:
             for _ in range(replicas):
-                self.runtimes.append(RuntimeProcess(self.url, workdir, extra_args=args))
+                self.runtimes.append(RuntimeProcess(self.url, workdir, extra_args=args, env=env))
             for runtime in self.runtimes:
-                self.gateways.append(GatewayProcess(runtime.address, workdir))
+                self.gateways.append(
+                    GatewayProcess(runtime.address, workdir, extra_args=gateway_args, env=env)
+                )
         except BaseException:
             self.close()
             raise

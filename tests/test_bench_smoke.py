@@ -124,3 +124,27 @@ async def test_waiting_capacity_scenario_runs(tmp_path: Path) -> None:
     assert result["running_beside_them"] == waiting_scenarios.MAX_RUNNING
     assert result["slots_used_by_waiting"] == 0
     assert result["steps_per_second_beside_waiting"] > 0
+
+
+async def test_observability_overhead_scenario_runs_with_everything_on(tmp_path: Path) -> None:
+    """Issue 16's overhead benchmark (bench/overhead.py) at tiny sizes: both arms measured, and
+    the "on" arm really on: the OTLP sink received spans from the runtime, the gateway and the
+    benchmark client, both metrics endpoints were scraped without a failure, JSON lines logged."""
+    from bench import overhead
+
+    result = await overhead.observability(
+        "sqlite", tmp_path, rounds=2, stop_trials=2, steps=20, repeats=1
+    )
+    for name in ("stop/halt_ms", "stop/ack_ms", "per_step/runtime_ms_per_step"):
+        figure = result["figures"][name]
+        assert figure["off"]["n"] > 0 and figure["on"]["n"] == figure["off"]["n"]
+        assert figure["ratio_median"] > 0 and len(figure["ratio_per_round"]) == 2
+    spans = result["sink"]["spans_by_service"]
+    assert spans["stopline-runtime"] > 0 and spans["stopline-gateway"] > 0
+    assert spans[overhead.CLIENT_SERVICE] == 2 * (2 + 1)  # one client span per trial
+    scrapes = result["sink"]["scrapes_ok"]
+    assert len(scrapes) == 2 and all(n > 0 for n in scrapes.values())
+    assert not any(result["sink"]["scrapes_failed"].values())
+    assert result["logs"]["operation_finished_lines"] >= 2 * (2 + 1)
+    assert result["really_on"], result["checks"]
+    assert "stop → terminal event" in overhead.markdown({"observability": {"sqlite": result}})
