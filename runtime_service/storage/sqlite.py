@@ -9,6 +9,7 @@ committing everything queued in one transaction removes most of the cost of a tr
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -164,6 +165,15 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
 
 
 class SqliteStorage(WaitingStorage):
+    # The ids as one JSON array (SQLite has no array type; json_each reads it as rows).
+    _RENEW_LEASES = Sql("""
+UPDATE operations SET lease_expires_at = :until
+WHERE id IN (SELECT value FROM json_each(:ids)) AND runner_id = :runner AND status = 'RUNNING'
+RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+
+    def _lease_ids(self, operation_ids: list[str]) -> Any:
+        return json.dumps(operation_ids)
+
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
