@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import ColumnElement, Connection, TextClause, text
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -304,6 +304,11 @@ WHERE id IN (
     ORDER BY id FOR UPDATE)
   AND runner_id = :runner AND status = 'RUNNING'
 RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+
+    def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
+        if not ids:
+            return ()
+        return (text("NOT (operations.id = ANY(:not_among))").bindparams(not_among=ids),)
 
     def __init__(
         self, db: Database, database_url: str, meters: StorageMetrics | None = None

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy import ColumnElement, TextClause, text
 from sqlalchemy.exc import IntegrityError
 
 from runtime_service.database import Database
@@ -173,6 +174,12 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
 
     def _lease_ids(self, operation_ids: list[str]) -> Any:
         return json.dumps(operation_ids)
+
+    def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
+        if not ids:
+            return ()
+        among = text("operations.id NOT IN (SELECT value FROM json_each(:not_among))")
+        return (among.bindparams(not_among=json.dumps(ids)),)
 
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
