@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import ColumnElement, Connection, TextClause, text
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -47,7 +47,7 @@ from runtime_service.storage.interface import (
 )
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
 from runtime_service.storage.shared import twin_of
-from runtime_service.storage.sql import PgSql
+from runtime_service.storage.sql import PgSql, Sql
 from runtime_service.storage.waiting import WaitingStorage
 from stopline.json_values import dump_json
 
@@ -293,6 +293,23 @@ SELECT last_seq, {_NOTIFY_EVENT} FROM op""",
 
 
 class PostgresStorage(WaitingStorage):
+    # The rows are locked in id order first, as the batcher does (pg_batch), so that a renewal
+    # and a batch of step writes never wait for each other in a cycle (PostgreSQL would break
+    # such a deadlock only after a second).
+    _RENEW_LEASES = Sql("""
+UPDATE operations SET lease_expires_at = :until
+WHERE id IN (
+    SELECT id FROM operations
+    WHERE id = ANY(:ids) AND runner_id = :runner AND status = 'RUNNING'
+    ORDER BY id FOR UPDATE)
+  AND runner_id = :runner AND status = 'RUNNING'
+RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+
+    def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
+        if not ids:
+            return ()
+        return (text("NOT (operations.id = ANY(:not_among))").bindparams(not_among=ids),)
+
     def __init__(
         self, db: Database, database_url: str, meters: StorageMetrics | None = None
     ) -> None:

@@ -9,6 +9,7 @@ committing everything queued in one transaction removes most of the cost of a tr
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -16,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy import ColumnElement, TextClause, text
 from sqlalchemy.exc import IntegrityError
 
 from runtime_service.database import Database
@@ -164,6 +166,21 @@ WHERE operation_id = :id AND step = :step AND finished_at IS NULL
 
 
 class SqliteStorage(WaitingStorage):
+    # The ids as one JSON array (SQLite has no array type; json_each reads it as rows).
+    _RENEW_LEASES = Sql("""
+UPDATE operations SET lease_expires_at = :until
+WHERE id IN (SELECT value FROM json_each(:ids)) AND runner_id = :runner AND status = 'RUNNING'
+RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+
+    def _lease_ids(self, operation_ids: list[str]) -> Any:
+        return json.dumps(operation_ids)
+
+    def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
+        if not ids:
+            return ()
+        among = text("operations.id NOT IN (SELECT value FROM json_each(:not_among))")
+        return (among.bindparams(not_among=json.dumps(ids)),)
+
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)

@@ -1,0 +1,166 @@
+"""Issue 17's capacity figure: N `ticker` operations with 1-second steps on one runtime process.
+
+    python -m bench.capacity --ops 10000 --backends sqlite,postgresql [--profile 20]
+
+Each operation emits one chunk and checkpoints one step a second, so N operations ask for N steps
+a second (2N writes). Reported per backend: the steps per second achieved over a steady window
+(counted in the database, before and after) against the N asked, the runtime's RSS growth per
+operation (RSS once all N run, minus RSS before the first start), and the runtime's CPU over the
+window. The load generator is this process: it starts the operations straight on the runtime (no
+gateway, no streams) and then only counts rows, so its own CPU over the window is reported
+beside the runtime's to show it is not the limit. With `--profile S`, `py-spy record --gil` then
+samples the runtime for S seconds under the same load (raw stacks in bench/results/profiles/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.profiling import top_frames
+from bench.scenarios import Clients, _count, _input, _steps_completed
+from bench.stack import Stack
+from stopline.v1 import operation_pb2 as op_pb
+from stopline.v1 import runtime_service_pb2 as rt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+async def capacity(
+    stack: Stack,
+    n: int,
+    window_seconds: float,
+    settle_seconds: float,
+    profile_seconds: int = 0,
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    import psutil  # bench extra only
+
+    clients = Clients(stack)
+    runtime = clients.runtimes[0]
+    proc = psutil.Process(stack.runtimes[0].process.pid)
+    me = psutil.Process()
+    rss_before = proc.memory_info().rss
+    out: dict[str, Any] = {"operations": n}
+    try:
+        sem = asyncio.Semaphore(50)
+
+        async def start_one() -> None:
+            async with sem:
+                await runtime.StartOperation(
+                    rt.StartOperationRequest(
+                        agent="ticker",
+                        input=_input(steps=100_000, step_seconds=1, chunk_interval_seconds=1),
+                    )
+                )
+
+        began = time.perf_counter()
+        await asyncio.gather(*(start_one() for _ in range(n)))
+        out["start_seconds"] = time.perf_counter() - began
+        deadline = time.perf_counter() + 60.0
+        while True:
+            running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
+            if running >= n or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        out["running"] = running
+        out["all_running_seconds"] = time.perf_counter() - began
+        await asyncio.sleep(settle_seconds)  # let the start burst's backlog drain
+        rss_after = proc.memory_info().rss
+        before = await _steps_completed(stack)
+        t0, rt0, me0 = time.perf_counter(), proc.cpu_times(), me.cpu_times()
+        psutil.cpu_percent(None)
+        await asyncio.sleep(window_seconds)
+        after = await _steps_completed(stack)
+        elapsed = time.perf_counter() - t0
+        rt1, me1 = proc.cpu_times(), me.cpu_times()
+        machine = psutil.cpu_percent(None)
+        achieved = (after - before) / elapsed
+        out.update(
+            steps_per_second_asked=n,
+            steps_per_second_achieved=achieved,
+            fraction_of_nominal=achieved / n,
+            runtime_cpu_percent=100 * (rt1.user + rt1.system - rt0.user - rt0.system) / elapsed,
+            client_cpu_percent=100 * (me1.user + me1.system - me0.user - me0.system) / elapsed,
+            machine_cpu_percent=machine,
+            load_average=os.getloadavg(),
+            runtime_cpu_us_per_step=1e6
+            * (rt1.user + rt1.system - rt0.user - rt0.system)
+            / max(1, after - before),
+            rss_before_mb=rss_before / 2**20,
+            rss_after_mb=rss_after / 2**20,
+            rss_kib_per_operation=(rss_after - rss_before) / 1024 / n,
+            window_seconds=elapsed,
+        )
+        if profile_seconds:
+            out["profile"] = await _profile(proc.pid, profile_seconds, profile_dir or RESULTS)
+    finally:
+        await clients.close()
+    return out
+
+
+async def _profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
+    beside = Path(sys.executable).parent / "py-spy"
+    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if spy is None:
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    path = out / f"capacity-runtime-{pid}.txt"
+    proc = await asyncio.create_subprocess_exec(
+        spy, "record", "-d", str(seconds), "-r", "100", "--gil", "-p", str(pid),
+        "--format", "raw", "-o", str(path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if not path.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+    return {"path": str(path), **top_frames(path, count=25)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ops", type=int, default=10_000)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backends.split(","):
+            # Room for every operation (the bench Stack's default --max-running is 5,000).
+            extra = ("--max-running", str(args.ops + 100))
+            with Stack(backend, Path(tmp), runtime_args=extra) as stack:
+                results[backend] = asyncio.run(
+                    capacity(
+                        stack,
+                        args.ops,
+                        args.window,
+                        args.settle,
+                        args.profile,
+                        RESULTS / "profiles",
+                    )
+                )
+            summary = {k: v for k, v in results[backend].items() if k != "profile"}
+            print(backend, json.dumps(summary, indent=1, default=str), flush=True)
+            if "profile" in results[backend]:
+                profile = results[backend]["profile"]
+                for key in ("areas_percent", "own_percent"):
+                    print(key, json.dumps(profile.get(key), indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
