@@ -309,6 +309,7 @@ class _Terminal:
         self._reading = False
         self._question: str | None = None  # the question waiting for the person
         self._line_open = False  # ... shown, on a line nothing else has ended
+        self._asked: asyncio.Future[str] | None = None  # the read the question waits for
 
     @property
     def asking(self) -> bool:
@@ -325,14 +326,19 @@ class _Terminal:
         self.show_again()
         if start:
             threading.Thread(target=self._read, name="stopline prompt", daemon=True).start()
+        self._asked = done
         try:
             line = await done
         finally:
-            self._question, self._line_open = None, False
+            if self._asked is done:  # (not already a later question's)
+                self._question, self._line_open, self._asked = None, False, None
             with self._lock:
                 if self._waiter is not None and self._waiter[1] is done:
                     self._waiter = None
-        return line.rstrip("\r\n") if line else None
+        if not line:  # the end of input: the person's Enter did not end the question's line
+            click.echo("")
+            return None
+        return line.rstrip("\r\n")
 
     def interrupt(self) -> bool:
         """Something else is about to be printed: end the question's line first."""
@@ -344,7 +350,7 @@ class _Terminal:
 
     def drop(self) -> None:
         """The question no longer stands (its asker is being cancelled)."""
-        self._question, self._line_open = None, False
+        self._question, self._line_open, self._asked = None, False, None
 
     def show_again(self) -> None:
         if self._question is not None and not self._line_open:

@@ -330,7 +330,7 @@ def test_end_of_input_at_the_prompt_leaves_the_answer_to_a_script(
     setup.script(ASKS, DONE)
     terminal = run_at_a_terminal(setup, terminals)
     terminal.type("\x04")  # Ctrl-D: the person will not answer here
-    terminal.expect("no answer given here; answer with: stopline answer ")
+    terminal.expect("\nno answer given here; answer with: stopline answer ")
     answered = setup.services.run("answer", _operation_id(terminal), "--approve")
     assert answered.returncode == 0, answered
     terminal.expect('COMPLETED: "Done."')
