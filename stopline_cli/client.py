@@ -195,10 +195,17 @@ class Follower:
         self._stopper: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[int] | None = None
         self._left = False
-        self._lines = EventLines(lambda text: click.echo(text, nl=False))
+        self._lines = EventLines(self._write)
         self._context: contextvars.Context | None = None
-        # Told of every event (the prompt that answers input requests, stopline_cli/waiting.py).
+        # The prompt that answers input requests (stopline_cli/waiting.py) is told of every
+        # event before it is shown, and of all output before it is written.
         self.on_event: Callable[[op_pb.Event], None] | None = None
+        self.before_output: Callable[[], None] | None = None
+
+    def _write(self, text: str) -> None:
+        if self.before_output is not None:
+            self.before_output()
+        click.echo(text, nl=False)
 
     def operation_id(self) -> str:
         return self._id()
@@ -286,6 +293,8 @@ class Follower:
     async def _read(self, call: UpdateCall) -> int:
         try:
             async for update in call:
+                if update.HasField("event") and self.on_event is not None:
+                    self.on_event(update.event)  # before it is shown (it may end a prompt's line)
                 if not self._as_json and update.HasField("event"):
                     self._lines.event(update.event)  # a model's text deltas on one line
                 elif self._as_json:
@@ -299,8 +308,6 @@ class Follower:
                 elif update.HasField("event"):
                     event = update.event
                     self.last_seq = event.seq
-                    if self.on_event is not None:
-                        self.on_event(event)
                     kind = event.WhichOneof("kind")
                     if kind in EXIT_BY_TERMINAL_EVENT:
                         self._report_end(event)
@@ -560,6 +567,7 @@ def _prompt_for_input(
     if Prompter.wanted(as_json):
         prompter = Prompter(stub, follower.operation_id, follower.say)
         follower.on_event = prompter.on_event
+        follower.before_output = prompter.before_output
 
 
 async def _unary(

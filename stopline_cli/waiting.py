@@ -10,6 +10,7 @@ dropped if the request is resolved meanwhile (answered elsewhere, expired, or st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import threading
@@ -210,7 +211,10 @@ def reply_for(request: op_pb.InputRequested, lines: list[str]) -> op_pb.InputAns
 
 class Prompter:
     """Asks a person at the terminal to answer the requests a stream shows (see the module
-    docstring); `say` prints a remark."""
+    docstring); `say` prints a remark. `on_event` must see each event before it is shown, and
+    `before_output` be called before anything else is printed: output that comes while a
+    question waits for the person ends the question's line first (and after an event the
+    question is shown again, if it still stands)."""
 
     def __init__(
         self,
@@ -223,26 +227,37 @@ class Prompter:
         self._say = say
         self._task: asyncio.Task[None] | None = None
         self._request_id = ""
+        self._terminal = _Terminal()
 
     @staticmethod
     def wanted(as_json: bool) -> bool:
         return not as_json and sys.stdin.isatty()
 
     def on_event(self, event: op_pb.Event) -> None:
+        interrupted = self._terminal.interrupt()
         kind = event.WhichOneof("kind")
         if kind == "input_requested":
             self.close()
             self._request_id = event.input_requested.request_id
             self._task = asyncio.create_task(self._ask(event.input_requested))
-        elif (
-            kind == "input_answered" and event.input_answered.request_id == self._request_id
-        ) or event.WhichOneof("kind") in ("completed", "failed", "interrupted"):
-            self.close()
+        elif kind == "input_answered" and event.input_answered.request_id == self._request_id:
+            # Answered elsewhere: drop the question. When it is this prompt's answer, the event
+            # can arrive before AnswerInput's reply, which is still worth showing.
+            if self._terminal.asking:
+                self.close()
+        elif kind in ("stop_requested", "completed", "failed", "interrupted"):
+            self.close()  # (a stop ends a waiting operation at once)
+        if interrupted and self._terminal.asking:
+            asyncio.get_running_loop().call_soon(self._terminal.show_again)  # after the event
+
+    def before_output(self) -> None:
+        self._terminal.interrupt()
 
     def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._task = None
+        self._terminal.drop()
 
     async def _ask(self, request: op_pb.InputRequested) -> None:
         op_id = self._operation_id()
@@ -258,7 +273,11 @@ class Prompter:
         while True:
             step = reply_for(request, lines)
             if isinstance(step, str):
-                lines.append(await _read_line(step))
+                line = await self._terminal.ask(step)
+                if line is None:
+                    self._say(f"no answer given here; answer with: stopline answer {op_id}")
+                    return
+                lines.append(line)
                 continue
             call = pb.AnswerInputRequest(
                 operation_id=op_id, request_id=request.request_id, answer_id=answer_id, answer=step
@@ -275,20 +294,83 @@ class Prompter:
             return
 
 
+class _Terminal:
+    """The lines a person types, one question at a time.
+
+    A line is read on a daemon thread (so the event loop, the stream and Ctrl-C keep going, and
+    the thread never holds up the exit). A question dropped while its thread is still blocked
+    in the read leaves that thread reading: the next question takes over its line instead of
+    starting a second reader, which would let the stale one swallow the person's next answer.
+    No thread reads while no question is asked, so what is typed ahead stays in the terminal."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[str]] | None = None
+        self._reading = False
+        self._question: str | None = None  # the question waiting for the person
+        self._line_open = False  # ... shown, on a line nothing else has ended
+        self._asked: asyncio.Future[str] | None = None  # the read the question waits for
+
+    @property
+    def asking(self) -> bool:
+        return self._question is not None
+
+    async def ask(self, question: str) -> str | None:
+        """The person's line, or None at the end of input (Ctrl-D: not answering here)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+        with self._lock:
+            self._waiter = (loop, done)
+            start, self._reading = not self._reading, True
+        self._question = question
+        self.show_again()
+        if start:
+            threading.Thread(target=self._read, name="stopline prompt", daemon=True).start()
+        self._asked = done
+        try:
+            line = await done
+        finally:
+            if self._asked is done:  # (not already a later question's)
+                self._question, self._line_open, self._asked = None, False, None
+            with self._lock:
+                if self._waiter is not None and self._waiter[1] is done:
+                    self._waiter = None
+        if not line:  # the end of input: the person's Enter did not end the question's line
+            click.echo("")
+            return None
+        return line.rstrip("\r\n")
+
+    def interrupt(self) -> bool:
+        """Something else is about to be printed: end the question's line first."""
+        if not self._line_open:
+            return False
+        click.echo("")
+        self._line_open = False
+        return True
+
+    def drop(self) -> None:
+        """The question no longer stands (its asker is being cancelled)."""
+        self._question, self._line_open, self._asked = None, False, None
+
+    def show_again(self) -> None:
+        if self._question is not None and not self._line_open:
+            click.echo(self._question, nl=False)
+            self._line_open = True
+
+    def _read(self) -> None:
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError):  # the terminal is gone
+            line = ""
+        with self._lock:
+            self._reading = False
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, done = waiter
+            with contextlib.suppress(RuntimeError):  # the command has ended meanwhile
+                loop.call_soon_threadsafe(_settle, done, line)
+
+
 def _settle(done: asyncio.Future[str], line: str) -> None:
     if not done.done():  # not cancelled meanwhile (the request was resolved elsewhere)
         done.set_result(line)
-
-
-async def _read_line(question: str) -> str:
-    """One line from the terminal, read on a daemon thread (never holds up the exit)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[str] = loop.create_future()
-
-    def read() -> None:
-        line = sys.stdin.readline().rstrip("\n")
-        loop.call_soon_threadsafe(_settle, done, line)
-
-    click.echo(question, nl=False)
-    threading.Thread(target=read, name="stopline prompt", daemon=True).start()
-    return await done
