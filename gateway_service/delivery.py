@@ -33,6 +33,10 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 
 log = logging.getLogger(__name__)
 
+ALREADY_REQUESTED = rt_pb.INTERRUPT_OUTCOME_ALREADY_REQUESTED
+# How long an "already requested" answer of a hedge waits for this delivery's earlier call.
+OWN_ANSWER_GRACE = 1.0
+
 
 class DeliveryState(enum.StrEnum):
     PENDING = "PENDING"
@@ -236,10 +240,16 @@ class StopDeliverer:
                     timeout=self._hedge_delay if sent < self._max_calls else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
+                answers = [task.result() for task in done if task.exception() is None]
+                if answers:
+                    # Calls answering together: the one that says what this stop did first.
+                    answer = min(answers, key=lambda a: a.outcome == ALREADY_REQUESTED)
+                    if answer.outcome == ALREADY_REQUESTED and pending:
+                        return await self._own_answer(answer, pending)
+                    return answer
                 for task in done:
                     error = task.exception()
-                    if error is None:
-                        return task.result()
+                    assert error is not None
                     if not is_retryable(error):
                         raise error
                     last_error = error
@@ -249,6 +259,23 @@ class StopDeliverer:
         finally:
             for task in pending:
                 task.cancel()
+
+    async def _own_answer(
+        self,
+        answer: rt_pb.InterruptOperationResponse,
+        pending: set[asyncio.Future[rt_pb.InterruptOperationResponse]],
+    ) -> rt_pb.InterruptOperationResponse:
+        """A hedge found the stop already requested while an earlier call of this delivery is
+        still out: most likely that call recorded it and only its answer is slow. Its answer
+        (accepted, recorded ahead of the start) is the true one for this client, so it is
+        waited for, briefly; otherwise the client would be told its own stop came second."""
+        done, _ = await asyncio.wait(pending, timeout=OWN_ANSWER_GRACE)
+        for task in done:
+            if not task.cancelled() and task.exception() is None:
+                own = task.result()
+                if own.outcome != ALREADY_REQUESTED:
+                    return own
+        return answer
 
     async def close(self) -> None:
         """Shutdown: stops still being delivered are logged as undelivered, by operation id."""

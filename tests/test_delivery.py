@@ -24,11 +24,20 @@ class ScriptedLink:
     def __init__(self, *script: str | grpc.StatusCode) -> None:
         self.script = list(script)
         self.cancelled = 0
+        self.released = asyncio.Event()
 
     async def interrupt(
         self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
     ) -> rt_pb.InterruptOperationResponse:
         step = self.script.pop(0) if self.script else "ok"
+        if step == "slow-ahead":  # recorded the stop (ahead of its start), answers late
+            await self.released.wait()
+            return rt_pb.InterruptOperationResponse(outcome=rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD)
+        if step == "already":  # a later call: the stop is there already
+            self.released.set()
+            return rt_pb.InterruptOperationResponse(
+                outcome=rt_pb.INTERRUPT_OUTCOME_ALREADY_REQUESTED
+            )
         if step == "hang":
             try:
                 await asyncio.get_running_loop().create_future()
@@ -71,3 +80,15 @@ async def test_calls_per_attempt_are_bounded_then_the_attempt_is_retried() -> No
     await asyncio.wait_for(delivery.done, 10)
     assert delivery.state is DeliveryState.DELIVERED
     assert (delivery.attempts, delivery.calls) == (2, 4)
+
+
+async def test_a_hedge_finding_the_stop_requested_waits_for_this_deliverys_own_answer() -> None:
+    """The first call recorded the stop but answers after the hedge went out; the hedge finds it
+    already requested. The client is told what its own stop did (recorded ahead), not that it
+    came second."""
+    link = ScriptedLink("slow-ahead", "already")
+    delivery = deliverer(link, attempt_timeout=3600, hedge_delay=0.01).deliver(OP_ID, "t", "")
+    await asyncio.wait_for(delivery.done, 10)
+    assert delivery.state is DeliveryState.DELIVERED and delivery.response is not None
+    assert delivery.response.outcome == rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD
+    assert delivery.calls == 2
