@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,21 @@ def owner_of(
         engine.dispose()
     pid = int(runner_id.split("-")[-2])
     return next(r for r in replicas if r.process.pid == pid)
+
+
+@contextlib.contextmanager
+def fake_llm_process(script: Path | None = None) -> Iterator[str]:
+    """`python -m fake_llm` in a subprocess (for tests whose runtimes are processes too): its
+    base URL; it is terminated on exit."""
+    command = [sys.executable, "-m", "fake_llm", "--port", "0", "--tokens-per-second", "0"]
+    if script is not None:
+        command += ["--script", str(script)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("fake_llm listening on "), line
+        yield line.split()[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -7,8 +7,6 @@ arguments fail that call only; a runaway `python` tool the model asked for is ki
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,7 +32,7 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.conftest import eventually, runtime_config
 from tests.credentials import gateway_channel, runtime_sync_channel
-from tests.processes import RuntimeProcess, ServiceProcess, owner_of
+from tests.processes import RuntimeProcess, ServiceProcess, fake_llm_process, owner_of
 from tests.test_gateway import gateway_config, start_request
 from tests.test_replicas import assert_gap_free
 from tests.test_runner import collect
@@ -343,20 +341,8 @@ def fake_process(tmp_path: Path) -> Iterator[str]:
     ]
     path = tmp_path / "script.json"
     path.write_text(json.dumps(script))
-    command = [sys.executable, "-m", "fake_llm", "--port", "0", "--tokens-per-second", "0"]
-    process = subprocess.Popen(
-        [*command, "--script", str(path)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("fake_llm listening on "), line
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with fake_llm_process(path) as base_url:
+        yield base_url
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.credentials import runtime_sync_channel
-from tests.processes import RuntimeProcess, ServiceProcess
+from tests.processes import RuntimeProcess, ServiceProcess, fake_llm_process
 from tests.test_llm_e2e import USER
 
 pytestmark = pytest.mark.postgres
@@ -39,16 +37,8 @@ def fake_llm(tmp_path: Path) -> Iterator[str]:
     script = [asks] * (OPERATIONS * 3)
     path = tmp_path / "script.json"
     path.write_text(json.dumps(script))
-    command = [sys.executable, "-m", "fake_llm", "--port", "0", "--tokens-per-second", "0"]
-    process = subprocess.Popen([*command, "--script", str(path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("fake_llm listening on "), line
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with fake_llm_process(path) as base_url:
+        yield base_url
 
 
 @pytest.fixture
