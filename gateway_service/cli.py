@@ -232,7 +232,9 @@ def serve(
 
     logs.configure(log_level, log_format)
     try:
-        tracing.configure_from_env("stopline-gateway")  # off unless OTEL_* variables say otherwise
+        tracing.configure_from_env(
+            "stopline-gateway", export_process=True
+        )  # off unless OTEL_* variables say otherwise
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     jwt_secret = os.environ.get(JWT_SECRET_ENV) or None

@@ -362,7 +362,9 @@ def serve(
         raise click.BadParameter("is above --max-steps-cap", param_hint="--default-max-steps")
     logs.configure(log_level, log_format)
     try:
-        tracing.configure_from_env("stopline-runtime")  # off unless OTEL_* variables say otherwise
+        tracing.configure_from_env(
+            "stopline-runtime", export_process=True
+        )  # off unless OTEL_* variables say otherwise
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     config = RuntimeConfig(

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from stopline.span_export import LightSpan, Sink
+
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "stopline"
@@ -69,6 +71,9 @@ _SERVER_ERRORS = frozenset(
 class _State:
     provider: TracerProvider | None = None
     tracer: trace.Tracer = trace.NoOpTracer()
+    sink: Sink | None = None
+    """Where a `child_span`'s record goes when it ends; None: child spans are the SDK's."""
+    light: type[LightSpan] | None = None
 
 
 def enabled() -> bool:
@@ -104,50 +109,78 @@ def exporter_names(env: Mapping[str, str] | None = None) -> list[str]:
     return []
 
 
-def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
+def _check_exporter(name: str, env: Mapping[str, str]) -> None:
+    """ValueError naming the variable, as `new_exporter` would, without making the exporter."""
     if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        return ConsoleSpanExporter()
+        return
     if name != "otlp":
         raise ValueError(
             f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r} (use otlp, console or none)"
         )
-    protocol = (
+    protocol = otlp_protocol(env)
+    if protocol not in ("grpc", "http/protobuf"):
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} "
+            "(grpc or http/protobuf)"
+        )
+
+
+def otlp_protocol(env: Mapping[str, str]) -> str:
+    return (
         env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "grpc"
     ).strip()
-    if protocol == "grpc":
+
+
+def new_exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
+    """The exporter `name` of OTEL_TRACES_EXPORTER (the OTLP ones read the rest of OTEL_*)."""
+    _check_exporter(name, env)
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if otlp_protocol(env) == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HttpSpanExporter,
-        )
-
-        return HttpSpanExporter()
-    raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL: unsupported protocol {protocol!r} (grpc or http/protobuf)"
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
     )
 
+    return HttpSpanExporter()
 
-def configure_from_env(service_name: str, env: Mapping[str, str] | None = None) -> bool:
+
+def configure_from_env(
+    service_name: str, env: Mapping[str, str] | None = None, *, export_process: bool = False
+) -> bool:
     """Install an SDK provider exporting as the `OTEL_*` variables say; False (and nothing
     installed) when they say nothing. ValueError names a variable with an unsupported value.
-    `service_name` is the default of OTEL_SERVICE_NAME."""
+    `service_name` is the default of OTEL_SERVICE_NAME.
+
+    `export_process` (the services): spans are encoded and exported by a child process
+    (stopline/span_export.py), off the service's GIL, and steps' spans are light ones. Off (the
+    command line, whose few spans do not pay for a process): the SDK's BatchSpanProcessor."""
     env = os.environ if env is None else env
     names = exporter_names(env)
     if not names:
         return False
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    exporters = [_exporter(name, env) for name in names]
+    for name in names:
+        _check_exporter(name, env)
     sdk_provider = _new_provider(service_name)
-    for exporter in exporters:
-        sdk_provider.add_span_processor(BatchSpanProcessor(exporter))
-    _use(sdk_provider)
+    sink: Sink | None = None
+    if export_process:
+        from stopline.span_export import ProcessExport
+
+        processor = ProcessExport(sdk_provider.resource, env)
+        sdk_provider.add_span_processor(processor)
+        sink = processor.sink
+    else:
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        for name in names:
+            sdk_provider.add_span_processor(BatchSpanProcessor(new_exporter(name, env)))
+    _use(sdk_provider, sink)
     # Also the global one (settable once per process), so agents' own spans join the trace.
     trace.set_tracer_provider(sdk_provider)
     return True
@@ -176,8 +209,21 @@ def install(
     use_batch = batch or exporter is None
     processor = BatchSpanProcessor(chosen) if use_batch else SimpleSpanProcessor(chosen)
     sdk_provider.add_span_processor(processor)
-    _use(sdk_provider)
+    _use(sdk_provider, _in_process_sink(sdk_provider))
     return sdk_provider
+
+
+def _in_process_sink(sdk_provider: TracerProvider) -> Sink:
+    """Light spans handed to the provider's own processors, as SDK spans (tests, benchmarks)."""
+    from stopline.span_export import readable_span
+
+    processor = sdk_provider._active_span_processor
+    resource = sdk_provider.resource
+
+    def sink(record: Any) -> None:
+        processor.on_end(readable_span(record, resource))
+
+    return sink
 
 
 def uninstall() -> None:
@@ -185,6 +231,7 @@ def uninstall() -> None:
     old = _State.provider
     _State.provider = None
     _State.tracer = trace.NoOpTracer()
+    _State.sink = None
     if old is not None:
         old.shutdown()
 
@@ -203,11 +250,37 @@ def _new_provider(service_name: str) -> TracerProvider:
     return TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
 
 
-def _use(sdk_provider: TracerProvider) -> None:
+def _use(sdk_provider: TracerProvider, sink: Sink | None) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
     if _State.provider is not None and _State.provider is not sdk_provider:
         _State.provider.shutdown()
     _State.provider = sdk_provider
     _State.tracer = sdk_provider.get_tracer(TRACER_NAME)
+    # Light child spans follow their parent's sampling decision: what a parent-based sampler
+    # (the default, and every parentbased_* of OTEL_TRACES_SAMPLER) decides. Any other sampler
+    # decides for each span: those stay the SDK's.
+    _State.sink = sink if isinstance(sdk_provider.sampler, ParentBased) else None
+    if _State.sink is not None:
+        from stopline.span_export import LightSpan
+
+        _State.light = LightSpan
+
+
+_SCOPE = (TRACER_NAME, None)
+
+
+def child_span(name: str, attributes: dict[str, Any]) -> trace.Span:
+    """A span child of the current one, for work done many times a second (an operation's
+    steps): a `span_export.LightSpan` when the current span is recorded, the tracer's span
+    otherwise (the no-op one when tracing is off). Not made current: use `trace.use_span`.
+    `attributes`: plain values under known keys (the light span does not check them)."""
+    sink, light = _State.sink, _State.light
+    if sink is not None and light is not None:
+        parent = trace.get_current_span().get_span_context()
+        if parent.is_valid and parent.trace_flags.sampled:
+            return light(name, parent, attributes, sink, _SCOPE)
+    return _State.tracer.start_span(name, attributes=attributes)
 
 
 # ---------------------------------------------------------------------------- context

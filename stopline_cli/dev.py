@@ -279,7 +279,9 @@ def dev(
     stop with Ctrl-C."""
     config = RuntimeConfig(address=address, database_url=database_url)
     try:
-        tracing.configure_from_env("stopline-dev")  # off unless OTEL_* variables say otherwise
+        tracing.configure_from_env(
+            "stopline-dev", export_process=True
+        )  # off unless OTEL_* variables say otherwise
         asyncio.run(run_dev(config, gateway_address, demo, fake_llm_port))
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
