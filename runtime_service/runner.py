@@ -47,6 +47,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from opentelemetry import trace
+from prometheus_client import Histogram
 
 from runtime_service import metrics, run_telemetry, stop_causes, waiting
 from runtime_service.agents.base import (
@@ -72,7 +73,7 @@ from runtime_service.storage import (
 )
 from runtime_service.tools import ToolRegistry
 from runtime_service.tools.toolbox import ToolBox
-from stopline import logs
+from stopline import logs, tracing
 from stopline.json_values import shown
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class _Run:
     # the README); a stop links its RPC's span to the step span it cuts.
     span: trace.Span = field(default=trace.INVALID_SPAN, repr=False)
     step_span: trace.Span | None = field(default=None, repr=False)
+    # This run's child of stopline_runtime_step_seconds (bound once: it is observed per step).
+    step_seconds: Histogram | None = field(default=None, repr=False)
     # The span the stop cut: the step's in flight when the stop first reached the run.
     stopped_span: trace.Span | None = field(default=None, repr=False)
     # The stop future was resolved by a pause: cut the step, but land PAUSED, not INTERRUPTED
@@ -529,11 +532,13 @@ class Runner:
             answer = await self._answer(operation, step)
             ctx = StepContext(op_id, step, operation.input, state, events, unknown, answer)
             step_span = run.step_span = run_telemetry.step_span(op_id, run.agent, step)
-            # The step's task runs in a copy of this context: its spans are the step span's.
-            with trace.use_span(step_span, end_on_exit=False):
-                step_task = asyncio.create_task(
-                    agent.step(ctx), name=f"operation {op_id} step {step}"
-                )
+            # The step's task runs in a copy of this context with the step span current: its
+            # spans (tool calls, model requests) are the step span's children.
+            step_task = asyncio.create_task(
+                agent.step(ctx),
+                name=f"operation {op_id} step {step}",
+                context=tracing.context_with_span(step_span),
+            )
             run.step_task = step_task
             try:
                 written = await self._after_step(run, step, step_task, events, ctx, operation)
@@ -567,7 +572,9 @@ class Runner:
             either = {step_task}
         step_began = time.monotonic()
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        self.metrics.steps.labels(run.agent).observe(time.monotonic() - step_began)
+        if run.step_seconds is None:
+            run.step_seconds = self.metrics.steps.labels(run.agent)
+        run.step_seconds.observe(time.monotonic() - step_began)
         if run.stop.done() and self.settings.abort_mid_step and not _returned(step_task):
             # Cut by the stop: still running, or ended by it (its output was refused, see
             # _emit) or in its wake. A step that returned in time is checkpointed below.

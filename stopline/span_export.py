@@ -60,6 +60,7 @@ Sink = Callable[[Record], None]
 _FRAME = struct.Struct("<I")
 _SPANS, _FLUSH = "spans", "flush"
 MAGIC = "stopline-spans/1"
+_INTERNAL = SpanKind.INTERNAL.value
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -189,15 +190,16 @@ class LightSpan(trace.Span):
 
     def record(self) -> Record:
         context, parent = self._context, self._parent
+        state = context.trace_state
         return (
             self._name,
             context.trace_id,
             context.span_id,
             int(context.trace_flags),
-            context.trace_state.to_header() if context.trace_state else "",
+            state.to_header() if state else "",
             parent.span_id,
-            bool(parent.is_remote),
-            SpanKind.INTERNAL.value,
+            parent.is_remote,
+            _INTERNAL,
             self._start,
             self._end,
             self._attributes,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -284,6 +285,17 @@ def child_span(name: str, attributes: dict[str, Any]) -> trace.Span:
 
 
 # ---------------------------------------------------------------------------- context
+
+
+def context_with_span(span: trace.Span) -> contextvars.Context | None:
+    """A copy of the current context with `span` current, to run a task in (what
+    `trace.use_span` around `create_task` gives, for less); None (the task copies the current
+    context itself) when tracing is off."""
+    if _State.provider is None:
+        return None
+    context = contextvars.copy_context()
+    context.run(otel_context.attach, trace.set_span_in_context(span))
+    return context
 
 
 def current_traceparent() -> str | None:
