@@ -13,6 +13,7 @@ from runtime_service.operations import OperationsService
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
 from stopline.limits import struct_to_input
+from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
 
@@ -31,6 +32,9 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.StartOperationRequest,
         context: aio.ServicerContext[pb.StartOperationRequest, pb.StartOperationResponse],
     ) -> pb.StartOperationResponse:
+        return await self._start(request)
+
+    async def _start(self, request: pb.StartOperationRequest) -> pb.StartOperationResponse:
         # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
         hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
         deadline = None
@@ -49,6 +53,26 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return pb.StartOperationResponse(
             operation=convert.operation_to_pb(created.operation), created=created.created
         )
+
+    @server_stream
+    async def StartAndWatchOperation(
+        self,
+        request: pb.StartAndWatchOperationRequest,
+        context: aio.ServicerContext[
+            pb.StartAndWatchOperationRequest, pb.StartAndWatchOperationResponse
+        ],
+    ) -> AsyncGenerator[pb.StartAndWatchOperationResponse, None]:
+        """A start that runs at once, and its watch from seq 1 on the same stream: the watch is
+        WatchOperation's (replay from storage, then live), so events the first step published
+        before the watch subscribed are read back from storage, not lost."""
+        if request.start.HasField("hold"):
+            raise InvalidArgument(
+                "start.hold", "must be unset: StartAndWatchOperation starts unheld"
+            )
+        started = await self._start(request.start)
+        yield pb.StartAndWatchOperationResponse(started=started)
+        async for events in self._batches(started.operation.id, 0):
+            yield pb.StartAndWatchOperationResponse(events=events)
 
     @unary
     async def GetOperation(
@@ -133,15 +157,25 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.WatchOperationRequest,
         context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
     ) -> AsyncGenerator[pb.WatchOperationResponse, None]:
-        batches = self._ops.watch_batches(request.operation_id, request.after_seq)
+        if not request.batch:
+            events = self._ops.watch(request.operation_id, request.after_seq)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+            return
+        async for part in self._batches(request.operation_id, request.after_seq):
+            yield pb.WatchOperationResponse(events=part)
+
+    async def _batches(
+        self, operation_id: str, after_seq: int
+    ) -> AsyncGenerator[list[op_pb.Event], None]:
+        """The operation's events after `after_seq` as batched watches send them: each batch
+        holds the events that were ready together, cut to stay under the message limits."""
+        batches = self._ops.watch_batches(operation_id, after_seq)
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                if not request.batch:
-                    for event in batch:
-                        yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
-                    continue
                 for part in convert.batched(batch, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
-                    yield pb.WatchOperationResponse(events=part)
+                    yield part
 
     @unary
     async def ReleaseOperation(
