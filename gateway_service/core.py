@@ -5,7 +5,7 @@ Guarantees kept here:
   the stop applied as soon as the runtime answers; because the gateway starts every operation
   *held* (the runtime runs no step until released), that stop lands while the operation is still
   PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
-  operation already created (`Gateway._start`). A client may also stop by its start's
+  operation already created (`Starter.start`). A client may also stop by its start's
   idempotency key before it has the id (the runtime records the stop ahead of the start if
   needed); the hold is released as soon as the id is sent, after any such stop in flight here.
   A client that asks for `no_hold` trades the first of these for a faster first step: its
