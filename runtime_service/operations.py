@@ -33,7 +33,7 @@ from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.retention import events_expired
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
+from runtime_service.storage import STOPPING, Created, ListCursor, Storage, Tombstone, utcnow
 from stopline import logs, tracing
 from stopline.errors import (
     FailedPrecondition,
@@ -175,8 +175,8 @@ class OperationsService:
             max_steps=budget,
             trace_parent=tracing.current_traceparent(),
         )
-        if created.created and key is not None:
-            created = await self._apply_tombstone(created, checked_owner, key)
+        if created.tombstone is not None:
+            created = await self._apply_tombstone(created, created.tombstone)
         self.hub.publish(created.events)
         if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
@@ -206,12 +206,9 @@ class OperationsService:
             )
         return max_steps
 
-    async def _apply_tombstone(self, created: Created, owner: str, key: str) -> Created:
+    async def _apply_tombstone(self, created: Created, tombstone: Tombstone) -> Created:
         """A stop sent by this key before the start (a tombstone) interrupts the new operation
         now, before it can run: created, stop_requested, interrupted, no step."""
-        tombstone = await self.storage.take_tombstone(owner, key)
-        if tombstone is None:
-            return created
         requested_by, reason, cause = tombstone
         stopped = await self.storage.record_stop(created.operation.id, requested_by, reason, cause)
         if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
