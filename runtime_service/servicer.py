@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 
+from google.protobuf import duration_pb2
 from grpc import aio
 
 from runtime_service import convert
 from runtime_service.domain import RecordedAhead
 from runtime_service.operations import OperationsService
+from runtime_service.storage import Created
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
 from stopline.limits import struct_to_input
@@ -35,11 +37,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return await self._start(request)
 
     async def _start(self, request: pb.StartOperationRequest) -> pb.StartOperationResponse:
-        # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
-        hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
-        deadline = None
-        if request.HasField("deadline"):
-            deadline = request.deadline.seconds + request.deadline.nanos / 1e9
+        hold = _seconds(request.hold) if request.HasField("hold") else 0.0
         created = await self._ops.start(
             request.agent,
             struct_to_input(request.input),
@@ -47,12 +45,10 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             dict(request.labels),
             hold,
             request.owner,
-            deadline,
+            _seconds(request.deadline) if request.HasField("deadline") else None,
             request.max_steps,
         )
-        return pb.StartOperationResponse(
-            operation=convert.operation_to_pb(created.operation), created=created.created
-        )
+        return _started(created)
 
     @server_stream
     async def StartAndWatchOperation(
@@ -62,17 +58,29 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             pb.StartAndWatchOperationRequest, pb.StartAndWatchOperationResponse
         ],
     ) -> AsyncGenerator[pb.StartAndWatchOperationResponse, None]:
-        """A start that runs at once, and its watch from seq 1 on the same stream: the watch is
-        WatchOperation's (replay from storage, then live), so events the first step published
-        before the watch subscribed are read back from storage, not lost."""
-        if request.start.HasField("hold"):
+        """A start that runs at once, and its watch from seq 1 on the same stream (see
+        OperationsService.start_and_watch)."""
+        start = request.start
+        if start.HasField("hold"):
             raise InvalidArgument(
                 "start.hold", "must be unset: StartAndWatchOperation starts unheld"
             )
-        started = await self._start(request.start)
-        yield pb.StartAndWatchOperationResponse(started=started)
-        async for events in self._batches(started.operation.id, 0):
-            yield pb.StartAndWatchOperationResponse(events=events)
+        stream = self._ops.start_and_watch(
+            start.agent,
+            struct_to_input(start.input),
+            start.idempotency_key,
+            dict(start.labels),
+            start.owner,
+            _seconds(start.deadline) if start.HasField("deadline") else None,
+            start.max_steps,
+        )
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, Created):
+                    yield pb.StartAndWatchOperationResponse(started=_started(item))
+                    continue
+                for part in convert.batched(item, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
+                    yield pb.StartAndWatchOperationResponse(events=part)
 
     @unary
     async def GetOperation(
@@ -238,3 +246,14 @@ def _status_filter(value: int) -> str | None:
         return convert.status_filter(value)
     except KeyError:
         raise InvalidArgument("status", f"unknown OperationStatus value {value}") from None
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _started(created: Created) -> pb.StartOperationResponse:
+    return pb.StartOperationResponse(
+        operation=convert.operation_to_pb(created.operation), created=created.created
+    )
