@@ -277,17 +277,24 @@ async def token_load(
         "fake_llm": psutil.Process(fake.process.pid),
     }
     steady_cpu: dict[str, float] = {}
+    steady_seconds: dict[str, float] = {}
+    window_times: list[float] = []
 
     async def sample_steady() -> None:
         """CPU of each process while every operation streams (after the ramp, before the
-        first answers end), where the whole-run figure would dilute it."""
+        first answers end), where the whole-run figure would dilute it; with the CPU seconds
+        (utime + stime) over the same span, for the CPU per chunk below."""
         span = tokens / 50 - ramp_seconds - 1.0
         if span < 1.0:
             return
         await asyncio.sleep(ramp_seconds + 0.5)
         for p in processes.values():
             p.cpu_percent(None)
+        before = {name: _cpu_seconds(p) for name, p in processes.items()}
+        window_times.append(time.monotonic())
         await asyncio.sleep(span)
+        window_times.append(time.monotonic())
+        steady_seconds.update({n: _cpu_seconds(p) - before[n] for n, p in processes.items()})
         steady_cpu.update({name: p.cpu_percent(None) for name, p in processes.items()})
 
     try:
@@ -307,6 +314,11 @@ async def token_load(
     window = (max(s[0] for s in spans), min(s[1] for s in spans)) if spans else (0.0, 0.0)
     steady = [lat for sent, lat in samples if window[0] <= sent <= window[1]]
     every = [lat for _, lat in samples]
+    per_chunk: dict[str, Any] = {}
+    if len(window_times) == 2:
+        # Chunks the fake sent during the CPU span: every process handles each of them once.
+        chunks = sum(1 for sent, _ in samples if window_times[0] <= sent <= window_times[1])
+        per_chunk = _cpu_per_chunk(steady_seconds, chunks, window_times[1] - window_times[0])
     return {
         "operations": operations,
         "tokens_per_operation": tokens,
@@ -319,6 +331,35 @@ async def token_load(
         "wall_seconds": wall,
         "cpu_percent": cpu,
         "steady_cpu_percent": steady_cpu,
+        "cpu_per_chunk": per_chunk,
+    }
+
+
+def _cpu_seconds(process: Any) -> float:
+    """A process's CPU time so far (user + system, all its threads), in seconds."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+# Issue 13's capacity target: 500 operations at 50 tokens/s, each token one streamed chunk.
+TARGET_CHUNKS_PER_SECOND = 500 * 50
+
+
+def _cpu_per_chunk(seconds: dict[str, float], chunks: int, span: float) -> dict[str, Any]:
+    """Each process's CPU per streamed chunk over the steady span, and what the target's chunk
+    rate would cost at that price: the whole system's budget, against the machine's cores."""
+    if chunks == 0:
+        return {}
+    us = {name: cpu / chunks * 1e6 for name, cpu in seconds.items()}
+    total = sum(us.values())
+    return {
+        "chunks": chunks,
+        "seconds": span,
+        "us_per_chunk": us,
+        "total_us_per_chunk": total,
+        "cores_at_target": {
+            name: v * TARGET_CHUNKS_PER_SECOND / 1e6 for name, v in {**us, "total": total}.items()
+        },
     }
 
 
@@ -350,9 +391,11 @@ async def llm_capacity(
         run["passed"] = _passes(run)
         runs.append(run)
         figures = run["steady"] or run["all"]
+        per_chunk = {k: round(v) for k, v in run["cpu_per_chunk"].get("us_per_chunk", {}).items()}
         log(
             f"   llm_capacity {n}: within 100 ms {figures['within_100ms']:.3f}, "
-            f"p99 {figures['p99']:.0f} ms, cpu {run['cpu_percent']}, passed {run['passed']}"
+            f"p99 {figures['p99']:.0f} ms, cpu {run['cpu_percent']}, "
+            f"us/chunk {per_chunk}, passed {run['passed']}"
         )
         if not run["passed"]:
             failing = n
