@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -28,7 +29,7 @@ from bench.profiling import top_frames
 from bench.scenarios import Clients, _is_terminal
 from bench.stack import FakeLLMProcess, Stack
 from bench.stats import percentile, summary
-from runtime_service.config import RuntimeConfig
+from runtime_service.config import LLMSettings, RuntimeConfig
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from stopline.transport import open_channel
@@ -452,7 +453,9 @@ async def suite(
 ) -> dict[str, Any]:
     """Issue 13's figures, each beside the same run's ticker stop-to-halt (1-second steps) on
     the same stack. The llm capacity steps up only on SQLite (its target's backend)."""
-    out: dict[str, Any] = {}
+    # The runtime's --llm-http-transport comes from this variable when set (an old/new run).
+    transport = os.environ.get("STOPLINE_LLM_HTTP_TRANSPORT", LLMSettings().http_transport)
+    out: dict[str, Any] = {"llm_http_transport": transport}
     fake = FakeLLMProcess()
     try:
         llm_args = fake.runtime_args()
