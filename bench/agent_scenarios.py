@@ -479,6 +479,10 @@ async def suite(
         if "llm_capacity" in only and backend == "sqlite":
             loads = [5, 10] if quick else [50, 75, 100, 150, 200, 300, 400, 500, 600, 800]
             with Stack(backend, workdir, runtime_args=llm_args) as stack:
+                # One short operation first: the runtime imports the openai SDK and its HTTP
+                # client on the first `llm` step (about a second of CPU), a start-up cost that
+                # would otherwise land in the first load's steady window.
+                await token_load(stack, fake, 1, 10, ramp_seconds=0)
                 out["llm_capacity"] = await llm_capacity(
                     stack,
                     fake,

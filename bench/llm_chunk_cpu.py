@@ -8,6 +8,9 @@ variant (HTTP transport x event loop) runs in a fresh child, the variants altern
 `--rounds`, and the figures are compared as ratios within the run (the VM is shared and noisy).
 
     python -m bench.llm_chunk_cpu --ops 100 --tokens 300 --rounds 3
+
+`--side-by-side OPS TOKENS ROUNDS [JSON]` runs the whole stack instead: two runtimes (one per
+transport) with their gateways, loaded at the same time by the same client and fake.
 """
 
 from __future__ import annotations
@@ -125,9 +128,78 @@ def run(ops: int, tokens: int, rounds: int, variants: list[str]) -> dict[str, An
     return {"ops": ops, "tokens": tokens, "rounds": rounds, "variants": summary}
 
 
+async def _side_by_side(ops: int, tokens: int, rounds: int) -> dict[str, Any]:
+    """The whole runtime, old and new at once: two stacks (runtime + gateway) on one fake, one
+    with each transport, each streaming `ops` operations at the same time, so both meet the
+    same neighbours' load. Each runtime's and gateway's CPU per chunk over its steady window."""
+    import tempfile
+    from pathlib import Path
+
+    from bench.agent_scenarios import token_load
+    from bench.stack import Stack
+
+    fake = FakeLLMProcess(tokens=tokens, tokens_per_second=50.0)
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            stacks = {
+                t: Stack(
+                    "sqlite",
+                    Path(tmp),
+                    runtime_args=(*fake.runtime_args(), "--llm-http-transport", t),
+                )
+                for t in ("aiohttp", "httpx2")
+            }
+            try:
+                # Warm-up: each runtime imports the SDK on its first `llm` step.
+                await asyncio.gather(*(token_load(s, fake, 1, 10, 0) for s in stacks.values()))
+                for r in range(rounds):
+                    runs = await asyncio.gather(
+                        *(
+                            token_load(s, fake, ops, tokens, ramp_seconds=1.0)
+                            for s in stacks.values()
+                        )
+                    )
+                    row: dict[str, Any] = {}
+                    for t, run in zip(stacks, runs, strict=True):
+                        us = run["cpu_per_chunk"].get("us_per_chunk", {})
+                        figures = run["steady"] or run["all"]
+                        row[t] = {
+                            "runtime_us_per_chunk": us.get("runtime"),
+                            "gateway_us_per_chunk": us.get("gateway"),
+                            "within_100ms": figures["within_100ms"],
+                            "p99_ms": figures["p99"],
+                        }
+                    row["runtime_ratio"] = (
+                        row["aiohttp"]["runtime_us_per_chunk"]
+                        / row["httpx2"]["runtime_us_per_chunk"]
+                    )
+                    rows.append(row)
+                    print(f"round {r}: {json.dumps(row)}", flush=True)
+            finally:
+                for s in stacks.values():
+                    s.close()
+    finally:
+        fake.close()
+    return {
+        "ops_per_stack": ops,
+        "tokens": tokens,
+        "rounds": rows,
+        "runtime_ratio_median": statistics.median(r["runtime_ratio"] for r in rows),
+    }
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--side-by-side":
+        ops, tokens, rounds = (int(x) for x in sys.argv[2:5])
+        result = asyncio.run(_side_by_side(ops, tokens, rounds))
+        print(json.dumps({k: v for k, v in result.items() if k != "rounds"}))
+        if len(sys.argv) > 5:
+            with open(sys.argv[5], "w") as f:
+                json.dump(result, f, indent=1)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=100)
