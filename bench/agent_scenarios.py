@@ -25,6 +25,7 @@ import aiohttp
 from google.protobuf import struct_pb2
 
 from bench import scenarios
+from bench.cpu_accounting import cpu_per_chunk, cpu_pressure, cpu_seconds
 from bench.profiling import top_frames
 from bench.scenarios import Clients, _is_terminal
 from bench.stack import FakeLLMProcess, Stack
@@ -291,11 +292,11 @@ async def token_load(
         await asyncio.sleep(ramp_seconds + 0.5)
         for p in processes.values():
             p.cpu_percent(None)
-        before = {name: _cpu_seconds(p) for name, p in processes.items()}
+        before = {name: cpu_seconds(p) for name, p in processes.items()}
         window_times.append(time.monotonic())
         await asyncio.sleep(span)
         window_times.append(time.monotonic())
-        steady_seconds.update({n: _cpu_seconds(p) - before[n] for n, p in processes.items()})
+        steady_seconds.update({n: cpu_seconds(p) - before[n] for n, p in processes.items()})
         steady_cpu.update({name: p.cpu_percent(None) for name, p in processes.items()})
 
     try:
@@ -319,7 +320,7 @@ async def token_load(
     if len(window_times) == 2:
         # Chunks the fake sent during the CPU span: every process handles each of them once.
         chunks = sum(1 for sent, _ in samples if window_times[0] <= sent <= window_times[1])
-        per_chunk = _cpu_per_chunk(steady_seconds, chunks, window_times[1] - window_times[0])
+        per_chunk = cpu_per_chunk(steady_seconds, chunks, window_times[1] - window_times[0])
     return {
         "operations": operations,
         "tokens_per_operation": tokens,
@@ -333,34 +334,7 @@ async def token_load(
         "cpu_percent": cpu,
         "steady_cpu_percent": steady_cpu,
         "cpu_per_chunk": per_chunk,
-    }
-
-
-def _cpu_seconds(process: Any) -> float:
-    """A process's CPU time so far (user + system, all its threads), in seconds."""
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
-# Issue 13's capacity target: 500 operations at 50 tokens/s, each token one streamed chunk.
-TARGET_CHUNKS_PER_SECOND = 500 * 50
-
-
-def _cpu_per_chunk(seconds: dict[str, float], chunks: int, span: float) -> dict[str, Any]:
-    """Each process's CPU per streamed chunk over the steady span, and what the target's chunk
-    rate would cost at that price: the whole system's budget, against the machine's cores."""
-    if chunks == 0:
-        return {}
-    us = {name: cpu / chunks * 1e6 for name, cpu in seconds.items()}
-    total = sum(us.values())
-    return {
-        "chunks": chunks,
-        "seconds": span,
-        "us_per_chunk": us,
-        "total_us_per_chunk": total,
-        "cores_at_target": {
-            name: v * TARGET_CHUNKS_PER_SECOND / 1e6 for name, v in {**us, "total": total}.items()
-        },
+        "cpu_pressure": cpu_pressure(),
     }
 
 
@@ -396,7 +370,7 @@ async def llm_capacity(
         log(
             f"   llm_capacity {n}: within 100 ms {figures['within_100ms']:.3f}, "
             f"p99 {figures['p99']:.0f} ms, cpu {run['cpu_percent']}, "
-            f"us/chunk {per_chunk}, passed {run['passed']}"
+            f"us/chunk {per_chunk}, passed {run['passed']}, pressure {run['cpu_pressure']}"
         )
         if not run["passed"]:
             failing = n
