@@ -47,15 +47,24 @@ AREAS = (
                                                     "openai/_compat", "pydantic", "typing",
                                                     "inspect.py")),
     ("openai SDK: SSE decoding", ("openai/_streaming",)),
-    ("HTTP client I/O (httpx, httpcore, h11, anyio)", ("httpx", "httpcore", "h11/", "anyio/")),
+    ("HTTP client I/O (httpx, httpcore, h11, anyio; aiohttp)", ("httpx", "httpcore", "h11/",
+                                                               "anyio/", "aiohttp/")),
     ("storage (SQLAlchemy, SQLite, psycopg)", ("sqlalchemy/", "sqlite", "psycopg")),
     ("gRPC (grpc.aio, servicers)", ("grpc/", "grpc_status", "authn.py", "protobuf")),
     ("runtime/gateway logic", ("runtime_service/", "gateway_service/", "stopline/")),
 )  # fmt: skip
 
 
+# The event loop's dispatch: frames above it are the program's entry (its `main`), not the work,
+# so a sample whose leaf-most marked frame is there is the loop's own (a task's wake-up, a
+# callback, the selector), not the entry module's.
+LOOP = ("Handle._run (asyncio/", "_run_once (asyncio/")
+
+
 def _area(frames: list[str]) -> str:
     for frame in reversed(frames):
+        if frame.startswith(LOOP):
+            return "asyncio loop (task wake-ups, callbacks, selector)"
         for name, marks in AREAS:
             if any(mark in frame for mark in marks):
                 return name

@@ -40,12 +40,16 @@ def table(results: dict[str, Any]) -> str:
                         f"ratio {d['ratio']:.2f}"
                     )
             elif name == "start_latency":
-                s, h = data["first_step_ms"], data["stop_halt_1s_ms"]
-                lines.append(
-                    f"{'start -> first step_started':<44} {_fmt(s['median']):>9} "
-                    f"{_fmt(s['p99']):>9}  ms (n={s['n']}); stop halt 1 s "
-                    f"{_fmt(h['median'])} ms; ratio {data['ratio_to_stop_halt']:.2f}"
-                )
+                h = data["stop_halt_1s_ms"]
+                for arm, prefix in (("start -> first step_started", ""), ("  no hold", "no_hold_")):
+                    s = data.get(f"{prefix}first_step_ms")
+                    if s is None:
+                        continue  # a result from before the no-hold arm
+                    lines.append(
+                        f"{arm:<44} {_fmt(s['median']):>9} "
+                        f"{_fmt(s['p99']):>9}  ms (n={s['n']}); stop halt 1 s "
+                        f"{_fmt(h['median'])} ms; ratio {data[prefix + 'ratio_to_stop_halt']:.2f}"
+                    )
             elif name == "early_stop":
                 lines.append(
                     f"{'early stop (by key)':<44} {data['operations_with_a_step_started']:>9} "

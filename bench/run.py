@@ -112,9 +112,9 @@ async def stopline_suite(
             start = await scenarios.start_latency(stack, 10 if quick else 50)
             stop = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
             start["stop_halt_1s_ms"] = stop["halt_ms"]
-            start["ratio_to_stop_halt"] = (
-                start["first_step_ms"]["median"] / stop["halt_ms"]["median"]
-            )
+            halt = stop["halt_ms"]["median"]
+            start["ratio_to_stop_halt"] = start["first_step_ms"]["median"] / halt
+            start["no_hold_ratio_to_stop_halt"] = start["no_hold_first_step_ms"]["median"] / halt
             out["start_latency"] = start
         if "early_stop" in only:
             out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)

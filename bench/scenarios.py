@@ -176,24 +176,34 @@ async def stop_latency(
 
 async def start_latency(stack: Stack, trials: int) -> dict[str, Any]:
     """The StartAndStream call -> the first `step_started` event received on the client's stream:
-    what a start costs before any work begins (issue 14 removed the gateway's release delay)."""
+    what a start costs before any work begins (issue 14 removed the gateway's release delay).
+    Two arms, their trials interleaved so that both see the same machine: the default held start
+    (StartOperation held, the id to the client, ReleaseOperation, a separate WatchOperation) and
+    `no_hold` (one StartAndWatchOperation stream carries the answer and the events)."""
     clients = Clients(stack)
-    first_step: list[float] = []
+    first_step: dict[bool, list[float]] = {False: [], True: []}
     try:
-        for _ in range(trials):
-            began = time.perf_counter()
-            call = clients.gateways[0].StartAndStream(_start("ticker", steps=1, step_seconds=0.01))
-            async for update in call:
-                if (
-                    update.WhichOneof("update") == "event"
-                    and update.event.WhichOneof("kind") == "step_started"
-                ):
-                    first_step.append((time.perf_counter() - began) * ms)
-                if _is_terminal(update):
-                    break
+        for trial in range(trials):
+            for no_hold in (False, True) if trial % 2 else (True, False):
+                request = _start("ticker", steps=1, step_seconds=0.01)
+                request.no_hold = no_hold
+                began = time.perf_counter()
+                call = clients.gateways[0].StartAndStream(request)
+                async for update in call:
+                    if (
+                        update.WhichOneof("update") == "event"
+                        and update.event.WhichOneof("kind") == "step_started"
+                    ):
+                        first_step[no_hold].append((time.perf_counter() - began) * ms)
+                    if _is_terminal(update):
+                        break
     finally:
         await clients.close()
-    return {"first_step_ms": summary(first_step), "trials": trials}
+    return {
+        "first_step_ms": summary(first_step[False]),
+        "no_hold_first_step_ms": summary(first_step[True]),
+        "trials": trials,
+    }
 
 
 EARLY_STOP_DELAYS_MS = (0.0, 1.0, 5.0)

@@ -127,14 +127,19 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
                 )
         if "start_latency" in suite:
             # Start trials run back to back, as busy as 10 ms steps: that floor's pacing.
-            yield Row(
-                backend,
-                "start → first step event",
-                "10 ms",
-                _median(suite["start_latency"].get("first_step_ms")),
-                _median((floor.get("0.01s") or {}).get(HALT)),
-                target("start_latency", HALT, backend),
-            )
+            for key, what in (
+                ("first_step_ms", "start → first step event"),
+                ("no_hold_first_step_ms", "start with `no_hold` → first step event"),
+            ):
+                if key in suite["start_latency"]:
+                    yield Row(
+                        backend,
+                        what,
+                        "10 ms",
+                        _median(suite["start_latency"].get(key)),
+                        _median((floor.get("0.01s") or {}).get(HALT)),
+                        target("start_latency", HALT, backend),
+                    )
         dbos = peers.get("dbos") or {}
         if "per_step" in suite:
             yield Row(

@@ -5,9 +5,11 @@ Guarantees kept here:
   the stop applied as soon as the runtime answers; because the gateway starts every operation
   *held* (the runtime runs no step until released), that stop lands while the operation is still
   PENDING, so no step ever runs; also when the start's answer was lost and the retry found the
-  operation already created (`Gateway._start`). A client may also stop by its start's
+  operation already created (`Starter.start`). A client may also stop by its start's
   idempotency key before it has the id (the runtime records the stop ahead of the start if
   needed); the hold is released as soon as the id is sent, after any such stop in flight here.
+  A client that asks for `no_hold` trades the first of these for a faster first step: its
+  operation runs at once (starting.py), and a cancel during the start may cut a step mid-step.
 - A stream never shows a gap or a repeat (follow.py).
 - A stop is acknowledged to every local client of the operation at once, then delivered at least
   once (delivery.py).
@@ -25,16 +27,15 @@ from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2, struct_pb2
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
 from gateway_service.config import GatewayConfig
 from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
 from gateway_service.follow import Follower
 from gateway_service.metrics import GatewayMetrics
 from gateway_service.ownership import OwnerCache
-from gateway_service.runtime_link import RuntimeLink, backoff, is_retryable
+from gateway_service.runtime_link import RuntimeLink
+from gateway_service.starting import Started, Starter
 from gateway_service.streams import (
     StopRequestedItem,
     StopUndeliveredItem,
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 
 POLICY_LABEL = "stopline.cancel_policy"
 GRACE_LABEL = "stopline.cancel_grace_seconds"
-# One ReleaseOperation attempt; a release is retried until the hold it ends would expire anyway.
-RELEASE_ATTEMPT_SECONDS = 2.0
 GATEWAY = "gateway"
 # The stop's reason when the STOP policy stops an operation whose client left: the servicer
 # tells a call the client cancelled (or whose connection broke) from one whose deadline expired.
@@ -103,14 +102,13 @@ class StopAnswer:
     response: rt_pb.InterruptOperationResponse | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    """The runtime's answer to a start, and whether the operation is this call's to release and
-    to stop under its policy: the runtime created it now, or an earlier attempt of this call may
-    have created it and its answer was lost (`Gateway._start` says how that is told)."""
-
-    response: rt_pb.StartOperationResponse
-    ours: bool
+def _end_watch(start: asyncio.Task[Started]) -> None:
+    """Cancel an unheld start's stream once its call is over (harmless if it has ended)."""
+    if start.cancelled() or start.exception() is not None:
+        return
+    watch = start.result().watch
+    if watch is not None:
+        watch.cancel()
 
 
 def policy_from_labels(labels: Mapping[str, str]) -> tuple[CancelPolicy, float]:
@@ -150,6 +148,7 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self.stream_slots = StreamLimiter(config.max_streams, config.max_streams_per_principal)
         self.owners = OwnerCache(config.owner_cache_size)
+        self.starter = Starter(config, link, self.deliverer)
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -192,9 +191,11 @@ class Gateway:
         owner: str,
         why_gone: Callable[[], str] = lambda: CLIENT_CANCELLED,
         limits: Limits | None = None,
+        hold: bool = True,
     ) -> AsyncGenerator[Accepted | StreamItem, None]:
         """`limits`: the start's deadline and step budget, passed to the runtime as given (the
-        runtime applies its defaults and caps)."""
+        runtime applies its defaults and caps). `hold` False: the client's `no_hold`, an unheld
+        start whose events come back on the start's own stream (starting.py)."""
         check_input_size(struct_to_input(input_value), self.config.max_input_bytes)
         await self._check_running(owner)
         # The gateway always sends a key, so it can retry a start whose answer was lost. The
@@ -206,14 +207,17 @@ class Gateway:
             idempotency_key=key,
             owner=owner,
             labels={POLICY_LABEL: policy.value, GRACE_LABEL: f"{grace:g}"},
-            hold=duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds)),
         )
+        if hold:
+            request.hold.CopyFrom(
+                duration_pb2.Duration(seconds=math.ceil(self.config.start_hold_seconds))
+            )
         request.input.CopyFrom(input_value)
         if limits is not None:
             if limits.deadline is not None:
                 request.deadline.CopyFrom(limits.deadline)
             request.max_steps = limits.max_steps
-        start = self._spawn(self._start(request, generated_key), name="start")
+        start = self._spawn(self.starter.start(request, generated_key, hold), name="start")
         try:
             started = await asyncio.shield(start)
             response = started.response
@@ -225,16 +229,23 @@ class Gateway:
             # The client has the id now (this generator resumes once the message is written):
             # release at once. A client that must stop before any step stops by its key, which
             # needs no window (see README, Held starts).
-            if started.ours:
-                release = self._release_unless_stopping(operation_id, owner, key)
+            if started.ours and started.held:
+                release = self.starter.release_unless_stopping(operation_id, owner, key)
                 self._spawn(release, name=f"release {operation_id}")
-            async for item in self.follower.follow(operation_id, 0):
+            # Unheld: the events so far come on the start's own stream; after a break the
+            # follower resumes with a watch of its own from the last seq it forwarded.
+            source = started.watch.events() if started.watch is not None else None
+            async for item in self.follower.follow(operation_id, 0, source):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
             # policy; a stream that ended in an error says so to a client that is still there.
             self._client_gone(start, None, policy, grace, why_gone())
             raise
+        finally:
+            # An unheld start's stream ends with this call, also when nobody read it (the
+            # client left before, or during, the start).
+            start.add_done_callback(_end_watch)
 
     async def _check_running(self, owner: str) -> None:
         """max_running_per_principal: count the owner's unfinished operations on the runtime
@@ -258,71 +269,6 @@ class Gateway:
                 if not page.next_page_token:
                     break
                 request.page_token = page.next_page_token
-
-    async def _start(self, request: rt_pb.StartOperationRequest, generated_key: bool) -> Started:
-        """Start, retrying with the same key while the runtime is unreachable.
-
-        A retry answers `created = false` when an earlier attempt committed but its answer was
-        lost; the operation is still this call's, to release and to stop under its policy. It is
-        taken as ours when the key is one this gateway generated for this call, or when an
-        earlier attempt failed in a way that may have followed a commit (UNAVAILABLE, deadline).
-        A client's key that answers `created = false` at the first attempt is a repeat of an
-        earlier call, whose own client decides; after a lost answer the gateway cannot tell
-        such a repeat from its own start, and treats it as its own (README, Held starts)."""
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(self.config.start_retry_seconds),
-            wait=backoff(1.0),
-            retry=retry_if_exception(is_retryable),
-            reraise=True,
-        )
-        maybe_committed = generated_key
-        async for attempt in retrying:
-            with attempt:
-                try:
-                    response = await self.link.start(request)
-                except UpstreamError as exc:
-                    maybe_committed = maybe_committed or is_retryable(exc)
-                    raise
-                return Started(response, response.created or maybe_committed)
-        raise AssertionError("unreachable: tenacity reraises")
-
-    async def _release_unless_stopping(self, operation_id: str, owner: str, key: str) -> None:
-        """Release a start, but first let a stop by its key that reached this gateway while the
-        start was in flight land (the operation is then interrupted, and the release changes
-        nothing): such a stop wins however its delivery and the start interleave."""
-        stopping = self.deliverer.pending_by_key(owner, key)
-        if stopping is not None:
-            await asyncio.shield(stopping.done)
-        await self._release(operation_id)
-
-    async def _release(self, operation_id: str) -> None:
-        """Let a held operation run. Retried (ReleaseOperation is idempotent) while the hold
-        lasts, each attempt cut short so that a runtime that does not answer (frozen, or dying
-        with the call in flight) costs one attempt, not the hold; after the hold there is
-        nothing left to release."""
-        retrying = AsyncRetrying(
-            stop=stop_after_delay(self.config.start_hold_seconds),
-            wait=backoff(RELEASE_ATTEMPT_SECONDS / 4),
-            retry=retry_if_exception(is_retryable),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    await self._release_once(operation_id)
-        except UpstreamError as exc:
-            # The runtime's hold expires by itself; the operation only starts a little later.
-            log.warning("could not release %s (%s); its hold will expire", operation_id, exc)
-
-    async def _release_once(self, operation_id: str) -> None:
-        try:
-            async with asyncio.timeout(RELEASE_ATTEMPT_SECONDS):
-                await self.link.release(operation_id)
-        except TimeoutError:
-            raise UpstreamError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"ReleaseOperation got no answer in {RELEASE_ATTEMPT_SECONDS:g}s",
-            ) from None
 
     # ------------------------------------------------------------------ reconnect
 
@@ -441,6 +387,7 @@ class Gateway:
         grace: float,
         reason: str = CLIENT_CANCELLED,
     ) -> None:
+        held = True
         if start is not None:
             try:
                 started = await start
@@ -450,12 +397,15 @@ class Gateway:
             op_id = started.response.operation.id
             if not started.ours:
                 return  # a repeat of an earlier call's start: its own client decides
+            held = started.held
         assert op_id is not None
         if policy is CancelPolicy.STOP:
-            # Still held if the client left during the start: the stop wins before any step.
+            # Still held if the client left during a held start: the stop wins before any step.
+            # Unheld (no_hold), its first step may have begun: the stop cuts it mid-step.
             self._request_stop(op_id, GATEWAY, reason, op_pb.STOP_CAUSE_CLIENT_GONE)
             return
-        await self._release(op_id)
+        if held:
+            await self.starter.release(op_id)
         if policy is CancelPolicy.STOP_AFTER_GRACE:
             await asyncio.sleep(grace)  # a timer: the policy's grace period
             if self.streams.count(op_id) == 0:

@@ -70,16 +70,21 @@ class Follower:
         self.idle_seconds = idle_seconds
         self.reconnect_deadline_seconds = reconnect_deadline_seconds
 
-    async def follow(self, op_id: str, after_seq: int) -> AsyncGenerator[StreamItem, None]:
+    async def follow(
+        self, op_id: str, after_seq: int, source: AsyncGenerator[op_pb.Event, None] | None = None
+    ) -> AsyncGenerator[StreamItem, None]:
         """The operation's events after `after_seq` and the local notices, until its terminal
-        event (or at once for an operation that had ended at `after_seq`)."""
+        event (or at once for an operation that had ended at `after_seq`). `source`: the events
+        after `after_seq` of a runtime stream already open (an unheld start's), read before any
+        watch of this follower's own; once it breaks, the follower resumes from the last seq it
+        forwarded, as after any broken watch."""
         idle = self.idle_seconds or None
         cursor = after_seq
         stop_at: float | None = None
         sent = self.on_event_sent
         opened = time.time()
         with self.streams.open(op_id) as stream:
-            pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put))
+            pump = asyncio.create_task(self._pump(op_id, after_seq, stream.put, source))
             try:
                 while True:
                     try:
@@ -107,9 +112,17 @@ class Follower:
             finally:
                 pump.cancel()
 
-    async def _pump(self, op_id: str, after_seq: int, put: Put) -> None:
+    async def _pump(
+        self,
+        op_id: str,
+        after_seq: int,
+        put: Put,
+        source: AsyncGenerator[op_pb.Event, None] | None = None,
+    ) -> None:
         """Forward the runtime's events, resuming from the last one after a broken connection."""
         cursor = after_seq
+        # Read once: every later attempt opens a watch of its own from its cursor.
+        first = [source] if source is not None else []
         deadline = self.reconnect_deadline_seconds
         while True:
             retrying = AsyncRetrying(
@@ -121,7 +134,8 @@ class Follower:
             try:
                 async for attempt in retrying:
                     with attempt:
-                        cursor = await self._forward(op_id, cursor, put)
+                        opened = first.pop() if first else None
+                        cursor = await self._forward(op_id, cursor, put, opened)
                 return
             except LostAfter as lost:
                 cursor = lost.seq
@@ -135,12 +149,19 @@ class Follower:
                 put(exc)
                 return
 
-    async def _forward(self, op_id: str, cursor: int, put: Put) -> int:
-        """One runtime watch from `cursor` until the terminal event (or, for an operation that
-        had ended at `cursor` already, until the runtime's empty answer); returns the last seq."""
+    async def _forward(
+        self,
+        op_id: str,
+        cursor: int,
+        put: Put,
+        source: AsyncGenerator[op_pb.Event, None] | None = None,
+    ) -> int:
+        """One runtime watch from `cursor` (`source`, when given, is one already open from
+        there) until the terminal event (or, for an operation that had ended at `cursor`
+        already, until the runtime's empty answer); returns the last seq."""
         start = cursor
         try:
-            async with aclosing(self.link.watch(op_id, cursor)) as events:
+            async with aclosing(source or self.link.watch(op_id, cursor)) as events:
                 async for event in events:
                     if event.seq <= cursor:
                         continue

@@ -3,9 +3,10 @@ policy over the runtime replicas, errors as UpstreamError."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -106,6 +107,36 @@ class RuntimeLink:
     async def start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
         return await self._unary(self._stub.StartOperation, request, self._timeout)
 
+    async def start_and_watch(self, request: rt_pb.StartOperationRequest) -> WatchedStart:
+        """An unheld start and its watch on one call, once the start's answer (the stream's first
+        message) has arrived; UpstreamError when the call fails before, DEADLINE_EXCEEDED when
+        that answer takes longer than a unary call may."""
+        call = self._stub.StartAndWatchOperation(
+            rt_pb.StartAndWatchOperationRequest(start=request),
+            metadata=tracing.outgoing_metadata(self._metadata),
+        )
+        messages = call.__aiter__()
+        try:
+            async with asyncio.timeout(self._timeout):
+                first = await anext(messages)
+        except TimeoutError:
+            call.cancel()
+            raise UpstreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"StartAndWatchOperation sent no answer in {self._timeout:g}s",
+            ) from None
+        except StopAsyncIteration:
+            raise UpstreamError(
+                grpc.StatusCode.UNAVAILABLE, "the runtime ended the start's stream unanswered"
+            ) from None
+        except aio.AioRpcError as exc:
+            call.cancel()
+            raise _stream_error(exc) from exc
+        except BaseException:
+            call.cancel()  # cancelled while waiting: the call must not outlive its caller
+            raise
+        return WatchedStart(call, messages, first.started)
+
     async def release(self, operation_id: str) -> None:
         request = rt_pb.ReleaseOperationRequest(operation_id=operation_id)
         await self._unary(self._stub.ReleaseOperation, request, self._timeout)
@@ -159,9 +190,44 @@ class RuntimeLink:
                 for event in response.events if response.events else (response.event,):
                     yield event
         except aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.CANCELLED:
-                # CANCELLED from the runtime's side: it is shutting down; resume like UNAVAILABLE.
-                raise UpstreamError(grpc.StatusCode.UNAVAILABLE, exc.details() or "") from exc
-            raise UpstreamError.from_rpc_error(exc) from exc
+            raise _stream_error(exc) from exc
         finally:
             call.cancel()
+
+
+def _stream_error(exc: aio.AioRpcError) -> UpstreamError:
+    if exc.code() is grpc.StatusCode.CANCELLED:
+        # CANCELLED from the runtime's side: it is shutting down; resume like UNAVAILABLE.
+        return UpstreamError(grpc.StatusCode.UNAVAILABLE, exc.details() or "")
+    return UpstreamError.from_rpc_error(exc)
+
+
+class WatchedStart:
+    """A StartAndWatchOperation call whose first message, the start's answer, has arrived; the
+    rest of the stream is the operation's events from seq 1, read once with `events`."""
+
+    def __init__(
+        self,
+        call: Any,
+        messages: AsyncIterator[rt_pb.StartAndWatchOperationResponse],
+        response: rt_pb.StartOperationResponse,
+    ) -> None:
+        self._call = call
+        self._messages = messages
+        self.response = response
+
+    async def events(self) -> AsyncGenerator[op_pb.Event, None]:
+        """The events after the answer, until the runtime ends the stream; UpstreamError as for
+        `RuntimeLink.watch`. Close the iterator to cancel the call when leaving it early."""
+        try:
+            async for message in self._messages:
+                for event in message.events:
+                    yield event
+        except aio.AioRpcError as exc:
+            raise _stream_error(exc) from exc
+        finally:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """End the call (harmless once it has ended): nobody will read the events."""
+        self._call.cancel()

@@ -100,6 +100,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             limits=Limits(
                 request.deadline if request.HasField("deadline") else None, request.max_steps
             ),
+            hold=not request.no_hold,
         )
         with self._gw.stream_slots.acquire(_stream_key(context)):
             async with contextlib.aclosing(updates):

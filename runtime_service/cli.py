@@ -291,6 +291,15 @@ def _database_option(fn: Any) -> Any:
     show_default=True,
     help="Retries (with backoff) of a model call answered 429 or 5xx, or whose connection failed.",
 )
+@click.option(
+    "--llm-http-transport",
+    envvar="STOPLINE_LLM_HTTP_TRANSPORT",
+    type=click.Choice(["aiohttp", "httpx2"]),
+    default=_DEFAULTS.llm.http_transport,
+    show_default=True,
+    help="The HTTP client under the openai SDK: aiohttp (the SDK's DefaultAioHttpClient, less "
+    "CPU per streamed token) or httpx2 (the SDK's own default).",
+)
 @service_token_file_option
 @server_tls_options("STOPLINE_RUNTIME")
 @click.option(
@@ -334,6 +343,7 @@ def serve(
     llm_base_url: str,
     llm_model: str,
     llm_max_retries: int,
+    llm_http_transport: str,
     service_token_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
@@ -400,6 +410,7 @@ def serve(
             base_url=llm_base_url,
             model=llm_model,
             max_retries=llm_max_retries,
+            http_transport=llm_http_transport,
             api_key=llm_api_key_from(os.environ),
         ),
         service_tokens=service_tokens(service_token_file),

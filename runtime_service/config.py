@@ -85,6 +85,10 @@ class LLMSettings:
     # provider's retry-after); then the step fails naming the status.
     max_retries: int = 2
     api_key: str | None = field(default=None, repr=False)
+    # The HTTP client under the SDK: "aiohttp" (the SDK's `DefaultAioHttpClient`), which reads
+    # each streamed chunk for about half the CPU of "httpx2", the SDK's own default, kept as the
+    # fallback (BENCHMARKS.md, issue 13).
+    http_transport: str = "aiohttp"
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,14 @@ from runtime_service.domain import (
 )
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
-from runtime_service.retention import events_expired
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
+from runtime_service.storage import STOPPING, Created, ListCursor, Storage, Tombstone, utcnow
+from runtime_service.watching import Watches
 from stopline import logs, tracing
 from stopline.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
-    Unavailable,
     operation_not_found,
 )
 from stopline.ids import parse_operation_id
@@ -62,7 +60,6 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_LABELS = 32
 MAX_LABEL_KEY = 63
 MAX_LABEL_VALUE = 256
-REPLAY_BATCH = 500
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 
 
@@ -121,8 +118,9 @@ class OperationsService:
         self.agents = agents
         self.hub = hub
         self.runner = runner
+        self.watches = Watches(storage, hub, config.watch_poll_seconds)
 
-    async def start(
+    async def _create(
         self,
         agent_name: str,
         input_value: dict[str, Any],
@@ -133,7 +131,7 @@ class OperationsService:
         deadline_seconds: float | None = None,
         max_steps: int = 0,
     ) -> Created:
-        """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
+        """Validate, then store the operation (and apply a stop recorded ahead by its key)."""
         if not agent_name:
             raise InvalidArgument(
                 "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
@@ -175,12 +173,73 @@ class OperationsService:
             max_steps=budget,
             trace_parent=tracing.current_traceparent(),
         )
-        if created.created and key is not None:
-            created = await self._apply_tombstone(created, checked_owner, key)
+        if created.tombstone is not None:
+            created = await self._apply_tombstone(created, created.tombstone)
+        return created
+
+    async def start(
+        self,
+        agent_name: str,
+        input_value: dict[str, Any],
+        idempotency_key: str,
+        labels: Mapping[str, str] | None = None,
+        hold_seconds: float = 0.0,
+        owner: str = "",
+        deadline_seconds: float | None = None,
+        max_steps: int = 0,
+    ) -> Created:
+        """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
+        created = await self._create(
+            agent_name,
+            input_value,
+            idempotency_key,
+            labels,
+            hold_seconds,
+            owner,
+            deadline_seconds,
+            max_steps,
+        )
+        self._launch(created, hold_seconds)
+        return created
+
+    async def start_and_watch(
+        self,
+        agent_name: str,
+        input_value: dict[str, Any],
+        idempotency_key: str,
+        labels: Mapping[str, str] | None = None,
+        owner: str = "",
+        deadline_seconds: float | None = None,
+        max_steps: int = 0,
+    ) -> AsyncGenerator[Created | Sequence[Event], None]:
+        """An unheld start, then its events from seq 1 in batches, as `watch_batches` gives
+        them: the start's answer first, then the batches. A new operation's watch subscribes
+        before the operation can run (Watches.from_start): its first step's events come live,
+        with no read of storage on the way."""
+        created = await self._create(
+            agent_name,
+            input_value,
+            idempotency_key,
+            labels,
+            0.0,
+            owner,
+            deadline_seconds,
+            max_steps,
+        )
+        yield created
+        if created.created:
+            batches = self.watches.from_start(created.events, lambda: self._launch(created, 0.0))
+        else:
+            batches = self.watches.batches(created.operation.id, 0)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield batch
+
+    def _launch(self, created: Created, hold_seconds: float) -> None:
+        """Publish a start's events and, when it may run now, hand it to the runner."""
         self.hub.publish(created.events)
         if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
-        return created
 
     def _deadline(self, seconds: float | None) -> float | None:
         if seconds is None:
@@ -206,12 +265,9 @@ class OperationsService:
             )
         return max_steps
 
-    async def _apply_tombstone(self, created: Created, owner: str, key: str) -> Created:
+    async def _apply_tombstone(self, created: Created, tombstone: Tombstone) -> Created:
         """A stop sent by this key before the start (a tombstone) interrupts the new operation
         now, before it can run: created, stop_requested, interrupted, no step."""
-        tombstone = await self.storage.take_tombstone(owner, key)
-        if tombstone is None:
-            return created
         requested_by, reason, cause = tombstone
         stopped = await self.storage.record_stop(created.operation.id, requested_by, reason, cause)
         if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
@@ -449,74 +505,11 @@ class OperationsService:
                 for event in batch:
                     yield event
 
-    async def watch_batches(
+    def watch_batches(
         self, operation_id: str, after_seq: int
     ) -> AsyncGenerator[Sequence[Event], None]:
-        """What `watch` yields, grouped: each list holds the events that were ready together
-        (a page of the replay, or the live events published since the last one was sent).
-
-        Subscribing before the first read means no event can fall between replay and live."""
-        op_id = parse_operation_id(operation_id)
-        if after_seq < 0:
-            raise InvalidArgument("after_seq", f"must not be negative, got {after_seq}")
-        with self.hub.subscribe(op_id) as live:
-            operation = await self.storage.get(op_id)
-            if operation is None:
-                raise operation_not_found(op_id)
-            if after_seq > operation.last_seq:
-                raise OutOfRange(
-                    "after_seq",
-                    f"is {after_seq} but the operation's newest event is {operation.last_seq}",
-                )
-            # From its last seq a watch wants nothing, expired or not: it ends at once, as for
-            # any operation that had ended there.
-            if operation.events_expired_at is not None and after_seq < operation.last_seq:
-                raise events_expired(operation)
-            cursor = after_seq
-            finished = operation.status.is_terminal
-            while True:
-                page = await self.storage.events_after(op_id, cursor, REPLAY_BATCH)
-                if finished and _short_of(page, cursor, operation.last_seq, REPLAY_BATCH):
-                    # Retention began deleting its events during this replay.
-                    expired = await self.storage.get(op_id)
-                    if expired is not None and expired.events_expired_at is not None:
-                        raise events_expired(expired)
-                for end, event in enumerate(page, 1):
-                    if event.is_terminal:
-                        yield page[:end]
-                        return
-                if page:
-                    yield page
-                    cursor = page[-1].seq
-                if len(page) == REPLAY_BATCH:
-                    continue
-                if finished:
-                    return  # replayed a finished operation to its end
-                if live.closed:
-                    raise Unavailable(
-                        f"the runtime is shutting down; reconnect with after_seq={cursor}"
-                    )
-                # Caught up with storage: follow live until a gap, a poke or a quiet spell.
-                while not live.closed:
-                    pushed = await live.next(self.config.watch_poll_seconds)
-                    if pushed is None:
-                        break
-                    batch, back_to_storage = _next_in_order([pushed, *live.ready()], cursor)
-                    if batch:
-                        yield batch
-                        cursor = batch[-1].seq
-                        if batch[-1].is_terminal:
-                            return
-                    if back_to_storage:
-                        break
-
-
-def _short_of(page: Sequence[Event], cursor: int, last_seq: int, limit: int) -> bool:
-    """Whether a replay page of an ended operation misses events: a gap in it, or an end short
-    of the operation's last seq."""
-    if page and page[-1].seq - cursor != len(page):
-        return True
-    return len(page) < limit and (page[-1].seq if page else cursor) < last_seq
+        """What `watch` yields, grouped as ready together (see watching.py)."""
+        return self.watches.batches(operation_id, after_seq)
 
 
 def _log_stop(
@@ -537,21 +530,3 @@ def _log_stop(
             by_key=key,
         ),
     )
-
-
-def _next_in_order(items: list[Event | None], cursor: int) -> tuple[list[Event], bool]:
-    """The events that continue the sequence after `cursor`, up to the first terminal one, and
-    whether storage must be re-read (a poke, or a gap: something was published out of order)."""
-    batch: list[Event] = []
-    for item in items:
-        if item is None:
-            return batch, True
-        if item.seq <= cursor:
-            continue  # already sent (replayed before it was published)
-        if item.seq != cursor + 1:
-            return batch, True
-        batch.append(item)
-        cursor = item.seq
-        if item.is_terminal:
-            break
-    return batch, False

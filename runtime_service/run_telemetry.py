@@ -1,5 +1,5 @@
 """What a run of an operation tells operators: its spans (the run, each step) and the lines it
-logs when it ends, for the runner (runner.py), which decides when.
+logs when it ends, for the runner (runner/), which decides when.
 
 The run's span is a child of the start request's span, whose W3C traceparent is stored with the
 operation: however long after the start, on whichever replica, a run belongs to the start's

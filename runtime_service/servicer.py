@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 
+from google.protobuf import duration_pb2
 from grpc import aio
 
 from runtime_service import convert
 from runtime_service.domain import RecordedAhead
 from runtime_service.operations import OperationsService
+from runtime_service.storage import Created
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
 from stopline.limits import struct_to_input
+from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
 
@@ -31,11 +34,10 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.StartOperationRequest,
         context: aio.ServicerContext[pb.StartOperationRequest, pb.StartOperationResponse],
     ) -> pb.StartOperationResponse:
-        # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
-        hold = request.hold.seconds + request.hold.nanos / 1e9 if request.HasField("hold") else 0.0
-        deadline = None
-        if request.HasField("deadline"):
-            deadline = request.deadline.seconds + request.deadline.nanos / 1e9
+        return await self._start(request)
+
+    async def _start(self, request: pb.StartOperationRequest) -> pb.StartOperationResponse:
+        hold = _seconds(request.hold) if request.HasField("hold") else 0.0
         created = await self._ops.start(
             request.agent,
             struct_to_input(request.input),
@@ -43,12 +45,42 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             dict(request.labels),
             hold,
             request.owner,
-            deadline,
+            _seconds(request.deadline) if request.HasField("deadline") else None,
             request.max_steps,
         )
-        return pb.StartOperationResponse(
-            operation=convert.operation_to_pb(created.operation), created=created.created
+        return _started(created)
+
+    @server_stream
+    async def StartAndWatchOperation(
+        self,
+        request: pb.StartAndWatchOperationRequest,
+        context: aio.ServicerContext[
+            pb.StartAndWatchOperationRequest, pb.StartAndWatchOperationResponse
+        ],
+    ) -> AsyncGenerator[pb.StartAndWatchOperationResponse, None]:
+        """A start that runs at once, and its watch from seq 1 on the same stream (see
+        OperationsService.start_and_watch)."""
+        start = request.start
+        if start.HasField("hold"):
+            raise InvalidArgument(
+                "start.hold", "must be unset: StartAndWatchOperation starts unheld"
+            )
+        stream = self._ops.start_and_watch(
+            start.agent,
+            struct_to_input(start.input),
+            start.idempotency_key,
+            dict(start.labels),
+            start.owner,
+            _seconds(start.deadline) if start.HasField("deadline") else None,
+            start.max_steps,
         )
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, Created):
+                    yield pb.StartAndWatchOperationResponse(started=_started(item))
+                    continue
+                for part in convert.batched(item, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
+                    yield pb.StartAndWatchOperationResponse(events=part)
 
     @unary
     async def GetOperation(
@@ -133,15 +165,25 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.WatchOperationRequest,
         context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
     ) -> AsyncGenerator[pb.WatchOperationResponse, None]:
-        batches = self._ops.watch_batches(request.operation_id, request.after_seq)
+        if not request.batch:
+            events = self._ops.watch(request.operation_id, request.after_seq)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
+            return
+        async for part in self._batches(request.operation_id, request.after_seq):
+            yield pb.WatchOperationResponse(events=part)
+
+    async def _batches(
+        self, operation_id: str, after_seq: int
+    ) -> AsyncGenerator[list[op_pb.Event], None]:
+        """The operation's events after `after_seq` as batched watches send them: each batch
+        holds the events that were ready together, cut to stay under the message limits."""
+        batches = self._ops.watch_batches(operation_id, after_seq)
         async with contextlib.aclosing(batches):
             async for batch in batches:
-                if not request.batch:
-                    for event in batch:
-                        yield pb.WatchOperationResponse(event=convert.event_to_pb(event))
-                    continue
                 for part in convert.batched(batch, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
-                    yield pb.WatchOperationResponse(events=part)
+                    yield part
 
     @unary
     async def ReleaseOperation(
@@ -204,3 +246,14 @@ def _status_filter(value: int) -> str | None:
         return convert.status_filter(value)
     except KeyError:
         raise InvalidArgument("status", f"unknown OperationStatus value {value}") from None
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _started(created: Created) -> pb.StartOperationResponse:
+    return pb.StartOperationResponse(
+        operation=convert.operation_to_pb(created.operation), created=created.created
+    )

@@ -109,7 +109,7 @@ class StepEvents:
         if not future.cancelled() and future.exception() is not None:
             # The caller that awaited it (if any) got the error too; a timer's flush has none.
             # A storage failure fails the runner's next write as well, which leaves the
-            # operation to be resumed (see runner._run).
+            # operation to be resumed (see runner/core.py, Runner._run).
             log.warning("operation %s: a write failed: %s", self.operation_id, future.exception())
 
     async def _append(

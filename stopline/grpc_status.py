@@ -25,13 +25,13 @@ import grpc
 from grpc import aio
 
 from stopline import errors
+from stopline.handlers import Handler, WrappedHandlers, with_behaviour
 from stopline.limits import too_deep
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 Req = TypeVar("Req")
-Handler = Any  # grpc.RpcMethodHandler: a namedtuple at run time, generic in the stubs
 Resp = TypeVar("Resp")
 
 STATUS_BY_ERROR: dict[type[errors.StoplineError], grpc.StatusCode] = {
@@ -205,7 +205,7 @@ class MalformedRequestGuard(aio.ServerInterceptor):  # type: ignore[type-arg]
     (corrupt wire format, invalid UTF-8 in a string field, nesting past protobuf's limit)."""
 
     def __init__(self) -> None:
-        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+        self._guarded = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -216,13 +216,10 @@ class MalformedRequestGuard(aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        behaviour_field = "unary_stream" if handler.response_streaming else "unary_unary"
-        guarded: Handler = handler._replace(
-            request_deserializer=_lenient(handler.request_deserializer),
-            **{behaviour_field: _guard_behaviour(getattr(handler, behaviour_field))},
+        cached = self._guarded.get(method, handler)
+        if cached is not None:
+            return cached
+        guarded = with_behaviour(handler, _guard_behaviour)._replace(
+            request_deserializer=_lenient(handler.request_deserializer)
         )
-        self._guarded[method] = (handler, guarded)
-        return guarded
+        return self._guarded.keep(method, handler, guarded)

@@ -14,6 +14,7 @@ import inspect
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from threading import Thread
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -23,7 +24,7 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-Handler = Any  # grpc.RpcMethodHandler (a namedtuple whose fields grpc-stubs leave untyped)
+from stopline.handlers import Handler, WrappedHandlers, with_behaviour
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -150,7 +151,7 @@ class GrpcMetricsInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, metrics: GrpcMetrics) -> None:
         self._metrics = metrics
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -163,18 +164,13 @@ class GrpcMetricsInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if method not in self._metrics.methods:
             method = OTHER_METHOD
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        field = ("stream_" if handler.request_streaming else "unary_") + (
-            "stream" if handler.response_streaming else "unary"
-        )
-        wrapped: Handler = handler._replace(
-            **{field: self._measure(method, getattr(handler, field))}
-        )
-        if method != OTHER_METHOD:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        cached = self._wrapped.get(method, handler)
+        if cached is not None:
+            return cached
+        measured = with_behaviour(handler, partial(self._measure, method))
+        if method == OTHER_METHOD:
+            return measured  # many methods share the label: each call is wrapped anew
+        return self._wrapped.keep(method, handler, measured)
 
     def _measure(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         calls = self._metrics.calls

@@ -29,12 +29,15 @@ import inspect
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+
+from stopline.handlers import Handler, WrappedHandlers, with_behaviour
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -49,7 +52,6 @@ TRACEPARENT = "traceparent"
 MAX_TRACEPARENT = 55
 """Characters of a version-00 W3C traceparent, as stored with an operation."""
 
-Handler = Any  # grpc.RpcMethodHandler (a namedtuple whose fields grpc-stubs leave untyped)
 
 UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Server methods without spans: probes (the gateway checks the runtime every few seconds) would
@@ -341,7 +343,7 @@ class TracingServerInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     the calls they refuse have spans too."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -352,15 +354,11 @@ class TracingServerInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         if handler is None or method.startswith(UNTRACED_PREFIXES):
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        field = ("stream_" if handler.request_streaming else "unary_") + (
-            "stream" if handler.response_streaming else "unary"
-        )
-        wrapped: Handler = handler._replace(**{field: _traced(method, getattr(handler, field))})
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        cached = self._wrapped.get(method, handler)
+        if cached is not None:
+            return cached
+        traced = with_behaviour(handler, partial(_traced, method))
+        return self._wrapped.keep(method, handler, traced)
 
 
 def _traced(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:

@@ -438,6 +438,7 @@ def _start_request(
     detach: bool,
     deadline: float | None = None,
     max_steps: int | None = None,
+    no_hold: bool = False,
 ) -> pb.StartAndStreamRequest:
     if grace is not None and on_cancel != "grace":
         raise click.UsageError("--grace only applies with --on-cancel grace")
@@ -448,7 +449,7 @@ def _start_request(
         )
     policy = POLICIES[on_cancel or ("keep" if detach else "stop")]
     request = pb.StartAndStreamRequest(
-        agent=agent, idempotency_key=idempotency_key, cancel_policy=policy
+        agent=agent, idempotency_key=idempotency_key, cancel_policy=policy, no_hold=no_hold
     )
     request.input.update(input_value)
     if grace is not None:
@@ -499,6 +500,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     default=None,
     help="The most steps the operation may run (the runtime's default when omitted).",
 )
+@click.option(
+    "--no-hold",
+    is_flag=True,
+    help="Start it at once, not held: the first step begins sooner, but a Ctrl-C while the "
+    "start is in flight may cut that step mid-step instead of preventing it.",
+)
 def run(
     target: Target,
     as_json: bool,
@@ -510,12 +517,21 @@ def run(
     detach: bool,
     deadline: float | None,
     max_steps: int | None,
+    no_hold: bool,
 ) -> None:
     """Start an operation of AGENT and stream it; Ctrl-C stops it (twice: leave at once)."""
     # Always a key: a Ctrl-C during the start stops by it (see Follower).
     key = idempotency_key or f"cli-{uuid.uuid4()}"
     request = _start_request(
-        agent, _parse_input(input_json), key, on_cancel, grace, detach, deadline, max_steps
+        agent,
+        _parse_input(input_json),
+        key,
+        on_cancel,
+        grace,
+        detach,
+        deadline,
+        max_steps,
+        no_hold=no_hold,
     )
 
     async def session() -> int:

@@ -128,18 +128,13 @@ def answer(
 def pause(target: Target, as_json: bool, operation_id: str) -> None:
     """Pause an operation: its step in flight is cut; nothing runs until `resume`."""
     request = pb.PauseOperationRequest(operation_id=operation_id)
-    response: pb.PauseOperationResponse = asyncio.run(
-        _unary(
-            target,
-            lambda stub: stub.PauseOperation(request, timeout=UNARY_TIMEOUT),
-            "stopline pause",
-        )
+    _pause_or_resume(
+        target,
+        as_json,
+        "pause",
+        lambda stub: stub.PauseOperation(request, timeout=UNARY_TIMEOUT),
+        rt_pb.PauseOutcome.Name,
     )
-    if as_json:
-        click.echo(to_json(response))
-        return
-    outcome = rt_pb.PauseOutcome.Name(response.outcome).removeprefix("PAUSE_OUTCOME_")
-    click.echo(f"pause {outcome} ({status_name(response.operation.status)})")
 
 
 @click.command()
@@ -149,18 +144,32 @@ def pause(target: Target, as_json: bool, operation_id: str) -> None:
 def resume(target: Target, as_json: bool, operation_id: str) -> None:
     """Resume a paused operation from its last checkpoint."""
     request = pb.ResumeOperationRequest(operation_id=operation_id)
-    response: pb.ResumeOperationResponse = asyncio.run(
-        _unary(
-            target,
-            lambda stub: stub.ResumeOperation(request, timeout=UNARY_TIMEOUT),
-            "stopline resume",
-        )
+    _pause_or_resume(
+        target,
+        as_json,
+        "resume",
+        lambda stub: stub.ResumeOperation(request, timeout=UNARY_TIMEOUT),
+        rt_pb.ResumeOutcome.Name,
+    )
+
+
+def _pause_or_resume(
+    target: Target,
+    as_json: bool,
+    verb: str,
+    call: Callable[[pb_grpc.GatewayServiceAsyncStub], Any],
+    outcome_name: Callable[[Any], str],
+) -> None:
+    """Make the call of `stopline pause` or `stopline resume` and print its answer: the
+    outcome (`pause ACCEPTED`, without its enum's prefix) and the operation's status."""
+    response: pb.PauseOperationResponse | pb.ResumeOperationResponse = asyncio.run(
+        _unary(target, call, f"stopline {verb}")
     )
     if as_json:
         click.echo(to_json(response))
         return
-    outcome = rt_pb.ResumeOutcome.Name(response.outcome).removeprefix("RESUME_OUTCOME_")
-    click.echo(f"resume {outcome} ({status_name(response.operation.status)})")
+    outcome = outcome_name(response.outcome).removeprefix(f"{verb.upper()}_OUTCOME_")
+    click.echo(f"{verb} {outcome} ({status_name(response.operation.status)})")
 
 
 COMMANDS: list[click.Command] = [answer, pause, resume]

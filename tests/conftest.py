@@ -1,4 +1,5 @@
-"""Shared fixtures: databases (SQLite file, throwaway PostgreSQL database), runtimes, stubs."""
+"""Shared fixtures: databases (SQLite file, throwaway PostgreSQL database), runtimes, stubs,
+service processes."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from runtime_service.storage import Storage, open_storage
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.agents import GatedAgent, registry
 from tests.credentials import ENV, SERVICE_TOKEN, runtime_channel
+from tests.processes import ServiceProcess
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "STOPLINE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -160,3 +162,12 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServiceProcess]]:
+    """Every process a test starts, killed at the end whatever happened."""
+    started: list[ServiceProcess] = []
+    yield started
+    for process in started:
+        process.close()

@@ -10,6 +10,8 @@ deadlines on. Faults are set per method, by bare name (`"StartOperation"`):
 - `fail_calls(method, n)`: the next n calls are answered UNAVAILABLE without reaching the server,
   as by a replica that is going away.
 - `delay(method, seconds)`: every answer (each stream message) is held back this long.
+- `break_streams(method, after, n)`: the next n streams of the method are cut with UNAVAILABLE
+  right after their first `after` messages were relayed, as by a connection that broke mid-way.
 - `freeze(method)` / `unfreeze(method)`: calls (and stream messages) wait, unanswered and not
   forwarded, until unfrozen, like a server stopped with SIGSTOP. No method: every method.
 
@@ -33,6 +35,7 @@ from grpc import aio
 ALL = "*"
 DROPPED = "fault proxy: the answer was dropped after the server had answered"
 FAILED = "fault proxy: the call failed before it reached the server"
+BROKEN = "fault proxy: the stream broke mid-way"
 _OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 # Set by gRPC for each hop, never relayed.
 _HOP_METADATA = ("user-agent", "grpc-", ":")
@@ -50,9 +53,12 @@ class FaultProxy:
         self.calls: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self.broken: Counter[str] = Counter()
         self.held: Counter[str] = Counter()
         self._drops: Counter[str] = Counter()
         self._failures: Counter[str] = Counter()
+        self._breaks: Counter[str] = Counter()
+        self._break_after: dict[str, int] = {}
         self._delays: dict[str, float] = {}
         self._frozen: set[str] = set()
         self._thaw = asyncio.Event()
@@ -80,6 +86,10 @@ class FaultProxy:
 
     def fail_calls(self, method: str, count: int = 1) -> None:
         self._failures[method] += count
+
+    def break_streams(self, method: str, after: int, count: int = 1) -> None:
+        self._breaks[method] += count
+        self._break_after[method] = after
 
     def delay(self, method: str, seconds: float) -> None:
         self._delays[method] = seconds
@@ -146,12 +156,17 @@ class FaultProxy:
             request, **_forwarded(context)
         )
         drop = self._take(self._drops, self.dropped, method)
+        cut = self._break_after[method] if self._take(self._breaks, self.broken, method) else None
+        relayed = 0
         try:
             async for message in call:
                 if drop:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, DROPPED)
                 await self._pass(method)
                 yield message
+                relayed += 1
+                if relayed == cut:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, BROKEN)
         except aio.AioRpcError as exc:
             await _abort(context, exc)
         finally:

@@ -34,11 +34,13 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     # early_stop stops by key right after the start call is made, before its answer (issue 14):
     # no step may run. (Later delays are for bench/: by then the start may have been answered.)
     assert early["trials"] == 2 and early["operations_with_a_step_started"] == 0
-    assert start["first_step_ms"]["n"] == 2
+    assert start["first_step_ms"]["n"] == 2 and start["no_hold_first_step_ms"]["n"] == 2
     assert steps["runtime_ms_per_step"]["median"] > 0
     # As bench.run records it: beside the same run's stop-to-halt.
     start["stop_halt_1s_ms"] = stop["halt_ms"]
-    start["ratio_to_stop_halt"] = start["first_step_ms"]["median"] / stop["halt_ms"]["median"]
+    for arm in ("", "no_hold_"):
+        median = start[f"{arm}first_step_ms"]["median"]
+        start[f"{arm}ratio_to_stop_halt"] = median / stop["halt_ms"]["median"]
     suite = {
         "floor": ground,
         "stop_latency/0.05s": stop,
@@ -60,8 +62,10 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     assert ack[5] == f"**{ratio:.2f}{TIMES}**" or ratio >= 100 or ratio < 0.1
     halt = rows["stop from a second connection: stop → terminal event"]
     assert float(halt[4].split()[0]) == round(ground["0.05s"]["push_ms"]["median"], 2)
-    first = rows["start → first step event"]
-    assert float(first[4].split()[0]) == round(ground["0.01s"]["push_ms"]["median"], 2)
+    for figure in ("start → first step event", "start with `no_hold` → first step event"):
+        first = rows[figure]
+        assert float(first[4].split()[0]) == round(ground["0.01s"]["push_ms"]["median"], 2)
+    assert "  no hold" in text
     assert "Quick run" in markdown(results)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,6 @@ from tests.test_replicas import assert_gap_free
 RUNTIME_ARGS = ("--lease-seconds", "1", "--poll-seconds", "0.1")
 TERMINAL = ("completed", "failed", "interrupted")
 CALL_DEADLINE = 60.0
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    """Every process a test starts, killed at the end whatever happened."""
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.close()
 
 
 def ticker(**settings: float) -> struct_pb2.Struct:

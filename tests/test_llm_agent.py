@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -180,9 +181,17 @@ def settings(fake: FakeLLM, **changes: Any) -> LLMSettings:
     return LLMSettings(**{**values, **changes})
 
 
+@pytest.fixture(params=["aiohttp", "httpx2"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Both HTTP clients the agent can run the SDK on (aiohttp, the default; httpx2, the SDK's
+    own): stops, errors and retries must read the same on either."""
+    value: str = request.param
+    return value
+
+
 @pytest.fixture
-async def agent(fake: FakeLLM) -> AsyncIterator[LLMAgent]:
-    made = LLMAgent(settings(fake))
+async def agent(fake: FakeLLM, transport: str) -> AsyncIterator[LLMAgent]:
+    made = LLMAgent(settings(fake, http_transport=transport))
     yield made
     await made.aclose()
 
@@ -423,8 +432,9 @@ async def test_stop_during_tool_calls_answers_every_call(fake: FakeLLM, agent: L
 
 
 @pytest.mark.parametrize("configured", [True, False])
-async def test_401_fails_naming_the_cause(fake: FakeLLM, configured: bool) -> None:
-    agent = LLMAgent(settings(fake, api_key="sk-wrong-key-1234" if configured else None))
+async def test_401_fails_naming_the_cause(fake: FakeLLM, configured: bool, transport: str) -> None:
+    key = "sk-wrong-key-1234" if configured else None
+    agent = LLMAgent(settings(fake, api_key=key, http_transport=transport))
     try:
         with pytest.raises(StepFailed) as failed:
             await agent.step(FakeContext({"messages": USER}))
@@ -438,9 +448,9 @@ async def test_401_fails_naming_the_cause(fake: FakeLLM, configured: bool) -> No
     assert len(fake.requests) == 1  # a 401 is not retried
 
 
-async def test_429_is_retried_then_succeeds(fake: FakeLLM) -> None:
+async def test_429_is_retried_then_succeeds(fake: FakeLLM, transport: str) -> None:
     fake.set_script([ErrorTurn(429, retry_after=0.01, times=2), TextTurn(text="finally")])
-    agent = LLMAgent(settings(fake, max_retries=2))
+    agent = LLMAgent(settings(fake, max_retries=2, http_transport=transport))
     try:
         result = await agent.step(FakeContext({"messages": USER}))
     finally:
@@ -454,10 +464,10 @@ async def test_429_is_retried_then_succeeds(fake: FakeLLM) -> None:
     [(429, "kept rate limiting the request (429"), (503, "failed with 503")],
 )
 async def test_persistent_429_and_5xx_fail_naming_the_status(
-    fake: FakeLLM, status: int, words: str
+    fake: FakeLLM, status: int, words: str, transport: str
 ) -> None:
     fake.set_script([ErrorTurn(status, retry_after=0.01, times=10)])
-    agent = LLMAgent(settings(fake, max_retries=1))
+    agent = LLMAgent(settings(fake, max_retries=1, http_transport=transport))
     try:
         with pytest.raises(StepFailed) as failed:
             await agent.step(FakeContext({"messages": USER}))
@@ -467,9 +477,9 @@ async def test_persistent_429_and_5xx_fail_naming_the_status(
     assert [r.status for r in fake.requests] == [status, status]
 
 
-async def test_5xx_then_success(fake: FakeLLM) -> None:
+async def test_5xx_then_success(fake: FakeLLM, transport: str) -> None:
     fake.set_script([ErrorTurn(500, retry_after=0.01), TextTurn(text="recovered")])
-    agent = LLMAgent(settings(fake, max_retries=1))
+    agent = LLMAgent(settings(fake, max_retries=1, http_transport=transport))
     try:
         result = await agent.step(FakeContext({"messages": USER}))
     finally:
@@ -496,13 +506,24 @@ async def test_broken_stream_fails_the_step(
     assert "".join(ctx.deltas) == "one two three"
 
 
-async def test_unreachable_provider_fails_naming_the_url() -> None:
-    agent = LLMAgent(LLMSettings(base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=0))
+async def test_unreachable_provider_fails_naming_the_url(transport: str) -> None:
+    agent = LLMAgent(
+        LLMSettings(
+            base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=0, http_transport=transport
+        )
+    )
     try:
-        with pytest.raises(StepFailed, match=r"could not reach the model provider at http://127"):
+        with pytest.raises(StepFailed) as failed:
             await agent.step(FakeContext({"messages": USER}))
     finally:
         await agent.aclose()
+    # A refused connection is a failure, not a timeout (the aiohttp transport's own mapping
+    # calls it ConnectTimeout), and the message names the transport's cause.
+    assert re.match(
+        r"could not reach the model provider at http://127\.0\.0\.1:9/v1: the connection failed "
+        r"\(retried up to 0 times; \w+: .+\)$",
+        str(failed.value),
+    ), str(failed.value)
 
 
 # --- input ---------------------------------------------------------------------------------

@@ -345,14 +345,6 @@ def fake_process(tmp_path: Path) -> Iterator[str]:
         yield base_url
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.close()
-
-
 def fake_requests(base_url: str) -> list[dict[str, Any]]:
     with urllib.request.urlopen(base_url.removesuffix("/v1") + "/_fake/requests") as answer:
         requests: list[dict[str, Any]] = json.load(answer)["requests"]

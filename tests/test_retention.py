@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
 from gateway_service.server import start_gateway
-from runtime_service import operations as operations_module
+from runtime_service import watching as watching_module
 from runtime_service.app import RuntimeApp
 from runtime_service.config import parse_retention, shown_duration
 from runtime_service.domain import Event, Operation, OperationStatus
@@ -295,7 +295,7 @@ async def test_a_watch_of_expired_events_says_they_expired(quiet_app: RuntimeApp
 async def test_a_replay_cut_short_by_retention_says_the_events_expired(
     quiet_app: RuntimeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(operations_module, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(watching_module, "REPLAY_BATCH", 2)
     op = await finished(quiet_app, "ticker", {"steps": 3, "step_seconds": 0})
     batches = quiet_app.operations.watch_batches(op.id, 0)
     async with contextlib.aclosing(batches):

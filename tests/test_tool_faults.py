@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from google.protobuf import struct_pb2
 from sqlalchemy import create_engine, select
 
@@ -38,14 +36,6 @@ ARGS = (
     "wait=tests.tool_agents:WaitTool",
 )
 ENV = {"PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.close()
 
 
 def stored_events(url: str, op_id: str) -> list[tuple[int, str, dict[str, Any]]]:

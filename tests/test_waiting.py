@@ -351,6 +351,8 @@ async def test_pause_mid_step_then_resume_reruns_the_step(
         return (await app.operations.get(op.id)).status is OperationStatus.PAUSED
 
     await eventually(is_paused)
+    # The PAUSED write commits before the run's task has finished its own cleanup.
+    await asyncio.wait_for(app.runner.wait_finished(op.id), 10)
     assert op.id not in app.runner._runs
     again = await app.operations.pause(op.id, "ops")
     assert again.outcome is PauseOutcome.ALREADY_PAUSED

@@ -41,14 +41,6 @@ def fake_llm(tmp_path: Path) -> Iterator[str]:
         yield base_url
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for process in started:
-        process.close()
-
-
 def set_script(base_url: str, turns: list[dict[str, object]]) -> None:
     request = urllib.request.Request(
         base_url.removesuffix("/v1") + "/_fake/script",

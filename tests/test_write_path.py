@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 from runtime_service import convert
 from runtime_service.domain import Event, EventKind, OperationStatus
-from runtime_service.operations import _next_in_order
 from runtime_service.storage import Appended, SqliteStorage, Storage, StorageError
 from runtime_service.storage.sqlite_commit import WouldBlock
+from runtime_service.watching import _next_in_order
 from stopline.errors import AlreadyExists
 from stopline.v1 import operation_pb2 as op_pb
 from tests.conftest import opened_storage

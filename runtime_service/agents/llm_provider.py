@@ -2,7 +2,7 @@
 
 Imported on the agent's first step, not at start-up (the SDK takes a third of a second to import).
 
-The stream is read raw (`with_streaming_response`, SSE `data:` lines parsed with `json.loads`),
+The stream is read raw (`with_streaming_response`, SSE `data:` lines parsed with `orjson`),
 not as the SDK's typed chunks, which cost most of the runtime's CPU under load (BENCHMARKS.md,
 issue 13); the SDK still builds the request, authenticates, retries and maps HTTP errors.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, cast
 
 import httpx2
 import openai
+import orjson
 from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from opentelemetry import trace
@@ -112,10 +112,14 @@ class Provider:
     def client(self) -> AsyncOpenAI:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
+            http_client = (
+                openai.DefaultAioHttpClient() if self.settings.http_transport == "aiohttp" else None
+            )
             self._client = AsyncOpenAI(
                 base_url=self.settings.base_url,
                 api_key=self.settings.api_key or NO_KEY,
                 max_retries=self.settings.max_retries,
+                http_client=http_client,
             )
             self._loop = loop
         return self._client
@@ -245,18 +249,47 @@ class Provider:
     def _connection_failure(
         self, exc: openai.APIConnectionError, started: bool, texts: list[str]
     ) -> str:
-        cause = exc.__cause__
-        why = f"{type(cause).__name__}: {cause}" if cause and str(cause) else exc.message
+        cause = _named_cause(exc)
+        why = f"{type(cause).__name__}: {cause}" if cause is not exc else exc.message
         if started:
             return (
                 f"the model provider's stream broke after {_received(texts)}: the connection "
                 f"was lost ({why})"
             )
-        timed_out = "timed out" if isinstance(exc, openai.APITimeoutError) else "failed"
+        timed_out = "timed out" if _timed_out(exc) else "failed"
         return (
             f"could not reach the model provider at {self.settings.base_url}: the connection "
             f"{timed_out} (retried up to {self.settings.max_retries} times; {why})"
         )
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a `raise ... from` chain: the transport's own error.
+
+    The SDK wraps the HTTP client's error (APIConnectionError from httpx2's), and the aiohttp
+    transport wraps aiohttp's in an httpx2 one chosen by a coarse table (a refused connection
+    becomes `ConnectTimeout`), so the innermost one is what names the cause."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _named_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of the chain that has a message (inner ones may have none)."""
+    named = exc
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+        if str(exc):
+            named = exc
+    return named
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a transport failure was a timeout, judged by its root cause (see above)."""
+    cause = _root_cause(exc)
+    if cause is exc:
+        return isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException)
+    return isinstance(cause, TimeoutError | httpx2.TimeoutException)
 
 
 class _StreamBroken(Exception):
@@ -310,9 +343,9 @@ async def _chunks(response: httpx2.Response) -> AsyncGenerator[dict[str, Any], N
                     await _drain(body)
                     return
                 yield _event_json(event)
-    except httpx2.TimeoutException as exc:
-        raise _StreamBroken(f"the connection timed out ({type(exc).__name__}: {exc})") from None
     except httpx2.RequestError as exc:
+        if _timed_out(exc):
+            raise _StreamBroken(_lost(exc, "timed out")) from None
         raise _StreamBroken(_lost(exc)) from None
     finally:
         await body.aclose()
@@ -332,15 +365,18 @@ async def _drain(body: AsyncIterator[bytes]) -> None:
                 pass
 
 
-def _lost(exc: Exception) -> str:
-    why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    return f"the connection was lost ({why})"
+def _lost(exc: Exception, how: str = "was lost") -> str:
+    cause = _named_cause(exc)
+    why = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    return f"the connection {how} ({why})"
 
 
 def _event_json(event: bytes) -> dict[str, Any]:
     try:
-        chunk = json.loads(event)
-    except ValueError:
+        # orjson: a tenth of json.loads' CPU per chunk, which was a tenth of the runtime's
+        # CPU under load once the HTTP client was cheaper (BENCHMARKS.md, issue 13).
+        chunk = orjson.loads(event)
+    except orjson.JSONDecodeError:
         text = event.decode(errors="replace")
         raise _StreamBroken(f"it sent an event that is not JSON: {shown(text, 200)}") from None
     if not isinstance(chunk, dict):

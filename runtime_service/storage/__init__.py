@@ -19,6 +19,7 @@ from runtime_service.storage.interface import (
     NewRequest,
     StepRecord,
     Storage,
+    Tombstone,
     utcnow,
 )
 from runtime_service.storage.postgres import PostgresStorage
@@ -41,6 +42,7 @@ __all__ = [
     "StepRecord",
     "Storage",
     "StorageError",
+    "Tombstone",
     "open_storage",
     "utcnow",
 ]

@@ -113,11 +113,19 @@ class ListCursor:
     id: str
 
 
+Tombstone = tuple[str, str, StopCause]
+"""A stop recorded by key ahead of its start: (requested_by, reason, cause)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Created:
     operation: Operation
     created: bool
     events: tuple[Event, ...]
+    # A stop by this operation's key recorded ahead of the start, consumed by the create: looked
+    # for after the create committed (see Storage.record_stop_by_key for why after), in the same
+    # trip to the database where the dialect allows, since every start with a key pays for it.
+    tombstone: Tombstone | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,9 +263,10 @@ class Storage(Protocol):
         when there is none yet, stored as a tombstone for `expires_seconds` (RecordedAhead)."""
         ...
 
-    async def take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
-        """Consume the owner's live tombstone for `key`: (requested_by, reason, cause). A
-        start asks this after its create committed and before its operation can run."""
+    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+        """Consume the owner's live tombstone for `key`. `create` does it for a start (it
+        reports it as `Created.tombstone`), after the create committed and before the
+        operation can run."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -414,7 +415,12 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
 
             made = await self._run(_CREATE, params, partial(self._created, now, data))
             if made is not None:
-                return made
+                if idempotency_key is None:
+                    return made
+                # After the commit (Created.tombstone): a look in the same statement would
+                # miss a stop by key committed while the create ran (READ COMMITTED).
+                tombstone = await self.take_tombstone(owner, idempotency_key)
+                return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
             # transaction rolled back after ours saw it, so the key is free again.)
             assert idempotency_key is not None

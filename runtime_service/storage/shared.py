@@ -59,6 +59,7 @@ from runtime_service.storage.interface import (
     ExpiredBatch,
     ListCursor,
     StepRecord,
+    Tombstone,
     halt_data,
     halt_ms,
     utcnow,
@@ -75,6 +76,12 @@ OUTCOME_UNKNOWN_REASON = (
     "whether the tool's effect happened is unknown"
 )
 T = TypeVar("T")
+
+# Any tombstone of the key, live or not: the read every start with a key makes (see
+# _take_tombstone); only a hit pays for the write that consumes it.
+_HAS_TOMBSTONE = Sql(
+    "SELECT 1 FROM stop_tombstones WHERE owner = :owner AND idempotency_key = :key"
+)
 
 
 def _pending_unheld(now: datetime) -> ColumnElement[bool]:
@@ -182,7 +189,7 @@ class SharedStorage:
         assert result is not None  # operations are never deleted
         return result
 
-    async def take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
+    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
         return await self._call(self._take_tombstone, owner, key)
 
     def _write_tombstone(
@@ -215,15 +222,15 @@ class SharedStorage:
             return False
         return True
 
-    def _take_tombstone(self, owner: str, key: str) -> tuple[str, str, StopCause] | None:
-        """Consume the live tombstone of this key: (requested_by, reason), or None. A read
-        first, so that a start with no tombstone (nearly every start) writes nothing."""
+    def _take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+        """Consume the live tombstone of this key, or None. A fixed-SQL read first, so that a
+        start with no tombstone (nearly every start) writes nothing and compiles nothing."""
+        with self.cursors.read() as cur:
+            cur.execute(self.cursors.sql(_HAS_TOMBSTONE), {"owner": owner, "key": key})
+            if cur.fetchone() is None:
+                return None
         mine = and_(stop_tombstones.c.owner == owner, stop_tombstones.c.idempotency_key == key)
         live = and_(mine, stop_tombstones.c.expires_at > utcnow())
-        with self.engine.connect() as conn:
-            found = conn.execute(select(stop_tombstones.c.owner).where(mine)).first()
-        if found is None:
-            return None
         with self.engine.begin() as conn:
             taken = conn.execute(
                 delete(stop_tombstones)

@@ -290,7 +290,9 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             if twin is None:
                 raise
             return Created(twin, created=False, events=())
-        return Created(operation, created=True, events=(event,))
+        # After the commit (Created.tombstone), on the same trip to the database thread.
+        tombstone = None if key is None else self._take_tombstone(owner, key)
+        return Created(operation, created=True, events=(event,), tombstone=tombstone)
 
     def _twin(self, owner: str, key: str, fingerprint: str) -> Operation | None:
         return twin_of(self.cursors.find_by_key(owner, key), key, fingerprint)

@@ -532,6 +532,62 @@ class WatchOperationResponse(_message.Message):
 Global___WatchOperationResponse: _TypeAlias = WatchOperationResponse  # noqa: Y015
 
 @_typing.final
+class StartAndWatchOperationRequest(_message.Message):
+    """Request for StartAndWatchOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___StartOperationRequest:
+        """The start, as for StartOperation (with `hold` unset)."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___StartOperationRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAndWatchOperationRequest: _TypeAlias = StartAndWatchOperationRequest  # noqa: Y015
+
+@_typing.final
+class StartAndWatchOperationResponse(_message.Message):
+    """One message of the StartAndWatchOperation stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___StartOperationResponse:
+        """The start's answer: set in the first message only."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_operation_pb2.Event]:
+        """The operation's next events, in seq order, in every message after the first (as
+        WatchOperationResponse.events with `batch`).
+        """
+
+    def __init__(
+        self,
+        *,
+        started: Global___StartOperationResponse | None = ...,
+        events: _abc.Iterable[_operation_pb2.Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAndWatchOperationResponse: _TypeAlias = StartAndWatchOperationResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseOperationRequest(_message.Message):
     """Request for ReleaseOperation."""
 

@@ -65,6 +65,11 @@ class RuntimeServiceStub:
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
                 response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
                 _registered_method=True)
+        self.StartAndWatchOperation = channel.unary_stream(
+                '/stopline.v1.RuntimeService/StartAndWatchOperation',
+                request_serializer=stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationRequest.SerializeToString,
+                response_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationResponse.FromString,
+                _registered_method=True)
         self.StopOperations = channel.unary_unary(
                 '/stopline.v1.RuntimeService/StopOperations',
                 request_serializer=stopline_dot_v1_dot_runtime__service__pb2.StopOperationsRequest.SerializeToString,
@@ -138,6 +143,22 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartAndWatchOperation(self, request, context):
+        """Starts an operation unheld and streams it on the same call: the first message carries the
+        start's answer (what StartOperation returns), every later one the operation's next events
+        from seq 1, as WatchOperation with `batch` sends them, ending after the terminal event. One
+        call where a held start takes three (StartOperation, ReleaseOperation, WatchOperation), so
+        the start's answer and the first step's events come back on one stream. Idempotency and
+        stops recorded ahead by key apply as for StartOperation: a repeated key streams the existing
+        operation (created false) and a stop by key recorded before the start makes it INTERRUPTED at
+        creation, running no step. `hold` must be unset (INVALID_ARGUMENT): the operation is
+        submitted to run at once, so a stop that must land before any step has to be sent by key
+        before this call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StopOperations(self, request, context):
         """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
         through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
@@ -206,6 +227,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.ReleaseOperation,
                     request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.FromString,
                     response_serializer=stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.SerializeToString,
+            ),
+            'StartAndWatchOperation': grpc.unary_stream_rpc_method_handler(
+                    servicer.StartAndWatchOperation,
+                    request_deserializer=stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationRequest.FromString,
+                    response_serializer=stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationResponse.SerializeToString,
             ),
             'StopOperations': grpc.unary_unary_rpc_method_handler(
                     servicer.StopOperations,
@@ -391,6 +417,33 @@ class RuntimeService:
             '/stopline.v1.RuntimeService/ReleaseOperation',
             stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationRequest.SerializeToString,
             stopline_dot_v1_dot_runtime__service__pb2.ReleaseOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAndWatchOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stopline.v1.RuntimeService/StartAndWatchOperation',
+            stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationRequest.SerializeToString,
+            stopline_dot_v1_dot_runtime__service__pb2.StartAndWatchOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

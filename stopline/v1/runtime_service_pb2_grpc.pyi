@@ -54,6 +54,18 @@ class RuntimeServiceStub:
     """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
     (or already finished) is returned unchanged.
     """
+    StartAndWatchOperation: _grpc.UnaryStreamMultiCallable[_runtime_service_pb2.StartAndWatchOperationRequest, _runtime_service_pb2.StartAndWatchOperationResponse]
+    """Starts an operation unheld and streams it on the same call: the first message carries the
+    start's answer (what StartOperation returns), every later one the operation's next events
+    from seq 1, as WatchOperation with `batch` sends them, ending after the terminal event. One
+    call where a held start takes three (StartOperation, ReleaseOperation, WatchOperation), so
+    the start's answer and the first step's events come back on one stream. Idempotency and
+    stops recorded ahead by key apply as for StartOperation: a repeated key streams the existing
+    operation (created false) and a stop by key recorded before the start makes it INTERRUPTED at
+    creation, running no step. `hold` must be unset (INVALID_ARGUMENT): the operation is
+    submitted to run at once, so a stop that must land before any step has to be sent by key
+    before this call.
+    """
     StopOperations: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]
     """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
     through the same stop write as InterruptOperation (requested_by "runtime", reason "bulk
@@ -100,6 +112,18 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     ReleaseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]  # type: ignore[assignment]
     """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
     (or already finished) is returned unchanged.
+    """
+    StartAndWatchOperation: _aio.UnaryStreamMultiCallable[_runtime_service_pb2.StartAndWatchOperationRequest, _runtime_service_pb2.StartAndWatchOperationResponse]  # type: ignore[assignment]
+    """Starts an operation unheld and streams it on the same call: the first message carries the
+    start's answer (what StartOperation returns), every later one the operation's next events
+    from seq 1, as WatchOperation with `batch` sends them, ending after the terminal event. One
+    call where a held start takes three (StartOperation, ReleaseOperation, WatchOperation), so
+    the start's answer and the first step's events come back on one stream. Idempotency and
+    stops recorded ahead by key apply as for StartOperation: a repeated key streams the existing
+    operation (created false) and a stop by key recorded before the start makes it INTERRUPTED at
+    creation, running no step. `hold` must be unset (INVALID_ARGUMENT): the operation is
+    submitted to run at once, so a stop that must land before any step has to be sent by key
+    before this call.
     """
     StopOperations: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]  # type: ignore[assignment]
     """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
@@ -180,6 +204,24 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_runtime_service_pb2.ReleaseOperationResponse, _abc.Awaitable[_runtime_service_pb2.ReleaseOperationResponse]]:
         """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
         (or already finished) is returned unchanged.
+        """
+
+    @_abc_1.abstractmethod
+    def StartAndWatchOperation(
+        self,
+        request: _runtime_service_pb2.StartAndWatchOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_runtime_service_pb2.StartAndWatchOperationResponse], _abc.AsyncIterator[_runtime_service_pb2.StartAndWatchOperationResponse]]:
+        """Starts an operation unheld and streams it on the same call: the first message carries the
+        start's answer (what StartOperation returns), every later one the operation's next events
+        from seq 1, as WatchOperation with `batch` sends them, ending after the terminal event. One
+        call where a held start takes three (StartOperation, ReleaseOperation, WatchOperation), so
+        the start's answer and the first step's events come back on one stream. Idempotency and
+        stops recorded ahead by key apply as for StartOperation: a repeated key streams the existing
+        operation (created false) and a stop by key recorded before the start makes it INTERRUPTED at
+        creation, running no step. `hold` must be unset (INVALID_ARGUMENT): the operation is
+        submitted to run at once, so a stop that must land before any step has to be sent by key
+        before this call.
         """
 
     @_abc_1.abstractmethod

@@ -98,6 +98,7 @@ class StartAndStreamRequest(_message.Message):
     CANCEL_GRACE_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    NO_HOLD_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "ticker"."""
     idempotency_key: _builtins.str
@@ -110,6 +111,18 @@ class StartAndStreamRequest(_message.Message):
     max_steps: _builtins.int
     """The most steps the operation may run (see stopline.v1.StartOperationRequest.max_steps);
     0: the runtime's default.
+    """
+    no_hold: _builtins.bool
+    """Start the operation at once instead of held. By default the gateway starts an operation held
+    (it runs no step) and lets it run right after the client has the id, and a client that
+    cancels its stream while the start is in flight (CANCEL_POLICY_STOP) has its operation
+    stopped before any step ran. With no_hold the runtime runs the operation as soon as it is
+    created and streams its events on the call that started it, so the first step's events
+    arrive sooner (two calls between gateway and runtime fewer); but a client that goes away or
+    cancels while the start is in flight may see the first step begin, and its cancel policy
+    then cuts that step mid-step rather than preventing it. A stop by idempotency key sent
+    before the start still wins before any step: the runtime checks for it when it creates the
+    operation.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
@@ -135,10 +148,11 @@ class StartAndStreamRequest(_message.Message):
         cancel_grace: _duration_pb2.Duration | None = ...,
         deadline: _duration_pb2.Duration | None = ...,
         max_steps: _builtins.int = ...,
+        no_hold: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_grace", b"cancel_grace", "deadline", b"deadline", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "input", b"input", "max_steps", b"max_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cancel_grace", b"cancel_grace", "cancel_policy", b"cancel_policy", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "input", b"input", "max_steps", b"max_steps", "no_hold", b"no_hold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""The runner's writes: each one's events are published to this process's watchers once it has
+committed, and counted for the metrics and traces as they are."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from runtime_service import metrics, run_telemetry, stop_causes
+from runtime_service.domain import Event, EventKind
+from runtime_service.hub import EventHub
+from runtime_service.runner.runs import Run
+from runtime_service.storage import Appended
+
+W = TypeVar("W")
+
+
+class Writes:
+    def __init__(self, hub: EventHub, meters: metrics.RuntimeMetrics, runs: dict[str, Run]) -> None:
+        self.hub = hub
+        self._metrics = meters
+        self._runs = runs
+
+    async def write(self, operation_id: str, write: Awaitable[W]) -> W:
+        """A write of this runner, whose events are published here once it has committed."""
+        with self.hub.local_write(operation_id):
+            written = await write
+            self.publish(written)
+        return written
+
+    def publish(self, events: Any) -> None:
+        """The events a committed write reports (an Event, a list of them, or an Appended)."""
+        if not events:
+            return
+        if isinstance(events, Appended):
+            events = events.event
+        events = [events] if isinstance(events, Event) else events
+        self._count(events)
+        self.hub.publish(events)
+
+    def _count(self, events: list[Event]) -> None:
+        """Metrics of committed events: counter increments only (no I/O, no lock)."""
+        meters = self._metrics
+        by_kind = meters.event_kind
+        for event in events:
+            by_kind[event.kind].inc()
+            if event.is_terminal:
+                run = self._runs.get(event.operation_id)
+                cause = metrics.CAUSE_NONE
+                if event.kind is EventKind.INTERRUPTED:
+                    # The halt records the stop's cause; older stops have none.
+                    recorded = event.data.get("cause") if isinstance(event.data, dict) else None
+                    cause = stop_causes.label(recorded if isinstance(recorded, str) else None)
+                    if cause == stop_causes.CAUSE_UNKNOWN and run is not None:
+                        cause = run.cause
+                agent = run.agent if run is not None else metrics.AGENT_UNKNOWN
+                meters.finished.labels(agent, event.kind.value, cause).inc()
+                run_telemetry.finished(event, cause, run.span if run is not None else None)
+            elif event.kind in meters.tool_outcome:
+                meters.tool_outcome[event.kind].inc()
