@@ -104,6 +104,21 @@ def _bounded_text(value: str, field: str, limit: int) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class StartArgs:
+    """A start as the caller asked for it (validated by OperationsService). `deadline_seconds`
+    None and `max_steps` 0: the configured defaults."""
+
+    agent_name: str
+    input_value: dict[str, Any]
+    idempotency_key: str
+    labels: Mapping[str, str] | None = None
+    hold_seconds: float = 0.0
+    owner: str = ""
+    deadline_seconds: float | None = None
+    max_steps: int = 0
+
+
 class OperationsService:
     def __init__(
         self,
@@ -120,53 +135,43 @@ class OperationsService:
         self.runner = runner
         self.watches = Watches(storage, hub, config.watch_poll_seconds)
 
-    async def _create(
-        self,
-        agent_name: str,
-        input_value: dict[str, Any],
-        idempotency_key: str,
-        labels: Mapping[str, str] | None = None,
-        hold_seconds: float = 0.0,
-        owner: str = "",
-        deadline_seconds: float | None = None,
-        max_steps: int = 0,
-    ) -> Created:
+    async def _create(self, args: StartArgs) -> Created:
         """Validate, then store the operation (and apply a stop recorded ahead by its key)."""
-        if not agent_name:
+        if not args.agent_name:
             raise InvalidArgument(
                 "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
             )
-        agent = self.agents.get(agent_name)
+        agent = self.agents.get(args.agent_name)
         if agent is None:
             raise InvalidArgument(
                 "agent",
-                f"unknown agent {shown(agent_name)}; "
+                f"unknown agent {shown(args.agent_name)}; "
                 f"registered agents: {', '.join(self.agents.names)}",
             )
-        check_input_size(input_value, self.config.max_input_bytes)
+        check_input_size(args.input_value, self.config.max_input_bytes)
         try:
-            agent.validate_input(input_value)
+            agent.validate_input(args.input_value)
         except InvalidInput as exc:
             raise InvalidArgument(exc.field, exc.problem) from exc
-        key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
-        checked_labels = _check_labels(labels or {})
-        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
-        if not 0 <= hold_seconds <= MAX_HOLD_SECONDS:
+        key = _bounded_text(args.idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
+        checked_labels = _check_labels(args.labels or {})
+        checked_owner = _bounded_text(args.owner, "owner", MAX_OWNER)
+        if not 0 <= args.hold_seconds <= MAX_HOLD_SECONDS:
             raise InvalidArgument(
                 "hold",
                 f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
-                f"got {shown(hold_seconds)}",
+                f"got {shown(args.hold_seconds)}",
             )
-        deadline = self._deadline(deadline_seconds)
-        budget = self._max_steps(max_steps)
+        deadline = self._deadline(args.deadline_seconds)
+        budget = self._max_steps(args.max_steps)
         # Other replicas hear of the new work only if this one cannot run it now.
         announce = not self.runner.has_room
         created = await self.storage.create(
-            agent_name,
-            input_value,
+            args.agent_name,
+            args.input_value,
             key,
             checked_labels,
-            hold_seconds,
+            args.hold_seconds,
             checked_owner,
             announce,
             deadline_seconds=deadline,
@@ -189,43 +194,34 @@ class OperationsService:
         max_steps: int = 0,
     ) -> Created:
         """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
-        created = await self._create(
-            agent_name,
-            input_value,
-            idempotency_key,
-            labels,
-            hold_seconds,
-            owner,
-            deadline_seconds,
-            max_steps,
+        return await self.start_with(
+            StartArgs(
+                agent_name,
+                input_value,
+                idempotency_key,
+                labels,
+                hold_seconds,
+                owner,
+                deadline_seconds,
+                max_steps,
+            )
         )
-        self._launch(created, hold_seconds)
+
+    async def start_with(self, args: StartArgs) -> Created:
+        created = await self._create(args)
+        self._launch(created, args.hold_seconds)
         return created
 
     async def start_and_watch(
-        self,
-        agent_name: str,
-        input_value: dict[str, Any],
-        idempotency_key: str,
-        labels: Mapping[str, str] | None = None,
-        owner: str = "",
-        deadline_seconds: float | None = None,
-        max_steps: int = 0,
+        self, args: StartArgs
     ) -> AsyncGenerator[Created | Sequence[Event], None]:
         """An unheld start, then its events from seq 1 in batches, as `watch_batches` gives
         them: the start's answer first, then the batches. A new operation's watch subscribes
         before the operation can run (Watches.from_start): its first step's events come live,
         with no read of storage on the way."""
-        created = await self._create(
-            agent_name,
-            input_value,
-            idempotency_key,
-            labels,
-            0.0,
-            owner,
-            deadline_seconds,
-            max_steps,
-        )
+        if args.hold_seconds:
+            raise InvalidArgument("hold", "must be unset: a start with its watch starts unheld")
+        created = await self._create(args)
         yield created
         if created.created:
             batches = self.watches.from_start(created.events, lambda: self._launch(created, 0.0))

@@ -10,7 +10,7 @@ from grpc import aio
 
 from runtime_service import convert
 from runtime_service.domain import RecordedAhead
-from runtime_service.operations import OperationsService
+from runtime_service.operations import OperationsService, StartArgs
 from runtime_service.storage import Created
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
@@ -37,18 +37,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         return await self._start(request)
 
     async def _start(self, request: pb.StartOperationRequest) -> pb.StartOperationResponse:
-        hold = _seconds(request.hold) if request.HasField("hold") else 0.0
-        created = await self._ops.start(
-            request.agent,
-            struct_to_input(request.input),
-            request.idempotency_key,
-            dict(request.labels),
-            hold,
-            request.owner,
-            _seconds(request.deadline) if request.HasField("deadline") else None,
-            request.max_steps,
-        )
-        return _started(created)
+        return _started(await self._ops.start_with(_start_args(request)))
 
     @server_stream
     async def StartAndWatchOperation(
@@ -60,20 +49,11 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
     ) -> AsyncGenerator[pb.StartAndWatchOperationResponse, None]:
         """A start that runs at once, and its watch from seq 1 on the same stream (see
         OperationsService.start_and_watch)."""
-        start = request.start
-        if start.HasField("hold"):
+        if request.start.HasField("hold"):
             raise InvalidArgument(
                 "start.hold", "must be unset: StartAndWatchOperation starts unheld"
             )
-        stream = self._ops.start_and_watch(
-            start.agent,
-            struct_to_input(start.input),
-            start.idempotency_key,
-            dict(start.labels),
-            start.owner,
-            _seconds(start.deadline) if start.HasField("deadline") else None,
-            start.max_steps,
-        )
+        stream = self._ops.start_and_watch(_start_args(request.start))
         async with contextlib.aclosing(stream):
             async for item in stream:
                 if isinstance(item, Created):
@@ -251,6 +231,19 @@ def _status_filter(value: int) -> str | None:
 def _seconds(duration: duration_pb2.Duration) -> float:
     # Plain arithmetic, not ToTimedelta: a hostile Duration overflows timedelta (INTERNAL).
     return duration.seconds + duration.nanos / 1e9
+
+
+def _start_args(request: pb.StartOperationRequest) -> StartArgs:
+    return StartArgs(
+        request.agent,
+        struct_to_input(request.input),
+        request.idempotency_key,
+        dict(request.labels),
+        _seconds(request.hold) if request.HasField("hold") else 0.0,
+        request.owner,
+        _seconds(request.deadline) if request.HasField("deadline") else None,
+        request.max_steps,
+    )
 
 
 def _started(created: Created) -> pb.StartOperationResponse:
