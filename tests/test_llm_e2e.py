@@ -358,7 +358,9 @@ def test_runtime_killed_mid_tool_call_the_llm_agent_asked_for(
     unknown before the step runs again; the rerun does not run it again under the same id (it
     may have taken effect): the model is told its outcome is unknown, and answers."""
     postgres = db_url.startswith("postgresql")
-    args = ("--lease-seconds", "1", "--poll-seconds", "0.1", "--llm-base-url", fake_process)
+    # A 3 s lease: with 1 s, a loaded machine's stall let the other replica take the operation
+    # over before the kill (a second `started`), and the model never asked for the tool again.
+    args = ("--lease-seconds", "3", "--poll-seconds", "0.1", "--llm-base-url", fake_process)
     first = RuntimeProcess(db_url, tmp_path, extra_args=args)
     processes.append(first)
     if postgres:  # a second replica, there all along, takes over once the lease lapses
