@@ -163,7 +163,7 @@ class StopDeliverer:
         failed = ""
         # A child of the stop call's span (this task runs in a copy of its context); the
         # runtime's InterruptOperation spans are its children.
-        span = tracing.tracer().start_span(
+        span = tracing.child_span(
             "stop delivery",
             attributes={"stopline.operation_id": delivery.operation_id}
             if delivery.operation_id

@@ -60,7 +60,6 @@ Sink = Callable[[Record], None]
 _FRAME = struct.Struct("<I")
 _SPANS, _FLUSH = "spans", "flush"
 MAGIC = "stopline-spans/1"
-_INTERNAL = SpanKind.INTERNAL.value
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -169,8 +168,10 @@ class LightSpan(trace.Span):
         attributes: dict[str, types.AttributeValue],
         sink: Sink,
         scope: tuple[str, str | None],
+        kind: SpanKind = SpanKind.INTERNAL,
     ) -> None:
         self._name = name
+        self._kind = kind.value
         self._parent = parent
         self._context = SpanContext(
             parent.trace_id,
@@ -199,7 +200,7 @@ class LightSpan(trace.Span):
             state.to_header() if state else "",
             parent.span_id,
             parent.is_remote,
-            _INTERNAL,
+            self._kind,
             self._start,
             self._end,
             self._attributes,
@@ -217,6 +218,11 @@ class LightSpan(trace.Span):
 
     def get_span_context(self) -> SpanContext:
         return self._context
+
+    @property
+    def kind(self) -> SpanKind:
+        """As the SDK's span has it (callers tell a server span from others by it)."""
+        return SpanKind(self._kind)
 
     def is_recording(self) -> bool:
         return self._end is None

@@ -273,17 +273,24 @@ def _use(sdk_provider: TracerProvider, sink: Sink | None) -> None:
 _SCOPE = (TRACER_NAME, None)
 
 
-def child_span(name: str, attributes: dict[str, Any]) -> trace.Span:
-    """A span child of the current one, for work done many times a second (an operation's
-    steps): a `span_export.LightSpan` when the current span is recorded, the tracer's span
-    otherwise (the no-op one when tracing is off). Not made current: use `trace.use_span`.
-    `attributes`: plain values under known keys (the light span does not check them)."""
+def child_span(
+    name: str,
+    attributes: dict[str, Any],
+    context: otel_context.Context | None = None,
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+) -> trace.Span:
+    """A span child of the current one (or of the span in `context`, e.g. a caller's, from
+    its trace context), for work on the hot paths (an operation's steps, a stop's hops): a
+    `span_export.LightSpan` when that parent is sampled, the tracer's span otherwise (a root,
+    decided by the sampler; the no-op one when tracing is off). Not made current: use
+    `trace.use_span`. `attributes`: plain values under known keys (the light span does not
+    check them)."""
     sink, light = _State.sink, _State.light
     if sink is not None and light is not None:
-        parent = trace.get_current_span().get_span_context()
+        parent = trace.get_current_span(context).get_span_context()
         if parent.is_valid and parent.trace_flags.sampled:
-            return light(name, parent, attributes, sink, _SCOPE)
-    return _State.tracer.start_span(name, attributes=attributes)
+            return light(name, parent, attributes, sink, _SCOPE, kind)
+    return _State.tracer.start_span(name, context=context, kind=kind, attributes=attributes)
 
 
 # ---------------------------------------------------------------------------- context
@@ -369,14 +376,10 @@ def _traced(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
     @contextlib.contextmanager
     def span(context: aio.ServicerContext[Any, Any]) -> Iterator[trace.Span]:
         parent = propagate.extract(_metadata_getter(context.invocation_metadata()))
-        with tracer().start_as_current_span(
-            name,
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as current:
+        current = child_span(name, dict(attributes), parent, trace.SpanKind.SERVER)
+        with trace.use_span(
+            current, end_on_exit=True, record_exception=False, set_status_on_exception=False
+        ):
             error: BaseException | None = None
             try:
                 yield current
