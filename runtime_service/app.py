@@ -116,6 +116,7 @@ class RuntimeApp:
         if self.retention is not None:
             await self.retention.close()
         await self.runner.shutdown()
+        await self.operations.agents.aclose()
         await self.tools.close()
         if self.listener is not None:
             await self.listener.close()

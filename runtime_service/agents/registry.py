@@ -78,3 +78,11 @@ class AgentRegistry:
     @property
     def names(self) -> list[str]:
         return sorted(self._agents)
+
+    async def aclose(self) -> None:
+        """Let agents that hold connections (the `llm` agent's HTTP client) close them: on
+        aiohttp an unclosed session is reported at exit."""
+        for agent in self._agents.values():
+            close = getattr(agent, "aclose", None)
+            if close is not None:
+                await close()
