@@ -447,7 +447,7 @@ def serve(stream: IO[bytes], acks: IO[bytes], env: Mapping[str, str]) -> None:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from stopline import tracing
+    from stopline import otel_exporters
 
     header = _read_frame(stream)
     if not header or header[0] != MAGIC:
@@ -455,11 +455,11 @@ def serve(stream: IO[bytes], acks: IO[bytes], env: Mapping[str, str]) -> None:
     resource = Resource(header[1], header[2])
     direct: list[_Records] = []
     processors: list[BatchSpanProcessor] = []
-    for name in tracing.exporter_names(env):
-        if name == "otlp" and tracing.otlp_protocol(env) == "grpc":
+    for name in otel_exporters.exporter_names(env):
+        if name == "otlp" and otel_exporters.otlp_protocol(env) == "grpc":
             direct.append(_otlp_grpc_records(resource))
         else:
-            processors.append(BatchSpanProcessor(tracing.new_exporter(name, env)))
+            processors.append(BatchSpanProcessor(otel_exporters.new_exporter(name, env)))
     try:
         while (message := _read_frame(stream)) is not None:
             if message[0] == _SPANS:

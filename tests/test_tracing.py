@@ -27,7 +27,7 @@ from fake_llm.script import TextTurn
 from fake_llm.server import ServerConfig
 from gateway_service.server import start_gateway
 from runtime_service.server import start_runtime
-from stopline import logs, tracing
+from stopline import logs, otel_exporters, tracing
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.render import EXIT_INTERRUPTED
@@ -279,7 +279,7 @@ def test_without_otel_variables_nothing_is_installed_or_exported() -> None:
 def test_the_standard_variables_decide_whether_spans_are_exported(
     env: dict[str, str], expected: list[str]
 ) -> None:
-    assert tracing.exporter_names(env) == expected
+    assert otel_exporters.exporter_names(env) == expected
 
 
 def test_an_otlp_endpoint_installs_a_batching_otlp_exporter() -> None:
