@@ -281,14 +281,14 @@ async def test_stop_while_the_runtime_is_still_handling_the_start_runs_no_step(
     ops = runtime.app.operations
     entered = asyncio.Event()
     proceed = asyncio.Event()
-    real_start = ops.start
+    real_start = ops.start_with  # what the servicer calls for a start
 
     async def slow_start(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         await proceed.wait()  # the injected delay
         return await real_start(*args, **kwargs)
 
-    ops.start = slow_start  # type: ignore[method-assign]
+    ops.start_with = slow_start  # type: ignore[method-assign]
     call = client.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_STOP))
     await asyncio.wait_for(entered.wait(), 10)
     call.cancel()  # the client stops before it even knows the operation id
