@@ -183,7 +183,7 @@ async def test_halt_ms_excludes_the_time_the_stop_took_to_commit(
             def slow_row(cursor: Any) -> Any:
                 read = row(cursor)
                 if getattr(stopping, "on", False):
-                    time.sleep(hold)  # on the database thread; injected delay
+                    time.sleep(hold)  # wherever the write runs (inline or queued); injected delay
                 return read
 
             monkeypatch.setattr(storage, "_record_stop", flagged)
