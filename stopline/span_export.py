@@ -58,6 +58,8 @@ Record = tuple[Any, ...]
 Sink = Callable[[Record], None]
 
 _FRAME = struct.Struct("<I")
+EXPORT_NICENESS = 10
+"""How much lower the export process's CPU priority is than its service's (see `main`)."""
 _SPANS, _FLUSH = "spans", "flush"
 MAGIC = "stopline-spans/1"
 
@@ -486,6 +488,10 @@ def main() -> None:
     # The parent decides when to stop (it closes the pipe); a Ctrl-C reaching the whole
     # process group must not cut the export of what is still queued.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Background work: every few seconds a burst of encoding and sending, which on a small
+    # machine would otherwise take a core from the service it exports for just when a stop or
+    # a step needs it. Lower priority costs the export only when the cores are busy.
+    os.nice(EXPORT_NICENESS)
     acks = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
     serve(sys.stdin.buffer, acks, os.environ)
 
