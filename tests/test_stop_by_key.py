@@ -295,6 +295,36 @@ async def _began(gated: GatedAgent, op_id: str) -> bool:
     return any(op == op_id for op, _ in gated.steps_started)
 
 
+async def test_a_start_that_finds_a_tombstone_is_claimed_by_no_runner_before_its_stop(
+    storage: Storage,
+) -> None:
+    """The window between the create's commit and the tombstone's stop (which the start applies
+    next): a claim taking the operation there (another replica's claim loop, this one's) would
+    run its first step, and the stop would only set it STOPPING."""
+    ahead = await storage.record_stop_by_key("me", "early", "me", "too early", StopCause.USER, 600)
+    assert ahead.outcome is InterruptOutcome.RECORDED_AHEAD
+    created = await storage.create("gated", {}, "early", owner="me")
+    assert created.created and created.tombstone == ("me", "too early", StopCause.USER)
+    op_id = created.operation.id
+    assert (await storage.claim_next("runner", 10, 30)).claimed == []
+    assert await storage.claim_and_start(op_id, "runner", 30) is None
+
+    stopped = await storage.record_stop(op_id, *created.tombstone)
+    assert stopped is not None and stopped.outcome is InterruptOutcome.ACCEPTED
+    assert stopped.operation.status is OperationStatus.INTERRUPTED
+    assert [e.kind for e in await storage.events_after(op_id, 0)] == [
+        EventKind.CREATED,
+        EventKind.STOP_REQUESTED,
+        EventKind.INTERRUPTED,
+    ]
+    assert await storage.step_records(op_id) == []
+    # Starts no tombstone names (another owner's key, a key never stopped) are claimable at once.
+    theirs = (await storage.create("gated", {}, "early", owner="them")).operation.id
+    fresh = (await storage.create("gated", {}, "fresh", owner="me")).operation.id
+    claimed = (await storage.claim_next("runner", 10, 30)).claimed
+    assert sorted(c.operation.id for c in claimed) == sorted([theirs, fresh])
+
+
 async def test_stops_by_key_racing_held_starts_always_win(
     app: RuntimeApp, gated: GatedAgent
 ) -> None:

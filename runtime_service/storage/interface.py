@@ -71,6 +71,23 @@ def deadline_at(
     return to_db(created_at + timedelta(seconds=deadline_seconds))
 
 
+STOPPED_AHEAD_HOLD_SECONDS = 10.0
+"""How long a start whose create finds a live stop by its key (a tombstone) is held at least. A
+runner claims only unheld operations (claim_next, claim_and_start) and no work notification is
+sent for a held one, so the hold keeps every runner off the operation until the start applies
+the tombstone's stop (a round trip or two later): it is interrupted before it ever runs. If the
+process dies in between, the stop is never applied and the operation runs once the hold lapses,
+as an unheld one would have at once; the hold only has to outlast a start that is alive. (So
+does one whose tombstone expired between the create and its take: rare, and only late.)"""
+
+
+def stopped_ahead_hold(now: datetime, held_until: datetime | None) -> datetime:
+    """The `held_until` of an operation created at `now` when its create finds a tombstone of
+    its key: `held_until` (the start's own hold), made at least STOPPED_AHEAD_HOLD_SECONDS."""
+    hold = now + timedelta(seconds=STOPPED_AHEAD_HOLD_SECONDS)
+    return hold if held_until is None else max(held_until, hold)
+
+
 def stop_data(requested_by: str, reason: str, cause: StopCause | None) -> dict[str, JSONValue]:
     """The `stop_requested` event's data."""
     data: dict[str, JSONValue] = {"requested_by": requested_by, "reason": reason}
@@ -125,6 +142,8 @@ class Created:
     # A stop by this operation's key recorded ahead of the start, consumed by the create: looked
     # for after the create committed (see Storage.record_stop_by_key for why after), in the same
     # trip to the database where the dialect allows, since every start with a key pays for it.
+    # When the create itself saw it, the operation was created held (stopped_ahead_hold) so that
+    # no runner claims it before the caller records this stop.
     tombstone: Tombstone | None = None
 
 
@@ -231,7 +250,9 @@ class Storage(Protocol):
         twin (AlreadyExists if the key was used for a different request). `announce`: tell
         other replicas there is work (not needed when this one runs it right away).
         `deadline_seconds` is stored as the absolute `deadline_at` (creation time + it).
-        `trace_parent`: the start's W3C traceparent, which the operation's runs continue."""
+        `trace_parent`: the start's W3C traceparent, which the operation's runs continue.
+        A create that sees a live tombstone of the owner's key creates the operation held
+        (stopped_ahead_hold), whatever `hold_seconds` says, for the caller to stop it."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:
@@ -266,7 +287,7 @@ class Storage(Protocol):
     async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
         """Consume the owner's live tombstone for `key`. `create` does it for a start (it
         reports it as `Created.tombstone`), after the create committed and before the
-        operation can run."""
+        operation can run (held, by the start or because the create saw the tombstone)."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

@@ -44,6 +44,7 @@ from runtime_service.storage.interface import (
     halt_data,
     request_hash,
     stop_data,
+    stopped_ahead_hold,
     utcnow,
 )
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
@@ -80,14 +81,20 @@ def _finish_attempt(outcome: str, output: str = "NULL", when: str = "TRUE") -> s
 
 
 # A new operation and its `created` event; no row when the owner's idempotency key is taken.
+# Held (`:held_if_stopped`, see stopped_ahead_hold) when a live stop by its key is already
+# committed, so no runner claims it, nor hears of it, before the start applies that stop. (The
+# casts: an untyped :key or :owner would be deduced varchar by the INSERT and text by `=`.)
 _CREATE = PgSql(
     f"""
 WITH created AS (
   INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner,
     labels_json, status, steps_completed, last_seq, held_until, created_at, updated_at,
     deadline_at, max_steps, trace_parent)
-  VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-    'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps, :trace_parent)
+  VALUES (:id, :agent, :input, :hash, :key, :owner, :labels, 'PENDING', 0, 1,
+    CASE WHEN EXISTS (SELECT 1 FROM stop_tombstones
+      WHERE owner = :owner::varchar AND idempotency_key = :key::varchar AND expires_at > :now)
+    THEN :held_if_stopped ELSE :held_until END,
+    :now, :now, :deadline_at, :max_steps, :trace_parent)
   ON CONFLICT (owner, idempotency_key) DO NOTHING
   RETURNING {COLUMN_LIST}
 ), written AS (
@@ -97,8 +104,8 @@ WITH created AS (
 SELECT {COLUMN_LIST}, CASE WHEN :announce AND held_until IS NULL THEN pg_notify('{WORK}', '') END
 FROM created""",
     id=TEXT, agent=TEXT, input=TEXT, hash=TEXT, key=TEXT, owner=TEXT, labels=TEXT,
-    held_until=TIME, now=TIME, data=TEXT, announce=BOOL, deadline_at=TIME, max_steps=INT,
-    trace_parent=TEXT,
+    held_until=TIME, held_if_stopped=TIME, now=TIME, data=TEXT, announce=BOOL, deadline_at=TIME,
+    max_steps=INT, trace_parent=TEXT,
 )  # fmt: skip
 
 _RELEASE = PgSql(
@@ -405,6 +412,7 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
                 "owner": owner,
                 "labels": dump_json(labels) if labels else None,
                 "held_until": None if held_until is None else self._time(held_until),
+                "held_if_stopped": self._time(stopped_ahead_hold(now, held_until)),
                 "now": self._time(now),
                 "deadline_at": deadline_at(now, deadline_seconds, self._time),
                 "max_steps": max_steps,
@@ -417,8 +425,9 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             if made is not None:
                 if idempotency_key is None:
                     return made
-                # After the commit (Created.tombstone): a look in the same statement would
-                # miss a stop by key committed while the create ran (READ COMMITTED).
+                # After the commit (Created.tombstone): the look in the statement (which
+                # held the operation) misses a stop by key committed while it ran (READ
+                # COMMITTED).
                 tombstone = await self.take_tombstone(owner, idempotency_key)
                 return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's

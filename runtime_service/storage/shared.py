@@ -164,9 +164,12 @@ class SharedStorage:
         commits its own row, then looks for the other's (the start: `take_tombstone` after its
         create committed). Whichever looks second sees the first's row, so at least one of them
         applies the stop; both may, and the second finds it recorded (record_stop is
-        idempotent). The start looks before its operation can run (held or not yet submitted),
-        and this side records the stop before removing the tombstone, so a stop that raced the
-        start lands before any step whichever side applies it."""
+        idempotent). This side records the stop before removing the tombstone, and the start
+        looks before its operation can run when it is held: by the start itself, or by a create
+        that saw the tombstone (stopped_ahead_hold). So a stop recorded before the create, or
+        racing a held start, lands before any step whichever side applies it. (An unheld start
+        whose create ran while this tombstone was being committed is not held: a runner may
+        claim it first, and the stop then reaches it RUNNING.)"""
         row = await self._call(self.cursors.find_by_key, owner, key)
         if row is None:
             written = await self._call(

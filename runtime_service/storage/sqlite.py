@@ -43,6 +43,7 @@ from runtime_service.storage.interface import (
     halt_ms,
     request_hash,
     stop_data,
+    stopped_ahead_hold,
     utcnow,
 )
 from runtime_service.storage.interface import (
@@ -59,12 +60,17 @@ T = TypeVar("T")
 # Owned by this runner and still running: the fencing condition of every runner write.
 _OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
 
+# Held (`:held_if_stopped`, see stopped_ahead_hold) when a live stop by its key is already
+# committed, so no runner claims it before the start applies that stop.
 _CREATE = Sql("""
 INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner, labels_json,
   status, steps_completed, last_seq, held_until, created_at, updated_at, deadline_at, max_steps,
   trace_parent)
-VALUES (:id, :agent, :input, :hash, :key, :owner, :labels,
-  'PENDING', 0, 1, :held_until, :now, :now, :deadline_at, :max_steps, :trace_parent)
+VALUES (:id, :agent, :input, :hash, :key, :owner, :labels, 'PENDING', 0, 1,
+  CASE WHEN EXISTS (SELECT 1 FROM stop_tombstones
+    WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now)
+  THEN :held_if_stopped ELSE :held_until END,
+  :now, :now, :deadline_at, :max_steps, :trace_parent)
 RETURNING *""")
 
 _RELEASE = Sql("""
@@ -274,6 +280,7 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             "owner": owner,
             "labels": dump_json(labels) if labels else None,
             "held_until": None if held_until is None else self._time(held_until),
+            "held_if_stopped": self._time(stopped_ahead_hold(now, held_until)),
             "now": self._time(now),
             "deadline_at": _deadline_at(now, deadline_seconds, self._time),
             "max_steps": max_steps,
@@ -290,7 +297,9 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             if twin is None:
                 raise
             return Created(twin, created=False, events=())
-        # After the commit (Created.tombstone), on the same trip to the database thread.
+        # After the commit (Created.tombstone), on the same trip to the database thread. The
+        # stop is applied on a later trip, and other writes (a runner's claims among them) run
+        # in between: the create's hold is what keeps the claims off the operation.
         tombstone = None if key is None else self._take_tombstone(owner, key)
         return Created(operation, created=True, events=(event,), tombstone=tombstone)
 
