@@ -1,24 +1,16 @@
-"""`stopline runtime ...`: serve the runtime, migrate its database, and talk to it directly."""
+"""`stopline runtime ...`: serve the runtime, migrate its database, and talk to it directly
+(cli_client.py); the options are in cli_options.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
-from typing import Any
 
 import click
 
-from runtime_service.client import ClientError, RuntimeClient
-from runtime_service.config import (
-    LLM_API_KEY_ENV,
-    LLMSettings,
-    RuntimeConfig,
-    llm_api_key_from,
-    parse_retention,
-    shown_duration,
-)
+from runtime_service.cli_client import COMMANDS
+from runtime_service.cli_options import DEFAULTS, database_option, serve_options
+from runtime_service.config import LLMSettings, RuntimeConfig, llm_api_key_from
 from stopline import logs, tracing
 from stopline.cli_security import (
     reflection_option,
@@ -29,27 +21,6 @@ from stopline.cli_security import (
 )
 from stopline.logs import log_format_option
 from stopline.metrics import metrics_address_option
-from stopline.render import (
-    EXIT_BY_TERMINAL_EVENT,
-    LIST_LIMIT,
-    STATUS_FILTERS,
-    describe_event,
-    describe_operation,
-    status_name,
-    status_value,
-    to_json,
-)
-from stopline.transport import RUNTIME_ADDRESS_ENV
-
-_DEFAULTS = RuntimeConfig()
-
-
-def _retention(ctx: click.Context, param: click.Parameter, value: str) -> float:
-    """--event-retention as seconds: a duration such as 7d or 12h (see parse_retention)."""
-    try:
-        return parse_retention(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from exc
 
 
 @click.group("runtime")
@@ -57,249 +28,8 @@ def runtime() -> None:
     """The runtime service: owns operations, runs their steps, stops them."""
 
 
-def _database_option(fn: Any) -> Any:
-    return click.option(
-        "--database-url",
-        envvar="STOPLINE_DATABASE_URL",
-        default=_DEFAULTS.database_url,
-        show_default=True,
-        help="SQLAlchemy URL: sqlite:///path.db (default) or postgresql+psycopg://...",
-    )(fn)
-
-
 @runtime.command()
-@click.option(
-    "--address",
-    envvar=RUNTIME_ADDRESS_ENV,
-    default=_DEFAULTS.address,
-    show_default=True,
-    help="host:port to listen on.",
-)
-@_database_option
-@click.option(
-    "--max-input-bytes",
-    envvar="STOPLINE_MAX_INPUT_BYTES",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.max_input_bytes,
-    show_default=True,
-    help="Largest agent input accepted (compact JSON).",
-)
-@click.option(
-    "--max-request-bytes",
-    envvar="STOPLINE_MAX_REQUEST_BYTES",
-    type=click.IntRange(min=1024),
-    default=_DEFAULTS.max_request_bytes,
-    show_default=True,
-    help="gRPC receive limit (raised to twice --max-input-bytes if larger).",
-)
-@click.option(
-    "--db-busy-timeout",
-    envvar="STOPLINE_DB_BUSY_TIMEOUT_SECONDS",
-    type=click.FloatRange(min=0),
-    default=_DEFAULTS.db_busy_timeout_seconds,
-    show_default=True,
-    help="Seconds a SQLite write waits for another process's lock before answering UNAVAILABLE.",
-)
-@click.option(
-    "--stop-grace",
-    envvar="STOPLINE_STOP_GRACE_SECONDS",
-    type=click.FloatRange(min=0),
-    default=_DEFAULTS.stop_grace_seconds,
-    show_default=True,
-    help="Seconds a cancelled step may take to clean up.",
-)
-@click.option(
-    "--shutdown-grace",
-    envvar="STOPLINE_SHUTDOWN_GRACE_SECONDS",
-    type=click.FloatRange(min=0),
-    default=_DEFAULTS.shutdown_grace_seconds,
-    show_default=True,
-    help="Seconds in-flight RPCs get on SIGTERM.",
-)
-@click.option(
-    "--max-running",
-    envvar="STOPLINE_MAX_RUNNING",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.max_running,
-    show_default=True,
-    help="Operations run at once; more wait PENDING.",
-)
-@click.option(
-    "--lease-seconds",
-    envvar="STOPLINE_LEASE_SECONDS",
-    type=click.FloatRange(min=0.1),
-    default=_DEFAULTS.lease_seconds,
-    show_default=True,
-    help="How long a replica owns an operation between renewals (takeover delay after a crash).",
-)
-@click.option(
-    "--stop-tombstone-seconds",
-    envvar="STOPLINE_STOP_TOMBSTONE_SECONDS",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=_DEFAULTS.stop_tombstone_seconds,
-    show_default=True,
-    help="How long a stop sent by idempotency key before its start stays waiting for that start.",
-)
-@click.option(
-    "--input-expiry-seconds",
-    envvar="STOPLINE_INPUT_EXPIRY_SECONDS",
-    type=click.FloatRange(min=0.0, min_open=True),
-    default=_DEFAULTS.input_expiry_seconds,
-    show_default=True,
-    help="How long an input request stays open when its agent sets no expiry (then it takes its "
-    "default: deny unless the agent said otherwise).",
-)
-@click.option(
-    "--poll-seconds",
-    envvar="STOPLINE_POLL_SECONDS",
-    type=click.FloatRange(min=0.01),
-    default=_DEFAULTS.poll_seconds,
-    show_default=True,
-    help="Fallback interval for claiming work and re-reading stop intents.",
-)
-@click.option(
-    "--default-deadline",
-    envvar="STOPLINE_DEFAULT_DEADLINE_SECONDS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Deadline in seconds (wall time from start) of an operation whose start sets none. "
-    "[default: none]",
-)
-@click.option(
-    "--max-deadline",
-    envvar="STOPLINE_MAX_DEADLINE_SECONDS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_DEFAULTS.max_deadline_seconds,
-    show_default=True,
-    help="Largest deadline in seconds a start may set.",
-)
-@click.option(
-    "--default-max-steps",
-    envvar="STOPLINE_DEFAULT_MAX_STEPS",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Step budget of an operation whose start sets none. [default: none]",
-)
-@click.option(
-    "--max-steps-cap",
-    envvar="STOPLINE_MAX_STEPS_CAP",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.max_steps_cap,
-    show_default=True,
-    help="Largest step budget a start may set.",
-)
-@click.option(
-    "--abort-mid-step/--stop-at-boundary",
-    envvar="STOPLINE_ABORT_MID_STEP",
-    default=_DEFAULTS.abort_mid_step,
-    show_default=True,
-    help="Cancel the step in flight on a stop, or let it finish and stop at the next boundary.",
-)
-@click.option(
-    "--event-retention",
-    envvar="STOPLINE_EVENT_RETENTION",
-    metavar="DURATION",
-    callback=_retention,
-    default=shown_duration(_DEFAULTS.event_retention_seconds),
-    show_default=True,
-    help="Delete the events and step records of operations that ended longer ago than this "
-    "(e.g. 7d, 12h, 30m); their status, result and cause stay. 0 keeps everything.",
-)
-@click.option(
-    "--retention-batch-size",
-    envvar="STOPLINE_RETENTION_BATCH_SIZE",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.retention_batch_size,
-    show_default=True,
-    help="Rows retention deletes per transaction (small: running operations' writes go "
-    "between batches).",
-)
-@click.option(
-    "--max-page-size",
-    envvar="STOPLINE_MAX_PAGE_SIZE",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.max_page_size,
-    show_default=True,
-    help="Largest page ListOperations serves.",
-)
-@click.option(
-    "--agent",
-    "agents",
-    multiple=True,
-    envvar="STOPLINE_AGENTS",
-    help="Extra agent as name=package.module:attr (repeatable; env: space-separated).",
-)
-@click.option(
-    "--tool",
-    "tools",
-    multiple=True,
-    envvar="STOPLINE_TOOLS",
-    help="Extra tool as name=package.module:attr (repeatable; env: space-separated).",
-)
-@click.option(
-    "--delta-flush-seconds",
-    envvar="STOPLINE_DELTA_FLUSH_SECONDS",
-    type=click.FloatRange(min=0),
-    default=_DEFAULTS.delta_flush_seconds,
-    show_default=True,
-    help="Token deltas are buffered this long before they are written as one event.",
-)
-@click.option(
-    "--delta-flush-chars",
-    envvar="STOPLINE_DELTA_FLUSH_CHARS",
-    type=click.IntRange(min=1),
-    default=_DEFAULTS.delta_flush_chars,
-    show_default=True,
-    help="...or until they hold this many characters.",
-)
-@click.option(
-    "--worker-pool-size",
-    envvar="STOPLINE_WORKER_POOL_SIZE",
-    type=click.IntRange(min=0),
-    default=_DEFAULTS.worker_pool_size,
-    show_default=True,
-    help="Warm worker processes for blocking tools (started with the first blocking call).",
-)
-@click.option(
-    "--python-tool-max-seconds",
-    envvar="STOPLINE_PYTHON_TOOL_MAX_SECONDS",
-    type=click.FloatRange(min=0, min_open=True),
-    default=_DEFAULTS.python_tool_max_seconds,
-    show_default=True,
-    help="Cap on the built-in python tool's time limit.",
-)
-@click.option(
-    "--llm-base-url",
-    envvar=["STOPLINE_LLM_BASE_URL", "OPENAI_BASE_URL"],
-    default=_DEFAULTS.llm.base_url,
-    show_default=True,
-    help="The llm agent's OpenAI-compatible API (env: STOPLINE_LLM_BASE_URL or OPENAI_BASE_URL). "
-    f"Its API key comes from the environment only: {' or '.join(LLM_API_KEY_ENV)}.",
-)
-@click.option(
-    "--llm-model",
-    envvar="STOPLINE_LLM_MODEL",
-    default=_DEFAULTS.llm.model,
-    show_default=True,
-    help="The llm agent's model when an operation's input names none.",
-)
-@click.option(
-    "--llm-max-retries",
-    envvar="STOPLINE_LLM_MAX_RETRIES",
-    type=click.IntRange(min=0),
-    default=_DEFAULTS.llm.max_retries,
-    show_default=True,
-    help="Retries (with backoff) of a model call answered 429 or 5xx, or whose connection failed.",
-)
-@click.option(
-    "--llm-http-transport",
-    envvar="STOPLINE_LLM_HTTP_TRANSPORT",
-    type=click.Choice(["aiohttp", "httpx2"]),
-    default=_DEFAULTS.llm.http_transport,
-    show_default=True,
-    help="The HTTP client under the openai SDK: aiohttp (the SDK's DefaultAioHttpClient, less "
-    "CPU per streamed token) or httpx2 (the SDK's own default).",
-)
+@serve_options
 @service_token_file_option
 @server_tls_options("STOPLINE_RUNTIME")
 @click.option(
@@ -404,7 +134,7 @@ def serve(
         delta_flush_seconds=delta_flush_seconds,
         delta_flush_chars=delta_flush_chars,
         worker_pool_size=worker_pool_size,
-        max_workers=max(_DEFAULTS.max_workers, worker_pool_size),
+        max_workers=max(DEFAULTS.max_workers, worker_pool_size),
         python_tool_max_seconds=python_tool_max_seconds,
         llm=LLMSettings(
             base_url=llm_base_url,
@@ -437,7 +167,7 @@ def serve(
 
 
 @runtime.command()
-@_database_option
+@database_option
 def migrate(database_url: str) -> None:
     """Apply database migrations up to the newest schema (serve also does this at start)."""
     from runtime_service.database import create_db_engine
@@ -447,132 +177,5 @@ def migrate(database_url: str) -> None:
     click.echo("database is at the newest schema")
 
 
-# --------------------------------------------------------------------------- client commands
-
-_target = click.option(
-    "--runtime",
-    "address",
-    envvar=RUNTIME_ADDRESS_ENV,
-    default=_DEFAULTS.address,
-    show_default=True,
-    help="Runtime address.",
-)
-_json_flag = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
-)
-
-
-def _client(address: str) -> RuntimeClient:
-    return RuntimeClient.connect(address)
-
-
-def _fail(exc: ClientError) -> None:
-    raise click.ClickException(str(exc))
-
-
-@runtime.command()
-@_target
-@_json_flag
-@click.argument("agent")
-@click.option("--input", "input_json", default="{}", help="Agent input as a JSON object.")
-@click.option("--idempotency-key", default="")
-@click.option("--watch/--no-watch", default=True, help="Stream events until the operation ends.")
-def start(
-    address: str, as_json: bool, agent: str, input_json: str, idempotency_key: str, watch: bool
-) -> None:
-    """Start an operation of AGENT (and by default stream its events)."""
-    try:
-        input_value = json.loads(input_json)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
-    if not isinstance(input_value, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--input")
-    client = _client(address)
-    try:
-        response = client.start(agent, input_value, idempotency_key)
-    except ClientError as exc:
-        _fail(exc)
-        return
-    operation = response.operation
-    click.echo(to_json(operation) if as_json else f"operation {operation.id}")
-    if watch:
-        _stream(client, operation.id, 0, as_json)
-
-
-def _stream(client: RuntimeClient, operation_id: str, after_seq: int, as_json: bool) -> None:
-    try:
-        for event in client.watch(operation_id, after_seq):
-            click.echo(to_json(event) if as_json else describe_event(event))
-        final = client.get(operation_id)
-    except ClientError as exc:
-        _fail(exc)
-        return
-    sys.exit(EXIT_BY_TERMINAL_EVENT.get(status_name(final.status).lower(), 0))
-
-
-@runtime.command()
-@_target
-@_json_flag
-@click.argument("operation_id")
-@click.option(
-    "--after",
-    "after_seq",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Stream events after this seq.",
-)
-def watch(address: str, as_json: bool, operation_id: str, after_seq: int) -> None:
-    """Stream an operation's events from --after until it ends."""
-    _stream(_client(address), operation_id, after_seq, as_json)
-
-
-@runtime.command()
-@_target
-@_json_flag
-@click.argument("operation_id")
-@click.option("--reason", default="stopped from the command line")
-@click.option("--by", "requested_by", default="stopline-cli")
-def stop(address: str, as_json: bool, operation_id: str, reason: str, requested_by: str) -> None:
-    """Stop an operation (idempotent; says whether this call stopped it)."""
-    try:
-        response = _client(address).interrupt(operation_id, requested_by, reason)
-    except ClientError as exc:
-        _fail(exc)
-        return
-    if as_json:
-        click.echo(to_json(response))
-        return
-    outcome = {1: "stop accepted", 2: "a stop was already requested", 3: "already finished"}
-    said = outcome.get(response.outcome, "unknown outcome")
-    click.echo(f"{said}: {status_name(response.operation.status)}")
-
-
-@runtime.command()
-@_target
-@_json_flag
-@click.argument("operation_id")
-def get(address: str, as_json: bool, operation_id: str) -> None:
-    """Show one operation."""
-    try:
-        operation = _client(address).get(operation_id)
-    except ClientError as exc:
-        _fail(exc)
-        return
-    click.echo(to_json(operation) if as_json else describe_operation(operation))
-
-
-@runtime.command("ls")
-@_target
-@_json_flag
-@click.option("--status", type=click.Choice(STATUS_FILTERS), default=None)
-@click.option("--limit", type=click.IntRange(min=1), default=LIST_LIMIT, show_default=True)
-def list_operations(address: str, as_json: bool, status: str | None, limit: int) -> None:
-    """List operations, newest first."""
-    try:
-        response = _client(address).list(status_value(status or ""), limit)
-    except ClientError as exc:
-        _fail(exc)
-        return
-    for operation in response.operations:
-        click.echo(to_json(operation) if as_json else describe_operation(operation))
+for command in COMMANDS:
+    runtime.add_command(command)

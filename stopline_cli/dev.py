@@ -40,7 +40,8 @@ from stopline.transport import (
     SERVICE_TOKEN_ENV,
     TOKEN_ENV,
 )
-from stopline_cli.client import Target, connect, describe_update
+from stopline_cli.connection import Target, connect
+from stopline_cli.follower import describe_update
 
 if TYPE_CHECKING:
     from fake_llm.server import FakeLLM

@@ -26,7 +26,7 @@ from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.render import describe_answer, status_name, to_json
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
-from stopline_cli.client import UNARY_TIMEOUT, Target, _gateway_option, _json_flag, _unary
+from stopline_cli.connection import UNARY_TIMEOUT, Target, gateway_option, json_flag, unary_call
 
 
 def _json_arg(text: str, what: str) -> Any:
@@ -79,8 +79,8 @@ async def _request_id(stub: pb_grpc.GatewayServiceAsyncStub, operation_id: str) 
 
 
 @click.command()
-@_gateway_option
-@_json_flag
+@gateway_option
+@json_flag
 @click.argument("operation_id")
 @click.argument("request_id", required=False, default="")
 @click.option("--approve", is_flag=True, help="Approve the tool call as asked.")
@@ -117,13 +117,13 @@ def answer(
         )
         return await stub.AnswerInput(request, timeout=UNARY_TIMEOUT)
 
-    response: pb.AnswerInputResponse = asyncio.run(_unary(target, call, "stopline answer"))
+    response: pb.AnswerInputResponse = asyncio.run(unary_call(target, call, "stopline answer"))
     click.echo(to_json(response) if as_json else _outcome(response))
 
 
 @click.command()
-@_gateway_option
-@_json_flag
+@gateway_option
+@json_flag
 @click.argument("operation_id")
 def pause(target: Target, as_json: bool, operation_id: str) -> None:
     """Pause an operation: its step in flight is cut; nothing runs until `resume`."""
@@ -138,8 +138,8 @@ def pause(target: Target, as_json: bool, operation_id: str) -> None:
 
 
 @click.command()
-@_gateway_option
-@_json_flag
+@gateway_option
+@json_flag
 @click.argument("operation_id")
 def resume(target: Target, as_json: bool, operation_id: str) -> None:
     """Resume a paused operation from its last checkpoint."""
@@ -163,7 +163,7 @@ def _pause_or_resume(
     """Make the call of `stopline pause` or `stopline resume` and print its answer: the
     outcome (`pause ACCEPTED`, without its enum's prefix) and the operation's status."""
     response: pb.PauseOperationResponse | pb.ResumeOperationResponse = asyncio.run(
-        _unary(target, call, f"stopline {verb}")
+        unary_call(target, call, f"stopline {verb}")
     )
     if as_json:
         click.echo(to_json(response))

@@ -20,7 +20,7 @@ from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.transport import open_sync_channel
 from stopline.v1 import operation_pb2 as op_pb
-from stopline_cli.client import _start_request
+from stopline_cli.client import start_request
 from tests.credentials import ENV, TOKEN
 from tests.processes import GatewayProcess, RuntimeProcess, free_port, stopline_command
 
@@ -343,8 +343,8 @@ def test_run_no_hold_streams_the_operation_to_its_end(services: Services) -> Non
     seqs = [int(u["event"]["seq"]) for u in updates[1:]]
     assert seqs == list(range(1, len(seqs) + 1))
     assert "completed" in updates[-1]["event"]
-    assert _start_request("ticker", {}, "k", None, None, False, no_hold=True).no_hold
-    assert not _start_request("ticker", {}, "k", None, None, False).no_hold
+    assert start_request("ticker", {}, "k", None, None, False, no_hold=True).no_hold
+    assert not start_request("ticker", {}, "k", None, None, False).no_hold
 
 
 def test_stop_by_key_before_the_start_records_it_ahead(services: Services) -> None:
