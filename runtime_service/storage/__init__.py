@@ -1,5 +1,6 @@
 """Storage: one interface (interface.py), one implementation per SQL dialect (sqlite.py,
-postgres.py) over what they share (shared.py), chosen once, by open_storage."""
+postgres.py) over what they share (shared.py, claims.py, waiting.py, pausing.py), chosen once,
+by open_storage."""
 
 from __future__ import annotations
 

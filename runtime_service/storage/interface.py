@@ -358,7 +358,7 @@ class Storage(Protocol):
         """RUNNING -> FAILED, settling the step's attempt as failed."""
         ...
 
-    # -- waiting for a person (storage/waiting.py)
+    # -- waiting for a person (storage/waiting.py; pause and resume: storage/pausing.py)
 
     async def ask(
         self,

@@ -1,18 +1,15 @@
-"""What both dialects share: the reads and the maintenance that exist once (a page of the list,
-the claim of abandoned work, leases, step records), as SQLAlchemy Core on the database threads,
-and the reads watchers repeat, as fixed SQL (cursors.py). Each dialect's module adds its writes.
-
-Claiming abandoned work stays here because it is rare (a replica died) and must work the same
-everywhere: FOR UPDATE SKIP LOCKED lets PostgreSQL replicas claim concurrently without taking the
-same row, and each take is still a compare-and-set, so even without row locks (SQLite, where
-there is one replica) an operation is never claimed twice.
+"""What both dialects share: the plumbing (the database threads, failures as domain errors), the
+reads that exist once (a page of the list, step records), the stops by key, and the pieces of the
+writes that claims.py and waiting.py make, as SQLAlchemy Core on the database threads; and the
+reads watchers repeat, as fixed SQL (cursors.py). Each dialect's module adds its writes, and
+composes this with claims.py (claims and leases) and waiting.py (waiting for a person).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -20,16 +17,14 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
-    case,
     delete,
-    func,
     insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.elements import ColumnElement, TextClause
+from sqlalchemy.sql.elements import ColumnElement
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -43,8 +38,8 @@ from runtime_service.domain import (
     RecordedAhead,
     StopCause,
 )
-from runtime_service.metrics import UNFINISHED_STATUSES, StorageMetrics, UnfinishedCounts
-from runtime_service.notifications import EVENTS, WORK, notify
+from runtime_service.metrics import StorageMetrics
+from runtime_service.notifications import EVENTS, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
@@ -54,14 +49,10 @@ from runtime_service.storage.interface import (
     ABANDONED,
     STOPPING,
     Appended,
-    ClaimBatch,
-    Claimed,
     ExpiredBatch,
     ListCursor,
     StepRecord,
     Tombstone,
-    halt_data,
-    halt_ms,
     utcnow,
 )
 from runtime_service.storage.sql import Sql
@@ -84,24 +75,9 @@ _HAS_TOMBSTONE = Sql(
 )
 
 
-def _pending_unheld(now: datetime) -> ColumnElement[bool]:
-    """PENDING and not (or no longer) held: claimable."""
-    return and_(
-        operations.c.status == OperationStatus.PENDING,
-        or_(operations.c.held_until.is_(None), operations.c.held_until <= now),
-    )
-
-
-def _running_lease_lapsed(now: datetime) -> ColumnElement[bool]:
-    """RUNNING, but its owner stopped renewing the lease: the owner is presumed dead."""
-    return and_(
-        operations.c.status == OperationStatus.RUNNING,
-        or_(operations.c.lease_expires_at.is_(None), operations.c.lease_expires_at <= now),
-    )
-
-
 class SharedStorage:
-    """The part of Storage both dialects run alike; see sqlite.py and postgres.py for the rest."""
+    """The part of Storage both dialects run alike; see claims.py and waiting.py for the rest of
+    it, and sqlite.py and postgres.py for each dialect's writes."""
 
     def __init__(self, db: Database, cursors: Cursors, meters: StorageMetrics | None) -> None:
         self.db = db
@@ -147,7 +123,7 @@ class SharedStorage:
         raise NotImplementedError  # each dialect's module writes it
 
     def _pause_orphan(self, conn: Connection, operation_id: str, now: datetime) -> list[Event]:
-        raise NotImplementedError  # storage/waiting.py
+        raise NotImplementedError  # storage/waiting.py (claims.py calls it)
 
     # ------------------------------------------------------------------ stops by key
 
@@ -273,28 +249,6 @@ class SharedStorage:
     async def step_records(self, operation_id: str) -> list[StepRecord]:
         return await self._call(self._step_records, operation_id)
 
-    async def claim_next(
-        self,
-        runner_id: str,
-        limit: int,
-        lease_seconds: float,
-        running: Collection[str] = (),
-    ) -> ClaimBatch:
-        return await self._call(self._claim_next, runner_id, limit, lease_seconds, list(running))
-
-    async def renew_leases(
-        self, runner_id: str, operation_ids: list[str], lease_seconds: float
-    ) -> tuple[set[str], set[str]]:
-        if not operation_ids:
-            return set(), set()
-        return await self._call(self._renew_leases, runner_id, operation_ids, lease_seconds)
-
-    async def drop_leases(self, runner_id: str) -> int:
-        return await self._call(self._drop_leases, runner_id)
-
-    async def expire_all_leases(self) -> int:
-        return await self._call(self._expire_all_leases)
-
     async def expire_events(self, cutoff: datetime, batch_size: int) -> ExpiredBatch:
         return await self._call(expire_batch, self.engine, cutoff, batch_size, utcnow())
 
@@ -350,193 +304,7 @@ class SharedStorage:
         with self.engine.begin() as conn:
             return [StepRecord(*row) for row in conn.execute(query).all()]
 
-    async def count_unfinished(self) -> UnfinishedCounts:
-        return await self._call(self._count_unfinished)
-
-    def _count_unfinished(self) -> UnfinishedCounts:
-        claimable = or_(_pending_unheld(utcnow()), _running_lease_lapsed(utcnow()))
-        query = (
-            select(
-                operations.c.status,
-                func.count(),
-                func.coalesce(func.sum(case((claimable, 1), else_=0)), 0),
-            )
-            .where(operations.c.status.in_(UNFINISHED_STATUSES))
-            .group_by(operations.c.status)
-        )
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return UnfinishedCounts(
-            by_status={str(row[0]): int(row[1]) for row in rows},
-            claimable=sum(int(row[2]) for row in rows),
-        )
-
-    def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
-        """`operations.id` is none of `ids`, with the ids bound as one value (each dialect says
-        how): an expanding NOT IN compiled one bound parameter per running operation on every
-        claim, which at 10,000 running operations was most of the claim's time."""
-        return (operations.c.id.not_in(ids),)
-
-    def _claim_next(
-        self, runner_id: str, limit: int, lease_seconds: float, running: list[str]
-    ) -> ClaimBatch:
-        now = utcnow()
-        claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
-        query = (
-            select(
-                operations.c.id,
-                operations.c.status,
-                operations.c.stop_requested_at,
-                operations.c.pause_requested_at,
-            )
-            .where(claimable, *self._not_among(running))
-            .order_by(operations.c.created_at, operations.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        batch = ClaimBatch()
-        with self.engine.begin() as conn:
-            for row in conn.execute(query).all():
-                if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
-                    # Stopped while its owner was dead: end it, never resume it.
-                    batch.finished.extend(self._halt_orphan(conn, row.id, now))
-                    continue
-                if row.status == OperationStatus.RUNNING and row.pause_requested_at is not None:
-                    # Paused while its owner was dead: pause it, do not resume it.
-                    batch.finished.extend(self._pause_orphan(conn, row.id, now))
-                    continue
-                claimed = self._take(
-                    conn,
-                    row.id,
-                    runner_id,
-                    now,
-                    lease_seconds,
-                    where=claimable,
-                    resumed=row.status == OperationStatus.RUNNING,
-                )
-                if claimed is not None:
-                    batch.claimed.append(claimed)
-        return batch
-
-    # The renewal of many leases in one statement, the ids bound as one value (a JSON array on
-    # SQLite, an array on PostgreSQL): SQLAlchemy's expanding IN compiled 10,000 bound
-    # parameters per renewal, most of a busy runtime's time. Each dialect defines its text.
-    _RENEW_LEASES: Sql
-
-    def _lease_ids(self, operation_ids: list[str]) -> Any:
-        """The ids as the renewal statement binds them (see _RENEW_LEASES)."""
-        return operation_ids
-
-    def _renew_leases(
-        self, runner_id: str, operation_ids: list[str], lease_seconds: float
-    ) -> tuple[set[str], set[str]]:
-        params = {
-            "ids": self._lease_ids(operation_ids),
-            "runner": runner_id,
-            "until": self.cursors.to_db(utcnow() + timedelta(seconds=lease_seconds)),
-        }
-        with self.cursors.transaction() as cur:
-            cur.execute(self.cursors.sql(self._RENEW_LEASES), params)
-            rows = cur.fetchall()
-        # A pause is an intent the runner must act on like a stop (it reads which one it is).
-        return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
-
-    def _drop_leases(self, runner_id: str) -> int:
-        with self.engine.begin() as conn:
-            dropped = conn.execute(
-                update(operations)
-                .where(
-                    operations.c.runner_id == runner_id,
-                    operations.c.status == OperationStatus.RUNNING,
-                )
-                .values(lease_expires_at=utcnow())
-            ).rowcount
-            if dropped:
-                notify(conn, WORK)
-            return dropped
-
-    def _expire_all_leases(self) -> int:
-        with self.engine.begin() as conn:
-            return conn.execute(
-                update(operations)
-                .where(operations.c.status == OperationStatus.RUNNING)
-                .values(lease_expires_at=utcnow())
-            ).rowcount
-
-    def _take(
-        self,
-        conn: Connection,
-        operation_id: str,
-        runner_id: str,
-        now: datetime,
-        lease_seconds: float,
-        where: ColumnElement[bool],
-        resumed: bool,
-    ) -> Claimed | None:
-        steps_completed = conn.execute(
-            select(operations.c.steps_completed).where(operations.c.id == operation_id)
-        ).scalar_one_or_none()
-        if steps_completed is None:
-            return None
-        event = self._append(
-            conn,
-            operation_id,
-            EventKind.STARTED,
-            {"from_step": steps_completed, "resumed": resumed},
-            now,
-            where=where,
-            values={
-                "status": OperationStatus.RUNNING,
-                "runner_id": runner_id,
-                "lease_expires_at": now + timedelta(seconds=lease_seconds),
-                "held_until": None,
-            },
-        )
-        if event is None:
-            return None
-        settled: list[Event] = []
-        if resumed:
-            self._settle_abandoned(conn, operation_id, now)
-            mine = operations.c.runner_id == runner_id
-            settled = self._settle_open_calls(conn, operation_id, now, mine)
-        row = conn.execute(select(operations).where(operations.c.id == operation_id)).one()
-        return Claimed(operation_from_row(row), event, tuple(settled))
-
-    def _halt_orphan(self, conn: Connection, operation_id: str, now: datetime) -> list[Event]:
-        """End an operation stopped while its owner was dead. If the owner died in the middle
-        of a step (its attempt never finished), that step was cut: the halt says so."""
-        step, requested_at, cause = conn.execute(
-            select(
-                operations.c.steps_completed,
-                operations.c.stop_requested_at,
-                operations.c.stop_cause,
-            ).where(operations.c.id == operation_id)
-        ).one()
-        cut = conn.execute(
-            select(steps.c.attempt).where(
-                steps.c.operation_id == operation_id,
-                steps.c.step == step,
-                steps.c.finished_at.is_(None),
-            )
-        ).first()
-        settled = self._settle_open_calls(conn, operation_id, now, _running_lease_lapsed(now))
-        event = self._append(
-            conn,
-            operation_id,
-            EventKind.INTERRUPTED,
-            halt_data(
-                cut is not None,
-                step,
-                halt_ms(now, requested_at, None),
-                StopCause(cause) if cause else None,
-            ),
-            now,
-            where=_running_lease_lapsed(now),
-            values={"status": OperationStatus.INTERRUPTED, "finished_at": now},
-        )
-        if event is not None:
-            self._settle_abandoned(conn, operation_id, now)
-        return [*settled, event] if event is not None else []
+    # ------------------------------------------------------------------ pieces of writes
 
     def _settle_open_calls(
         self, conn: Connection, operation_id: str, now: datetime, where: ColumnElement[bool]

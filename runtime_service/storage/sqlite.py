@@ -5,6 +5,8 @@ Why both: a SQLite write of the runner takes about a tenth of a millisecond, whi
 the database thread and back costs about as much again, plus the wake-up of a core when the
 machine is otherwise idle; and with many operations running the queue is rarely empty, so
 committing everything queued in one transaction removes most of the cost of a transaction.
+
+The statements are in sqlite_sql.py; the runner's writes, in sqlite_steps.py.
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import ColumnElement, TextClause, text
 from sqlalchemy.exc import IntegrityError
 
 from runtime_service.database import Database
 from runtime_service.domain import (
-    Event,
     EventKind,
     InterruptOutcome,
     InterruptResult,
@@ -32,15 +33,12 @@ from runtime_service.domain import (
 )
 from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
+from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
-    Appended,
-    Claimed,
     Created,
-    KeptState,
     halt_data,
-    halt_ms,
     request_hash,
     stop_data,
     stopped_ahead_hold,
@@ -49,134 +47,25 @@ from runtime_service.storage.interface import (
 from runtime_service.storage.interface import (
     deadline_at as _deadline_at,
 )
+from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.shared import twin_of
-from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
-from runtime_service.storage.waiting import WaitingStorage
+from runtime_service.storage.sqlite_sql import (
+    BUMP_TO_ADVANCE,
+    CREATE,
+    RECORD_STOP,
+    RELEASE,
+    RENEW_LEASES,
+)
+from runtime_service.storage.sqlite_steps import INTERRUPTED, STOP_REQUESTED, SqliteStepWrites
 from stopline.json_values import dump_json
 
-T = TypeVar("T")
-
-# Owned by this runner and still running: the fencing condition of every runner write.
-_OWNED = "id = :id AND status = 'RUNNING' AND runner_id = :runner"
-
-# Held (`:held_if_stopped`, see stopped_ahead_hold) when a live stop by its key is already
-# committed, so no runner claims it before the start applies that stop.
-_CREATE = Sql("""
-INSERT INTO operations (id, agent, input_json, request_hash, idempotency_key, owner, labels_json,
-  status, steps_completed, last_seq, held_until, created_at, updated_at, deadline_at, max_steps,
-  trace_parent)
-VALUES (:id, :agent, :input, :hash, :key, :owner, :labels, 'PENDING', 0, 1,
-  CASE WHEN EXISTS (SELECT 1 FROM stop_tombstones
-    WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now)
-  THEN :held_if_stopped ELSE :held_until END,
-  :now, :now, :deadline_at, :max_steps, :trace_parent)
-RETURNING *""")
-
-_RELEASE = Sql("""
-UPDATE operations SET held_until = NULL
-WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
-RETURNING *""")
-
-# The stop intent, recorded once, on an operation that has not ended. One that is not RUNNING
-# (PENDING, WAITING, PAUSED: no step in flight) is interrupted in the same UPDATE (SET sees the
-# old row: `status` there is the one before).
-_RECORD_STOP = Sql("""
-UPDATE operations SET
-  last_seq = last_seq + CASE WHEN status <> 'RUNNING' THEN 2 ELSE 1 END,
-  updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
-  stop_cause = :cause,
-  status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
-  finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
-WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
-  AND stop_requested_at IS NULL
-RETURNING *""")
-
-# A PENDING operation never has a stop recorded (recording one interrupts it), so the claim is
-# always followed by its first step.
-_CLAIM = Sql("""
-UPDATE operations SET status = 'RUNNING', runner_id = :runner, lease_expires_at = :lease,
-  held_until = NULL, last_seq = last_seq + 2, updated_at = :now
-WHERE id = :id AND status = 'PENDING' AND (held_until IS NULL OR held_until <= :now)
-RETURNING *""")
-
-_NEXT_ATTEMPT = Sql("SELECT count(*) + 1 FROM steps WHERE operation_id = :id AND step = :step")
-
-_BUMP_TO_START = Sql(f"""
-UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
-WHERE {_OWNED} AND stop_requested_at IS NULL
-RETURNING last_seq""")
-
-# An event of the step in flight (every kind: output, deltas, agent events, tool call records).
-# Output is stored only while no stop is recorded, so once a stop_requested event is stored no
-# output follows it, only the halt. `:outlives_stop` lifts that for records allowed between the
-# stop and the halt (settling tool calls, deltas passed before the stop reached the step) and
-# for the stop-at-boundary mode, where the step in flight runs to its end and its output is kept.
-_BUMP_TO_APPEND = Sql(f"""
-UPDATE operations SET last_seq = last_seq + 1, updated_at = :now
-WHERE {_OWNED} AND (stop_requested_at IS NULL OR :outlives_stop)
-RETURNING last_seq, stop_requested_at""")
-
-# Checkpoint step N and, unless a stop is recorded, begin step N+1: one seq for step_completed,
-# a second for step_started only when no stop is recorded (the stop wins at the boundary).
-_BUMP_TO_ADVANCE = Sql(f"""
-UPDATE operations SET
-  last_seq = last_seq + CASE WHEN stop_requested_at IS NULL THEN 2 ELSE 1 END,
-  steps_completed = :next_step, agent_state_json = :state, updated_at = :now
-WHERE {_OWNED}
-RETURNING last_seq, stop_requested_at""")
-
-# The last step: checkpoint it and complete the operation, unless a stop was recorded first
-# (then only the checkpoint: the stop wins, and the runner halts at this boundary).
-_BUMP_TO_COMPLETE = Sql(f"""
-UPDATE operations SET
-  last_seq = last_seq + CASE WHEN stop_requested_at IS NULL THEN 2 ELSE 1 END,
-  steps_completed = :next_step, agent_state_json = :state, updated_at = :now,
-  status = CASE WHEN stop_requested_at IS NULL THEN 'COMPLETED' ELSE status END,
-  result_json = CASE WHEN stop_requested_at IS NULL THEN :output ELSE result_json END,
-  finished_at = CASE WHEN stop_requested_at IS NULL THEN :now ELSE finished_at END
-WHERE {_OWNED}
-RETURNING last_seq, stop_requested_at""")
-
-# `:state`: the state the cut step kept for a stop (NULL: the last checkpoint's stays).
-_HALT = Sql(f"""
-UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
-  status = 'INTERRUPTED', finished_at = :now,
-  agent_state_json = coalesce(:state, agent_state_json)
-WHERE {_OWNED}
-RETURNING last_seq, stop_requested_at, stop_cause""")
-
-_FAIL = Sql(f"""
-UPDATE operations SET last_seq = last_seq + 1, updated_at = :now,
-  status = 'FAILED', error = :error, finished_at = :now
-WHERE {_OWNED}
-RETURNING last_seq""")
-
-_EVENT = Sql("""
-INSERT INTO events (operation_id, seq, kind, data_json, created_at)
-VALUES (:id, :seq, :kind, :data, :now)""")
-
-_TWO_EVENTS = Sql("""
-INSERT INTO events (operation_id, seq, kind, data_json, created_at)
-VALUES (:id, :seq, :kind, :data, :now), (:id, :seq + 1, :kind2, :data2, :now)""")
-
-_ATTEMPT = Sql("""
-INSERT INTO steps (operation_id, step, attempt, runner_id, started_at)
-VALUES (:id, :step, :attempt, :runner, :now)""")
-
-# Only the newest attempt is this runner's (older ones were settled as abandoned at takeover).
-_FINISH_ATTEMPT = Sql("""
-UPDATE steps SET finished_at = :now, outcome = :outcome, output_json = :output
-WHERE operation_id = :id AND step = :step AND finished_at IS NULL
-  AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)""")
+# Under its old name too: tests/test_write_path.py group-commits a step boundary by hand with it.
+_BUMP_TO_ADVANCE = BUMP_TO_ADVANCE
 
 
-class SqliteStorage(WaitingStorage):
-    # The ids as one JSON array (SQLite has no array type; json_each reads it as rows).
-    _RENEW_LEASES = Sql("""
-UPDATE operations SET lease_expires_at = :until
-WHERE id IN (SELECT value FROM json_each(:ids)) AND runner_id = :runner AND status = 'RUNNING'
-RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
+    _RENEW_LEASES = RENEW_LEASES  # the ids as one JSON array (see sqlite_sql.py)
 
     def _lease_ids(self, operation_ids: list[str]) -> Any:
         return json.dumps(operation_ids)
@@ -288,7 +177,7 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
         }
         try:
             with self.cursors.transaction() as cur:
-                cur.execute(_CREATE.text, params)
+                cur.execute(CREATE.text, params)
                 operation = operation_from_row(self.cursors.row(cur))
                 event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
         except IntegrityError:
@@ -311,7 +200,7 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
 
     def _release(self, operation_id: str) -> Operation | None:
         with self.cursors.transaction() as cur:
-            cur.execute(_RELEASE.text, {"id": operation_id})
+            cur.execute(RELEASE.text, {"id": operation_id})
             row = self.cursors.row(cur)
         return None if row is None else operation_from_row(row)
 
@@ -341,7 +230,7 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             "reason": reason,
             "cause": cause.value,
         }
-        cur.execute(_RECORD_STOP.text, params)
+        cur.execute(RECORD_STOP.text, params)
         row = self.cursors.row(cur)
         if row is None:
             operation = self.cursors.get_in(cur, operation_id)
@@ -360,265 +249,3 @@ RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL"""
             cur, operation_id, row.last_seq - 1, now, STOP_REQUESTED, data, INTERRUPTED, halt
         )
         return InterruptResult(InterruptOutcome.ACCEPTED, operation, written)
-
-    # ------------------------------------------------------------------ the runner's writes
-
-    async def claim_and_start(
-        self, operation_id: str, runner_id: str, lease_seconds: float
-    ) -> tuple[Claimed, Event] | None:
-        now = utcnow()
-        lease = self._time(now + timedelta(seconds=lease_seconds))
-        result: tuple[Claimed, Event] | None = await self._write(
-            self._claim_and_start, operation_id, runner_id, lease, now
-        )
-        return result
-
-    def _claim_and_start(
-        self, cur: Any, operation_id: str, runner_id: str, lease: Any, now: datetime
-    ) -> tuple[Claimed, Event] | None:
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "lease": lease}
-        cur.execute(_CLAIM.text, params)
-        row = self.cursors.row(cur)
-        if row is None:
-            return None
-        operation = operation_from_row(row)
-        step, seq = operation.steps_completed, operation.last_seq
-        cur.execute(_NEXT_ATTEMPT.text, {"id": operation_id, "step": step})
-        attempt = cur.fetchone()[0]
-        claimed: dict[str, JSONValue] = {"from_step": step, "resumed": False}
-        started: dict[str, JSONValue] = {"step": step, "attempt": attempt}
-        first, begun = self._pair(
-            cur, operation_id, seq - 1, now, STARTED, claimed, STEP_STARTED, started
-        )
-        cur.execute(_ATTEMPT.text, {**params, "step": step, "attempt": attempt})
-        return Claimed(operation, first), begun
-
-    async def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
-        result: Event | None = await self._write(self._start_step, operation_id, step, runner_id)
-        return result
-
-    def _start_step(self, cur: Any, operation_id: str, step: int, runner_id: str) -> Event | None:
-        now = utcnow()
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
-        cur.execute(_NEXT_ATTEMPT.text, params)
-        attempt = cur.fetchone()[0]
-        cur.execute(_BUMP_TO_START.text, params)
-        row = cur.fetchone()
-        if row is None:
-            return None
-        cur.execute(_ATTEMPT.text, {**params, "attempt": attempt})
-        data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
-        return self._event(cur, operation_id, row[0], STEP_STARTED, data, now)
-
-    async def append(
-        self,
-        operation_id: str,
-        kind: EventKind,
-        data: dict[str, JSONValue],
-        runner_id: str,
-        outlives_stop: bool,
-    ) -> Appended | None:
-        result: Appended | None = await self._write(
-            self._append_event, operation_id, kind, data, runner_id, outlives_stop
-        )
-        return result
-
-    def _append_event(
-        self,
-        cur: Any,
-        operation_id: str,
-        kind: EventKind,
-        data: dict[str, JSONValue],
-        runner_id: str,
-        outlives: bool,
-    ) -> Appended | None:
-        now = utcnow()
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
-        cur.execute(_BUMP_TO_APPEND.text, {**params, "outlives_stop": outlives})
-        row = cur.fetchone()
-        if row is None:
-            return None
-        event = self._event(cur, operation_id, row[0], kind, data, now)
-        return Appended(event, stopping=row[1] is not None)
-
-    async def advance(
-        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
-    ) -> list[Event]:
-        written: list[Event] = await self._write(
-            self._boundary, _BUMP_TO_ADVANCE, operation_id, step, output, state, runner_id
-        )
-        return written
-
-    async def complete(
-        self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str
-    ) -> list[Event]:
-        written: list[Event] = await self._write(
-            self._boundary, _BUMP_TO_COMPLETE, operation_id, step, output, state, runner_id
-        )
-        return written
-
-    def _boundary(
-        self,
-        cur: Any,
-        bump: Sql,
-        operation_id: str,
-        step: int,
-        output: JSONValue,
-        state: JSONValue,
-        runner_id: str,
-    ) -> list[Event]:
-        """A step boundary: checkpoint `step` and, unless a stop is recorded, go on (begin the
-        next step, or complete the operation after the last)."""
-        now = utcnow()
-        output_json = dump_json(output)
-        params = {
-            "id": operation_id,
-            "runner": runner_id,
-            "now": self._time(now),
-            "step": step,
-            "next_step": step + 1,
-            "state": dump_json(state),
-            "output": output_json,
-        }
-        cur.execute(bump.text, params)
-        row = cur.fetchone()
-        if row is None:
-            return []
-        last_seq, go_on = row[0], row[1] is None
-        self._finish_attempt(cur, params, "completed", output_json)
-        completed: dict[str, JSONValue] = {"step": step, "output": output}
-        if not go_on:
-            return [self._event(cur, operation_id, last_seq, STEP_COMPLETED, completed, now)]
-        if bump is _BUMP_TO_COMPLETE:
-            done: dict[str, JSONValue] = {"result": output}
-            return list(
-                self._pair(
-                    cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, COMPLETED, done
-                )
-            )
-        # Step + 1 was never begun before: only the runner that completed `step` (this one,
-        # under the fencing condition) can begin it, so this is its first attempt.
-        started: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
-        cur.execute(_ATTEMPT.text, {**params, "step": step + 1, "attempt": 1})
-        pair = self._pair(
-            cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, STEP_STARTED, started
-        )
-        return list(pair)
-
-    async def halt(
-        self,
-        operation_id: str,
-        step: int,
-        mid_step: bool,
-        runner_id: str,
-        seen_at: datetime | None = None,
-        kept: KeptState | None = None,
-    ) -> Event | None:
-        state = None if kept is None else dump_json(kept.state)
-        result: Event | None = await self._write(
-            self._halt, operation_id, step, mid_step, runner_id, seen_at, state
-        )
-        return result
-
-    def _halt(
-        self,
-        cur: Any,
-        operation_id: str,
-        step: int,
-        mid_step: bool,
-        runner_id: str,
-        seen_at: datetime | None,
-        state: str | None,
-    ) -> Event | None:
-        now = utcnow()
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
-        cur.execute(_HALT.text, {**params, "state": state})
-        row = cur.fetchone()
-        if row is None:
-            return None
-        if mid_step:
-            self._finish_attempt(cur, params, "interrupted", None)
-        since = self.cursors.from_db(row[1])
-        data = halt_data(
-            mid_step, step, halt_ms(now, since, seen_at), StopCause(row[2]) if row[2] else None
-        )
-        return self._event(cur, operation_id, row[0], INTERRUPTED, data, now)
-
-    async def fail(self, operation_id: str, step: int, error: str, runner_id: str) -> Event | None:
-        result: Event | None = await self._write(self._fail, operation_id, step, error, runner_id)
-        return result
-
-    def _fail(
-        self, cur: Any, operation_id: str, step: int, error: str, runner_id: str
-    ) -> Event | None:
-        now = utcnow()
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "step": step}
-        cur.execute(_FAIL.text, {**params, "error": error})
-        row = cur.fetchone()
-        if row is None:
-            return None  # the attempt is ours to settle only while the operation is
-        self._finish_attempt(cur, params, "failed", None)
-        data: dict[str, JSONValue] = {"error": error, "step": step}
-        return self._event(cur, operation_id, row[0], EventKind.FAILED, data, now)
-
-    # ------------------------------------------------------------------ pieces of writes
-
-    @staticmethod
-    def _finish_attempt(
-        cur: Any, params: dict[str, Any], outcome: str, output_json: str | None
-    ) -> None:
-        cur.execute(_FINISH_ATTEMPT.text, {**params, "outcome": outcome, "output": output_json})
-
-    def _event(
-        self,
-        cur: Any,
-        operation_id: str,
-        seq: int,
-        kind: EventKind,
-        data: dict[str, JSONValue],
-        now: datetime,
-    ) -> Event:
-        params = {
-            "id": operation_id,
-            "seq": seq,
-            "kind": kind.value,
-            "data": dump_json(data),
-            "now": self._time(now),
-        }
-        cur.execute(_EVENT.text, params)
-        return Event(operation_id, seq, kind, data, now)
-
-    def _pair(
-        self,
-        cur: Any,
-        operation_id: str,
-        seq: int,
-        now: datetime,
-        kind: EventKind,
-        data: dict[str, JSONValue],
-        kind2: EventKind,
-        data2: dict[str, JSONValue],
-    ) -> tuple[Event, Event]:
-        """Two events, seq and seq + 1, in one statement."""
-        params = {
-            "id": operation_id,
-            "seq": seq,
-            "kind": kind.value,
-            "data": dump_json(data),
-            "kind2": kind2.value,
-            "data2": dump_json(data2),
-            "now": self._time(now),
-        }
-        cur.execute(_TWO_EVENTS.text, params)
-        return (
-            Event(operation_id, seq, kind, data, now),
-            Event(operation_id, seq + 1, kind2, data2, now),
-        )
-
-
-STARTED = EventKind.STARTED
-STEP_STARTED = EventKind.STEP_STARTED
-STEP_COMPLETED = EventKind.STEP_COMPLETED
-COMPLETED = EventKind.COMPLETED
-STOP_REQUESTED = EventKind.STOP_REQUESTED
-INTERRUPTED = EventKind.INTERRUPTED
