@@ -1,7 +1,8 @@
 """The runtime's use cases in plain Python: start, get, list, interrupt and watch operations.
 
 The gRPC servicer is a thin translation layer over this class, and tests drive it directly. All
-validation of caller input happens here, raising the domain errors of stopline.errors.
+validation of caller input happens here (its checks in caller_input.py), raising the domain errors
+of stopline.errors.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime_service import stop_causes, waiting
-from runtime_service.agents.base import InvalidInput
 from runtime_service.agents.registry import AgentRegistry
+from runtime_service.caller_input import (
+    MAX_AGENT_NAME,
+    MAX_IDEMPOTENCY_KEY,
+    bounded_text,
+    check_agent_input,
+    check_answer_fields,
+    check_hold,
+    check_labels,
+    checked_deadline,
+    checked_max_steps,
+)
 from runtime_service.config import RuntimeConfig
 from runtime_service.domain import (
     AnswerOutcome,
@@ -36,7 +47,6 @@ from runtime_service.storage import STOPPING, Created, ListCursor, Storage, Tomb
 from runtime_service.watching import Watches
 from stopline import logs, tracing
 from stopline.errors import (
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     operation_not_found,
@@ -44,22 +54,14 @@ from stopline.errors import (
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
 from stopline.limits import (
-    MAX_ANSWER_ID,
-    MAX_HOLD_SECONDS,
     MAX_OWNER,
     MAX_REASON,
-    MAX_REQUEST_ID,
     MAX_REQUESTED_BY,
-    check_input_size,
     check_page_size,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_IDEMPOTENCY_KEY = 200
-MAX_LABELS = 32
-MAX_LABEL_KEY = 63
-MAX_LABEL_VALUE = 256
 LIST_FILTERS = frozenset({*(s.value for s in OperationStatus), STOPPING})
 
 
@@ -75,7 +77,6 @@ BULK_STATUSES = (
     OperationStatus.PENDING.value,
     OperationStatus.RUNNING.value,
 )
-MAX_AGENT_NAME = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,23 +86,6 @@ class BulkStopped:
 
     operation_ids: tuple[str, ...]
     limit_reached: bool
-
-
-def _check_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    if len(labels) > MAX_LABELS:
-        raise InvalidArgument("labels", f"has {len(labels)} entries; the limit is {MAX_LABELS}")
-    for key, value in labels.items():
-        if not key or len(key) > MAX_LABEL_KEY:
-            raise InvalidArgument("labels", f"keys must be 1 to {MAX_LABEL_KEY} characters")
-        if len(value) > MAX_LABEL_VALUE:
-            raise InvalidArgument(f"labels[{key}]", f"is longer than {MAX_LABEL_VALUE} characters")
-    return dict(labels)
-
-
-def _bounded_text(value: str, field: str, limit: int) -> str:
-    if len(value) > limit:
-        raise InvalidArgument(field, f"is {len(value)} characters; the limit is {limit}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -137,33 +121,15 @@ class OperationsService:
 
     async def _create(self, args: StartArgs) -> Created:
         """Validate, then store the operation (and apply a stop recorded ahead by its key)."""
-        if not args.agent_name:
-            raise InvalidArgument(
-                "agent", f"is required; registered agents: {', '.join(self.agents.names)}"
-            )
-        agent = self.agents.get(args.agent_name)
-        if agent is None:
-            raise InvalidArgument(
-                "agent",
-                f"unknown agent {shown(args.agent_name)}; "
-                f"registered agents: {', '.join(self.agents.names)}",
-            )
-        check_input_size(args.input_value, self.config.max_input_bytes)
-        try:
-            agent.validate_input(args.input_value)
-        except InvalidInput as exc:
-            raise InvalidArgument(exc.field, exc.problem) from exc
-        key = _bounded_text(args.idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
-        checked_labels = _check_labels(args.labels or {})
-        checked_owner = _bounded_text(args.owner, "owner", MAX_OWNER)
-        if not 0 <= args.hold_seconds <= MAX_HOLD_SECONDS:
-            raise InvalidArgument(
-                "hold",
-                f"must be between 0 and {shown(MAX_HOLD_SECONDS)} seconds, "
-                f"got {shown(args.hold_seconds)}",
-            )
-        deadline = self._deadline(args.deadline_seconds)
-        budget = self._max_steps(args.max_steps)
+        check_agent_input(
+            self.agents, args.agent_name, args.input_value, self.config.max_input_bytes
+        )
+        key = bounded_text(args.idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
+        checked_labels = check_labels(args.labels or {})
+        checked_owner = bounded_text(args.owner, "owner", MAX_OWNER)
+        check_hold(args.hold_seconds)
+        deadline_seconds = checked_deadline(self.config, args.deadline_seconds)
+        budget = checked_max_steps(self.config, args.max_steps)
         # Other replicas hear of the new work only if this one cannot run it now.
         announce = not self.runner.has_room
         created = await self.storage.create(
@@ -174,7 +140,7 @@ class OperationsService:
             args.hold_seconds,
             checked_owner,
             announce,
-            deadline_seconds=deadline,
+            deadline_seconds=deadline_seconds,
             max_steps=budget,
             trace_parent=tracing.current_traceparent(),
         )
@@ -237,30 +203,6 @@ class OperationsService:
         if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
 
-    def _deadline(self, seconds: float | None) -> float | None:
-        if seconds is None:
-            return self.config.default_deadline_seconds
-        cap = self.config.max_deadline_seconds
-        if not 0 < seconds <= cap:
-            raise InvalidArgument(
-                "deadline",
-                f"must be more than 0 and at most {shown(cap)} seconds (the runtime's cap), "
-                f"got {shown(seconds)}",
-            )
-        return seconds
-
-    def _max_steps(self, max_steps: int) -> int | None:
-        if max_steps == 0:
-            return self.config.default_max_steps
-        cap = self.config.max_steps_cap
-        if not 0 < max_steps <= cap:
-            raise InvalidArgument(
-                "max_steps",
-                f"must be between 1 and {cap} (the runtime's cap), or 0 for the default; "
-                f"got {max_steps}",
-            )
-        return max_steps
-
     async def _apply_tombstone(self, created: Created, tombstone: Tombstone) -> Created:
         """A stop sent by this key before the start (a tombstone) interrupts the new operation
         now, before it can run: created, stop_requested, interrupted, no step."""
@@ -310,8 +252,8 @@ class OperationsService:
         cause: StopCause = StopCause.OPERATOR,
     ) -> InterruptResult:
         op_id = parse_operation_id(operation_id)
-        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
-        why = _bounded_text(reason, "reason", MAX_REASON)
+        by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        why = bounded_text(reason, "reason", MAX_REASON)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
         result = await self._record_stop(op_id, by, why, cause)
@@ -349,9 +291,9 @@ class OperationsService:
             raise InvalidArgument(
                 "status", "must be PENDING, RUNNING, WAITING or PAUSED (unset: all of them)"
             )
-        wanted = _check_labels(labels)
-        _bounded_text(agent, "agent", MAX_AGENT_NAME)
-        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
+        wanted = check_labels(labels)
+        bounded_text(agent, "agent", MAX_AGENT_NAME)
+        checked_owner = bounded_text(owner, "owner", MAX_OWNER)
         cause = stop_causes.bulk_stop()
         stopped: list[str] = []
         for each in [status] if status is not None else BULK_STATUSES:
@@ -384,10 +326,10 @@ class OperationsService:
     ) -> InterruptResult | RecordedAhead:
         """A stop by the owner's idempotency key, which may come before the start: see
         Storage.record_stop_by_key."""
-        key = _bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
-        checked_owner = _bounded_text(owner, "owner", MAX_OWNER)
-        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
-        why = _bounded_text(reason, "reason", MAX_REASON)
+        key = bounded_text(idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
+        checked_owner = bounded_text(owner, "owner", MAX_OWNER)
+        by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        why = bounded_text(reason, "reason", MAX_REASON)
         result = await self.storage.record_stop_by_key(
             checked_owner, key, by, why, cause, self.config.stop_tombstone_seconds
         )
@@ -426,16 +368,9 @@ class OperationsService:
         """Answer an open input request: the first answer wins (see storage/waiting.py). The
         same answer id again gets ALREADY_ANSWERED; anything else that cannot win is an error
         saying why (FAILED_PRECONDITION naming the winner, the expiry or the ended operation)."""
-        if not request_id:
-            raise InvalidArgument("request_id", "is required (InputRequested.request_id)")
-        _bounded_text(request_id, "request_id", MAX_REQUEST_ID)
-        if not answer_id:
-            raise InvalidArgument("answer_id", "is required: choose one, and reuse it on retries")
-        _bounded_text(answer_id, "answer_id", MAX_ANSWER_ID)
-        by = _bounded_text(answered_by, "answered_by", MAX_REQUESTED_BY)
-        check_input_size(answer, self.config.max_input_bytes, "answer")
-        if "reason" in answer:
-            _bounded_text(str(answer["reason"]), "answer.approval.reason", MAX_REASON)
+        by = check_answer_fields(
+            request_id, answer_id, answered_by, answer, self.config.max_input_bytes
+        )
         op_id = await self._owned(operation_id, owner)
         stored = await self.storage.input_request(op_id, request_id)
         if stored is None:
@@ -449,30 +384,10 @@ class OperationsService:
         self.hub.publish(result.events)
         if result.events and result.operation.status is OperationStatus.PENDING:
             self.runner.submit(op_id)
-        if result.won:
-            return AnswerOutcome.ACCEPTED, result
-        resolved = result.request
-        if resolved.outcome == "answered":
-            if resolved.answer_id == answer_id:
-                return AnswerOutcome.ALREADY_ANSWERED, result
-            raise FailedPrecondition(
-                f"input request {shown(request_id)} was already answered: answer_id "
-                f"{shown(resolved.answer_id)} won ({waiting.describe(resolved.answer)}, "
-                f"by {shown(resolved.answered_by or '')})"
-            )
-        if resolved.outcome == "expired":
-            raise FailedPrecondition(
-                f"input request {shown(request_id)} expired at "
-                f"{resolved.expires_at.isoformat()} and took its default "
-                f"({waiting.describe(resolved.answer)})"
-            )
-        raise FailedPrecondition(
-            f"operation {op_id} is {result.operation.status.value}: its input request "
-            f"{shown(request_id)} can no longer be answered"
-        )
+        return waiting.answer_outcome(result, op_id, request_id, answer_id), result
 
     async def pause(self, operation_id: str, requested_by: str, owner: str = "") -> PauseResult:
-        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         op_id = await self._owned(operation_id, owner)
         result = await self.storage.pause(op_id, by)
         if result is None:
@@ -483,7 +398,7 @@ class OperationsService:
         return result
 
     async def resume(self, operation_id: str, requested_by: str, owner: str = "") -> ResumeResult:
-        by = _bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
+        by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         op_id = await self._owned(operation_id, owner)
         result = await self.storage.resume(op_id, by)
         if result is None:

@@ -1,5 +1,6 @@
 """Waiting for a person, in plain Python: what a step's question becomes in storage, what the next
-step sees of its resolution, and the checks an answer passes before it is stored.
+step sees of its resolution, the checks an answer passes before it is stored, and what its caller
+is told after.
 
 Answers are stored as JSON objects: {"approved": bool, "reason": str, "arguments"?: object} for
 an approval (no "arguments": as asked), {"value": any} for a question. The same shape is a
@@ -15,9 +16,9 @@ from typing import Any
 import jsonschema
 
 from runtime_service.agents.base import APPROVAL, Answered, InputRequest
-from runtime_service.domain import JSONValue, StoredRequest
+from runtime_service.domain import AnswerOutcome, AnswerResult, JSONValue, StoredRequest
 from runtime_service.storage.interface import NewRequest
-from stopline.errors import InvalidArgument
+from stopline.errors import FailedPrecondition, InvalidArgument
 from stopline.json_values import shown
 
 EXPIRED = "expired"
@@ -95,6 +96,35 @@ def check_answer(stored: StoredRequest, answer: dict[str, Any]) -> None:
     if "value" not in answer:
         raise InvalidArgument("answer.value", "this request asks for a value, not an approval")
     _match(answer["value"], stored.schema, "answer.value")
+
+
+def answer_outcome(
+    result: AnswerResult, operation_id: str, request_id: str, answer_id: str
+) -> AnswerOutcome:
+    """A stored answer's outcome: ACCEPTED when it won, ALREADY_ANSWERED when the same answer id
+    won before; anything else that could not win is an error saying why (FAILED_PRECONDITION
+    naming the winner, the expiry or the ended operation)."""
+    if result.won:
+        return AnswerOutcome.ACCEPTED
+    resolved = result.request
+    if resolved.outcome == "answered":
+        if resolved.answer_id == answer_id:
+            return AnswerOutcome.ALREADY_ANSWERED
+        raise FailedPrecondition(
+            f"input request {shown(request_id)} was already answered: answer_id "
+            f"{shown(resolved.answer_id)} won ({describe(resolved.answer)}, "
+            f"by {shown(resolved.answered_by or '')})"
+        )
+    if resolved.outcome == "expired":
+        raise FailedPrecondition(
+            f"input request {shown(request_id)} expired at "
+            f"{resolved.expires_at.isoformat()} and took its default "
+            f"({describe(resolved.answer)})"
+        )
+    raise FailedPrecondition(
+        f"operation {operation_id} is {result.operation.status.value}: its input request "
+        f"{shown(request_id)} can no longer be answered"
+    )
 
 
 def _match(value: JSONValue, schema: dict[str, Any] | None, field: str) -> None:
