@@ -274,9 +274,9 @@ async def test_a_tombstone_past_its_expiry_does_not_affect_a_later_start(
     quick_expiry: RuntimeApp, gated: GatedAgent
 ) -> None:
     ops = quick_expiry.operations
-    recorded = utcnow()
     ahead = await ops.interrupt_by_key("late", "tester", "tester", "too early")
     assert ahead.outcome is InterruptOutcome.RECORDED_AHEAD
+    recorded = utcnow()  # after the tombstone's write, whose expiry counts from its own time
 
     async def expired() -> bool:
         return (utcnow() - recorded).total_seconds() > 0.1

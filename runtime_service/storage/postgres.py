@@ -196,7 +196,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 # After the commit (Created.tombstone): the look in the statement (which
                 # held the operation) misses a stop by key committed while it ran (READ
                 # COMMITTED).
-                tombstone = await self.take_tombstone(owner, idempotency_key)
+                tombstone = await self.take_tombstone(owner, idempotency_key, now)
                 return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
             # transaction rolled back after ours saw it, so the key is free again.)

@@ -168,8 +168,10 @@ class SharedStorage:
         assert result is not None  # operations are never deleted
         return result
 
-    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
-        return await self._call(self._take_tombstone, owner, key)
+    async def take_tombstone(
+        self, owner: str, key: str, as_of: datetime | None = None
+    ) -> Tombstone | None:
+        return await self._call(self._take_tombstone, owner, key, as_of)
 
     def _write_tombstone(
         self,
@@ -201,7 +203,9 @@ class SharedStorage:
             return False
         return True
 
-    def _take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+    def _take_tombstone(
+        self, owner: str, key: str, as_of: datetime | None = None
+    ) -> Tombstone | None:
         """Consume the live tombstone of this key, or None. A fixed-SQL read first, so that a
         start with no tombstone (nearly every start) writes nothing and compiles nothing."""
         with self.cursors.read() as cur:
@@ -209,7 +213,7 @@ class SharedStorage:
             if cur.fetchone() is None:
                 return None
         mine = and_(stop_tombstones.c.owner == owner, stop_tombstones.c.idempotency_key == key)
-        live = and_(mine, stop_tombstones.c.expires_at > utcnow())
+        live = and_(mine, stop_tombstones.c.expires_at > (as_of or utcnow()))
         with self.engine.begin() as conn:
             taken = conn.execute(
                 delete(stop_tombstones)

@@ -189,7 +189,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         # After the commit (Created.tombstone), on the same trip to the database thread. The
         # stop is applied on a later trip, and other writes (a runner's claims among them) run
         # in between: the create's hold is what keeps the claims off the operation.
-        tombstone = None if key is None else self._take_tombstone(owner, key)
+        tombstone = None if key is None else self._take_tombstone(owner, key, now)
         return Created(operation, created=True, events=(event,), tombstone=tombstone)
 
     def _twin(self, owner: str, key: str, fingerprint: str) -> Operation | None:
