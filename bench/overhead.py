@@ -4,6 +4,7 @@ the stop-to-halt and per-step scenarios, both arms in the same run.
     python -m bench.overhead                    # both backends, about 6 minutes
     python -m bench.overhead --quick            # a smoke run
     python -m bench.overhead --ablate           # and each component alone: what costs most
+    python -m bench.overhead --control          # and a second stack with everything off
     python -m bench.run --only observability    # the same, inside the suite
 
 Two stacks (a runtime and a gateway each, separate processes) run side by side for the whole run:
@@ -49,6 +50,10 @@ COMPONENTS = ("metrics", "tracing", "json_logs")
 ARMS: dict[str, tuple[str, ...]] = {"off": (), "on": COMPONENTS}
 ABLATION: dict[str, tuple[str, ...]] = {name: (name,) for name in COMPONENTS}
 """With --ablate, an arm per component alone as well (what costs the most)."""
+CONTROL: dict[str, tuple[str, ...]] = {"control": ()}
+"""With --control, a second stack with everything off, measured like the others: its ratio to
+"off" is what two identical stacks differ by in this run, the noise a verdict at 1.10 must
+clear."""
 CLIENT_SERVICE = "stopline-bench-client"
 TARGET = 1.10
 """Issue 16: on at most 1.1 times off."""
@@ -196,10 +201,11 @@ async def observability(
     steps: int = 1000,
     repeats: int = 2,
     ablate: bool = False,
+    control: bool = False,
 ) -> dict[str, Any]:
     """Both arms (and with `ablate` one per component), alternating, on one backend; see the
     module docstring. Every arm's stack runs for the whole run, so idle stacks weigh on all."""
-    arms = {**ARMS, **(ABLATION if ablate else {})}
+    arms = {**ARMS, **(ABLATION if ablate else {}), **(CONTROL if control else {})}
     sidecar = Sidecar()
     turns: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     stacks: dict[str, tuple[Stack, list[str]]] = {}
@@ -237,7 +243,7 @@ async def observability(
         "stop_trials_per_turn": stop_trials,
         "per_step": {"steps": steps, "repeats_per_turn": repeats},
         "figures": compare(turns),
-        "ablation": {arm: compare(turns, arm) for arm in arms if arm in ABLATION},
+        "ablation": {arm: compare(turns, arm) for arm in arms if arm in ABLATION or arm in CONTROL},
         "sink": stats,
         "logs": logs,
         **verify(stats, urls, logs),
@@ -307,6 +313,10 @@ def main() -> None:
     parser.add_argument(
         "--ablate", action="store_true", help="also an arm per component alone (metrics, ...)"
     )
+    parser.add_argument(
+        "--control", action="store_true", help="also a second stack with everything off"
+    )
+    parser.add_argument("--stop-trials", type=int, default=None, help="stop trials per turn")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 8)
     sizes: dict[str, int] = (
@@ -314,12 +324,16 @@ def main() -> None:
         if args.quick
         else {"stop_trials": 8, "steps": 1000, "repeats": 2}
     )
+    if args.stop_trials:
+        sizes["stop_trials"] = args.stop_trials
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick, "observability": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in args.backends.split(","):
             print(f"== observability overhead on {backend}", flush=True)
             results["observability"][backend] = asyncio.run(
-                observability(backend, Path(tmp), rounds, ablate=args.ablate, **sizes)
+                observability(
+                    backend, Path(tmp), rounds, ablate=args.ablate, control=args.control, **sizes
+                )
             )
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
