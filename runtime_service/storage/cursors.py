@@ -134,6 +134,11 @@ class Cursors:
             cur.execute(self.sql(_BY_KEY), {"owner": owner, "key": key})
             return self.row(cur)
 
+    def find_by_key_in(self, cur: Any, owner: str, key: str) -> SimpleNamespace | None:
+        """`find_by_key` inside the caller's transaction."""
+        cur.execute(self.sql(_BY_KEY), {"owner": owner, "key": key})
+        return self.row(cur)
+
     def row(self, cur: Any) -> SimpleNamespace | None:
         """The next row of an operations query, by column name, with timestamps converted."""
         row = cur.fetchone()

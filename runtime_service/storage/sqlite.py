@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, TextClause, text
-from sqlalchemy.exc import IntegrityError
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -56,6 +55,7 @@ from runtime_service.storage.sqlite_sql import (
     RECORD_STOP,
     RELEASE,
     RENEW_LEASES,
+    TAKE_TOMBSTONE,
 )
 from runtime_service.storage.sqlite_steps import INTERRUPTED, STOP_REQUESTED, SqliteStepWrites
 from stopline.json_values import dump_json
@@ -139,10 +139,15 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         fingerprint = request_hash(agent, input_value, dict(labels or {}))
         fields = (agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner)
         limits = (deadline_seconds, max_steps)
-        return await self._call(self._create, fingerprint, *fields, *limits, trace_parent)
+        # On the writes' inline path, as record_stop: every start's first step waits on it.
+        created: Created = await self._write(
+            self._create, fingerprint, *fields, *limits, trace_parent
+        )
+        return created
 
     def _create(
         self,
+        cur: Any,
         fingerprint: str,
         agent: str,
         input_value: JSONValue,
@@ -154,8 +159,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         max_steps: int | None,
         trace_parent: str | None = None,
     ) -> Created:
+        # One transaction from the look for a twin to the tombstone's: a SQLite write holds the
+        # database's write lock from its BEGIN IMMEDIATE to its commit, so no start with the same
+        # key and no stop by key can commit in between.
         if key is not None:
-            twin = self._twin(owner, key, fingerprint)
+            twin = twin_of(self.cursors.find_by_key_in(cur, owner, key), key, fingerprint)
             if twin is not None:
                 return Created(twin, created=False, events=())
         now = utcnow()
@@ -175,33 +183,28 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             "max_steps": max_steps,
             "trace_parent": trace_parent,
         }
-        try:
-            with self.cursors.transaction() as cur:
-                cur.execute(CREATE.text, params)
-                operation = operation_from_row(self.cursors.row(cur))
-                event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
-        except IntegrityError:
-            # Lost a race with a concurrent start using the same key: return the winner.
-            twin = None if key is None else self._twin(owner, key, fingerprint)
-            if twin is None:
-                raise
-            return Created(twin, created=False, events=())
-        # After the commit (Created.tombstone), on the same trip to the database thread. The
-        # stop is applied on a later trip, and other writes (a runner's claims among them) run
-        # in between: the create's hold is what keeps the claims off the operation.
-        tombstone = None if key is None else self._take_tombstone(owner, key, now)
+        cur.execute(CREATE.text, params)
+        operation = operation_from_row(self.cursors.row(cur))
+        event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
+        tombstone = None
+        if key is not None:
+            # Taken here (Created.tombstone); the stop is applied by a later write, and other
+            # writes (a runner's claims among them) may run in between: the create's hold,
+            # which the tombstone set, is what keeps the claims off the operation.
+            cur.execute(TAKE_TOMBSTONE.text, {"owner": owner, "key": key, "now": params["now"]})
+            taken = cur.fetchone()
+            if taken is not None:
+                tombstone = (taken[0], taken[1], StopCause(taken[2]))
         return Created(operation, created=True, events=(event,), tombstone=tombstone)
 
-    def _twin(self, owner: str, key: str, fingerprint: str) -> Operation | None:
-        return twin_of(self.cursors.find_by_key(owner, key), key, fingerprint)
-
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:
-        return await self._call(self._release, operation_id)
+        # On the writes' inline path, as record_stop: a held start's first step waits on it.
+        result: Operation | None = await self._write(self._release, operation_id)
+        return result
 
-    def _release(self, operation_id: str) -> Operation | None:
-        with self.cursors.transaction() as cur:
-            cur.execute(RELEASE.text, {"id": operation_id})
-            row = self.cursors.row(cur)
+    def _release(self, cur: Any, operation_id: str) -> Operation | None:
+        cur.execute(RELEASE.text, {"id": operation_id})
+        row = self.cursors.row(cur)
         return None if row is None else operation_from_row(row)
 
     async def record_stop(
