@@ -41,6 +41,7 @@ from runtime_service.storage.interface import (
     Claimed,
     Created,
     KeptState,
+    Tombstone,
     deadline_at,
     halt_data,
     request_hash,
@@ -62,6 +63,7 @@ from runtime_service.storage.postgres_sql import (
     RELEASE,
     RENEW_LEASES,
     START_STEP,
+    TAKE_TOMBSTONE,
 )
 from runtime_service.storage.shared import twin_of
 from runtime_service.storage.sql import PgSql
@@ -196,7 +198,10 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 # After the commit (Created.tombstone): the look in the statement (which
                 # held the operation) misses a stop by key committed while it ran (READ
                 # COMMITTED).
-                tombstone = await self.take_tombstone(owner, idempotency_key, now)
+                taken = {"id": made.operation.id, "owner": owner, "key": idempotency_key}
+                tombstone = await self._run(
+                    TAKE_TOMBSTONE, {**taken, "now": self._time(now)}, _tombstone
+                )
                 return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
             # transaction rolled back after ours saw it, so the key is free again.)
@@ -430,3 +435,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             return Event(operation_id, row[0], EventKind.FAILED, data, now)
 
         return await self._run(FAIL, params, read)
+
+
+def _tombstone(row: Any) -> Tombstone | None:
+    return None if row is None else (row[0], row[1], StopCause(row[2]))

@@ -57,6 +57,16 @@ FROM created""",
     max_steps=INT, trace_parent=TEXT,
 )  # fmt: skip
 
+# A start's look for a stop by its key recorded ahead of it, after its create committed (see
+# PostgresStorage.create): a batched statement on the event loop, like the create itself.
+TAKE_TOMBSTONE = PgSql(
+    """
+DELETE FROM stop_tombstones
+WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now
+RETURNING requested_by, reason, cause""",
+    owner=TEXT, key=TEXT, now=TIME,
+)  # fmt: skip
+
 RELEASE = PgSql(
     f"""
 WITH released AS (
