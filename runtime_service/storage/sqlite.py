@@ -5,6 +5,8 @@ Why both: a SQLite write of the runner takes about a tenth of a millisecond, whi
 the database thread and back costs about as much again, plus the wake-up of a core when the
 machine is otherwise idle; and with many operations running the queue is rarely empty, so
 committing everything queued in one transaction removes most of the cost of a transaction.
+The writes a client waits on go the same way: a start's create, a held start's release and a
+stop (each hop to the database thread was about half a millisecond of every start and stop).
 
 The statements are in sqlite_sql.py; the runner's writes, in sqlite_steps.py.
 """
