@@ -77,8 +77,8 @@ runner claims only unheld operations (claim_next, claim_and_start) and no work n
 sent for a held one, so the hold keeps every runner off the operation until the start applies
 the tombstone's stop (a round trip or two later): it is interrupted before it ever runs. If the
 process dies in between, the stop is never applied and the operation runs once the hold lapses,
-as an unheld one would have at once; the hold only has to outlast a start that is alive. (So
-does one whose tombstone expired between the create and its take: rare, and only late.)"""
+as an unheld one would have at once; the hold only has to outlast a start that is alive. (The
+take is as of the create's time, so a tombstone that expires in between is still taken.)"""
 
 
 def stopped_ahead_hold(now: datetime, held_until: datetime | None) -> datetime:
