@@ -284,15 +284,13 @@ class Storage(Protocol):
         when there is none yet, stored as a tombstone for `expires_seconds` (RecordedAhead)."""
         ...
 
-    async def take_tombstone(
-        self, owner: str, key: str, as_of: datetime | None = None
-    ) -> Tombstone | None:
-        """Consume the owner's tombstone for `key` that is live at `as_of` (now by default).
-        `create` does it for a start (it reports it as `Created.tombstone`), after the create
-        committed and before the operation can run (held, by the start or because the create
-        saw the tombstone), as of the create's own time: a tombstone that was live when the
-        create held the operation for it is taken even if it expired since, so it cannot leave
-        the operation held for nothing."""
+    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+        """Consume the owner's live tombstone for `key`. `create` takes it for a start (it
+        reports it as `Created.tombstone`), after the create committed and before the
+        operation can run (held, by the start or because the create saw the tombstone), as of
+        the create's own time: a tombstone that was live when the create held the operation
+        for it is taken even if it expired since, so it cannot leave the operation held for
+        nothing."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

@@ -41,7 +41,6 @@ from runtime_service.storage.interface import (
     Claimed,
     Created,
     KeptState,
-    Tombstone,
     deadline_at,
     halt_data,
     request_hash,
@@ -65,7 +64,7 @@ from runtime_service.storage.postgres_sql import (
     START_STEP,
     TAKE_TOMBSTONE,
 )
-from runtime_service.storage.shared import twin_of
+from runtime_service.storage.shared import tombstone_of, twin_of
 from runtime_service.storage.sql import PgSql
 from stopline.json_values import dump_json
 
@@ -200,7 +199,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 # COMMITTED).
                 taken = {"id": made.operation.id, "owner": owner, "key": idempotency_key}
                 tombstone = await self._run(
-                    TAKE_TOMBSTONE, {**taken, "now": self._time(now)}, _tombstone
+                    TAKE_TOMBSTONE, {**taken, "now": self._time(now)}, tombstone_of
                 )
                 return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
@@ -435,7 +434,3 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             return Event(operation_id, row[0], EventKind.FAILED, data, now)
 
         return await self._run(FAIL, params, read)
-
-
-def _tombstone(row: Any) -> Tombstone | None:
-    return None if row is None else (row[0], row[1], StopCause(row[2]))

@@ -6,6 +6,7 @@ beside its text; postgres.py runs them through the batcher and reads what they r
 from __future__ import annotations
 
 from runtime_service.notifications import EVENTS, STOPS, WORK
+from runtime_service.storage import shared
 from runtime_service.storage.cursors import COLUMN_LIST
 from runtime_service.storage.sql import PgSql, Sql
 
@@ -59,13 +60,7 @@ FROM created""",
 
 # A start's look for a stop by its key recorded ahead of it, after its create committed (see
 # PostgresStorage.create): a batched statement on the event loop, like the create itself.
-TAKE_TOMBSTONE = PgSql(
-    """
-DELETE FROM stop_tombstones
-WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now
-RETURNING requested_by, reason, cause""",
-    owner=TEXT, key=TEXT, now=TIME,
-)  # fmt: skip
+TAKE_TOMBSTONE = PgSql(shared.TAKE_TOMBSTONE.text, owner=TEXT, key=TEXT, now=TIME)
 
 RELEASE = PgSql(
     f"""

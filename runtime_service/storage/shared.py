@@ -68,11 +68,18 @@ OUTCOME_UNKNOWN_REASON = (
 )
 T = TypeVar("T")
 
-# Any tombstone of the key, live or not: the read every start with a key makes (see
-# _take_tombstone); only a hit pays for the write that consumes it.
-_HAS_TOMBSTONE = Sql(
-    "SELECT 1 FROM stop_tombstones WHERE owner = :owner AND idempotency_key = :key"
-)
+# Consume the owner's live tombstone of a key: a start's (in the dialect's create) and a stop by
+# key's that found the key's operation after writing its own. One text for both dialects
+# (postgres_sql.py declares its parameter types for the batched form).
+TAKE_TOMBSTONE = Sql("""
+DELETE FROM stop_tombstones
+WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now
+RETURNING requested_by, reason, cause""")
+
+
+def tombstone_of(row: Any) -> Tombstone | None:
+    """A TAKE_TOMBSTONE row as the stop it carries."""
+    return None if row is None else (row[0], row[1], StopCause(row[2]))
 
 
 class SharedStorage:
@@ -168,10 +175,8 @@ class SharedStorage:
         assert result is not None  # operations are never deleted
         return result
 
-    async def take_tombstone(
-        self, owner: str, key: str, as_of: datetime | None = None
-    ) -> Tombstone | None:
-        return await self._call(self._take_tombstone, owner, key, as_of)
+    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+        return await self._call(self._take_tombstone, owner, key)
 
     def _write_tombstone(
         self,
@@ -203,28 +208,12 @@ class SharedStorage:
             return False
         return True
 
-    def _take_tombstone(
-        self, owner: str, key: str, as_of: datetime | None = None
-    ) -> Tombstone | None:
-        """Consume the live tombstone of this key, or None. A fixed-SQL read first, so that a
-        start with no tombstone (nearly every start) writes nothing and compiles nothing."""
-        with self.cursors.read() as cur:
-            cur.execute(self.cursors.sql(_HAS_TOMBSTONE), {"owner": owner, "key": key})
-            if cur.fetchone() is None:
-                return None
-        mine = and_(stop_tombstones.c.owner == owner, stop_tombstones.c.idempotency_key == key)
-        live = and_(mine, stop_tombstones.c.expires_at > (as_of or utcnow()))
-        with self.engine.begin() as conn:
-            taken = conn.execute(
-                delete(stop_tombstones)
-                .where(live)
-                .returning(
-                    stop_tombstones.c.requested_by,
-                    stop_tombstones.c.reason,
-                    stop_tombstones.c.cause,
-                )
-            ).first()
-        return None if taken is None else (taken[0], taken[1], StopCause(taken[2]))
+    def _take_tombstone(self, owner: str, key: str) -> Tombstone | None:
+        """Consume the live tombstone of this key, or None."""
+        params = {"owner": owner, "key": key, "now": self.cursors.to_db(utcnow())}
+        with self.cursors.transaction() as cur:
+            cur.execute(self.cursors.sql(TAKE_TOMBSTONE), params)
+            return tombstone_of(cur.fetchone())
 
     async def chunk(
         self, operation_id: str, step: int, text: str, runner_id: str, outlives_stop: bool

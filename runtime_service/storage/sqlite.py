@@ -49,7 +49,7 @@ from runtime_service.storage.interface import (
     deadline_at as _deadline_at,
 )
 from runtime_service.storage.pausing import PausingStorage
-from runtime_service.storage.shared import twin_of
+from runtime_service.storage.shared import TAKE_TOMBSTONE, tombstone_of, twin_of
 from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
 from runtime_service.storage.sqlite_sql import (
     BUMP_TO_ADVANCE,
@@ -57,7 +57,6 @@ from runtime_service.storage.sqlite_sql import (
     RECORD_STOP,
     RELEASE,
     RENEW_LEASES,
-    TAKE_TOMBSTONE,
 )
 from runtime_service.storage.sqlite_steps import INTERRUPTED, STOP_REQUESTED, SqliteStepWrites
 from stopline.json_values import dump_json
@@ -194,9 +193,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             # writes (a runner's claims among them) may run in between: the create's hold,
             # which the tombstone set, is what keeps the claims off the operation.
             cur.execute(TAKE_TOMBSTONE.text, {"owner": owner, "key": key, "now": params["now"]})
-            taken = cur.fetchone()
-            if taken is not None:
-                tombstone = (taken[0], taken[1], StopCause(taken[2]))
+            tombstone = tombstone_of(cur.fetchone())
         return Created(operation, created=True, events=(event,), tombstone=tombstone)
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:

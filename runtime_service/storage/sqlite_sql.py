@@ -22,12 +22,6 @@ VALUES (:id, :agent, :input, :hash, :key, :owner, :labels, 'PENDING', 0, 1,
   :now, :now, :deadline_at, :max_steps, :trace_parent)
 RETURNING *""")
 
-# The start's look for a stop by its key recorded ahead of it, in the create's transaction.
-TAKE_TOMBSTONE = Sql("""
-DELETE FROM stop_tombstones
-WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now
-RETURNING requested_by, reason, cause""")
-
 RELEASE = Sql("""
 UPDATE operations SET held_until = NULL
 WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
