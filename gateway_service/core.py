@@ -43,7 +43,7 @@ from gateway_service.streams import (
     StreamRegistry,
 )
 from stopline import logs
-from stopline.errors import InvalidArgument, ResourceExhausted
+from stopline.errors import InvalidArgument, ResourceExhausted, operation_not_found
 from stopline.grpc_status import UpstreamError
 from stopline.ids import parse_operation_id
 from stopline.json_values import shown
@@ -240,7 +240,7 @@ class Gateway:
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
             # policy; a stream that ended in an error says so to a client that is still there.
-            self._client_gone(start, None, policy, grace, why_gone())
+            self._client_gone(start, None, policy, grace, why_gone(), owner)
             raise
         finally:
             # An unheld start's stream ends with this call, also when nobody read it (the
@@ -288,7 +288,7 @@ class Gateway:
             async for item in self.follower.follow(op_id, after_seq):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
-            self._client_gone(None, op_id, policy, grace, why_gone())
+            self._client_gone(None, op_id, policy, grace, why_gone(), owner)
             raise
 
     # ------------------------------------------------------------------ stopping
@@ -318,11 +318,23 @@ class Gateway:
             delivery = self.deliverer.deliver_by_key(
                 owner, idempotency_key, requested_by, reason, op_pb.STOP_CAUSE_USER
             )
+            streams_told = False
         else:
             op_id = parse_operation_id(operation_id)
-            # Before anything is acknowledged to the operation's streams.
-            await self.owners.require(op_id, owner, self._fetch)
-            delivery = self._request_stop(op_id, requested_by, reason, op_pb.STOP_CAUSE_USER)
+            known = self.owners.owner(op_id)
+            if known is None and not owner:
+                await self.owners.require(op_id, owner, self._fetch)
+                known = owner
+            if known is not None and known != owner:
+                raise operation_not_found(op_id)
+            # An owner this gateway has not seen (an operation started through another
+            # replica) is checked by the runtime, in the stop's own write (`owner` on the
+            # request), instead of by a read before it; the operation's streams here (there
+            # are none: a stream would have told this gateway the owner) learn of it below.
+            delivery = self._request_stop(
+                op_id, requested_by, reason, op_pb.STOP_CAUSE_USER, owner, streams=known is not None
+            )
+            streams_told = known is not None
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         delivered = delivery.state is DeliveryState.DELIVERED
         self.metrics.stop_ack.labels(str(delivered).lower()).observe(time.monotonic() - began)
@@ -339,8 +351,10 @@ class Gateway:
         if delivery.state is DeliveryState.DELIVERED:
             assert delivery.response is not None
             stopped = delivery.response.operation.id
-            if idempotency_key and stopped:
-                # The key named an operation: its local clients learn of the stop too.
+            if stopped and not streams_told:
+                # The key named an operation, or the runtime vouched for its owner: its local
+                # clients learn of the stop too.
+                self.owners.remember(delivery.response.operation)
                 self.streams.notify(stopped, StopRequestedItem(requested_by, reason))
             return StopAnswer(delivered=True, response=delivery.response)
         assert delivery.error is not None
@@ -352,14 +366,20 @@ class Gateway:
         requested_by: str,
         reason: str,
         cause: op_pb.StopCause.ValueType,
+        owner: str,
         only_if_unwatched: bool = False,
+        streams: bool = True,
     ) -> StopDelivery:
-        if not only_if_unwatched:
+        """`streams` False: the owner is not known here yet (the runtime checks it), so the
+        operation's local clients are told only once the runtime has answered."""
+        if streams and not only_if_unwatched:
             # Every local client of the operation learns of the stop now, not after the runtime.
             self.streams.notify(op_id, StopRequestedItem(requested_by, reason))
-        return self.deliverer.deliver(op_id, requested_by, reason, only_if_unwatched, cause)
+        return self.deliverer.deliver(op_id, requested_by, reason, owner, only_if_unwatched, cause)
 
     def _report_undelivered(self, delivery: StopDelivery) -> None:
+        if self.owners.owner(delivery.operation_id) != delivery.request.owner:
+            return  # a stop whose owner nobody vouched for: not for the operation's clients
         self.streams.notify(
             delivery.operation_id,
             StopUndeliveredItem(str(delivery.error), delivery.attempts),
@@ -371,13 +391,17 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
-        reason: str = CLIENT_CANCELLED,
+        reason: str,
+        owner: str,
     ) -> None:
         """A client's stream ended before its operation did: apply its cancel policy. Runs from
         a `finally` of a cancelled call, so it only schedules work, never awaits. `reason` is
-        the stop's reason under the STOP policy (a cancelled call, or the client's deadline)."""
+        the stop's reason under the STOP policy (a cancelled call, or the client's deadline);
+        `owner`, the operation's (the stream's caller)."""
         log.info("client gone", extra=logs.fields(policy=policy.value, reason=reason))
-        self._spawn(self._apply_policy(start, op_id, policy, grace, reason), name="cancel policy")
+        self._spawn(
+            self._apply_policy(start, op_id, policy, grace, reason, owner), name="cancel policy"
+        )
 
     async def _apply_policy(
         self,
@@ -385,7 +409,8 @@ class Gateway:
         op_id: str | None,
         policy: CancelPolicy,
         grace: float,
-        reason: str = CLIENT_CANCELLED,
+        reason: str,
+        owner: str,
     ) -> None:
         held = True
         if start is not None:
@@ -402,7 +427,7 @@ class Gateway:
         if policy is CancelPolicy.STOP:
             # Still held if the client left during a held start: the stop wins before any step.
             # Unheld (no_hold), its first step may have begun: the stop cuts it mid-step.
-            self._request_stop(op_id, GATEWAY, reason, op_pb.STOP_CAUSE_CLIENT_GONE)
+            self._request_stop(op_id, GATEWAY, reason, op_pb.STOP_CAUSE_CLIENT_GONE, owner)
             return
         if held:
             await self.starter.release(op_id)
@@ -415,6 +440,7 @@ class Gateway:
                     GATEWAY,
                     f"nobody reconnected within {grace:g}s",
                     op_pb.STOP_CAUSE_GRACE_EXPIRED,
+                    owner,
                     only_if_unwatched=True,
                 )
 

@@ -68,9 +68,12 @@ class StopDelivery:
 
 
 def _target(request: rt_pb.InterruptOperationRequest) -> str:
-    """What a stop stops, for logs and for joining deliveries of the same stop."""
+    """What a stop stops, for logs and for joining deliveries of the same stop (only a stop by
+    the same owner joins: another principal's is answered apart, by the runtime's check)."""
     if request.idempotency_key:
         return f"key {request.idempotency_key!r} of {request.owner!r}"
+    if request.owner:
+        return f"{request.operation_id} of {request.owner!r}"
     return request.operation_id
 
 
@@ -105,20 +108,24 @@ class StopDeliverer:
         operation_id: str,
         requested_by: str,
         reason: str,
+        owner: str = "",
         only_if_unwatched: bool = False,
         cause: op_pb.StopCause.ValueType = op_pb.STOP_CAUSE_USER,
     ) -> StopDelivery:
-        """Start delivering (or join the delivery already under way for this operation)."""
-        current = self._pending.get(operation_id)
-        if current is not None and (only_if_unwatched or not current.request.only_if_unwatched):
-            return current
+        """Start delivering (or join the delivery already under way for this operation, by the
+        same owner). `owner` set: the runtime stops the operation only if it is that
+        principal's."""
         request = rt_pb.InterruptOperationRequest(
             operation_id=operation_id,
             requested_by=requested_by,
             reason=reason,
             cause=cause,
             only_if_unwatched=only_if_unwatched,
+            owner=owner,
         )
+        current = self._pending.get(_target(request))
+        if current is not None and (only_if_unwatched or not current.request.only_if_unwatched):
+            return current
         return self._begin(request)
 
     def deliver_by_key(

@@ -6,7 +6,9 @@ message; see stopline.errors.operation_not_found), so ids cannot be probed for e
 Owners never change, so the gateway remembers the owners it has seen (bounded, least recently
 used first out). A stop by the owner of an operation this gateway started or streamed therefore
 costs no extra runtime read, and still works while the runtime is unreachable (the stop is then
-acknowledged and delivered later, as before ownership existed).
+acknowledged and delivered later, as before ownership existed). A stop of an operation whose
+owner this gateway has not seen is not preceded by a read either: the runtime checks the owner
+in the stop's own write (core.Gateway.stop).
 """
 
 from __future__ import annotations

@@ -250,23 +250,30 @@ class OperationsService:
         reason: str,
         only_if_unwatched: bool = False,
         cause: StopCause = StopCause.OPERATOR,
+        owner: str = "",
     ) -> InterruptResult:
+        """`owner` set: only that principal's operation is stopped (anyone else's is the
+        unknown-id NOT_FOUND), checked by the stop's write itself."""
         op_id = parse_operation_id(operation_id)
         by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         why = bounded_text(reason, "reason", MAX_REASON)
+        bounded_text(owner, "owner", MAX_OWNER)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
-            return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, await self.get(op_id))
-        result = await self._record_stop(op_id, by, why, cause)
+            operation = await self.get(op_id)
+            if owner and operation.owner != owner:
+                raise operation_not_found(op_id)
+            return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, operation)
+        result = await self._record_stop(op_id, by, why, cause, owner)
         if result is None:
             raise operation_not_found(op_id)
         return result
 
     async def _record_stop(
-        self, op_id: str, by: str, why: str, cause: StopCause
+        self, op_id: str, by: str, why: str, cause: StopCause, owner: str = ""
     ) -> InterruptResult | None:
         """Record a stop, publish its events, and tell this replica's runner at once (another
         replica's runner hears of it by the stop's notification)."""
-        result = await self.storage.record_stop(op_id, by, why, cause)
+        result = await self.storage.record_stop(op_id, by, why, cause, owner)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None

@@ -117,6 +117,7 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
                 request.reason,
                 request.only_if_unwatched,
                 convert.cause_from_pb(request.cause),
+                request.owner,
             )
         return pb.InterruptOperationResponse(
             outcome=convert.outcome_to_pb(result.outcome),

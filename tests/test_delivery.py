@@ -92,3 +92,16 @@ async def test_a_hedge_finding_the_stop_requested_waits_for_this_deliverys_own_a
     assert delivery.state is DeliveryState.DELIVERED and delivery.response is not None
     assert delivery.response.outcome == rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD
     assert delivery.calls == 2
+
+
+async def test_only_a_stop_by_the_same_owner_joins_a_delivery_under_way() -> None:
+    """A principal's stop joins its own delivery in flight, never another principal's: each
+    gets the answer the runtime gives its own owner (the runtime checks `owner`)."""
+    link = ScriptedLink("hang", "hang")
+    stops = deliverer(link, attempt_timeout=3600, hedge_delay=3600)
+    alice = stops.deliver(OP_ID, "alice", "", owner="alice")
+    assert stops.deliver(OP_ID, "alice", "again", owner="alice") is alice
+    mallory = stops.deliver(OP_ID, "mallory", "", owner="mallory")
+    assert mallory is not alice
+    assert (alice.request.owner, mallory.request.owner) == ("alice", "mallory")
+    await stops.close()

@@ -248,6 +248,70 @@ async def test_a_foreign_stop_never_reaches_the_owners_stream(mine: Stub, theirs
     assert [n.reason for n in notices] == ["mine"]  # the foreign attempt left no notice
 
 
+async def test_a_gateway_that_never_saw_the_operation_stops_it_for_its_owner_only(
+    gateway: RunningGateway, mine: Stub, runtime: RunningRuntime
+) -> None:
+    """A stop through another gateway replica (one that did not start the operation, so does
+    not know its owner) reads nothing first: the runtime checks the owner in the stop's own
+    write. Anyone else's stop is answered like an unknown id and changes nothing."""
+    call = mine.StartAndStream(start_request("ticker", TICKER_30S, pb.CANCEL_POLICY_STOP))
+    first = await read_until(call, lambda u: u.HasField("accepted"))
+    op_id = first[0].accepted.operation_id
+    other = await start_gateway(gateway_config(runtime.address, auth=AuthSettings(keys=KEYS)))
+    reads: list[str] = []
+    real_get = other.gateway.link.get
+
+    async def counted_get(operation_id: str) -> Any:
+        reads.append(operation_id)
+        return await real_get(operation_id)
+
+    other.gateway.link.get = counted_get  # type: ignore[method-assign]
+    try:
+        async with (
+            gateway_channel(other.address, TOKEN) as mine_channel,
+            gateway_channel(other.address, OTHER_TOKEN) as theirs_channel,
+        ):
+            mine_there = pb_grpc.GatewayServiceStub(mine_channel)
+            theirs_there = pb_grpc.GatewayServiceStub(theirs_channel)
+            foreign = await failure(
+                lambda: theirs_there.StopOperation(pb.StopOperationRequest(operation_id=op_id))
+            )
+            unknown = await failure(
+                lambda: theirs_there.StopOperation(pb.StopOperationRequest(operation_id=UNKNOWN_ID))
+            )
+            assert foreign.code() is grpc.StatusCode.NOT_FOUND
+            assert answer(foreign, op_id) == answer(unknown, UNKNOWN_ID)
+            stored = await runtime.app.operations.get(op_id)
+            assert stored.stop is None and not stored.status.is_terminal
+            # Refused for that principal from now on, without asking the runtime again.
+            assert (
+                await failure(
+                    lambda: theirs_there.StopOperation(pb.StopOperationRequest(operation_id=op_id))
+                )
+            ).code() is grpc.StatusCode.NOT_FOUND
+
+            stopped = await mine_there.StopOperation(
+                pb.StopOperationRequest(operation_id=op_id, reason="from elsewhere")
+            )
+            assert stopped.delivery == pb.STOP_DELIVERY_DELIVERED
+            assert stopped.outcome == rt_pb.INTERRUPT_OUTCOME_ACCEPTED
+            assert stopped.operation.owner == PRINCIPAL
+        assert reads == []  # no read before any of the stops
+        rest = await read_until(
+            call, lambda u: u.HasField("event") and u.event.HasField("interrupted")
+        )
+        # The owner's stream (on the first gateway) sees the stop the runtime recorded, once.
+        stops = [
+            u.event.stop_requested.reason
+            for u in rest
+            if u.HasField("event") and u.event.HasField("stop_requested")
+        ]
+        assert stops == ["from elsewhere"]
+        assert not any(u.HasField("stop_requested") for u in rest)  # no notice of this gateway
+    finally:
+        await other.stop(grace=0)
+
+
 async def test_idempotency_keys_are_scoped_per_principal(mine: Stub, theirs: Stub) -> None:
     async def start_with_key(stub: Stub) -> pb.OperationAccepted:
         request = start_request("echo")

@@ -99,6 +99,30 @@ async def test_stop_is_idempotent_and_never_changes_a_finished_operation(
     assert await storage.record_stop("00000000-0000-0000-0000-000000000000", "x", "") is None
 
 
+async def test_a_stop_with_an_owner_reaches_only_that_owners_operation(storage: Storage) -> None:
+    """`owner` on a stop by id: checked in the stop's own write; anyone else's operation is
+    answered like an unknown id (None) and left exactly as it was, running or finished."""
+    op = (await storage.create("echo", {}, None, owner="alice")).operation
+    assert await storage.claim_and_start(op.id, "r", 60) is not None
+    before = await storage.get(op.id)
+    assert await storage.record_stop(op.id, "mallory", "not yours", owner="mallory") is None
+    assert await storage.get(op.id) == before
+    stopped = await storage.record_stop(op.id, "alice", "mine", owner="alice")
+    assert stopped is not None and stopped.outcome is InterruptOutcome.ACCEPTED
+    assert [e.kind for e in stopped.events] == [EventKind.STOP_REQUESTED]
+    # Stopped already: the owner hears so, anyone else still hears of no such operation.
+    again = await storage.record_stop(op.id, "alice", "again", owner="alice")
+    assert again is not None and again.outcome is InterruptOutcome.ALREADY_REQUESTED
+    assert await storage.record_stop(op.id, "mallory", "again", owner="mallory") is None
+    # No owner named (a direct call to the runtime): no check, as before.
+    unowned = await storage.record_stop(op.id, "operator", "any")
+    assert unowned is not None and unowned.outcome is InterruptOutcome.ALREADY_REQUESTED
+    pending = (await storage.create("echo", {}, None, owner="alice")).operation
+    assert await storage.record_stop(pending.id, "bob", "", owner="bob") is None
+    still = await storage.get(pending.id)
+    assert still is not None and still.status is OperationStatus.PENDING and still.stop is None
+
+
 async def test_step_checkpoint_never_overwrites_stop_intent(storage: Storage) -> None:
     op_id = await running(storage)
     await storage.record_stop(op_id, "alice", "stop")

@@ -32,6 +32,7 @@ from runtime_service.domain import (
     AnswerResult,
     Event,
     EventKind,
+    InterruptOutcome,
     InterruptResult,
     JSONValue,
     Operation,
@@ -94,6 +95,17 @@ def stop_data(requested_by: str, reason: str, cause: StopCause | None) -> dict[s
     if cause is not None:
         data["cause"] = cause.value
     return data
+
+
+def not_recorded(operation: Operation | None, owner: str) -> InterruptResult | None:
+    """Why a stop's write recorded nothing: the operation was stopped or had finished already;
+    None when there is no such operation (or, with `owner` set, it is someone else's: the same
+    answer, so ids cannot be probed)."""
+    if operation is None or (owner and operation.owner != owner):
+        return None
+    if operation.stop is not None:
+        return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
+    return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
 
 
 def halt_data(
@@ -266,9 +278,12 @@ class Storage(Protocol):
         requested_by: str,
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
+        owner: str = "",
     ) -> InterruptResult | None:
         """Store the stop intent once. A PENDING operation is interrupted right here, so no
-        runner ever starts it. None for an unknown id."""
+        runner ever starts it. None for an unknown id, and for another owner's operation when
+        `owner` is set (checked in the stop's own write, so a caller whose ownership nobody
+        has checked yet costs no read before it)."""
         ...
 
     async def record_stop_by_key(

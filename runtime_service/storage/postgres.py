@@ -43,6 +43,7 @@ from runtime_service.storage.interface import (
     KeptState,
     deadline_at,
     halt_data,
+    not_recorded,
     request_hash,
     stop_data,
     stopped_ahead_hold,
@@ -229,6 +230,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         requested_by: str,
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
+        owner: str = "",
     ) -> InterruptResult | None:
         now = utcnow()
         data = stop_data(requested_by, reason, cause)
@@ -241,6 +243,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             "cause": cause.value,
             "data": dump_json(data),
             "halted": dump_json(halt),
+            "owner": owner,
         }
 
         def read(row: Any) -> InterruptResult | None:
@@ -263,13 +266,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         recorded = await self._run(RECORD_STOP, params, read)
         if recorded is not None:
             return recorded
-        # Nothing recorded: say why.
-        operation = await self.get(operation_id)
-        if operation is None:
-            return None
-        if operation.stop is not None:
-            return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
-        return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
+        return not_recorded(await self.get(operation_id), owner)
 
     # ------------------------------------------------------------------ the runner's writes
 

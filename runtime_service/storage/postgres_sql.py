@@ -86,7 +86,7 @@ WITH stopped AS (
     status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
     finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
   WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
-  AND stop_requested_at IS NULL
+  AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner)
   RETURNING {COLUMN_LIST}
 ), written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
@@ -98,7 +98,7 @@ WITH stopped AS (
 SELECT {COLUMN_LIST}, {_NOTIFY_EVENT},
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
-    id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT,
+    id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,
 )  # fmt: skip
 
 # Claim a locally started operation and begin its first step; a PENDING operation never has a

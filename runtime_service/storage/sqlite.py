@@ -40,6 +40,7 @@ from runtime_service.storage.errors import translated
 from runtime_service.storage.interface import (
     Created,
     halt_data,
+    not_recorded,
     request_hash,
     stop_data,
     stopped_ahead_hold,
@@ -212,17 +213,24 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         requested_by: str,
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
+        owner: str = "",
     ) -> InterruptResult | None:
         # A runner write's path (inline when the database thread is idle): the stop is on the
         # path every client waits on, and a hop to the database thread and back costs about
         # as much as the write itself.
         result: InterruptResult | None = await self._write(
-            self._record_stop, operation_id, requested_by, reason, cause
+            self._record_stop, operation_id, requested_by, reason, cause, owner
         )
         return result
 
     def _record_stop(
-        self, cur: Any, operation_id: str, requested_by: str, reason: str, cause: StopCause
+        self,
+        cur: Any,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause,
+        owner: str,
     ) -> InterruptResult | None:
         now = utcnow()
         params = {
@@ -231,16 +239,12 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             "by": requested_by,
             "reason": reason,
             "cause": cause.value,
+            "owner": owner,
         }
         cur.execute(RECORD_STOP.text, params)
         row = self.cursors.row(cur)
         if row is None:
-            operation = self.cursors.get_in(cur, operation_id)
-            if operation is None:
-                return None
-            if operation.stop is not None:
-                return InterruptResult(InterruptOutcome.ALREADY_REQUESTED, operation)
-            return InterruptResult(InterruptOutcome.ALREADY_FINISHED, operation)
+            return not_recorded(self.cursors.get_in(cur, operation_id), owner)
         operation = operation_from_row(row)
         data = stop_data(requested_by, reason, cause)
         if not operation.status.is_terminal:

@@ -38,7 +38,7 @@ UPDATE operations SET
   status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
   finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
 WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
-  AND stop_requested_at IS NULL
+  AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner)
 RETURNING *""")
 
 # A PENDING operation never has a stop recorded (recording one interrupts it), so the claim is

@@ -414,7 +414,11 @@ class InterruptOperationRequest(_message.Message):
     start (INTERRUPT_OUTCOME_RECORDED_AHEAD). Not combined with only_if_unwatched.
     """
     owner: _builtins.str
-    """The principal whose key `idempotency_key` is (keys are scoped per owner, as for starts)."""
+    """The principal whose key `idempotency_key` is (keys are scoped per owner, as for starts).
+    With `operation_id`: when set, only this principal's operation is stopped (anyone else's:
+    NOT_FOUND, as for an unknown id), checked in the stop's own write. The gateway sets the
+    authenticated caller, so a stop it has no owner for needs no read first.
+    """
     cause: _operation_pb2.StopCause.ValueType
     """Why; UNSPECIFIED is recorded as STOP_CAUSE_OPERATOR (a direct call to the runtime)."""
     def __init__(
