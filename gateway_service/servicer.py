@@ -17,7 +17,7 @@ from gateway_service.core import (
     Limits,
 )
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
-from stopline.authn import current_principal
+from stopline.caller import current_principal
 from stopline.errors import InvalidArgument
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc

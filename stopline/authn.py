@@ -5,15 +5,14 @@ Both services use it with their own check: the gateway with API keys and JWTs
 Health and reflection are exempt, so probes, load balancers and `grpcurl list` keep working
 without credentials.
 
-The check's result (the principal) is put in a context variable for the duration of the call by
-wrapping the method's behaviour, which runs in the call's own task; servicers read it with
-`current_principal()`. A rejected call is answered from the same wrapper, with the status that
-stopline.grpc_status assigns to errors.Unauthenticated.
+The check's result (the principal) is put in a context variable (stopline.caller) for the
+duration of the call by wrapping the method's behaviour, which runs in the call's own task;
+servicers and log lines read it with `current_principal()`. A rejected call is answered from the
+same wrapper, with the status that stopline.grpc_status assigns to errors.Unauthenticated.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,8 @@ import grpc
 from grpc import aio
 
 from stopline import errors
+from stopline.caller import principal_var
+from stopline.logs import fields
 from stopline.transport import AUTHORIZATION
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,6 @@ else:
 Metadata = Sequence[tuple[str, str | bytes]]
 Check = Callable[[Metadata], str]
 """Returns the caller's principal, or raises errors.Unauthenticated."""
-
-_principal: contextvars.ContextVar[str] = contextvars.ContextVar("stopline_principal")
-
-
-def current_principal() -> str:
-    """The authenticated caller of the call being served. Raises LookupError outside an
-    authenticated call, which the servicers' error mapping turns into INTERNAL (a wiring bug)."""
-    return _principal.get()
 
 
 def bearer_token(metadata: Metadata) -> str:
@@ -83,14 +76,14 @@ def _as_principal(handler: Handler, principal: str) -> Handler:
     )
 
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        token = _principal.set(principal)
+        token = principal_var.set(principal)
         try:
             return await behaviour(request, context)
         finally:
-            _principal.reset(token)
+            principal_var.reset(token)
 
     async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        _principal.set(principal)  # the call's own task: nothing else shares this context
+        principal_var.set(principal)  # the call's own task: nothing else shares this context
         async for item in behaviour(request, context):
             yield item
 
@@ -132,9 +125,8 @@ class AuthInterceptor(_ServerInterceptor):
         try:
             principal = self._check(handler_call_details.invocation_metadata or ())
         except errors.Unauthenticated as exc:
-            # Imported here: client commands never need the status mapping (nor logs: a cycle).
+            # Imported here: client commands never need the status mapping.
             from stopline.grpc_status import status_for
-            from stopline.logs import fields
 
             log.info(
                 "authentication failed",

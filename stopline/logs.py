@@ -4,8 +4,9 @@
 Every line carries, where known, the operation it concerns, the trace it belongs to and the
 principal who asked. Those come from context variables, not from each call site: a runner's run
 task binds its operation (and owner) for its whole life, a gRPC call's task binds its principal
-(stopline.authn) or the operation it is about, and the trace id is the current OpenTelemetry
-span's (present when tracing is on). A call site adds the facts of its event as fields:
+(stopline.caller, set by stopline.authn) or the operation it is about, and the trace id is the
+current OpenTelemetry span's (present when tracing is on). A call site adds the facts of its
+event as fields:
 
     log.info("operation finished", extra=fields(status="INTERRUPTED", halt_ms=3.2))
 
@@ -28,7 +29,7 @@ from typing import Any
 import click
 from opentelemetry import trace
 
-from stopline import authn
+from stopline.caller import current_principal
 
 FIELDS = "stopline_fields"
 """The LogRecord attribute holding a line's own fields (see `fields`)."""
@@ -87,7 +88,7 @@ def _context(record: logging.LogRecord) -> dict[str, Any]:
     principal = own.get("principal") or _principal.get()
     if principal is None:
         try:
-            principal = authn.current_principal()
+            principal = current_principal()
         except LookupError:
             principal = None
     if principal:
