@@ -103,12 +103,10 @@ class StopAnswer:
 
 
 def _end_watch(start: asyncio.Task[Started]) -> None:
-    """Cancel an unheld start's stream once its call is over (harmless if it has ended)."""
+    """Cancel a start's stream once its call is over (harmless if it has ended)."""
     if start.cancelled() or start.exception() is not None:
         return
-    watch = start.result().watch
-    if watch is not None:
-        watch.cancel()
+    start.result().watch.cancel()
 
 
 def policy_from_labels(labels: Mapping[str, str]) -> tuple[CancelPolicy, float]:
@@ -232,10 +230,9 @@ class Gateway:
             if started.ours and started.held:
                 release = self.starter.release_unless_stopping(operation_id, owner, key)
                 self._spawn(release, name=f"release {operation_id}")
-            # Unheld: the events so far come on the start's own stream; after a break the
-            # follower resumes with a watch of its own from the last seq it forwarded.
-            source = started.watch.events() if started.watch is not None else None
-            async for item in self.follower.follow(operation_id, 0, source):
+            # The events so far come on the start's own stream; after a break the follower
+            # resumes with a watch of its own from the last seq it forwarded.
+            async for item in self.follower.follow(operation_id, 0, started.watch.events()):
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             # Only a client that went away (cancelled call, dropped connection) triggers its
@@ -243,8 +240,8 @@ class Gateway:
             self._client_gone(start, None, policy, grace, why_gone(), owner)
             raise
         finally:
-            # An unheld start's stream ends with this call, also when nobody read it (the
-            # client left before, or during, the start).
+            # The start's stream ends with this call, also when nobody read it (the client left
+            # before, or during, the start).
             start.add_done_callback(_end_watch)
 
     async def _check_running(self, owner: str) -> None:

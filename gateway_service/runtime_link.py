@@ -104,13 +104,10 @@ class RuntimeLink:
         except aio.AioRpcError as exc:
             raise UpstreamError.from_rpc_error(exc) from exc
 
-    async def start(self, request: rt_pb.StartOperationRequest) -> rt_pb.StartOperationResponse:
-        return await self._unary(self._stub.StartOperation, request, self._timeout)
-
     async def start_and_watch(self, request: rt_pb.StartOperationRequest) -> WatchedStart:
-        """An unheld start and its watch on one call, once the start's answer (the stream's first
-        message) has arrived; UpstreamError when the call fails before, DEADLINE_EXCEEDED when
-        that answer takes longer than a unary call may."""
+        """A start (held or not) and its watch on one call, once the start's answer (the
+        stream's first message) has arrived; UpstreamError when the call fails before,
+        DEADLINE_EXCEEDED when that answer takes longer than a unary call may."""
         call = self._stub.StartAndWatchOperation(
             rt_pb.StartAndWatchOperationRequest(start=request),
             metadata=tracing.outgoing_metadata(self._metadata),

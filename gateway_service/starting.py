@@ -1,12 +1,15 @@
 """Starting an operation on the runtime, held or not, and letting a held one run.
 
-- **Held** (the default): `StartOperation` with a hold, so the runtime runs no step until the
+Either way the start is one `StartAndWatchOperation` call, which creates the operation and
+streams its events on the same call: the start's answer and the first step's events come back on
+one stream, with no watch call (and no read of storage) between them.
+
+- **Held** (the default): the start carries a hold, so the runtime runs no step until the
   gateway sends `ReleaseOperation` (right after the client has the id) or the hold expires. A
   client that leaves while the start is in flight is stopped before any step ran.
-- **Unheld** (`no_hold`): `StartAndWatchOperation`, which creates the operation runnable and
-  streams its events on the same call: the start's answer and the first step's events come back
-  on one stream, with no release or watch call between them. A client that leaves while the
-  start is in flight may see the first step begin, and be cut mid-step by its cancel policy.
+- **Unheld** (`no_hold`): the operation is runnable at once, with no release call before its
+  first step. A client that leaves while the start is in flight may see the first step begin,
+  and be cut mid-step by its cancel policy.
 
 Either start is retried with the same idempotency key while the runtime is unreachable, so a
 start whose answer was lost creates no second operation (`Starter.start` says whose it is then).
@@ -38,17 +41,18 @@ class Started:
     """The runtime's answer to a start, and whether the operation is this call's to release and
     to stop under its policy: the runtime created it now, or an earlier attempt of this call may
     have created it and its answer was lost (`Starter.start` says how that is told). `watch`:
-    an unheld start's stream, its events still to read (None for a held start)."""
+    the start's stream, its events still to read. `hold`: the start asked for a hold."""
 
     response: rt_pb.StartOperationResponse
     ours: bool
-    watch: WatchedStart | None = None
+    watch: WatchedStart
+    hold: bool
 
     @property
     def held(self) -> bool:
         """Whether the operation may be held, so that letting it run takes a release: a held
         start's, or one an unheld start found under its key (an earlier held start's)."""
-        return self.watch is None or not self.response.created
+        return self.hold or not self.response.created
 
 
 class Starter:
@@ -60,8 +64,8 @@ class Starter:
     async def start(
         self, request: rt_pb.StartOperationRequest, generated_key: bool, hold: bool = True
     ) -> Started:
-        """Start (held: `request` carries the hold; unheld: the start and its watch on one
-        stream), retrying with the same key while the runtime is unreachable.
+        """Start, with its watch on the same stream (held: `request` carries the hold),
+        retrying with the same key while the runtime is unreachable.
 
         A retry answers `created = false` when an earlier attempt committed but its answer was
         lost; the operation is still this call's, to release and to stop under its policy. It is
@@ -79,17 +83,13 @@ class Starter:
         maybe_committed = generated_key
         async for attempt in retrying:
             with attempt:
-                watch = None
                 try:
-                    if hold:
-                        response = await self.link.start(request)
-                    else:
-                        watch = await self.link.start_and_watch(request)
-                        response = watch.response
+                    watch = await self.link.start_and_watch(request)
                 except UpstreamError as exc:
                     maybe_committed = maybe_committed or is_retryable(exc)
                     raise
-                return Started(response, response.created or maybe_committed, watch)
+                response = watch.response
+                return Started(response, response.created or maybe_committed, watch, hold)
         raise AssertionError("unreachable: tenacity reraises")
 
     async def release_unless_stopping(self, operation_id: str, owner: str, key: str) -> None:

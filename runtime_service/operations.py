@@ -181,16 +181,15 @@ class OperationsService:
     async def start_and_watch(
         self, args: StartArgs
     ) -> AsyncGenerator[Created | Sequence[Event], None]:
-        """An unheld start, then its events from seq 1 in batches, as `watch_batches` gives
-        them: the start's answer first, then the batches. A new operation's watch subscribes
-        before the operation can run (Watches.from_start): its first step's events come live,
-        with no read of storage on the way."""
-        if args.hold_seconds:
-            raise InvalidArgument("hold", "must be unset: a start with its watch starts unheld")
+        """A start, then its events from seq 1 in batches, as `watch_batches` gives them: the
+        start's answer first, then the batches. A new operation's watch subscribes before the
+        operation can run (Watches.from_start): its first step's events come live, with no read
+        of storage on the way, also when it runs only once a release lets it (a held start)."""
         created = await self._create(args)
         yield created
         if created.created:
-            batches = self.watches.from_start(created.events, lambda: self._launch(created, 0.0))
+            hold = args.hold_seconds
+            batches = self.watches.from_start(created.events, lambda: self._launch(created, hold))
         else:
             batches = self.watches.batches(created.operation.id, 0)
         async with contextlib.aclosing(batches):

@@ -47,12 +47,8 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
             pb.StartAndWatchOperationRequest, pb.StartAndWatchOperationResponse
         ],
     ) -> AsyncGenerator[pb.StartAndWatchOperationResponse, None]:
-        """A start that runs at once, and its watch from seq 1 on the same stream (see
+        """A start, and its watch from seq 1 on the same stream (see
         OperationsService.start_and_watch)."""
-        if request.start.HasField("hold"):
-            raise InvalidArgument(
-                "start.hold", "must be unset: StartAndWatchOperation starts unheld"
-            )
         stream = self._ops.start_and_watch(_start_args(request.start))
         async with contextlib.aclosing(stream):
             async for item in stream:

@@ -278,17 +278,17 @@ async def test_grace_policy_spares_an_operation_someone_reconnected_to(
 async def test_stop_while_the_runtime_is_still_handling_the_start_runs_no_step(
     client: Stub, gateway: RunningGateway, runtime: RunningRuntime, gated: GatedAgent
 ) -> None:
-    ops = runtime.app.operations
+    storage = runtime.app.storage
     entered = asyncio.Event()
     proceed = asyncio.Event()
-    real_start = ops.start_with  # what the servicer calls for a start
+    real_create = storage.create  # what every start calls, whichever RPC it came by
 
-    async def slow_start(*args: Any, **kwargs: Any) -> Any:
+    async def slow_create(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         await proceed.wait()  # the injected delay
-        return await real_start(*args, **kwargs)
+        return await real_create(*args, **kwargs)
 
-    ops.start_with = slow_start  # type: ignore[method-assign]
+    storage.create = slow_create  # type: ignore[method-assign]
     call = client.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_STOP))
     await asyncio.wait_for(entered.wait(), 10)
     call.cancel()  # the client stops before it even knows the operation id

@@ -177,7 +177,7 @@ async def test_one_stop_is_counted_once_in_each_phase_on_both_services(
     # The watch the gateway closed after the terminal event is CANCELLED, never UNKNOWN.
     assert not [s for s in rt if s.name == rt_calls and s.labels["code"] == "UNKNOWN"]
     assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/InterruptOperation", code="OK") == 1
-    assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/StartOperation", code="OK") == 1
+    assert value(rt, rt_calls, method=f"{RUNTIME_SERVICE}/StartAndWatchOperation", code="OK") == 1
 
     # Bounded label sets: never an operation id or a principal.
     for sample in [*rt, *gw]:

@@ -71,14 +71,14 @@ async def test_cancel_during_a_start_whose_answer_was_lost_runs_no_step(
     """Defect 1: the retry of the lost start answers created=false; it is still this call's
     operation, so the client's stop policy applies and no step runs."""
     proxy = setup.proxy
-    proxy.freeze("StartOperation")
-    proxy.drop_answers("StartOperation", 1)
+    proxy.freeze("StartAndWatchOperation")
+    proxy.drop_answers("StartAndWatchOperation", 1)
     request = start_request("gated", {}, pb.CANCEL_POLICY_STOP)
     request.idempotency_key = key
     call = setup.client.StartAndStream(request)
 
     async def start_held() -> bool:
-        return proxy.held["StartOperation"] == 1
+        return proxy.held["StartAndWatchOperation"] == 1
 
     async def client_gone() -> bool:
         return setup.gateway.gateway.stream_slots.total == 0
@@ -92,18 +92,20 @@ async def test_cancel_during_a_start_whose_answer_was_lost_runs_no_step(
     assert operation.status.value == "INTERRUPTED"
     assert operation.stop.reason == "the client's stream was cancelled"
     assert gated.steps_started == []
-    assert proxy.dropped["StartOperation"] == 1 and proxy.calls["StartOperation"] >= 2
+    assert (
+        proxy.dropped["StartAndWatchOperation"] == 1 and proxy.calls["StartAndWatchOperation"] >= 2
+    )
 
 
 async def test_a_start_whose_answer_was_lost_is_released_at_once(
     setup: Setup, gated: GatedAgent
 ) -> None:
     """Defect 2: the first step does not wait for the hold after a lost start answer."""
-    setup.proxy.drop_answers("StartOperation", 1)
+    setup.proxy.drop_answers("StartAndWatchOperation", 1)
     call = setup.client.StartAndStream(start_request("gated", {}, pb.CANCEL_POLICY_STOP))
     updates = await read_until(call, is_step_started, timeout=SOON)
     assert kind(updates[0]) == "accepted"
-    assert setup.proxy.dropped["StartOperation"] == 1
+    assert setup.proxy.dropped["StartAndWatchOperation"] == 1
     gated.open(updates[0].accepted.operation_id)
     await read_until(call, lambda u: kind(u) == "event:completed")
 

@@ -128,7 +128,7 @@ async def test_a_stop_by_key_during_the_start_runs_no_step(
     after the start, racing it freely. Every time: the start and the stop agree on the id, and
     no step began."""
     link = gateway.gateway.link
-    real_start = link.start
+    real_start = link.start_and_watch
     mode = ""
     stopped, created = asyncio.Event(), asyncio.Event()
 
@@ -141,7 +141,7 @@ async def test_a_stop_by_key_during_the_start_runs_no_step(
             await stopped.wait()
         return response
 
-    link.start = start_in_flight  # type: ignore[method-assign]
+    link.start_and_watch = start_in_flight  # type: ignore[method-assign]
     outcomes: dict[str, set[int]] = {}
     for trial in range(TRIALS):
         mode = ("stop first", "start first", "racing")[trial % 3]
@@ -386,7 +386,7 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
     gateway until the stop has reached the runtime) stops by that key at once, without waiting
     for the id, and the operation ends with no step."""
     link = gateway.gateway.link
-    real_start, real_interrupt = link.start, link.interrupt
+    real_start, real_interrupt = link.start_and_watch, link.interrupt
     in_flight, stopped = asyncio.Event(), asyncio.Event()
 
     async def held_start(request: rt_pb.StartOperationRequest) -> Any:
@@ -399,7 +399,7 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
         stopped.set()
         return response
 
-    link.start = held_start  # type: ignore[method-assign]
+    link.start_and_watch = held_start  # type: ignore[method-assign]
     link.interrupt = interrupt  # type: ignore[method-assign]
     follower = Follower(mine, as_json=False, idempotency_key="cli-key")
     request = pb.StartAndStreamRequest(agent="gated", idempotency_key="cli-key")

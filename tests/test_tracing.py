@@ -37,7 +37,7 @@ from tests.credentials import PRINCIPAL, TOKEN
 from tests.test_gateway import gateway_config
 from tests.test_llm_e2e import ANSWER, API_KEY, USER, llm_settings
 
-START = "stopline.v1.RuntimeService/StartOperation"
+START = "stopline.v1.RuntimeService/StartAndWatchOperation"
 INTERRUPT = "stopline.v1.RuntimeService/InterruptOperation"
 START_AND_STREAM = "stopline.gateway.v1.GatewayService/StartAndStream"
 STOP = "stopline.gateway.v1.GatewayService/StopOperation"

@@ -544,7 +544,7 @@ class StartAndWatchOperationRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StartOperationRequest:
-        """The start, as for StartOperation (with `hold` unset)."""
+        """The start, as for StartOperation."""
 
     def __init__(
         self,

@@ -144,16 +144,16 @@ class RuntimeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartAndWatchOperation(self, request, context):
-        """Starts an operation unheld and streams it on the same call: the first message carries the
-        start's answer (what StartOperation returns), every later one the operation's next events
-        from seq 1, as WatchOperation with `batch` sends them, ending after the terminal event. One
-        call where a held start takes three (StartOperation, ReleaseOperation, WatchOperation), so
-        the start's answer and the first step's events come back on one stream. Idempotency and
-        stops recorded ahead by key apply as for StartOperation: a repeated key streams the existing
-        operation (created false) and a stop by key recorded before the start makes it INTERRUPTED at
-        creation, running no step. `hold` must be unset (INVALID_ARGUMENT): the operation is
-        submitted to run at once, so a stop that must land before any step has to be sent by key
-        before this call.
+        """Starts an operation and streams it on the same call: the first message carries the start's
+        answer (what StartOperation returns), every later one the operation's next events from seq
+        1, as WatchOperation with `batch` sends them, ending after the terminal event. The start's
+        answer and the first step's events come back on one stream, with no WatchOperation call
+        (nor its read of storage) between them. Idempotency and stops recorded ahead by key apply as
+        for StartOperation: a repeated key streams the existing operation (created false) and a stop
+        by key recorded before the start makes it INTERRUPTED at creation, running no step. Without
+        `hold` the operation is submitted to run at once (a stop that must land before any step has
+        to be sent by key before this call); with `hold` it waits for ReleaseOperation (or the hold's
+        end) as from StartOperation, and its events follow on this stream once it runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
