@@ -369,10 +369,14 @@ class Gateway:
     ) -> StopDelivery:
         """`streams` False: the owner is not known here yet (the runtime checks it), so the
         operation's local clients are told only once the runtime has answered."""
+        delivery = self.deliverer.deliver(
+            op_id, requested_by, reason, owner, only_if_unwatched, cause
+        )
         if streams and not only_if_unwatched:
-            # Every local client of the operation learns of the stop now, not after the runtime.
+            # Every local client of the operation learns of the stop now, not after the runtime
+            # (told after the delivery began, so the call to the runtime goes out first).
             self.streams.notify(op_id, StopRequestedItem(requested_by, reason))
-        return self.deliverer.deliver(op_id, requested_by, reason, owner, only_if_unwatched, cause)
+        return delivery
 
     def _report_undelivered(self, delivery: StopDelivery) -> None:
         if self.owners.owner(delivery.operation_id) != delivery.request.owner:

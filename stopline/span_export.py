@@ -490,8 +490,15 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Background work: every few seconds a burst of encoding and sending, which on a small
     # machine would otherwise take a core from the service it exports for just when a stop or
-    # a step needs it. Lower priority costs the export only when the cores are busy.
+    # a step needs it. Lower priority costs the export only when the cores are busy: niceness
+    # everywhere, and Linux's SCHED_IDLE where there is one (CPU time only when no ordinary
+    # task wants it; a nice +10 task still took about a tenth of a busy core). Under sustained
+    # full load the export falls behind and the parent's queue bound drops spans, as the SDK's
+    # batch processor does when its exporter cannot keep up.
     os.nice(EXPORT_NICENESS)
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     acks = os.fdopen(int(sys.argv[1]), "wb", buffering=0)
     serve(sys.stdin.buffer, acks, os.environ)
 

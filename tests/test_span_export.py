@@ -175,6 +175,7 @@ def test_a_service_exports_through_its_export_process(protocol: str) -> None:
         flushed = tracing.provider().force_flush()
         import os, psutil
         niceness = [child.nice() for child in psutil.Process().children()]
+        policies = [os.sched_getscheduler(child.pid) for child in psutil.Process().children()]
         tracing.shutdown()
         print(json.dumps({
             "light": all(isinstance(s, LightSpan) for s in steps),
@@ -182,6 +183,7 @@ def test_a_service_exports_through_its_export_process(protocol: str) -> None:
             "run": format(run.get_span_context().span_id, "016x"),
             "niceness": niceness,
             "own": os.nice(0),
+            "idle": [policy == os.SCHED_IDLE for policy in policies],
         }))
         """
     )
@@ -208,6 +210,7 @@ def test_a_service_exports_through_its_export_process(protocol: str) -> None:
     # The export process yields the cores to its service (a stop, a step) when they are busy.
     wanted = min(19, facts["own"] + span_export.EXPORT_NICENESS)
     assert facts["niceness"] == [wanted], facts
+    assert facts["idle"] == [True], facts  # Linux: CPU time only when no ordinary task wants it
     if protocol == "console":
         assert done.stdout.count('"name": "step"') == 3, done.stdout
         return
