@@ -30,6 +30,18 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 SCRAPE_INTERVAL = 1.0
 
 
+def service_of(resource_spans: Any) -> str:
+    """The `service.name` of an export's ResourceSpans ("unknown" without one)."""
+    return next(
+        (
+            a.value.string_value
+            for a in resource_spans.resource.attributes
+            if a.key == "service.name"
+        ),
+        "unknown",
+    )
+
+
 class Sink(ts_grpc.TraceServiceServicer):
     """Accepts every export (the exporter's whole cost is real: encoding, the call, the wire)."""
 
@@ -43,14 +55,7 @@ class Sink(ts_grpc.TraceServiceServicer):
     ) -> ts.ExportTraceServiceResponse:
         counts: Counter[str] = Counter()
         for resource_spans in request.resource_spans:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "unknown",
-            )
+            service = service_of(resource_spans)
             counts[service] += sum(len(scope.spans) for scope in resource_spans.scope_spans)
         with self.lock:
             self.spans.update(counts)

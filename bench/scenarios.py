@@ -101,6 +101,27 @@ OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 connection for every channel of a process to the same address (its global subchannel pool)."""
 
 
+async def ticking(gateway: Any, step_seconds: float) -> tuple[Any, str]:
+    """A `ticker` of two steps started through `gateway` and streaming its first output chunk
+    (a stop trial's operation): its stream, still open, and its id."""
+    call = gateway.StartAndStream(
+        _start(
+            "ticker",
+            steps=2,
+            step_seconds=step_seconds,
+            chunk_interval_seconds=max(step_seconds / 4, 0.005),
+        )
+    )
+    op_id = ""
+    async for update in call:
+        if update.WhichOneof("update") == "accepted":
+            op_id = update.accepted.operation_id
+        event = update.event if update.WhichOneof("update") == "event" else None
+        if event is not None and event.WhichOneof("kind") == "output_chunk":
+            break
+    return call, op_id
+
+
 async def stop_latency(
     stack: Stack,
     step_seconds: float,
@@ -125,23 +146,7 @@ async def stop_latency(
     try:
         for _ in range(trials):
             with trial_span("stop trial"):
-                call = clients.gateways[0].StartAndStream(
-                    _start(
-                        "ticker",
-                        steps=2,
-                        step_seconds=step_seconds,
-                        chunk_interval_seconds=max(step_seconds / 4, 0.005),
-                    )
-                )
-                op_id = ""
-                async for update in call:
-                    if update.WhichOneof("update") == "accepted":
-                        op_id = update.accepted.operation_id
-                    if (
-                        update.WhichOneof("update") == "event"
-                        and update.event.WhichOneof("kind") == "output_chunk"
-                    ):
-                        break
+                call, op_id = await ticking(clients.gateways[0], step_seconds)
                 stopper = clients.gateways[0]
                 if cross_replica:
                     stopper = clients.gateways[1 - stack.owner(op_id)]

@@ -34,7 +34,8 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
-from bench.scenarios import Clients, _is_terminal, _start
+from bench.otlp_sink import service_of
+from bench.scenarios import Clients, _is_terminal, _start, ticking
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 
@@ -64,14 +65,7 @@ class Sink(ts_grpc.TraceServiceServicer):
     ) -> ts.ExportTraceServiceResponse:
         with self.lock:
             for resource in request.resource_spans:
-                service = next(
-                    (
-                        a.value.string_value
-                        for a in resource.resource.attributes
-                        if a.key == "service.name"
-                    ),
-                    "",
-                )
+                service = service_of(resource)
                 for scope in resource.scope_spans:
                     for s in scope.spans:
                         attributes = {
@@ -119,23 +113,7 @@ async def stop_trials(stack: Stack, trials: int, step_seconds: float) -> list[Tr
     out: list[Trial] = []
     try:
         for _ in range(trials):
-            call = clients.gateways[0].StartAndStream(
-                _start(
-                    "ticker",
-                    steps=2,
-                    step_seconds=step_seconds,
-                    chunk_interval_seconds=max(step_seconds / 4, 0.005),
-                )
-            )
-            op_id = ""
-            async for update in call:
-                if update.WhichOneof("update") == "accepted":
-                    op_id = update.accepted.operation_id
-                if (
-                    update.WhichOneof("update") == "event"
-                    and update.event.WhichOneof("kind") == "output_chunk"
-                ):
-                    break
+            call, op_id = await ticking(clients.gateways[0], step_seconds)
             await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
             sent = time.time_ns()
             await clients.gateways[0].StopOperation(
