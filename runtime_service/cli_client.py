@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from runtime_service.cli_options import json_flag, runtime_option
+from runtime_service.cli_options import runtime_option
 from runtime_service.client import ClientError, RuntimeClient
 from stopline.render import (
     EXIT_BY_TERMINAL_EVENT,
@@ -16,6 +16,7 @@ from stopline.render import (
     STATUS_FILTERS,
     describe_event,
     describe_operation,
+    json_flag,
     status_name,
     status_value,
     to_json,

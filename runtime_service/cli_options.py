@@ -42,10 +42,6 @@ runtime_option = click.option(
     help="Runtime address.",
 )
 
-json_flag = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
-)
-
 # The runtime's own options of `serve`, top to bottom as --help lists them.
 _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option(

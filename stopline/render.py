@@ -7,9 +7,17 @@ from collections.abc import Callable
 from datetime import UTC
 from typing import Any
 
+import click
+
 from stopline.events import EventKind
 from stopline.json_values import message_to_python, value_to_python
 from stopline.v1 import operation_pb2 as op_pb
+
+json_flag = click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
+)
+"""Every command that prints operations or events: the JSON rendering instead of the readable
+one (both commands' families, the gateway's `stopline ...` and `stopline runtime ...`)."""
 
 # How a command that followed an operation to its end exits, by how it ended.
 EXIT_FAILED = 1

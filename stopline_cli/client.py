@@ -24,6 +24,7 @@ from stopline.render import (
     LIST_LIMIT,
     STATUS_FILTERS,
     describe_operation,
+    json_flag,
     status_name,
     status_value,
     to_json,
@@ -36,7 +37,6 @@ from stopline_cli.connection import (
     connect,
     gateway_option,
     gateway_stub,
-    json_flag,
     unary_call,
 )
 from stopline_cli.follower import Follower, describe_update

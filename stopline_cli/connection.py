@@ -161,8 +161,3 @@ def gateway_option(fn: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         help="Gateway address.",
     )(build)
-
-
-json_flag = click.option(
-    "--json", "as_json", is_flag=True, help="Machine-readable output, one JSON object per line."
-)

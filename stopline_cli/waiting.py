@@ -23,10 +23,10 @@ from grpc import aio
 
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.render import describe_answer, status_name, to_json
+from stopline.render import describe_answer, json_flag, status_name, to_json
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt_pb
-from stopline_cli.connection import UNARY_TIMEOUT, Target, gateway_option, json_flag, unary_call
+from stopline_cli.connection import UNARY_TIMEOUT, Target, gateway_option, unary_call
 
 
 def _json_arg(text: str, what: str) -> Any:
