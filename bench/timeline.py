@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +159,13 @@ async def start_trials(stack: Stack, trials: int, no_hold: bool) -> list[Trial]:
     return out
 
 
+def _add(parts: dict[str, list[float]], name: str, ns: int) -> None:
+    parts.setdefault(name, []).append(ns / 1e6)
+
+
 def stop_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
     parts: dict[str, list[float]] = {}
-
-    def add(name: str, ns: int) -> None:
-        parts.setdefault(name, []).append(ns / 1e6)
-
+    add = partial(_add, parts)
     for _, sent, acknowledged, terminal in trials:
         handler = sink.find(GATEWAY, GW + "StopOperation", sent, acknowledged)
         delivery = sink.find(GATEWAY, "stop delivery", sent, acknowledged)
@@ -184,10 +186,7 @@ def stop_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
 
 def start_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
     parts: dict[str, list[float]] = {}
-
-    def add(name: str, ns: int) -> None:
-        parts.setdefault(name, []).append(ns / 1e6)
-
+    add = partial(_add, parts)
     for op_id, sent, accepted, first in trials:
         add("first step_started received (client)", first - sent)
         add("accepted received (client)", accepted - sent)

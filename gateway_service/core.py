@@ -328,10 +328,10 @@ class Gateway:
             # replica) is checked by the runtime, in the stop's own write (`owner` on the
             # request), instead of by a read before it; the operation's streams here (there
             # are none: a stream would have told this gateway the owner) learn of it below.
-            delivery = self._request_stop(
-                op_id, requested_by, reason, op_pb.STOP_CAUSE_USER, owner, streams=known is not None
-            )
             streams_told = known is not None
+            delivery = self._request_stop(
+                op_id, requested_by, reason, op_pb.STOP_CAUSE_USER, owner, streams=streams_told
+            )
         await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
         delivered = delivery.state is DeliveryState.DELIVERED
         self.metrics.stop_ack.labels(str(delivered).lower()).observe(time.monotonic() - began)

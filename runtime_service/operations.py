@@ -258,9 +258,7 @@ class OperationsService:
         why = bounded_text(reason, "reason", MAX_REASON)
         bounded_text(owner, "owner", MAX_OWNER)
         if only_if_unwatched and self.hub.watcher_count(op_id) > 0:
-            operation = await self.get(op_id)
-            if owner and operation.owner != owner:
-                raise operation_not_found(op_id)
+            operation = await self._owned_operation(op_id, owner)
             return InterruptResult(InterruptOutcome.SKIPPED_WATCHED, operation)
         result = await self._record_stop(op_id, by, why, cause, owner)
         if result is None:
@@ -357,10 +355,15 @@ class OperationsService:
         """The parsed id; the unknown-id NOT_FOUND when `owner` is set and is not the owner."""
         op_id = parse_operation_id(operation_id)
         if owner:
-            operation = await self.get(op_id)
-            if operation.owner != owner:
-                raise operation_not_found(op_id)
+            await self._owned_operation(op_id, owner)
         return op_id
+
+    async def _owned_operation(self, op_id: str, owner: str) -> Operation:
+        """The operation; the unknown-id NOT_FOUND when `owner` is set and is not the owner."""
+        operation = await self.get(op_id)
+        if owner and operation.owner != owner:
+            raise operation_not_found(op_id)
+        return operation
 
     async def answer(
         self,

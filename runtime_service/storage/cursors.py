@@ -131,8 +131,7 @@ class Cursors:
     def find_by_key(self, owner: str, key: str) -> SimpleNamespace | None:
         """The owner's operation with this idempotency key, as a row (with request_hash)."""
         with self.read() as cur:
-            cur.execute(self.sql(_BY_KEY), {"owner": owner, "key": key})
-            return self.row(cur)
+            return self.find_by_key_in(cur, owner, key)
 
     def find_by_key_in(self, cur: Any, owner: str, key: str) -> SimpleNamespace | None:
         """`find_by_key` inside the caller's transaction."""

@@ -198,10 +198,14 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 # After the commit (Created.tombstone): the look in the statement (which
                 # held the operation) misses a stop by key committed while it ran (READ
                 # COMMITTED).
-                taken = {"id": made.operation.id, "owner": owner, "key": idempotency_key}
-                tombstone = await self._run(
-                    TAKE_TOMBSTONE, {**taken, "now": self._time(now)}, tombstone_of
-                )
+                # "id": the batcher orders a batch's writes by it (pg_batch).
+                taken = {
+                    "id": made.operation.id,
+                    "owner": owner,
+                    "key": idempotency_key,
+                    "now": self._time(now),
+                }
+                tombstone = await self._run(TAKE_TOMBSTONE, taken, tombstone_of)
                 return replace(made, tombstone=tombstone)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
             # transaction rolled back after ours saw it, so the key is free again.)
