@@ -43,7 +43,7 @@ from runtime_service.domain import (
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, Created, ListCursor, Storage, Tombstone, utcnow
+from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
 from runtime_service.watching import Watches
 from stopline import logs, tracing
 from stopline.errors import (
@@ -144,8 +144,6 @@ class OperationsService:
             max_steps=budget,
             trace_parent=tracing.current_traceparent(),
         )
-        if created.tombstone is not None:
-            created = await self._apply_tombstone(created, created.tombstone)
         return created
 
     async def start(
@@ -201,17 +199,6 @@ class OperationsService:
         self.hub.publish(created.events)
         if created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
-
-    async def _apply_tombstone(self, created: Created, tombstone: Tombstone) -> Created:
-        """A stop sent by this key before the start (a tombstone) interrupts the new operation
-        now, before it can run: created, stop_requested, interrupted, no step."""
-        requested_by, reason, cause = tombstone
-        stopped = await self.storage.record_stop(created.operation.id, requested_by, reason, cause)
-        if stopped is None or stopped.outcome is not InterruptOutcome.ACCEPTED:
-            # The stop by key saw the operation and recorded the stop itself.
-            operation = await self.get(created.operation.id)
-            return Created(operation, created=True, events=created.events)
-        return Created(stopped.operation, created=True, events=created.events + stopped.events)
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 from grpc import aio
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from gateway_service import core
 from gateway_service.server import RunningGateway, start_gateway
@@ -27,6 +29,7 @@ from runtime_service.convert import event_to_pb, operation_to_pb
 from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus, StopCause
 from runtime_service.server import RunningRuntime, start_runtime
 from runtime_service.storage import Created, Storage, utcnow
+from runtime_service.storage.errors import StorageError
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from stopline.render import EXIT_INTERRUPTED, describe_event, describe_operation
@@ -295,29 +298,68 @@ async def _began(gated: GatedAgent, op_id: str) -> bool:
     return any(op == op_id for op, _ in gated.steps_started)
 
 
-async def test_a_start_that_finds_a_tombstone_is_claimed_by_no_runner_before_its_stop(
-    storage: Storage,
+# A fault in the database itself, for either dialect: the write of a `stop_requested` event fails.
+_FAILING_STOP = {
+    "sqlite": [
+        "CREATE TRIGGER fail_stop BEFORE INSERT ON events WHEN NEW.kind = 'stop_requested' "
+        "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION fail_stop() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'injected fault'; END $$",
+        "CREATE TRIGGER fail_stop BEFORE INSERT ON events FOR EACH ROW "
+        "WHEN (NEW.kind = 'stop_requested') EXECUTE FUNCTION fail_stop()",
+    ],
+}
+_REPAIRED = {
+    "sqlite": ["DROP TRIGGER fail_stop"],
+    "postgresql": ["DROP TRIGGER fail_stop ON events", "DROP FUNCTION fail_stop()"],
+}
+
+
+def _execute(db_url: str, statements: list[str]) -> None:
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+async def test_a_start_whose_stop_ahead_fails_to_commit_applies_it_when_retried(
+    db_url: str, storage: Storage
 ) -> None:
-    """The window between the create's commit and the tombstone's stop (which the start applies
-    next): a claim taking the operation there (another replica's claim loop, this one's) would
-    run its first step, and the stop would only set it STOPPING."""
+    """A stop by key stored before its start (a tombstone), and the start's write of that stop
+    failing (the database refuses it): the tombstone must survive the failure, so that the
+    start's retry stops the operation before any step. Meanwhile no runner may claim what the
+    failed start left behind (PostgreSQL commits the create before the stop: the operation is
+    held). Before, the tombstone was taken in a write of its own, and the retry found a PENDING
+    operation that ran once its hold ended."""
     ahead = await storage.record_stop_by_key("me", "early", "me", "too early", StopCause.USER, 600)
     assert ahead.outcome is InterruptOutcome.RECORDED_AHEAD
-    created = await storage.create("gated", {}, "early", owner="me")
-    assert created.created and created.tombstone == ("me", "too early", StopCause.USER)
-    op_id = created.operation.id
+    dialect = make_url(db_url).get_backend_name()
+    _execute(db_url, _FAILING_STOP[dialect])
+    with pytest.raises(StorageError, match="injected fault"):
+        await storage.create("gated", {}, "early", owner="me")
     assert (await storage.claim_next("runner", 10, 30)).claimed == []
-    assert await storage.claim_and_start(op_id, "runner", 30) is None
+    _execute(db_url, _REPAIRED[dialect])
 
-    stopped = await storage.record_stop(op_id, *created.tombstone)
-    assert stopped is not None and stopped.outcome is InterruptOutcome.ACCEPTED
-    assert stopped.operation.status is OperationStatus.INTERRUPTED
+    retried = await storage.create("gated", {}, "early", owner="me")
+    op_id = retried.operation.id
+    assert retried.operation.status is OperationStatus.INTERRUPTED
+    assert retried.operation.stop is not None and retried.operation.stop.cause is StopCause.USER
     assert [e.kind for e in await storage.events_after(op_id, 0)] == [
         EventKind.CREATED,
         EventKind.STOP_REQUESTED,
         EventKind.INTERRUPTED,
     ]
+    assert [e.kind for e in retried.events][-2:] == [
+        EventKind.STOP_REQUESTED,
+        EventKind.INTERRUPTED,
+    ]
     assert await storage.step_records(op_id) == []
+    assert await storage.claim_and_start(op_id, "runner", 30) is None
     # Starts no tombstone names (another owner's key, a key never stopped) are claimable at once.
     theirs = (await storage.create("gated", {}, "early", owner="them")).operation.id
     fresh = (await storage.create("gated", {}, "fresh", owner="me")).operation.id

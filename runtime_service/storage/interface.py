@@ -151,12 +151,6 @@ class Created:
     operation: Operation
     created: bool
     events: tuple[Event, ...]
-    # A stop by this operation's key recorded ahead of the start, consumed by the create: looked
-    # for after the create committed (see Storage.record_stop_by_key for why after), in the same
-    # trip to the database where the dialect allows, since every start with a key pays for it.
-    # When the create itself saw it, the operation was created held (stopped_ahead_hold) so that
-    # no runner claims it before the caller records this stop.
-    tombstone: Tombstone | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +257,14 @@ class Storage(Protocol):
         other replicas there is work (not needed when this one runs it right away).
         `deadline_seconds` is stored as the absolute `deadline_at` (creation time + it).
         `trace_parent`: the start's W3C traceparent, which the operation's runs continue.
-        A create that sees a live tombstone of the owner's key creates the operation held
-        (stopped_ahead_hold), whatever `hold_seconds` says, for the caller to stop it."""
+        A live tombstone of the owner's key (a stop by key stored before the start) is applied
+        here: the operation comes back INTERRUPTED, with its stop's events, and no step. The
+        tombstone is taken in the same write as the stop, so a stop that fails to commit leaves
+        it for the start's retry (which finds its twin PENDING and applies it). It is looked
+        for after the create committed (see record_stop_by_key for why after), as of the
+        create's own time, so a tombstone that expires meanwhile still applies; a create that
+        sees it in its own write creates the operation held (stopped_ahead_hold), whatever
+        `hold_seconds` says, so that no runner claims it before its stop."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:
@@ -300,12 +300,8 @@ class Storage(Protocol):
         ...
 
     async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
-        """Consume the owner's live tombstone for `key`. `create` takes it for a start (it
-        reports it as `Created.tombstone`), after the create committed and before the
-        operation can run (held, by the start or because the create saw the tombstone), as of
-        the create's own time: a tombstone that was live when the create held the operation
-        for it is taken even if it expired since, so it cannot leave the operation held for
-        nothing."""
+        """Consume the owner's live tombstone for `key` (a stop by key takes its own once it
+        has recorded the stop on the operation it found)."""
         ...
 
     # -- the runner's writes, all fenced to `runner_id`

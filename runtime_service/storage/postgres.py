@@ -59,11 +59,12 @@ from runtime_service.storage.postgres_sql import (
     CREATE,
     FAIL,
     HALT,
+    PEEK_TOMBSTONE,
     RECORD_STOP,
     RELEASE,
     RENEW_LEASES,
     START_STEP,
-    TAKE_TOMBSTONE,
+    TAKE_TOMBSTONE_AND_STOP,
 )
 from runtime_service.storage.shared import tombstone_of, twin_of
 from runtime_service.storage.sql import PgSql
@@ -195,25 +196,41 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             if made is not None:
                 if idempotency_key is None:
                     return made
-                # After the commit (Created.tombstone): the look in the statement (which
-                # held the operation) misses a stop by key committed while it ran (READ
-                # COMMITTED).
-                # "id": the batcher orders a batch's writes by it (pg_batch).
-                taken = {
-                    "id": made.operation.id,
-                    "owner": owner,
-                    "key": idempotency_key,
-                    "now": self._time(now),
-                }
-                tombstone = await self._run(TAKE_TOMBSTONE, taken, tombstone_of)
-                return replace(made, tombstone=tombstone)
+                # After the commit: the look in the statement (which held the operation) misses
+                # a stop by key committed while it ran (READ COMMITTED). As of the create's own
+                # time (see Storage.create).
+                return await self._stop_ahead(made, owner, idempotency_key, now)
             # The owner's key is taken: the twin, or the conflict. (Not found: the twin's
             # transaction rolled back after ours saw it, so the key is free again.)
             assert idempotency_key is not None
             row = await self._call(self.cursors.find_by_key, owner, idempotency_key)
             twin = twin_of(row, idempotency_key, fingerprint)
             if twin is not None:
-                return Created(twin, created=False, events=())
+                found = Created(twin, created=False, events=())
+                if twin.status is OperationStatus.PENDING and twin.stop is None:
+                    # A retry of a start whose tombstone's stop failed to commit: the tombstone
+                    # is still there, and its stop is applied now, before the hold ends.
+                    return await self._stop_ahead(found, owner, idempotency_key, utcnow())
+                return found
+
+    async def _stop_ahead(self, created: Created, owner: str, key: str, now: datetime) -> Created:
+        """Apply a stop stored ahead of the start by its key (a tombstone) to the start's
+        operation: read, then taken in the stop's own write (TAKE_TOMBSTONE_AND_STOP)."""
+        op_id = created.operation.id
+        # "id": the batcher orders a batch's writes by it (pg_batch).
+        look = {"id": op_id, "owner": owner, "key": key, "now": self._time(now)}
+        tombstone = await self._run(PEEK_TOMBSTONE, look, tombstone_of)
+        if tombstone is None:
+            return created
+        requested_by, reason, cause = tombstone
+        params, read = self._stop(op_id, requested_by, reason, cause, owner)
+        stopped = await self._run(TAKE_TOMBSTONE_AND_STOP, {**params, "key": key}, read)
+        if stopped is None:
+            # The stop by key found the operation and recorded the stop itself.
+            operation = await self.get(op_id)
+            assert operation is not None  # operations are never deleted
+            return replace(created, operation=operation)
+        return replace(created, operation=stopped.operation, events=created.events + stopped.events)
 
     def _created(self, now: datetime, data: dict[str, JSONValue], row: Any) -> Created | None:
         if row is None:
@@ -236,6 +253,17 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         cause: StopCause = StopCause.OPERATOR,
         owner: str = "",
     ) -> InterruptResult | None:
+        params, read = self._stop(operation_id, requested_by, reason, cause, owner)
+        recorded = await self._run(RECORD_STOP, params, read)
+        if recorded is not None:
+            return recorded
+        return not_recorded(await self.get(operation_id), owner)
+
+    def _stop(
+        self, operation_id: str, requested_by: str, reason: str, cause: StopCause, owner: str
+    ) -> tuple[dict[str, Any], Callable[[Any], InterruptResult | None]]:
+        """A stop's parameters, and the reader of its statement's row (RECORD_STOP and
+        TAKE_TOMBSTONE_AND_STOP)."""
         now = utcnow()
         data = stop_data(requested_by, reason, cause)
         halt = halt_data(False, 0, 0.0, cause)
@@ -267,10 +295,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 ),
             )
 
-        recorded = await self._run(RECORD_STOP, params, read)
-        if recorded is not None:
-            return recorded
-        return not_recorded(await self.get(operation_id), owner)
+        return params, read
 
     # ------------------------------------------------------------------ the runner's writes
 

@@ -6,7 +6,6 @@ beside its text; postgres.py runs them through the batcher and reads what they r
 from __future__ import annotations
 
 from runtime_service.notifications import EVENTS, STOPS, WORK
-from runtime_service.storage import shared
 from runtime_service.storage.cursors import COLUMN_LIST
 from runtime_service.storage.sql import PgSql, Sql
 
@@ -60,7 +59,13 @@ FROM created""",
 
 # A start's look for a stop by its key recorded ahead of it, after its create committed (see
 # PostgresStorage.create): a batched statement on the event loop, like the create itself.
-TAKE_TOMBSTONE = PgSql(shared.TAKE_TOMBSTONE.text, owner=TEXT, key=TEXT, now=TIME)
+# The stop a live tombstone of the key carries, read (not taken: TAKE_TOMBSTONE_AND_STOP takes it).
+PEEK_TOMBSTONE = PgSql(
+    """
+SELECT requested_by, reason, cause FROM stop_tombstones
+WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now""",
+    owner=TEXT, key=TEXT, now=TIME,
+)  # fmt: skip
 
 RELEASE = PgSql(
     f"""
@@ -73,12 +78,27 @@ SELECT {COLUMN_LIST}, CASE WHEN :announce THEN pg_notify('{WORK}', '') END FROM 
     id=TEXT, announce=BOOL,
 )  # fmt: skip
 
-# The stop intent, recorded once. An operation with no step in flight (PENDING, WAITING, PAUSED)
-# is interrupted in the same UPDATE (SET sees the old row, so `status` there is the status before
-# the stop); a RUNNING one's runner is told.
-RECORD_STOP = PgSql(
-    f"""
-WITH stopped AS (
+
+def _record_stop(taking: bool) -> PgSql:
+    """The stop intent, recorded once. An operation with no step in flight (PENDING, WAITING,
+    PAUSED) is interrupted in the same UPDATE (SET sees the old row, so `status` there is the
+    status before the stop); a RUNNING one's runner is told. `taking`: the stop of a tombstone
+    (a stop by the operation's key, stored before its start), deleted in the same statement, so
+    that the stop is recorded if and only if the tombstone goes: a failed statement leaves it
+    for the start's retry. Nothing is recorded if the tombstone has gone meanwhile (the stop by
+    key found the operation and recorded its stop itself)."""
+    taken = (
+        """taken AS (
+  DELETE FROM stop_tombstones WHERE owner = :owner AND idempotency_key = :key RETURNING 1
+), """
+        if taking
+        else ""
+    )
+    only_if_taken = "AND EXISTS (SELECT 1 FROM taken)" if taking else ""
+    keyed = {"key": TEXT} if taking else {}
+    return PgSql(
+        f"""
+WITH {taken}stopped AS (
   UPDATE operations SET
     last_seq = last_seq + CASE WHEN status <> 'RUNNING' THEN 2 ELSE 1 END,
     updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
@@ -86,7 +106,7 @@ WITH stopped AS (
     status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
     finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
   WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
-  AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner)
+  AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner) {only_if_taken}
   RETURNING {COLUMN_LIST}
 ), written AS (
   INSERT INTO events (operation_id, seq, kind, data_json, created_at)
@@ -98,8 +118,13 @@ WITH stopped AS (
 SELECT {COLUMN_LIST}, {_NOTIFY_EVENT},
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
-    id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,
-)  # fmt: skip
+        id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,
+        **keyed,
+    )  # fmt: skip
+
+
+RECORD_STOP = _record_stop(taking=False)
+TAKE_TOMBSTONE_AND_STOP = _record_stop(taking=True)
 
 # Claim a locally started operation and begin its first step; a PENDING operation never has a
 # stop recorded (recording one interrupts it), so the step always begins.

@@ -144,8 +144,9 @@ class SharedStorage:
         expires_seconds: float,
     ) -> InterruptResult | RecordedAhead:
         """See Storage.record_stop_by_key. Safe against a racing start without locks: each side
-        commits its own row, then looks for the other's (the start: `take_tombstone` after its
-        create committed). Whichever looks second sees the first's row, so at least one of them
+        commits its own row, then looks for the other's (the start: in `create`, after its
+        create committed, or in the same transaction on SQLite, whose write lock orders the
+        two). Whichever looks second sees the first's row, so at least one of them
         applies the stop; both may, and the second finds it recorded (record_stop is
         idempotent). This side records the stop before removing the tombstone, and the start
         looks before its operation can run when it is held: by the start itself, or by a create

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -188,14 +189,18 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         cur.execute(CREATE.text, params)
         operation = operation_from_row(self.cursors.row(cur))
         event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
-        tombstone = None
-        if key is not None:
-            # Taken here (Created.tombstone); the stop is applied by a later write, and other
-            # writes (a runner's claims among them) may run in between: the create's hold,
-            # which the tombstone set, is what keeps the claims off the operation.
-            cur.execute(TAKE_TOMBSTONE.text, {"owner": owner, "key": key, "now": params["now"]})
-            tombstone = tombstone_of(cur.fetchone())
-        return Created(operation, created=True, events=(event,), tombstone=tombstone)
+        created = Created(operation, created=True, events=(event,))
+        if key is None:
+            return created
+        # A stop stored ahead by the key (a tombstone) is taken and recorded in this same
+        # transaction: the operation is committed interrupted, or not at all.
+        cur.execute(TAKE_TOMBSTONE.text, {"owner": owner, "key": key, "now": params["now"]})
+        tombstone = tombstone_of(cur.fetchone())
+        if tombstone is None:
+            return created
+        stopped = self._record_stop(cur, operation.id, *tombstone, owner)
+        assert stopped is not None  # created PENDING in this transaction, with no stop
+        return replace(created, operation=stopped.operation, events=(event, *stopped.events))
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:
         # On the writes' inline path, as record_stop: a held start's first step waits on it.
