@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from bench import floor, node_client, scenarios
+from bench import floor, interceptors, node_client, scenarios
 from bench.report import table
 from bench.stack import Stack
 from bench.table import TIMES, markdown
@@ -152,3 +152,9 @@ async def test_observability_overhead_scenario_runs_with_everything_on(tmp_path:
     assert result["logs"]["operation_finished_lines"] >= 2 * (2 + 1)
     assert result["really_on"], result["checks"]
     assert "stop → terminal event" in overhead.markdown({"observability": {"sqlite": result}})
+
+
+async def test_interceptor_chains_benchmark_runs() -> None:
+    medians = await interceptors.measure(rounds=1, calls=3)
+    assert set(medians) == set(interceptors.CHAINS)
+    assert all(len(values) == 1 and values[0] > 0 for values in medians.values())
