@@ -143,6 +143,8 @@ async def test_observability_overhead_scenario_runs_with_everything_on(tmp_path:
         figure = result["figures"][name]
         assert figure["off"]["n"] > 0 and figure["on"]["n"] == figure["off"]["n"]
         assert figure["ratio_median"] > 0 and len(figure["ratio_per_round"]) == 2
+        low, high = figure["ratio_ci95"]
+        assert 0 < low <= high
     spans = result["sink"]["spans_by_service"]
     assert spans["stopline-runtime"] > 0 and spans["stopline-gateway"] > 0
     assert spans[overhead.CLIENT_SERVICE] == 2 * (2 + 1)  # one client span per trial
@@ -158,3 +160,21 @@ async def test_interceptor_chains_benchmark_runs() -> None:
     medians = await interceptors.measure(rounds=1, calls=3)
     assert set(medians) == set(interceptors.CHAINS)
     assert all(len(values) == 1 and values[0] > 0 for values in medians.values())
+
+
+def test_the_overhead_verdict_needs_the_whole_interval_under_the_target() -> None:
+    """bench/overhead.py's interval resamples whole rounds: arms that differ by the same factor
+    in every round get a tight interval around it; arms whose rounds disagree get a wide one,
+    and a ratio under 1.10 with an interval reaching over it is only "at the line"."""
+    from bench import overhead
+
+    off = [[10.0 + i % 3 for i in range(12)] for _ in range(8)]
+    doubled = [[2 * s for s in r] for r in off]
+    assert overhead.ratio_interval(off, doubled) == (2.0, 2.0)
+    drifting = [[s * (0.9 if n % 2 else 1.25) for s in r] for n, r in enumerate(off)]
+    low, high = overhead.ratio_interval(off, drifting)
+    assert low < 1.0 < 1.10 < high
+    figure = {"ratio_median": 1.05, "ratio_ci95": (low, high)}
+    assert overhead.verdict(figure) == "at the line"
+    assert overhead.verdict({"ratio_median": 1.05, "ratio_ci95": (1.01, 1.09)}) == "yes"
+    assert overhead.verdict({"ratio_median": 1.12, "ratio_ci95": (1.05, 1.2)}) == "no"
