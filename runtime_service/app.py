@@ -91,7 +91,7 @@ class RuntimeApp:
                 config.database_url,
                 Handlers(
                     on_stop=runner.stop_notified,
-                    on_event=hub.poke,
+                    on_event=hub.notified,
                     on_work=runner.wake,
                     on_reconnect=recheck_everything,
                 ),

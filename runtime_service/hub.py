@@ -78,6 +78,15 @@ class EventHub:
         for sub in subs:
             sub._put(None)
 
+    def notified(self, operation_id: str, seq: int, event: Event | None) -> None:
+        """Another replica's (or this one's) committed write, told by a notification: its
+        event published here when the notification carries it (watchers skip what they have,
+        and re-read storage at a gap), a poke otherwise."""
+        if event is None:
+            self.poke(operation_id, seq)
+        elif seq > self._published.get(operation_id, 0):
+            self.publish((event,))
+
     @contextmanager
     def local_write(self, operation_id: str) -> Iterator[None]:
         """Around a write of this process whose events it publishes itself: a notification

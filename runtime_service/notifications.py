@@ -5,7 +5,10 @@ makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
 - `stopline_stops` (payload: operation id): a stop was recorded; its runner cancels the step now.
   A pause travels the same way, its payload marked (`pause_payload`): the runner cuts the step
   and pauses the operation instead of halting it.
-- `stopline_events` (payload: "id:seq"): an event was stored; local watchers re-read storage.
+- `stopline_events` (payload: "id:seq", or "id:seq:note"): an event was stored; local watchers
+  re-read storage, or, when the payload carries the event itself (`event_note`: a stop's
+  `stop_requested`, which another replica's watchers need before the terminal event their own
+  runner writes next), take it from the hub without a read.
 - `stopline_work` (no payload): an operation became claimable; replicas with room claim it.
 
 Notifications are a fast path, never the only one: a listener that loses its connection
@@ -16,13 +19,18 @@ stop intents and claimable work periodically anyway.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import make_url
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from runtime_service.domain import Event, EventKind, JSONValue
+from stopline.json_values import dump_json
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,30 @@ def notify(conn: Connection, channel: str, payload: str = "") -> None:
         conn.execute(select(func.pg_notify(channel, payload)))
 
 
+MAX_NOTE_BYTES = 4000
+"""The largest event a notification carries (PostgreSQL's limit for a whole payload is 8000
+bytes); a larger one is announced as "id:seq", and its watchers read it."""
+
+
+def event_note(kind: EventKind, data: dict[str, JSONValue], at: datetime) -> str:
+    """An event's kind, data and time for a `stopline_events` payload (its operation id and seq
+    are the payload's "id:seq:" prefix, which the statement writes); '' when too large."""
+    note = dump_json({"kind": kind.value, "data": data, "at": at.isoformat()})
+    return note if len(note.encode()) <= MAX_NOTE_BYTES else ""
+
+
+def parse_event_payload(payload: str) -> tuple[str, int, Event | None]:
+    """A `stopline_events` payload: the operation id, the seq, and the event when carried.
+    (Operation ids are UUIDs: the first two colons end the id and the seq.)"""
+    op_id, seq_text, note = (*payload.split(":", 2), "")[:3]
+    seq = int(seq_text)
+    if not note:
+        return op_id, seq, None
+    fields = json.loads(note)
+    at = datetime.fromisoformat(fields["at"])
+    return op_id, seq, Event(op_id, seq, EventKind(fields["kind"]), fields["data"], at)
+
+
 def libpq_url(sqlalchemy_url: str) -> str:
     """postgresql+psycopg://... -> postgresql://... for a raw psycopg connection."""
     return (
@@ -55,7 +87,7 @@ def libpq_url(sqlalchemy_url: str) -> str:
 @dataclass(frozen=True)
 class Handlers:
     on_stop: Callable[[str], object]
-    on_event: Callable[[str, int], object]
+    on_event: Callable[[str, int, Event | None], object]
     on_work: Callable[[], object]
     on_reconnect: Callable[[], object]
 
@@ -113,8 +145,7 @@ class PostgresListener:
             if channel == STOPS:
                 self._handlers.on_stop(payload)
             elif channel == EVENTS:
-                op_id, _, seq = payload.rpartition(":")
-                self._handlers.on_event(op_id, int(seq))
+                self._handlers.on_event(*parse_event_payload(payload))
             elif channel == WORK:
                 self._handlers.on_work()
         except Exception:

@@ -259,3 +259,43 @@ async def test_output_refused_by_a_stop_not_yet_delivered_halts_the_step(db_url:
 
 async def _has_output(app: RuntimeApp, op_id: str) -> bool:
     return EventKind.OUTPUT_CHUNK in await stored_kinds(app, op_id)
+
+
+async def test_a_stop_recorded_by_another_replica_reaches_watchers_with_no_read(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: a stop recorded by another replica (another storage's write) reaches this
+    replica's watchers of the operation in its notification, stop_requested then the
+    interrupted event this replica's runner writes, in order and without one read of the
+    operation's events from storage between the stop and the terminal event (before, the
+    notification only sent the watchers back to storage, a round trip on the stop's path)."""
+    gated = GatedAgent()
+    # Quiet spells long enough that no periodic re-read falls inside the test.
+    config = runtime_config(postgres_url, watch_poll_seconds=60.0)
+    app = await RuntimeApp.open(config, agents(gated))
+    other = await opened_storage(postgres_url)  # another replica's write
+    try:
+        op = (await app.operations.start("gated", {}, "")).operation
+        watch = app.operations.watch(op.id, 0)
+        async for event in watch:
+            if event.kind is EventKind.OUTPUT_CHUNK:
+                break  # the step emitted its chunk and now waits at its gate
+        reads: list[int] = []
+        events_after = app.storage.events_after
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            reads.append(1)
+            return await events_after(*args, **kwargs)
+
+        monkeypatch.setattr(app.storage, "events_after", counted)
+        assert await other.record_stop(op.id, "user", "elsewhere") is not None
+        rest = [event async for event in watch]
+        assert [e.kind for e in rest] == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
+        assert rest[0].data["requested_by"] == "user" and rest[0].data["reason"] == "elsewhere"
+        assert reads == []
+        # What the watchers got from the notification is what storage holds.
+        stored = await events_after(op.id, rest[0].seq - 1, 1)
+        assert stored[0].data == rest[0].data and stored[0].seq == rest[0].seq
+    finally:
+        await other.close()
+        await app.close()

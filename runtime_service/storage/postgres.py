@@ -32,7 +32,7 @@ from runtime_service.domain import (
     StopCause,
 )
 from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
-from runtime_service.notifications import libpq_url
+from runtime_service.notifications import event_note, libpq_url
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import COLUMNS, Cursors
 from runtime_service.storage.errors import translated
@@ -276,6 +276,10 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             "data": dump_json(data),
             "halted": dump_json(halt),
             "owner": owner,
+            # A running operation's stop_requested, carried by its notification: the
+            # operation's runner is often on another replica, whose watchers then need no read
+            # of storage before the terminal event that runner writes next.
+            "note": event_note(EventKind.STOP_REQUESTED, data, now),
         }
 
         def read(row: Any) -> InterruptResult | None:

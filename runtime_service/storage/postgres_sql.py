@@ -82,11 +82,12 @@ SELECT {COLUMN_LIST}, CASE WHEN :announce THEN pg_notify('{WORK}', '') END FROM 
 def _record_stop(taking: bool) -> PgSql:
     """The stop intent, recorded once. An operation with no step in flight (PENDING, WAITING,
     PAUSED) is interrupted in the same UPDATE (SET sees the old row, so `status` there is the
-    status before the stop); a RUNNING one's runner is told. `taking`: the stop of a tombstone
-    (a stop by the operation's key, stored before its start), deleted in the same statement, so
-    that the stop is recorded if and only if the tombstone goes: a failed statement leaves it
-    for the start's retry. Nothing is recorded if the tombstone has gone meanwhile (the stop by
-    key found the operation and recorded its stop itself)."""
+    status before the stop); a RUNNING one's runner is told, and the `stop_requested` event
+    travels in its notification (`:note`, see notifications.event_note). `taking`: the stop of
+    a tombstone (a stop by the operation's key, stored before its start), deleted in the same
+    statement, so that the stop is recorded if and only if the tombstone goes: a failed
+    statement leaves it for the start's retry. Nothing is recorded if the tombstone has gone
+    meanwhile (the stop by key found the operation and recorded its stop itself)."""
     taken = (
         """taken AS (
   DELETE FROM stop_tombstones WHERE owner = :owner AND idempotency_key = :key RETURNING 1
@@ -115,10 +116,13 @@ WITH {taken}stopped AS (
   UNION ALL
   SELECT :id, last_seq, 'interrupted', :halted, :now FROM stopped WHERE status = 'INTERRUPTED'
 )
-SELECT {COLUMN_LIST}, {_NOTIFY_EVENT},
+SELECT {COLUMN_LIST},
+  CASE WHEN status = 'RUNNING' AND :note <> ''
+    THEN pg_notify('{EVENTS}', :id || ':' || last_seq || ':' || :note) ELSE {_NOTIFY_EVENT} END,
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
         id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,
+        note=TEXT,
         **keyed,
     )  # fmt: skip
 
