@@ -202,6 +202,11 @@ class OperationsService:
 
     async def release(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)
+        running = self.runner.release(op_id)
+        if running is not None:
+            # Released and claimed here in one write, its first step begun.
+            claimed = await running
+            return claimed if claimed is not None else await self.get(op_id)
         announce = not self.runner.has_room  # as in start
         released = await self.storage.release(op_id, announce)
         if released is not None:

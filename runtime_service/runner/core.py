@@ -23,7 +23,7 @@ from opentelemetry import trace
 
 from runtime_service import metrics, run_telemetry
 from runtime_service.agents.registry import AgentRegistry
-from runtime_service.domain import Event
+from runtime_service.domain import Event, Operation
 from runtime_service.hub import EventHub
 from runtime_service.notifications import PAUSE_MARK
 from runtime_service.runner import runs
@@ -104,6 +104,23 @@ class Runner:
             return
         self._launch(operation_id, None)
 
+    def release(self, operation_id: str) -> asyncio.Future[Operation | None] | None:
+        """A held start's release, run here at once: the release and the claim, with the first
+        step begun, in one write (the run's first), whose outcome the future holds: the claimed
+        operation, or None when it was not held. None when it cannot run here now (no room,
+        shutting down, or running already): the caller releases it in storage instead."""
+        if (
+            self._closed
+            or operation_id in self._runs
+            or len(self._runs) >= self.settings.max_running
+        ):
+            return None
+        released: asyncio.Future[Operation | None] = asyncio.get_running_loop().create_future()
+        # Nobody may wait any more (the call was cancelled): its outcome is not an error to log.
+        released.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._launch(operation_id, None, released)
+        return released
+
     def wake(self) -> None:
         """Look for claimable work now (a notification, a freed slot, a reconnect)."""
         self._leases.wake()
@@ -176,15 +193,21 @@ class Runner:
 
     # ------------------------------------------------------------------ one run
 
-    def _launch(self, operation_id: str, claimed: Claimed | None) -> None:
+    def _launch(
+        self,
+        operation_id: str,
+        claimed: Claimed | None,
+        released: asyncio.Future[Operation | None] | None = None,
+    ) -> None:
         if self._closed:
             return
-        run = Run(operation_id, asyncio.get_running_loop().create_future())
+        run = Run(operation_id, asyncio.get_running_loop().create_future(), released=released)
         self._runs[operation_id] = run
         run.task = asyncio.create_task(self._run(run, claimed), name=f"operation {operation_id}")
         run.task.add_done_callback(partial(self._forget, run))
 
     def _forget(self, run: Run, task: asyncio.Task[None]) -> None:
+        runs.answer_release(run, asyncio.CancelledError())  # if it never made its first write
         was_full = len(self._runs) >= self.settings.max_running
         if self._runs.get(run.operation_id) is run:
             del self._runs[run.operation_id]
@@ -203,8 +226,16 @@ class Runner:
             if claimed is None:
                 # Started here: claimed with its first step begun, in one write.
                 lease = self.settings.lease_seconds
+                release = run.released is not None
                 with self._hub.local_write(op_id):
-                    taken = await self._storage.claim_and_start(op_id, self.runner_id, lease)
+                    try:
+                        taken = await self._storage.claim_and_start(
+                            op_id, self.runner_id, lease, release
+                        )
+                    except BaseException as exc:
+                        runs.answer_release(run, exc)
+                        raise
+                    runs.answer_release(run, None if taken is None else taken[0].operation)
                     if taken is None:
                         return  # taken elsewhere, held, finished, or stopped before it started
                     claimed, begun = taken

@@ -13,7 +13,9 @@ from prometheus_client import Histogram
 
 from runtime_service import metrics, run_telemetry
 from runtime_service.agents.base import StepResult
+from runtime_service.domain import Operation
 from runtime_service.step_events import DeltaSettings
+from stopline.errors import Unavailable
 
 
 @dataclass(eq=False)
@@ -45,6 +47,9 @@ class Run:
     # The stop future was resolved by a pause: cut the step, but land PAUSED, not INTERRUPTED
     # (a stop recorded meanwhile still wins: pause_halt refuses, and the halt follows).
     pausing: bool = False
+    # A held start's release that this run's first write makes (Runner.release): the claimed
+    # operation, or None when it was not held, for the release call to answer with.
+    released: asyncio.Future[Operation | None] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,20 @@ def stop(run: Run, seen_at: datetime | None, cause: str | None = None) -> None:
     # Also when the stop reached the run first by another way (PostgreSQL's notification
     # can beat the recording call's own delivery): the call still links to what it cut.
     run_telemetry.link_stop(run.stopped_span)
+
+
+def answer_release(run: Run, outcome: Operation | BaseException | None) -> None:
+    """Tell the release call waiting on this run's first write how it went (once). A run that
+    ended without its write (cancelled at shutdown) answers UNAVAILABLE: retry the release."""
+    released = run.released
+    if released is None or released.done():
+        return
+    if isinstance(outcome, Exception):
+        released.set_exception(outcome)
+    elif isinstance(outcome, BaseException):
+        released.set_exception(Unavailable("the runtime is shutting down; retry the release"))
+    else:
+        released.set_result(outcome)
 
 
 def pause(run: Run) -> None:

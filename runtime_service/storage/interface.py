@@ -307,11 +307,13 @@ class Storage(Protocol):
     # -- the runner's writes, all fenced to `runner_id`
 
     async def claim_and_start(
-        self, operation_id: str, runner_id: str, lease_seconds: float
+        self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
     ) -> tuple[Claimed, Event] | None:
         """Take a PENDING, unheld operation (started on this replica) and begin its first step:
         the claim and the `step_started` event. None when another runner took it first, it is
-        held, or it was stopped."""
+        held, or it was stopped. `release`: take it only if it is held, releasing it (a held
+        start's release and claim in one write); None when it is not held (released already,
+        unknown, or ended)."""
         ...
 
     async def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:

@@ -62,6 +62,7 @@ from runtime_service.storage.postgres_sql import (
     PEEK_TOMBSTONE,
     RECORD_STOP,
     RELEASE,
+    RELEASE_AND_START,
     RENEW_LEASES,
     START_STEP,
     TAKE_TOMBSTONE_AND_STOP,
@@ -304,7 +305,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
     # ------------------------------------------------------------------ the runner's writes
 
     async def claim_and_start(
-        self, operation_id: str, runner_id: str, lease_seconds: float
+        self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
     ) -> tuple[Claimed, Event] | None:
         now = utcnow()
         params = {
@@ -326,7 +327,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 Event(operation_id, seq, EventKind.STEP_STARTED, started, now),
             )
 
-        return await self._run(CLAIM_AND_START, params, read)
+        return await self._run(RELEASE_AND_START if release else CLAIM_AND_START, params, read)
 
     async def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         now = utcnow()

@@ -130,14 +130,21 @@ FROM stopped""",
 RECORD_STOP = _record_stop(taking=False)
 TAKE_TOMBSTONE_AND_STOP = _record_stop(taking=True)
 
-# Claim a locally started operation and begin its first step; a PENDING operation never has a
-# stop recorded (recording one interrupts it), so the step always begins.
-CLAIM_AND_START = PgSql(
-    f"""
+
+def _claim_and_start(release: bool) -> PgSql:
+    """Claim a locally started operation and begin its first step; a PENDING operation never
+    has a stop recorded (recording one interrupts it), so the step always begins. `release`:
+    the operation must be held (a held start's release, and its claim, in one write), instead
+    of unheld or held no longer."""
+    claimable = (
+        "held_until IS NOT NULL" if release else "(held_until IS NULL OR held_until <= :now)"
+    )
+    return PgSql(
+        f"""
 WITH claimed AS (
   UPDATE operations SET status = 'RUNNING', runner_id = :runner, lease_expires_at = :lease,
     held_until = NULL, last_seq = last_seq + 2, updated_at = :now
-  WHERE id = :id AND status = 'PENDING' AND (held_until IS NULL OR held_until <= :now)
+  WHERE id = :id AND status = 'PENDING' AND {claimable}
   RETURNING {COLUMN_LIST}
 ), attempt AS (
   SELECT count(*) + 1 AS n FROM steps
@@ -157,8 +164,12 @@ WITH claimed AS (
 )
 SELECT {COLUMN_LIST}, attempt.n, {_NOTIFY_EVENT}
 FROM claimed, attempt""",
-    **_OWNED_TYPES, lease=TIME,
-)  # fmt: skip
+        **_OWNED_TYPES, lease=TIME,
+    )  # fmt: skip
+
+
+CLAIM_AND_START = _claim_and_start(release=False)
+RELEASE_AND_START = _claim_and_start(release=True)
 
 START_STEP = PgSql(
     f"""

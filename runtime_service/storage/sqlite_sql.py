@@ -43,11 +43,14 @@ RETURNING *""")
 
 # A PENDING operation never has a stop recorded (recording one interrupts it), so the claim is
 # always followed by its first step.
-CLAIM = Sql("""
+_CLAIM = """
 UPDATE operations SET status = 'RUNNING', runner_id = :runner, lease_expires_at = :lease,
   held_until = NULL, last_seq = last_seq + 2, updated_at = :now
-WHERE id = :id AND status = 'PENDING' AND (held_until IS NULL OR held_until <= :now)
-RETURNING *""")
+WHERE id = :id AND status = 'PENDING' AND {claimable}
+RETURNING *"""
+CLAIM = Sql(_CLAIM.format(claimable="(held_until IS NULL OR held_until <= :now)"))
+# A held start's release and its claim in one write (see postgres_sql._claim_and_start).
+RELEASE_AND_CLAIM = Sql(_CLAIM.format(claimable="held_until IS NOT NULL"))
 
 NEXT_ATTEMPT = Sql("SELECT count(*) + 1 FROM steps WHERE operation_id = :id AND step = :step")
 

@@ -34,6 +34,7 @@ from runtime_service.storage.sqlite_sql import (
     FINISH_ATTEMPT,
     HALT,
     NEXT_ATTEMPT,
+    RELEASE_AND_CLAIM,
     TWO_EVENTS,
 )
 from stopline.json_values import dump_json
@@ -55,20 +56,26 @@ class SqliteStepWrites(SharedStorage):
         raise NotImplementedError  # SqliteStorage: inline, or group-committed
 
     async def claim_and_start(
-        self, operation_id: str, runner_id: str, lease_seconds: float
+        self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
     ) -> tuple[Claimed, Event] | None:
         now = utcnow()
         lease = self._time(now + timedelta(seconds=lease_seconds))
         result: tuple[Claimed, Event] | None = await self._write(
-            self._claim_and_start, operation_id, runner_id, lease, now
+            self._claim_and_start, operation_id, runner_id, lease, now, release
         )
         return result
 
     def _claim_and_start(
-        self, cur: Any, operation_id: str, runner_id: str, lease: Any, now: datetime
+        self,
+        cur: Any,
+        operation_id: str,
+        runner_id: str,
+        lease: Any,
+        now: datetime,
+        release: bool = False,
     ) -> tuple[Claimed, Event] | None:
         params = {"id": operation_id, "runner": runner_id, "now": self._time(now), "lease": lease}
-        cur.execute(CLAIM.text, params)
+        cur.execute((RELEASE_AND_CLAIM if release else CLAIM).text, params)
         row = self.cursors.row(cur)
         if row is None:
             return None
