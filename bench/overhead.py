@@ -6,6 +6,7 @@ the stop-to-halt and per-step scenarios, both arms in the same run.
     python -m bench.overhead --ablate           # and each component alone: what costs most
     python -m bench.overhead --control          # and a second stack with everything off
     python -m bench.run --only observability    # the same, inside the suite
+    python -m bench.overhead --pool A.json B.json   # the ratios over the rounds of several runs
 
 Two stacks (a runtime and a gateway each, separate processes) run side by side for the whole run:
 
@@ -336,6 +337,26 @@ def checks_text(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' results as one: each backend's rounds (and arms) put together, the ratios
+    and their intervals computed over all of them (runs of the same code, one after another:
+    more rounds, a narrower interval)."""
+    results: dict[str, Any] = {"machine": runs[0]["machine"], "pooled_runs": len(runs)}
+    observability: dict[str, Any] = {}
+    for run in runs:
+        for backend, result in run["observability"].items():
+            turns = observability.setdefault(backend, {"turns": {}})["turns"]
+            for arm, arm_turns in result["turns"].items():
+                turns.setdefault(arm, []).extend(arm_turns)
+    for result in observability.values():
+        turns = result["turns"]
+        result["rounds"] = len(turns["off"])
+        result["figures"] = compare(turns)
+        result["ablation"] = {arm: compare(turns, arm) for arm in turns if arm not in ARMS}
+    results["observability"] = observability
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -351,7 +372,13 @@ def main() -> None:
         "--control", action="store_true", help="also a second stack with everything off"
     )
     parser.add_argument("--stop-trials", type=int, default=None, help="stop trials per turn")
+    parser.add_argument(
+        "--pool", type=Path, nargs="+", help="print the ratios over these runs' rounds, and exit"
+    )
     args = parser.parse_args()
+    if args.pool:
+        print(markdown(pooled([json.loads(path.read_text()) for path in args.pool])))
+        return
     rounds = args.rounds or (2 if args.quick else 8)
     sizes: dict[str, int] = (
         {"stop_trials": 3, "steps": 200, "repeats": 1}

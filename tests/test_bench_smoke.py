@@ -154,6 +154,11 @@ async def test_observability_overhead_scenario_runs_with_everything_on(tmp_path:
     assert result["logs"]["operation_finished_lines"] >= 2 * (2 + 1)
     assert result["really_on"], result["checks"]
     assert "stop → terminal event" in overhead.markdown({"observability": {"sqlite": result}})
+    run = {"machine": {}, "observability": {"sqlite": result}}
+    twice = overhead.pooled([run, run])["observability"]["sqlite"]
+    assert twice["rounds"] == 4
+    once = result["figures"]["stop/halt_ms"]["on"]["n"]
+    assert twice["figures"]["stop/halt_ms"]["on"]["n"] == 2 * once
 
 
 async def test_interceptor_chains_benchmark_runs() -> None:

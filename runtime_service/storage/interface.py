@@ -77,9 +77,10 @@ STOPPED_AHEAD_HOLD_SECONDS = 10.0
 runner claims only unheld operations (claim_next, claim_and_start) and no work notification is
 sent for a held one, so the hold keeps every runner off the operation until the start applies
 the tombstone's stop (a round trip or two later): it is interrupted before it ever runs. If the
-process dies in between, the stop is never applied and the operation runs once the hold lapses,
-as an unheld one would have at once; the hold only has to outlast a start that is alive. (The
-take is as of the create's time, so a tombstone that expires in between is still taken.)"""
+stop's write fails, or the process dies in between, the tombstone stays and a retry of the start
+applies it; with no retry, the operation runs once the hold lapses, as an unheld one would have
+at once: the hold only has to outlast a start that is alive. (The take is as of the create's
+time, so a tombstone that expires in between is still taken.)"""
 
 
 def stopped_ahead_hold(now: datetime, held_until: datetime | None) -> datetime:
