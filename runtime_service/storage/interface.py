@@ -300,11 +300,6 @@ class Storage(Protocol):
         when there is none yet, stored as a tombstone for `expires_seconds` (RecordedAhead)."""
         ...
 
-    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
-        """Consume the owner's live tombstone for `key` (a stop by key takes its own once it
-        has recorded the stop on the operation it found)."""
-        ...
-
     # -- the runner's writes, all fenced to `runner_id`
 
     async def claim_and_start(

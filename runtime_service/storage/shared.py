@@ -176,9 +176,6 @@ class SharedStorage:
         assert result is not None  # operations are never deleted
         return result
 
-    async def take_tombstone(self, owner: str, key: str) -> Tombstone | None:
-        return await self._call(self._take_tombstone, owner, key)
-
     def _write_tombstone(
         self,
         owner: str,
