@@ -136,8 +136,10 @@ class RuntimeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseOperation(self, request, context):
-        """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
-        (or already finished) is returned unchanged.
+        """Lets an operation started with `hold` run now. The answer is the operation as released:
+        RUNNING with its first step begun when this runtime had room to run it at once (the release
+        and the claim are one write), PENDING otherwise (the first replica with room takes it).
+        Idempotent; an operation that is not held (or already finished) is returned unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,8 +51,10 @@ class RuntimeServiceStub:
     after the terminal event.
     """
     ReleaseOperation: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]
-    """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
-    (or already finished) is returned unchanged.
+    """Lets an operation started with `hold` run now. The answer is the operation as released:
+    RUNNING with its first step begun when this runtime had room to run it at once (the release
+    and the claim are one write), PENDING otherwise (the first replica with room takes it).
+    Idempotent; an operation that is not held (or already finished) is returned unchanged.
     """
     StartAndWatchOperation: _grpc.UnaryStreamMultiCallable[_runtime_service_pb2.StartAndWatchOperationRequest, _runtime_service_pb2.StartAndWatchOperationResponse]
     """Starts an operation and streams it on the same call: the first message carries the start's
@@ -110,8 +112,10 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     after the terminal event.
     """
     ReleaseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]  # type: ignore[assignment]
-    """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
-    (or already finished) is returned unchanged.
+    """Lets an operation started with `hold` run now. The answer is the operation as released:
+    RUNNING with its first step begun when this runtime had room to run it at once (the release
+    and the claim are one write), PENDING otherwise (the first replica with room takes it).
+    Idempotent; an operation that is not held (or already finished) is returned unchanged.
     """
     StartAndWatchOperation: _aio.UnaryStreamMultiCallable[_runtime_service_pb2.StartAndWatchOperationRequest, _runtime_service_pb2.StartAndWatchOperationResponse]  # type: ignore[assignment]
     """Starts an operation and streams it on the same call: the first message carries the start's
@@ -202,8 +206,10 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _runtime_service_pb2.ReleaseOperationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_service_pb2.ReleaseOperationResponse, _abc.Awaitable[_runtime_service_pb2.ReleaseOperationResponse]]:
-        """Lets an operation started with `hold` run now. Idempotent; an operation that is not held
-        (or already finished) is returned unchanged.
+        """Lets an operation started with `hold` run now. The answer is the operation as released:
+        RUNNING with its first step begun when this runtime had room to run it at once (the release
+        and the claim are one write), PENDING otherwise (the first replica with room takes it).
+        Idempotent; an operation that is not held (or already finished) is returned unchanged.
         """
 
     @_abc_1.abstractmethod
