@@ -270,11 +270,17 @@ async def test_a_stop_recorded_by_another_replica_reaches_watchers_with_no_read(
     operation's events from storage between the stop and the terminal event (before, the
     notification only sent the watchers back to storage, a round trip on the stop's path)."""
     gated = GatedAgent()
-    # Quiet spells long enough that no periodic re-read falls inside the test.
-    config = runtime_config(postgres_url, watch_poll_seconds=60.0)
+    # Only the notification brings the stop: the watch's quiet spells and the runner's periodic
+    # look at stored stops (a fallback, whose win would cost the read) are far off.
+    config = runtime_config(
+        postgres_url, watch_poll_seconds=60.0, poll_seconds=60.0, lease_seconds=120.0
+    )
     app = await RuntimeApp.open(config, agents(gated))
     other = await opened_storage(postgres_url)  # another replica's write
     try:
+        # Listening before the watch: connecting pokes every watcher back to storage.
+        assert app.listener is not None
+        await asyncio.wait_for(app.listener.connected.wait(), 10)
         op = (await app.operations.start("gated", {}, "")).operation
         watch = app.operations.watch(op.id, 0)
         async for event in watch:
