@@ -68,7 +68,8 @@ def event_note(kind: EventKind, data: dict[str, JSONValue], at: datetime) -> str
 def parse_event_payload(payload: str) -> tuple[str, int, Event | None]:
     """A `stopline_events` payload: the operation id, the seq, and the event when carried.
     (Operation ids are UUIDs: the first two colons end the id and the seq.)"""
-    op_id, seq_text, note = (*payload.split(":", 2), "")[:3]
+    op_id, _, rest = payload.partition(":")
+    seq_text, _, note = rest.partition(":")
     seq = int(seq_text)
     if not note:
         return op_id, seq, None

@@ -58,8 +58,7 @@ FROM created""",
 )  # fmt: skip
 
 # A start's look for a stop by its key recorded ahead of it, after its create committed (see
-# PostgresStorage.create): a batched statement on the event loop, like the create itself.
-# The stop a live tombstone of the key carries, read (not taken: TAKE_TOMBSTONE_AND_STOP takes it).
+# PostgresStorage.create): read, not taken; TAKE_TOMBSTONE_AND_STOP takes it with its stop.
 PEEK_TOMBSTONE = PgSql(
     """
 SELECT requested_by, reason, cause FROM stop_tombstones

@@ -68,9 +68,9 @@ OUTCOME_UNKNOWN_REASON = (
 )
 T = TypeVar("T")
 
-# Consume the owner's live tombstone of a key: a start's (in the dialect's create) and a stop by
-# key's that found the key's operation after writing its own. One text for both dialects
-# (postgres_sql.py declares its parameter types for the batched form).
+# Consume the owner's live tombstone of a key: a start's on SQLite (in its create's transaction,
+# with the stop it carries) and a stop by key's that found the key's operation after writing its
+# own. (A start on PostgreSQL takes it with its stop: postgres_sql.TAKE_TOMBSTONE_AND_STOP.)
 TAKE_TOMBSTONE = Sql("""
 DELETE FROM stop_tombstones
 WHERE owner = :owner AND idempotency_key = :key AND expires_at > :now
