@@ -41,6 +41,7 @@ async def capacity(
     settle_seconds: float,
     profile_seconds: int = 0,
     profile_dir: Path | None = None,
+    waits: bool = False,
 ) -> dict[str, Any]:
     import psutil  # bench extra only
 
@@ -101,21 +102,27 @@ async def capacity(
             window_seconds=elapsed,
         )
         if profile_seconds:
-            out["profile"] = await _profile(proc.pid, profile_seconds, profile_dir or RESULTS)
+            out["profile"] = await _profile(
+                proc.pid, profile_seconds, profile_dir or RESULTS, waits
+            )
     finally:
         await clients.close()
     return out
 
 
-async def _profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
+async def _profile(pid: int, seconds: int, out: Path, waits: bool) -> dict[str, Any]:
+    """py-spy's samples of the runtime: of whichever thread holds the GIL (where the CPU goes),
+    or with `waits` of every thread, idle or not, each stack under its thread (where each one
+    waits: the event loop in its selector, the database thread in SQLite or for work)."""
     beside = Path(sys.executable).parent / "py-spy"
     spy = str(beside) if beside.exists() else shutil.which("py-spy")
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
-    path = out / f"capacity-runtime-{pid}.txt"
+    path = out / f"capacity-runtime-{pid}{'-waits' if waits else ''}.txt"
+    which = ("--idle", "--threads") if waits else ("--gil",)
     proc = await asyncio.create_subprocess_exec(
-        spy, "record", "-d", str(seconds), "-r", "100", "--gil", "-p", str(pid),
+        spy, "record", "-d", str(seconds), "-r", "100", *which, "-p", str(pid),
         "--format", "raw", "-o", str(path),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -134,6 +141,11 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=20.0)
     parser.add_argument("--settle", type=float, default=10.0)
     parser.add_argument("--profile", type=int, default=0, help="py-spy seconds (0: none)")
+    parser.add_argument(
+        "--waits",
+        action="store_true",
+        help="profile every thread, idle too (where each waits), not only the GIL's holder",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -150,6 +162,7 @@ def main() -> None:
                         args.settle,
                         args.profile,
                         RESULTS / "profiles",
+                        args.waits,
                     )
                 )
             summary = {k: v for k, v in results[backend].items() if k != "profile"}

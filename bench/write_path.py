@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import insert, update
 
 from runtime_service.database import Database, create_db_engine
-from runtime_service.domain import OperationStatus
+from runtime_service.domain import EventKind, JSONValue, OperationStatus
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.schema import events, operations
 from runtime_service.storage import SqliteStorage
@@ -31,6 +31,8 @@ UPDATE = (
 )
 INSERT = "INSERT INTO events VALUES (?,?,?,?,?)"
 NOW = "2026-01-01 00:00:00"
+CHUNK = EventKind.OUTPUT_CHUNK
+CHUNK_DATA: dict[str, JSONValue] = {"step": 0, "text": "x" * 64}
 
 
 def per_call_us(fn: Callable[[], object], n: int) -> float:
@@ -79,10 +81,12 @@ async def _main(n: int) -> None:
 
         def via_own_transaction() -> object:
             with storage.cursors.transaction() as cursor:
-                return storage._chunk(cursor, op_id, 0, "x" * 64, "r", False)
+                return storage._append_event(cursor, op_id, CHUNK, CHUNK_DATA, "r", False)
 
         def via_inline() -> object:
-            return storage._inline.run(storage._chunk, op_id, 0, "x" * 64, "r", False)
+            return storage._inline.run(
+                storage._append_event, op_id, CHUNK, CHUNK_DATA, "r", False
+            )
 
         def via_begin() -> object:
             with engine.begin() as conn:

@@ -58,6 +58,9 @@ def create_db_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # The storage's Checkpointer folds the WAL back on a thread of its own; a writer
+        # checkpoints only if the WAL has grown this far regardless (a backstop).
+        cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -68,6 +71,10 @@ def create_db_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
 
     return engine
 
+
+# A writer's own WAL checkpoint only past this many pages (SQLite's default: 1,000), see
+# storage/sqlite_commit.py's Checkpointer.
+WAL_BACKSTOP_PAGES = 10_000
 
 # A pooled connection unused for longer than this is checked before use.
 IDLE_PING_SECONDS = 1.0

@@ -48,7 +48,7 @@ class EventHub:
         # Newest seq published here, per watched operation (to recognise our own NOTIFYs).
         self._published: dict[str, int] = {}
         # Operations with a write of this process in flight, and the newest seq a notification
-        # reported for each meanwhile (see local_write).
+        # reported for each meanwhile (see writing).
         self._writing: dict[str, int] = {}
         self._poked_while_writing: dict[str, int] = {}
         self._closed = False
@@ -87,23 +87,32 @@ class EventHub:
         elif seq > self._published.get(operation_id, 0):
             self.publish((event,))
 
+    def writing(self, operation_id: str) -> None:
+        """A write of this process whose events it publishes itself has begun (end it with
+        `written`, in a `finally`): a notification for the operation arriving meanwhile waits
+        for that publish instead of sending the operation's watchers back to storage (on
+        PostgreSQL every write notifies, and the notification often arrives before the writer
+        has published). Two plain calls rather than a context manager: the runner makes two or
+        three writes a step, and a generator-based one cost more than this bookkeeping."""
+        self._writing[operation_id] = self._writing.get(operation_id, 0) + 1
+
+    def written(self, operation_id: str) -> None:
+        left = self._writing.pop(operation_id) - 1
+        if left:
+            self._writing[operation_id] = left
+        else:
+            seq = self._poked_while_writing.pop(operation_id, None)
+            if seq is not None:
+                self.poke(operation_id, seq)  # dropped if that seq is published by now
+
     @contextmanager
     def local_write(self, operation_id: str) -> Iterator[None]:
-        """Around a write of this process whose events it publishes itself: a notification
-        for the operation arriving meanwhile waits for that publish instead of sending the
-        operation's watchers back to storage (on PostgreSQL every write notifies, and the
-        notification often arrives before the writer has published)."""
-        self._writing[operation_id] = self._writing.get(operation_id, 0) + 1
+        """`writing` and `written` around a block (for the writes off the per-step path)."""
+        self.writing(operation_id)
         try:
             yield
         finally:
-            left = self._writing.pop(operation_id) - 1
-            if left:
-                self._writing[operation_id] = left
-            else:
-                seq = self._poked_while_writing.pop(operation_id, None)
-                if seq is not None:
-                    self.poke(operation_id, seq)  # dropped if that seq is published by now
+            self.written(operation_id)
 
     def close(self) -> None:
         """Shutdown: every watcher ends now (and tells its client to reconnect elsewhere)."""

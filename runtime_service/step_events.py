@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,7 +34,7 @@ from runtime_service.domain import EventKind, JSONValue
 from runtime_service.storage import Appended, Storage
 from runtime_service.tools.toolbox import ToolBox, ToolFailed, parse_arguments
 from stopline import tracing
-from stopline.json_values import shown
+from stopline.json_values import json_problem, shown
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +250,9 @@ class StepEvents:
         """The one ending of a call, unless close() wrote it already. Allowed after a stop."""
         if self._calls.pop(call_id, None) is None:
             return
-        if kind is EventKind.TOOL_CALL_FINISHED and _json_problem(fields["result"]) is not None:
+        if kind is EventKind.TOOL_CALL_FINISHED and json_problem(fields["result"]) is not None:
             kind = EventKind.TOOL_CALL_FAILED
-            fields = {"error": f"the result is not JSON: {_json_problem(fields['result'])}"}
+            fields = {"error": f"the result is not JSON: {json_problem(fields['result'])}"}
         data: dict[str, JSONValue] = {"step": self.step, "call_id": call_id, **fields}
         await asyncio.shield(self._track(asyncio.ensure_future(self._flush_then(kind, data))))
 
@@ -316,15 +315,7 @@ class StepEvents:
             await asyncio.wait(set(self._writes))
 
 
-def _json_problem(value: JSONValue) -> str | None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return str(exc)
-    return None
-
-
 def _require_json(value: JSONValue, what: str) -> None:
-    problem = _json_problem(value)
+    problem = json_problem(value)
     if problem is not None:
         raise TypeError(f"{what} must be JSON-serialisable: {problem}")

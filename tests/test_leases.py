@@ -69,6 +69,19 @@ async def test_expired_lease_is_taken_over_and_the_old_owner_is_locked_out(
     assert kept == {op_id}
 
 
+async def test_a_renewal_names_only_the_operations_with_a_stop_recorded(storage: Storage) -> None:
+    # Each one it names, the runner reads back from storage (the fallback for a missed
+    # notification): on SQLite 3.40 every renewal named every operation, a read per running
+    # operation per lease interval.
+    quiet, stopped = [(await storage.create("ticker", {}, None)).operation.id for _ in range(2)]
+    for op_id in (quiet, stopped):
+        await storage.claim_and_start(op_id, "A", 30)
+    await storage.record_stop(stopped, "user", "enough")
+    kept, stopping = await storage.renew_leases("A", [quiet, stopped], 30)
+    assert kept == {quiet, stopped}
+    assert stopping == {stopped}
+
+
 async def test_stop_recorded_while_owner_was_dead_ends_it_without_resuming(
     storage: Storage,
 ) -> None:

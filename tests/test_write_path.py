@@ -14,15 +14,18 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy.dialects import sqlite
 
 from runtime_service import convert
 from runtime_service.domain import Event, EventKind, OperationStatus
+from runtime_service.schema import UTCDateTime, sqlite_utc_text
 from runtime_service.storage import Appended, SqliteStorage, Storage, StorageError
 from runtime_service.storage.sqlite_commit import WouldBlock
 from runtime_service.watching import _next_in_order
 from stopline.errors import AlreadyExists
+from stopline.json_values import dump_json, json_problem
 from stopline.v1 import operation_pb2 as op_pb
-from tests.conftest import opened_storage
+from tests.conftest import eventually, opened_storage
 from tests.test_store import running
 
 
@@ -149,6 +152,41 @@ def test_event_conversion_matches_the_generic_json_mapping(output: Any, step: in
         expected = op_pb.Event(operation_id="op", seq=7, time=convert.timestamp(now))
         json_format.ParseDict(data, getattr(expected, kind.value))
         assert convert.event_to_pb(event) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    moment=st.datetimes(
+        min_value=datetime(1970, 1, 1),
+        max_value=datetime(9998, 12, 31),
+        timezones=st.timezones(),
+    )
+)
+def test_sqlite_time_text_is_what_sqlalchemy_would_store(moment: datetime) -> None:
+    dialect = sqlite.dialect()
+    sqlalchemy_own = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert sqlalchemy_own is not None
+    assert sqlite_utc_text(moment) == sqlalchemy_own(moment)
+
+
+def test_sqlite_time_text_refuses_a_naive_time_like_the_column_does() -> None:
+    with pytest.raises(ValueError, match="naive"):
+        sqlite_utc_text(datetime(2026, 1, 2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_values)
+def test_dump_json_is_compact_json_that_reads_back(value: Any) -> None:
+    assert dump_json(value) == json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    assert json.loads(dump_json(value)) == value
+    assert json_problem(value) is None
+
+
+def test_json_problem_names_what_json_cannot_hold() -> None:
+    assert json_problem({"x": float("nan")}) is not None
+    assert "set" in (json_problem({"x": {1}}) or "")
 
 
 def test_batches_respect_count_and_size_limits() -> None:
@@ -305,5 +343,40 @@ async def test_a_failed_write_is_a_storage_error_not_a_driver_error(tmp_path: Pa
             await storage._write(broken)
         with pytest.raises(StorageError, match="NOT NULL"):  # and on a new inline connection
             await storage._write(broken)
+    finally:
+        await storage.close()
+
+
+async def test_the_wal_reaches_the_database_file_with_no_writer_checkpointing(
+    tmp_path: Path,
+) -> None:
+    # Far below the writers' own backstop (WAL_BACKSTOP_PAGES): only the storage's
+    # Checkpointer, on its own thread, can have copied these into the database file.
+    storage = await sqlite_storage(tmp_path)
+    path = tmp_path / "runtime.db"
+
+    def in_the_file_alone(op_id: str) -> int:
+        # immutable: the database file as it is, without the WAL.
+        file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+        try:
+            found = file.execute("SELECT count(*) FROM events WHERE operation_id = ?", (op_id,))
+            return int(found.fetchone()[0])
+        except sqlite3.OperationalError:  # not even the tables are in the file yet
+            return 0
+        finally:
+            file.close()
+
+    try:
+        op_id = await running(storage)
+        for n in range(20):
+            await storage.append(op_id, OUTPUT, {"step": 0, "text": f"chunk {n}"}, "r", False)
+        written = len(await storage.events_after(op_id, 0))
+        assert written > 20
+
+        async def all_in_the_file() -> bool:
+            return await asyncio.to_thread(in_the_file_alone, op_id) == written
+
+        await eventually(all_in_the_file)
+        assert storage._checkpointer.checkpoints >= 1
     finally:
         await storage.close()

@@ -22,7 +22,6 @@ as a new attempt).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from functools import partial
@@ -42,6 +41,7 @@ from runtime_service.step_events import StepEvents
 from runtime_service.storage import STORAGE_FAILURES, KeptState, Storage
 from runtime_service.tools.toolbox import ToolBox
 from stopline import logs, tracing
+from stopline.json_values import json_problem
 
 log = logging.getLogger(__package__)
 
@@ -204,7 +204,7 @@ class Steps:
         """The state the cut step kept for a stop, if any and if JSON can store it."""
         if ctx.kept is None:
             return None
-        problem = _json_error(ctx.kept.state)
+        problem = json_problem(ctx.kept.state)
         if problem is not None:
             log.warning("operation %s: keep_on_stop state not stored: %s", op_id, problem)
             return None
@@ -223,7 +223,7 @@ class Steps:
         if not isinstance(result, StepResult):
             return f"step returned {type(result).__name__}, expected StepResult"
         for what, value in (("state", result.state), ("output", result.output)):
-            problem = _json_error(value)
+            problem = json_problem(value)
             if problem is not None:
                 return f"step returned a {what} that is not JSON-serialisable: {problem}"
         return None
@@ -294,14 +294,6 @@ class Steps:
             abort_mid_step=self.settings.abort_mid_step,
             on_flush=self.metrics.deltas_per_event.observe,
         )
-
-
-def _json_error(value: JSONValue) -> str | None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        return str(exc)
-    return None
 
 
 def _returned(step_task: asyncio.Task[StepResult]) -> bool:

@@ -23,9 +23,13 @@ class Writes:
 
     async def write(self, operation_id: str, write: Awaitable[W]) -> W:
         """A write of this runner, whose events are published here once it has committed."""
-        with self.hub.local_write(operation_id):
+        hub = self.hub
+        hub.writing(operation_id)
+        try:
             written = await write
             self.publish(written)
+        finally:
+            hub.written(operation_id)
         return written
 
     def publish(self, events: Any) -> None:

@@ -160,7 +160,8 @@ class ClaimingStorage(SharedStorage):
             cur.execute(self.cursors.sql(self._RENEW_LEASES), params)
             rows = cur.fetchall()
         # A pause is an intent the runner must act on like a stop (it reads which one it is).
-        return {row[0] for row in rows}, {row[0] for row in rows if row[1]}
+        intent = {row[0] for row in rows if row[1] is not None or row[2] is not None}
+        return {row[0] for row in rows}, intent
 
     def _drop_leases(self, runner_id: str) -> int:
         with self.engine.begin() as conn:

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from runtime_service.domain import Event, EventKind, Operation
 from runtime_service.rows import operation_from_row
-from runtime_service.schema import UTCDateTime, operations
+from runtime_service.schema import UTCDateTime, operations, sqlite_utc_text
 from runtime_service.storage.sql import Sql
 
 # Every column, by name (cursor.description), so the row maps whatever the schema holds.
@@ -50,7 +50,9 @@ class Cursors:
         self._paramstyle = paramstyle  # "named" (sqlite3) or "pyformat" (psycopg)
         # The column type's own conversions, as the dialect applies them (SQLite keeps text).
         column_type = UTCDateTime().dialect_impl(dialect)
-        to_db = column_type.bind_processor(dialect)
+        to_db: Any = column_type.bind_processor(dialect)
+        if dialect.name == "sqlite":
+            to_db = sqlite_utc_text  # the same text, a third of the cost
         self.to_db: Any = to_db if to_db is not None else (lambda value: value)
         from_db = column_type.result_processor(dialect, None)
         self.from_db: Any = from_db if from_db is not None else (lambda value: value)

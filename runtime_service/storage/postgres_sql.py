@@ -302,4 +302,4 @@ WHERE id IN (
     WHERE id = ANY(:ids) AND runner_id = :runner AND status = 'RUNNING'
     ORDER BY id FOR UPDATE)
   AND runner_id = :runner AND status = 'RUNNING'
-RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+RETURNING id, stop_requested_at, pause_requested_at""")

@@ -52,7 +52,13 @@ from runtime_service.storage.interface import (
 )
 from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.shared import TAKE_TOMBSTONE, tombstone_of, twin_of
-from runtime_service.storage.sqlite_commit import GroupCommit, InlineWriter, WouldBlock, Write
+from runtime_service.storage.sqlite_commit import (
+    Checkpointer,
+    GroupCommit,
+    InlineWriter,
+    WouldBlock,
+    Write,
+)
 from runtime_service.storage.sqlite_sql import (
     BUMP_TO_ADVANCE,
     CREATE,
@@ -82,6 +88,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
+        self._checkpointer = Checkpointer(db.engine.url.database, self.cursors.dbapi)
         self._group = GroupCommit(
             db, self._together, observe=self.meters.batch(SQLITE_GROUP_COMMIT)
         )
@@ -90,6 +97,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
+        await self._checkpointer.close()
         self._inline.close()
         await super().close()
 
@@ -112,11 +120,13 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
                     pass
                 else:
                     self._inline_took.observe(time.monotonic() - began)
+                    self._checkpointer.wrote()
                     return result
             try:
                 return await self._group.run(write, args)
             finally:
                 self._group_took.observe(time.monotonic() - began)
+                self._checkpointer.wrote()
 
     def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of

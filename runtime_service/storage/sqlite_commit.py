@@ -1,12 +1,15 @@
 """SQLite's two ways of running the runner's writes: inline on the event loop, when nothing else
-is queued for the database thread, and group commit otherwise (see sqlite.py for why both).
+is queued for the database thread, and group commit otherwise (see sqlite.py for why both); and
+the checkpoints that fold the WAL back into the database file, on a thread of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +17,11 @@ from sqlalchemy.exc import DBAPIError
 
 from runtime_service.database import Database
 from runtime_service.storage.batching import Outcome, WriteQueue
+
+log = logging.getLogger(__name__)
+
+# The shortest time between two of the Checkpointer's checkpoints while writes keep coming.
+CHECKPOINT_SECONDS = 0.1
 
 # A write: fn(cursor, *args) inside a transaction that the caller owns and commits.
 Write = Callable[..., Any]
@@ -136,3 +144,78 @@ class _Queued:
     write: Write
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+
+
+class Checkpointer:
+    """Copies the WAL into the database file on a thread of its own, so no write waits for it.
+
+    By default (wal_autocheckpoint) the writer whose commit takes the WAL past 1,000 pages copies
+    them into the database file and syncs both files before its commit returns. With 6,000
+    operations running, commits took a fifth of the database thread's time, mostly these
+    checkpoints, and that thread was what limited the runtime's step rate. Here a PASSIVE
+    checkpoint (one that waits for no reader and no writer) runs at most every
+    CHECKPOINT_SECONDS while writes keep coming; the writers' own autocheckpoint stays, set high
+    (database.py), as a backstop should this one fall behind or stop.
+    """
+
+    def __init__(self, database: str | None, dbapi: Any, interval: float = CHECKPOINT_SECONDS):
+        self._path = database if database not in (None, "", ":memory:") else None
+        self._dbapi = dbapi
+        self._interval = interval
+        self._wrote = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: Any = None
+        self.checkpoints = 0  # how many have run (tests wait on it)
+
+    def wrote(self) -> None:
+        """A write committed: checkpoint soon (on the event loop's thread)."""
+        if self._path is None:
+            return
+        self._wrote.set()
+        if self._task is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="stopline-checkpoint")
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="sqlite checkpoints"
+            )
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wrote.wait()
+            self._wrote.clear()
+            try:
+                await loop.run_in_executor(self._executor, self._checkpoint)
+            except self._dbapi.Error as exc:
+                log.warning("checkpointing the SQLite WAL failed (%s); the writers' will", exc)
+                self.close_connection()
+            else:
+                self.checkpoints += 1
+            await asyncio.sleep(self._interval)  # pacing: what comes meanwhile waits for one
+
+    def _checkpoint(self) -> None:
+        if self._conn is None:
+            connection = self._dbapi.connect(
+                self._path, isolation_level=None, check_same_thread=False
+            )
+            connection.execute("PRAGMA busy_timeout=0")
+            self._conn = connection
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def close_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._executor is not None:
+            # A checkpoint in flight finishes first; its connection is closed after it.
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+            self._executor = None
+        self.close_connection()

@@ -122,8 +122,11 @@ UPDATE steps SET finished_at = :now, outcome = :outcome, output_json = :output
 WHERE operation_id = :id AND step = :step AND finished_at IS NULL
   AND attempt = (SELECT max(attempt) FROM steps WHERE operation_id = :id AND step = :step)""")
 
-# The ids as one JSON array (SQLite has no array type; json_each reads it as rows).
+# The ids as one JSON array (SQLite has no array type; json_each reads it as rows). The intents
+# come back as they are stored: SQLite 3.40 evaluated `stop_requested_at IS NOT NULL` in this
+# RETURNING as true for every row, NULL or not, so every renewal reported every operation as
+# stopping and the runner read each one back (storage.claims decides from the values instead).
 RENEW_LEASES = Sql("""
 UPDATE operations SET lease_expires_at = :until
 WHERE id IN (SELECT value FROM json_each(:ids)) AND runner_id = :runner AND status = 'RUNNING'
-RETURNING id, stop_requested_at IS NOT NULL OR pause_requested_at IS NOT NULL""")
+RETURNING id, stop_requested_at, pause_requested_at""")
