@@ -84,9 +84,7 @@ async def _main(n: int) -> None:
                 return storage._append_event(cursor, op_id, CHUNK, CHUNK_DATA, "r", False)
 
         def via_inline() -> object:
-            return storage._inline.run(
-                storage._append_event, op_id, CHUNK, CHUNK_DATA, "r", False
-            )
+            return storage._inline.run(storage._append_event, op_id, CHUNK, CHUNK_DATA, "r", False)
 
         def via_begin() -> object:
             with engine.begin() as conn:

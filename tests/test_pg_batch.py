@@ -5,14 +5,17 @@ for the writes in flight only; and statement parameters are derived from the SQL
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
+from runtime_service.database import create_db_engine
 from runtime_service.domain import Event, EventKind, OperationStatus
-from runtime_service.storage import PostgresStorage, Storage
+from runtime_service.migrate import upgrade_to_head
+from runtime_service.storage import PostgresStorage, Storage, postgres_sql
 from runtime_service.storage.pg_batch import Statement
 from runtime_service.storage.sql import PgSql, Sql
 from stopline.errors import Unavailable
@@ -204,3 +207,40 @@ def test_a_parameter_without_a_type_fails_where_the_statement_is_defined() -> No
 def test_a_parameter_left_unbound_fails_naming_it() -> None:
     with pytest.raises(KeyError, match="no value for runner"):
         Sql("SELECT :id, :runner").check({"id": "x"})
+
+
+@pytest.mark.postgres
+def test_each_write_to_one_operation_finds_it_by_primary_key_in_a_generic_plan(
+    postgres_url: str,
+) -> None:
+    # A prepared statement's generic plan is made once per connection, often while the table
+    # is new and unanalyzed; then an index on status looked as good as the primary key, and a
+    # plan that used it scanned every running operation on every write, for as long as the
+    # connection lived.
+    engine = create_db_engine(postgres_url)
+    upgrade_to_head(engine)
+    writes = {
+        name: statement
+        for name, statement in vars(postgres_sql).items()
+        if isinstance(statement, PgSql)
+        and re.search(r"UPDATE operations SET[^;]*?WHERE id = :id", statement.text)
+    }
+    assert {"APPEND", "ADVANCE", "HALT", "RECORD_STOP", "RELEASE", "CLAIM_AND_START"} <= set(writes)
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SET plan_cache_mode = force_generic_plan")
+        for name, statement in writes.items():
+            cursor.execute(statement.prepare)
+            nulls = ", ".join("NULL" for _ in statement.names)
+            cursor.execute(f"EXPLAIN {statement.execute.split('(')[0]}({nulls})")
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            on_operations = [
+                line for line in plan.splitlines() if "Scan" in line and " on operations" in line
+            ]
+            assert on_operations, (name, plan)
+            assert all("pk_operations" in line for line in on_operations), (name, plan)
+        raw.rollback()
+    finally:
+        raw.close()
+        engine.dispose()
