@@ -69,7 +69,9 @@ async def test_expired_lease_is_taken_over_and_the_old_owner_is_locked_out(
     assert kept == {op_id}
 
 
-async def test_a_renewal_names_only_the_operations_with_a_stop_recorded(storage: Storage) -> None:
+async def test_a_renewal_and_a_look_name_only_the_operations_with_a_stop_recorded(
+    storage: Storage,
+) -> None:
     # Each one it names, the runner reads back from storage (the fallback for a missed
     # notification): on SQLite 3.40 every renewal named every operation, a read per running
     # operation per lease interval.
@@ -80,6 +82,9 @@ async def test_a_renewal_names_only_the_operations_with_a_stop_recorded(storage:
     kept, stopping = await storage.renew_leases("A", [quiet, stopped], 30)
     assert kept == {quiet, stopped}
     assert stopping == {stopped}
+    # The look between renewals finds the same, and only the runner's own.
+    assert await storage.stored_intents("A") == {stopped}
+    assert await storage.stored_intents("B") == set()
 
 
 async def test_stop_recorded_while_owner_was_dead_ends_it_without_resuming(

@@ -63,6 +63,9 @@ class ClaimingStorage(SharedStorage):
             return set(), set()
         return await self._call(self._renew_leases, runner_id, operation_ids, lease_seconds)
 
+    async def stored_intents(self, runner_id: str) -> set[str]:
+        return await self._call(self._stored_intents, runner_id)
+
     async def drop_leases(self, runner_id: str) -> int:
         return await self._call(self._drop_leases, runner_id)
 
@@ -162,6 +165,18 @@ class ClaimingStorage(SharedStorage):
         # A pause is an intent the runner must act on like a stop (it reads which one it is).
         intent = {row[0] for row in rows if row[1] is not None or row[2] is not None}
         return {row[0] for row in rows}, intent
+
+    def _stored_intents(self, runner_id: str) -> set[str]:
+        query = select(operations.c.id).where(
+            operations.c.status == OperationStatus.RUNNING,
+            operations.c.runner_id == runner_id,
+            or_(
+                operations.c.stop_requested_at.is_not(None),
+                operations.c.pause_requested_at.is_not(None),
+            ),
+        )
+        with self.engine.connect() as conn:
+            return {row[0] for row in conn.execute(query)}
 
     def _drop_leases(self, runner_id: str) -> int:
         with self.engine.begin() as conn:

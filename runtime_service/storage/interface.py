@@ -468,6 +468,11 @@ class Storage(Protocol):
         """Extend this runner's leases: (still owned, owned with a stop or a pause recorded)."""
         ...
 
+    async def stored_intents(self, runner_id: str) -> set[str]:
+        """This runner's running operations with a stop or a pause recorded: the look between
+        two renewals for an intent whose notification was missed (it returns only those)."""
+        ...
+
     async def drop_leases(self, runner_id: str) -> int:
         """Graceful shutdown: let other replicas take this runner's operations at once."""
         ...
