@@ -88,8 +88,20 @@ else:  # a Python without the json C accelerator: the same text, more slowly
 
 def dump_json(value: Any) -> str:
     """`value` as compact JSON, as it is stored and measured: no spaces, UTF-8 text kept as is,
-    NaN and Infinity refused (ValueError), as JSON cannot hold them."""
-    return "".join(_ENCODE(value, 0))
+    NaN and Infinity refused (ValueError), as JSON cannot hold them, and so is text with a lone
+    surrogate (ValueError), which UTF-8 cannot hold: the database driver would refuse it in the
+    middle of a write (a step state holding one crashed the run, and its resume, every time)."""
+    text = "".join(_ENCODE(value, 0))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code = ord(exc.object[exc.start])
+            raise ValueError(
+                f"text holds a lone surrogate (U+{code:04X}, half of a UTF-16 pair), "
+                "which UTF-8 cannot store"
+            ) from None
+    return text
 
 
 def json_problem(value: Any) -> str | None:

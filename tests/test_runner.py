@@ -123,6 +123,16 @@ async def test_unserialisable_state_fails_cleanly(app: RuntimeApp) -> None:
     assert "not JSON-serialisable" in events[-1].data["error"]
 
 
+async def test_state_that_utf8_cannot_store_fails_cleanly(app: RuntimeApp) -> None:
+    # Before, the write itself failed in the driver: the run crashed and the operation stayed
+    # RUNNING, to crash again on every resume.
+    op = (await app.operations.start("unserialisable", {"surrogate": True}, "")).operation
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.FAILED
+    error = events[-1].data["error"]
+    assert "not JSON-serialisable" in error and "lone surrogate (U+D83D" in error
+
+
 async def test_completed_operation_keeps_result_and_gap_free_events(app: RuntimeApp) -> None:
     op = (await app.operations.start("ticker", {"steps": 3, "step_seconds": 0.01}, "")).operation
     events = await collect(app, op.id)

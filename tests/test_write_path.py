@@ -187,6 +187,8 @@ def test_dump_json_is_compact_json_that_reads_back(value: Any) -> None:
 def test_json_problem_names_what_json_cannot_hold() -> None:
     assert json_problem({"x": float("nan")}) is not None
     assert "set" in (json_problem({"x": {1}}) or "")
+    assert "lone surrogate" in (json_problem({"text": "half \ud83d"}) or "")
+    assert dump_json({"text": "whole \U0001f600"}) == '{"text":"whole \U0001f600"}'
     cycle: list[Any] = []
     cycle.append(cycle)
     assert json_problem(cycle) is not None
