@@ -160,14 +160,17 @@ async def test_halt_ms_excludes_the_time_the_stop_took_to_commit(
     try:
         storage = app.storage
         if isinstance(storage, PostgresStorage):  # the stop is one batched statement
-            run = storage.batcher.run
+            for batcher in storage.batchers:
 
-            async def slow(statement: Statement[Any]) -> Any:
-                if statement.sql is pg_storage._RECORD_STOP:
-                    await asyncio.sleep(hold)  # injected delay: the write waits to commit
-                return await run(statement)
+                def slowed(run: Any) -> Any:
+                    async def slow(statement: Statement[Any]) -> Any:
+                        if statement.sql is pg_storage._RECORD_STOP:
+                            await asyncio.sleep(hold)  # injected delay: the write waits to commit
+                        return await run(statement)
 
-            monkeypatch.setattr(storage.batcher, "run", slow)
+                    return slow
+
+                monkeypatch.setattr(batcher, "run", slowed(batcher.run))
         else:  # SQLite: the stop's transaction is held open, after its UPDATE, before commit
             assert isinstance(storage, SqliteStorage)
             record, row = storage._record_stop, storage.cursors.row

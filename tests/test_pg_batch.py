@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from runtime_service.database import create_db_engine
+from runtime_service.database import Database, create_db_engine
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.migrate import upgrade_to_head
 from runtime_service.storage import PostgresStorage, Storage, postgres_sql
@@ -25,8 +25,10 @@ from tests.test_store import running
 
 @pytest.fixture
 async def pg_storage(postgres_url: str) -> AsyncIterator[PostgresStorage]:
-    opened = await opened_storage(postgres_url)
-    assert isinstance(opened, PostgresStorage)
+    """One batcher, so that the tests here see every write queue in one place."""
+    engine = create_db_engine(postgres_url)
+    upgrade_to_head(engine)
+    opened = PostgresStorage(Database(engine), postgres_url, write_connections=1)
     try:
         yield opened
     finally:
@@ -53,17 +55,17 @@ async def test_writes_queued_together_each_get_their_own_outcome(
     bad = PgSql("SELECT * FROM no_such_table WHERE id = :id", id="text")
     broken: Statement[Any] = Statement(bad, {"id": "x"}, lambda r: r)
     batches: list[int] = []
-    write_batch = storage.batcher._write_batch
+    write_batch = storage.batchers[0]._write_batch
 
     async def counted(batch: list[Any]) -> Any:
         batches.append(len(batch))
         return await write_batch(batch)
 
-    storage.batcher._write_batch = counted  # type: ignore[method-assign]
+    storage.batchers[0]._write_batch = counted  # type: ignore[method-assign]
 
     writes: list[Awaitable[Any]] = [
         *(storage.chunk(o, 0, f"out {o}", "r", False) for o in chunked),
-        storage.batcher.run(broken),
+        storage.batchers[0].run(broken),
         *(storage.advance(o, 0, {"o": o}, {"s": 1}, "r") for o in advanced),
         storage.release(held),
         storage.claim_and_start(pending, "r", 60),
@@ -244,3 +246,33 @@ def test_each_write_to_one_operation_finds_it_by_primary_key_in_a_generic_plan(
     finally:
         raw.close()
         engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_writes_spread_over_the_batchers_keep_each_operations_order(
+    postgres_url: str,
+) -> None:
+    storage = await opened_storage(postgres_url)
+    assert isinstance(storage, PostgresStorage) and len(storage.batchers) == 2
+    try:
+        ops = [await running(storage) for _ in range(8)]
+        while len({id(storage.batcher_for(op)) for op in ops}) < 2 and len(ops) < 64:
+            ops.append(await running(storage))  # ids are random: until both batchers have some
+        assert {id(storage.batcher_for(op)) for op in ops} == {id(b) for b in storage.batchers}
+
+        async def chunks(op_id: str) -> None:
+            for n in range(5):
+                await storage.chunk(op_id, 0, f"{op_id} {n}", "r", False)
+
+        # All at once: each batcher batches what queues behind it, concurrently with the other.
+        await asyncio.gather(*(chunks(op) for op in ops))
+        for op in ops:
+            await gap_free(storage, op)
+            texts = [
+                e.data["text"]
+                for e in await storage.events_after(op, 0)
+                if e.kind is EventKind.OUTPUT_CHUNK
+            ]
+            assert texts == [f"{op} {n}" for n in range(5)]
+    finally:
+        await storage.close()
