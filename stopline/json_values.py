@@ -104,6 +104,15 @@ def dump_json(value: Any) -> str:
     return text
 
 
+def storable_text(text: str) -> str:
+    """`text` with each lone surrogate (which UTF-8 cannot store, see dump_json) written as its
+    escape, `\\ud83d`: for messages Stopline stores on an agent's behalf (a step's error), which
+    must be stored whatever they hold."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_problem(value: Any) -> str | None:
     """Why `value` cannot be stored as JSON (dump_json's error), or None if it can."""
     try:

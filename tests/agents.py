@@ -63,6 +63,8 @@ class UnserialisableAgent:
         return None
 
     async def step(self, ctx: StepContext) -> StepResult:
+        if ctx.input.get("raise_surrogate"):
+            raise RuntimeError("the model said \ud83d")
         if ctx.input.get("surrogate"):
             # Valid in a Python str, not in UTF-8: half of an emoji's UTF-16 pair.
             return StepResult(state={"bad": "\ud83d"}, done=True)

@@ -133,6 +133,13 @@ async def test_state_that_utf8_cannot_store_fails_cleanly(app: RuntimeApp) -> No
     assert "not JSON-serialisable" in error and "lone surrogate (U+D83D" in error
 
 
+async def test_an_error_holding_a_lone_surrogate_is_stored_escaped(app: RuntimeApp) -> None:
+    op = (await app.operations.start("unserialisable", {"raise_surrogate": True}, "")).operation
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.FAILED
+    assert events[-1].data["error"] == "RuntimeError: the model said \\ud83d"
+
+
 async def test_completed_operation_keeps_result_and_gap_free_events(app: RuntimeApp) -> None:
     op = (await app.operations.start("ticker", {"steps": 3, "step_seconds": 0.01}, "")).operation
     events = await collect(app, op.id)

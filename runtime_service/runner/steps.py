@@ -41,7 +41,7 @@ from runtime_service.step_events import StepEvents
 from runtime_service.storage import STORAGE_FAILURES, KeptState, Storage
 from runtime_service.tools.toolbox import ToolBox
 from stopline import logs, tracing
-from stopline.json_values import json_problem
+from stopline.json_values import json_problem, storable_text
 
 log = logging.getLogger(__package__)
 
@@ -216,9 +216,9 @@ class Steps:
             return "the step was cancelled by the agent itself"
         exc = step_task.exception()
         if isinstance(exc, StepFailed):
-            return exc.message
+            return storable_text(exc.message)
         if exc is not None:
-            return f"{type(exc).__name__}: {exc}"
+            return storable_text(f"{type(exc).__name__}: {exc}")
         result: object = step_task.result()
         if not isinstance(result, StepResult):
             return f"step returned {type(result).__name__}, expected StepResult"
