@@ -34,7 +34,7 @@ from runtime_service.domain import EventKind, JSONValue
 from runtime_service.storage import Appended, Storage
 from runtime_service.tools.toolbox import ToolBox, ToolFailed, parse_arguments
 from stopline import tracing
-from stopline.json_values import json_problem, shown
+from stopline.json_values import json_problem, shown, storable_text
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,9 @@ class StepEvents:
         if kind is EventKind.TOOL_CALL_FINISHED and json_problem(fields["result"]) is not None:
             kind = EventKind.TOOL_CALL_FAILED
             fields = {"error": f"the result is not JSON: {json_problem(fields['result'])}"}
+        error = fields.get("error")
+        if isinstance(error, str):  # an exception's text: stored whatever it holds
+            fields = {**fields, "error": storable_text(error)}
         data: dict[str, JSONValue] = {"step": self.step, "call_id": call_id, **fields}
         await asyncio.shield(self._track(asyncio.ensure_future(self._flush_then(kind, data))))
 

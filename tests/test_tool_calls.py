@@ -167,6 +167,13 @@ async def test_tool_calls_end_finished_or_failed_exactly_once(app: RuntimeApp) -
             "RuntimeError: the agent broke mid-call",
         ),
         (
+            "raise_surrogate",
+            EventKind.TOOL_CALL_FAILED,
+            "RuntimeError: the model said \\ud83d",  # stored, escaped
+            OperationStatus.FAILED,
+            "RuntimeError: the model said \\ud83d",
+        ),
+        (
             "step_failed",
             EventKind.TOOL_CALL_FAILED,
             "StepFailed: the model refused: content policy",

@@ -74,6 +74,8 @@ class ToolAgent:
                     call.finish({"ok": True})
                 elif manual == "raise":
                     raise RuntimeError("the agent broke mid-call")
+                elif manual == "raise_surrogate":  # half a UTF-16 pair: UTF-8 cannot store it
+                    raise RuntimeError("the model said \ud83d")
                 elif manual == "step_failed":
                     raise StepFailed("the model refused: content policy")
             return StepResult(output="manual", done=True)
