@@ -166,11 +166,12 @@ class Checkpointer:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: Any = None
+        self._closed = False
         self.checkpoints = 0  # how many have run (tests wait on it)
 
     def wrote(self) -> None:
         """A write committed: checkpoint soon (on the event loop's thread)."""
-        if self._path is None:
+        if self._path is None or self._closed:
             return
         self._wrote.set()
         if self._task is None:
@@ -209,6 +210,7 @@ class Checkpointer:
             self._conn = None
 
     async def close(self) -> None:
+        self._closed = True  # a write that lands during shutdown starts nothing new
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
