@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 from sqlalchemy import Engine, select
 
 from runtime_service.domain import EventKind, OperationStatus
+from runtime_service.runner.leases import Leases
+from runtime_service.runner.runs import RunnerSettings
 from runtime_service.schema import operations
 from runtime_service.storage import Storage, utcnow
 from runtime_service.storage.shared import SharedStorage
+from stopline.errors import Unavailable
 from tests.conftest import opened_storage
 from tests.test_store import running
 
@@ -210,3 +214,50 @@ async def test_a_runner_never_claims_again_what_it_is_running(storage: Storage) 
     kept, _ = await storage.renew_leases("A", [op_id], 30)  # its lease loop renews it instead
     assert kept == {op_id}
     assert (await storage.claim_next("B", 10, 30)).claimed == []
+
+
+async def test_a_failed_renewal_is_tried_again_at_the_next_poll_not_a_lease_third_later() -> None:
+    # Renewals come a third of the way through the lease (10 s here); one that fails must not
+    # wait that long again, or two failures in a row would let the lease lapse.
+    calls: list[float] = []
+    retried = asyncio.Event()
+
+    class FlakyStorage:
+        async def renew_leases(
+            self, runner_id: str, ids: list[str], lease_seconds: float
+        ) -> tuple[set[str], set[str]]:
+            calls.append(time.monotonic())
+            if len(calls) == 1:
+                raise Unavailable("the database blinked")
+            retried.set()
+            return set(ids), set()
+
+        async def stored_intents(self, runner_id: str) -> set[str]:
+            return set()
+
+    settings = RunnerSettings(
+        "r", stop_grace=0.1, max_running=1, lease_seconds=30, poll_seconds=0.05
+    )
+    leases = Leases(
+        FlakyStorage(),  # type: ignore[arg-type]
+        settings,
+        {},
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        lambda op_id, claimed: None,
+        lambda op_id: True,
+        lambda op_id: True,
+    )
+    loop_task = asyncio.create_task(leases.lease_loop())
+    try:
+        deadline = time.monotonic() + 5
+        while not calls:  # a renewal now, which fails (a wake before the loop waits is lost)
+            leases.check_stops_now()
+            await asyncio.sleep(0.01)
+            assert time.monotonic() < deadline
+        await asyncio.wait_for(retried.wait(), timeout=5)  # not 10 s later
+    finally:
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+    assert len(calls) == 2

@@ -100,8 +100,9 @@ class Leases:
             except TimeoutError:
                 pass
             if self._wake_leases.is_set() or loop.time() >= next_renewal:
-                next_renewal = loop.time() + renew_every
-                await self._renew()
+                # A failed renewal is due again at the next poll, well within the lease.
+                renewed = await self._renew()
+                next_renewal = loop.time() + (renew_every if renewed else 0.0)
             else:
                 await self._look()
 
@@ -114,7 +115,8 @@ class Leases:
         for operation_id in stopping:
             await self._deliver_stored(operation_id)  # the fallback for a missed notification
 
-    async def _renew(self) -> None:
+    async def _renew(self) -> bool:
+        """Renew the leases; False when storage failed (nothing renewed)."""
         owned = {op_id: run for op_id, run in self._runs.items() if run.owned}
         try:
             kept, stopping = await self._storage.renew_leases(
@@ -122,7 +124,7 @@ class Leases:
             )
         except STORAGE_FAILURES as exc:
             log.warning("renewing leases failed (%s); retrying", exc)
-            return
+            return False
         for operation_id in stopping:
             await self._deliver_stored(operation_id)  # the fallback for a missed notification
         for operation_id in set(owned) - kept:
@@ -135,6 +137,7 @@ class Leases:
             if run.step_task is not None and not run.step_task.done():
                 log.warning("operation %s: lease lost; abandoning its step", operation_id)
                 run.step_task.cancel()
+        return True
 
     async def _deliver_stored(self, operation_id: str) -> None:
         """Deliver the stored intent (stop or pause) of an operation this runner runs."""
