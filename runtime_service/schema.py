@@ -50,8 +50,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 def sqlite_utc_text(value: datetime) -> str:
     """What UTCDateTime stores on SQLite (SQLAlchemy's DATETIME text of the naive UTC time),
     made without SQLAlchemy's two layers of bind processors: the runner's writes convert a
-    time or two per statement, and this is a third of the cost. test_schema holds it to
-    SQLAlchemy's own conversion."""
+    time or two per statement, and this is a third of the cost. tests/test_write_path.py
+    holds it to SQLAlchemy's own conversion."""
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTCDateTime column")
     v = value.astimezone(UTC)

@@ -250,9 +250,10 @@ class StepEvents:
         """The one ending of a call, unless close() wrote it already. Allowed after a stop."""
         if self._calls.pop(call_id, None) is None:
             return
-        if kind is EventKind.TOOL_CALL_FINISHED and json_problem(fields["result"]) is not None:
+        problem = json_problem(fields["result"]) if kind is EventKind.TOOL_CALL_FINISHED else None
+        if problem is not None:
             kind = EventKind.TOOL_CALL_FAILED
-            fields = {"error": f"the result is not JSON: {json_problem(fields['result'])}"}
+            fields = {"error": f"the result is not JSON: {problem}"}
         error = fields.get("error")
         if isinstance(error, str):  # an exception's text: stored whatever it holds
             fields = {**fields, "error": storable_text(error)}

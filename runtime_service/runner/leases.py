@@ -112,8 +112,7 @@ class Leases:
         except STORAGE_FAILURES as exc:
             log.warning("reading stored stop intents failed (%s); retrying", exc)
             return
-        for operation_id in stopping:
-            await self._deliver_stored(operation_id)  # the fallback for a missed notification
+        await self._deliver_stored(stopping)
 
     async def _renew(self) -> bool:
         """Renew the leases; False when storage failed (nothing renewed)."""
@@ -125,8 +124,7 @@ class Leases:
         except STORAGE_FAILURES as exc:
             log.warning("renewing leases failed (%s); retrying", exc)
             return False
-        for operation_id in stopping:
-            await self._deliver_stored(operation_id)  # the fallback for a missed notification
+        await self._deliver_stored(stopping)
         for operation_id in set(owned) - kept:
             # Finished meanwhile, or taken over after our lease lapsed. Our own writes are
             # fenced and will be refused; cancel the step in flight so the agent's work
@@ -139,17 +137,19 @@ class Leases:
                 run.step_task.cancel()
         return True
 
-    async def _deliver_stored(self, operation_id: str) -> None:
-        """Deliver the stored intent (stop or pause) of an operation this runner runs."""
-        run = self._runs.get(operation_id)
-        if run is None or run.stop.done():
-            return
-        try:
-            operation = await self._storage.get(operation_id)
-        except STORAGE_FAILURES as exc:
-            log.warning("reading a stored stop intent failed (%s); retrying", exc)
-            return
-        if operation is None or operation.stop is not None:
-            self._deliver_stop(operation_id)
-        elif operation.pause_requested_at is not None:
-            self._deliver_pause(operation_id)
+    async def _deliver_stored(self, operation_ids: set[str]) -> None:
+        """Deliver the stored intents (stop or pause) of operations this runner runs: the
+        fallback for a missed notification."""
+        for operation_id in operation_ids:
+            run = self._runs.get(operation_id)
+            if run is None or run.stop.done():
+                continue
+            try:
+                operation = await self._storage.get(operation_id)
+            except STORAGE_FAILURES as exc:
+                log.warning("reading a stored stop intent failed (%s); retrying", exc)
+                continue
+            if operation is None or operation.stop is not None:
+                self._deliver_stop(operation_id)
+            elif operation.pause_requested_at is not None:
+                self._deliver_pause(operation_id)
