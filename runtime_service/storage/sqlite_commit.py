@@ -186,22 +186,27 @@ class Checkpointer:
             await self._wrote.wait()
             self._wrote.clear()
             try:
-                await loop.run_in_executor(self._executor, self._checkpoint)
+                complete = await loop.run_in_executor(self._executor, self._checkpoint)
             except self._dbapi.Error as exc:
                 log.warning("checkpointing the SQLite WAL failed (%s); the writers' will", exc)
                 self.close_connection()
             else:
                 self.checkpoints += 1
+                if not complete:
+                    self._wrote.set()  # frames left behind: again, even if no write comes
             await asyncio.sleep(self._interval)  # pacing: what comes meanwhile waits for one
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
+        """One PASSIVE checkpoint; whether it copied every frame of the WAL (it leaves those a
+        reader of an older snapshot may still need, and waits for no one)."""
         if self._conn is None:
             connection = self._dbapi.connect(
                 self._path, isolation_level=None, check_same_thread=False
             )
             connection.execute("PRAGMA busy_timeout=0")
             self._conn = connection
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        busy, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return not busy and copied >= frames
 
     def close_connection(self) -> None:
         if self._conn is not None:
