@@ -1,6 +1,6 @@
 """Issue 17's capacity figure: N `ticker` operations with 1-second steps on one runtime process.
 
-    python -m bench.capacity --ops 10000 --backends sqlite,postgresql [--profile 20]
+    python -m bench.capacity --ops 10000 --backends sqlite,postgresql [--profile 20] [--ceiling]
 
 Each operation emits one chunk and checkpoints one step a second, so N operations ask for N steps
 a second (2N writes). Reported per backend: the steps per second achieved over a steady window
@@ -10,6 +10,8 @@ window. The load generator is this process: it starts the operations straight on
 gateway, no streams) and then only counts rows, so its own CPU over the window is reported
 beside the runtime's to show it is not the limit. With `--profile S`, `py-spy record --gil` then
 samples the runtime for S seconds under the same load (raw stacks in bench/results/profiles/).
+With `--ceiling`, bench/capacity_ceiling.py runs the same load with no Stopline logic in the same
+run, and each backend's steps/s is given as a fraction of it (what the machine can do at all).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import capacity_ceiling
 from bench.profiling import top_frames
 from bench.scenarios import Clients, _count, _input, _steps_completed
 from bench.stack import Stack
@@ -146,6 +149,12 @@ def main() -> None:
         action="store_true",
         help="profile every thread, idle too (where each waits), not only the GIL's holder",
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run bench.capacity_ceiling with the same N (the bare minimum of the same "
+        "load, no Stopline logic) and give each backend's steps/s as a ratio to it",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -171,6 +180,16 @@ def main() -> None:
                 profile = results[backend]["profile"]
                 for key in ("areas_percent", "own_percent"):
                     print(key, json.dumps(profile.get(key), indent=1), flush=True)
+    if args.ceiling:
+        ceiling = capacity_ceiling.measure(args.ops, args.window, args.settle)
+        results["ceiling"] = ceiling
+        print("ceiling", json.dumps(ceiling, indent=1, default=str), flush=True)
+        for backend in args.backends.split(","):
+            share = (
+                results[backend]["steps_per_second_achieved"] / ceiling["steps_per_second_achieved"]
+            )
+            results[backend]["of_ceiling"] = share
+            print(f"{backend}: {share:.2f} of the ceiling's steps/s", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
 

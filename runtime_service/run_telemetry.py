@@ -41,7 +41,9 @@ def operation_span(operation: Operation, agent: str) -> trace.Span:
 
 def step_span(operation_id: str, agent: str, step: int) -> trace.Span:
     """A child of the run's span (current in the run's task); a light span, made per step
-    (`tracing.child_span`)."""
+    (`tracing.child_span`); with tracing off, the no-op span, for no work per step."""
+    if not tracing.enabled():
+        return trace.INVALID_SPAN
     return tracing.child_span(
         "step",
         {"stopline.operation_id": operation_id, "stopline.agent": agent, "stopline.step": step},

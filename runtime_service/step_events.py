@@ -129,7 +129,8 @@ class StepEvents:
         """An event under the output rule: refused once a stop is recorded (the refusal tells
         the runner of the stop, if nothing else has yet)."""
         self._check_open()
-        await self.flush()
+        if self._buffer:
+            await self.flush()
         appended = await asyncio.shield(self._launch(kind, data, not self.abort_mid_step))
         if appended is None:
             if self.abort_mid_step:

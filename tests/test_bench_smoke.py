@@ -183,3 +183,15 @@ def test_the_overhead_verdict_needs_the_whole_interval_under_the_target() -> Non
     assert overhead.verdict(figure) == "at the line"
     assert overhead.verdict({"ratio_median": 1.05, "ratio_ci95": (1.01, 1.09)}) == "yes"
     assert overhead.verdict({"ratio_median": 1.12, "ratio_ci95": (1.05, 1.2)}) == "no"
+
+
+def test_the_capacity_ceiling_steps_its_bare_operations() -> None:
+    """bench.capacity_ceiling (the capacity target's counterpart of the floor) runs its child and
+    counts its steps: 50 bare operations stepping once a second, over a two-second window."""
+    from bench import capacity_ceiling
+
+    result = capacity_ceiling.measure(50, window=2.0, settle=0.5)
+    assert result["operations"] == 50
+    # Each operation steps once a second: about 100 steps in the window, never none.
+    assert result["steps_per_second_achieved"] > 10
+    assert result["cpu_us_per_step"] > 0

@@ -270,3 +270,29 @@ async def test_stop_at_boundary_mode_lets_the_step_finish(db_url: str, gated: Ga
         assert events[-1].data == {**events[-1].data, "mid_step": False, "step": 1}
     finally:
         await app.close()
+
+
+async def test_the_step_loops_wait_leaves_both_futures_alone_when_it_is_cancelled() -> None:
+    """The step loop waits for its step or its stop with steps._first_done (asyncio.wait, for
+    less): it returns on either, and a runner cancelled while waiting (shutdown) cancels neither
+    the step nor the stop."""
+    from runtime_service.runner.steps import _first_done
+
+    loop = asyncio.get_running_loop()
+    step: asyncio.Future[None] = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+    waiting = asyncio.create_task(_first_done(step, stop))
+    await asyncio.sleep(0)
+    stop.set_result(None)
+    await asyncio.wait_for(waiting, 5)
+    assert not step.done()
+
+    stop = loop.create_future()
+    waiting = asyncio.create_task(_first_done(step, None))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not step.cancelled() and not step.done()
+    step.set_result(None)
+    await asyncio.wait_for(_first_done(step, stop), 5)  # done already: returns at once
