@@ -18,8 +18,8 @@ def table(results: dict[str, Any]) -> str:
         for name, data in suite.items():
             if name in AGENT_ROWS:
                 lines.extend(AGENT_ROWS[name](name, data))
-            elif name == "floor":
-                lines.extend(_floor_rows(data))
+            elif name in ("floor", "floor_before", "floor_after"):
+                lines.extend(_floor_rows(name, data))
             elif "halt_ms" in data:
                 for key in ("ack_ms", "halt_ms"):
                     s = data[key]
@@ -103,15 +103,16 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _floor_rows(data: dict[str, Any]) -> list[str]:
+def _floor_rows(name: str, data: dict[str, Any]) -> list[str]:
     """Raw gRPC, client -> relay -> backend (bench/floor.py): (a) the unary call alone, (b) the
-    call plus the event pushed back through the relay's stream, paced like each step length."""
+    call plus the event pushed back through the relay's stream, paced like each step length;
+    `floor` is the two measurements (`floor_before`, `floor_after` the stops) pooled."""
     lines = []
     for step, d in data.items():
         if not isinstance(d, dict):
             continue
         for key, what in (("unary_ms", "(a) unary"), ("push_ms", "(b) call -> pushed event")):
-            lines.append(_row(f"floor/{step} {what}", d[key], f"ms (n={d[key]['n']})"))
+            lines.append(_row(f"{name}/{step} {what}", d[key], f"ms (n={d[key]['n']})"))
     return lines
 
 

@@ -4,7 +4,8 @@ each peer measured in the same run, as Markdown for the top of BENCHMARKS.md.
     python -m bench.table bench/results/latest.json > table.md
 
 The VM's speed moves by 2x between days; the ratio to what the machine can do at all (the floor,
-bench/floor.py, measured minutes before the figures it divides) stays put. Each Stopline figure
+bench/floor.py, measured right before and right after the figures it divides, both pooled)
+stays put. Each Stopline figure
 is set against the floor that bounds it:
 
 * a stop's acknowledgment (the StopOperation call's return) against floor (a), one unary call
@@ -229,7 +230,8 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
         *(["**Quick run (few trials): indicative only.**", ""] if results.get("quick") else []),
         "Medians; a ratio below 1 means Stopline is faster. *Floor*: the same three-process",
         "topology (client, relay, backend) in raw grpc.aio with no logic, measured in the same run",
-        "at the same pacing (bench/floor.py): an acknowledgment is divided by floor (a),",
+        "at the same pacing (bench/floor.py), before and after the figures it divides (both",
+        "pooled, where the run has both): an acknowledgment is divided by floor (a),",
         "one unary call relayed there and back; stop → terminal event and start → first step",
         "event by floor (b), that call plus an event pushed back through the relay's stream.",
         f"Peers: {_versions(peers)}. LangGraph's figures are its cancel call's return and its",

@@ -26,6 +26,13 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         early = await scenarios.early_stop(stack, trials=2, delays_ms=(0.0,))
         start = await scenarios.start_latency(stack, trials=2)
         steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
+        after = await floor.floor(stack, tmp_path, {0.01: 2, 0.05: 2})
+    # As bench.run does: the floor measured before and after the figures, pooled.
+    pooled = floor.pooled(ground, after)
+    for step in ("0.01s", "0.05s"):
+        assert pooled[step]["unary_ms"]["n"] == 4 and pooled[step]["push_ms"]["n"] == 4
+        both = ground[step]["push_ms"]["samples"] + after[step]["push_ms"]["samples"]
+        assert sorted(pooled[step]["push_ms"]["samples"]) == sorted(both)
     for step in ("0.01s", "0.05s"):
         assert ground[step]["unary_ms"]["n"] == 2 and ground[step]["push_ms"]["n"] == 2
         assert ground[step]["unary_ms"]["median"] > 0 and ground[step]["push_ms"]["median"] > 0
@@ -42,7 +49,9 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         median = start[f"{arm}first_step_ms"]["median"]
         start[f"{arm}ratio_to_stop_halt"] = median / stop["halt_ms"]["median"]
     suite = {
-        "floor": ground,
+        "floor_before": ground,
+        "floor_after": after,
+        "floor": pooled,
         "stop_latency/0.05s": stop,
         "stop_own_connection/0.05s": second,
         "early_stop": early,
@@ -52,19 +61,20 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     results = {"machine": {"when": "now"}, "quick": True, "stopline": {"sqlite": suite}}
     text = table(results)
     assert "stop_latency/0.05s halt_ms" in text and "floor/0.05s (b)" in text
+    assert "floor_before/0.05s (b)" in text and "floor_after/0.05s (b)" in text
     # The published table divides each figure by its own floor: (a) for the acknowledgment,
     # (b) for stop -> terminal event and (at 10 ms pacing) for start -> first step.
     lines = [line.split(" | ") for line in markdown(results).splitlines() if line[:2] == "| "]
     rows = {cells[1]: cells for cells in lines}
     ack = rows["stop, same connection: acknowledgment"]
-    assert float(ack[4].split()[0]) == round(ground["0.05s"]["unary_ms"]["median"], 2)
-    ratio = stop["ack_ms"]["median"] / ground["0.05s"]["unary_ms"]["median"]
+    assert float(ack[4].split()[0]) == round(pooled["0.05s"]["unary_ms"]["median"], 2)
+    ratio = stop["ack_ms"]["median"] / pooled["0.05s"]["unary_ms"]["median"]
     assert ack[5] == f"**{ratio:.2f}{TIMES}**" or ratio >= 100 or ratio < 0.1
     halt = rows["stop from a second connection: stop → terminal event"]
-    assert float(halt[4].split()[0]) == round(ground["0.05s"]["push_ms"]["median"], 2)
+    assert float(halt[4].split()[0]) == round(pooled["0.05s"]["push_ms"]["median"], 2)
     for figure in ("start → first step event", "start with `no_hold` → first step event"):
         first = rows[figure]
-        assert float(first[4].split()[0]) == round(ground["0.01s"]["push_ms"]["median"], 2)
+        assert float(first[4].split()[0]) == round(pooled["0.01s"]["push_ms"]["median"], 2)
     assert "  no hold" in text
     assert "Quick run" in markdown(results)
 
