@@ -385,3 +385,18 @@ async def test_the_wal_reaches_the_database_file_with_no_writer_checkpointing(
         assert storage._checkpointer.checkpoints >= 1
     finally:
         await storage.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(output=json_values, step=st.integers(0, 2**40), attempt=st.integers(1, 2**20))
+def test_a_boundarys_event_texts_are_what_dump_json_makes(
+    output: Any, step: int, attempt: int
+) -> None:
+    """The SQLite boundary builds its events' JSON from the output's JSON (one encoding less per
+    step): the stored text must be exactly dump_json's, which reads and retention rely on."""
+    from runtime_service.storage.sqlite_steps import completed_text, result_text, started_text
+
+    output_json = dump_json(output)
+    assert completed_text(step, output_json) == dump_json({"step": step, "output": output})
+    assert result_text(output_json) == dump_json({"result": output})
+    assert started_text(step, attempt) == dump_json({"step": step, "attempt": attempt})

@@ -47,6 +47,23 @@ STOP_REQUESTED = EventKind.STOP_REQUESTED
 INTERRUPTED = EventKind.INTERRUPTED
 
 
+def completed_text(step: int, output_json: str) -> str:
+    """`dump_json({"step": step, "output": output})` from the output's JSON, which the boundary
+    has made already for the checkpoint: the same text (compact, keys in this order) for one
+    encoding less per step. tests/test_write_path.py holds the three equal to dump_json."""
+    return f'{{"step":{step},"output":{output_json}}}'
+
+
+def result_text(output_json: str) -> str:
+    """`dump_json({"result": output})`, likewise."""
+    return f'{{"result":{output_json}}}'
+
+
+def started_text(step: int, attempt: int) -> str:
+    """`dump_json({"step": step, "attempt": attempt})`, likewise."""
+    return f'{{"step":{step},"attempt":{attempt}}}'
+
+
 class SqliteStepWrites(SharedStorage):
     """Composed into SqliteStorage, which gives it `_write` and `_time`."""
 
@@ -131,12 +148,13 @@ class SqliteStepWrites(SharedStorage):
         outlives: bool,
     ) -> Appended | None:
         now = utcnow()
-        params = {"id": operation_id, "runner": runner_id, "now": self._time(now)}
-        cur.execute(BUMP_TO_APPEND.text, {**params, "outlives_stop": outlives})
+        at = self._time(now)
+        params = {"id": operation_id, "runner": runner_id, "now": at, "outlives_stop": outlives}
+        cur.execute(BUMP_TO_APPEND.text, params)
         row = cur.fetchone()
         if row is None:
             return None
-        event = self._event(cur, operation_id, row[0], kind, data, now)
+        event = self._event(cur, operation_id, row[0], kind, data, now, at)
         return Appended(event, stopping=row[1] is not None)
 
     async def advance(
@@ -168,11 +186,12 @@ class SqliteStepWrites(SharedStorage):
         """A step boundary: checkpoint `step` and, unless a stop is recorded, go on (begin the
         next step, or complete the operation after the last)."""
         now = utcnow()
+        at = self._time(now)
         output_json = dump_json(output)
         params = {
             "id": operation_id,
             "runner": runner_id,
-            "now": self._time(now),
+            "now": at,
             "step": step,
             "next_step": step + 1,
             "state": dump_json(state),
@@ -185,22 +204,30 @@ class SqliteStepWrites(SharedStorage):
         last_seq, go_on = row[0], row[1] is None
         self._finish_attempt(cur, params, "completed", output_json)
         completed: dict[str, JSONValue] = {"step": step, "output": output}
+        completed_json = completed_text(step, output_json)
         if not go_on:
-            return [self._event(cur, operation_id, last_seq, STEP_COMPLETED, completed, now)]
+            return [
+                self._event(
+                    cur, operation_id, last_seq, STEP_COMPLETED, completed, now, at, completed_json
+                )
+            ]
         if bump is BUMP_TO_COMPLETE:
             done: dict[str, JSONValue] = {"result": output}
-            return list(
-                self._pair(
-                    cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, COMPLETED, done
-                )
-            )
+            texts = (completed_json, result_text(output_json))
+            ended = self._pair(
+                cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, COMPLETED,
+                done, at, texts,
+            )  # fmt: skip
+            return list(ended)
         # Step + 1 was never begun before: only the runner that completed `step` (this one,
         # under the fencing condition) can begin it, so this is its first attempt.
         started: dict[str, JSONValue] = {"step": step + 1, "attempt": 1}
         cur.execute(ATTEMPT.text, {**params, "step": step + 1, "attempt": 1})
+        texts = (completed_json, started_text(step + 1, 1))
         pair = self._pair(
-            cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, STEP_STARTED, started
-        )
+            cur, operation_id, last_seq - 1, now, STEP_COMPLETED, completed, STEP_STARTED,
+            started, at, texts,
+        )  # fmt: skip
         return list(pair)
 
     async def halt(
@@ -275,13 +302,17 @@ class SqliteStepWrites(SharedStorage):
         kind: EventKind,
         data: dict[str, JSONValue],
         now: datetime,
+        at: str | None = None,
+        text: str | None = None,
     ) -> Event:
+        """`at`: `now` as stored, when the write has it already; `text`: `data` as JSON,
+        likewise (a step boundary builds it from the output's JSON)."""
         params = {
             "id": operation_id,
             "seq": seq,
             "kind": kind.value,
-            "data": dump_json(data),
-            "now": self._time(now),
+            "data": dump_json(data) if text is None else text,
+            "now": self._time(now) if at is None else at,
         }
         cur.execute(EVENT.text, params)
         return Event(operation_id, seq, kind, data, now)
@@ -296,16 +327,18 @@ class SqliteStepWrites(SharedStorage):
         data: dict[str, JSONValue],
         kind2: EventKind,
         data2: dict[str, JSONValue],
+        at: str | None = None,
+        texts: tuple[str, str] | None = None,
     ) -> tuple[Event, Event]:
-        """Two events, seq and seq + 1, in one statement."""
+        """Two events, seq and seq + 1, in one statement (`at`, `texts`: as for `_event`)."""
         params = {
             "id": operation_id,
             "seq": seq,
             "kind": kind.value,
-            "data": dump_json(data),
+            "data": dump_json(data) if texts is None else texts[0],
             "kind2": kind2.value,
-            "data2": dump_json(data2),
-            "now": self._time(now),
+            "data2": dump_json(data2) if texts is None else texts[1],
+            "now": self._time(now) if at is None else at,
         }
         cur.execute(TWO_EVENTS.text, params)
         return (
