@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from runtime_service.agents.base import ToolCall, ToolOutcome, ToolSpec
@@ -38,7 +39,9 @@ from stopline.json_values import json_problem, shown, storable_text
 
 log = logging.getLogger(__name__)
 
-Write = Callable[[Awaitable[Appended | None]], Awaitable[Appended | None]]
+WriteSoon = Callable[
+    [Callable[[], asyncio.Future[Appended | None]]], asyncio.Future[Appended | None]
+]
 
 STOPPED_REASON = "the operation was stopped"
 NOT_STOPPED_REASON = "the runtime stopped running the step (shutdown or lost ownership)"
@@ -71,7 +74,9 @@ class StepEvents:
     step: int
     runner_id: str
     storage: Storage
-    write: Write  # the runner's write: publishes the events once committed
+    # The runner's write of an event made or queued now (Storage.append_soon): publishes
+    # its events once committed.
+    write_soon: WriteSoon
     stopped: Callable[[], bool]  # whether the stop has reached the step
     on_stop: Callable[[], None]  # a write found a stop recorded: tell the runner
     deltas: DeltaSettings
@@ -94,9 +99,28 @@ class StepEvents:
     def _launch(
         self, kind: EventKind, data: dict[str, JSONValue], outlives_stop: bool
     ) -> asyncio.Future[Appended | None]:
-        """Write an event in a task of its own: it lands even if the agent is cancelled while
-        awaiting it, and close() waits for it."""
-        return self._track(asyncio.ensure_future(self._append(kind, data, outlives_stop)))
+        """Write an event: made or queued before this returns, so it lands (and is published)
+        even if the agent is cancelled while awaiting it; close() waits for it. No task of its
+        own: with one per event (its creation, its two turns, the shield's wake-up) the event
+        loop spent more on an output chunk than the database did."""
+        start = partial(
+            self.storage.append_soon, self.operation_id, kind, data, self.runner_id, outlives_stop
+        )
+        future = self.write_soon(start)
+        if self.abort_mid_step:
+            if future.done():
+                self._stopping(future)
+            else:
+                future.add_done_callback(self._stopping)
+        return self._track(future)
+
+    def _stopping(self, written: asyncio.Future[Appended | None]) -> None:
+        """A write found a stop recorded: tell the runner (if nothing else has yet)."""
+        if written.cancelled() or written.exception() is not None:
+            return
+        appended = written.result()
+        if appended is not None and appended.stopping:
+            self.on_stop()
 
     def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._writes.add(future)
@@ -110,16 +134,6 @@ class StepEvents:
             # A storage failure fails the runner's next write as well, which leaves the
             # operation to be resumed (see runner/core.py, Runner._run).
             log.warning("operation %s: a write failed: %s", self.operation_id, future.exception())
-
-    async def _append(
-        self, kind: EventKind, data: dict[str, JSONValue], outlives_stop: bool
-    ) -> Appended | None:
-        appended = await self.write(
-            self.storage.append(self.operation_id, kind, data, self.runner_id, outlives_stop)
-        )
-        if appended is not None and appended.stopping and self.abort_mid_step:
-            self.on_stop()
-        return appended
 
     def _check_open(self) -> None:
         if self._closed or (self.abort_mid_step and self.stopped()):

@@ -162,15 +162,19 @@ async def test_halt_ms_excludes_the_time_the_stop_took_to_commit(
         if isinstance(storage, PostgresStorage):  # the stop is one batched statement
             for batcher in storage.batchers:
 
-                def slowed(run: Any) -> Any:
-                    async def slow(statement: Statement[Any]) -> Any:
+                def slowed(submit: Any) -> Any:
+                    async def later(statement: Statement[Any]) -> Any:
+                        await asyncio.sleep(hold)  # injected delay: the write waits to commit
+                        return await submit(statement)
+
+                    def slow(statement: Statement[Any]) -> Any:
                         if statement.sql is pg_storage._RECORD_STOP:
-                            await asyncio.sleep(hold)  # injected delay: the write waits to commit
-                        return await run(statement)
+                            return asyncio.ensure_future(later(statement))
+                        return submit(statement)
 
                     return slow
 
-                monkeypatch.setattr(batcher, "run", slowed(batcher.run))
+                monkeypatch.setattr(batcher, "submit", slowed(batcher.submit))
         else:  # SQLite: the stop's transaction is held open, after its UPDATE, before commit
             assert isinstance(storage, SqliteStorage)
             record, row = storage._record_stop, storage.cursors.row

@@ -283,7 +283,7 @@ class Steps:
             step=step,
             runner_id=self.runner_id,
             storage=self._storage,
-            write=partial(self._write, run.operation_id),
+            write_soon=partial(self._writes.write_soon, run.operation_id),
             stopped=run.stop.done,
             on_stop=partial(runs.stop, run, None),
             deltas=self.settings.deltas,

@@ -3,7 +3,8 @@ committed, and counted for the metrics and traces as they are."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from runtime_service import metrics, run_telemetry, stop_causes
@@ -30,6 +31,33 @@ class Writes:
             self.publish(written)
         finally:
             hub.written(operation_id)
+        return written
+
+    def write_soon(
+        self, operation_id: str, start: Callable[[], asyncio.Future[W]]
+    ) -> asyncio.Future[W]:
+        """`write` for a write made or queued by `start` (Storage.append_soon) with no coroutine
+        around it: its events are published by a callback once it has committed (at once if it
+        has), so it is published whether or not anybody awaits the future it returns."""
+        hub = self.hub
+        hub.writing(operation_id)
+        try:
+            written = start()
+        except BaseException:
+            hub.written(operation_id)
+            raise
+
+        def landed(done: asyncio.Future[W]) -> None:
+            try:
+                if not done.cancelled() and done.exception() is None:
+                    self.publish(done.result())
+            finally:
+                hub.written(operation_id)
+
+        if written.done():
+            landed(written)
+        else:
+            written.add_done_callback(landed)
         return written
 
     def publish(self, events: Any) -> None:

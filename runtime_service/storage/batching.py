@@ -45,11 +45,16 @@ class WriteQueue(Generic[Q]):
         return self._draining
 
     async def _submit(self, queued: Q) -> Any:
+        return await self._enqueue(queued)
+
+    def _enqueue(self, queued: Q) -> asyncio.Future[Any]:
+        """Queue `queued` now (it goes in the next batch whether or not its future is awaited)
+        and return its future."""
         self._queue.append(queued)
         if not self._draining:
             self._draining = True
             self._drainer = asyncio.create_task(self._drain(), name=self._name)
-        return await queued.future
+        return queued.future
 
     async def _write_batch(self, batch: list[Q]) -> list[Outcome]:
         """Write `batch`; one outcome per write, in order."""

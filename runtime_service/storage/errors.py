@@ -9,9 +9,11 @@ Nothing above storage knows which database library is underneath.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
+from typing import TypeVar
 
 from sqlalchemy.exc import (
     DBAPIError,
@@ -24,6 +26,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from stopline.errors import Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(Exception):
@@ -44,6 +47,38 @@ def as_domain_error(exc: SQLAlchemyError) -> Exception:
         log.warning("database unavailable: %s", exc)
         return Unavailable(UNAVAILABLE_MESSAGE)
     return StorageError(str(exc))
+
+
+def translated_future(
+    inner: asyncio.Future[T],
+    on_unavailable: Callable[[], None] | None,
+    on_done: Callable[[], None] | None = None,
+) -> asyncio.Future[T]:
+    """`inner`'s outcome with its error translated as `translated` does, for a write queued
+    with no coroutine around it (Storage.append_soon). `on_done`: told once `inner` is done
+    (the write-path metrics)."""
+    outer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+    def copy(done: asyncio.Future[T]) -> None:
+        if on_done is not None:
+            on_done()
+        if outer.done():
+            return
+        if done.cancelled():
+            outer.cancel()
+            return
+        exc = done.exception()
+        if exc is None:
+            outer.set_result(done.result())
+            return
+        try:
+            with translated(on_unavailable):
+                raise exc
+        except BaseException as error:  # the translation (or `exc` itself)
+            outer.set_exception(error)
+
+    inner.add_done_callback(copy)
+    return outer
 
 
 class translated:  # lower case: used like the function it was, `with translated(...)`

@@ -20,6 +20,7 @@ database cannot be reached (a retry can succeed), `StorageError` otherwise (a bu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Collection, Mapping
@@ -329,6 +330,20 @@ class Storage(Protocol):
         call record); None when the operation ended or changed hands, or a stop is recorded
         (unless `outlives_stop`: records allowed between the stop and the halt, e.g. settling
         a tool call, and everything in the stop-at-boundary mode)."""
+        ...
+
+    def append_soon(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> asyncio.Future[Appended | None]:
+        """`append`, made or queued before this returns, with no coroutine around it: the
+        write lands whether or not its future is awaited (a cancelled caller does not take it
+        back), and the future holds what `append` would return. What the runner's step uses:
+        a task per event would cost the event loop more than the write itself."""
         ...
 
     async def chunk(

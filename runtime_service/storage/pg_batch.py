@@ -78,11 +78,15 @@ class PostgresBatcher(WriteQueue[_Queued]):
 
     async def run(self, statement: Statement[T]) -> T:
         """The statement's outcome once it has committed."""
+        return await self.submit(statement)
+
+    def submit(self, statement: Statement[T]) -> asyncio.Future[T]:
+        """`run`, queued now: the future of its outcome."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        result: T = await self._submit(_Queued(statement, future))
-        return result
+        queued: asyncio.Future[T] = self._enqueue(_Queued(statement, future))
+        return queued
 
     async def close(self) -> None:
         self._closed = True

@@ -7,6 +7,7 @@ other replicas in the same statement (see notifications.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import event_note, libpq_url
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import COLUMNS, Cursors
-from runtime_service.storage.errors import translated
+from runtime_service.storage.errors import translated_future
 from runtime_service.storage.interface import (
     Appended,
     Claimed,
@@ -166,15 +167,22 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             conn.close()
 
     async def _run(self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]) -> T:
+        return await self._run_soon(sql, params, read)
+
+    def _run_soon(
+        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]
+    ) -> asyncio.Future[T]:
+        """One write queued now on its operation's batcher; its future holds the outcome, or
+        the error as storage reports it, once the batch has committed."""
         sql.check(params)
         began = time.monotonic()
-        try:
-            with translated(self._unavailable):
-                batcher = self.batcher_for(params["id"])
-                result: T = await batcher.run(Statement(sql, params, read))
-        finally:
+        statement = Statement(sql, params, read)
+
+        def committed() -> None:
             self._batch_took.observe(time.monotonic() - began)
-        return result
+
+        queued = self.batcher_for(params["id"]).submit(statement)
+        return translated_future(queued, self._unavailable, committed)
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -363,14 +371,14 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
 
         return await self._run(START_STEP, params, read)
 
-    async def append(
+    def append_soon(
         self,
         operation_id: str,
         kind: EventKind,
         data: dict[str, JSONValue],
         runner_id: str,
         outlives_stop: bool,
-    ) -> Appended | None:
+    ) -> asyncio.Future[Appended | None]:
         now = utcnow()
         params = {
             "id": operation_id,
@@ -386,7 +394,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 return None
             return Appended(Event(operation_id, row[0], kind, data, now), stopping=row[1])
 
-        return await self._run(APPEND, params, read)
+        return self._run_soon(APPEND, params, read)
 
     async def advance(
         self, operation_id: str, step: int, output: JSONValue, state: JSONValue, runner_id: str

@@ -7,6 +7,7 @@ composes this with claims.py (claims and leases) and waiting.py (waiting for a p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -118,6 +119,16 @@ class SharedStorage:
         runner_id: str,
         outlives_stop: bool,
     ) -> Appended | None:
+        return await self.append_soon(operation_id, kind, data, runner_id, outlives_stop)
+
+    def append_soon(
+        self,
+        operation_id: str,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        runner_id: str,
+        outlives_stop: bool,
+    ) -> asyncio.Future[Appended | None]:
         raise NotImplementedError  # each dialect's module writes it
 
     async def record_stop(

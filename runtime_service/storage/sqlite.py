@@ -13,6 +13,7 @@ The statements are in sqlite_sql.py; the runner's writes, in sqlite_steps.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -37,7 +38,7 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.errors import translated
+from runtime_service.storage.errors import translated, translated_future
 from runtime_service.storage.interface import (
     Created,
     halt_data,
@@ -109,24 +110,34 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     # ------------------------------------------------------------------ how writes run
 
     async def _write(self, write: Write, *args: Any) -> Any:
-        """A runner write: inline here when nothing else is queued for the database thread,
-        else group-committed with whatever is (see GroupCommit)."""
+        return await self._write_soon(write, *args)
+
+    def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
+        """A runner write, made or queued now: inline here when nothing else is queued for the
+        database thread, else group-committed with whatever is (see GroupCommit). Its future
+        holds the result, or the error as storage reports it, once the write has committed."""
         began = time.monotonic()
-        with translated(self._unavailable):
-            if self._group.idle and self._inline.possible:
-                try:
-                    result = self._inline.run(write, *args)
-                except WouldBlock:
-                    pass
-                else:
-                    self._inline_took.observe(time.monotonic() - began)
-                    self._checkpointer.wrote()
-                    return result
+        if self._group.idle and self._inline.possible:
+            now: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             try:
-                return await self._group.run(write, args)
-            finally:
-                self._group_took.observe(time.monotonic() - began)
+                with translated(self._unavailable):
+                    result = self._inline.run(write, *args)
+            except WouldBlock:
+                pass
+            except Exception as exc:
+                now.set_exception(exc)
+                return now
+            else:
+                self._inline_took.observe(time.monotonic() - began)
                 self._checkpointer.wrote()
+                now.set_result(result)
+                return now
+
+        def committed() -> None:
+            self._group_took.observe(time.monotonic() - began)
+            self._checkpointer.wrote()
+
+        return translated_future(self._group.submit(write, args), self._unavailable, committed)
 
     def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of

@@ -116,8 +116,12 @@ class GroupCommit(WriteQueue["_Queued"]):
 
     async def run(self, write: Write, args: tuple[Any, ...]) -> Any:
         """write(cursor, *args) in a shared transaction; its result once that has committed."""
+        return await self.submit(write, args)
+
+    def submit(self, write: Write, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """`run`, queued now: the future of its result."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return await self._submit(_Queued(write, args, future))
+        return self._enqueue(_Queued(write, args, future))
 
     async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
         return await self._db.call(self._execute, batch)

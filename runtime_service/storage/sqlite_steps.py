@@ -6,6 +6,7 @@ with the same pieces.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -72,6 +73,9 @@ class SqliteStepWrites(SharedStorage):
     async def _write(self, write: Write, *args: Any) -> Any:
         raise NotImplementedError  # SqliteStorage: inline, or group-committed
 
+    def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
+        raise NotImplementedError  # SqliteStorage: `_write`, with no coroutine around it
+
     async def claim_and_start(
         self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
     ) -> tuple[Claimed, Event] | None:
@@ -125,18 +129,18 @@ class SqliteStepWrites(SharedStorage):
         data: dict[str, JSONValue] = {"step": step, "attempt": attempt}
         return self._event(cur, operation_id, row[0], STEP_STARTED, data, now)
 
-    async def append(
+    def append_soon(
         self,
         operation_id: str,
         kind: EventKind,
         data: dict[str, JSONValue],
         runner_id: str,
         outlives_stop: bool,
-    ) -> Appended | None:
-        result: Appended | None = await self._write(
+    ) -> asyncio.Future[Appended | None]:
+        future: asyncio.Future[Appended | None] = self._write_soon(
             self._append_event, operation_id, kind, data, runner_id, outlives_stop
         )
-        return result
+        return future
 
     def _append_event(
         self,
