@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -400,3 +401,66 @@ def test_a_boundarys_event_texts_are_what_dump_json_makes(
     assert completed_text(step, output_json) == dump_json({"step": step, "output": output})
     assert result_text(output_json) == dump_json({"result": output})
     assert started_text(step, attempt) == dump_json({"step": step, "attempt": attempt})
+
+
+async def test_a_cancelled_drainer_cancels_the_writes_it_held_and_queued() -> None:
+    """Shutdown cancels the group-commit drainer mid-batch: the batch in flight and the writes
+    queued behind it are cancelled, as a cancelled caller's await would be, rather than all
+    given one CancelledError *as their exception* (a 3,000-operation runtime then logged that
+    exception, unretrieved and a frame longer per future, for 13 s before it exited)."""
+    from runtime_service.storage.batching import Outcome, WriteQueue
+
+    @dataclass(eq=False)
+    class Item:
+        future: asyncio.Future[Any]
+
+    writing = asyncio.Event()
+
+    class Stuck(WriteQueue[Item]):
+        async def _write_batch(self, batch: list[Item]) -> list[Outcome]:
+            writing.set()
+            await asyncio.Event().wait()  # a batch that never commits
+            return []
+
+    queue = Stuck("stuck", max_batch=2)
+    loop = asyncio.get_running_loop()
+    items = [Item(loop.create_future()) for _ in range(5)]
+    futures = [queue._enqueue(item) for item in items[:2]]
+    await writing.wait()
+    futures += [queue._enqueue(item) for item in items[2:]]  # queued behind the stuck batch
+    assert queue._drainer is not None
+    queue._drainer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queue._drainer
+    assert all(future.cancelled() for future in futures)
+
+
+async def test_a_write_nobody_waits_for_any_more_leaves_no_unretrieved_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Storage.append_soon's future (errors.translated_future): a caller that went away does
+    not take the write back, and its failure, read by nobody, is not logged as a "Future
+    exception was never retrieved" when the futures are collected; one still awaited gets the
+    storage error translated (here: a DBAPIError's StorageError)."""
+    import gc
+
+    from sqlalchemy.exc import DBAPIError
+
+    from runtime_service.storage.errors import translated_future
+
+    loop = asyncio.get_running_loop()
+    failure = DBAPIError("INSERT", {}, Exception("boom"))
+    gone_inner: asyncio.Future[int] = loop.create_future()
+    gone = translated_future(gone_inner, None)
+    gone.cancel()  # its caller went away
+    gone_inner.set_exception(failure)
+    waited_inner: asyncio.Future[int] = loop.create_future()
+    waited = translated_future(waited_inner, None)
+    waited_inner.set_exception(failure)
+    with pytest.raises(StorageError, match="boom"):
+        await waited
+    await asyncio.sleep(0)
+    del gone, gone_inner, waited, waited_inner
+    with caplog.at_level("ERROR", logger="asyncio"):
+        gc.collect()
+    assert "never retrieved" not in caplog.text

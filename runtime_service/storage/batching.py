@@ -61,6 +61,7 @@ class WriteQueue(Generic[Q]):
         raise NotImplementedError
 
     async def _drain(self) -> None:
+        batch: list[Q] = []
         try:
             while self._queue:
                 size = min(len(self._queue), self._max_batch)
@@ -77,8 +78,17 @@ class WriteQueue(Generic[Q]):
                     else:
                         queued.future.set_exception(value)
         except BaseException as exc:  # the loop is going away: fail whatever is left
-            for queued in self._queue:
-                if not queued.future.done():
+            # The batch in flight too (its outcome will never be read). A cancelled drainer
+            # (shutdown) cancels them, as a cancelled caller's await would: one exception
+            # object set on thousands of futures grew a frame per re-raise and was logged,
+            # unretrieved, once per future, for seconds, at the end of a busy runtime.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            for queued in (*batch, *self._queue):
+                if queued.future.done():
+                    continue
+                if cancelled:
+                    queued.future.cancel()
+                else:
                     queued.future.set_exception(exc)
             self._queue.clear()
             raise

@@ -62,23 +62,33 @@ def translated_future(
     def copy(done: asyncio.Future[T]) -> None:
         if on_done is not None:
             on_done()
-        if outer.done():
-            return
         if done.cancelled():
-            outer.cancel()
+            if not outer.done():
+                outer.cancel()
             return
-        exc = done.exception()
+        exc = done.exception()  # read even when nobody waits for it: it is not lost unseen
+        if outer.done():
+            return  # its caller went away; the write itself stands
         if exc is None:
             outer.set_result(done.result())
-            return
-        try:
-            with translated(on_unavailable):
-                raise exc
-        except BaseException as error:  # the translation (or `exc` itself)
-            outer.set_exception(error)
+        else:
+            outer.set_exception(translation(exc, on_unavailable))
 
     inner.add_done_callback(copy)
     return outer
+
+
+def translation(
+    exc: BaseException, on_unavailable: Callable[[], None] | None = None
+) -> BaseException:
+    """What `exc` leaves storage as: a domain error for SQLAlchemy's, itself otherwise."""
+    if not isinstance(exc, SQLAlchemyError):
+        return exc
+    error = as_domain_error(exc)
+    if on_unavailable is not None and isinstance(error, Unavailable):
+        on_unavailable()
+    error.__cause__ = exc
+    return error
 
 
 class translated:  # lower case: used like the function it was, `with translated(...)`
@@ -101,7 +111,4 @@ class translated:  # lower case: used like the function it was, `with translated
         traceback: TracebackType | None,
     ) -> None:
         if isinstance(exc, SQLAlchemyError):
-            error = as_domain_error(exc)
-            if self._on_unavailable is not None and isinstance(error, Unavailable):
-                self._on_unavailable()
-            raise error from exc
+            raise translation(exc, self._on_unavailable) from exc
