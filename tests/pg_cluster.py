@@ -537,6 +537,16 @@ class PrivatePostgres:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
 
+    def client_backends(self) -> int:
+        """How many client backends other than the one asking the server lists (one whose
+        client has just disconnected is listed until it has exited)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return len(rows)
+
     def cut_connections(self) -> int:
         """Terminate every client backend except the one asking, like an admin or a failover
         would, and return how many were terminated. Returns only after they have exited, so a
