@@ -361,7 +361,7 @@ async def test_a_write_queue_reports_each_batch_size_once() -> None:
     queue = Doubling("test", 4, observe=lambda size, _seconds: batches.append(size))
     loop = asyncio.get_running_loop()
     results = await asyncio.gather(
-        *(queue._submit(Queued(n, loop.create_future())) for n in range(10))
+        *(queue._enqueue(Queued(n, loop.create_future())) for n in range(10))
     )
     assert results == [n * 2 for n in range(10)]
     assert sum(batches) == 10 and max(batches) <= 4

@@ -63,9 +63,12 @@ async def test_writes_queued_together_each_get_their_own_outcome(
 
     storage.batchers[0]._write_batch = counted  # type: ignore[method-assign]
 
+    async def _submitted(batcher: Any, statement: Statement[Any]) -> Any:
+        return await batcher.submit(statement)  # queued when its task runs, as a caller's
+
     writes: list[Awaitable[Any]] = [
         *(storage.chunk(o, 0, f"out {o}", "r", False) for o in chunked),
-        storage.batchers[0].run(broken),
+        _submitted(storage.batchers[0], broken),
         *(storage.advance(o, 0, {"o": o}, {"s": 1}, "r") for o in advanced),
         storage.release(held),
         storage.claim_and_start(pending, "r", 60),

@@ -251,22 +251,23 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
         def broken(cursor: Any) -> Any:
             cursor.execute("INSERT INTO no_such_table VALUES (1)")
 
+        async def run(write: Any, args: tuple[Any, ...]) -> Any:
+            return await group.submit(write, args)  # queued when its task runs, as a caller's
+
         now = datetime.now(UTC)
         lease = storage._time(now)
         writes = [
             *(
-                group.run(
-                    storage._append_event, (o, OUTPUT, {"step": 0, "text": f"out {o}"}, "r", False)
-                )
+                run(storage._append_event, (o, OUTPUT, {"step": 0, "text": f"out {o}"}, "r", False))
                 for o in chunked
             ),
-            group.run(broken, ()),
+            run(broken, ()),
             *(
-                group.run(storage._boundary, (_advance(), o, 0, {"o": o}, {"s": 1}, "r"))
+                run(storage._boundary, (_advance(), o, 0, {"o": o}, {"s": 1}, "r"))
                 for o in advanced
             ),
-            *(group.run(storage._halt, (o, 0, True, "r", None, None)) for o in halted),
-            group.run(storage._claim_and_start, (fresh, "r", lease, now)),
+            *(run(storage._halt, (o, 0, True, "r", None, None)) for o in halted),
+            run(storage._claim_and_start, (fresh, "r", lease, now)),
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert batches[0] == len(writes), "the writes were not batched"

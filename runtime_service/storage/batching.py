@@ -44,9 +44,6 @@ class WriteQueue(Generic[Q]):
         """A batch is being written (or about to be)."""
         return self._draining
 
-    async def _submit(self, queued: Q) -> Any:
-        return await self._enqueue(queued)
-
     def _enqueue(self, queued: Q) -> asyncio.Future[Any]:
         """Queue `queued` now (it goes in the next batch whether or not its future is awaited)
         and return its future."""

@@ -76,12 +76,8 @@ class PostgresBatcher(WriteQueue[_Queued]):
         self._closed = False
         self._prepared: set[str] = set()  # on the current connection
 
-    async def run(self, statement: Statement[T]) -> T:
-        """The statement's outcome once it has committed."""
-        return await self.submit(statement)
-
     def submit(self, statement: Statement[T]) -> asyncio.Future[T]:
-        """`run`, queued now: the future of its outcome."""
+        """The statement, queued now: the future of its outcome, set once it has committed."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

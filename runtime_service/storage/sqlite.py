@@ -38,7 +38,7 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.errors import translated, translated_future
+from runtime_service.storage.errors import translated_future, translation
 from runtime_service.storage.interface import (
     Created,
     halt_data,
@@ -109,9 +109,6 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
 
     # ------------------------------------------------------------------ how writes run
 
-    async def _write(self, write: Write, *args: Any) -> Any:
-        return await self._write_soon(write, *args)
-
     def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
         """A runner write, made or queued now: inline here when nothing else is queued for the
         database thread, else group-committed with whatever is (see GroupCommit). Its future
@@ -120,12 +117,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         if self._group.idle and self._inline.possible:
             now: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             try:
-                with translated(self._unavailable):
-                    result = self._inline.run(write, *args)
+                result = self._inline.run(write, *args)
             except WouldBlock:
                 pass
             except Exception as exc:
-                now.set_exception(exc)
+                now.set_exception(translation(exc, self._unavailable))
                 return now
             else:
                 self._inline_took.observe(time.monotonic() - began)

@@ -114,12 +114,9 @@ class GroupCommit(WriteQueue["_Queued"]):
         have no company and would not contend with this process for SQLite's write lock."""
         return not self.draining and self._db.idle
 
-    async def run(self, write: Write, args: tuple[Any, ...]) -> Any:
-        """write(cursor, *args) in a shared transaction; its result once that has committed."""
-        return await self.submit(write, args)
-
     def submit(self, write: Write, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """`run`, queued now: the future of its result."""
+        """write(cursor, *args), queued now for a shared transaction: the future of its result,
+        set once that transaction has committed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         return self._enqueue(_Queued(write, args, future))
 

@@ -71,10 +71,10 @@ class SqliteStepWrites(SharedStorage):
     _time: Any  # the cursors' datetime conversion (Cursors.to_db)
 
     async def _write(self, write: Write, *args: Any) -> Any:
-        raise NotImplementedError  # SqliteStorage: inline, or group-committed
+        return await self._write_soon(write, *args)
 
     def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
-        raise NotImplementedError  # SqliteStorage: `_write`, with no coroutine around it
+        raise NotImplementedError  # SqliteStorage: inline, or group-committed
 
     async def claim_and_start(
         self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
