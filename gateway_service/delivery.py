@@ -14,13 +14,14 @@ and can stop again through another gateway).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
 
@@ -75,6 +76,21 @@ def _target(request: rt_pb.InterruptOperationRequest) -> str:
     if request.owner:
         return f"{request.operation_id} of {request.owner!r}"
     return request.operation_id
+
+
+def _settle_early(
+    delivery: StopDelivery, call: asyncio.Future[rt_pb.InterruptOperationResponse]
+) -> None:
+    """The first call's answer, handed to whoever waits on the delivery as soon as it arrives,
+    when it is the delivery's only call so far (so it is this stop's own answer: see
+    `_own_answer`). The delivery's task takes the same answer a few turns of the loop later and
+    does the bookkeeping; on the stop's acknowledgment those turns cost about 0.1 ms, each one
+    run behind the operation's events arriving at the same moment."""
+    if delivery.done.done() or delivery.calls != 1 or call.cancelled() or call.exception():
+        return
+    delivery.response = call.result()
+    delivery.state = DeliveryState.DELIVERED
+    delivery.done.set_result(None)
 
 
 class StopDeliverer:
@@ -156,10 +172,38 @@ class StopDeliverer:
     def _begin(self, request: rt_pb.InterruptOperationRequest) -> StopDelivery:
         delivery = StopDelivery(request, asyncio.get_running_loop().create_future())
         self._pending[delivery.target] = delivery
-        delivery.task = asyncio.create_task(self._run(delivery), name=f"stop {delivery.target}")
+        # A child of the stop call's span; the runtime's InterruptOperation spans are its
+        # children (the delivery's calls are made in a context with it current).
+        span = tracing.child_span(
+            "stop delivery",
+            attributes={"stopline.operation_id": delivery.operation_id}
+            if delivery.operation_id
+            else {"stopline.by_key": True},
+        )
+        context = tracing.context_with_span(span) or contextvars.copy_context()
+        # The first call is made here, in the stop call's own turn of the loop, so that its
+        # request leaves first, ahead of the notices to the operation's streams that the caller
+        # sends next (made from the delivery's task, it went out after them: a client's
+        # acknowledgment waited about 0.3 ms longer, bench/timeline.py).
+        first = context.run(self._send, delivery)
+        first.add_done_callback(functools.partial(_settle_early, delivery))
+        delivery.task = asyncio.create_task(
+            self._run(delivery, span, first), name=f"stop {delivery.target}", context=context
+        )
         return delivery
 
-    async def _run(self, delivery: StopDelivery) -> None:
+    def _send(self, delivery: StopDelivery) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+        """One InterruptOperation call of this delivery, begun now."""
+        delivery.calls += 1
+        self.metrics.delivery_calls.inc()
+        return self._link.interrupt_now(delivery.request, self._attempt_timeout)
+
+    async def _run(
+        self,
+        delivery: StopDelivery,
+        span: trace.Span,
+        first: asyncio.Future[rt_pb.InterruptOperationResponse] | None,
+    ) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_delay(self._deadline),
             wait=backoff(self._max_backoff),
@@ -168,16 +212,6 @@ class StopDeliverer:
         )
         began = time.monotonic()
         failed = ""
-        # A child of the stop call's span (this task runs in a copy of its context); the
-        # runtime's InterruptOperation spans are its children.
-        span = tracing.child_span(
-            "stop delivery",
-            attributes={"stopline.operation_id": delivery.operation_id}
-            if delivery.operation_id
-            else {"stopline.by_key": True},
-        )
-        # Current for the rest of this task (it is the delivery's own): its calls carry it.
-        otel_context.attach(trace.set_span_in_context(span))
         try:
             async for attempt in retrying:
                 with attempt:
@@ -190,8 +224,9 @@ class StopDeliverer:
                                 stop_of=delivery.target, attempt=delivery.attempts, after=failed
                             ),
                         )
+                    sent, first = first, None
                     try:
-                        delivery.response = await self._attempt(delivery)
+                        delivery.response = await self._attempt(delivery, sent)
                     except UpstreamError as exc:
                         failed = str(exc)
                         raise
@@ -213,6 +248,8 @@ class StopDeliverer:
             else:
                 delivery.state = DeliveryState.REJECTED
         finally:
+            if first is not None:  # cancelled before its first attempt began
+                first.cancel()
             outcome = delivery.state.value.lower()  # pending: the gateway closed first
             self.metrics.delivery.labels(outcome).observe(time.monotonic() - began)
             span.set_attributes(
@@ -227,21 +264,27 @@ class StopDeliverer:
             if not delivery.done.done():
                 delivery.done.set_result(None)
 
-    async def _attempt(self, delivery: StopDelivery) -> rt_pb.InterruptOperationResponse:
-        """One attempt: the first answer of up to `max_calls` calls, the next sent when none has
-        answered within `hedge_delay` or when one failed. A definitive refusal (NOT_FOUND, ...)
-        ends the attempt at once; it fails with the last error when every call failed."""
-        sent = 0
+    async def _attempt(
+        self,
+        delivery: StopDelivery,
+        first: asyncio.Future[rt_pb.InterruptOperationResponse] | None,
+    ) -> rt_pb.InterruptOperationResponse:
+        """One attempt: the first answer of up to `max_calls` calls (`first`, when given, is
+        its first call, already sent), the next sent when none has answered within
+        `hedge_delay` or when one failed. A definitive refusal (NOT_FOUND, ...) ends the
+        attempt at once; it fails with the last error when every call failed."""
         pending: set[asyncio.Future[rt_pb.InterruptOperationResponse]] = set()
+        if first is not None:
+            pending.add(first)
+        sent = len(pending)
+        send = first is None
         last_error: BaseException | None = None
         try:
             while True:
-                if sent < self._max_calls:
+                if send and sent < self._max_calls:
                     sent += 1
-                    delivery.calls += 1
-                    self.metrics.delivery_calls.inc()
-                    call = self._link.interrupt(delivery.request, self._attempt_timeout)
-                    pending.add(asyncio.ensure_future(call))
+                    pending.add(self._send(delivery))
+                send = True
                 done, pending = await asyncio.wait(
                     pending,
                     timeout=self._hedge_delay if sent < self._max_calls else None,

@@ -43,6 +43,14 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+async def _answer(call: Awaitable[T]) -> T:
+    """A unary call's response; its failure as UpstreamError."""
+    try:
+        return await call
+    except aio.AioRpcError as exc:
+        raise UpstreamError.from_rpc_error(exc) from exc
+
+
 class LoadBalancing(enum.StrEnum):
     """How the gateway spreads calls over the addresses its runtime target resolves to (a list
     `ipv4:10.0.0.5:50051,10.0.0.6:50051`, or a DNS name with one A record per replica)."""
@@ -98,11 +106,8 @@ class RuntimeLink:
         await self._channel.close(grace=None)
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, deadline: float) -> T:
-        try:
-            metadata = tracing.outgoing_metadata(self._metadata)
-            return await method(request, timeout=deadline, metadata=metadata)
-        except aio.AioRpcError as exc:
-            raise UpstreamError.from_rpc_error(exc) from exc
+        metadata = tracing.outgoing_metadata(self._metadata)
+        return await _answer(method(request, timeout=deadline, metadata=metadata))
 
     async def start_and_watch(self, request: rt_pb.StartOperationRequest) -> WatchedStart:
         """A start (held or not) and its watch on one call, once the start's answer (the
@@ -138,10 +143,16 @@ class RuntimeLink:
         request = rt_pb.ReleaseOperationRequest(operation_id=operation_id)
         await self._unary(self._stub.ReleaseOperation, request, self._timeout)
 
-    async def interrupt(
+    def interrupt_now(
         self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
-    ) -> rt_pb.InterruptOperationResponse:
-        return await self._unary(self._stub.InterruptOperation, request, deadline_seconds)
+    ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+        """InterruptOperation, begun before this returns: gRPC sends the request from a task of
+        its own, scheduled here, so it leaves at the loop's next turn, ahead of whatever the
+        caller schedules after this call (a stop's notices to its streams). Made from inside a
+        coroutine of the caller's instead, it went out a turn or two later, behind them."""
+        metadata = tracing.outgoing_metadata(self._metadata)
+        call = self._stub.InterruptOperation(request, timeout=deadline_seconds, metadata=metadata)
+        return asyncio.ensure_future(_answer(call))
 
     async def get(self, operation_id: str) -> rt_pb.GetOperationResponse:
         request = rt_pb.GetOperationRequest(operation_id=operation_id)

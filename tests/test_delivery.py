@@ -26,10 +26,12 @@ class ScriptedLink:
         self.cancelled = 0
         self.released = asyncio.Event()
 
-    async def interrupt(
+    def interrupt_now(
         self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
-    ) -> rt_pb.InterruptOperationResponse:
-        step = self.script.pop(0) if self.script else "ok"
+    ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+        return asyncio.ensure_future(self._interrupt(self.script.pop(0) if self.script else "ok"))
+
+    async def _interrupt(self, step: str | grpc.StatusCode) -> rt_pb.InterruptOperationResponse:
         if step == "slow-ahead":  # recorded the stop (ahead of its start), answers late
             await self.released.wait()
             return rt_pb.InterruptOperationResponse(outcome=rt_pb.INTERRUPT_OUTCOME_RECORDED_AHEAD)
@@ -105,3 +107,38 @@ async def test_only_a_stop_by_the_same_owner_joins_a_delivery_under_way() -> Non
     assert mallory is not alice
     assert (alice.request.owner, mallory.request.owner) == ("alice", "mallory")
     await stops.close()
+
+
+async def test_the_first_call_is_sent_before_deliver_returns() -> None:
+    """The stop's first InterruptOperation is begun in the caller's own turn of the loop, so it
+    leaves ahead of whatever the caller schedules next (the stop's notices to its streams)."""
+    sent: list[str] = []
+    link = ScriptedLink()
+    real = link.interrupt_now
+
+    def interrupt_now(
+        request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+    ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+        sent.append(request.operation_id)
+        return real(request, deadline_seconds)
+
+    link.interrupt_now = interrupt_now  # type: ignore[method-assign]
+    delivery = deliverer(link).deliver(OP_ID, "t", "")
+    assert sent == [OP_ID]  # no await in between
+    await asyncio.wait_for(delivery.done, 10)
+    assert delivery.state is DeliveryState.DELIVERED and delivery.calls == 1
+
+
+async def test_the_first_calls_answer_reaches_the_waiter_before_the_bookkeeping() -> None:
+    """The only call's answer settles the delivery from the call's completion; the delivery's
+    task (retries, metrics, span) finishes after, off the acknowledgment's path."""
+    delivery = deliverer(ScriptedLink("ok")).deliver(OP_ID, "t", "")
+    task = delivery.task
+    assert task is not None
+    seen: list[bool] = []
+    delivery.done.add_done_callback(lambda _: seen.append(task.done()))
+    await asyncio.wait_for(delivery.done, 10)
+    assert seen == [False]
+    assert delivery.state is DeliveryState.DELIVERED and delivery.response == ANSWER
+    await asyncio.wait_for(task, 10)
+    assert delivery.state is DeliveryState.DELIVERED and delivery.attempts == 1

@@ -434,7 +434,7 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
     gateway until the stop has reached the runtime) stops by that key at once, without waiting
     for the id, and the operation ends with no step."""
     link = gateway.gateway.link
-    real_start, real_interrupt = link.start_and_watch, link.interrupt
+    real_start, real_interrupt = link.start_and_watch, link.interrupt_now
     in_flight, stopped = asyncio.Event(), asyncio.Event()
 
     async def held_start(request: rt_pb.StartOperationRequest) -> Any:
@@ -442,13 +442,13 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
         await stopped.wait()
         return await real_start(request)
 
-    async def interrupt(request: rt_pb.InterruptOperationRequest, deadline_seconds: float) -> Any:
-        response = await real_interrupt(request, deadline_seconds)
-        stopped.set()
-        return response
+    def interrupt_now(request: rt_pb.InterruptOperationRequest, deadline_seconds: float) -> Any:
+        answer = real_interrupt(request, deadline_seconds)
+        answer.add_done_callback(lambda _: stopped.set())
+        return answer
 
     link.start_and_watch = held_start  # type: ignore[method-assign]
-    link.interrupt = interrupt  # type: ignore[method-assign]
+    link.interrupt_now = interrupt_now  # type: ignore[method-assign]
     follower = Follower(mine, as_json=False, idempotency_key="cli-key")
     request = pb.StartAndStreamRequest(agent="gated", idempotency_key="cli-key")
     following = asyncio.ensure_future(follower.follow(lambda: mine.StartAndStream(request)))
