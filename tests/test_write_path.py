@@ -21,7 +21,7 @@ from runtime_service import convert
 from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.schema import UTCDateTime, sqlite_utc_text
 from runtime_service.storage import Appended, SqliteStorage, Storage, StorageError
-from runtime_service.storage.sqlite_commit import WouldBlock
+from runtime_service.storage.sqlite_commit import CHECKPOINT_WRITES, Checkpointer, WouldBlock
 from runtime_service.watching import _next_in_order
 from stopline.errors import AlreadyExists
 from stopline.json_values import dump_json, json_problem
@@ -375,10 +375,10 @@ async def test_the_wal_reaches_the_database_file_with_no_writer_checkpointing(
 
     try:
         op_id = await running(storage)
-        for n in range(20):
+        for n in range(CHECKPOINT_WRITES):  # enough for a checkpoint now, not after a while
             await storage.append(op_id, OUTPUT, {"step": 0, "text": f"chunk {n}"}, "r", False)
         written = len(await storage.events_after(op_id, 0))
-        assert written > 20
+        assert written > CHECKPOINT_WRITES
 
         async def all_in_the_file() -> bool:
             return await asyncio.to_thread(in_the_file_alone, op_id) == written
@@ -387,6 +387,36 @@ async def test_the_wal_reaches_the_database_file_with_no_writer_checkpointing(
         assert storage._checkpointer.checkpoints >= 1
     finally:
         await storage.close()
+
+
+async def test_the_wal_is_checkpointed_once_writes_gather_or_after_a_quiet_while(
+    tmp_path: Path,
+) -> None:
+    """Not after every write: the first commit after a complete checkpoint starts the WAL over
+    and syncs it, which a lightly loaded runtime paid on nearly every write (a stop's too)."""
+    path = tmp_path / "wal.db"
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (n INTEGER)")
+    setup.close()
+
+    gathering = Checkpointer(str(path), sqlite3, interval=0, writes=3, quiet=3600)
+    quiet = Checkpointer(str(path), sqlite3, interval=0, writes=3600, quiet=0.05)
+    try:
+        gathering.wrote()
+        gathering.wrote()
+        quiet.wrote()
+        await eventually(lambda: _true(quiet.checkpoints == 1))  # alone, after its quiet while
+        assert gathering.checkpoints == 0  # two writes of three, and an hour to wait
+        gathering.wrote()
+        await eventually(lambda: _true(gathering.checkpoints == 1))
+    finally:
+        await gathering.close()
+        await quiet.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 @settings(max_examples=300, deadline=None)

@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 # The shortest time between two of the Checkpointer's checkpoints while writes keep coming.
 CHECKPOINT_SECONDS = 0.1
+# Writes gathered in the WAL before the Checkpointer folds it back (a few pages each: about
+# SQLite's own default of 1,000 pages), or, for a database written to less, how long after the
+# first of them it does so anyway.
+CHECKPOINT_WRITES = 200
+CHECKPOINT_QUIET_SECONDS = 5.0
 
 # A write: fn(cursor, *args) inside a transaction that the caller owns and commits.
 Write = Callable[..., Any]
@@ -157,12 +162,29 @@ class Checkpointer:
     checkpoint (one that waits for no reader and no writer) runs at most every
     CHECKPOINT_SECONDS while writes keep coming; the writers' own autocheckpoint stays, set high
     (database.py), as a backstop should this one fall behind or stop.
+
+    It waits for CHECKPOINT_WRITES writes (or CHECKPOINT_QUIET_SECONDS after the first) rather
+    than running after every write: the first commit after a complete checkpoint starts the WAL
+    over and syncs its new header (fdatasync, even at synchronous=NORMAL). Checkpointed after
+    each write, a lightly loaded runtime paid that sync on nearly every write, a stop's
+    included: about 0.2 ms of a 0.25 ms commit on this VM, against 0.04 ms appending to the WAL.
     """
 
-    def __init__(self, database: str | None, dbapi: Any, interval: float = CHECKPOINT_SECONDS):
+    def __init__(
+        self,
+        database: str | None,
+        dbapi: Any,
+        interval: float = CHECKPOINT_SECONDS,
+        writes: int = CHECKPOINT_WRITES,
+        quiet: float = CHECKPOINT_QUIET_SECONDS,
+    ):
         self._path = database if database not in (None, "", ":memory:") else None
         self._dbapi = dbapi
         self._interval = interval
+        self._writes = writes
+        self._quiet = quiet
+        self._pending = 0  # writes since the last checkpoint began
+        self._enough = asyncio.Event()
         self._wrote = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -174,7 +196,10 @@ class Checkpointer:
         """A write committed: checkpoint soon (on the event loop's thread)."""
         if self._path is None or self._closed:
             return
+        self._pending += 1
         self._wrote.set()
+        if self._pending >= self._writes:
+            self._enough.set()
         if self._task is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="stopline-checkpoint")
             self._task = asyncio.get_running_loop().create_task(
@@ -185,7 +210,12 @@ class Checkpointer:
         loop = asyncio.get_running_loop()
         while True:
             await self._wrote.wait()
+            if not self._enough.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._enough.wait(), self._quiet)
             self._wrote.clear()
+            self._enough.clear()
+            self._pending = 0
             try:
                 complete = await loop.run_in_executor(self._executor, self._checkpoint)
             except self._dbapi.Error as exc:
@@ -193,8 +223,9 @@ class Checkpointer:
                 self.close_connection()
             else:
                 self.checkpoints += 1
-                if not complete:
-                    self._wrote.set()  # frames left behind: again, even if no write comes
+                if not complete:  # frames left behind: again, even if no write comes
+                    self._wrote.set()
+                    self._enough.set()
             await asyncio.sleep(self._interval)  # pacing: what comes meanwhile waits for one
 
     def _checkpoint(self) -> bool:
