@@ -224,9 +224,11 @@ class StopDeliverer:
                                 stop_of=delivery.target, attempt=delivery.attempts, after=failed
                             ),
                         )
-                    sent, first = first, None
+                    # The first attempt's first call went out in _begin; a retry's goes now.
+                    call = first if first is not None else self._send(delivery)
+                    first = None
                     try:
-                        delivery.response = await self._attempt(delivery, sent)
+                        delivery.response = await self._attempt(delivery, call)
                     except UpstreamError as exc:
                         failed = str(exc)
                         raise
@@ -267,24 +269,17 @@ class StopDeliverer:
     async def _attempt(
         self,
         delivery: StopDelivery,
-        first: asyncio.Future[rt_pb.InterruptOperationResponse] | None,
+        first: asyncio.Future[rt_pb.InterruptOperationResponse],
     ) -> rt_pb.InterruptOperationResponse:
-        """One attempt: the first answer of up to `max_calls` calls (`first`, when given, is
-        its first call, already sent), the next sent when none has answered within
-        `hedge_delay` or when one failed. A definitive refusal (NOT_FOUND, ...) ends the
-        attempt at once; it fails with the last error when every call failed."""
-        pending: set[asyncio.Future[rt_pb.InterruptOperationResponse]] = set()
-        if first is not None:
-            pending.add(first)
-        sent = len(pending)
-        send = first is None
+        """One attempt: the first answer of up to `max_calls` calls (`first`, already sent,
+        and the next sent when none has answered within `hedge_delay` or when one failed). A
+        definitive refusal (NOT_FOUND, ...) ends the attempt at once; it fails with the last
+        error when every call failed."""
+        pending = {first}
+        sent = 1
         last_error: BaseException | None = None
         try:
             while True:
-                if send and sent < self._max_calls:
-                    sent += 1
-                    pending.add(self._send(delivery))
-                send = True
                 done, pending = await asyncio.wait(
                     pending,
                     timeout=self._hedge_delay if sent < self._max_calls else None,
@@ -306,6 +301,9 @@ class StopDeliverer:
                 if not pending and sent == self._max_calls:
                     assert last_error is not None
                     raise last_error
+                if sent < self._max_calls:
+                    sent += 1
+                    pending.add(self._send(delivery))
         finally:
             for task in pending:
                 task.cancel()
