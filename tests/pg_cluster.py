@@ -28,7 +28,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -41,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import pytest
+
+from tests.ports import free_port
 
 if TYPE_CHECKING:
     import psycopg
@@ -156,15 +157,6 @@ def require_private_postgres(bin_dir: Path | None = None) -> None:
     if os.environ.get("STOPLINE_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"{reason} (STOPLINE_REQUIRE_POSTGRES=1: private PostgreSQL tests must run)")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (never 5432 while the shared
-    server runs, since that one is taken)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _as_owner(args: list[str], owner: _Owner | None) -> list[str]:

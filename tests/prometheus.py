@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.pg_cluster import free_port
+from tests.ports import free_port
 
 INSTALL_HINT = "apt-get install -y prometheus (.ci/run installs it)"
 
