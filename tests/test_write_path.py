@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -271,7 +272,9 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert batches[0] == len(writes), "the writes were not batched"
-        assert isinstance(results[4], Exception) and "no_such_table" in str(results[4])
+        # Its own failure, as storage reports it (the queue translates), caused by the SQL's.
+        assert isinstance(results[4], Exception)
+        assert "no_such_table" in str(results[4].__cause__)
         for op_id, appended in zip(chunked, results[:4], strict=True):
             assert isinstance(appended, Appended)
             event = appended.event
@@ -446,6 +449,7 @@ async def test_a_cancelled_drainer_cancels_the_writes_it_held_and_queued() -> No
     @dataclass(eq=False)
     class Item:
         future: asyncio.Future[Any]
+        began: float = 0.0
 
     writing = asyncio.Event()
 
@@ -471,29 +475,43 @@ async def test_a_cancelled_drainer_cancels_the_writes_it_held_and_queued() -> No
 async def test_a_write_nobody_waits_for_any_more_leaves_no_unretrieved_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Storage.append_soon's future (errors.translated_future): a caller that went away does
-    not take the write back, and its failure, read by nobody, is not logged as a "Future
-    exception was never retrieved" when the futures are collected; one still awaited gets the
-    storage error translated (here: a DBAPIError's StorageError)."""
+    """A queued write's future, settled by the queue itself: a caller that went away does not
+    take the write back, and its failure, read by nobody, is not logged as a "Future exception
+    was never retrieved" when the futures are collected; one still awaited gets the storage
+    error translated (here: a DBAPIError's StorageError), and every write's time is told."""
     import gc
 
     from sqlalchemy.exc import DBAPIError
 
-    from runtime_service.storage.errors import translated_future
+    from runtime_service.storage.batching import Outcome, WriteQueue
+    from runtime_service.storage.errors import translation
 
-    loop = asyncio.get_running_loop()
+    @dataclass(eq=False)
+    class Item:
+        future: asyncio.Future[Any]
+        began: float
+
     failure = DBAPIError("INSERT", {}, Exception("boom"))
-    gone_inner: asyncio.Future[int] = loop.create_future()
-    gone = translated_future(gone_inner, None)
-    gone.cancel()  # its caller went away
-    gone_inner.set_exception(failure)
-    waited_inner: asyncio.Future[int] = loop.create_future()
-    waited = translated_future(waited_inner, None)
-    waited_inner.set_exception(failure)
-    with pytest.raises(StorageError, match="boom"):
+    written: list[Item] = []
+
+    class Failing(WriteQueue[Item]):
+        async def _write_batch(self, batch: list[Item]) -> list[Outcome]:
+            written.extend(batch)
+            return [(False, failure)] * len(batch)
+
+    told: list[float] = []
+    queue = Failing("failing", max_batch=8, translate=translation, on_write=told.append)
+    loop = asyncio.get_running_loop()
+    gone = queue._enqueue(Item(loop.create_future(), time.monotonic()))
+    gone.cancel()  # its caller went away before the batch ran
+    waited = queue._enqueue(Item(loop.create_future(), time.monotonic()))
+    with pytest.raises(StorageError, match="boom") as raised:
         await waited
-    await asyncio.sleep(0)
-    del gone, gone_inner, waited, waited_inner
+    assert raised.value.__cause__ is failure
+    assert len(written) == 2 and len(told) == 2  # the abandoned write was made and timed too
+    assert all(seconds >= 0 for seconds in told)
+    written.clear()
+    del gone, waited, raised
     with caplog.at_level("ERROR", logger="asyncio"):
         gc.collect()
     assert "never retrieved" not in caplog.text

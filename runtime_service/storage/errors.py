@@ -9,7 +9,6 @@ Nothing above storage knows which database library is underneath.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -47,35 +46,6 @@ def as_domain_error(exc: SQLAlchemyError) -> Exception:
         log.warning("database unavailable: %s", exc)
         return Unavailable(UNAVAILABLE_MESSAGE)
     return StorageError(str(exc))
-
-
-def translated_future(
-    inner: asyncio.Future[T],
-    on_unavailable: Callable[[], None] | None,
-    on_done: Callable[[], None] | None = None,
-) -> asyncio.Future[T]:
-    """`inner`'s outcome with its error translated as `translated` does, for a write queued
-    with no coroutine around it (Storage.append_soon). `on_done`: told once `inner` is done
-    (the write-path metrics)."""
-    outer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-
-    def copy(done: asyncio.Future[T]) -> None:
-        if on_done is not None:
-            on_done()
-        if done.cancelled():
-            if not outer.done():
-                outer.cancel()
-            return
-        exc = done.exception()  # read even when nobody waits for it: it is not lost unseen
-        if outer.done():
-            return  # its caller went away; the write itself stands
-        if exc is None:
-            outer.set_result(done.result())
-        else:
-            outer.set_exception(translation(exc, on_unavailable))
-
-    inner.add_done_callback(copy)
-    return outer
 
 
 def translation(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -58,6 +59,7 @@ class Statement(Generic[T]):
 class _Queued:
     statement: Statement[Any]
     future: asyncio.Future[Any]
+    began: float
 
 
 class PostgresBatcher(WriteQueue[_Queued]):
@@ -66,10 +68,12 @@ class PostgresBatcher(WriteQueue[_Queued]):
         conninfo: str,
         max_batch: int = 256,
         observe: Callable[[int, float], None] | None = None,
+        translate: Callable[[BaseException], BaseException] | None = None,
+        on_write: Callable[[float], None] | None = None,
     ) -> None:
         import psycopg  # here: PostgreSQL's driver is an optional dependency
 
-        super().__init__("postgres batch", max_batch, observe)
+        super().__init__("postgres batch", max_batch, observe, translate, on_write)
         self._psycopg = psycopg
         self._conninfo = conninfo
         self._connection: psycopg.AsyncConnection[Any] | None = None
@@ -81,7 +85,7 @@ class PostgresBatcher(WriteQueue[_Queued]):
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        queued: asyncio.Future[T] = self._enqueue(_Queued(statement, future))
+        queued: asyncio.Future[T] = self._enqueue(_Queued(statement, future, time.monotonic()))
         return queued
 
     async def close(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -36,7 +35,6 @@ from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import event_note, libpq_url
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import COLUMNS, Cursors
-from runtime_service.storage.errors import translated_future
 from runtime_service.storage.interface import (
     Appended,
     Claimed,
@@ -109,11 +107,16 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
     ) -> None:
         super().__init__(db, Cursors(db.engine, "pyformat"), meters)
         observe = self.meters.batch(POSTGRES_BATCH)
+        self._batch_took = self.meters.write_path["batch"]
         self.batchers = tuple(
-            PostgresBatcher(libpq_url(database_url), observe=observe)
+            PostgresBatcher(
+                libpq_url(database_url),
+                observe=observe,
+                translate=self._translation,
+                on_write=self._batch_took.observe,
+            )
             for _ in range(write_connections)
         )
-        self._batch_took = self.meters.write_path["batch"]
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
@@ -175,14 +178,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         """One write queued now on its operation's batcher; its future holds the outcome, or
         the error as storage reports it, once the batch has committed."""
         sql.check(params)
-        began = time.monotonic()
-        statement = Statement(sql, params, read)
-
-        def committed() -> None:
-            self._batch_took.observe(time.monotonic() - began)
-
-        queued = self.batcher_for(params["id"]).submit(statement)
-        return translated_future(queued, self._unavailable, committed)
+        return self.batcher_for(params["id"]).submit(Statement(sql, params, read))
 
     # ------------------------------------------------------------------ starting and stopping
 

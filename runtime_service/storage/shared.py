@@ -44,7 +44,7 @@ from runtime_service.notifications import EVENTS, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.errors import translated
+from runtime_service.storage.errors import translated, translation
 from runtime_service.storage.expiry import expire_batch
 from runtime_service.storage.interface import (
     ABANDONED,
@@ -93,6 +93,11 @@ class SharedStorage:
         self.cursors = cursors
         self.meters = meters if meters is not None else StorageMetrics()
         self._unavailable = self.meters.unavailable.inc
+
+    def _translation(self, exc: BaseException) -> BaseException:
+        """What a queued write's failure reaches its caller as (each dialect's write queue
+        settles its callers' futures with it)."""
+        return translation(exc, self._unavailable)
 
     @property
     def dialect(self) -> str:

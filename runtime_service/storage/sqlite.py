@@ -38,7 +38,6 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.errors import translated_future, translation
 from runtime_service.storage.interface import (
     Created,
     halt_data,
@@ -90,11 +89,15 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         super().__init__(db, Cursors(db.engine, "named"), meters)
         self._inline = InlineWriter(db.engine.url.database, self.cursors.dbapi)
         self._checkpointer = Checkpointer(db.engine.url.database, self.cursors.dbapi)
-        self._group = GroupCommit(
-            db, self._together, observe=self.meters.batch(SQLITE_GROUP_COMMIT)
-        )
         self._inline_took = self.meters.write_path["inline"]
         self._group_took = self.meters.write_path["group_commit"]
+        self._group = GroupCommit(
+            db,
+            self._together,
+            observe=self.meters.batch(SQLITE_GROUP_COMMIT),
+            translate=self._translation,
+            on_write=self._group_wrote,
+        )
         self._time = self.cursors.to_db
 
     async def close(self) -> None:
@@ -121,19 +124,18 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             except WouldBlock:
                 pass
             except Exception as exc:
-                now.set_exception(translation(exc, self._unavailable))
+                now.set_exception(self._translation(exc))
                 return now
             else:
                 self._inline_took.observe(time.monotonic() - began)
                 self._checkpointer.wrote()
                 now.set_result(result)
                 return now
+        return self._group.submit(write, args)
 
-        def committed() -> None:
-            self._group_took.observe(time.monotonic() - began)
-            self._checkpointer.wrote()
-
-        return translated_future(self._group.submit(write, args), self._unavailable, committed)
+    def _group_wrote(self, seconds: float) -> None:
+        self._group_took.observe(seconds)
+        self._checkpointer.wrote()
 
     def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of

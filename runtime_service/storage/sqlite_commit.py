@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,8 +109,10 @@ class GroupCommit(WriteQueue["_Queued"]):
         run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
         max_batch: int = 256,
         observe: Callable[[int, float], None] | None = None,
+        translate: Callable[[BaseException], BaseException] | None = None,
+        on_write: Callable[[float], None] | None = None,
     ) -> None:
-        super().__init__("group commit", max_batch, observe)
+        super().__init__("group commit", max_batch, observe, translate, on_write)
         self._db = db
         self._run_together = run_together
 
@@ -123,7 +126,7 @@ class GroupCommit(WriteQueue["_Queued"]):
         """write(cursor, *args), queued now for a shared transaction: the future of its result,
         set once that transaction has committed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return self._enqueue(_Queued(write, args, future))
+        return self._enqueue(_Queued(write, args, future, time.monotonic()))
 
     async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
         return await self._db.call(self._execute, batch)
@@ -150,6 +153,7 @@ class _Queued:
     write: Write
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    began: float
 
 
 class Checkpointer:
