@@ -205,3 +205,15 @@ def test_the_capacity_ceiling_steps_its_bare_operations() -> None:
     # Each operation steps once a second: about 100 steps in the window, never none.
     assert result["steps_per_second_achieved"] > 10
     assert result["cpu_us_per_step"] > 0
+
+
+def test_the_postgresql_idle_write_probe_measures_each_pacing() -> None:
+    from bench import pg_idle
+
+    medians = pg_idle.measure(trials=2)
+    assert set(medians) == {
+        f"{table} {pacing}"
+        for table in ("idle_probe_temp", "idle_probe")
+        for pacing in ("busy", "idle")
+    }
+    assert all(value > 0 for value in medians.values())
