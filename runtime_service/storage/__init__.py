@@ -8,8 +8,6 @@ from runtime_service.database import Database
 from runtime_service.metrics import StorageMetrics
 from runtime_service.storage.errors import STORAGE_FAILURES, StorageError
 from runtime_service.storage.interface import (
-    ABANDONED,
-    STOPPING,
     Appended,
     ClaimBatch,
     Claimed,
@@ -21,9 +19,9 @@ from runtime_service.storage.interface import (
     StepRecord,
     Storage,
     Tombstone,
-    utcnow,
 )
 from runtime_service.storage.postgres import PostgresStorage
+from runtime_service.storage.records import ABANDONED, STOPPING, utcnow
 from runtime_service.storage.sqlite import SqliteStorage
 
 __all__ = [

@@ -22,7 +22,8 @@ from runtime_service.metrics import UNFINISHED_STATUSES, UnfinishedCounts
 from runtime_service.notifications import WORK, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import operations, steps
-from runtime_service.storage.interface import ClaimBatch, Claimed, halt_data, halt_ms, utcnow
+from runtime_service.storage.interface import ClaimBatch, Claimed
+from runtime_service.storage.records import halt_data, halt_ms, utcnow
 from runtime_service.storage.shared import SharedStorage
 from runtime_service.storage.sql import Sql
 

@@ -28,7 +28,7 @@ from runtime_service.domain import (
 )
 from runtime_service.notifications import STOPS, WORK, notify, pause_payload
 from runtime_service.schema import operations
-from runtime_service.storage.interface import utcnow
+from runtime_service.storage.records import utcnow
 from runtime_service.storage.waiting import OPEN, WaitingStorage, owned_by
 
 

@@ -35,19 +35,7 @@ from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import event_note, libpq_url
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import COLUMNS, Cursors
-from runtime_service.storage.interface import (
-    Appended,
-    Claimed,
-    Created,
-    KeptState,
-    deadline_at,
-    halt_data,
-    not_recorded,
-    request_hash,
-    stop_data,
-    stopped_ahead_hold,
-    utcnow,
-)
+from runtime_service.storage.interface import Appended, Claimed, Created, KeptState
 from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
 from runtime_service.storage.postgres_sql import (
@@ -65,6 +53,15 @@ from runtime_service.storage.postgres_sql import (
     RENEW_LEASES,
     START_STEP,
     TAKE_TOMBSTONE_AND_STOP,
+)
+from runtime_service.storage.records import (
+    deadline_at,
+    halt_data,
+    not_recorded,
+    request_hash,
+    stop_data,
+    stopped_ahead_hold,
+    utcnow,
 )
 from runtime_service.storage.shared import tombstone_of, twin_of
 from runtime_service.storage.sql import PgSql

@@ -47,15 +47,13 @@ from runtime_service.storage.cursors import Cursors
 from runtime_service.storage.errors import translated, translation
 from runtime_service.storage.expiry import expire_batch
 from runtime_service.storage.interface import (
-    ABANDONED,
-    STOPPING,
     Appended,
     ExpiredBatch,
     ListCursor,
     StepRecord,
     Tombstone,
-    utcnow,
 )
+from runtime_service.storage.records import ABANDONED, STOPPING, utcnow
 from runtime_service.storage.sql import Sql
 from stopline.errors import AlreadyExists
 from stopline.events import TOOL_CALL_ENDINGS

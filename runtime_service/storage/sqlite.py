@@ -38,8 +38,10 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.interface import (
-    Created,
+from runtime_service.storage.interface import Created
+from runtime_service.storage.pausing import PausingStorage
+from runtime_service.storage.records import deadline_at as _deadline_at
+from runtime_service.storage.records import (
     halt_data,
     not_recorded,
     request_hash,
@@ -47,10 +49,6 @@ from runtime_service.storage.interface import (
     stopped_ahead_hold,
     utcnow,
 )
-from runtime_service.storage.interface import (
-    deadline_at as _deadline_at,
-)
-from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.shared import TAKE_TOMBSTONE, tombstone_of, twin_of
 from runtime_service.storage.sqlite_commit import (
     Checkpointer,

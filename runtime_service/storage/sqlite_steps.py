@@ -12,14 +12,8 @@ from typing import Any
 
 from runtime_service.domain import Event, EventKind, JSONValue, StopCause
 from runtime_service.rows import operation_from_row
-from runtime_service.storage.interface import (
-    Appended,
-    Claimed,
-    KeptState,
-    halt_data,
-    halt_ms,
-    utcnow,
-)
+from runtime_service.storage.interface import Appended, Claimed, KeptState
+from runtime_service.storage.records import halt_data, halt_ms, utcnow
 from runtime_service.storage.shared import SharedStorage
 from runtime_service.storage.sql import Sql
 from runtime_service.storage.sqlite_commit import Write

@@ -40,7 +40,8 @@ from runtime_service.domain import (
 from runtime_service.notifications import WORK, notify
 from runtime_service.rows import load_json, operation_from_row
 from runtime_service.schema import input_requests, operations, steps
-from runtime_service.storage.interface import NewRequest, utcnow
+from runtime_service.storage.interface import NewRequest
+from runtime_service.storage.records import utcnow
 from runtime_service.storage.shared import SharedStorage
 from stopline.json_values import dump_json
 
