@@ -143,6 +143,21 @@ async def stopline_suite(
                 out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
                     stack, step, n, cross_replica=True
                 )
+        # Production's shape: one gateway over both replicas (round_robin) that starts and stops
+        # every operation, the replicas named to it (it then routes each operation's release and
+        # stops to the replica streaming it) or not; the arms alternate, a stack each.
+        for i, (step, n) in enumerate(trials.items()):
+            for routed in (False, True) if i % 2 else (True, False):
+                with Stack(backend, workdir, replicas=2, advertise=routed, balanced=True) as stack:
+                    await scenarios.warm_up(stack, gateway=-1)
+                    name = "balanced_routed" if routed else "balanced"
+                    out[f"{name}_stop/{step:g}s"] = await scenarios.stop_latency(
+                        stack, step, n, gateway=-1
+                    )
+                    if i == 0:
+                        out[f"{name}_start"] = await scenarios.start_latency(
+                            stack, 10 if quick else 50, gateway=-1
+                        )
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)

@@ -129,16 +129,18 @@ async def stop_latency(
     cross_replica: bool = False,
     seed: int = 1,
     own_connection: bool = False,
+    gateway: int = 0,
 ) -> dict[str, Any]:
     """Stop at a random moment inside a step; time the stop call's return (acknowledgment) and
     the stop call -> terminal event received on the client's stream (halt). With
     `own_connection`, the stop comes from a second client on a connection of its own (another
-    service, another tab), not on the streaming client's connection (issue 17)."""
+    service, another tab), not on the streaming client's connection (issue 17). `gateway`: the
+    index of the stack's gateway to start and stop through."""
     rng = random.Random(seed)
     clients = Clients(stack)
     second = None
     if own_connection:
-        second = open_channel(stack.gateways[0].address, options=[OWN_CONNECTION])
+        second = open_channel(stack.gateways[gateway].address, options=[OWN_CONNECTION])
     ack: list[float] = []
     halt: list[float] = []
     server_halt: list[float] = []
@@ -146,8 +148,8 @@ async def stop_latency(
     try:
         for _ in range(trials):
             with trial_span("stop trial"):
-                call, op_id = await ticking(clients.gateways[0], step_seconds)
-                stopper = clients.gateways[0]
+                call, op_id = await ticking(clients.gateways[gateway], step_seconds)
+                stopper = clients.gateways[gateway]
                 if cross_replica:
                     stopper = clients.gateways[1 - stack.owner(op_id)]
                 if second is not None:
@@ -179,7 +181,23 @@ async def stop_latency(
     }
 
 
-async def start_latency(stack: Stack, trials: int) -> dict[str, Any]:
+async def warm_up(stack: Stack, gateway: int, operations: int = 4) -> None:
+    """Run a few short operations through `gateway` to their end: a gateway over several
+    replicas has then heard each name itself and connected to it, before anything is timed."""
+    clients = Clients(stack)
+    try:
+        for _ in range(operations):
+            call = clients.gateways[gateway].StartAndStream(
+                _start("ticker", steps=1, step_seconds=0.01)
+            )
+            async for update in call:
+                if _is_terminal(update):
+                    break
+    finally:
+        await clients.close()
+
+
+async def start_latency(stack: Stack, trials: int, gateway: int = 0) -> dict[str, Any]:
     """The StartAndStream call -> the first `step_started` event received on the client's stream:
     what a start costs before any work begins (issue 14 removed the gateway's release delay).
     Two arms, their trials interleaved so that both see the same machine: the default held start
@@ -193,7 +211,7 @@ async def start_latency(stack: Stack, trials: int) -> dict[str, Any]:
                 request = _start("ticker", steps=1, step_seconds=0.01)
                 request.no_hold = no_hold
                 began = time.perf_counter()
-                call = clients.gateways[0].StartAndStream(request)
+                call = clients.gateways[gateway].StartAndStream(request)
                 async for update in call:
                     if (
                         update.WhichOneof("update") == "event"

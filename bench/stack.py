@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from runtime_service.schema import steps
+from tests.ports import free_port
 from tests.processes import GatewayProcess, RuntimeProcess
 
 ADMIN_URL = os.environ.get(
@@ -73,10 +74,15 @@ class Stack:
         runtime_args: tuple[str, ...] = (),
         gateway_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        advertise: bool = False,
+        balanced: bool = False,
     ) -> None:
         """`runtime_args` and `gateway_args` are added to each replica's command line, `env` to
         every service's environment (the observability scenario switches metrics, tracing and
-        JSON logs on with them)."""
+        JSON logs on with them). One gateway per replica, pinned to it; `balanced` adds one
+        more, last, over every replica with round_robin (production's shape); `advertise`
+        names each replica to it (`--advertise-address`), so that it routes an operation's
+        release and stops to the replica streaming it."""
         # The runtime subprocesses load bench.agents from this checkout.
         os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         self.backend = backend
@@ -103,11 +109,19 @@ class Stack:
         self.gateways: list[GatewayProcess] = []
         try:
             for _ in range(replicas):
-                self.runtimes.append(RuntimeProcess(self.url, workdir, extra_args=args, env=env))
+                port = free_port()
+                named = ("--advertise-address", f"127.0.0.1:{port}") if advertise else ()
+                self.runtimes.append(
+                    RuntimeProcess(self.url, workdir, port, (*args, *named), env=env)
+                )
             for runtime in self.runtimes:
                 self.gateways.append(
                     GatewayProcess(runtime.address, workdir, extra_args=gateway_args, env=env)
                 )
+            if balanced:
+                every = "ipv4:" + ",".join(r.address for r in self.runtimes)
+                lb = ("--runtime-lb-policy", "round_robin", *gateway_args)
+                self.gateways.append(GatewayProcess(every, workdir, extra_args=lb, env=env))
         except BaseException:
             self.close()
             raise

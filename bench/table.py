@@ -36,8 +36,16 @@ STOPS = (
     ("stop_own_connection", "stop from a second connection"),
     ("stop_node", "stop from a Node grpc-js client"),
     ("cross_replica_stop", "stop sent to the other replica"),
+    ("balanced_stop", "two replicas behind one gateway, not named"),
+    ("balanced_routed_stop", "two replicas behind one gateway, named (routed)"),
     ("ticker_stop", "stop (agent-scenario stack)"),
     ("baseline_boundary_only", "boundary-only baseline (no mid-step abort)"),
+)
+# Start scenarios: result name -> what the table adds to the figure's name.
+START_SCENARIOS = (
+    ("start_latency", ""),
+    ("balanced_start", ", two replicas behind one gateway, not named"),
+    ("balanced_routed_start", ", two replicas behind one gateway, named (routed)"),
 )
 TIMES = "\u00d7"
 """The multiplication sign of the ratios (Markdown renders it; ruff rightly flags it in code)."""
@@ -47,6 +55,8 @@ TARGETS = {
     ("stop_latency", ACK, None): "≤ 1.5",
     ("stop_latency", HALT, "sqlite"): "≤ 1.5",
     ("cross_replica_stop", HALT, "postgresql"): "≤ 2",
+    ("balanced_stop", HALT, "postgresql"): "≤ 2",
+    ("balanced_routed_stop", HALT, "postgresql"): "≤ 2",
     ("start_latency", HALT, None): "≤ 2",
 }
 
@@ -126,18 +136,20 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
                     _median(suite[name].get("stop_halt_ms")),
                     _median(pace.get(HALT)),
                 )
-        if "start_latency" in suite:
+        for start, where in START_SCENARIOS:
+            if start not in suite:
+                continue
             # Start trials run back to back, as busy as 10 ms steps: that floor's pacing.
             for key, what in (
                 ("first_step_ms", "start → first step event"),
                 ("no_hold_first_step_ms", "start with `no_hold` → first step event"),
             ):
-                if key in suite["start_latency"]:
+                if key in suite[start]:
                     yield Row(
                         backend,
-                        what,
+                        what + where,
                         "10 ms",
-                        _median(suite["start_latency"].get(key)),
+                        _median(suite[start].get(key)),
                         _median((floor.get("0.01s") or {}).get(HALT)),
                         target("start_latency", HALT, backend),
                     )

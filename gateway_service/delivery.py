@@ -185,18 +185,22 @@ class StopDeliverer:
         # request leaves first, ahead of the notices to the operation's streams that the caller
         # sends next (made from the delivery's task, it went out after them: a client's
         # acknowledgment waited about 0.3 ms longer, bench/timeline.py).
-        first = context.run(self._send, delivery)
+        # It goes to the replica running the operation where this gateway knows it (the stop
+        # then reaches the runner with no hop between replicas); hedges and retries to any.
+        first = context.run(self._send, delivery, True)
         first.add_done_callback(functools.partial(_settle_early, delivery))
         delivery.task = asyncio.create_task(
             self._run(delivery, span, first), name=f"stop {delivery.target}", context=context
         )
         return delivery
 
-    def _send(self, delivery: StopDelivery) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+    def _send(
+        self, delivery: StopDelivery, routed: bool = False
+    ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         """One InterruptOperation call of this delivery, begun now."""
         delivery.calls += 1
         self.metrics.delivery_calls.inc()
-        return self._link.interrupt_now(delivery.request, self._attempt_timeout)
+        return self._link.interrupt_now(delivery.request, self._attempt_timeout, routed)
 
     async def _run(
         self,

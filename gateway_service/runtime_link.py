@@ -14,6 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import wait_exponential_jitter
 
+from gateway_service.replicas import Replicas
 from stopline import tracing
 from stopline.grpc_status import UpstreamError
 from stopline.transport import ClientTLS, bearer_metadata, open_channel
@@ -90,6 +91,7 @@ class RuntimeLink:
         tls: ClientTLS | None = None,
         *,
         load_balancing: LoadBalancing,
+        route_capacity: int = 100_000,
     ) -> None:
         self.address = address
         # The service credential goes with every call; the runtime refuses calls without it.
@@ -101,9 +103,20 @@ class RuntimeLink:
         self._stub = rt_grpc.RuntimeServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = rpc_timeout
+        # Channels of their own to the replicas that name themselves (see replicas.py): the
+        # same credentials, one address each.
+        self.replicas = Replicas(
+            lambda replica: open_channel(replica, None, tls, CHANNEL_OPTIONS), route_capacity
+        )
 
     async def close(self) -> None:
+        await self.replicas.close()
         await self._channel.close(grace=None)
+
+    def _routed(self, operation_id: str) -> rt_grpc.RuntimeServiceAsyncStub:
+        """The stub of the replica running the operation when it is known and connected, else
+        the load-balanced one."""
+        return self.replicas.stub(operation_id) or self._stub
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any, deadline: float) -> T:
         metadata = tracing.outgoing_metadata(self._metadata)
@@ -137,21 +150,31 @@ class RuntimeLink:
         except BaseException:
             call.cancel()  # cancelled while waiting: the call must not outlive its caller
             raise
+        # Sent with the first message, so already here.
+        self.replicas.learn(first.started.operation.id, await call.initial_metadata())
         return WatchedStart(call, messages, first.started)
 
-    async def release(self, operation_id: str) -> None:
+    async def release(self, operation_id: str, routed: bool = True) -> None:
+        """`routed`: to the replica that streams the operation, where known (it then runs it
+        there, with no hop between replicas for its events); else to any."""
         request = rt_pb.ReleaseOperationRequest(operation_id=operation_id)
-        await self._unary(self._stub.ReleaseOperation, request, self._timeout)
+        stub = self._routed(operation_id) if routed else self._stub
+        await self._unary(stub.ReleaseOperation, request, self._timeout)
 
     def interrupt_now(
-        self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+        self,
+        request: rt_pb.InterruptOperationRequest,
+        deadline_seconds: float,
+        routed: bool = False,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         """InterruptOperation, begun before this returns: gRPC sends the request from a task of
         its own, scheduled here, so it leaves at the loop's next turn, ahead of whatever the
         caller schedules after this call (a stop's notices to its streams). Made from inside a
-        coroutine of the caller's instead, it went out a turn or two later, behind them."""
+        coroutine of the caller's instead, it went out a turn or two later, behind them.
+        `routed`: to the replica running the operation, where known; else to any."""
         metadata = tracing.outgoing_metadata(self._metadata)
-        call = self._stub.InterruptOperation(request, timeout=deadline_seconds, metadata=metadata)
+        stub = self._routed(request.operation_id) if routed else self._stub
+        call = stub.InterruptOperation(request, timeout=deadline_seconds, metadata=metadata)
         return asyncio.ensure_future(_answer(call))
 
     async def get(self, operation_id: str) -> rt_pb.GetOperationResponse:
@@ -193,8 +216,14 @@ class RuntimeLink:
             rt_pb.WatchOperationRequest(operation_id=operation_id, after_seq=after_seq, batch=True),
             metadata=tracing.outgoing_metadata(self._metadata),
         )
+        named = False
         try:
             async for response in call:
+                if not named:
+                    # Named only by the replica that runs the operation (sent with the first
+                    # message, so already here).
+                    named = True
+                    self.replicas.learn(operation_id, await call.initial_metadata())
                 for event in response.events if response.events else (response.event,):
                     yield event
         except aio.AioRpcError as exc:

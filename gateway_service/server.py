@@ -65,6 +65,7 @@ async def start_gateway(config: GatewayConfig) -> RunningGateway:
         token=config.service_token,
         tls=config.runtime_tls,
         load_balancing=config.runtime_load_balancing,
+        route_capacity=config.owner_cache_size,
     )
     gateway = Gateway(config, link)
     authenticator.on_refused = gateway.metrics.count_auth_failure

@@ -115,15 +115,18 @@ class Starter:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._release_once(operation_id)
+                    # The first to the replica streaming the operation (see replicas.py); a
+                    # retry to any, in case that replica is the trouble.
+                    routed = attempt.retry_state.attempt_number == 1
+                    await self._release_once(operation_id, routed)
         except UpstreamError as exc:
             # The runtime's hold expires by itself; the operation only starts a little later.
             log.warning("could not release %s (%s); its hold will expire", operation_id, exc)
 
-    async def _release_once(self, operation_id: str) -> None:
+    async def _release_once(self, operation_id: str, routed: bool) -> None:
         try:
             async with asyncio.timeout(RELEASE_ATTEMPT_SECONDS):
-                await self.link.release(operation_id)
+                await self.link.release(operation_id, routed)
         except TimeoutError:
             raise UpstreamError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

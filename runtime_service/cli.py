@@ -45,6 +45,7 @@ def runtime() -> None:
 @log_format_option
 def serve(
     address: str,
+    advertise_address: str | None,
     database_url: str,
     max_input_bytes: int,
     max_request_bytes: int,
@@ -109,6 +110,7 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     config = RuntimeConfig(
         address=address,
+        advertise_address=advertise_address or None,
         metrics_address=metrics_address,
         database_url=database_url,
         max_input_bytes=max_input_bytes,

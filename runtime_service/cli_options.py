@@ -42,6 +42,25 @@ runtime_option = click.option(
     help="Runtime address.",
 )
 
+# Hosts that say "every interface" to a listener and nothing to a caller.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def _check_advertised(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An address a gateway can dial: host:port, the host a name or an interface's address."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{value!r} is not host:port")
+    if host in _WILDCARD_HOSTS:
+        raise click.BadParameter(
+            f"{value!r} names every interface, which a gateway cannot dial: give the host "
+            "name or address the gateway reaches this replica at"
+        )
+    return value
+
+
 # The runtime's own options of `serve`, top to bottom as --help lists them.
 _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option(
@@ -50,6 +69,16 @@ _SERVE_OPTIONS: tuple[Callable[[Any], Any], ...] = (
         default=DEFAULTS.address,
         show_default=True,
         help="host:port to listen on.",
+    ),
+    click.option(
+        "--advertise-address",
+        envvar="STOPLINE_ADVERTISE_ADDRESS",
+        default=None,
+        metavar="HOST:PORT",
+        callback=_check_advertised,
+        help="host:port at which the gateway reaches this replica itself. Set on each of "
+        "several replicas so that the gateway sends an operation's release and stops to the "
+        "replica that runs it (unset: every call goes through the gateway's load balancing).",
     ),
     database_option,
     click.option(

@@ -96,6 +96,10 @@ class RuntimeConfig:
     address: str = DEFAULT_RUNTIME_ADDRESS
     # host:port of the Prometheus metrics endpoint; None: not served.
     metrics_address: str | None = None
+    # host:port at which a gateway reaches this replica itself (not through a load balancer).
+    # Set, the replica names itself to the gateway on the streams of the operations it runs, and
+    # the gateway sends those operations' release and stops straight here; None: not named.
+    advertise_address: str | None = None
     database_url: str = DEFAULT_DATABASE_URL
     # Largest accepted agent input, measured as its compact JSON encoding.
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES

@@ -273,6 +273,14 @@ class RuntimeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stops_recorded = Counter(
+            "stopline_runtime_stops_recorded",
+            "Stops this replica recorded for an unfinished operation, by whether its own runner "
+            "runs it (false: another replica's runner hears of it by notification, or nobody "
+            "runs it yet). Many false with several replicas: see --advertise-address.",
+            ["runs_here"],
+            registry=r,
+        )
         self.finished = Counter(
             "stopline_runtime_operations_finished",
             "Operations this runtime ended, by agent, terminal status and stop cause.",

@@ -270,8 +270,20 @@ class OperationsService:
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
-            self.runner.deliver_stop(op_id, committed if ours else None, stop_causes.label(cause))
+            here = self.runner.deliver_stop(
+                op_id, committed if ours else None, stop_causes.label(cause)
+            )
+            if ours:
+                self._count_stop(here)
         return result
+
+    def _count_stop(self, runs_here: bool) -> None:
+        self.runner.metrics.stops_recorded.labels(str(runs_here).lower()).inc()
+
+    def runs_here(self, operation_id: str) -> bool:
+        """Whether this replica runs the operation now: a stop sent here reaches it with no
+        notification between replicas."""
+        return self.runner.runs(operation_id)
 
     async def stop_matching(
         self, owner: str, status: str | None, agent: str, labels: Mapping[str, str]
@@ -338,7 +350,9 @@ class OperationsService:
             self.hub.publish(result.events)
             if not result.operation.status.is_terminal:
                 ours = result.outcome is InterruptOutcome.ACCEPTED
-                self.runner.deliver_stop(result.operation.id, committed if ours else None)
+                here = self.runner.deliver_stop(result.operation.id, committed if ours else None)
+                if ours:
+                    self._count_stop(here)
         return result
 
     # ------------------------------------------------------------------ waiting for a person

@@ -89,7 +89,7 @@ async def start_runtime(
         ],
     )
     runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
-        RuntimeServicer(app.operations), server
+        RuntimeServicer(app.operations, config.advertise_address), server
     )
     try:
         port = bind(server, config.address, config.tls)

@@ -15,6 +15,7 @@ from runtime_service.storage import Created
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary
 from stopline.limits import struct_to_input
+from stopline.transport import REPLICA_METADATA
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as pb
 from stopline.v1 import runtime_service_pb2_grpc as pb_grpc
@@ -25,8 +26,10 @@ MAX_BATCH_BYTES = 1024 * 1024
 
 
 class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
-    def __init__(self, operations: OperationsService) -> None:
+    def __init__(self, operations: OperationsService, advertise_address: str | None = None) -> None:
         self._ops = operations
+        # Sent where the operation runs here, so that the gateway calls this replica itself.
+        self._named = ((REPLICA_METADATA, advertise_address),) if advertise_address else None
 
     @unary
     async def StartOperation(
@@ -53,6 +56,10 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         async with contextlib.aclosing(stream):
             async for item in stream:
                 if isinstance(item, Created):
+                    if self._named is not None:
+                        # Whoever releases it here runs it here (a held start's release claims
+                        # it where its runner has room), as does a start that is not held.
+                        await context.send_initial_metadata(self._named)
                     yield pb.StartAndWatchOperationResponse(started=_started(item))
                     continue
                 for part in convert.batched(item, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
@@ -142,6 +149,8 @@ class RuntimeServicer(pb_grpc.RuntimeServiceServicer):
         request: pb.WatchOperationRequest,
         context: aio.ServicerContext[pb.WatchOperationRequest, pb.WatchOperationResponse],
     ) -> AsyncGenerator[pb.WatchOperationResponse, None]:
+        if self._named is not None and self._ops.runs_here(request.operation_id):
+            await context.send_initial_metadata(self._named)
         if not request.batch:
             events = self._ops.watch(request.operation_id, request.after_seq)
             async with contextlib.aclosing(events):

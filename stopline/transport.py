@@ -27,6 +27,9 @@ RUNTIME_ADDRESS_ENV = "STOPLINE_RUNTIME_ADDRESS"
 GATEWAY_ADDRESS_ENV = "STOPLINE_GATEWAY_ADDRESS"
 
 AUTHORIZATION = "authorization"
+# Initial metadata of a runtime's operation stream: the address (host:port) at which the replica
+# that sent it, and runs the operation, can be called itself (its --advertise-address).
+REPLICA_METADATA = "stopline-replica"
 BEARER = "Bearer "
 
 TOKEN_ENV = "STOPLINE_TOKEN"

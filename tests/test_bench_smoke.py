@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import psutil
+import pytest
 
 from bench import floor, interceptors, node_client, scenarios
 from bench.report import table
@@ -77,6 +78,22 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         assert float(first[4].split()[0]) == round(pooled["0.01s"]["push_ms"]["median"], 2)
     assert "  no hold" in text
     assert "Quick run" in markdown(results)
+
+
+@pytest.mark.postgres
+async def test_the_balanced_stack_routes_through_one_gateway_over_both_replicas(
+    tmp_path: Path,
+) -> None:
+    with Stack("postgresql", tmp_path, replicas=2, advertise=True, balanced=True) as stack:
+        assert len(stack.gateways) == 3  # one pinned to each replica, then the balanced one
+        await scenarios.warm_up(stack, gateway=-1, operations=2)
+        stop = await scenarios.stop_latency(stack, 0.05, trials=2, gateway=-1)
+        start = await scenarios.start_latency(stack, trials=1, gateway=-1)
+    assert stop["halt_ms"]["n"] == 2 and start["first_step_ms"]["n"] == 1
+    suite = {"balanced_routed_stop/0.05s": stop, "balanced_routed_start": start}
+    text = markdown({"machine": {"when": "now"}, "stopline": {"postgresql": suite}})
+    assert "two replicas behind one gateway, named (routed): stop → terminal event" in text
+    assert "start → first step event, two replicas behind one gateway, named (routed)" in text
 
 
 async def test_own_connection_option_opens_a_connection_of_its_own(tmp_path: Path) -> None:

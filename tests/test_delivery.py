@@ -25,10 +25,15 @@ class ScriptedLink:
         self.script = list(script)
         self.cancelled = 0
         self.released = asyncio.Event()
+        self.routed: list[bool] = []  # whether each call was to go to the operation's replica
 
     def interrupt_now(
-        self, request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+        self,
+        request: rt_pb.InterruptOperationRequest,
+        deadline_seconds: float,
+        routed: bool = False,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
+        self.routed.append(routed)
         return asyncio.ensure_future(self._interrupt(self.script.pop(0) if self.script else "ok"))
 
     async def _interrupt(self, step: str | grpc.StatusCode) -> rt_pb.InterruptOperationResponse:
@@ -64,6 +69,9 @@ async def test_a_replica_that_does_not_answer_is_not_waited_on() -> None:
     assert delivery.state is DeliveryState.DELIVERED and delivery.response == ANSWER
     assert (delivery.attempts, delivery.calls) == (1, 2)
     assert link.cancelled == 1  # the call still waiting on the frozen replica is given up
+    # The first call to the operation's own replica (where the gateway knows it), the hedge to
+    # any: the frozen one may be that replica.
+    assert link.routed == [True, False]
 
 
 async def test_a_failed_call_is_followed_at_once_and_a_refusal_ends_the_delivery() -> None:
@@ -73,6 +81,7 @@ async def test_a_failed_call_is_followed_at_once_and_a_refusal_ends_the_delivery
     assert delivery.state is DeliveryState.REJECTED
     assert delivery.error is not None and delivery.error.code is grpc.StatusCode.NOT_FOUND
     assert (delivery.attempts, delivery.calls) == (1, 3)
+    assert link.routed == [True, False, False]
     assert link.cancelled == 1
 
 
@@ -117,10 +126,10 @@ async def test_the_first_call_is_sent_before_deliver_returns() -> None:
     real = link.interrupt_now
 
     def interrupt_now(
-        request: rt_pb.InterruptOperationRequest, deadline_seconds: float
+        request: rt_pb.InterruptOperationRequest, deadline_seconds: float, routed: bool = False
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         sent.append(request.operation_id)
-        return real(request, deadline_seconds)
+        return real(request, deadline_seconds, routed)
 
     link.interrupt_now = interrupt_now  # type: ignore[method-assign]
     delivery = deliverer(link).deliver(OP_ID, "t", "")

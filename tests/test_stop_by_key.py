@@ -442,8 +442,10 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
         await stopped.wait()
         return await real_start(request)
 
-    def interrupt_now(request: rt_pb.InterruptOperationRequest, deadline_seconds: float) -> Any:
-        answer = real_interrupt(request, deadline_seconds)
+    def interrupt_now(
+        request: rt_pb.InterruptOperationRequest, deadline_seconds: float, routed: bool = False
+    ) -> Any:
+        answer = real_interrupt(request, deadline_seconds, routed)
         answer.add_done_callback(lambda _: stopped.set())
         return answer
 

@@ -145,6 +145,10 @@ class Runner:
         runs.stop(run, seen_at, cause)
         return True
 
+    def runs(self, operation_id: str) -> bool:
+        """Whether this runner runs the operation now (a stop recorded here reaches it at once)."""
+        return operation_id in self._runs
+
     def stop_notified(self, operation_id: str) -> None:
         """A stop's (or a pause's, marked) notification arrived (sent on its commit)."""
         if operation_id.startswith(PAUSE_MARK):

@@ -130,6 +130,10 @@ class RuntimeServiceServicer:
     def WatchOperation(self, request, context):
         """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
         after the terminal event.
+        A replica started with an advertised address (--advertise-address) and running the operation
+        names itself in this stream's initial metadata: `stopline-replica: host:port`, an address to
+        call for this operation's stops (any replica records them; that one reaches its runner with
+        no notification between replicas).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +160,9 @@ class RuntimeServiceServicer:
         `hold` the operation is submitted to run at once (a stop that must land before any step has
         to be sent by key before this call); with `hold` it waits for ReleaseOperation (or the hold's
         end) as from StartOperation, and its events follow on this stream once it runs.
+        A replica started with an advertised address names itself in the initial metadata
+        (`stopline-replica: host:port`): a release sent there lets it run the operation itself, and
+        the events it streams then need no notification between replicas.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,6 +49,10 @@ class RuntimeServiceStub:
     WatchOperation: _grpc.UnaryStreamMultiCallable[_runtime_service_pb2.WatchOperationRequest, _runtime_service_pb2.WatchOperationResponse]
     """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
     after the terminal event.
+    A replica started with an advertised address (--advertise-address) and running the operation
+    names itself in this stream's initial metadata: `stopline-replica: host:port`, an address to
+    call for this operation's stops (any replica records them; that one reaches its runner with
+    no notification between replicas).
     """
     ReleaseOperation: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]
     """Lets an operation started with `hold` run now. The answer is the operation as released:
@@ -67,6 +71,9 @@ class RuntimeServiceStub:
     `hold` the operation is submitted to run at once (a stop that must land before any step has
     to be sent by key before this call); with `hold` it waits for ReleaseOperation (or the hold's
     end) as from StartOperation, and its events follow on this stream once it runs.
+    A replica started with an advertised address names itself in the initial metadata
+    (`stopline-replica: host:port`): a release sent there lets it run the operation itself, and
+    the events it streams then need no notification between replicas.
     """
     StopOperations: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]
     """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
@@ -110,6 +117,10 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     WatchOperation: _aio.UnaryStreamMultiCallable[_runtime_service_pb2.WatchOperationRequest, _runtime_service_pb2.WatchOperationResponse]  # type: ignore[assignment]
     """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
     after the terminal event.
+    A replica started with an advertised address (--advertise-address) and running the operation
+    names itself in this stream's initial metadata: `stopline-replica: host:port`, an address to
+    call for this operation's stops (any replica records them; that one reaches its runner with
+    no notification between replicas).
     """
     ReleaseOperation: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.ReleaseOperationRequest, _runtime_service_pb2.ReleaseOperationResponse]  # type: ignore[assignment]
     """Lets an operation started with `hold` run now. The answer is the operation as released:
@@ -128,6 +139,9 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     `hold` the operation is submitted to run at once (a stop that must land before any step has
     to be sent by key before this call); with `hold` it waits for ReleaseOperation (or the hold's
     end) as from StartOperation, and its events follow on this stream once it runs.
+    A replica started with an advertised address names itself in the initial metadata
+    (`stopline-replica: host:port`): a release sent there lets it run the operation itself, and
+    the events it streams then need no notification between replicas.
     """
     StopOperations: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.StopOperationsRequest, _runtime_service_pb2.StopOperationsResponse]  # type: ignore[assignment]
     """Stops every unfinished operation of one owner that matches a filter (bulk stop), each
@@ -198,6 +212,10 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_runtime_service_pb2.WatchOperationResponse], _abc.AsyncIterator[_runtime_service_pb2.WatchOperationResponse]]:
         """Streams an operation's events after `after_seq`: stored ones first, then live ones, ending
         after the terminal event.
+        A replica started with an advertised address (--advertise-address) and running the operation
+        names itself in this stream's initial metadata: `stopline-replica: host:port`, an address to
+        call for this operation's stops (any replica records them; that one reaches its runner with
+        no notification between replicas).
         """
 
     @_abc_1.abstractmethod
@@ -228,6 +246,9 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         `hold` the operation is submitted to run at once (a stop that must land before any step has
         to be sent by key before this call); with `hold` it waits for ReleaseOperation (or the hold's
         end) as from StartOperation, and its events follow on this stream once it runs.
+        A replica started with an advertised address names itself in the initial metadata
+        (`stopline-replica: host:port`): a release sent there lets it run the operation itself, and
+        the events it streams then need no notification between replicas.
         """
 
     @_abc_1.abstractmethod
