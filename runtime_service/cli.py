@@ -110,7 +110,7 @@ def serve(
         raise click.ClickException(str(exc)) from exc
     config = RuntimeConfig(
         address=address,
-        advertise_address=advertise_address or None,
+        advertise_address=advertise_address,
         metrics_address=metrics_address,
         database_url=database_url,
         max_input_bytes=max_input_bytes,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from runtime_service import stop_causes, waiting
@@ -270,15 +271,17 @@ class OperationsService:
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
-            here = self.runner.deliver_stop(
-                op_id, committed if ours else None, stop_causes.label(cause)
-            )
-            if ours:
-                self._count_stop(here)
+            self._tell_runner(op_id, ours, committed, stop_causes.label(cause))
         return result
 
-    def _count_stop(self, runs_here: bool) -> None:
-        self.runner.metrics.stops_recorded.labels(str(runs_here).lower()).inc()
+    def _tell_runner(
+        self, op_id: str, ours: bool, committed: datetime, cause: str | None = None
+    ) -> None:
+        """Hand a recorded stop to this replica's runner, and count a stop this call recorded
+        by whether that runner runs the operation (else a notification must carry it)."""
+        here = self.runner.deliver_stop(op_id, committed if ours else None, cause)
+        if ours:
+            self.runner.metrics.stops_recorded.labels(str(here).lower()).inc()
 
     def runs_here(self, operation_id: str) -> bool:
         """Whether this replica runs the operation now: a stop sent here reaches it with no
@@ -350,9 +353,7 @@ class OperationsService:
             self.hub.publish(result.events)
             if not result.operation.status.is_terminal:
                 ours = result.outcome is InterruptOutcome.ACCEPTED
-                here = self.runner.deliver_stop(result.operation.id, committed if ours else None)
-                if ours:
-                    self._count_stop(here)
+                self._tell_runner(result.operation.id, ours, committed)
         return result
 
     # ------------------------------------------------------------------ waiting for a person
