@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from runtime_service.config import LLM_API_KEY_ENV, RuntimeConfig, parse_retention, shown_duration
-from stopline.transport import RUNTIME_ADDRESS_ENV
+from stopline.transport import RUNTIME_ADDRESS_ENV, split_host_port
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,20 +43,21 @@ runtime_option = click.option(
 )
 
 # Hosts that say "every interface" to a listener and nothing to a caller.
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 def _check_advertised(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """An address a gateway can dial: host:port, the host a name or an interface's address."""
     if not value:
         return None
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{value!r} is not host:port")
-    if host in _WILDCARD_HOSTS:
+    try:
+        host, port = split_host_port(value, "advertised address")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if port == 0 or host in _WILDCARD_HOSTS:
         raise click.BadParameter(
-            f"{value!r} names every interface, which a gateway cannot dial: give the host "
-            "name or address the gateway reaches this replica at"
+            f"{value!r} names every interface or any port, which a gateway cannot dial: give "
+            "the host name or address and the port the gateway reaches this replica at"
         )
     return value
 

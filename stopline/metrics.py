@@ -25,6 +25,7 @@ from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from stopline.handlers import Handler, WrappedHandlers, with_behaviour
+from stopline.transport import split_host_port
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -68,17 +69,9 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """host:port (IPv6 hosts in brackets); ValueError in the flag's terms otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"metrics address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 def serve_metrics(address: str, registry: CollectorRegistry) -> MetricsEndpoint:
     """Listen on `address` (port 0: any free one); OSError when it cannot."""
-    host, port = parse_address(address)
+    host, port = split_host_port(address, "metrics address")
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsEndpoint(server, thread)
 

@@ -38,6 +38,15 @@ SERVICE_TOKEN_ENV = "STOPLINE_SERVICE_TOKEN"
 """The shared service credential: the runtime accepts it, the gateway sends it."""
 
 
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    """host:port (an IPv6 host in brackets) as (host, port), for every address a flag takes;
+    ValueError naming the flag's `what` otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{what} {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
 def _read(path: str | os.PathLike[str], what: str) -> bytes:
     try:
         return Path(path).read_bytes()

@@ -34,7 +34,8 @@ from runtime_service.storage.batching import Outcome, WriteQueue
 from stopline.errors import Unavailable
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from stopline.metrics import MetricsEndpoint, parse_address
+from stopline.metrics import MetricsEndpoint
+from stopline.transport import split_host_port
 from tests.agents import registry
 from tests.conftest import eventually, opened_storage, runtime_config
 from tests.credentials import PRINCIPAL, TOKEN, gateway_channel
@@ -222,11 +223,11 @@ async def test_metrics_are_off_unless_an_address_is_given(sqlite_url: str) -> No
 
 
 def test_a_metrics_address_must_be_host_and_port() -> None:
-    assert parse_address("[::1]:9464") == ("::1", 9464)
-    assert parse_address("0.0.0.0:9464") == ("0.0.0.0", 9464)
-    for bad in ("9464", "host:", ":9464", "host:port"):
-        with pytest.raises(ValueError, match="not host:port"):
-            parse_address(bad)
+    assert split_host_port("[::1]:9464", "metrics address") == ("::1", 9464)
+    assert split_host_port("0.0.0.0:9464", "metrics address") == ("0.0.0.0", 9464)
+    for bad in ("9464", "host:", ":9464", "host:port", "host:65536"):
+        with pytest.raises(ValueError, match=f"metrics address '{bad}' is not host:port"):
+            split_host_port(bad, "metrics address")
 
 
 async def test_a_cancel_policy_stop_is_counted_with_the_client_gone_cause(

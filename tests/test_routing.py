@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway_service.replicas import MAX_REPLICAS, Replicas
 from gateway_service.runtime_link import LoadBalancing
 from gateway_service.server import RunningGateway, start_gateway
 from runtime_service.cli import runtime as runtime_cli
@@ -25,6 +26,7 @@ from runtime_service.config import RuntimeConfig
 from runtime_service.server import start_runtime
 from stopline.gateway.v1 import gateway_service_pb2 as pb
 from stopline.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from stopline.transport import REPLICA_METADATA
 from tests.agents import registry
 from tests.conftest import eventually, runtime_config
 from tests.credentials import gateway_channel
@@ -85,6 +87,8 @@ def test_a_replica_is_named_by_flag_or_environment(
         ("[::]:50051", "names every interface"),
         ("runtime-2", "is not host:port"),
         ("runtime-2:99999", "is not host:port"),
+        ("runtime-2:0", "any port"),
+        (":50051", "is not host:port"),
     ],
 )
 def test_an_advertised_address_a_gateway_cannot_dial_is_refused(
@@ -245,3 +249,91 @@ async def test_two_replicas_behind_one_gateway_run_and_stop_each_operation_where
             await gateway.stop(grace=0)
         for replica in replicas:
             replica.close()
+
+
+class FakeChannel:
+    """What Replicas asks of a channel: its state and its closing."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.closed = False
+
+    def get_state(self, try_to_connect: bool = False) -> Any:
+        import grpc
+
+        return grpc.ChannelConnectivity.READY
+
+    async def close(self, grace: float | None = None) -> None:
+        self.closed = True
+
+    def __getattr__(self, name: str) -> Any:
+        # The stub's methods (unary_unary, unary_stream): never called here.
+        return lambda *args, **kwargs: None
+
+
+async def test_replicas_no_remembered_operation_runs_on_give_their_channels_up_for_new_ones() -> (
+    None
+):
+    """A rolling restart names new addresses: once MAX_REPLICAS channels are open, a new replica
+    still gets one, in place of the replicas whose operations were all forgotten; while every
+    open channel is in use, the new replica is not called directly."""
+    opened: dict[str, FakeChannel] = {}
+
+    def open_channel(address: str) -> Any:
+        opened[address] = FakeChannel(address)
+        return opened[address]
+
+    def named(replica: str) -> list[tuple[str, str]]:
+        return [(REPLICA_METADATA, replica)]
+
+    replicas = Replicas(open_channel, capacity=1000)
+    for i in range(MAX_REPLICAS):
+        replicas.learn(f"op-{i}", named(f"old-{i}:50051"))
+    # Every channel is in use: a replica beyond the bound is remembered nowhere.
+    replicas.learn("op-new", named("new-0:50051"))
+    assert replicas.replica("op-new") is None and "new-0:50051" not in opened
+    # Two operations are now run by a replica already open (resumed there after their replicas
+    # went away): old-0 and old-1 then run nothing remembered.
+    replicas.learn("op-0", named("old-5:50051"))
+    replicas.learn("op-1", named("old-5:50051"))
+    replicas.learn("op-new", named("new-0:50051"))
+    assert replicas.replica("op-new") == "new-0:50051"
+    assert replicas.stub("op-new") is not None
+
+    async def closed_old() -> bool:
+        return opened["old-0:50051"].closed and opened["old-1:50051"].closed
+
+    await eventually(closed_old)
+    assert not any(opened[f"old-{i}:50051"].closed for i in range(2, MAX_REPLICAS))
+    # Every remembered operation still has its replica's channel.
+    assert all(replicas.stub(f"op-{i}") is not None for i in range(MAX_REPLICAS))
+    await replicas.close()
+    assert all(channel.closed for channel in opened.values())
+
+
+async def test_a_replica_whose_operations_were_all_forgotten_gives_its_channel_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Routes are remembered least recently used first out (at owner_cache_size): a replica
+    whose every route went that way is unused, and its channel makes room for a new one."""
+    monkeypatch.setattr("gateway_service.replicas.MAX_REPLICAS", 2)
+    opened: dict[str, FakeChannel] = {}
+
+    def open_channel(address: str) -> Any:
+        opened[address] = FakeChannel(address)
+        return opened[address]
+
+    replicas = Replicas(open_channel, capacity=2)
+    replicas.learn("a", [(REPLICA_METADATA, "r1:1")])
+    replicas.learn("b", [(REPLICA_METADATA, "r2:1")])
+    replicas.learn("c", [(REPLICA_METADATA, "r2:1")])  # "a" is forgotten: r1 runs nothing known
+    replicas.learn("d", [(REPLICA_METADATA, "r3:1")])  # "b" is forgotten too; r1 makes room
+    assert replicas.replica("d") == "r3:1" and replicas.stub("d") is not None
+    assert replicas.replica("a") is None and replicas.replica("c") == "r2:1"
+
+    async def r1_closed() -> bool:
+        return opened["r1:1"].closed
+
+    await eventually(r1_closed)
+    assert not opened["r2:1"].closed
+    await replicas.close()
