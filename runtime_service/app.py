@@ -86,6 +86,12 @@ class RuntimeApp:
             runner.check_stops_now()
             hub.poke_all()
 
+        def listening(operation_id: str) -> None:
+            # Its events stored elsewhere before the channel was listened on may have gone
+            # unheard: its watchers look in storage. One this runner runs, it publishes here.
+            if not runner.runs(operation_id):
+                hub.poke(operation_id)
+
         if isinstance(storage, PostgresStorage):
             listener = PostgresListener(
                 config.database_url,
@@ -94,8 +100,10 @@ class RuntimeApp:
                     on_event=hub.notified,
                     on_work=runner.wake,
                     on_reconnect=recheck_everything,
+                    on_listening=listening,
                 ),
             )
+            hub.tell_watches(listener.watch, listener.unwatch)
             listener.start()
         else:
             # SQLite serves one replica: whatever ran these operations before is gone, so resume

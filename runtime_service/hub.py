@@ -9,7 +9,7 @@ storage, so a lost or reordered notification costs latency, never an event.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from runtime_service.domain import Event
@@ -52,6 +52,16 @@ class EventHub:
         self._writing: dict[str, int] = {}
         self._poked_while_writing: dict[str, int] = {}
         self._closed = False
+        # Told when an operation gets its first watcher here and loses its last (a PostgreSQL
+        # replica listens on the operation's events channel meanwhile: notifications.py).
+        self._on_watched: Callable[[str], object] = _nothing
+        self._on_unwatched: Callable[[str], object] = _nothing
+
+    def tell_watches(
+        self, watched: Callable[[str], object], unwatched: Callable[[str], object]
+    ) -> None:
+        self._on_watched = watched
+        self._on_unwatched = unwatched
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -130,7 +140,11 @@ class EventHub:
     def subscribe(self, operation_id: str) -> Iterator[Subscription]:
         sub = Subscription(operation_id)
         sub.closed = self._closed
-        self._subscribers.setdefault(operation_id, set()).add(sub)
+        subs = self._subscribers.get(operation_id)
+        if subs is None:
+            subs = self._subscribers[operation_id] = set()
+            self._on_watched(operation_id)
+        subs.add(sub)
         try:
             yield sub
         finally:
@@ -140,6 +154,11 @@ class EventHub:
                 if not subs:
                     del self._subscribers[operation_id]
                     self._published.pop(operation_id, None)
+                    self._on_unwatched(operation_id)
 
     def watcher_count(self, operation_id: str) -> int:
         return len(self._subscribers.get(operation_id, ()))
+
+
+def _nothing(operation_id: str) -> None:
+    return None

@@ -5,15 +5,23 @@ makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
 - `stopline_stops` (payload: operation id): a stop was recorded; its runner cancels the step now.
   A pause travels the same way, its payload marked (`pause_payload`): the runner cuts the step
   and pauses the operation instead of halting it.
-- `stopline_events` (payload: "id:seq", or "id:seq:note"): an event was stored; local watchers
-  re-read storage, or, when the payload carries the event itself (`event_note`: a stop's
-  `stop_requested`, which another replica's watchers need before the terminal event their own
-  runner writes next), take it from the hub without a read.
+- `stopline_events_<operation id>` (payload: "id:seq", or "id:seq:note"): an event of that
+  operation was stored; local watchers re-read storage, or, when the payload carries the event
+  itself (`event_note`: a stop's `stop_requested`, which another replica's watchers need before
+  the terminal event their own runner writes next), take it from the hub without a read.
 - `stopline_work` (no payload): an operation became claimable; replicas with room claim it.
 
+Events go on a channel per operation, and a replica listens only on the channels of the
+operations it has watchers for (`PostgresListener.watch`). On one shared channel every replica
+was woken by every event of every operation (two per step, and one per output chunk), watched
+here or not: the work of hearing them grew with events times replicas, and a runtime with no
+watchers at all still took each of its own events back from the database.
+
 Notifications are a fast path, never the only one: a listener that loses its connection
-reconnects with backoff and then asks for a full re-check (`on_reconnect`), and the runner polls
-stop intents and claimable work periodically anyway.
+reconnects with backoff and then asks for a full re-check (`on_reconnect`); an operation's
+channel is listened on a moment after its first watcher subscribes, so the watchers are sent back
+to storage once it is (`on_listening`); and the runner polls stop intents and claimable work,
+and watchers re-read storage after a quiet spell, anyway.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import make_url
@@ -35,8 +45,19 @@ from stopline.json_values import dump_json
 log = logging.getLogger(__name__)
 
 STOPS = "stopline_stops"
-EVENTS = "stopline_events"
+EVENTS_PREFIX = "stopline_events_"
 WORK = "stopline_work"
+
+
+# What an operation id may be to name a channel (a UUID: see stopline.ids), checked before it is
+# quoted into LISTEN.
+_CHANNEL_ID = re.compile(r"[0-9a-f-]{1,47}")
+
+
+def events_channel(operation_id: str) -> str:
+    """The channel of one operation's events (63 bytes at most, PostgreSQL's limit for a name:
+    operation ids are UUIDs)."""
+    return EVENTS_PREFIX + operation_id
 
 
 PAUSE_MARK = "pause:"
@@ -59,14 +80,14 @@ bytes); a larger one is announced as "id:seq", and its watchers read it."""
 
 
 def event_note(kind: EventKind, data: dict[str, JSONValue], at: datetime) -> str:
-    """An event's kind, data and time for a `stopline_events` payload (its operation id and seq
+    """An event's kind, data and time for a `stopline_events_<id>` payload (its operation id and seq
     are the payload's "id:seq:" prefix, which the statement writes); '' when too large."""
     note = dump_json({"kind": kind.value, "data": data, "at": at.isoformat()})
     return note if len(note.encode()) <= MAX_NOTE_BYTES else ""
 
 
 def parse_event_payload(payload: str) -> tuple[str, int, Event | None]:
-    """A `stopline_events` payload: the operation id, the seq, and the event when carried.
+    """A `stopline_events_<id>` payload: the operation id, the seq, and the event when carried.
     (Operation ids are UUIDs: the first two colons end the id and the seq.)"""
     op_id, _, rest = payload.partition(":")
     seq_text, _, note = rest.partition(":")
@@ -91,16 +112,23 @@ class Handlers:
     on_event: Callable[[str, int, Event | None], object]
     on_work: Callable[[], object]
     on_reconnect: Callable[[], object]
+    # An operation's channel is listened on now: what was stored before may have gone unheard.
+    on_listening: Callable[[str], object] = lambda operation_id: None
 
 
 class PostgresListener:
-    """One dedicated connection LISTENing on the three channels, for the life of the runtime."""
+    """One dedicated connection LISTENing on the stops and work channels for the life of the
+    runtime, and on the events channel of each operation watched here while it is."""
 
     def __init__(self, database_url: str, handlers: Handlers) -> None:
         self._conninfo = libpq_url(database_url)
         self._handlers = handlers
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Operations watched here, and those whose channel the connection listens on now.
+        self._wanted: set[str] = set()
+        self._listening: set[str] = set()
+        self._changed = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="postgres listener")
@@ -109,6 +137,24 @@ class PostgresListener:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task})
+
+    def watch(self, operation_id: str) -> None:
+        """The operation has a watcher here now: listen on its events' channel."""
+        if not _CHANNEL_ID.fullmatch(operation_id):
+            return  # not an operation id (which the watch refuses anyway): nothing to hear
+        if operation_id not in self._wanted:
+            self._wanted.add(operation_id)
+            self._changed.set()
+
+    def unwatch(self, operation_id: str) -> None:
+        """Its last watcher here has gone: stop listening on its channel."""
+        if operation_id in self._wanted:
+            self._wanted.discard(operation_id)
+            self._changed.set()
+
+    def listening(self) -> frozenset[str]:
+        """The operations whose events channel the connection listens on now."""
+        return frozenset(self._listening)
 
     async def _run(self) -> None:
         # Imported here: psycopg is the `postgres` extra, and SQLite deployments never get here.
@@ -130,22 +176,61 @@ class PostgresListener:
         import psycopg
 
         async with await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True) as conn:
-            for channel in (STOPS, EVENTS, WORK):
-                await conn.execute(f"LISTEN {channel}")
+            self._listening.clear()
+            await conn.execute(f"LISTEN {STOPS}; LISTEN {WORK}")
+            await self._follow_watches(conn)
             self.connected.set()
             # Anything sent while we were not listening is found by a full re-check.
             self._handlers.on_reconnect()
             try:
-                async for note in conn.notifies():
-                    self._dispatch(note.channel, note.payload)
+                while True:
+                    await self._receive_until_changed(conn)
+                    await self._follow_watches(conn)
             finally:
                 self.connected.clear()
+
+    async def _receive_until_changed(self, conn: Any) -> None:
+        """Dispatch notifications until the set of watched operations changes. LISTEN needs the
+        connection that `notifies()` holds while it waits, so the wait is cancelled then (it
+        waits with no query in progress: nothing is lost, see tests/test_notifications.py)."""
+        if self._wanted != self._listening:
+            return
+        self._changed.clear()
+        receiving = asyncio.create_task(self._receive(conn), name="postgres notifications")
+        changed = asyncio.create_task(self._changed.wait())
+        try:
+            await asyncio.wait({receiving, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            if not receiving.done():
+                receiving.cancel()
+                await asyncio.wait({receiving})
+        if not receiving.cancelled():
+            receiving.result()  # the connection's failure, if that is what ended it
+
+    async def _receive(self, conn: Any) -> None:
+        async for note in conn.notifies():
+            self._dispatch(note.channel, note.payload)
+
+    async def _follow_watches(self, conn: Any) -> None:
+        """LISTEN on the channels of operations newly watched, UNLISTEN on those no longer."""
+        wanted = set(self._wanted)
+        start = wanted - self._listening
+        stop = self._listening - wanted
+        if not start and not stop:
+            return
+        commands = [f'LISTEN "{events_channel(op_id)}"' for op_id in sorted(start)]
+        commands += [f'UNLISTEN "{events_channel(op_id)}"' for op_id in sorted(stop)]
+        await conn.execute("; ".join(commands))
+        self._listening = wanted
+        for op_id in start:
+            self._handlers.on_listening(op_id)
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:
             if channel == STOPS:
                 self._handlers.on_stop(payload)
-            elif channel == EVENTS:
+            elif channel.startswith(EVENTS_PREFIX):
                 self._handlers.on_event(*parse_event_payload(payload))
             elif channel == WORK:
                 self._handlers.on_work()

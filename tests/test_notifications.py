@@ -1,12 +1,28 @@
-"""The `stopline_events` payload: "id:seq", or "id:seq:note" carrying the event itself."""
+"""PostgreSQL notifications between replicas: the events payload ("id:seq", or "id:seq:note"
+carrying the event itself), and which replica hears which operation's events."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
-from runtime_service.domain import EventKind
-from runtime_service.notifications import MAX_NOTE_BYTES, event_note, parse_event_payload
+import pytest
+
+from runtime_service.app import RuntimeApp
+from runtime_service.domain import Event, EventKind
+from runtime_service.notifications import (
+    MAX_NOTE_BYTES,
+    STOPS,
+    Handlers,
+    PostgresListener,
+    event_note,
+    events_channel,
+    libpq_url,
+    parse_event_payload,
+)
 from runtime_service.storage import utcnow
+from tests.agents import GatedAgent, registry
+from tests.conftest import eventually, runtime_config
 
 
 def test_a_carried_event_round_trips_and_a_bare_payload_carries_none() -> None:
@@ -25,3 +41,121 @@ def test_an_event_too_large_for_a_notification_is_not_carried() -> None:
     """PostgreSQL refuses a payload over 8000 bytes, which would fail the stop's own write."""
     wide = "é" * MAX_NOTE_BYTES  # two bytes each in UTF-8
     assert event_note(EventKind.STOP_REQUESTED, {"reason": wide}, utcnow()) == ""
+
+
+# ---------------------------------------------------------------------- who hears which events
+
+
+def recording_dispatch(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[tuple[str, str]]]:
+    """Every notification each listener dispatches, by the listener's id()."""
+    heard: dict[int, list[tuple[str, str]]] = {}
+    dispatch = PostgresListener._dispatch
+
+    def record(self: PostgresListener, channel: str, payload: str) -> None:
+        heard.setdefault(id(self), []).append((channel, payload))
+        dispatch(self, channel, payload)
+
+    monkeypatch.setattr(PostgresListener, "_dispatch", record)
+    return heard
+
+
+async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_others(
+    postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A runs an operation; replica B hears none of its events until B has a watcher
+    for it, then every one, live: with an hour's quiet before a watcher looks in storage, B's
+    watch reaches the terminal event only through notifications."""
+    heard = recording_dispatch(monkeypatch)
+    config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
+    a = await RuntimeApp.open(config, registry(gated))
+    b = await RuntimeApp.open(config, registry(gated))
+    try:
+        assert a.listener is not None and b.listener is not None
+        await b.listener.connected.wait()
+        created = await a.operations.start("gated", {"steps": 3}, "")
+        op_id = created.operation.id
+
+        async def stored_through_step(step: int) -> int | None:
+            """The newest seq once step `step` has emitted its chunk."""
+            events = await a.storage.events_after(op_id, 0)
+            chunks = [e for e in events if e.kind is EventKind.OUTPUT_CHUNK]
+            return events[-1].seq if len(chunks) > step else None
+
+        await eventually(lambda: stored_through_step(0))
+        gated.release(op_id)  # step 0 ends; step 1 begins and emits: all while B watches none
+        before_watch = await eventually(lambda: stored_through_step(1))
+        assert op_id not in b.listener.listening()
+
+        seen: list[Event] = []
+        async with contextlib.aclosing(b.operations.watch(op_id, 0)) as watch:
+            async for event in watch:
+                seen.append(event)
+                if event.seq == before_watch:
+                    gated.release(op_id, 2)  # steps 1 and 2 end: A's events from here are live
+                if event.is_terminal:
+                    break
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+        assert seen[-1].kind is EventKind.COMPLETED
+
+        b_heard = [
+            parse_event_payload(payload)[1]
+            for channel, payload in heard.get(id(b.listener), [])
+            if channel == events_channel(op_id)
+        ]
+        # Nothing stored before B watched was sent to B; what came after was.
+        assert b_heard and min(b_heard) > before_watch
+
+        async def unwatched() -> bool:
+            return op_id not in b.listener.listening()  # type: ignore[union-attr]
+
+        await eventually(unwatched)
+    finally:
+        await b.close()
+        await a.close()
+
+
+async def test_no_notification_is_lost_while_the_watched_operations_change(
+    postgres_url: str,
+) -> None:
+    """LISTEN needs the connection the wait for notifications holds, so the listener cancels
+    that wait whenever an operation is watched or unwatched: notifications sent meanwhile all
+    arrive, once each and in order."""
+    stops: list[str] = []
+    listening: list[str] = []
+    listener = PostgresListener(
+        postgres_url,
+        Handlers(
+            on_stop=stops.append,
+            on_event=lambda op_id, seq, event: None,
+            on_work=lambda: None,
+            on_reconnect=lambda: None,
+            on_listening=listening.append,
+        ),
+    )
+    listener.start()
+    try:
+        await listener.connected.wait()
+        import psycopg
+
+        sent = [str(i) for i in range(400)]
+        async with await psycopg.AsyncConnection.connect(
+            libpq_url(postgres_url), autocommit=True
+        ) as conn:
+            watched: list[str] = []
+            for i, payload in enumerate(sent):
+                await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, payload))
+                if i % 4 == 0:
+                    watched.append(str(uuid.uuid4()))
+                    listener.watch(watched[-1])
+                elif i % 4 == 2:
+                    listener.unwatch(watched.pop(0))
+
+        async def all_heard() -> bool:
+            return len(stops) >= len(sent)
+
+        await eventually(all_heard)
+        assert stops == sent
+        assert listening  # the watches took effect on the connection as they changed
+        assert listener.listening() == frozenset(watched)
+    finally:
+        await listener.close()

@@ -5,7 +5,7 @@ beside its text; postgres.py runs them through the batcher and reads what they r
 
 from __future__ import annotations
 
-from runtime_service.notifications import EVENTS, STOPS, WORK
+from runtime_service.notifications import EVENTS_PREFIX, STOPS, WORK
 from runtime_service.storage.cursors import COLUMN_LIST
 from runtime_service.storage.sql import PgSql, Sql
 
@@ -24,7 +24,8 @@ def _one_row(conditions: str) -> str:
 # Owned by this runner and still running: the fencing condition of every runner write.
 _OWNED = _one_row("status = 'RUNNING' AND runner_id = :runner")
 _OWNED_TYPES = {"id": TEXT, "runner": TEXT, "now": TIME}
-_NOTIFY_EVENT = f"pg_notify('{EVENTS}', :id || ':' || last_seq)"
+# Watchers on other replicas listen on the channel of the operation they watch (notifications.py).
+_NOTIFY_EVENT = f"pg_notify('{EVENTS_PREFIX}' || :id, :id || ':' || last_seq)"
 
 
 def _finish_attempt(outcome: str, output: str = "NULL", when: str = "TRUE") -> str:
@@ -127,7 +128,8 @@ WITH {taken}stopped AS (
 )
 SELECT {COLUMN_LIST},
   CASE WHEN status = 'RUNNING' AND :note <> ''
-    THEN pg_notify('{EVENTS}', :id || ':' || last_seq || ':' || :note) ELSE {_NOTIFY_EVENT} END,
+    THEN pg_notify('{EVENTS_PREFIX}' || :id, :id || ':' || last_seq || ':' || :note)
+    ELSE {_NOTIFY_EVENT} END,
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
         id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,

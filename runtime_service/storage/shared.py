@@ -40,7 +40,7 @@ from runtime_service.domain import (
     StopCause,
 )
 from runtime_service.metrics import StorageMetrics
-from runtime_service.notifications import EVENTS, notify
+from runtime_service.notifications import events_channel, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
@@ -380,7 +380,7 @@ class SharedStorage:
                 created_at=now,
             )
         )
-        notify(conn, EVENTS, f"{operation_id}:{seq}")  # watchers on other replicas
+        notify(conn, events_channel(operation_id), f"{operation_id}:{seq}")  # their watchers
         return Event(operation_id, seq, kind, data, now)
 
 
