@@ -12,6 +12,9 @@ beside the runtime's to show it is not the limit. With `--profile S`, `py-spy re
 samples the runtime for S seconds under the same load (raw stacks in bench/results/profiles/).
 With `--ceiling`, bench/capacity_ceiling.py runs the same load with no Stopline logic in the same
 run, and each backend's steps/s is given as a fraction of it (what the machine can do at all).
+With `--idle-replica` (PostgreSQL), a second runtime replica shares the database, with room for
+one operation (the rest are started and run on the first) and no watchers: its CPU over the
+window is what one replica pays for another's work.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ async def capacity(
     clients = Clients(stack)
     runtime = clients.runtimes[0]
     proc = psutil.Process(stack.runtimes[0].process.pid)
+    # The other replicas, if any, run nothing of this load: what they pay for it.
+    others = [psutil.Process(r.process.pid) for r in stack.runtimes[1:]]
     me = psutil.Process()
     rss_before = proc.memory_info().rss
     out: dict[str, Any] = {"operations": n}
@@ -81,11 +86,18 @@ async def capacity(
         rss_after = proc.memory_info().rss
         before = await _steps_completed(stack)
         t0, rt0, me0 = time.perf_counter(), proc.cpu_times(), me.cpu_times()
+        others0 = [other.cpu_times() for other in others]
         psutil.cpu_percent(None)
         await asyncio.sleep(window_seconds)
         after = await _steps_completed(stack)
         elapsed = time.perf_counter() - t0
         rt1, me1 = proc.cpu_times(), me.cpu_times()
+        if others:
+            others1 = [other.cpu_times() for other in others]
+            out["idle_replica_cpu_percent"] = [
+                100 * (c1.user + c1.system - c0.user - c0.system) / elapsed
+                for c0, c1 in zip(others0, others1, strict=True)
+            ]
         machine = psutil.cpu_percent(None)
         achieved = (after - before) / elapsed
         out.update(
@@ -155,6 +167,12 @@ def main() -> None:
         help="also run bench.capacity_ceiling with the same N (the bare minimum of the same "
         "load, no Stopline logic) and give each backend's steps/s as a ratio to it",
     )
+    parser.add_argument(
+        "--idle-replica",
+        action="store_true",
+        help="PostgreSQL: a second replica on the same database that runs and watches none of "
+        "the operations; its CPU over the window is reported",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "capacity.json")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -162,7 +180,13 @@ def main() -> None:
         for backend in args.backends.split(","):
             # Room for every operation (the bench Stack's default --max-running is 5,000).
             extra = ("--max-running", str(args.ops + 100))
-            with Stack(backend, Path(tmp), runtime_args=extra) as stack:
+            replicas = 2 if args.idle_replica and backend == "postgresql" else 1
+            # The idle replica may claim one operation at most (the others, started on the
+            # first replica while it is saturated, would otherwise be claimed there too).
+            idle = ("--max-running", "1") if replicas > 1 else ()
+            with Stack(
+                backend, Path(tmp), replicas=replicas, runtime_args=extra, last_replica_args=idle
+            ) as stack:
                 results[backend] = asyncio.run(
                     capacity(
                         stack,

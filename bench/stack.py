@@ -76,13 +76,16 @@ class Stack:
         env: dict[str, str] | None = None,
         advertise: bool = False,
         balanced: bool = False,
+        last_replica_args: tuple[str, ...] = (),
     ) -> None:
         """`runtime_args` and `gateway_args` are added to each replica's command line, `env` to
         every service's environment (the observability scenario switches metrics, tracing and
         JSON logs on with them). One gateway per replica, pinned to it; `balanced` adds one
         more, last, over every replica with round_robin (production's shape); `advertise`
         names each replica to it (`--advertise-address`), so that it routes an operation's
-        release and stops to the replica streaming it."""
+        release and stops to the replica streaming it. `last_replica_args` are added to the
+        last replica's command line only (after the others: a flag given twice takes the last
+        value)."""
         # The runtime subprocesses load bench.agents from this checkout.
         os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         self.backend = backend
@@ -108,11 +111,12 @@ class Stack:
         self.runtimes: list[RuntimeProcess] = []
         self.gateways: list[GatewayProcess] = []
         try:
-            for _ in range(replicas):
+            for i in range(replicas):
                 port = free_port()
                 named = ("--advertise-address", f"127.0.0.1:{port}") if advertise else ()
+                last = last_replica_args if i == replicas - 1 else ()
                 self.runtimes.append(
-                    RuntimeProcess(self.url, workdir, port, (*args, *named), env=env)
+                    RuntimeProcess(self.url, workdir, port, (*args, *named, *last), env=env)
                 )
             for runtime in self.runtimes:
                 self.gateways.append(
@@ -148,10 +152,19 @@ class Stack:
         return next(i for i, r in enumerate(self.runtimes) if r.process.pid == pid)
 
     def close(self) -> None:
-        processes: list[GatewayProcess | RuntimeProcess] = [*self.gateways, *self.runtimes]
+        # The last replica first: one shutting down hands its operations back, and a replica
+        # still serving claims them (10,000 kept the next one from exiting in time). One that
+        # does not exit in time is killed, so that the database is dropped all the same.
+        processes: list[GatewayProcess | RuntimeProcess] = [
+            *self.gateways,
+            *reversed(self.runtimes),
+        ]
         for process in processes:
             if process.process.poll() is None:
-                process.terminate()
+                try:
+                    process.terminate()
+                except subprocess.TimeoutExpired:
+                    process.kill()
         if self._database is not None:
             self._admin(f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
 
