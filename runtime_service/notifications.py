@@ -5,17 +5,20 @@ makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
 - `stopline_stops` (payload: operation id): a stop was recorded; its runner cancels the step now.
   A pause travels the same way, its payload marked (`pause_payload`): the runner cuts the step
   and pauses the operation instead of halting it.
-- `stopline_events_<operation id>` (payload: "id:seq", or "id:seq:note"): an event of that
-  operation was stored; local watchers re-read storage, or, when the payload carries the event
-  itself (`event_note`: a stop's `stop_requested`, which another replica's watchers need before
-  the terminal event their own runner writes next), take it from the hub without a read.
+- `stopline_events_<bucket>` (payload: "id:seq", or "id:seq:note"): an event of an operation
+  was stored; local watchers re-read storage, or, when the payload carries the event itself
+  (`event_note`: a stop's `stop_requested`, which another replica's watchers need before the
+  terminal event their own runner writes next), take it from the hub without a read.
 - `stopline_work` (no payload): an operation became claimable; replicas with room claim it.
 
-Events go on a channel per operation, and a replica listens only on the channels of the
-operations it has watchers for (`PostgresListener.watch`). On one shared channel every replica
-was woken by every event of every operation (two per step, and one per output chunk), watched
-here or not: the work of hearing them grew with events times replicas, and a runtime with no
-watchers at all still took each of its own events back from the database.
+Events go on one of 256 channels, chosen by the operation id's first two hex digits, and a
+replica listens only on the channels of the operations it has watchers for
+(`PostgresListener.watch`). On one shared channel every replica was woken by every event of
+every operation (two per step, and one per output chunk), watched there or not, and a runtime
+with no watchers at all took each of its own events back from the database. A channel per
+operation would be the most selective, but PostgreSQL checks each notification against every
+channel a listener has, one by one: at 10,000 channels that cost a listening server process
+31 µs per notification sent by anyone (1 µs at 256; BENCHMARKS.md).
 
 Notifications are a fast path, never the only one: a listener that loses its connection
 reconnects with backoff and then asks for a full re-check (`on_reconnect`); an operation's
@@ -48,19 +51,16 @@ STOPS = "stopline_stops"
 EVENTS_PREFIX = "stopline_events_"
 WORK = "stopline_work"
 
-
-# What an operation id may be to name a channel (a UUID: see stopline.ids), checked before it is
-# quoted into LISTEN.
-_CHANNEL_ID = re.compile(r"[0-9a-f-]{1,47}")
+# How many hex digits of an operation id name its events channel: 256 channels.
+BUCKET_DIGITS = 2
+_BUCKET = re.compile(f"[0-9a-f]{{{BUCKET_DIGITS}}}")
+PAUSE_MARK = "pause:"
 
 
 def events_channel(operation_id: str) -> str:
-    """The channel of one operation's events (63 bytes at most, PostgreSQL's limit for a name:
-    operation ids are UUIDs)."""
-    return EVENTS_PREFIX + operation_id
-
-
-PAUSE_MARK = "pause:"
+    """The channel of an operation's events (operation ids are UUIDs: their first two hex
+    digits spread operations evenly over the channels)."""
+    return EVENTS_PREFIX + operation_id[:BUCKET_DIGITS]
 
 
 def pause_payload(operation_id: str) -> str:
@@ -125,8 +125,9 @@ class PostgresListener:
         self._handlers = handlers
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        # Operations watched here, and those whose channel the connection listens on now.
-        self._wanted: set[str] = set()
+        # The operations watched here, by the channel of their events, and the channels the
+        # connection listens on now.
+        self._watched: dict[str, set[str]] = {}
         self._listening: set[str] = set()
         self._changed = asyncio.Event()
 
@@ -140,21 +141,29 @@ class PostgresListener:
 
     def watch(self, operation_id: str) -> None:
         """The operation has a watcher here now: listen on its events' channel."""
-        if not _CHANNEL_ID.fullmatch(operation_id):
+        channel = events_channel(operation_id)
+        if not _BUCKET.fullmatch(channel.removeprefix(EVENTS_PREFIX)):
             return  # not an operation id (which the watch refuses anyway): nothing to hear
-        if operation_id not in self._wanted:
-            self._wanted.add(operation_id)
+        ops = self._watched.setdefault(channel, set())
+        ops.add(operation_id)
+        if len(ops) == 1:
             self._changed.set()
 
     def unwatch(self, operation_id: str) -> None:
-        """Its last watcher here has gone: stop listening on its channel."""
-        if operation_id in self._wanted:
-            self._wanted.discard(operation_id)
+        """Its last watcher here has gone: stop listening on its channel if no other operation
+        watched here shares it."""
+        channel = events_channel(operation_id)
+        ops = self._watched.get(channel)
+        if ops is None or operation_id not in ops:
+            return
+        ops.discard(operation_id)
+        if not ops:
+            del self._watched[channel]
             self._changed.set()
 
-    def listening(self) -> frozenset[str]:
-        """The operations whose events channel the connection listens on now."""
-        return frozenset(self._listening)
+    def listening(self, operation_id: str) -> bool:
+        """Whether the connection listens on the operation's events channel now."""
+        return events_channel(operation_id) in self._listening
 
     async def _run(self) -> None:
         # Imported here: psycopg is the `postgres` extra, and SQLite deployments never get here.
@@ -193,7 +202,7 @@ class PostgresListener:
         """Dispatch notifications until the set of watched operations changes. LISTEN needs the
         connection that `notifies()` holds while it waits, so the wait is cancelled then (it
         waits with no query in progress: nothing is lost, see tests/test_notifications.py)."""
-        if self._wanted != self._listening:
+        if self._watched.keys() != self._listening:
             return
         self._changed.clear()
         receiving = asyncio.create_task(self._receive(conn), name="postgres notifications")
@@ -214,17 +223,18 @@ class PostgresListener:
 
     async def _follow_watches(self, conn: Any) -> None:
         """LISTEN on the channels of operations newly watched, UNLISTEN on those no longer."""
-        wanted = set(self._wanted)
+        wanted = set(self._watched)
         start = wanted - self._listening
         stop = self._listening - wanted
         if not start and not stop:
             return
-        commands = [f'LISTEN "{events_channel(op_id)}"' for op_id in sorted(start)]
-        commands += [f'UNLISTEN "{events_channel(op_id)}"' for op_id in sorted(stop)]
+        commands = [f'LISTEN "{channel}"' for channel in sorted(start)]
+        commands += [f'UNLISTEN "{channel}"' for channel in sorted(stop)]
         await conn.execute("; ".join(commands))
         self._listening = wanted
-        for op_id in start:
-            self._handlers.on_listening(op_id)
+        for channel in start:
+            for op_id in list(self._watched.get(channel, ())):
+                self._handlers.on_listening(op_id)
 
     def _dispatch(self, channel: str, payload: str) -> None:
         try:

@@ -84,7 +84,7 @@ async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_ot
         await eventually(lambda: stored_through_step(0))
         gated.release(op_id)  # step 0 ends; step 1 begins and emits: all while B watches none
         before_watch = await eventually(lambda: stored_through_step(1))
-        assert op_id not in b.listener.listening()
+        assert not b.listener.listening(op_id)
 
         seen: list[Event] = []
         async with contextlib.aclosing(b.operations.watch(op_id, 0)) as watch:
@@ -100,13 +100,13 @@ async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_ot
         b_heard = [
             parse_event_payload(payload)[1]
             for channel, payload in heard.get(id(b.listener), [])
-            if channel == events_channel(op_id)
+            if channel == events_channel(op_id) and parse_event_payload(payload)[0] == op_id
         ]
         # Nothing stored before B watched was sent to B; what came after was.
         assert b_heard and min(b_heard) > before_watch
 
         async def unwatched() -> bool:
-            return op_id not in b.listener.listening()  # type: ignore[union-attr]
+            return not b.listener.listening(op_id)  # type: ignore[union-attr]
 
         await eventually(unwatched)
     finally:
@@ -156,6 +156,63 @@ async def test_no_notification_is_lost_while_the_watched_operations_change(
         await eventually(all_heard)
         assert stops == sent
         assert listening  # the watches took effect on the connection as they changed
-        assert listener.listening() == frozenset(watched)
+
+        async def listening_on_the_watched() -> bool:
+            return all(listener.listening(op_id) for op_id in watched)
+
+        await eventually(listening_on_the_watched)
+    finally:
+        await listener.close()
+
+
+def test_operations_share_256_event_channels_by_their_ids_first_hex_digits() -> None:
+    """Bounded: PostgreSQL checks each notification against every channel a listener has, one
+    by one, so a channel per operation cost a replica watching thousands of them more than it
+    saved."""
+    ids = [str(uuid.uuid4()) for _ in range(2000)]
+    channels = {events_channel(op_id) for op_id in ids}
+    assert len(channels) <= 256
+    assert all(len(channel) <= 63 for channel in channels)  # PostgreSQL's limit for a name
+    assert events_channel(ids[0]) == events_channel(ids[0][:2] + str(uuid.uuid4())[2:])
+
+
+async def test_a_channel_two_watched_operations_share_is_listened_on_until_both_go(
+    postgres_url: str,
+) -> None:
+    listener = PostgresListener(
+        postgres_url,
+        Handlers(
+            on_stop=lambda op_id: None,
+            on_event=lambda op_id, seq, event: None,
+            on_work=lambda: None,
+            on_reconnect=lambda: None,
+        ),
+    )
+    listener.start()
+    try:
+        await listener.connected.wait()
+        first = str(uuid.uuid4())
+        second = first[:2] + str(uuid.uuid4())[2:]  # the same channel
+        listener.watch(first)
+        listener.watch(second)
+
+        async def listens() -> bool:
+            return listener.listening(first)
+
+        await eventually(listens)
+        listener.unwatch(first)  # `second` still shares the channel
+        elsewhere = ("00" if first[:2] != "00" else "ff") + str(uuid.uuid4())[2:]
+        listener.watch(elsewhere)
+
+        async def both() -> bool:
+            return listener.listening(second) and listener.listening(elsewhere)
+
+        await eventually(both)
+        listener.unwatch(second)
+
+        async def gone() -> bool:
+            return not listener.listening(second)
+
+        await eventually(gone)
     finally:
         await listener.close()

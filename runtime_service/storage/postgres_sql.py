@@ -5,7 +5,7 @@ beside its text; postgres.py runs them through the batcher and reads what they r
 
 from __future__ import annotations
 
-from runtime_service.notifications import EVENTS_PREFIX, STOPS, WORK
+from runtime_service.notifications import BUCKET_DIGITS, EVENTS_PREFIX, STOPS, WORK
 from runtime_service.storage.cursors import COLUMN_LIST
 from runtime_service.storage.sql import PgSql, Sql
 
@@ -24,8 +24,10 @@ def _one_row(conditions: str) -> str:
 # Owned by this runner and still running: the fencing condition of every runner write.
 _OWNED = _one_row("status = 'RUNNING' AND runner_id = :runner")
 _OWNED_TYPES = {"id": TEXT, "runner": TEXT, "now": TIME}
-# Watchers on other replicas listen on the channel of the operation they watch (notifications.py).
-_NOTIFY_EVENT = f"pg_notify('{EVENTS_PREFIX}' || :id, :id || ':' || last_seq)"
+# Watchers on other replicas listen on the channels of the operations they watch: the events
+# channel of an operation is named by its id's first hex digits (notifications.events_channel).
+_EVENTS_CHANNEL = f"'{EVENTS_PREFIX}' || left(:id, {BUCKET_DIGITS})"
+_NOTIFY_EVENT = f"pg_notify({_EVENTS_CHANNEL}, :id || ':' || last_seq)"
 
 
 def _finish_attempt(outcome: str, output: str = "NULL", when: str = "TRUE") -> str:
@@ -128,7 +130,7 @@ WITH {taken}stopped AS (
 )
 SELECT {COLUMN_LIST},
   CASE WHEN status = 'RUNNING' AND :note <> ''
-    THEN pg_notify('{EVENTS_PREFIX}' || :id, :id || ':' || last_seq || ':' || :note)
+    THEN pg_notify({_EVENTS_CHANNEL}, :id || ':' || last_seq || ':' || :note)
     ELSE {_NOTIFY_EVENT} END,
   CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}', :id) END
 FROM stopped""",
