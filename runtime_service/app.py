@@ -101,6 +101,7 @@ class RuntimeApp:
                     on_work=runner.wake,
                     on_reconnect=recheck_everything,
                     on_listening=listening,
+                    on_heard=lambda channel: meters.notifications_heard[channel].inc(),
                 ),
             )
             hub.tell_watches(listener.watch, listener.unwatch)

@@ -251,6 +251,10 @@ class RetentionMetrics:
         )
 
 
+# The `channel` label of stopline_runtime_notifications_heard (notifications.py's channels).
+NOTIFICATION_CHANNELS = ("stops", "events", "work")
+
+
 class RuntimeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -281,6 +285,16 @@ class RuntimeMetrics:
             ["runs_here"],
             registry=r,
         )
+        heard = Counter(
+            "stopline_runtime_notifications_heard",
+            "PostgreSQL notifications this replica received, by channel: stops, work, and the "
+            "events of operations on the channels of those watched here.",
+            ["channel"],
+            registry=r,
+        )
+        self.notifications_heard = {
+            channel: heard.labels(channel) for channel in NOTIFICATION_CHANNELS
+        }
         self.finished = Counter(
             "stopline_runtime_operations_finished",
             "Operations this runtime ended, by agent, terminal status and stop cause.",

@@ -114,6 +114,8 @@ class Handlers:
     on_reconnect: Callable[[], object]
     # An operation's channel is listened on now: what was stored before may have gone unheard.
     on_listening: Callable[[str], object] = lambda operation_id: None
+    # A notification arrived on "stops", "events" or "work" (counted by the metrics).
+    on_heard: Callable[[str], object] = lambda channel: None
 
 
 class PostgresListener:
@@ -237,12 +239,16 @@ class PostgresListener:
                 self._handlers.on_listening(op_id)
 
     def _dispatch(self, channel: str, payload: str) -> None:
+        handlers = self._handlers
         try:
             if channel == STOPS:
-                self._handlers.on_stop(payload)
+                handlers.on_heard("stops")
+                handlers.on_stop(payload)
             elif channel.startswith(EVENTS_PREFIX):
-                self._handlers.on_event(*parse_event_payload(payload))
+                handlers.on_heard("events")
+                handlers.on_event(*parse_event_payload(payload))
             elif channel == WORK:
-                self._handlers.on_work()
+                handlers.on_heard("work")
+                handlers.on_work()
         except Exception:
             log.exception("bad notification on %s: %r", channel, payload)

@@ -104,6 +104,8 @@ async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_ot
         ]
         # Nothing stored before B watched was sent to B; what came after was.
         assert b_heard and min(b_heard) > before_watch
+        counted = b.runner.metrics.notifications_heard["events"]._value.get()
+        assert counted == len(b_heard)
 
         async def unwatched() -> bool:
             return not b.listener.listening(op_id)  # type: ignore[union-attr]
