@@ -18,7 +18,7 @@ every operation (two per step, and one per output chunk), watched there or not, 
 with no watchers at all took each of its own events back from the database. A channel per
 operation would be the most selective, but PostgreSQL checks each notification against every
 channel a listener has, one by one: at 10,000 channels that cost a listening server process
-31 µs per notification sent by anyone (1 µs at 256; BENCHMARKS.md).
+32 µs per notification sent by anyone (1 µs at 256: `python -m bench.pg_channels`).
 
 Notifications are a fast path, never the only one: a listener that loses its connection
 reconnects with backoff and then asks for a full re-check (`on_reconnect`); an operation's
@@ -80,14 +80,14 @@ bytes); a larger one is announced as "id:seq", and its watchers read it."""
 
 
 def event_note(kind: EventKind, data: dict[str, JSONValue], at: datetime) -> str:
-    """An event's kind, data and time for a `stopline_events_<id>` payload (its operation id and seq
+    """An event's kind, data and time for an events payload (its operation id and seq
     are the payload's "id:seq:" prefix, which the statement writes); '' when too large."""
     note = dump_json({"kind": kind.value, "data": data, "at": at.isoformat()})
     return note if len(note.encode()) <= MAX_NOTE_BYTES else ""
 
 
 def parse_event_payload(payload: str) -> tuple[str, int, Event | None]:
-    """A `stopline_events_<id>` payload: the operation id, the seq, and the event when carried.
+    """An events payload: the operation id, the seq, and the event when carried.
     (Operation ids are UUIDs: the first two colons end the id and the seq.)"""
     op_id, _, rest = payload.partition(":")
     seq_text, _, note = rest.partition(":")
