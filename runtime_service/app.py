@@ -11,7 +11,7 @@ from runtime_service.database import Database, create_db_engine
 from runtime_service.hub import EventHub
 from runtime_service.metrics import RuntimeMetrics
 from runtime_service.migrate import upgrade_to_head
-from runtime_service.notifications import Handlers, PostgresListener
+from runtime_service.notifications import Handlers, PostgresListener, parse_stop_payload
 from runtime_service.operations import OperationsService
 from runtime_service.retention import RetentionSweeper
 from runtime_service.runner import Runner, RunnerSettings
@@ -86,6 +86,14 @@ class RuntimeApp:
             runner.check_stops_now()
             hub.poke_all()
 
+        def stop_heard(payload: str) -> None:
+            # The runner's watchers here need the stop's event before its halt's, which the
+            # runner publishes here: this replica may not listen on the events channel.
+            operation_id, event = parse_stop_payload(payload)
+            if event is not None:
+                hub.notified(event.operation_id, event.seq, event)
+            runner.stop_notified(operation_id)
+
         def listening(operation_id: str) -> None:
             # Its events stored elsewhere before the channel was listened on may have gone
             # unheard: its watchers look in storage. One this runner runs, it publishes here.
@@ -96,7 +104,7 @@ class RuntimeApp:
             listener = PostgresListener(
                 config.database_url,
                 Handlers(
-                    on_stop=runner.stop_notified,
+                    on_stop=stop_heard,
                     on_event=hub.notified,
                     on_work=runner.wake,
                     on_reconnect=recheck_everything,
@@ -105,6 +113,7 @@ class RuntimeApp:
                 ),
             )
             hub.tell_watches(listener.watch, listener.unwatch)
+            runner.tell_runs(listener.owned)
             listener.start()
         else:
             # SQLite serves one replica: whatever ran these operations before is gone, so resume

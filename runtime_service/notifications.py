@@ -2,9 +2,10 @@
 
 Replicas sharing one database tell each other three things, each sent inside the transaction that
 makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
-- `stopline_stops` (payload: operation id): a stop was recorded; its runner cancels the step now.
-  A pause travels the same way, its payload marked (`pause_payload`): the runner cuts the step
-  and pauses the operation instead of halting it.
+- `stopline_stops` (payload: operation id, or "id:seq:note" carrying the `stop_requested`
+  event): a stop was recorded; its runner cancels the step now, and the replica's watchers get
+  the event. A pause travels the same way, its payload marked (`pause_payload`): the runner
+  cuts the step and pauses the operation instead of halting it.
 - `stopline_events_<bucket>` (payload: "id:seq", or "id:seq:note"): an event of an operation
   was stored; local watchers re-read storage, or, when the payload carries the event itself
   (`event_note`: a stop's `stop_requested`, which another replica's watchers need before the
@@ -12,8 +13,11 @@ makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
 - `stopline_work` (no payload): an operation became claimable; replicas with room claim it.
 
 Events go on one of 256 channels, chosen by the operation id's first two hex digits, and a
-replica listens only on the channels of the operations it has watchers for
-(`PostgresListener.watch`). On one shared channel every replica was woken by every event of
+replica listens only on the channels of the operations it has watchers for and does not run
+itself (`PostgresListener.watch`, `owned`): the events of an operation its runner runs, the
+runner publishes here; those another replica writes for it meanwhile are a stop's (carried on
+the stops channel) and a pause's (whose watchers read it at the gap the runner's next event
+leaves). On one shared channel every replica was woken by every event of
 every operation (two per step, and one per output chunk), watched there or not, and a runtime
 with no watchers at all took each of its own events back from the database. A channel per
 operation would be the most selective, but PostgreSQL checks each notification against every
@@ -61,6 +65,15 @@ def events_channel(operation_id: str) -> str:
     """The channel of an operation's events (operation ids are UUIDs: their first two hex
     digits spread operations evenly over the channels)."""
     return EVENTS_PREFIX + operation_id[:BUCKET_DIGITS]
+
+
+def parse_stop_payload(payload: str) -> tuple[str, Event | None]:
+    """A `stopline_stops` payload: the operation id (a pause's marked), and the stop's
+    `stop_requested` event when carried ("id:seq:note", as an events payload)."""
+    if payload.startswith(PAUSE_MARK) or ":" not in payload:
+        return payload, None
+    op_id, _, event = parse_event_payload(payload)
+    return op_id, event
 
 
 def pause_payload(operation_id: str) -> str:
@@ -120,15 +133,18 @@ class Handlers:
 
 class PostgresListener:
     """One dedicated connection LISTENing on the stops and work channels for the life of the
-    runtime, and on the events channel of each operation watched here while it is."""
+    runtime, and on the events channel of each operation watched here and run elsewhere while
+    it is."""
 
     def __init__(self, database_url: str, handlers: Handlers) -> None:
         self._conninfo = libpq_url(database_url)
         self._handlers = handlers
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        # The operations watched here, by the channel of their events, and the channels the
-        # connection listens on now.
+        # Operations with watchers here, and those this replica's runner runs; the first but
+        # not the second, by the channel of their events; the channels listened on now.
+        self._watching: set[str] = set()
+        self._here: set[str] = set()
         self._watched: dict[str, set[str]] = {}
         self._listening: set[str] = set()
         self._changed = asyncio.Event()
@@ -142,26 +158,44 @@ class PostgresListener:
             await asyncio.wait({self._task})
 
     def watch(self, operation_id: str) -> None:
-        """The operation has a watcher here now: listen on its events' channel."""
-        channel = events_channel(operation_id)
-        if not _BUCKET.fullmatch(channel.removeprefix(EVENTS_PREFIX)):
-            return  # not an operation id (which the watch refuses anyway): nothing to hear
-        ops = self._watched.setdefault(channel, set())
-        ops.add(operation_id)
-        if len(ops) == 1:
-            self._changed.set()
+        """The operation has a watcher here now: listen on its events' channel, unless this
+        replica's runner runs it."""
+        self._watching.add(operation_id)
+        self._want(operation_id, operation_id not in self._here)
 
     def unwatch(self, operation_id: str) -> None:
-        """Its last watcher here has gone: stop listening on its channel if no other operation
-        watched here shares it."""
+        """Its last watcher here has gone."""
+        self._watching.discard(operation_id)
+        self._want(operation_id, False)
+
+    def owned(self, operation_id: str, here: bool) -> None:
+        """This replica's runner has claimed the operation (`here`), or no longer runs it: while
+        it runs it, the runner publishes its events to the watchers here itself, and a stop
+        recorded elsewhere brings its `stop_requested` event on the stops channel."""
+        if here:
+            self._here.add(operation_id)
+            self._want(operation_id, False)
+        else:
+            self._here.discard(operation_id)
+            self._want(operation_id, operation_id in self._watching)
+
+    def _want(self, operation_id: str, wanted: bool) -> None:
+        """Listen on the operation's channel (`wanted`), or not on its account."""
         channel = events_channel(operation_id)
         ops = self._watched.get(channel)
-        if ops is None or operation_id not in ops:
-            return
-        ops.discard(operation_id)
-        if not ops:
-            del self._watched[channel]
-            self._changed.set()
+        if wanted:
+            if not _BUCKET.fullmatch(channel.removeprefix(EVENTS_PREFIX)):
+                return  # not an operation id (which the watch refuses anyway): nothing to hear
+            if ops is None:
+                ops = self._watched[channel] = set()
+            ops.add(operation_id)
+            if len(ops) == 1:
+                self._changed.set()
+        elif ops is not None and operation_id in ops:
+            ops.discard(operation_id)
+            if not ops:
+                del self._watched[channel]
+                self._changed.set()
 
     def listening(self, operation_id: str) -> bool:
         """Whether the connection listens on the operation's events channel now."""

@@ -218,3 +218,52 @@ async def test_a_channel_two_watched_operations_share_is_listened_on_until_both_
         await eventually(gone)
     finally:
         await listener.close()
+
+
+async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
+    postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A runs an operation and streams it (the routed shape): its runner publishes the
+    events to the watchers there itself, so A listens on no events channel for it; a stop
+    recorded on replica B reaches A's watchers on the stops channel, its `stop_requested`
+    event carried, with no read of storage on the stop's path."""
+    config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
+    a = await RuntimeApp.open(config, registry(gated))
+    b = await RuntimeApp.open(config, registry(gated))
+    try:
+        assert a.listener is not None
+        await a.listener.connected.wait()
+        created = await a.operations.start("gated", {"steps": 3}, "")
+        op_id = created.operation.id
+        await eventually(lambda: _emitted(a, op_id))  # its runner claimed it: it runs here
+        reads: list[int] = []
+        events_after = a.storage.events_after
+
+        async def counted(operation_id: str, after: int, limit: int = 500) -> list[Event]:
+            reads.append(after)
+            return await events_after(operation_id, after, limit)
+
+        seen: list[Event] = []
+        async with contextlib.aclosing(a.operations.watch(op_id, 0)) as watch:
+            async for event in watch:
+                seen.append(event)
+                if event.kind is EventKind.OUTPUT_CHUNK:
+                    assert not a.listener.listening(op_id)
+                    monkeypatch.setattr(a.storage, "events_after", counted)
+                    await b.operations.interrupt(op_id, "ops", "enough")
+                if event.is_terminal:
+                    break
+        kinds = [e.kind for e in seen[-2:]]
+        assert kinds == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
+        assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+        assert reads == []  # both came live: the stop's event on the stops channel
+        heard = a.runner.metrics.notifications_heard
+        assert heard["events"]._value.get() == 0 and heard["stops"]._value.get() >= 1
+    finally:
+        await b.close()
+        await a.close()
+
+
+async def _emitted(app: RuntimeApp, operation_id: str) -> bool:
+    events = await app.storage.events_after(operation_id, 0)
+    return any(e.kind is EventKind.OUTPUT_CHUNK for e in events)

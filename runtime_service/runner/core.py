@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 
@@ -60,6 +61,8 @@ class Runner:
         self.settings = settings
         self.runner_id = settings.runner_id
         self._runs: dict[str, Run] = {}
+        # Told when a run becomes this runner's (claimed) and when it ends (see tell_runs).
+        self._on_owned: Callable[[str, bool], object] = _nothing
         self._writes = Writes(hub, self.metrics, self._runs)
         self._limits = Limits(storage, self._writes, settings.poll_seconds)
         asking = Asking(storage, self._writes, self.runner_id, settings.input_expiry_seconds)
@@ -145,6 +148,12 @@ class Runner:
         runs.stop(run, seen_at, cause)
         return True
 
+    def tell_runs(self, owned: Callable[[str, bool], object]) -> None:
+        """`owned(operation_id, True)` once a run here has claimed its operation, and
+        `owned(operation_id, False)` when that run ends: meanwhile this runner writes and
+        publishes the operation's events itself (a PostgreSQL replica need not hear them)."""
+        self._on_owned = owned
+
     def runs(self, operation_id: str) -> bool:
         """Whether this runner runs the operation now (a stop recorded here reaches it at once)."""
         return operation_id in self._runs
@@ -215,6 +224,8 @@ class Runner:
         was_full = len(self._runs) >= self.settings.max_running
         if self._runs.get(run.operation_id) is run:
             del self._runs[run.operation_id]
+        if run.owned:
+            self._on_owned(run.operation_id, False)
         if was_full:
             # A slot opened where the claim loop had none: look for work that waited for one.
             # (Below capacity the loop already claims whatever becomes claimable.)
@@ -247,6 +258,7 @@ class Runner:
             else:
                 self._writes.publish([claimed.event, *claimed.settled])
             run.owned = True
+            self._on_owned(op_id, True)
             operation = claimed.operation
             agent = self._agents.get(operation.agent)
             # Only registered names label the metrics: the set stays closed.
@@ -282,3 +294,7 @@ class Runner:
                 run.deadline.cancel()
             if run.step_task is not None and not run.step_task.done():
                 run.step_task.cancel()  # shutdown or lost ownership: do not leave the agent running
+
+
+def _nothing(operation_id: str, owned: bool) -> None:
+    return None
