@@ -62,58 +62,64 @@ def recording_dispatch(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[tuple[
 async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_others(
     postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Replica A runs an operation; replica B hears none of its events until B has a watcher
-    for it, then every one, live: with an hour's quiet before a watcher looks in storage, B's
-    watch reaches the terminal event only through notifications."""
+    """One replica runs an operation; the other hears none of its events until it has a
+    watcher for it, then every one, live: with an hour's quiet before a watcher looks in
+    storage, its watch reaches the terminal event only through notifications."""
     heard = recording_dispatch(monkeypatch)
     config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
-    a = await RuntimeApp.open(config, registry(gated))
-    b = await RuntimeApp.open(config, registry(gated))
+    apps = [
+        await RuntimeApp.open(config, registry(gated)),
+        await RuntimeApp.open(config, registry(gated)),
+    ]
     try:
-        assert a.listener is not None and b.listener is not None
-        await b.listener.connected.wait()
-        created = await a.operations.start("gated", {"steps": 3}, "")
+        for app in apps:
+            assert app.listener is not None
+            await app.listener.connected.wait()
+        created = await apps[0].operations.start("gated", {"steps": 3}, "")
         op_id = created.operation.id
 
         async def stored_through_step(step: int) -> int | None:
             """The newest seq once step `step` has emitted its chunk."""
-            events = await a.storage.events_after(op_id, 0)
+            events = await apps[0].storage.events_after(op_id, 0)
             chunks = [e for e in events if e.kind is EventKind.OUTPUT_CHUNK]
             return events[-1].seq if len(chunks) > step else None
 
-        await eventually(lambda: stored_through_step(0))
-        gated.release(op_id)  # step 0 ends; step 1 begins and emits: all while B watches none
+        await eventually(lambda: stored_through_step(0))  # claimed: by either replica
+        watching = apps[1] if apps[0].runner.runs(op_id) else apps[0]
+        assert watching.listener is not None and not watching.runner.runs(op_id)
+        gated.release(op_id)  # step 0 ends; step 1 begins and emits: all while nobody watches
         before_watch = await eventually(lambda: stored_through_step(1))
-        assert not b.listener.listening(op_id)
+        assert not watching.listener.listening(op_id)
 
         seen: list[Event] = []
-        async with contextlib.aclosing(b.operations.watch(op_id, 0)) as watch:
+        async with contextlib.aclosing(watching.operations.watch(op_id, 0)) as watch:
             async for event in watch:
                 seen.append(event)
                 if event.seq == before_watch:
-                    gated.release(op_id, 2)  # steps 1 and 2 end: A's events from here are live
+                    await eventually(lambda: _listens(watching, op_id))  # it hears from now on
+                    gated.release(op_id, 2)  # steps 1 and 2 end: the events from here are live
                 if event.is_terminal:
                     break
         assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
         assert seen[-1].kind is EventKind.COMPLETED
 
-        b_heard = [
+        watcher_heard = [
             parse_event_payload(payload)[1]
-            for channel, payload in heard.get(id(b.listener), [])
+            for channel, payload in heard.get(id(watching.listener), [])
             if channel == events_channel(op_id) and parse_event_payload(payload)[0] == op_id
         ]
-        # Nothing stored before B watched was sent to B; what came after was.
-        assert b_heard and min(b_heard) > before_watch
-        counted = b.runner.metrics.notifications_heard["events"]._value.get()
-        assert counted == len(b_heard)
+        # Nothing stored before the watch was sent to that replica; what came after was.
+        assert watcher_heard and min(watcher_heard) > before_watch
+        counted = watching.runner.metrics.notifications_heard["events"]._value.get()
+        assert counted == len(watcher_heard)
 
         async def unwatched() -> bool:
-            return not b.listener.listening(op_id)  # type: ignore[union-attr]
+            return not watching.listener.listening(op_id)  # type: ignore[union-attr]
 
         await eventually(unwatched)
     finally:
-        await b.close()
-        await a.close()
+        for app in reversed(apps):
+            await app.close()
 
 
 async def test_no_notification_is_lost_while_the_watched_operations_change(
@@ -223,47 +229,56 @@ async def test_a_channel_two_watched_operations_share_is_listened_on_until_both_
 async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
     postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Replica A runs an operation and streams it (the routed shape): its runner publishes the
-    events to the watchers there itself, so A listens on no events channel for it; a stop
-    recorded on replica B reaches A's watchers on the stops channel, its `stop_requested`
-    event carried, with no read of storage on the stop's path."""
+    """The replica that runs an operation streams it (the routed shape): its runner publishes
+    the events to the watchers there itself, so that replica listens on no events channel for
+    it; a stop recorded on the other replica reaches its watchers on the stops channel, its
+    `stop_requested` event carried, with no read of storage on the stop's path."""
     config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
-    a = await RuntimeApp.open(config, registry(gated))
-    b = await RuntimeApp.open(config, registry(gated))
+    apps = [
+        await RuntimeApp.open(config, registry(gated)),
+        await RuntimeApp.open(config, registry(gated)),
+    ]
     try:
-        assert a.listener is not None
-        await a.listener.connected.wait()
-        created = await a.operations.start("gated", {"steps": 3}, "")
+        for app in apps:
+            assert app.listener is not None
+            await app.listener.connected.wait()
+        created = await apps[0].operations.start("gated", {"steps": 3}, "")
         op_id = created.operation.id
-        await eventually(lambda: _emitted(a, op_id))  # its runner claimed it: it runs here
+        await eventually(lambda: _emitted(apps[0], op_id))  # claimed: by either replica
+        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        assert runs.runner.runs(op_id) and runs.listener is not None
         reads: list[int] = []
-        events_after = a.storage.events_after
+        events_after = runs.storage.events_after
 
         async def counted(operation_id: str, after: int, limit: int = 500) -> list[Event]:
             reads.append(after)
             return await events_after(operation_id, after, limit)
 
         seen: list[Event] = []
-        async with contextlib.aclosing(a.operations.watch(op_id, 0)) as watch:
+        async with contextlib.aclosing(runs.operations.watch(op_id, 0)) as watch:
             async for event in watch:
                 seen.append(event)
                 if event.kind is EventKind.OUTPUT_CHUNK:
-                    assert not a.listener.listening(op_id)
-                    monkeypatch.setattr(a.storage, "events_after", counted)
-                    await b.operations.interrupt(op_id, "ops", "enough")
+                    assert not runs.listener.listening(op_id)
+                    monkeypatch.setattr(runs.storage, "events_after", counted)
+                    await other.operations.interrupt(op_id, "ops", "enough")
                 if event.is_terminal:
                     break
         kinds = [e.kind for e in seen[-2:]]
         assert kinds == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
         assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
         assert reads == []  # both came live: the stop's event on the stops channel
-        heard = a.runner.metrics.notifications_heard
+        heard = runs.runner.metrics.notifications_heard
         assert heard["events"]._value.get() == 0 and heard["stops"]._value.get() >= 1
     finally:
-        await b.close()
-        await a.close()
+        for app in reversed(apps):
+            await app.close()
 
 
 async def _emitted(app: RuntimeApp, operation_id: str) -> bool:
     events = await app.storage.events_after(operation_id, 0)
     return any(e.kind is EventKind.OUTPUT_CHUNK for e in events)
+
+
+async def _listens(app: RuntimeApp, operation_id: str) -> bool:
+    return app.listener is not None and app.listener.listening(operation_id)
