@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -46,6 +47,25 @@ def test_an_event_too_large_for_a_notification_is_not_carried() -> None:
 # ---------------------------------------------------------------------- who hears which events
 
 
+@contextlib.asynccontextmanager
+async def two_replicas(postgres_url: str, gated: GatedAgent) -> AsyncIterator[list[RuntimeApp]]:
+    """Two replicas on one database, listening; an hour's quiet before a watcher looks in
+    storage, so that what a watch gets live it got through notifications."""
+    config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
+    apps = [
+        await RuntimeApp.open(config, registry(gated)),
+        await RuntimeApp.open(config, registry(gated)),
+    ]
+    try:
+        for app in apps:
+            assert app.listener is not None
+            await app.listener.connected.wait()
+        yield apps
+    finally:
+        for app in reversed(apps):
+            await app.close()
+
+
 def recording_dispatch(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[tuple[str, str]]]:
     """Every notification each listener dispatches, by the listener's id()."""
     heard: dict[int, list[tuple[str, str]]] = {}
@@ -66,15 +86,7 @@ async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_ot
     watcher for it, then every one, live: with an hour's quiet before a watcher looks in
     storage, its watch reaches the terminal event only through notifications."""
     heard = recording_dispatch(monkeypatch)
-    config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
-    apps = [
-        await RuntimeApp.open(config, registry(gated)),
-        await RuntimeApp.open(config, registry(gated)),
-    ]
-    try:
-        for app in apps:
-            assert app.listener is not None
-            await app.listener.connected.wait()
+    async with two_replicas(postgres_url, gated) as apps:
         created = await apps[0].operations.start("gated", {"steps": 3}, "")
         op_id = created.operation.id
 
@@ -117,9 +129,6 @@ async def test_a_replica_hears_the_events_of_the_operations_it_watches_and_no_ot
             return not watching.listener.listening(op_id)  # type: ignore[union-attr]
 
         await eventually(unwatched)
-    finally:
-        for app in reversed(apps):
-            await app.close()
 
 
 async def test_no_notification_is_lost_while_the_watched_operations_change(
@@ -233,15 +242,7 @@ async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
     the events to the watchers there itself, so that replica listens on no events channel for
     it; a stop recorded on the other replica reaches its watchers on the stops channel, its
     `stop_requested` event carried, with no read of storage on the stop's path."""
-    config = runtime_config(postgres_url, watch_poll_seconds=3600.0)
-    apps = [
-        await RuntimeApp.open(config, registry(gated)),
-        await RuntimeApp.open(config, registry(gated)),
-    ]
-    try:
-        for app in apps:
-            assert app.listener is not None
-            await app.listener.connected.wait()
+    async with two_replicas(postgres_url, gated) as apps:
         created = await apps[0].operations.start("gated", {"steps": 3}, "")
         op_id = created.operation.id
         await eventually(lambda: _emitted(apps[0], op_id))  # claimed: by either replica
@@ -270,9 +271,6 @@ async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
         assert reads == []  # both came live: the stop's event on the stops channel
         heard = runs.runner.metrics.notifications_heard
         assert heard["events"]._value.get() == 0 and heard["stops"]._value.get() >= 1
-    finally:
-        for app in reversed(apps):
-            await app.close()
 
 
 async def _emitted(app: RuntimeApp, operation_id: str) -> bool:
