@@ -249,51 +249,74 @@ async def _trial(stub: Any, name: str, mode: str, pause: float) -> float:
     raise RuntimeError("the floor's stream ended without the pushed event")
 
 
-async def measure(
-    address: str, trials: dict[float, int], seed: int = 1
-) -> dict[str, dict[str, Any]]:
+class Floor:
+    """The floor's relay and backend, up beside a stack for as long as its scenarios run, so
+    that a scenario can interleave a floor trial with each of its own (see `trial`)."""
+
+    def __init__(self, backend: Server, relay: Server) -> None:
+        self._backend = backend
+        self._relay = relay
+        self._channel = open_channel(relay.address)
+        self._stub = WithToken(gw_grpc.GatewayServiceStub(self._channel), TOKEN)
+        self._counter = 0
+
+    @classmethod
+    async def open(cls, stack: Stack, workdir: Path) -> Floor:
+        """Messages recorded from `stack` (running, idle), then relay and backend processes of
+        their own."""
+        path = workdir / "floor-messages.bin"
+        await record(stack, path)
+        backend = Server("backend", str(path))
+        try:
+            return cls(backend, Server("relay", backend.address))
+        except BaseException:
+            backend.close()
+            raise
+
+    async def trial(self, step: float, mode: str, pause: float) -> float:
+        """One trial paced as a stop trial at `step` with that pause: the call's return (ACK)
+        or the pushed event's arrival (PUSH), in ms."""
+        self._counter += 1
+        name = f"floor-{self._counter}-{round(chunk_period(step) * 1e6)}"
+        return await _trial(self._stub, name, mode, pause)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+        self._relay.close()
+        self._backend.close()
+
+
+async def measure(floor_: Floor, trials: dict[float, int], seed: int = 1) -> dict[str, Any]:
     """For each step length: `n` unary trials and `n` push trials, interleaved, each with the
     pause stop_latency would draw for the same trial (same seed, same formula)."""
-    channel = open_channel(address)
-    stub = WithToken(gw_grpc.GatewayServiceStub(channel), TOKEN)
     out: dict[str, dict[str, Any]] = {}
-    counter = 0
-    try:
-        for step, n in trials.items():
-            period_us = round(chunk_period(step) * 1e6)
-            rngs = {ACK: random.Random(seed), PUSH: random.Random(seed)}
-            samples: dict[str, list[float]] = {ACK: [], PUSH: []}
-            for _ in range(n):
-                for mode in (ACK, PUSH):
-                    counter += 1
-                    pause = rngs[mode].uniform(0, min(step, 1.0) * 0.5)
-                    name = f"floor-{counter}-{period_us}"
-                    samples[mode].append(await _trial(stub, name, mode, pause))
-            out[f"{step:g}s"] = {
-                "unary_ms": summary(samples[ACK]),
-                "push_ms": summary(samples[PUSH]),
-                "trials": n,
-                "chunk_period_ms": period_us / 1000,
-            }
-    finally:
-        await channel.close(grace=None)
+    for step, n in trials.items():
+        rng = random.Random(seed)
+        samples: dict[str, list[float]] = {ACK: [], PUSH: []}
+        for _ in range(n):
+            pause = rng.uniform(0, min(step, 1.0) * 0.5)
+            for mode in (ACK, PUSH):
+                samples[mode].append(await floor_.trial(step, mode, pause))
+        out[f"{step:g}s"] = {
+            "unary_ms": summary(samples[ACK]),
+            "push_ms": summary(samples[PUSH]),
+            "trials": n,
+            "chunk_period_ms": chunk_period(step) * 1000,
+        }
     return out
 
 
-async def floor(stack: Stack, workdir: Path, trials: dict[float, int]) -> dict[str, Any]:
-    """The floor beside `stack` (running, idle): messages recorded from it, then relay and
-    backend processes of their own, measured from this process."""
-    path = workdir / "floor-messages.bin"
-    await record(stack, path)
-    backend = Server("backend", str(path))
+async def floor(
+    stack: Stack, workdir: Path, trials: dict[float, int], floor_: Floor | None = None
+) -> dict[str, Any]:
+    """The floor beside `stack`, measured in a block of its own (`floor_`: processes already
+    up; else they are started, from messages recorded on `stack`, and stopped after)."""
+    opened = floor_ or await Floor.open(stack, workdir)
     try:
-        relay = Server("relay", backend.address)
-        try:
-            by_step = await measure(relay.address, trials)
-        finally:
-            relay.close()
+        by_step = await measure(opened, trials)
     finally:
-        backend.close()
+        if floor_ is None:
+            await opened.close()
     return {
         "how": "grpc.aio client -> relay -> backend, three processes, recorded messages",
         **by_step,

@@ -85,79 +85,121 @@ AGENT_SCENARIOS = agent_scenarios.SCENARIOS
 SCENARIOS += AGENT_SCENARIOS
 
 
+async def _stops(
+    stack: Stack,
+    out: dict[str, Any],
+    only: frozenset[str],
+    trials: dict[float, int],
+    quick: bool,
+    paired: floor.Floor | None,
+) -> None:
+    """The stop scenarios on one replica, and the start scenario."""
+    if "stop" in only:
+        for step, n in trials.items():
+            out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(
+                stack, step, n, floor=paired
+            )
+    if "stop_second_client" in only:
+        # The stop from another client on its own connection (another service, another tab).
+        for step, n in trials.items():
+            out[f"stop_own_connection/{step:g}s"] = await scenarios.stop_latency(
+                stack, step, n, own_connection=True, floor=paired
+            )
+    if "stop_node" in only:
+        node = await asyncio.to_thread(node_client.stop_latency, stack, trials)
+        out.update({f"stop_node/{step}": data for step, data in node.items()})
+    if "start_latency" in only:
+        # Compared in the same run with stop-to-halt at 1 s steps (issue 14: <= 1.2x).
+        start = await scenarios.start_latency(stack, 10 if quick else 50, floor=paired)
+        stop = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
+        start["stop_halt_1s_ms"] = stop["halt_ms"]
+        halt = stop["halt_ms"]["median"]
+        start["ratio_to_stop_halt"] = start["first_step_ms"]["median"] / halt
+        start["no_hold_ratio_to_stop_halt"] = start["no_hold_first_step_ms"]["median"] / halt
+        out["start_latency"] = start
+
+
+async def _cross(
+    backend: str,
+    workdir: Path,
+    out: dict[str, Any],
+    trials: dict[float, int],
+    quick: bool,
+    paired: floor.Floor | None,
+) -> None:
+    """PostgreSQL's stops across replicas: sent to the other replica, and through one gateway
+    over both."""
+    with Stack(backend, workdir, replicas=2) as stack:
+        for step, n in trials.items():
+            out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
+                stack, step, n, cross_replica=True, floor=paired
+            )
+    # Production's shape: one gateway over both replicas (round_robin) that starts and stops
+    # every operation, the replicas named to it (it then routes each operation's release and
+    # stops to the replica streaming it) or not; the arms alternate, a stack each.
+    for i, (step, n) in enumerate(trials.items()):
+        for routed in (False, True) if i % 2 else (True, False):
+            with Stack(backend, workdir, replicas=2, advertise=routed, balanced=True) as stack:
+                await scenarios.warm_up(stack, gateway=-1)
+                name = "balanced_routed" if routed else "balanced"
+                out[f"{name}_stop/{step:g}s"] = await scenarios.stop_latency(
+                    stack, step, n, gateway=-1, floor=paired
+                )
+                if i == 0:
+                    out[f"{name}_start"] = await scenarios.start_latency(
+                        stack, 10 if quick else 50, gateway=-1, floor=paired
+                    )
+
+
 async def stopline_suite(
     backend: str, workdir: Path, quick: bool, only: frozenset[str] = frozenset(SCENARIOS)
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     trials = {0.01: 10 if quick else 50, 1.0: 5 if quick else 30, 30.0: 3 if quick else 15}
     base_trials = {0.01: 5 if quick else 30, 1.0: 3 if quick else 10, 30.0: 1 if quick else 2}
-    with Stack(backend, workdir) as stack:
-        if "floor" in only:
-            # Raw gRPC, same topology, same pacing, right before the stops it is the floor of
-            # (and again right after them, below).
-            out["floor_before"] = await floor.floor(stack, workdir, trials)
-            out["floor"] = out["floor_before"]
-        if "stop" in only:
-            for step, n in trials.items():
-                out[f"stop_latency/{step:g}s"] = await scenarios.stop_latency(stack, step, n)
-        if "stop_second_client" in only:
-            # The stop from another client on its own connection (another service, another tab).
-            for step, n in trials.items():
-                out[f"stop_own_connection/{step:g}s"] = await scenarios.stop_latency(
-                    stack, step, n, own_connection=True
+    # The floor's processes stay up through every stack of the stop scenarios, each trial of
+    # which is paired with floor trials (scenarios.stop_latency's `floor`).
+    paired: floor.Floor | None = None
+    try:
+        with Stack(backend, workdir) as stack:
+            if "floor" in only:
+                paired = await floor.Floor.open(stack, workdir)
+                # Raw gRPC, same topology, same pacing, in a block right before the stops (and
+                # again right after them, below): the floor of the figures with no paired one.
+                out["floor_before"] = await floor.floor(stack, workdir, trials, paired)
+                out["floor"] = out["floor_before"]
+            await _stops(stack, out, only, trials, quick, paired)
+            if "floor" in only and only & {
+                "stop",
+                "stop_second_client",
+                "stop_node",
+                "start_latency",
+            }:
+                # The same floor again, after the figures it divides; the table divides by both
+                # together (floor.pooled), so one fast or slow moment of the VM weighs half.
+                out["floor_after"] = await floor.floor(stack, workdir, trials, paired)
+                out["floor"] = floor.pooled(out["floor_before"], out["floor_after"])
+            if "early_stop" in only:
+                out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
+            if "per_step" in only:
+                out["per_step"] = await scenarios.per_step_overhead(
+                    stack, repeats=2 if quick else 3
                 )
-        if "stop_node" in only:
-            node = await asyncio.to_thread(node_client.stop_latency, stack, trials)
-            out.update({f"stop_node/{step}": data for step, data in node.items()})
-        if "start_latency" in only:
-            # Compared in the same run with stop-to-halt at 1 s steps (issue 14: <= 1.2x).
-            start = await scenarios.start_latency(stack, 10 if quick else 50)
-            stop = await scenarios.stop_latency(stack, 1.0, 5 if quick else 30)
-            start["stop_halt_1s_ms"] = stop["halt_ms"]
-            halt = stop["halt_ms"]["median"]
-            start["ratio_to_stop_halt"] = start["first_step_ms"]["median"] / halt
-            start["no_hold_ratio_to_stop_halt"] = start["no_hold_first_step_ms"]["median"] / halt
-            out["start_latency"] = start
-        if "floor" in only and only & {"stop", "stop_second_client", "stop_node", "start_latency"}:
-            # The same floor again, after the figures it divides; the table divides by both
-            # together (floor.pooled), so one fast or slow moment of the VM weighs half.
-            out["floor_after"] = await floor.floor(stack, workdir, trials)
-            out["floor"] = floor.pooled(out["floor_before"], out["floor_after"])
-        if "early_stop" in only:
-            out["early_stop"] = await scenarios.early_stop(stack, 10 if quick else 50)
-        if "per_step" in only:
-            out["per_step"] = await scenarios.per_step_overhead(stack, repeats=2 if quick else 3)
-        if "streaming" in only:
-            out["streaming"] = await streaming(stack, workdir, quick)
-        if "concurrency" in only:
-            out["concurrency"] = await scenarios.concurrency_repeated(stack, 1 if quick else 3)
-    if "baseline" in only:
-        with Stack(backend, workdir, abort_mid_step=False) as stack:
-            for step, n in base_trials.items():
-                out[f"baseline_boundary_only/{step:g}s"] = await scenarios.stop_latency(
-                    stack, step, n
-                )
-    if backend == "postgresql" and "cross" in only:
-        with Stack(backend, workdir, replicas=2) as stack:
-            for step, n in trials.items():
-                out[f"cross_replica_stop/{step:g}s"] = await scenarios.stop_latency(
-                    stack, step, n, cross_replica=True
-                )
-        # Production's shape: one gateway over both replicas (round_robin) that starts and stops
-        # every operation, the replicas named to it (it then routes each operation's release and
-        # stops to the replica streaming it) or not; the arms alternate, a stack each.
-        for i, (step, n) in enumerate(trials.items()):
-            for routed in (False, True) if i % 2 else (True, False):
-                with Stack(backend, workdir, replicas=2, advertise=routed, balanced=True) as stack:
-                    await scenarios.warm_up(stack, gateway=-1)
-                    name = "balanced_routed" if routed else "balanced"
-                    out[f"{name}_stop/{step:g}s"] = await scenarios.stop_latency(
-                        stack, step, n, gateway=-1
+            if "streaming" in only:
+                out["streaming"] = await streaming(stack, workdir, quick)
+            if "concurrency" in only:
+                out["concurrency"] = await scenarios.concurrency_repeated(stack, 1 if quick else 3)
+        if "baseline" in only:
+            with Stack(backend, workdir, abort_mid_step=False) as stack:
+                for step, n in base_trials.items():
+                    out[f"baseline_boundary_only/{step:g}s"] = await scenarios.stop_latency(
+                        stack, step, n
                     )
-                    if i == 0:
-                        out[f"{name}_start"] = await scenarios.start_latency(
-                            stack, 10 if quick else 50, gateway=-1
-                        )
+        if backend == "postgresql" and "cross" in only:
+            await _cross(backend, workdir, out, trials, quick, paired)
+    finally:
+        if paired is not None:
+            await paired.close()
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
             out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)

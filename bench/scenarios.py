@@ -24,6 +24,8 @@ from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.credentials import SERVICE_TOKEN, TOKEN, WithToken
 
 if TYPE_CHECKING:
+    from bench.floor import Floor
+
     GatewayStub = gw_grpc.GatewayServiceAsyncStub
 
 TERMINAL = ("completed", "failed", "interrupted")
@@ -130,12 +132,19 @@ async def stop_latency(
     seed: int = 1,
     own_connection: bool = False,
     gateway: int = 0,
+    floor: Floor | None = None,
 ) -> dict[str, Any]:
     """Stop at a random moment inside a step; time the stop call's return (acknowledgment) and
     the stop call -> terminal event received on the client's stream (halt). With
     `own_connection`, the stop comes from a second client on a connection of its own (another
     service, another tab), not on the streaming client's connection (issue 17). `gateway`: the
-    index of the stack's gateway to start and stop through."""
+    index of the stack's gateway to start and stop through.
+
+    With `floor`, each trial is paired with a floor trial of each kind, (a) and (b), at the same
+    pause, in alternating order (the floor's first in even trials, last in odd ones): the
+    result's `floor` is then measured at the same moments of the VM as the stops it divides,
+    which a floor measured in a block before and after them is not (this VM's speed drifts
+    within minutes, and one run's ratio to such a floor moved by up to 0.9 between runs)."""
     rng = random.Random(seed)
     clients = Clients(stack)
     second = None
@@ -144,9 +153,22 @@ async def stop_latency(
     ack: list[float] = []
     halt: list[float] = []
     server_halt: list[float] = []
+    floor_ack: list[float] = []
+    floor_push: list[float] = []
     mid_step = 0
+
+    async def floor_trials(pause: float) -> None:
+        if floor is not None:
+            from bench.floor import ACK, PUSH
+
+            floor_ack.append(await floor.trial(step_seconds, ACK, pause))
+            floor_push.append(await floor.trial(step_seconds, PUSH, pause))
+
     try:
-        for _ in range(trials):
+        for trial in range(trials):
+            pause = rng.uniform(0, min(step_seconds, 1.0) * 0.5)
+            if trial % 2 == 0:
+                await floor_trials(pause)
             with trial_span("stop trial"):
                 call, op_id = await ticking(clients.gateways[gateway], step_seconds)
                 stopper = clients.gateways[gateway]
@@ -154,7 +176,7 @@ async def stop_latency(
                     stopper = clients.gateways[1 - stack.owner(op_id)]
                 if second is not None:
                     stopper = gateway_stub(second)
-                await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
+                await asyncio.sleep(pause)
                 began = time.perf_counter()
                 await stopper.StopOperation(
                     gw.StopOperationRequest(operation_id=op_id, reason="bench")
@@ -167,11 +189,13 @@ async def stop_latency(
                             server_halt.append(update.event.interrupted.halt_ms)
                             mid_step += int(update.event.interrupted.mid_step)
                         break
+            if trial % 2 == 1:
+                await floor_trials(pause)
     finally:
         await clients.close()
         if second is not None:
             await second.close(grace=None)
-    return {
+    out: dict[str, Any] = {
         "stop_connection": "own" if own_connection else "same",
         "ack_ms": summary(ack),
         "halt_ms": summary(halt),
@@ -179,6 +203,13 @@ async def stop_latency(
         "mid_step": mid_step,
         "trials": trials,
     }
+    if floor is not None:
+        out["floor"] = {
+            "how": "interleaved: a trial of each kind beside each stop, at its pause",
+            "unary_ms": summary(floor_ack),
+            "push_ms": summary(floor_push),
+        }
+    return out
 
 
 async def warm_up(stack: Stack, gateway: int, operations: int = 4) -> None:
@@ -197,16 +228,31 @@ async def warm_up(stack: Stack, gateway: int, operations: int = 4) -> None:
         await clients.close()
 
 
-async def start_latency(stack: Stack, trials: int, gateway: int = 0) -> dict[str, Any]:
+async def start_latency(
+    stack: Stack, trials: int, gateway: int = 0, floor: Floor | None = None
+) -> dict[str, Any]:
     """The StartAndStream call -> the first `step_started` event received on the client's stream:
     what a start costs before any work begins (issue 14 removed the gateway's release delay).
     Two arms, their trials interleaved so that both see the same machine: the default held start
     (StartOperation held, the id to the client, ReleaseOperation, a separate WatchOperation) and
-    `no_hold` (one StartAndWatchOperation stream carries the answer and the events)."""
+    `no_hold` (one StartAndWatchOperation stream carries the answer and the events). With
+    `floor`, a floor (b) trial at 10 ms steps' pacing (start trials run back to back, as busy)
+    is paired with each trial, first in odd trials and last in even ones, as stop_latency does."""
     clients = Clients(stack)
     first_step: dict[bool, list[float]] = {False: [], True: []}
+    floor_push: list[float] = []
+    rng = random.Random(1)
+
+    async def floor_trial() -> None:
+        if floor is not None:
+            from bench.floor import PUSH
+
+            floor_push.append(await floor.trial(0.01, PUSH, rng.uniform(0, 0.005)))
+
     try:
         for trial in range(trials):
+            if trial % 2:
+                await floor_trial()
             for no_hold in (False, True) if trial % 2 else (True, False):
                 request = _start("ticker", steps=1, step_seconds=0.01)
                 request.no_hold = no_hold
@@ -220,13 +266,21 @@ async def start_latency(stack: Stack, trials: int, gateway: int = 0) -> dict[str
                         first_step[no_hold].append((time.perf_counter() - began) * ms)
                     if _is_terminal(update):
                         break
+            if trial % 2 == 0:
+                await floor_trial()
     finally:
         await clients.close()
-    return {
+    out: dict[str, Any] = {
         "first_step_ms": summary(first_step[False]),
         "no_hold_first_step_ms": summary(first_step[True]),
         "trials": trials,
     }
+    if floor is not None:
+        out["floor"] = {
+            "how": "interleaved: a floor (b) trial beside each",
+            "push_ms": summary(floor_push),
+        }
+    return out
 
 
 EARLY_STOP_DELAYS_MS = (0.0, 1.0, 5.0)

@@ -4,9 +4,10 @@ each peer measured in the same run, as Markdown for the top of BENCHMARKS.md.
     python -m bench.table bench/results/latest.json > table.md
 
 The VM's speed moves by 2x between days; the ratio to what the machine can do at all (the floor,
-bench/floor.py, measured right before and right after the figures it divides, both pooled)
-stays put. Each Stopline figure
-is set against the floor that bounds it:
+bench/floor.py) stays put. A stop scenario's floor is measured by trials paired with its own
+(scenarios.stop_latency's `floor`: the VM's speed drifts within minutes too); the other figures'
+floor, right before and right after them, both pooled. Each Stopline figure is set against the
+floor that bounds it:
 
 * a stop's acknowledgment (the StopOperation call's return) against floor (a), one unary call
   relayed client -> relay -> backend and back;
@@ -109,7 +110,9 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
             for name in sorted((n for n in suite if n.startswith(prefix + "/")), key=_step_key):
                 step = name.split("/", 1)[1]
                 data = suite[name]
-                pace = floor.get(step) or {}
+                # The floor trials paired with these stops, else the run's floor measured in
+                # blocks before and after them.
+                pace = data.get("floor") or floor.get(step) or {}
                 lg = langgraph.get(step) or {}
                 db = _dbos(peers, step)
                 for key, kind, lg_key, what in (
@@ -150,7 +153,7 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
                         what + where,
                         "10 ms",
                         _median(suite[start].get(key)),
-                        _median((floor.get("0.01s") or {}).get(HALT)),
+                        _median((suite[start].get("floor") or floor.get("0.01s") or {}).get(HALT)),
                         target("start_latency", HALT, backend),
                     )
         dbos = peers.get("dbos") or {}
@@ -242,8 +245,10 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
         *(["**Quick run (few trials): indicative only.**", ""] if results.get("quick") else []),
         "Medians; a ratio below 1 means Stopline is faster. *Floor*: the same three-process",
         "topology (client, relay, backend) in raw grpc.aio with no logic, measured in the same run",
-        "at the same pacing (bench/floor.py), before and after the figures it divides (both",
-        "pooled, where the run has both): an acknowledgment is divided by floor (a),",
+        "at the same pacing (bench/floor.py): for a stop scenario, one trial of each kind paired",
+        "with each stop (the same pause, alternating which goes first), where the run has them;",
+        "otherwise measured in blocks before and after the figures it divides, pooled. An",
+        "acknowledgment is divided by floor (a),",
         "one unary call relayed there and back; stop → terminal event and start → first step",
         "event by floor (b), that call plus an event pushed back through the relay's stream.",
         f"Peers: {_versions(peers)}. LangGraph's figures are its cancel call's return and its",

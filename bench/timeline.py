@@ -4,6 +4,8 @@ services' own spans (tracing on, exported to a sink in this process), beside the
     python -m bench.timeline stop --backend sqlite --trials 30      # one stop's hops
     python -m bench.timeline start --backend sqlite --trials 25     # a held start
     python -m bench.timeline start --no-hold                        # a start with no hold
+    python -m bench.timeline stop --backend postgresql --balanced --routed --step-seconds 0.01
+                    # production's shape: one gateway over two replicas (named to it or not)
 
 Every process runs on this host, so span times (wall clock, ns) and the client's `time.time_ns()`
 share a clock. A stop: client send → the gateway's `StopOperation` span → its `stop delivery`
@@ -36,7 +38,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
 from bench.otlp_sink import service_of
-from bench.scenarios import Clients, _is_terminal, _start, ticking
+from bench.scenarios import Clients, _is_terminal, _start, ticking, warm_up
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 
@@ -52,6 +54,7 @@ class Span:
     start: int
     end: int
     attributes: dict[str, Any]
+    pid: int = 0  # the exporting process (several runtime replicas share a service name)
 
 
 class Sink(ts_grpc.TraceServiceServicer):
@@ -67,6 +70,14 @@ class Sink(ts_grpc.TraceServiceServicer):
         with self.lock:
             for resource in request.resource_spans:
                 service = service_of(resource)
+                pid = next(
+                    (
+                        a.value.int_value
+                        for a in resource.resource.attributes
+                        if a.key == "process.pid"
+                    ),
+                    0,
+                )
                 for scope in resource.scope_spans:
                     for s in scope.spans:
                         attributes = {
@@ -79,6 +90,7 @@ class Sink(ts_grpc.TraceServiceServicer):
                                 s.start_time_unix_nano,
                                 s.end_time_unix_nano,
                                 attributes,
+                                pid,
                             )
                         )
         return ts.ExportTraceServiceResponse()
@@ -107,17 +119,21 @@ class Sink(ts_grpc.TraceServiceServicer):
 Trial = tuple[str, int, int, int]  # operation id and three client clock readings (ns)
 
 
-async def stop_trials(stack: Stack, trials: int, step_seconds: float) -> list[Trial]:
+async def stop_trials(
+    stack: Stack, trials: int, step_seconds: float, gateway: int = 0
+) -> list[Trial]:
     """Stops paced as bench.scenarios.stop_latency: (id, sent, acknowledged, terminal)."""
     rng = random.Random(1)
     clients = Clients(stack)
     out: list[Trial] = []
     try:
+        if gateway != 0:
+            await warm_up(stack, gateway)
         for _ in range(trials):
-            call, op_id = await ticking(clients.gateways[0], step_seconds)
+            call, op_id = await ticking(clients.gateways[gateway], step_seconds)
             await asyncio.sleep(rng.uniform(0, min(step_seconds, 1.0) * 0.5))
             sent = time.time_ns()
-            await clients.gateways[0].StopOperation(
+            await clients.gateways[gateway].StopOperation(
                 gw.StopOperationRequest(operation_id=op_id, reason="timeline")
             )
             acknowledged = time.time_ns()
@@ -166,7 +182,7 @@ def _add(parts: dict[str, list[float]], name: str, ns: int) -> None:
 def stop_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
     parts: dict[str, list[float]] = {}
     add = partial(_add, parts)
-    for _, sent, acknowledged, terminal in trials:
+    for op_id, sent, acknowledged, terminal in trials:
         handler = sink.find(GATEWAY, GW + "StopOperation", sent, acknowledged)
         delivery = sink.find(GATEWAY, "stop delivery", sent, acknowledged)
         interrupt = sink.find(RUNTIME, RT + "InterruptOperation", sent, acknowledged)
@@ -181,7 +197,20 @@ def stop_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
         add("gateway, after the runtime's answer", handler.end - delivery.end)
         add("gateway -> client", acknowledged - handler.end)
         add("terminal event after the acknowledgment", terminal - acknowledged)
+        step = sink.find(RUNTIME, "step", 0, terminal, partial(_of_operation, op_id))
+        if step is not None and step.pid and interrupt.pid:
+            add(f"stops recorded on the runner's replica (of {len(trials)})", 0)
+            if step.pid == interrupt.pid:
+                add("  acknowledgment, recorded on the runner's replica", acknowledged - sent)
+                add("  terminal event, recorded on the runner's replica", terminal - sent)
+            else:
+                add("  acknowledgment, recorded on another replica", acknowledged - sent)
+                add("  terminal event, recorded on another replica", terminal - sent)
     return parts
+
+
+def _of_operation(op_id: str, attributes: dict[str, Any]) -> bool:
+    return bool(attributes.get("stopline.operation_id") == op_id)
 
 
 def start_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
@@ -218,13 +247,19 @@ async def main_async(args: argparse.Namespace) -> None:
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_BSP_SCHEDULE_DELAY": "200",
+        # process.pid on every span's resource: which replica recorded what.
+        "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "otel,process",
     }
+    shape: dict[str, Any] = {}
+    if args.balanced:
+        shape = {"replicas": 2, "balanced": True, "advertise": args.routed}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            stack = Stack(args.backend, Path(tmp), env=env)
+            stack = Stack(args.backend, Path(tmp), env=env, **shape)
+            gateway = -1 if args.balanced else 0
             try:
                 if args.what == "stop":
-                    trials = await stop_trials(stack, args.trials, args.step_seconds)
+                    trials = await stop_trials(stack, args.trials, args.step_seconds, gateway)
                 else:
                     trials = await start_trials(stack, args.trials, args.no_hold)
             finally:
@@ -246,6 +281,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--step-seconds", type=float, default=1.0, help="stop: the step length")
     parser.add_argument("--no-hold", action="store_true", help="start: with no hold")
+    parser.add_argument(
+        "--balanced",
+        action="store_true",
+        help="stop: two replicas behind one gateway (round_robin), as bench.run's cross",
+    )
+    parser.add_argument(
+        "--routed", action="store_true", help="with --balanced: the replicas named to it"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

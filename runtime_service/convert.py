@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -58,10 +58,18 @@ _CAUSE_FROM_PB: dict[op_pb.StopCause.ValueType, StopCause] = {
 _CAUSED = (EventKind.STOP_REQUESTED, EventKind.INTERRUPTED)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+
+
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    """As `Timestamp.FromDatetime` (a naive value is UTC), by one subtraction: that method is
+    Python (a time tuple and calendar.timegm) and ran for every event sent to a watcher and four
+    times for every operation answered, about 5 µs each."""
+    since = value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def status_filter(value: int) -> str | None:

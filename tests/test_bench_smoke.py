@@ -21,13 +21,21 @@ from tests.credentials import TOKEN, WithToken
 
 async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     with Stack("sqlite", tmp_path) as stack:
+        # A floor block with processes of its own; then processes kept up, as bench.run does,
+        # for stops paired with floor trials and for the block after them.
         ground = await floor.floor(stack, tmp_path, {0.01: 2, 0.05: 2})
-        stop = await scenarios.stop_latency(stack, 0.05, trials=2)
-        second = await scenarios.stop_latency(stack, 0.05, trials=2, own_connection=True)
-        early = await scenarios.early_stop(stack, trials=2, delays_ms=(0.0,))
-        start = await scenarios.start_latency(stack, trials=2)
-        steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
-        after = await floor.floor(stack, tmp_path, {0.01: 2, 0.05: 2})
+        paired = await floor.Floor.open(stack, tmp_path)
+        try:
+            stop = await scenarios.stop_latency(stack, 0.05, trials=2)
+            second = await scenarios.stop_latency(
+                stack, 0.05, trials=3, own_connection=True, floor=paired
+            )
+            early = await scenarios.early_stop(stack, trials=2, delays_ms=(0.0,))
+            start = await scenarios.start_latency(stack, trials=2, floor=paired)
+            steps = await scenarios.per_step_overhead(stack, steps=20, repeats=1)
+            after = await floor.floor(stack, tmp_path, {0.01: 2, 0.05: 2}, paired)
+        finally:
+            await paired.close()
     # As bench.run does: the floor measured before and after the figures, pooled.
     pooled = floor.pooled(ground, after)
     for step in ("0.01s", "0.05s"):
@@ -38,11 +46,15 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         assert ground[step]["unary_ms"]["n"] == 2 and ground[step]["push_ms"]["n"] == 2
         assert ground[step]["unary_ms"]["median"] > 0 and ground[step]["push_ms"]["median"] > 0
     assert stop["halt_ms"]["n"] == 2 and stop["mid_step"] >= 1
-    assert second["stop_connection"] == "own" and second["halt_ms"]["n"] == 2
+    assert second["stop_connection"] == "own" and second["halt_ms"]["n"] == 3
+    # A trial of each kind of the floor beside each stop.
+    assert second["floor"]["unary_ms"]["n"] == 3 and second["floor"]["push_ms"]["n"] == 3
+    assert "floor" not in stop
     # early_stop stops by key right after the start call is made, before its answer (issue 14):
     # no step may run. (Later delays are for bench/: by then the start may have been answered.)
     assert early["trials"] == 2 and early["operations_with_a_step_started"] == 0
     assert start["first_step_ms"]["n"] == 2 and start["no_hold_first_step_ms"]["n"] == 2
+    assert start["floor"]["push_ms"]["n"] == 2
     assert steps["runtime_ms_per_step"]["median"] > 0
     # As bench.run records it: beside the same run's stop-to-halt.
     start["stop_halt_1s_ms"] = stop["halt_ms"]
@@ -71,11 +83,12 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     assert float(ack[4].split()[0]) == round(pooled["0.05s"]["unary_ms"]["median"], 2)
     ratio = stop["ack_ms"]["median"] / pooled["0.05s"]["unary_ms"]["median"]
     assert ack[5] == f"**{ratio:.2f}{TIMES}**" or ratio >= 100 or ratio < 0.1
+    # A scenario with paired floor trials is divided by them, not by the blocks.
     halt = rows["stop from a second connection: stop → terminal event"]
-    assert float(halt[4].split()[0]) == round(pooled["0.05s"]["push_ms"]["median"], 2)
+    assert float(halt[4].split()[0]) == round(second["floor"]["push_ms"]["median"], 2)
     for figure in ("start → first step event", "start with `no_hold` → first step event"):
         first = rows[figure]
-        assert float(first[4].split()[0]) == round(pooled["0.01s"]["push_ms"]["median"], 2)
+        assert float(first[4].split()[0]) == round(start["floor"]["push_ms"]["median"], 2)
     assert "  no hold" in text
     assert "Quick run" in markdown(results)
 
