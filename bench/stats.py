@@ -10,6 +10,7 @@ side makes the difference visible; changing one would change the numbers in BENC
 from __future__ import annotations
 
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -79,3 +80,39 @@ def summary_nearest_rank(samples: Sequence[float]) -> dict[str, float | int | No
         "min": round(ordered[0], 3),
         "max": round(ordered[-1], 3),
     }
+
+
+def ratio_interval(
+    ours: Sequence[float],
+    floor: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A percentile-bootstrap interval of median(ours) / median(floor): how far one run's ratio
+    could move by the luck of its trials alone. Samples of equal count are taken as pairs (a
+    stop and the floor trials beside it, scenarios.stop_latency) and resampled together, so
+    that a slow moment of the VM counts in both or in neither; otherwise each is resampled on
+    its own. None without samples."""
+    if not ours or not floor:
+        return None
+    rng = random.Random(seed)
+    paired = len(ours) == len(floor)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(len(ours)) for _ in ours]
+        a = [ours[i] for i in picks]
+        if paired:
+            b = [floor[i] for i in picks]
+        else:
+            b = [floor[rng.randrange(len(floor))] for _ in floor]
+        below = statistics.median(b)
+        if below > 0:
+            ratios.append(statistics.median(a) / below)
+    if not ratios:
+        return None
+    tail = (1 - level) / 2 * 100
+    return (
+        percentile_interpolated(ratios, tail),
+        percentile_interpolated(ratios, 100 - tail),
+    )

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.stats import ratio_interval
+
 ACK, HALT = "unary_ms", "push_ms"
 """The floor figure each kind of Stopline figure is divided by: (a) and (b)."""
 
@@ -50,6 +52,8 @@ START_SCENARIOS = (
 )
 TIMES = "\u00d7"
 """The multiplication sign of the ratios (Markdown renders it; ruff rightly flags it in code)."""
+DASH = "\u2013"
+"""The en dash of the intervals (as TIMES: Markdown's, not code's)."""
 STEP_NAMES = {"0.01s": "10 ms", "1s": "1 s", "30s": "30 s"}
 # Issue 17's targets, as a bound on the ratio to the floor (backend None: either).
 TARGETS = {
@@ -77,6 +81,14 @@ class Row:
     langgraph: float | None = None
     dbos: float | None = None
     unit: str = "ms"
+    # The trials behind `ours` and `floor`, for the ratio's interval (stats.ratio_interval).
+    ours_samples: list[float] | None = None
+    floor_samples: list[float] | None = None
+
+
+def _samples(summary: Any) -> list[float] | None:
+    samples = summary.get("samples") if isinstance(summary, dict) else None
+    return list(samples) if samples else None
 
 
 def _median(summary: Any) -> float | None:
@@ -128,6 +140,8 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
                         target(prefix, kind, backend),
                         _median(lg.get(lg_key)),
                         _median(db.get(key)),
+                        ours_samples=_samples(data.get(key)),
+                        floor_samples=_samples(pace.get(kind)),
                     )
         for name in ("llm_stop", "tool_stop"):
             if name in suite:
@@ -143,6 +157,7 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
             if start not in suite:
                 continue
             # Start trials run back to back, as busy as 10 ms steps: that floor's pacing.
+            pace = (suite[start].get("floor") or floor.get("0.01s") or {}).get(HALT)
             for key, what in (
                 ("first_step_ms", "start → first step event"),
                 ("no_hold_first_step_ms", "start with `no_hold` → first step event"),
@@ -153,8 +168,10 @@ def rows(results: dict[str, Any]) -> Iterator[Row]:
                         what + where,
                         "10 ms",
                         _median(suite[start].get(key)),
-                        _median((suite[start].get("floor") or floor.get("0.01s") or {}).get(HALT)),
+                        _median(pace),
                         target("start_latency", HALT, backend),
+                        ours_samples=_samples(suite[start].get(key)),
+                        floor_samples=_samples(pace),
                     )
         dbos = peers.get("dbos") or {}
         if "per_step" in suite:
@@ -203,6 +220,13 @@ def _ratio(ours: float | None, theirs: float | None, bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def _interval(row: Row) -> str:
+    if not row.ours_samples or not row.floor_samples:
+        return ""
+    bounds = ratio_interval(row.ours_samples, row.floor_samples)
+    return "" if bounds is None else f"{bounds[0]:.2f}{DASH}{bounds[1]:.2f}"
+
+
 def _versions(peers: dict[str, Any]) -> str:
     parts = []
     dbos = peers.get("dbos") or {}
@@ -220,15 +244,15 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
     machine = results.get("machine") or {}
     peers = results.get("peers") or {}
     lines = [
-        "| backend | figure | step | Stopline | floor | ÷ floor | target | LangGraph | "
-        "÷ LangGraph | DBOS | ÷ DBOS |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| backend | figure | step | Stopline | floor | ÷ floor | 95 % interval | target | "
+        "LangGraph | ÷ LangGraph | DBOS | ÷ DBOS |",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in rows(results):
         lines.append(
             f"| {row.backend} | {row.figure} | {row.step} | {_value(row.ours, row.unit)} | "
             f"{_value(row.floor, row.unit)} | {_ratio(row.ours, row.floor, bold=True)} | "
-            f"{row.target} | "
+            f"{_interval(row)} | {row.target} | "
             f"{_value(row.langgraph, row.unit)} | {_ratio(row.ours, row.langgraph)} | "
             f"{_value(row.dbos, row.unit)} | {_ratio(row.ours, row.dbos)} |"
         )
@@ -251,6 +275,10 @@ def markdown(results: dict[str, Any], source: str = "") -> str:
         "acknowledgment is divided by floor (a),",
         "one unary call relayed there and back; stop → terminal event and start → first step",
         "event by floor (b), that call plus an event pushed back through the relay's stream.",
+        "*95 % interval*: how far the ratio could move by the luck of this run's trials alone",
+        "(a bootstrap of the two medians' ratio, each stop resampled with the floor trials",
+        "paired with it); a target is met or missed for sure only when the interval is all on",
+        "one side of it.",
         f"Peers: {_versions(peers)}. LangGraph's figures are its cancel call's return and its",
         "stream closing (it sends no terminal event); DBOS's are `cancel_workflow`'s return and",
         "the workflow no longer running (ordinary steps: the step in flight runs to its end).",

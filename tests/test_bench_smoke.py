@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 from pathlib import Path
 
 import psutil
@@ -12,7 +13,8 @@ import pytest
 from bench import floor, interceptors, node_client, scenarios
 from bench.report import table
 from bench.stack import Stack
-from bench.table import TIMES, markdown
+from bench.stats import ratio_interval
+from bench.table import DASH, TIMES, markdown
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from stopline.transport import open_channel
@@ -86,11 +88,26 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
     # A scenario with paired floor trials is divided by them, not by the blocks.
     halt = rows["stop from a second connection: stop → terminal event"]
     assert float(halt[4].split()[0]) == round(second["floor"]["push_ms"]["median"], 2)
+    # With the bootstrap interval of that ratio beside it, which holds the ratio itself.
+    low, high = (float(bound) for bound in halt[6].split(DASH))
+    point = second["halt_ms"]["median"] / second["floor"]["push_ms"]["median"]
+    assert low <= point <= high
     for figure in ("start → first step event", "start with `no_hold` → first step event"):
         first = rows[figure]
         assert float(first[4].split()[0]) == round(start["floor"]["push_ms"]["median"], 2)
     assert "  no hold" in text
     assert "Quick run" in markdown(results)
+
+
+def test_a_ratio_interval_pairs_equal_counts_and_holds_the_ratio() -> None:
+    """stats.ratio_interval: pairs (same index) move together, so a floor that doubles with the
+    stops beside it gives no spread at all; unpaired samples give an interval around the ratio."""
+    floor_ms = [1.0, 2.0, 4.0, 8.0, 3.0]
+    assert ratio_interval([2 * f for f in floor_ms], floor_ms) == (2.0, 2.0)
+    ours, below = [5.0, 6.0, 7.0, 5.5, 9.0, 6.5], [3.0, 3.5, 4.0, 3.2]
+    low, high = ratio_interval(ours, below) or (0.0, 0.0)
+    assert low < statistics.median(ours) / statistics.median(below) < high
+    assert ratio_interval([], below) is None
 
 
 @pytest.mark.postgres
