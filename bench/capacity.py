@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import capacity_ceiling
+from bench.load_scenarios import _count, _steps_completed
 from bench.profiling import top_frames
-from bench.scenarios import Clients, _count, _input, _steps_completed
+from bench.scenarios import Clients, _input
 from bench.stack import Stack
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt

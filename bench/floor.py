@@ -280,6 +280,14 @@ class Floor:
         name = f"floor-{self._counter}-{round(chunk_period(step) * 1e6)}"
         return await _trial(self._stub, name, mode, pause)
 
+    async def unary(self, step: float, pause: float) -> float:
+        """A floor (a) trial (scenarios.Floor)."""
+        return await self.trial(step, ACK, pause)
+
+    async def push(self, step: float, pause: float) -> float:
+        """A floor (b) trial (scenarios.Floor)."""
+        return await self.trial(step, PUSH, pause)
+
     async def close(self) -> None:
         await self._channel.close(grace=None)
         self._relay.close()

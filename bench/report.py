@@ -67,7 +67,8 @@ def table(results: dict[str, Any]) -> str:
                 lines.append(
                     f"{'concurrency 200x20x10ms':<44} {wall:>9.2f} {'':>9}  s wall (median of "
                     f"{each}); stopped {data['stopped']}, wrong {data['wrong_final_state']}, "
-                    f"missing {data['missing']}"
+                    f"missing {data['missing']}; acknowledged pending "
+                    f"{data.get('acknowledged_pending', 0)}"
                 )
             elif name == "observability":
                 for figure, f in data["figures"].items():

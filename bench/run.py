@@ -21,7 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import agent_scenarios, floor, node_client, scenarios, waiting_scenarios
+from bench import (
+    agent_scenarios,
+    floor,
+    load_scenarios,
+    node_client,
+    scenarios,
+    waiting_scenarios,
+)
 from bench.machine import RESULTS, machine
 from bench.raw_server import save
 from bench.stack import Stack
@@ -37,7 +44,7 @@ def free_port() -> int:
 
 
 async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
-    op_id, last = await scenarios.prepare_events(stack, steps=200 if quick else 500)
+    op_id, last = await load_scenarios.prepare_events(stack, steps=200 if quick else 500)
     # Record the gateway's messages for the raw baseline, so message sizes are identical.
     async with gateway_channel(stack.gateways[0].address) as channel:
         stub = gw_grpc.GatewayServiceStub(channel)
@@ -54,8 +61,8 @@ async def streaming(stack: Stack, workdir: Path, quick: bool) -> dict[str, Any]:
         assert raw.stdout is not None and (await raw.stdout.readline()).strip() == b"ready"
         result: dict[str, Any] = {"events_per_operation": last}
         for streams in (1, 50):
-            gateway = await scenarios.stream_rate(stack.gateways[0].address, op_id, streams)
-            baseline = await scenarios.stream_rate(f"127.0.0.1:{port}", op_id, streams)
+            gateway = await load_scenarios.stream_rate(stack.gateways[0].address, op_id, streams)
+            baseline = await load_scenarios.stream_rate(f"127.0.0.1:{port}", op_id, streams)
             result[f"{streams}_streams"] = {
                 "gateway": gateway,
                 "raw_baseline": baseline,
@@ -188,7 +195,9 @@ async def stopline_suite(
             if "streaming" in only:
                 out["streaming"] = await streaming(stack, workdir, quick)
             if "concurrency" in only:
-                out["concurrency"] = await scenarios.concurrency_repeated(stack, 1 if quick else 3)
+                out["concurrency"] = await load_scenarios.concurrency_repeated(
+                    stack, 1 if quick else 3
+                )
         if "baseline" in only:
             with Stack(backend, workdir, abort_mid_step=False) as stack:
                 for step, n in base_trials.items():
@@ -202,7 +211,7 @@ async def stopline_suite(
             await paired.close()
     if "capacity" in only:
         with Stack(backend, workdir) as stack:
-            out["capacity"] = await scenarios.capacity(stack, 500 if quick else 2000)
+            out["capacity"] = await load_scenarios.capacity(stack, 500 if quick else 2000)
     if "waiting" in only:
         with Stack(backend, workdir, runtime_args=waiting_scenarios.RUNTIME_ARGS) as stack:
             out["waiting"] = await waiting_scenarios.waiting_capacity(

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import statistics
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf import struct_pb2
 
@@ -18,17 +17,25 @@ from stopline import tracing
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from stopline.transport import bearer_metadata, open_channel
-from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt
 from stopline.v1 import runtime_service_pb2_grpc as rt_grpc
 from tests.credentials import SERVICE_TOKEN, TOKEN, WithToken
 
 if TYPE_CHECKING:
-    from bench.floor import Floor
-
     GatewayStub = gw_grpc.GatewayServiceAsyncStub
 
 TERMINAL = ("completed", "failed", "interrupted")
+
+
+class Floor(Protocol):
+    """Floor trials to pair with a scenario's own (bench.floor.Floor), each paced as a stop trial
+    at `step` seconds with that pause; their times in ms."""
+
+    async def unary(self, step: float, pause: float) -> float: ...
+
+    async def push(self, step: float, pause: float) -> float: ...
+
+
 ms = 1000.0
 
 
@@ -159,10 +166,8 @@ async def stop_latency(
 
     async def floor_trials(pause: float) -> None:
         if floor is not None:
-            from bench.floor import ACK, PUSH
-
-            floor_ack.append(await floor.trial(step_seconds, ACK, pause))
-            floor_push.append(await floor.trial(step_seconds, PUSH, pause))
+            floor_ack.append(await floor.unary(step_seconds, pause))
+            floor_push.append(await floor.push(step_seconds, pause))
 
     try:
         for trial in range(trials):
@@ -245,9 +250,7 @@ async def start_latency(
 
     async def floor_trial() -> None:
         if floor is not None:
-            from bench.floor import PUSH
-
-            floor_push.append(await floor.trial(0.01, PUSH, rng.uniform(0, 0.005)))
+            floor_push.append(await floor.push(0.01, rng.uniform(0, 0.005)))
 
     try:
         for trial in range(trials):
@@ -355,205 +358,3 @@ async def per_step_overhead(stack: Stack, steps: int = 1000, repeats: int = 3) -
     finally:
         await clients.close()
     return {"runtime_ms_per_step": summary(runtime_ms), "client_ms_per_step": summary(client_ms)}
-
-
-async def prepare_events(stack: Stack, steps: int = 500, chunks: int = 8) -> tuple[str, int]:
-    """A finished operation with steps * (chunks + 2) + 3 stored events, to replay."""
-    clients = Clients(stack)
-    try:
-        last = 0
-        op_id = ""
-        async for update in clients.gateways[0].StartAndStream(
-            _start("noop", steps=steps, chunks=chunks)
-        ):
-            if update.WhichOneof("update") == "accepted":
-                op_id = update.accepted.operation_id
-            elif update.WhichOneof("update") == "event":
-                last = update.event.seq
-                if _is_terminal(update):
-                    break
-        return op_id, last
-    finally:
-        await clients.close()
-
-
-async def stream_rate(address: str, op_id: str, streams: int) -> dict[str, Any]:
-    """Events per second delivered to `streams` concurrent clients replaying one operation."""
-    channels = [open_channel(address) for _ in range(min(streams, 10))]
-    stubs = [WithToken(gw_grpc.GatewayServiceStub(c), TOKEN) for c in channels]
-
-    async def one(i: int) -> int:
-        count = 0
-        async for _ in stubs[i % len(stubs)].StreamOperation(
-            gw.StreamOperationRequest(operation_id=op_id, after_seq=0)
-        ):
-            count += 1
-        return count
-
-    try:
-        began = time.perf_counter()
-        counts = await asyncio.gather(*(one(i) for i in range(streams)))
-        elapsed = time.perf_counter() - began
-    finally:
-        for channel in channels:
-            await channel.close(grace=None)
-    return {
-        "streams": streams,
-        "events": sum(counts),
-        "seconds": elapsed,
-        "events_per_second": sum(counts) / elapsed,
-    }
-
-
-async def concurrency(
-    stack: Stack, n: int = 200, steps: int = 20, step_seconds: float = 0.01, seed: int = 2
-) -> dict[str, Any]:
-    """n operations at once, half stopped at random times: wall time and final-state check."""
-    rng = random.Random(seed)
-    clients = Clients(stack)
-    outcome: dict[str, int] = {}
-    stopped: set[str] = set()
-
-    async def one(i: int) -> None:
-        stub = clients.gateways[i % len(clients.gateways)]
-        call = stub.StartAndStream(
-            _start(
-                "ticker",
-                steps=steps,
-                step_seconds=step_seconds,
-                chunk_interval_seconds=step_seconds,
-            )
-        )
-        updates = aiter(call)
-        op_id = (await anext(updates)).accepted.operation_id
-        stop_at = rng.uniform(0, steps * step_seconds) if i % 2 == 0 else None
-        stopper = None
-        if stop_at is not None:
-
-            async def stop_later() -> None:
-                await asyncio.sleep(stop_at)
-                reply = await stub.StopOperation(gw.StopOperationRequest(operation_id=op_id))
-                if reply.outcome != rt.INTERRUPT_OUTCOME_ALREADY_FINISHED:
-                    stopped.add(op_id)
-
-            stopper = asyncio.create_task(stop_later())
-        async for update in updates:
-            if _is_terminal(update):
-                outcome[op_id] = update.event.WhichOneof("kind") == "interrupted"
-                break
-        if stopper is not None:
-            await stopper
-
-    try:
-        began = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        wall = time.perf_counter() - began
-    finally:
-        await clients.close()
-    wrong = sum(1 for op_id, interrupted in outcome.items() if interrupted != (op_id in stopped))
-    return {
-        "operations": n,
-        "wall_seconds": wall,
-        "stopped": len(stopped),
-        "wrong_final_state": wrong,
-        "missing": n - len(outcome),
-    }
-
-
-async def concurrency_repeated(stack: Stack, repetitions: int) -> dict[str, Any]:
-    """The concurrency scenario several times on one stack (different random stops each time):
-    a single wall time on this VM moves by ±20 % between runs, so the median is reported."""
-    runs = [await concurrency(stack, seed=2 + i) for i in range(repetitions)]
-    walls = [run["wall_seconds"] for run in runs]
-    return {
-        "repetitions": repetitions,
-        "wall_seconds": statistics.median(walls),
-        "wall_seconds_each": walls,
-        "stopped": runs[0]["stopped"],
-        "wrong_final_state": sum(run["wrong_final_state"] for run in runs),
-        "missing": sum(run["missing"] for run in runs),
-        "runs": runs,
-    }
-
-
-async def capacity(stack: Stack, n: int, window_seconds: float = 10.0) -> dict[str, Any]:
-    """How many ticker operations with 1-second steps one runtime process keeps running, and
-    whether it keeps up: the step rate achieved over a window against the n per second asked for.
-    (The stack and its database are thrown away afterwards, so nothing is stopped one by one.)"""
-    import psutil  # bench extra only
-
-    clients = Clients(stack)
-    runtime = clients.runtimes[0]
-    proc = psutil.Process(stack.runtimes[0].process.pid)
-    try:
-        sem = asyncio.Semaphore(50)
-
-        async def start_one() -> None:
-            async with sem:
-                await runtime.StartOperation(
-                    rt.StartOperationRequest(
-                        agent="ticker",
-                        input=_input(steps=100_000, step_seconds=1, chunk_interval_seconds=1),
-                    )
-                )
-
-        began = time.perf_counter()
-        await asyncio.gather(*(start_one() for _ in range(n)))
-        start_seconds = time.perf_counter() - began
-        # A start returns once the operation is stored; its runner claims it right after.
-        # Give the last claims a moment (polled, bounded) before counting.
-        deadline = time.perf_counter() + 10.0
-        while True:
-            running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
-            if running >= n or time.perf_counter() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        all_running_seconds = time.perf_counter() - began
-        before = await _steps_completed(stack)
-        proc.cpu_percent(None)
-        await asyncio.sleep(window_seconds)
-        cpu = proc.cpu_percent(None)
-        after = await _steps_completed(stack)
-        rss_mb = proc.memory_info().rss / 2**20
-    finally:
-        await clients.close()
-    return {
-        "started": n,
-        "running": running,
-        "start_seconds": start_seconds,
-        "all_running_seconds": all_running_seconds,
-        "steps_per_second_asked": n,
-        "steps_per_second_achieved": (after - before) / window_seconds,
-        "rss_mb": rss_mb,
-        "cpu_percent": cpu,
-    }
-
-
-async def _count(runtime: Any, status: op_pb.OperationStatus.ValueType) -> int:
-    total, token = 0, ""
-    while True:
-        page = await runtime.ListOperations(
-            rt.ListOperationsRequest(status=status, page_size=500, page_token=token)
-        )
-        total += len(page.operations)
-        token = page.next_page_token
-        if not token:
-            return total
-
-
-async def _steps_completed(stack: Stack) -> int:
-    from sqlalchemy import create_engine, func, select
-
-    from runtime_service.schema import steps
-
-    def count() -> int:
-        engine = create_engine(stack.url)
-        try:
-            with engine.connect() as conn:
-                done = steps.c.outcome == "completed"
-                query = select(func.count()).select_from(steps).where(done)
-                return int(conn.execute(query).scalar_one())
-        finally:
-            engine.dispose()
-
-    return await asyncio.to_thread(count)

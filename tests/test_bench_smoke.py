@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench import floor, interceptors, node_client, scenarios
+from bench import floor, interceptors, load_scenarios, node_client, scenarios
 from bench.report import table
 from bench.stack import Stack
 from bench.stats import ratio_interval
@@ -97,6 +97,18 @@ async def test_benchmark_scenarios_run_end_to_end(tmp_path: Path) -> None:
         assert float(first[4].split()[0]) == round(start["floor"]["push_ms"]["median"], 2)
     assert "  no hold" in text
     assert "Quick run" in markdown(results)
+
+
+async def test_the_concurrency_scenario_checks_each_end_against_the_stop_recorded(
+    tmp_path: Path,
+) -> None:
+    """bench.load_scenarios.concurrency at a small size: every operation ends, and ends
+    interrupted exactly when a stop was recorded on it (a stop still pending at its
+    acknowledgment is looked up, not assumed recorded)."""
+    with Stack("sqlite", tmp_path) as stack:
+        result = await load_scenarios.concurrency(stack, n=20, steps=5)
+    assert result["missing"] == 0 and result["wrong_final_state"] == 0
+    assert 0 < result["stopped"] <= 10 and result["acknowledged_pending"] <= 10
 
 
 def test_a_ratio_interval_pairs_equal_counts_and_holds_the_ratio() -> None:
