@@ -138,6 +138,17 @@ async def test_the_balanced_stack_routes_through_one_gateway_over_both_replicas(
     assert "start → first step event, two replicas behind one gateway, named (routed)" in text
 
 
+@pytest.mark.postgres
+async def test_the_shapes_benchmark_alternates_one_and_two_replicas() -> None:
+    """bench.shapes at two trials: both shapes measured, both figures of each."""
+    from bench import shapes
+
+    result = await shapes.compare(0.05, trials=2)
+    assert set(result) == {"one replica", "two replicas, routed"}
+    for medians in result.values():
+        assert 0 < medians["ack_ms"] <= medians["halt_ms"]
+
+
 async def test_own_connection_option_opens_a_connection_of_its_own(tmp_path: Path) -> None:
     """gRPC shares one TCP connection between a process's channels to one address unless told
     otherwise: the second-client stop figure means something only if its option works."""
