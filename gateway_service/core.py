@@ -18,12 +18,11 @@ Guarantees kept here:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,13 @@ from gateway_service.delivery import DeliveryState, StopDeliverer, StopDelivery
 from gateway_service.follow import Follower
 from gateway_service.metrics import GatewayMetrics
 from gateway_service.ownership import OwnerCache
+from gateway_service.policies import (
+    CLIENT_CANCELLED,
+    GRACE_LABEL,
+    POLICY_LABEL,
+    CancelPolicy,
+    policy_from_labels,
+)
 from gateway_service.runtime_link import RuntimeLink
 from gateway_service.starting import Started, Starter
 from gateway_service.streams import (
@@ -59,13 +65,7 @@ from stopline.v1 import runtime_service_pb2 as rt_pb
 
 log = logging.getLogger(__name__)
 
-POLICY_LABEL = "stopline.cancel_policy"
-GRACE_LABEL = "stopline.cancel_grace_seconds"
 GATEWAY = "gateway"
-# The stop's reason when the STOP policy stops an operation whose client left: the servicer
-# tells a call the client cancelled (or whose connection broke) from one whose deadline expired.
-CLIENT_CANCELLED = "the client's stream was cancelled"
-CLIENT_DEADLINE = "the client's deadline expired"
 # What max_running_per_principal counts: operations that have not ended (STOPPING is RUNNING
 # with a stop recorded; the runtime lists it apart from RUNNING).
 UNFINISHED = (
@@ -73,12 +73,6 @@ UNFINISHED = (
     op_pb.OPERATION_STATUS_RUNNING,
     op_pb.OPERATION_STATUS_STOPPING,
 )
-
-
-class CancelPolicy(enum.StrEnum):
-    STOP = "stop"
-    KEEP_RUNNING = "keep_running"
-    STOP_AFTER_GRACE = "stop_after_grace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +101,6 @@ def _end_watch(start: asyncio.Task[Started]) -> None:
     if start.cancelled() or start.exception() is not None:
         return
     start.result().watch.cancel()
-
-
-def policy_from_labels(labels: Mapping[str, str]) -> tuple[CancelPolicy, float]:
-    """The cancel policy chosen at start, stored with the operation so any gateway applies it."""
-    try:
-        policy = CancelPolicy(labels.get(POLICY_LABEL, CancelPolicy.STOP))
-    except ValueError:
-        policy = CancelPolicy.STOP
-    try:
-        grace = float(labels.get(GRACE_LABEL, "0"))
-    except ValueError:
-        grace = 0.0
-    return policy, grace
 
 
 class Gateway:

@@ -8,14 +8,8 @@ from typing import Any
 
 from grpc import aio
 
-from gateway_service.core import (
-    CLIENT_CANCELLED,
-    CLIENT_DEADLINE,
-    Accepted,
-    CancelPolicy,
-    Gateway,
-    Limits,
-)
+from gateway_service.core import Accepted, Gateway, Limits
+from gateway_service.policies import CLIENT_CANCELLED, CLIENT_DEADLINE, CancelPolicy
 from gateway_service.streams import EventItem, StopRequestedItem, StopUndeliveredItem, StreamItem
 from stopline.caller import current_principal
 from stopline.errors import InvalidArgument
