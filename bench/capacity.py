@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import capacity_ceiling
-from bench.load_scenarios import _count, _steps_completed
+from bench.load_scenarios import _count, _steps_completed, start_tickers
 from bench.profiling import top_frames
-from bench.scenarios import Clients, _input
+from bench.scenarios import Clients
 from bench.stack import Stack
 from stopline.v1 import operation_pb2 as op_pb
-from stopline.v1 import runtime_service_pb2 as rt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,20 +60,8 @@ async def capacity(
     rss_before = proc.memory_info().rss
     out: dict[str, Any] = {"operations": n}
     try:
-        sem = asyncio.Semaphore(50)
-
-        async def start_one() -> None:
-            async with sem:
-                await runtime.StartOperation(
-                    rt.StartOperationRequest(
-                        agent="ticker",
-                        input=_input(steps=100_000, step_seconds=1, chunk_interval_seconds=1),
-                    )
-                )
-
-        began = time.perf_counter()
-        await asyncio.gather(*(start_one() for _ in range(n)))
-        out["start_seconds"] = time.perf_counter() - began
+        began = time.perf_counter()  # the start of "all running" too
+        out["start_seconds"] = await start_tickers(runtime, n)
         deadline = time.perf_counter() + 60.0
         while True:
             running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
