@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import capacity_ceiling
-from bench.load_scenarios import _count, _steps_completed, start_tickers
+from bench.load_scenarios import _steps_completed, start_tickers
 from bench.profiling import top_frames
 from bench.scenarios import Clients
 from bench.stack import Stack
-from stopline.v1 import operation_pb2 as op_pb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,16 +59,10 @@ async def capacity(
     rss_before = proc.memory_info().rss
     out: dict[str, Any] = {"operations": n}
     try:
-        began = time.perf_counter()  # the start of "all running" too
-        out["start_seconds"] = await start_tickers(runtime, n)
-        deadline = time.perf_counter() + 60.0
-        while True:
-            running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
-            if running >= n or time.perf_counter() > deadline:
-                break
-            await asyncio.sleep(0.5)
+        started, running, all_running = await start_tickers(runtime, n, 60.0, 0.5)
+        out["start_seconds"] = started
         out["running"] = running
-        out["all_running_seconds"] = time.perf_counter() - began
+        out["all_running_seconds"] = all_running
         await asyncio.sleep(settle_seconds)  # let the start burst's backlog drain
         rss_after = proc.memory_info().rss
         before = await _steps_completed(stack)

@@ -153,9 +153,13 @@ async def concurrency_repeated(stack: Stack, repetitions: int) -> dict[str, Any]
     }
 
 
-async def start_tickers(runtime: Any, n: int) -> float:
+async def start_tickers(
+    runtime: Any, n: int, wait_seconds: float, poll_seconds: float
+) -> tuple[float, int, float]:
     """Start n `ticker` operations of 1-second steps (one chunk a step, practically endless)
-    straight on the runtime, 50 calls at a time; the seconds it took."""
+    straight on the runtime, 50 calls at a time, then wait (polled, at most `wait_seconds`) until
+    all of them run: a start returns once the operation is stored, and its runner claims it
+    right after. The seconds the starts took, how many run, and the seconds until they did."""
     sem = asyncio.Semaphore(50)
 
     async def start_one() -> None:
@@ -169,7 +173,14 @@ async def start_tickers(runtime: Any, n: int) -> float:
 
     began = time.perf_counter()
     await asyncio.gather(*(start_one() for _ in range(n)))
-    return time.perf_counter() - began
+    started = time.perf_counter() - began
+    deadline = time.perf_counter() + wait_seconds
+    while True:
+        running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
+        if running >= n or time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(poll_seconds)
+    return started, running, time.perf_counter() - began
 
 
 async def capacity(stack: Stack, n: int, window_seconds: float = 10.0) -> dict[str, Any]:
@@ -182,17 +193,7 @@ async def capacity(stack: Stack, n: int, window_seconds: float = 10.0) -> dict[s
     runtime = clients.runtimes[0]
     proc = psutil.Process(stack.runtimes[0].process.pid)
     try:
-        began = time.perf_counter()  # the start of "all running" too
-        start_seconds = await start_tickers(runtime, n)
-        # A start returns once the operation is stored; its runner claims it right after.
-        # Give the last claims a moment (polled, bounded) before counting.
-        deadline = time.perf_counter() + 10.0
-        while True:
-            running = await _count(runtime, op_pb.OPERATION_STATUS_RUNNING)
-            if running >= n or time.perf_counter() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        all_running_seconds = time.perf_counter() - began
+        start_seconds, running, all_running_seconds = await start_tickers(runtime, n, 10.0, 0.1)
         before = await _steps_completed(stack)
         proc.cpu_percent(None)
         await asyncio.sleep(window_seconds)

@@ -151,7 +151,8 @@ async def stop_latency(
     pause, in alternating order (the floor's first in even trials, last in odd ones): the
     result's `floor` is then measured at the same moments of the VM as the stops it divides,
     which a floor measured in a block before and after them is not (this VM's speed drifts
-    within minutes, and one run's ratio to such a floor moved by up to 0.9 between runs)."""
+    within minutes: one run's ratio to such a floor moved by up to 2.6 between runs of one
+    code, against up to 0.9 paired; BENCHMARKS.md)."""
     rng = random.Random(seed)
     clients = Clients(stack)
     second = None

@@ -199,13 +199,10 @@ def stop_parts(sink: Sink, trials: list[Trial]) -> dict[str, list[float]]:
         add("terminal event after the acknowledgment", terminal - acknowledged)
         step = sink.find(RUNTIME, "step", 0, terminal, partial(_of_operation, op_id))
         if step is not None and step.pid and interrupt.pid:
-            add(f"stops recorded on the runner's replica (of {len(trials)})", 0)
-            if step.pid == interrupt.pid:
-                add("  acknowledgment, recorded on the runner's replica", acknowledged - sent)
-                add("  terminal event, recorded on the runner's replica", terminal - sent)
-            else:
-                add("  acknowledgment, recorded on another replica", acknowledged - sent)
-                add("  terminal event, recorded on another replica", terminal - sent)
+            # Which replica recorded the stop (n: how many trials did there).
+            where = "the runner's replica" if step.pid == interrupt.pid else "another replica"
+            add(f"acknowledgment, stop recorded on {where}", acknowledged - sent)
+            add(f"terminal event, stop recorded on {where}", terminal - sent)
     return parts
 
 
