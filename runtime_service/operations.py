@@ -263,7 +263,8 @@ class OperationsService:
     ) -> InterruptResult | None:
         """Record a stop, publish its events, and tell this replica's runner at once (another
         replica's runner hears of it by the stop's notification)."""
-        result = await self.storage.record_stop(op_id, by, why, cause, owner)
+        here = self.runner.runs(op_id)  # then only this runner needs telling: see record_stop
+        result = await self.storage.record_stop(op_id, by, why, cause, owner, runner_here=here)
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None

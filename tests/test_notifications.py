@@ -280,3 +280,49 @@ async def _emitted(app: RuntimeApp, operation_id: str) -> bool:
 
 async def _listens(app: RuntimeApp, operation_id: str) -> bool:
     return app.listener is not None and app.listener.listening(operation_id)
+
+
+async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica(
+    postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded where the operation runs (the routed shape), a stop is handed to the runner
+    in-process and sends nothing on the stops channel, which every replica hears; a watcher on
+    the other replica still gets the stop's event (on the operation's events channel) and the
+    halt. A stop recorded on the other replica does go out on the stops channel (the
+    counterpart, above). The absence is checked against a later notification on the same
+    channel: PostgreSQL delivers them in commit order, so one sent by the stop would be heard
+    first."""
+    import psycopg
+
+    heard = recording_dispatch(monkeypatch)
+    async with two_replicas(postgres_url, gated) as apps:
+        created = await apps[0].operations.start("gated", {"steps": 3}, "")
+        op_id = created.operation.id
+        await eventually(lambda: _emitted(apps[0], op_id))
+        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        seen: list[Event] = []
+        async with contextlib.aclosing(other.operations.watch(op_id, 0)) as watch:
+            async for event in watch:
+                seen.append(event)
+                if event.kind is EventKind.OUTPUT_CHUNK:
+                    await eventually(lambda: _listens(other, op_id))
+                    await runs.operations.interrupt(op_id, "ops", "enough")
+                if event.is_terminal:
+                    break
+        assert [e.kind for e in seen[-2:]] == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
+        sentinel = str(uuid.uuid4())
+        async with await psycopg.AsyncConnection.connect(
+            libpq_url(postgres_url), autocommit=True
+        ) as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, sentinel))
+        assert other.listener is not None and runs.listener is not None
+
+        async def sentinel_heard() -> bool:
+            return all(
+                (STOPS, sentinel) in heard.get(id(app.listener), []) for app in (runs, other)
+            )
+
+        await eventually(sentinel_heard)
+        for app in (runs, other):
+            stops = [payload for channel, payload in heard[id(app.listener)] if channel == STOPS]
+            assert stops == [sentinel]

@@ -70,7 +70,7 @@ class Limits:
         op_id = run.operation_id
         with self._writes.hub.local_write(op_id):
             result = await self._storage.record_stop(
-                op_id, cause.requested_by, cause.reason, cause.cause
+                op_id, cause.requested_by, cause.reason, cause.cause, runner_here=True
             )
             committed = datetime.now(UTC)
             if result is None:

@@ -188,11 +188,19 @@ class Storage(Protocol):
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
         owner: str = "",
+        runner_here: bool = False,
     ) -> InterruptResult | None:
         """Store the stop intent once. A PENDING operation is interrupted right here, so no
         runner ever starts it. None for an unknown id, and for another owner's operation when
         `owner` is set (checked in the stop's own write, so a caller whose ownership nobody
-        has checked yet costs no read before it)."""
+        has checked yet costs no read before it).
+
+        `runner_here`: the caller's own runner runs the operation and is told in-process, so
+        the runners of other replicas are not notified (PostgreSQL's stops channel, which every
+        replica hears: each would wake for a stop it has nothing to do with, on the machine
+        that is halting the operation). Watchers elsewhere still get the stop's event. Should
+        the operation change hands meanwhile, its new runner finds the stop in storage: at its
+        claim, at its next step boundary or at its next lease renewal."""
         ...
 
     async def record_stop_by_key(

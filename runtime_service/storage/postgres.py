@@ -276,8 +276,10 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
         owner: str = "",
+        runner_here: bool = False,
     ) -> InterruptResult | None:
         params, read = self._stop(operation_id, requested_by, reason, cause, owner)
+        params["tell_runners"] = not runner_here
         recorded = await self._run(RECORD_STOP, params, read)
         if recorded is not None:
             return recorded
@@ -304,6 +306,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             # operation's runner is often on another replica, whose watchers then need no read
             # of storage before the terminal event that runner writes next.
             "note": event_note(EventKind.STOP_REQUESTED, data, now),
+            "tell_runners": True,
         }
 
         def read(row: Any) -> InterruptResult | None:

@@ -132,11 +132,11 @@ SELECT {COLUMN_LIST},
   CASE WHEN status = 'RUNNING' AND :note <> ''
     THEN pg_notify({_EVENTS_CHANNEL}, :id || ':' || last_seq || ':' || :note)
     ELSE {_NOTIFY_EVENT} END,
-  CASE WHEN status = 'RUNNING' THEN pg_notify('{STOPS}',
+  CASE WHEN status = 'RUNNING' AND :tell_runners THEN pg_notify('{STOPS}',
     CASE WHEN :note <> '' THEN :id || ':' || last_seq || ':' || :note ELSE :id END) END
 FROM stopped""",
         id=TEXT, now=TIME, by=TEXT, reason=TEXT, cause=TEXT, data=TEXT, halted=TEXT, owner=TEXT,
-        note=TEXT,
+        note=TEXT, tell_runners=BOOL,
         **keyed,
     )  # fmt: skip
 

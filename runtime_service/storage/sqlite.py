@@ -236,6 +236,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         reason: str,
         cause: StopCause = StopCause.OPERATOR,
         owner: str = "",
+        runner_here: bool = False,  # one replica: no other runner to tell
     ) -> InterruptResult | None:
         # A runner write's path (inline when the database thread is idle): the stop is on the
         # path every client waits on, and a hop to the database thread and back costs about
