@@ -21,7 +21,7 @@ from gateway_service.server import start_gateway
 from runtime_service import watching as watching_module
 from runtime_service.app import RuntimeApp
 from runtime_service.config import parse_retention, shown_duration
-from runtime_service.domain import Event, Operation, OperationStatus
+from runtime_service.domain import Event, EventKind, Operation, OperationStatus
 from runtime_service.metrics import RetentionMetrics
 from runtime_service.retention import RetentionSweeper
 from runtime_service.schema import event_purges
@@ -105,6 +105,9 @@ async def test_only_operations_ended_before_the_cutoff_lose_their_events(
     recent = await finished(quiet_app, "echo", {"x": 1})
     running = (await quiet_app.operations.start("gated", {"steps": 3}, "")).operation
     await eventually(lambda: _status_is(quiet_app, running.id, OperationStatus.RUNNING))
+    # Its step's chunk, written after it is RUNNING: the events kept are all it writes (the
+    # step then waits on its gate).
+    await eventually(lambda: _emitted(storage, running.id))
     pending = (await quiet_app.operations.start("echo", {}, "", hold_seconds=60)).operation
     kept = {op.id: await all_events(storage, op.id) for op in (recent, running, pending)}
     assert len(await storage.step_records(old.id)) == 3
@@ -370,3 +373,8 @@ async def test_a_stream_through_the_gateway_of_expired_events_fails_precondition
     finally:
         await gateway.stop(grace=0)
         await runtime.stop(grace=0)
+
+
+async def _emitted(storage: Storage, operation_id: str) -> bool:
+    events = await all_events(storage, operation_id)
+    return any(e.kind is EventKind.OUTPUT_CHUNK for e in events)
