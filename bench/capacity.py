@@ -23,7 +23,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +39,8 @@ from bench.scenarios import Clients
 from bench.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# A thread's line in `py-spy dump`: 'Thread 15314 (idle): "ThreadPoolExecutor-0_0"'.
+THREAD_LINE = re.compile(r'^Thread (\d+) \([^)]*\): "([^"]*)"', re.MULTILINE)
 
 
 async def capacity(
@@ -67,12 +71,14 @@ async def capacity(
         rss_after = proc.memory_info().rss
         before = await _steps_completed(stack)
         t0, rt0, me0 = time.perf_counter(), proc.cpu_times(), me.cpu_times()
+        threads0 = _thread_seconds(proc)
         others0 = [other.cpu_times() for other in others]
         psutil.cpu_percent(None)
         await asyncio.sleep(window_seconds)
         after = await _steps_completed(stack)
         elapsed = time.perf_counter() - t0
         rt1, me1 = proc.cpu_times(), me.cpu_times()
+        threads1 = _thread_seconds(proc)
         if others:
             others1 = [other.cpu_times() for other in others]
             out["idle_replica_cpu_percent"] = [
@@ -96,6 +102,7 @@ async def capacity(
             rss_after_mb=rss_after / 2**20,
             rss_kib_per_operation=(rss_after - rss_before) / 1024 / n,
             window_seconds=elapsed,
+            runtime_threads_cpu_percent=_thread_shares(proc.pid, threads0, threads1, elapsed),
         )
         if profile_seconds:
             out["profile"] = await _profile(
@@ -106,12 +113,51 @@ async def capacity(
     return out
 
 
+def _thread_seconds(proc: Any) -> dict[int, float]:
+    """CPU seconds so far of each of the process's threads, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in proc.threads()}
+
+
+def _thread_shares(
+    pid: int, before: dict[int, float], after: dict[int, float], elapsed: float
+) -> dict[str, float]:
+    """Each thread's CPU over the window in % of a core, busiest first, by its Python name where
+    py-spy can tell it (`MainThread` runs the event loop; the database's threads are named by
+    their executors), else by thread id. Which thread the work sits on says which part of it
+    the GIL serialises with the event loop."""
+    names = _thread_names(pid)
+    shares: dict[str, float] = {}
+    for tid, seconds in after.items():
+        used = 100 * (seconds - before.get(tid, 0.0)) / elapsed
+        if used >= 0.5:
+            shares[f"{names.get(tid, 'thread')} ({tid})"] = round(used, 1)
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name, from one `py-spy dump` ({} without py-spy)."""
+    spy = _py_spy()
+    if spy is None:
+        return {}
+    try:
+        dump = subprocess.run(
+            [spy, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(tid): name for tid, name in THREAD_LINE.findall(dump)}
+
+
+def _py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
 async def _profile(pid: int, seconds: int, out: Path, waits: bool) -> dict[str, Any]:
     """py-spy's samples of the runtime: of whichever thread holds the GIL (where the CPU goes),
     or with `waits` of every thread, idle or not, each stack under its thread (where each one
     waits: the event loop in its selector, the database thread in SQLite or for work)."""
-    beside = Path(sys.executable).parent / "py-spy"
-    spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    spy = _py_spy()
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)

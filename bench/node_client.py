@@ -1,19 +1,28 @@
 """The Node grpc-js client of the stop-to-halt scenario (bench/node/stop_client.mjs), run from
 the Python harness: `npm ci` into bench/node/node_modules on first use (or when the lock file
-changed), then one `node` process per run, whose JSON on stdout is summarised here with the same
-percentile definition as Stopline's Python scenarios (bench.stats.summary)."""
+changed), then one `node` process per run, told one trial at a time over its stdin. Between
+them this harness runs the floor trials paired with each (as scenarios.stop_latency does for its
+Python client), so the Node rows are divided by a floor measured at the same moments; the
+results are summarised with the same percentile definition as the Python scenarios
+(bench.stats.summary)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from bench.scenarios import Floor, Pairing
 from bench.stack import Stack
 from bench.stats import summary
 from tests.credentials import TOKEN
+
+# The longest one trial may take before the Node client is taken to be stuck.
+TRIAL_TIMEOUT_SECONDS = 60.0
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 STAMP = NODE_DIR / "node_modules" / ".package-lock.json"
@@ -43,36 +52,74 @@ def ensure_modules() -> None:
     )
 
 
-def stop_latency(
-    stack: Stack, plan: dict[float, int], own_connection: bool = False
+async def stop_latency(
+    stack: Stack,
+    plan: dict[float, int],
+    own_connection: bool = False,
+    floor: Floor | None = None,
+    seed: int = 7,
 ) -> dict[str, Any]:
-    """Stop-to-halt and the acknowledgment from Node, for each step length of `plan`."""
-    ensure_modules()
+    """Stop-to-halt and the acknowledgment from Node, for each step length of `plan`; with
+    `floor`, a floor trial of each kind beside each Node trial, at its pause, alternating which
+    goes first (scenarios.stop_latency's pairing)."""
+    await asyncio.to_thread(ensure_modules)
     args = {
         "address": stack.gateways[0].address,
         "token": TOKEN,
-        "plan": [[step, n] for step, n in plan.items()],
         "own_connection": own_connection,
     }
-    done = subprocess.run(
-        [node(), str(NODE_DIR / "stop_client.mjs"), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=120 + sum(n for n in plan.values()) * 5,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the Node client failed: {done.stderr.strip()}")
-    report = json.loads(done.stdout)
+    proc = await asyncio.create_subprocess_exec(
+        node(), str(NODE_DIR / "stop_client.mjs"), json.dumps(args),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    async def answer() -> dict[str, Any]:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), TRIAL_TIMEOUT_SECONDS)
+        if not line:
+            err = b"" if proc.stderr is None else await proc.stderr.read()
+            raise RuntimeError(f"the Node client failed: {err.decode(errors='replace').strip()}")
+        parsed: dict[str, Any] = json.loads(line)
+        return parsed
+
+    rng = random.Random(seed)
     out: dict[str, Any] = {}
-    for step, run in report["runs"].items():
-        key = f"{float(step.removesuffix('s')):g}s"
-        out[key] = {
-            "client": "node",
-            "versions": report["versions"],
-            "stop_connection": "own" if own_connection else "same",
-            "ack_ms": summary(run["ack_ms"]),
-            "halt_ms": summary(run["halt_ms"]),
-            "mid_step": run["mid_step"],
-            "trials": run["trials"],
-        }
+    try:
+        versions = (await answer())["versions"]
+        for step, n in plan.items():
+            ack: list[float] = []
+            halt: list[float] = []
+            pairing = Pairing(floor)
+            mid_step = 0
+            for trial in range(n):
+                pause = rng.uniform(0, min(step, 1.0) * 0.5)
+                await pairing.before(trial, step, pause)
+                asked = {"step_seconds": step, "pause_seconds": pause}
+                proc.stdin.write(f"{json.dumps(asked)}\n".encode())
+                await proc.stdin.drain()
+                result = await answer()
+                ack.append(result["ack_ms"])
+                halt.append(result["halt_ms"])
+                mid_step += int(result["mid_step"])
+                await pairing.after(trial, step, pause)
+            run: dict[str, Any] = {
+                "client": "node",
+                "versions": versions,
+                "stop_connection": "own" if own_connection else "same",
+                "ack_ms": summary(ack),
+                "halt_ms": summary(halt),
+                "mid_step": mid_step,
+                "trials": n,
+            }
+            pairing.report(run, "Node stop")
+            out[f"{step:g}s"] = run
+    finally:
+        proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
     return out

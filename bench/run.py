@@ -113,7 +113,7 @@ async def _stops(
                 stack, step, n, own_connection=True, floor=paired
             )
     if "stop_node" in only:
-        node = await asyncio.to_thread(node_client.stop_latency, stack, trials)
+        node = await node_client.stop_latency(stack, trials, floor=paired)
         out.update({f"stop_node/{step}": data for step, data in node.items()})
     if "start_latency" in only:
         # Compared in the same run with stop-to-halt at 1 s steps (issue 14: <= 1.2x).

@@ -36,6 +36,39 @@ class Floor(Protocol):
     async def push(self, step: float, pause: float) -> float: ...
 
 
+class Pairing:
+    """The floor trials paired with a scenario's stops: one of each kind, (a) and (b), beside
+    each stop at its pause, the floor's first in even trials and last in odd ones (the VM's
+    drift then falls on both alike). Without a floor, nothing is run and nothing reported."""
+
+    def __init__(self, floor: Floor | None) -> None:
+        self._floor = floor
+        self._unary: list[float] = []
+        self._push: list[float] = []
+
+    async def before(self, trial: int, step: float, pause: float) -> None:
+        if trial % 2 == 0:
+            await self._both(step, pause)
+
+    async def after(self, trial: int, step: float, pause: float) -> None:
+        if trial % 2 == 1:
+            await self._both(step, pause)
+
+    async def _both(self, step: float, pause: float) -> None:
+        if self._floor is not None:
+            self._unary.append(await self._floor.unary(step, pause))
+            self._push.append(await self._floor.push(step, pause))
+
+    def report(self, out: dict[str, Any], client: str = "stop") -> None:
+        """Put the floor trials in the scenario's result `out` (as `floor`), if there were any."""
+        if self._floor is not None:
+            out["floor"] = {
+                "how": f"interleaved: a trial of each kind beside each {client}, at its pause",
+                "unary_ms": summary(self._unary),
+                "push_ms": summary(self._push),
+            }
+
+
 ms = 1000.0
 
 
@@ -161,20 +194,12 @@ async def stop_latency(
     ack: list[float] = []
     halt: list[float] = []
     server_halt: list[float] = []
-    floor_ack: list[float] = []
-    floor_push: list[float] = []
+    pairing = Pairing(floor)
     mid_step = 0
-
-    async def floor_trials(pause: float) -> None:
-        if floor is not None:
-            floor_ack.append(await floor.unary(step_seconds, pause))
-            floor_push.append(await floor.push(step_seconds, pause))
-
     try:
         for trial in range(trials):
             pause = rng.uniform(0, min(step_seconds, 1.0) * 0.5)
-            if trial % 2 == 0:
-                await floor_trials(pause)
+            await pairing.before(trial, step_seconds, pause)
             with trial_span("stop trial"):
                 call, op_id = await ticking(clients.gateways[gateway], step_seconds)
                 stopper = clients.gateways[gateway]
@@ -195,8 +220,7 @@ async def stop_latency(
                             server_halt.append(update.event.interrupted.halt_ms)
                             mid_step += int(update.event.interrupted.mid_step)
                         break
-            if trial % 2 == 1:
-                await floor_trials(pause)
+            await pairing.after(trial, step_seconds, pause)
     finally:
         await clients.close()
         if second is not None:
@@ -209,12 +233,7 @@ async def stop_latency(
         "mid_step": mid_step,
         "trials": trials,
     }
-    if floor is not None:
-        out["floor"] = {
-            "how": "interleaved: a trial of each kind beside each stop, at its pause",
-            "unary_ms": summary(floor_ack),
-            "push_ms": summary(floor_push),
-        }
+    pairing.report(out)
     return out
 
 

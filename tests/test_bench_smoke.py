@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import statistics
 from pathlib import Path
@@ -174,13 +173,25 @@ async def test_own_connection_option_opens_a_connection_of_its_own(tmp_path: Pat
 
 async def test_node_client_stops_through_the_gateway(tmp_path: Path) -> None:
     """bench/node/stop_client.mjs (grpc-js, protos loaded from protos/) against a real stack;
-    `npm ci` on first use. .ci/run installs the packages, so this never skips in CI."""
+    `npm ci` on first use. .ci/run installs the packages, so this never skips in CI. Told one
+    trial at a time, with a floor trial of each kind paired with each, as bench.run runs it."""
     with Stack("sqlite", tmp_path) as stack:
-        runs = await asyncio.to_thread(node_client.stop_latency, stack, {0.05: 2})
+        paired = await floor.Floor.open(stack, tmp_path)
+        try:
+            runs = await node_client.stop_latency(stack, {0.05: 3, 0.01: 2}, floor=paired)
+        finally:
+            await paired.close()
     run = runs["0.05s"]
     assert run["client"] == "node" and run["versions"]["@grpc/grpc-js"]
-    assert run["ack_ms"]["n"] == 2 and run["halt_ms"]["n"] == 2
+    assert run["ack_ms"]["n"] == 3 and run["halt_ms"]["n"] == 3
     assert run["halt_ms"]["min"] >= run["ack_ms"]["min"] > 0
+    assert run["floor"]["unary_ms"]["n"] == 3 and run["floor"]["push_ms"]["n"] == 3
+    assert runs["0.01s"]["halt_ms"]["n"] == 2 and runs["0.01s"]["floor"]["push_ms"]["n"] == 2
+    # The table divides the Node rows by those paired trials, not by a block floor.
+    results = {"machine": {}, "stopline": {"sqlite": {"stop_node/0.05s": run}}}
+    lines = [line.split(" | ") for line in markdown(results).splitlines() if line[:2] == "| "]
+    ack = next(line for line in lines if "Node" in line[1] and "acknowledgment" in line[1])
+    assert ack[4] == f"{run['floor']['unary_ms']['median']:,.2f} ms"
 
 
 async def test_agent_scenarios_run_end_to_end(tmp_path: Path) -> None:
@@ -287,3 +298,26 @@ def test_the_postgresql_idle_write_probe_measures_each_pacing() -> None:
         for pacing in ("busy", "idle")
     }
     assert all(value > 0 for value in medians.values())
+
+
+def test_the_capacity_benchmark_names_each_busy_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.capacity's split of the runtime's CPU by thread: busiest first, in % of a core over
+    the window, named by Python's thread name where py-spy tells it, idle threads left out."""
+    from bench import capacity
+
+    monkeypatch.setattr(capacity, "_thread_names", lambda pid: {1: "MainThread"})
+    before = {1: 10.0, 2: 5.0, 3: 1.0}
+    after = {1: 14.5, 2: 9.6, 3: 1.001, 4: 0.2}
+    shares = capacity._thread_shares(1, before, after, elapsed=10.0)
+    assert shares == {"thread (2)": 46.0, "MainThread (1)": 45.0, "thread (4)": 2.0}
+    assert list(shares) == ["thread (2)", "MainThread (1)", "thread (4)"]
+
+
+async def test_the_in_process_step_benchmark_counts_steps_and_cpu() -> None:
+    """bench.step_cpu (the runtime's CPU per step with no gRPC, for A/B pairs of the step loop):
+    its tickers step, and the CPU it reports is per completed step."""
+    from bench import step_cpu
+
+    result = await step_cpu.measure(20, window=1.5, settle=1.2, profile=0)
+    assert 5 <= result["steps_per_second"] <= 40
+    assert result["cpu_us_per_step"] > 0

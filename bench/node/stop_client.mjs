@@ -6,12 +6,15 @@
 // received on the stream (halt). The protos are loaded from protos/ at run time; the client
 // authenticates like any client, with `authorization: Bearer <token>` call metadata.
 //
-//   node stop_client.mjs '{"address": "127.0.0.1:50052", "token": "stl_...",
-//                          "plan": [[1.0, 30]], "own_connection": false}'
+//   node stop_client.mjs '{"address": "127.0.0.1:50052", "token": "stl_...", "own_connection": false}'
 //
-// Prints one JSON object on stdout: {"versions": ..., "runs": {"1s": {"ack_ms": [...], ...}}}.
+// The harness (bench/node_client.py) drives it one trial at a time, so that it can pair each
+// trial with floor trials at the same moment: it prints {"versions": ...} once ready, then reads
+// one line per trial, {"step_seconds": 1.0, "pause_seconds": 0.2}, and answers each with one
+// line, {"ack_ms": ..., "halt_ms": ..., "mid_step": true}. It exits when its input ends.
 
 import { readFileSync } from "node:fs";
+import { createInterface } from "node:readline";
 import { dirname, join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { fileURLToPath } from "node:url";
@@ -74,7 +77,7 @@ function reader(call) {
     });
 }
 
-async function trial(streamer, stopper, metadata, stepSeconds) {
+async function trial(streamer, stopper, metadata, stepSeconds, pauseSeconds) {
   const call = streamer.StartAndStream(
     {
       agent: "ticker",
@@ -96,7 +99,7 @@ async function trial(streamer, stopper, metadata, stepSeconds) {
     if (m.update === "accepted") operationId = m.accepted.operation_id;
     if (m.update === "event" && m.event.kind === "output_chunk") break;
   }
-  await sleep(Math.random() * Math.min(stepSeconds, 1.0) * 0.5 * 1000);
+  await sleep(pauseSeconds * 1000);
   const began = performance.now();
   const ackAt = await new Promise((resolve, reject) =>
     stopper.StopOperation({ operation_id: operationId, reason: "bench" }, metadata, (err) =>
@@ -112,9 +115,9 @@ async function trial(streamer, stopper, metadata, stepSeconds) {
       call.cancel();
       const interrupted = m.event.kind === "interrupted" ? m.event.interrupted : null;
       return {
-        ack: ackAt - began,
-        halt: haltAt - began,
-        midStep: Boolean(interrupted && interrupted.mid_step),
+        ack_ms: ackAt - began,
+        halt_ms: haltAt - began,
+        mid_step: Boolean(interrupted && interrupted.mid_step),
       };
     }
   }
@@ -126,28 +129,23 @@ async function main() {
   metadata.set("authorization", `Bearer ${args.token}`);
   const streamer = client(args.address, false);
   const stopper = args.own_connection ? client(args.address, true) : streamer;
-  const runs = {};
-  try {
-    for (const [stepSeconds, trials] of args.plan) {
-      const run = { ack_ms: [], halt_ms: [], mid_step: 0, trials };
-      for (let i = 0; i < trials; i++) {
-        const r = await trial(streamer, stopper, metadata, stepSeconds);
-        run.ack_ms.push(r.ack);
-        run.halt_ms.push(r.halt);
-        run.mid_step += r.midStep ? 1 : 0;
-      }
-      runs[`${stepSeconds}s`] = run;
-    }
-  } finally {
-    streamer.close();
-    if (stopper !== streamer) stopper.close();
-  }
   const versions = {
     node: process.versions.node,
     "@grpc/grpc-js": version("@grpc/grpc-js"),
     "@grpc/proto-loader": version("@grpc/proto-loader"),
   };
-  process.stdout.write(`${JSON.stringify({ versions, own_connection: !!args.own_connection, runs })}\n`);
+  process.stdout.write(`${JSON.stringify({ versions })}\n`);
+  try {
+    for await (const line of createInterface({ input: process.stdin })) {
+      if (!line.trim()) continue;
+      const asked = JSON.parse(line);
+      const result = await trial(streamer, stopper, metadata, asked.step_seconds, asked.pause_seconds);
+      process.stdout.write(`${JSON.stringify(result)}\n`);
+    }
+  } finally {
+    streamer.close();
+    if (stopper !== streamer) stopper.close();
+  }
 }
 
 main().catch((error) => {

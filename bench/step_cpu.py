@@ -1,0 +1,86 @@
+"""The runtime's CPU per step with no gRPC, no other process and no network: N `ticker`
+operations (1-second steps, one chunk a step) on a RuntimeApp in this process, on SQLite.
+
+    python -m bench.step_cpu --ops 2000 --window 10 [--profile 40]
+
+bench.capacity measures the same load on a runtime process behind its gRPC server; this is its
+in-process counterpart, for A/B pairs of a change to the step loop or the writes: the same code
+path (the runner, its writes, the hub), fewer moving parts and less noise. It prints the steps/s
+achieved and this process's CPU per completed step over the window; `--profile N` runs the
+window under cProfile and prints its N costliest functions (cProfile roughly doubles the CPU per
+step: read its figures against each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from runtime_service.app import RuntimeApp
+from tests.conftest import runtime_config
+
+TICKER = {"steps": 100_000, "step_seconds": 1, "chunk_interval_seconds": 1}
+
+
+def _steps_completed(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        value = db.execute("SELECT coalesce(sum(steps_completed), 0) FROM operations").fetchone()
+    return int(value[0])
+
+
+async def measure(ops: int, window: float, settle: float, profile: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "steps.sqlite"
+        config = runtime_config(f"sqlite:///{path}", max_running=ops + 10, lease_seconds=30.0)
+        app = await RuntimeApp.open(config)
+        try:
+            for _ in range(ops):
+                await app.operations.start("ticker", TICKER, "")
+            await asyncio.sleep(settle)
+            before = await asyncio.to_thread(_steps_completed, path)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            profiler = cProfile.Profile() if profile else None
+            if profiler is not None:
+                profiler.enable()
+            await asyncio.sleep(window)
+            if profiler is not None:
+                profiler.disable()
+            cpu1, t1 = time.process_time(), time.perf_counter()
+            after = await asyncio.to_thread(_steps_completed, path)
+        finally:
+            await app.close()
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
+    steps = max(1, after - before)
+    return {
+        "operations": ops,
+        "steps_per_second": steps / (t1 - t0),
+        "cpu_percent": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "cpu_us_per_step": 1e6 * (cpu1 - cpu0) / steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--window", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=4.0)
+    parser.add_argument("--profile", type=int, default=0, help="cProfile's N costliest (0: off)")
+    args = parser.parse_args()
+    result = asyncio.run(measure(args.ops, args.window, args.settle, args.profile))
+    print(
+        f"{result['operations']} operations: {result['steps_per_second']:,.0f} steps/s, "
+        f"{result['cpu_percent']:.1f} % of a core, {result['cpu_us_per_step']:.1f} µs a step"
+    )
+
+
+if __name__ == "__main__":
+    main()
