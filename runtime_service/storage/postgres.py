@@ -278,15 +278,20 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         owner: str = "",
         runner_here: bool = False,
     ) -> InterruptResult | None:
-        params, read = self._stop(operation_id, requested_by, reason, cause, owner)
-        params["tell_runners"] = not runner_here
+        params, read = self._stop(operation_id, requested_by, reason, cause, owner, runner_here)
         recorded = await self._run(RECORD_STOP, params, read)
         if recorded is not None:
             return recorded
         return not_recorded(await self.get(operation_id), owner)
 
     def _stop(
-        self, operation_id: str, requested_by: str, reason: str, cause: StopCause, owner: str
+        self,
+        operation_id: str,
+        requested_by: str,
+        reason: str,
+        cause: StopCause,
+        owner: str,
+        runner_here: bool = False,
     ) -> tuple[dict[str, Any], Callable[[Any], InterruptResult | None]]:
         """A stop's parameters, and the reader of its statement's row (RECORD_STOP and
         TAKE_TOMBSTONE_AND_STOP)."""
@@ -306,7 +311,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             # operation's runner is often on another replica, whose watchers then need no read
             # of storage before the terminal event that runner writes next.
             "note": event_note(EventKind.STOP_REQUESTED, data, now),
-            "tell_runners": True,
+            "tell_runners": not runner_here,  # see Storage.record_stop
         }
 
         def read(row: Any) -> InterruptResult | None:
