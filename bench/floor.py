@@ -20,8 +20,13 @@ this VM cost more per call than busy ones, so the floor must be exactly as idle 
 The backend learns the chunk period from the operation id (``floor-<n>-<period µs>``), the one
 field the relay passes on unchanged; whether to push comes in ``reason`` (``push``/``ack``).
 
-    python -m bench.floor backend MESSAGES_FILE   # prints "ready PORT"
-    python -m bench.floor relay BACKEND_ADDRESS   # prints "ready PORT"
+    python -m bench.floor backend MESSAGES_FILE [DATABASE_URL]   # prints "ready PORT"
+    python -m bench.floor relay BACKEND_ADDRESS                  # prints "ready PORT"
+
+With a DATABASE_URL the backend is the *durable* floor (bench/floor_store.py, used by
+bench/durable_floor.py): before answering it makes the stop's durable write, and before pushing
+the terminal event the halt's, as any design must that acknowledges only stops that survive a
+crash.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 from grpc import aio
 
+from bench.floor_store import Store, open_store
 from bench.stack import REPO, Stack
 from bench.stats import summary
 from stopline.gateway.v1 import gateway_service_pb2 as gw
@@ -121,14 +127,18 @@ def load(path: Path) -> tuple[gw.StopOperationResponse, op_pb.Event, op_pb.Event
 
 class Backend(rt_grpc.RuntimeServiceServicer):
     """In the runtime's place: answers InterruptOperation at once and, when asked, pushes the
-    terminal event on the operation's WatchOperation stream."""
+    terminal event on the operation's WatchOperation stream. With a `store` (the durable
+    floor), the answer waits for the stop's write and the push for the halt's, made after the
+    answer as the runtime's runner makes it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, store: Store | None = None) -> None:
         answer, self._chunk, self._terminal = load(path)
         self._answer = rt.InterruptOperationResponse(
             outcome=answer.outcome, operation=answer.operation
         )
         self._streams: dict[str, asyncio.Event] = {}
+        self._store = store
+        self._halts: set[asyncio.Task[None]] = set()
 
     async def WatchOperation(
         self, request: rt.WatchOperationRequest, context: Any
@@ -136,6 +146,8 @@ class Backend(rt_grpc.RuntimeServiceServicer):
         period = int(request.operation_id.rsplit("-", 1)[1]) / 1e6
         stopped = self._streams[request.operation_id] = asyncio.Event()
         chunk = rt.WatchOperationResponse(events=[self._chunk])
+        if self._store is not None:
+            await self._store.begin(request.operation_id)
         try:
             while True:
                 yield chunk
@@ -151,9 +163,21 @@ class Backend(rt_grpc.RuntimeServiceServicer):
     async def InterruptOperation(
         self, request: rt.InterruptOperationRequest, context: Any
     ) -> rt.InterruptOperationResponse:
+        if self._store is None:
+            if request.reason == PUSH:
+                self._streams[request.operation_id].set()
+            return self._answer
+        await self._store.stop(request.operation_id)
         if request.reason == PUSH:
-            self._streams[request.operation_id].set()
+            halt = asyncio.create_task(self._halt(request.operation_id))
+            self._halts.add(halt)
+            halt.add_done_callback(self._halts.discard)
         return self._answer
+
+    async def _halt(self, operation_id: str) -> None:
+        assert self._store is not None
+        await self._store.halt(operation_id)
+        self._streams[operation_id].set()
 
 
 class Relay(gw_grpc.GatewayServiceServicer):
@@ -187,11 +211,12 @@ class Relay(gw_grpc.GatewayServiceServicer):
         )
 
 
-async def serve(role: str, arg: str) -> None:
+async def serve(role: str, arg: str, database: str | None = None) -> None:
     server = aio.server()
     # Each serves only the calls the floor makes; the others stay unimplemented (abstract).
+    store = None if database is None else await open_store(database)
     if role == "backend":
-        backend = Backend(Path(arg))  # type: ignore[abstract]
+        backend = Backend(Path(arg), store)  # type: ignore[abstract]
         rt_grpc.add_RuntimeServiceServicer_to_server(backend, server)
     else:
         relay = Relay(arg)  # type: ignore[abstract]
@@ -203,14 +228,16 @@ async def serve(role: str, arg: str) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     await server.stop(0)
+    if store is not None:
+        await store.close()
 
 
 class Server:
     """`python -m bench.floor ROLE ARG` as a process of its own."""
 
-    def __init__(self, role: str, arg: str) -> None:
+    def __init__(self, role: str, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.floor", role, arg], stdout=subprocess.PIPE, cwd=REPO
+            [sys.executable, "-m", "bench.floor", role, *args], stdout=subprocess.PIPE, cwd=REPO
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline().decode().split()
@@ -261,12 +288,12 @@ class Floor:
         self._counter = 0
 
     @classmethod
-    async def open(cls, stack: Stack, workdir: Path) -> Floor:
+    async def open(cls, stack: Stack, workdir: Path, database: str | None = None) -> Floor:
         """Messages recorded from `stack` (running, idle), then relay and backend processes of
-        their own."""
+        their own; with `database`, the durable floor's backend (writes to that database)."""
         path = workdir / "floor-messages.bin"
         await record(stack, path)
-        backend = Server("backend", str(path))
+        backend = Server("backend", str(path), *([database] if database else []))
         try:
             return cls(backend, Server("relay", backend.address))
         except BaseException:
@@ -353,4 +380,4 @@ def pooled(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], sys.argv[2]))
+    asyncio.run(serve(sys.argv[1], sys.argv[2], *sys.argv[3:4]))

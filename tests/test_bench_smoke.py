@@ -321,3 +321,64 @@ async def test_the_in_process_step_benchmark_counts_steps_and_cpu() -> None:
     result = await step_cpu.measure(20, window=1.5, settle=1.2, profile=0)
     assert 5 <= result["steps_per_second"] <= 40
     assert result["cpu_us_per_step"] > 0
+
+
+def _event_kinds(url: str) -> list[str]:
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            rows = db.execute("SELECT kind FROM events ORDER BY kind").fetchall()
+    else:
+        import psycopg
+
+        with psycopg.connect(url) as db:
+            rows = db.execute("SELECT kind FROM events ORDER BY kind").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+async def test_the_durable_floor_writes_the_stop_before_answering_and_the_halt_before_pushing(
+    tmp_path: Path, backend: str
+) -> None:
+    """bench.durable_floor's backend: an acknowledged stop is in its database (one
+    stop_requested), and a pushed terminal event has its halt there too (a second stop and one
+    interrupted): the two durable writes any design pays, and nothing more."""
+    from bench import durable_floor
+
+    with Stack(backend, tmp_path) as stack:
+        scratch = durable_floor.ScratchDatabase(backend, tmp_path)
+        try:
+            opened = await floor.Floor.open(stack, tmp_path, database=scratch.url)
+            try:
+                assert await opened.unary(0.05, 0.0) > 0
+                assert _event_kinds(scratch.url) == ["stop_requested"]
+                assert await opened.push(0.05, 0.0) > 0
+                kinds = _event_kinds(scratch.url)
+            finally:
+                await opened.close()
+        finally:
+            scratch.drop()
+    assert kinds == ["interrupted", "stop_requested", "stop_requested"]
+
+
+async def test_the_durable_floor_benchmark_pairs_both_floors_with_every_stop() -> None:
+    """bench.durable_floor at two trials on SQLite: each figure has a Stopline sample, a floor
+    sample and a durable floor sample per stop, and the report gives all three ratios."""
+    from bench import durable_floor
+
+    result = await durable_floor.compare(["sqlite"], [0.05], trials=2)
+    figures = result["sqlite"]["0.05s"]
+    for kind in ("ack", "halt"):
+        assert {name: len(samples) for name, samples in figures[kind].items()} == {
+            "stopline": 2,
+            "floor": 2,
+            "durable": 2,
+        }
+        ratios = durable_floor.ratios(figures[kind])
+        assert ratios["stopline_over_floor"] == pytest.approx(
+            ratios["stopline_ms"] / ratios["floor_ms"]
+        )
+    assert "| sqlite | 0.05s | acknowledgment |" in durable_floor.report(result)
