@@ -17,8 +17,9 @@ The client paces trials exactly as :func:`bench.scenarios.stop_latency` does (sa
 pause after the stream's first chunk, per step length), and the backend sends a recorded output
 chunk on the stream every ``max(step / 4, 5 ms)`` as the ``ticker`` agent does: idle processes on
 this VM cost more per call than busy ones, so the floor must be exactly as idle as the stops.
-The backend learns the chunk period from the operation id (``floor-<n>-<period µs>``), the one
-field the relay passes on unchanged; whether to push comes in ``reason`` (``push``/``ack``).
+The backend learns the chunk period from the operation id (a UUID whose last group is the
+period in µs: ``trial_id``), the one field the relay passes on unchanged (and a gateway too,
+bench/by_process.py); whether to push comes in ``reason`` (``push``/``ack``).
 
     python -m bench.floor backend MESSAGES_FILE [DATABASE_URL]   # prints "ready PORT"
     python -m bench.floor relay BACKEND_ADDRESS                  # prints "ready PORT"
@@ -48,6 +49,7 @@ from bench.stack import REPO, Stack
 from bench.stats import summary
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from stopline.serving import add_health_and_reflection
 from stopline.transport import open_channel
 from stopline.v1 import operation_pb2 as op_pb
 from stopline.v1 import runtime_service_pb2 as rt
@@ -62,6 +64,12 @@ STEPS = (0.01, 1.0, 30.0)
 def chunk_period(step_seconds: float) -> float:
     """The `ticker` agent's chunk interval in the stop scenarios (bench/scenarios.stop_latency)."""
     return max(step_seconds / 4, 0.005)
+
+
+def trial_id(counter: int, step_seconds: float) -> str:
+    """A floor trial's operation id: a well-formed UUID (a gateway in front of the backend
+    refuses anything else) whose last group carries the chunk period in µs for the backend."""
+    return f"{counter:08x}-0000-4000-8000-{round(chunk_period(step_seconds) * 1e6):012d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +147,18 @@ class Backend(rt_grpc.RuntimeServiceServicer):
         self._streams: dict[str, asyncio.Event] = {}
         self._store = store
         self._halts: set[asyncio.Task[None]] = set()
+        self._operation = answer.operation
+
+    async def GetOperation(
+        self, request: rt.GetOperationRequest, context: Any
+    ) -> rt.GetOperationResponse:
+        """The recorded operation under the asked id: what a gateway reads before it streams an
+        operation it has not seen (its owner), bench/by_process.py."""
+        operation = op_pb.Operation()
+        operation.CopyFrom(self._operation)
+        operation.id = request.operation_id
+        operation.status = op_pb.OPERATION_STATUS_RUNNING
+        return rt.GetOperationResponse(operation=operation)
 
     async def WatchOperation(
         self, request: rt.WatchOperationRequest, context: Any
@@ -218,6 +238,9 @@ async def serve(role: str, arg: str, database: str | None = None) -> None:
     if role == "backend":
         backend = Backend(Path(arg), store)  # type: ignore[abstract]
         rt_grpc.add_RuntimeServiceServicer_to_server(backend, server)
+        # SERVING, as a runtime answers: a gateway in front of the backend probes it.
+        service = rt.DESCRIPTOR.services_by_name["RuntimeService"].full_name
+        await add_health_and_reflection(server, [service], with_reflection=False)
     else:
         relay = Relay(arg)  # type: ignore[abstract]
         gw_grpc.add_GatewayServiceServicer_to_server(relay, server)
@@ -304,8 +327,7 @@ class Floor:
         """One trial paced as a stop trial at `step` with that pause: the call's return (ACK)
         or the pushed event's arrival (PUSH), in ms."""
         self._counter += 1
-        name = f"floor-{self._counter}-{round(chunk_period(step) * 1e6)}"
-        return await _trial(self._stub, name, mode, pause)
+        return await _trial(self._stub, trial_id(self._counter, step), mode, pause)
 
     async def unary(self, step: float, pause: float) -> float:
         """A floor (a) trial (scenarios.Floor)."""

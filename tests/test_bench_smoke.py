@@ -382,3 +382,20 @@ async def test_the_durable_floor_benchmark_pairs_both_floors_with_every_stop() -
             ratios["stopline_ms"] / ratios["floor_ms"]
         )
     assert "| sqlite | 0.05s | acknowledgment |" in durable_floor.report(result)
+
+
+async def test_the_by_process_benchmark_swaps_each_server_for_stoplines() -> None:
+    """bench.by_process at two rounds: a gateway in front of the floor's backend and the floor's
+    relay in front of a runtime each carry a stop end to end (acknowledgment, then terminal
+    event), beside the floor and Stopline, and the report splits the difference by process."""
+    from bench import by_process
+
+    result = await by_process.compare([0.05], trials=2)
+    samples = result["0.05s"]
+    assert set(samples) == set(by_process.PATHS)
+    for path in by_process.PATHS:
+        assert len(samples[path]["ack"]) == len(samples[path]["halt"]) == 2
+        assert all(
+            0 < a < h for a, h in zip(samples[path]["ack"], samples[path]["halt"], strict=True)
+        )
+    assert "| 0.05s | acknowledgment |" in by_process.report(result)
