@@ -7,7 +7,8 @@ makes it true (PostgreSQL delivers a NOTIFY only when its transaction commits):
   runner cancels the step now, and the replica's watchers get the event. (The replica that runs
   it hands a stop recorded there to its runner in-process and sends nothing here: see
   Storage.record_stop's `runner_here`.) A pause travels the same way, its payload marked
-  (`pause_payload`): the runner cuts the step and pauses the operation instead of halting it.
+  (`pause_payload`), and likewise only from another replica (Storage.pause's `runner_here`):
+  the runner cuts the step and pauses the operation instead of halting it.
 - `stopline_events_<bucket>` (payload: "id:seq", or "id:seq:note"): an event of an operation
   was stored; local watchers re-read storage, or, when the payload carries the event itself
   (`event_note`: a stop's `stop_requested`, which another replica's watchers need before the

@@ -406,7 +406,8 @@ class OperationsService:
     async def pause(self, operation_id: str, requested_by: str, owner: str = "") -> PauseResult:
         by = bounded_text(requested_by, "requested_by", MAX_REQUESTED_BY)
         op_id = await self._owned(operation_id, owner)
-        result = await self.storage.pause(op_id, by)
+        here = self.runner.runs(op_id)  # then only this runner needs telling: Storage.pause
+        result = await self.storage.pause(op_id, by, runner_here=here)
         if result is None:
             raise operation_not_found(op_id)
         self.hub.publish(result.events)

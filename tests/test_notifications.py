@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runtime_service.app import RuntimeApp
-from runtime_service.domain import Event, EventKind
+from runtime_service.domain import Event, EventKind, OperationStatus
 from runtime_service.notifications import (
     MAX_NOTE_BYTES,
     STOPS,
@@ -310,6 +310,47 @@ async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica
                 if event.is_terminal:
                     break
         assert [e.kind for e in seen[-2:]] == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
+        sentinel = str(uuid.uuid4())
+        async with await psycopg.AsyncConnection.connect(
+            libpq_url(postgres_url), autocommit=True
+        ) as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, sentinel))
+        assert other.listener is not None and runs.listener is not None
+
+        async def sentinel_heard() -> bool:
+            return all(
+                (STOPS, sentinel) in heard.get(id(app.listener), []) for app in (runs, other)
+            )
+
+        await eventually(sentinel_heard)
+        for app in (runs, other):
+            stops = [payload for channel, payload in heard[id(app.listener)] if channel == STOPS]
+            assert stops == [sentinel]
+
+
+@pytest.mark.postgres
+async def test_a_pause_recorded_by_the_runners_own_replica_wakes_no_other_replica(
+    postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a stop: a pause recorded where the operation runs is handed to that runner in-process
+    and sends nothing on the stops channel, and the step is cut and the operation PAUSED all
+    the same. (A pause recorded on the other replica travels on the stops channel:
+    tests/test_waiting_replicas.py.) Checked against a later sentinel, as above."""
+    import psycopg
+
+    heard = recording_dispatch(monkeypatch)
+    async with two_replicas(postgres_url, gated) as apps:
+        created = await apps[0].operations.start("gated", {"steps": 3}, "")
+        op_id = created.operation.id
+        await eventually(lambda: _emitted(apps[0], op_id))
+        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        await runs.operations.pause(op_id, "ops")
+
+        async def paused() -> bool:
+            operation = await runs.storage.get(op_id)
+            return operation is not None and operation.status is OperationStatus.PAUSED
+
+        await eventually(paused)
         sentinel = str(uuid.uuid4())
         async with await psycopg.AsyncConnection.connect(
             libpq_url(postgres_url), autocommit=True

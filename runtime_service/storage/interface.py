@@ -344,7 +344,12 @@ class Storage(Protocol):
         """WAITING or PAUSED operations past their deadline with no stop recorded."""
         ...
 
-    async def pause(self, operation_id: str, requested_by: str) -> PauseResult | None: ...
+    async def pause(
+        self, operation_id: str, requested_by: str, runner_here: bool = False
+    ) -> PauseResult | None:
+        """`runner_here`: as for `record_stop`, the caller's runner runs the operation and is
+        told in-process, so a pause of a RUNNING operation sends nothing on the stops channel."""
+        ...
 
     async def resume(self, operation_id: str, requested_by: str) -> ResumeResult | None: ...
 

@@ -82,11 +82,15 @@ class PausingStorage(WaitingStorage):
 
     # ------------------------------------------------------------------ pause and resume
 
-    async def pause(self, operation_id: str, requested_by: str) -> PauseResult | None:
+    async def pause(
+        self, operation_id: str, requested_by: str, runner_here: bool = False
+    ) -> PauseResult | None:
         """None: unknown operation."""
-        return await self._call(self._pause, operation_id, requested_by)
+        return await self._call(self._pause, operation_id, requested_by, runner_here)
 
-    def _pause(self, operation_id: str, requested_by: str) -> PauseResult | None:
+    def _pause(
+        self, operation_id: str, requested_by: str, runner_here: bool = False
+    ) -> PauseResult | None:
         now = utcnow()
         with self.engine.begin() as conn:
             operation = self._lock(conn, operation_id)
@@ -112,7 +116,8 @@ class PausingStorage(WaitingStorage):
                     where=operations.c.status == status,
                     values={"pause_requested_at": now, "pause_requested_by": requested_by},
                 )
-                notify(conn, STOPS, pause_payload(operation_id))
+                if not runner_here:  # else told in-process (Storage.pause)
+                    notify(conn, STOPS, pause_payload(operation_id))
             else:  # PENDING or WAITING: nothing runs, so it is paused now
                 data: dict[str, JSONValue] = {
                     "mid_step": False,
