@@ -58,6 +58,33 @@ class StubbornAgent:
         return StepResult(done=True)
 
 
+class CarefulAgent:
+    """Cleans up after its cancellation with an await of its own (closing a stream, ending a
+    process) and counts the cancellations it saw, so a test can tell one from two."""
+
+    def __init__(self) -> None:
+        self.cancellations: dict[str, int] = {}
+        self.cleaned_up: set[str] = set()
+
+    def validate_input(self, input: dict[str, Any]) -> None:
+        return None
+
+    async def step(self, ctx: StepContext) -> StepResult:
+        await ctx.emit("working")
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancellations[ctx.operation_id] = 1
+            try:
+                await asyncio.sleep(0.05)  # the clean-up's own await
+            except asyncio.CancelledError:
+                self.cancellations[ctx.operation_id] += 1
+                raise
+            self.cleaned_up.add(ctx.operation_id)
+            raise
+        return StepResult(done=True)
+
+
 class UnserialisableAgent:
     def validate_input(self, input: dict[str, Any]) -> None:
         return None

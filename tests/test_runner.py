@@ -7,9 +7,10 @@ import time
 
 import pytest
 
+from runtime_service.agents.registry import AgentRegistry
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import Event, EventKind, OperationStatus
-from tests.agents import GatedAgent, registry
+from tests.agents import CarefulAgent, GatedAgent, registry
 from tests.conftest import eventually, opened_storage, runtime_config
 
 TICKER_30S = {"steps": 3, "step_seconds": 30, "chunk_interval_seconds": 1}
@@ -62,6 +63,39 @@ async def test_cancelled_step_gets_to_clean_up(app: RuntimeApp, gated: GatedAgen
     events = await collect(app, op.id)
     assert events[-1].kind is EventKind.INTERRUPTED
     assert (op.id, 0) in gated.cleaned_up
+
+
+async def test_a_stop_cancels_the_step_in_flight_before_the_stop_call_returns(
+    app: RuntimeApp, gated: GatedAgent
+) -> None:
+    """The stop's own call cancels the step (runs.stop), so the step unwinds at the loop's very
+    next turn instead of after the step loop has woken and cancelled it two turns later: the
+    halt's write begins sooner."""
+    op = (await app.operations.start("gated", {}, "")).operation
+    await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+    await app.operations.interrupt(op.id, "test", "")
+    assert (op.id, 0) not in gated.cleaned_up  # cancelled, not yet unwound
+    await asyncio.sleep(0)  # one turn of the loop
+    assert (op.id, 0) in gated.cleaned_up
+    events = await collect(app, op.id)
+    assert events[-1].kind is EventKind.INTERRUPTED and events[-1].data["mid_step"] is True
+
+
+async def test_an_agent_cleaning_up_after_a_stop_sees_one_cancellation(db_url: str) -> None:
+    """The stop cancels the step and the step loop does not cancel it again: an agent's own
+    clean-up (an await after its CancelledError) runs to its end."""
+    careful = CarefulAgent()
+    app = await RuntimeApp.open(runtime_config(db_url), AgentRegistry({"careful": careful}))
+    try:
+        op = (await app.operations.start("careful", {}, "")).operation
+        await asyncio.wait_for(first_event(app, op.id, EventKind.OUTPUT_CHUNK), 10)
+        await app.operations.interrupt(op.id, "test", "")
+        events = await collect(app, op.id)
+        assert events[-1].kind is EventKind.INTERRUPTED
+        assert careful.cancellations == {op.id: 1}
+        assert careful.cleaned_up == {op.id}
+    finally:
+        await app.close()
 
 
 async def test_stop_while_pending_means_no_step_ever_starts(db_url: str, gated: GatedAgent) -> None:

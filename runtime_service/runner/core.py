@@ -214,7 +214,12 @@ class Runner:
     ) -> None:
         if self._closed:
             return
-        run = Run(operation_id, asyncio.get_running_loop().create_future(), released=released)
+        run = Run(
+            operation_id,
+            asyncio.get_running_loop().create_future(),
+            released=released,
+            cut_on_stop=self.settings.abort_mid_step,
+        )
         self._runs[operation_id] = run
         run.task = asyncio.create_task(self._run(run, claimed), name=f"operation {operation_id}")
         run.task.add_done_callback(partial(self._forget, run))

@@ -50,6 +50,9 @@ class Run:
     # A held start's release that this run's first write makes (Runner.release): the claimed
     # operation, or None when it was not held, for the release call to answer with.
     released: asyncio.Future[Operation | None] | None = field(default=None, repr=False)
+    # A stop cancels the step in flight (the runner's abort_mid_step), from the call that
+    # resolves the stop (see `stop`).
+    cut_on_stop: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,14 @@ def stop(run: Run, seen_at: datetime | None, cause: str | None = None) -> None:
         run.stop.set_result(None)
         run.stopped_span = run.step_span if run.step_span is not None else run.span
         run_telemetry.stop_received(run.stopped_span, run.cause)
+        step = run.step_task
+        if run.cut_on_stop and step is not None and not step.done():
+            # Cancelled here, in the stop's own turn of the loop, the step unwinds in the next
+            # one, alongside the step loop's wake-up. Left to the step loop (woken by the stop
+            # future, then cancelling and waiting), it took two more turns before the halt's
+            # write could begin. The step loop cancels only a step not cancelled yet
+            # (steps.Steps._cancel_step), so the agent sees one cancellation, as before.
+            step.cancel()
     # Also when the stop reached the run first by another way (PostgreSQL's notification
     # can beat the recording call's own delivery): the call still links to what it cut.
     run_telemetry.link_stop(run.stopped_span)

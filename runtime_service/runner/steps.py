@@ -226,7 +226,8 @@ class Steps:
         return None
 
     async def _cancel_step(self, op_id: str, step_task: asyncio.Task[StepResult]) -> None:
-        step_task.cancel()
+        if not step_task.cancelling():  # else cancelled already, by the stop (runs.stop)
+            step_task.cancel()
         done, _ = await asyncio.wait({step_task}, timeout=self.settings.stop_grace)
         if not done:
             log.warning(
