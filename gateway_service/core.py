@@ -18,6 +18,7 @@ Guarantees kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -313,7 +314,10 @@ class Gateway:
             delivery = self._request_stop(
                 op_id, requested_by, reason, op_pb.STOP_CAUSE_USER, owner, streams=streams_told
             )
-        await asyncio.wait({delivery.done}, timeout=self.config.stop_ack_seconds)
+        # The caller's own waiter wakes this in the turn the runtime's answer arrives in.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.stop_ack_seconds):
+                await delivery.waiter()
         delivered = delivery.state is DeliveryState.DELIVERED
         self.metrics.stop_ack.labels(str(delivered).lower()).observe(time.monotonic() - began)
         log.info(

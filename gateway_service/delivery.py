@@ -57,6 +57,27 @@ class StopDelivery:
     response: rt_pb.InterruptOperationResponse | None = None
     error: UpstreamError | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _waiters: list[asyncio.Future[None]] = field(default_factory=list, repr=False)
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future of the caller's own, resolved in the turn the delivery settles (`done`'s
+        awaiters wake a turn or two later, through its callbacks). Cancelling it (a caller's
+        timeout) leaves the delivery alone."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.done.done():
+            waiter.set_result(None)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    def settle(self) -> None:
+        """The delivery has its outcome (state set): resolve `done` and every waiter."""
+        if not self.done.done():
+            self.done.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
 
     @property
     def operation_id(self) -> str:
@@ -78,19 +99,18 @@ def _target(request: rt_pb.InterruptOperationRequest) -> str:
     return request.operation_id
 
 
-def _settle_early(
-    delivery: StopDelivery, call: asyncio.Future[rt_pb.InterruptOperationResponse]
-) -> None:
-    """The first call's answer, handed to whoever waits on the delivery as soon as it arrives,
-    when it is the delivery's only call so far (so it is this stop's own answer: see
-    `_own_answer`). The delivery's task takes the same answer a few turns of the loop later and
-    does the bookkeeping; on the stop's acknowledgment those turns cost about 0.1 ms, each one
-    run behind the operation's events arriving at the same moment."""
-    if delivery.done.done() or delivery.calls != 1 or call.cancelled() or call.exception():
+def _settle_early(delivery: StopDelivery, answer: rt_pb.InterruptOperationResponse) -> None:
+    """The first call's answer, handed to whoever waits on the delivery in the turn it arrives
+    in (RuntimeLink.interrupt_now's `on_answer`), when it is the delivery's only call so far
+    (so it is this stop's own answer: see `_own_answer`). The delivery's task takes the same
+    answer a few turns of the loop later and does the bookkeeping; on the stop's
+    acknowledgment those turns cost about 0.1 ms, each one run behind the operation's events
+    arriving at the same moment."""
+    if delivery.done.done() or delivery.calls != 1:
         return
-    delivery.response = call.result()
+    delivery.response = answer
     delivery.state = DeliveryState.DELIVERED
-    delivery.done.set_result(None)
+    delivery.settle()
 
 
 class StopDeliverer:
@@ -187,20 +207,24 @@ class StopDeliverer:
         # acknowledgment waited about 0.3 ms longer, bench/timeline.py).
         # It goes to the replica running the operation where this gateway knows it (the stop
         # then reaches the runner with no hop between replicas); hedges and retries to any.
-        first = context.run(self._send, delivery, True)
-        first.add_done_callback(functools.partial(_settle_early, delivery))
+        first = context.run(self._send, delivery, True, functools.partial(_settle_early, delivery))
         delivery.task = asyncio.create_task(
             self._run(delivery, span, first), name=f"stop {delivery.target}", context=context
         )
         return delivery
 
     def _send(
-        self, delivery: StopDelivery, routed: bool = False
+        self,
+        delivery: StopDelivery,
+        routed: bool = False,
+        on_answer: Callable[[rt_pb.InterruptOperationResponse], None] | None = None,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         """One InterruptOperation call of this delivery, begun now."""
         delivery.calls += 1
         self.metrics.delivery_calls.inc()
-        return self._link.interrupt_now(delivery.request, self._attempt_timeout, routed)
+        return self._link.interrupt_now(
+            delivery.request, self._attempt_timeout, routed, on_answer=on_answer
+        )
 
     async def _run(
         self,
@@ -267,8 +291,7 @@ class StopDeliverer:
             span.end()
             if self._pending.get(delivery.target) is delivery:
                 del self._pending[delivery.target]
-            if not delivery.done.done():
-                delivery.done.set_result(None)
+            delivery.settle()
 
     async def _attempt(
         self,

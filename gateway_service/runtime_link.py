@@ -44,12 +44,16 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-async def _answer(call: Awaitable[T]) -> T:
-    """A unary call's response; its failure as UpstreamError."""
+async def _answer(call: Awaitable[T], on_answer: Callable[[T], None] | None = None) -> T:
+    """A unary call's response; its failure as UpstreamError. `on_answer` is given the
+    response in the turn of the loop it arrives in, before this returns."""
     try:
-        return await call
+        response = await call
     except aio.AioRpcError as exc:
         raise UpstreamError.from_rpc_error(exc) from exc
+    if on_answer is not None:
+        on_answer(response)
+    return response
 
 
 class LoadBalancing(enum.StrEnum):
@@ -166,16 +170,18 @@ class RuntimeLink:
         request: rt_pb.InterruptOperationRequest,
         deadline_seconds: float,
         routed: bool = False,
+        on_answer: Callable[[rt_pb.InterruptOperationResponse], None] | None = None,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         """InterruptOperation, begun before this returns: gRPC sends the request from a task of
         its own, scheduled here, so it leaves at the loop's next turn, ahead of whatever the
         caller schedules after this call (a stop's notices to its streams). Made from inside a
         coroutine of the caller's instead, it went out a turn or two later, behind them.
-        `routed`: to the replica running the operation, where known; else to any."""
+        `routed`: to the replica running the operation, where known; else to any.
+        `on_answer`: given the answer as it arrives (a turn before the future's callbacks)."""
         metadata = tracing.outgoing_metadata(self._metadata)
         stub = self._routed(request.operation_id) if routed else self._stub
         call = stub.InterruptOperation(request, timeout=deadline_seconds, metadata=metadata)
-        return asyncio.ensure_future(_answer(call))
+        return asyncio.ensure_future(_answer(call, on_answer))
 
     async def get(self, operation_id: str) -> rt_pb.GetOperationResponse:
         request = rt_pb.GetOperationRequest(operation_id=operation_id)

@@ -4,6 +4,7 @@ waited on, a definitive refusal ends the delivery, and the calls per attempt sta
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -32,9 +33,21 @@ class ScriptedLink:
         request: rt_pb.InterruptOperationRequest,
         deadline_seconds: float,
         routed: bool = False,
+        on_answer: Callable[[rt_pb.InterruptOperationResponse], None] | None = None,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         self.routed.append(routed)
-        return asyncio.ensure_future(self._interrupt(self.script.pop(0) if self.script else "ok"))
+        step = self.script.pop(0) if self.script else "ok"
+        return asyncio.ensure_future(self._answered(self._interrupt(step), on_answer))
+
+    @staticmethod
+    async def _answered(
+        answer: Awaitable[rt_pb.InterruptOperationResponse],
+        on_answer: Callable[[rt_pb.InterruptOperationResponse], None] | None,
+    ) -> rt_pb.InterruptOperationResponse:
+        response = await answer  # as RuntimeLink's: told in the turn the answer arrives in
+        if on_answer is not None:
+            on_answer(response)
+        return response
 
     async def _interrupt(self, step: str | grpc.StatusCode) -> rt_pb.InterruptOperationResponse:
         if step == "slow-ahead":  # recorded the stop (ahead of its start), answers late
@@ -126,10 +139,13 @@ async def test_the_first_call_is_sent_before_deliver_returns() -> None:
     real = link.interrupt_now
 
     def interrupt_now(
-        request: rt_pb.InterruptOperationRequest, deadline_seconds: float, routed: bool = False
+        request: rt_pb.InterruptOperationRequest,
+        deadline_seconds: float,
+        routed: bool = False,
+        on_answer: Callable[[rt_pb.InterruptOperationResponse], None] | None = None,
     ) -> asyncio.Future[rt_pb.InterruptOperationResponse]:
         sent.append(request.operation_id)
-        return real(request, deadline_seconds, routed)
+        return real(request, deadline_seconds, routed, on_answer)
 
     link.interrupt_now = interrupt_now  # type: ignore[method-assign]
     delivery = deliverer(link).deliver(OP_ID, "t", "")
@@ -151,3 +167,22 @@ async def test_the_first_calls_answer_reaches_the_waiter_before_the_bookkeeping(
     assert delivery.state is DeliveryState.DELIVERED and delivery.response == ANSWER
     await asyncio.wait_for(task, 10)
     assert delivery.state is DeliveryState.DELIVERED and delivery.attempts == 1
+
+
+async def test_a_stops_caller_is_woken_in_the_turn_the_first_answer_arrives_in() -> None:
+    """RuntimeLink hands the first call's answer over as it arrives (`on_answer`), and the
+    delivery resolves its callers' waiters right then: the acknowledgment does not wait for the
+    call's future to finish, for `done`'s callbacks and for a wait's own wake-up."""
+    delivery = deliverer(ScriptedLink("ok")).deliver(OP_ID, "t", "")
+    waiter = delivery.waiter()
+    turns = 0
+    while not waiter.done():
+        await asyncio.sleep(0)
+        turns += 1
+    # The scripted call answers in the first turn of its task: the waiter is resolved in it.
+    assert turns == 1
+    assert delivery.state is DeliveryState.DELIVERED and delivery.response == ANSWER
+    assert delivery.task is not None and not delivery.task.done()  # bookkeeping comes after
+    late = delivery.waiter()  # a caller arriving after the answer is not kept waiting
+    assert late.done()
+    await asyncio.wait_for(delivery.task, 10)

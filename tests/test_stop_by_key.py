@@ -443,9 +443,12 @@ async def test_ctrl_c_of_stopline_run_during_the_start_stops_by_key_and_runs_no_
         return await real_start(request)
 
     def interrupt_now(
-        request: rt_pb.InterruptOperationRequest, deadline_seconds: float, routed: bool = False
+        request: rt_pb.InterruptOperationRequest,
+        deadline_seconds: float,
+        routed: bool = False,
+        on_answer: Any = None,
     ) -> Any:
-        answer = real_interrupt(request, deadline_seconds, routed)
+        answer = real_interrupt(request, deadline_seconds, routed, on_answer)
         answer.add_done_callback(lambda _: stopped.set())
         return answer
 
