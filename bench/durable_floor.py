@@ -30,12 +30,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from bench import scenarios
 from bench.floor import Floor
-from bench.stack import ADMIN_URL, Stack
+from bench.stack import ADMIN_URL, Stack, admin
 from bench.stats import ratio_interval
 from bench.table import DASH, TIMES
 
@@ -69,22 +68,13 @@ class ScratchDatabase:
             self.url = f"sqlite:///{workdir / 'durable-floor.db'}"
             return
         self._name = f"stopline_floor_{uuid.uuid4().hex[:10]}"
-        _admin(f'CREATE DATABASE "{self._name}"')
+        admin(f'CREATE DATABASE "{self._name}"')
         url = make_url(ADMIN_URL).set(drivername="postgresql", database=self._name)
         self.url = url.render_as_string(hide_password=False)
 
     def drop(self) -> None:
         if self._name is not None:
-            _admin(f'DROP DATABASE IF EXISTS "{self._name}" WITH (FORCE)')
-
-
-def _admin(statement: str) -> None:
-    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(statement))
-    finally:
-        engine.dispose()
+            admin(f'DROP DATABASE IF EXISTS "{self._name}" WITH (FORCE)')
 
 
 async def measure_backend(backend: str, steps: list[float], trials: int) -> dict[str, Any]:

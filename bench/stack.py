@@ -26,6 +26,17 @@ ADMIN_URL = os.environ.get(
 REPO = Path(__file__).resolve().parent.parent
 
 
+def admin(statement: str) -> None:
+    """A statement on PostgreSQL's admin database, outside any transaction (CREATE and DROP
+    DATABASE for the benchmarks' own databases)."""
+    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
 class FakeLLMProcess:
     """`python -m fake_llm` in its own process (as a real provider is: its event loop does not
     share the runtime's or the client's), stamping each token with its send time."""
@@ -94,7 +105,7 @@ class Stack:
             self.url = f"sqlite:///{workdir / f'bench-{uuid.uuid4().hex[:8]}.db'}"
         else:
             self._database = f"stopline_bench_{uuid.uuid4().hex[:10]}"
-            self._admin(f'CREATE DATABASE "{self._database}"')
+            admin(f'CREATE DATABASE "{self._database}"')
             self.url = make_url(ADMIN_URL).set(database=self._database).render_as_string(False)
         args = (
             "--agent",
@@ -130,14 +141,6 @@ class Stack:
             self.close()
             raise
 
-    def _admin(self, statement: str) -> None:
-        engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(statement))
-        finally:
-            engine.dispose()
-
     def owner(self, operation_id: str) -> int:
         """Index of the runtime replica that ran the operation's first step."""
         engine = create_engine(self.url)
@@ -166,7 +169,7 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     process.kill()
         if self._database is not None:
-            self._admin(f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
+            admin(f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
 
     def __enter__(self) -> Stack:
         return self

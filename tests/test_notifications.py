@@ -292,8 +292,6 @@ async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica
     counterpart, above). The absence is checked against a later notification on the same
     channel: PostgreSQL delivers them in commit order, so one sent by the stop would be heard
     first."""
-    import psycopg
-
     heard = recording_dispatch(monkeypatch)
     async with two_replicas(postgres_url, gated) as apps:
         created = await apps[0].operations.start("gated", {"steps": 3}, "")
@@ -310,22 +308,7 @@ async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica
                 if event.is_terminal:
                     break
         assert [e.kind for e in seen[-2:]] == [EventKind.STOP_REQUESTED, EventKind.INTERRUPTED]
-        sentinel = str(uuid.uuid4())
-        async with await psycopg.AsyncConnection.connect(
-            libpq_url(postgres_url), autocommit=True
-        ) as conn:
-            await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, sentinel))
-        assert other.listener is not None and runs.listener is not None
-
-        async def sentinel_heard() -> bool:
-            return all(
-                (STOPS, sentinel) in heard.get(id(app.listener), []) for app in (runs, other)
-            )
-
-        await eventually(sentinel_heard)
-        for app in (runs, other):
-            stops = [payload for channel, payload in heard[id(app.listener)] if channel == STOPS]
-            assert stops == [sentinel]
+        await _nothing_on_the_stops_channel(postgres_url, heard, (runs, other))
 
 
 @pytest.mark.postgres
@@ -336,8 +319,6 @@ async def test_a_pause_recorded_by_the_runners_own_replica_wakes_no_other_replic
     and sends nothing on the stops channel, and the step is cut and the operation PAUSED all
     the same. (A pause recorded on the other replica travels on the stops channel:
     tests/test_waiting_replicas.py.) Checked against a later sentinel, as above."""
-    import psycopg
-
     heard = recording_dispatch(monkeypatch)
     async with two_replicas(postgres_url, gated) as apps:
         created = await apps[0].operations.start("gated", {"steps": 3}, "")
@@ -351,19 +332,27 @@ async def test_a_pause_recorded_by_the_runners_own_replica_wakes_no_other_replic
             return operation is not None and operation.status is OperationStatus.PAUSED
 
         await eventually(paused)
-        sentinel = str(uuid.uuid4())
-        async with await psycopg.AsyncConnection.connect(
-            libpq_url(postgres_url), autocommit=True
-        ) as conn:
-            await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, sentinel))
-        assert other.listener is not None and runs.listener is not None
+        await _nothing_on_the_stops_channel(postgres_url, heard, (runs, other))
 
-        async def sentinel_heard() -> bool:
-            return all(
-                (STOPS, sentinel) in heard.get(id(app.listener), []) for app in (runs, other)
-            )
 
-        await eventually(sentinel_heard)
-        for app in (runs, other):
-            stops = [payload for channel, payload in heard[id(app.listener)] if channel == STOPS]
-            assert stops == [sentinel]
+async def _nothing_on_the_stops_channel(
+    postgres_url: str, heard: dict[int, list[tuple[str, str]]], apps: tuple[RuntimeApp, ...]
+) -> None:
+    """No replica heard anything on the stops channel: checked against a sentinel sent there
+    now, which PostgreSQL delivers after anything sent before it (in commit order)."""
+    import psycopg
+
+    sentinel = str(uuid.uuid4())
+    async with await psycopg.AsyncConnection.connect(
+        libpq_url(postgres_url), autocommit=True
+    ) as conn:
+        await conn.execute("SELECT pg_notify(%s, %s)", (STOPS, sentinel))
+    assert all(app.listener is not None for app in apps)
+
+    async def sentinel_heard() -> bool:
+        return all((STOPS, sentinel) in heard.get(id(app.listener), []) for app in apps)
+
+    await eventually(sentinel_heard)
+    for app in apps:
+        stops = [payload for channel, payload in heard[id(app.listener)] if channel == STOPS]
+        assert stops == [sentinel]
