@@ -33,13 +33,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import struct_pb2
 
-from bench import floor
-from bench.scenarios import Clients, _is_terminal, ticking, warm_up
+from bench import floor, shapes
+from bench.scenarios import Clients, _is_terminal, warm_up
 from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 from stopline.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
@@ -83,6 +84,7 @@ class Paths:
         self._workdir = workdir
         self._servers: list[Any] = []
         self._channels: list[Any] = []
+        self._clients: Clients | None = None
         self._counter = 0
 
     async def open(self) -> dict[str, Trial]:
@@ -92,12 +94,14 @@ class Paths:
         relay = self._keep(floor.Server("relay", backend.address))
         runtime_relay = self._keep(floor.Server("relay", self._stack.runtimes[0].address))
         gateway = self._keep(GatewayProcess(backend.address, self._workdir))
-        self._clients = Clients(self._stack)
+        clients = self._clients = Clients(self._stack)
         return {
             "floor": self._floor_trial(self._stub(relay.address)),
-            "runtime alone": self._runtime_trial(self._stub(runtime_relay.address)),
+            "runtime alone": self._runtime_trial(
+                self._stub(runtime_relay.address), clients.runtimes[0]
+            ),
             "gateway alone": self._floor_trial(self._stub(gateway.address)),
-            "Stopline": self._stopline_trial(),
+            "Stopline": partial(shapes.stop_trial, clients.gateways[0]),
         }
 
     def _keep(self, server: Any) -> Any:
@@ -122,9 +126,8 @@ class Paths:
 
         return trial
 
-    def _runtime_trial(self, stub: Any) -> Trial:
+    def _runtime_trial(self, stub: Any, runtime: Any) -> Trial:
         """A `ticker` started on the runtime directly, streamed and stopped through the relay."""
-        runtime = self._clients.runtimes[0]
 
         async def trial(step: float, pause: float) -> tuple[float, float]:
             values = struct_pb2.Struct()
@@ -142,20 +145,10 @@ class Paths:
 
         return trial
 
-    def _stopline_trial(self) -> Trial:
-        gateway = self._clients.gateways[0]
-
-        async def trial(step: float, pause: float) -> tuple[float, float]:
-            call, op_id = await ticking(gateway, step)
-            await asyncio.sleep(pause)
-            return await _stop_and_wait(call, gateway, op_id)
-
-        return trial
-
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close(grace=None)
-        if hasattr(self, "_clients"):
+        if self._clients is not None:
             await self._clients.close()
         for server in reversed(self._servers):
             server.close()

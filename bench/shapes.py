@@ -28,7 +28,7 @@ from bench.stack import Stack
 from stopline.gateway.v1 import gateway_service_pb2 as gw
 
 
-async def _trial(gateway: Any, step: float, pause: float) -> tuple[float, float]:
+async def stop_trial(gateway: Any, step: float, pause: float) -> tuple[float, float]:
     """(acknowledgment, stop -> terminal event), ms."""
     call, op_id = await ticking(gateway, step)
     await asyncio.sleep(pause)
@@ -65,7 +65,7 @@ async def compare(step: float, trials: int) -> dict[str, dict[str, float]]:
                 rng.shuffle(order)  # which goes first, second and last varies
                 for name in order:
                     gateway = shapes[name].gateways[gateways[name]]
-                    samples[name].append(await _trial(gateway, step, pause))
+                    samples[name].append(await stop_trial(gateway, step, pause))
         finally:
             for clients in shapes.values():
                 await clients.close()

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 from runtime_service.app import RuntimeApp
-from runtime_service.config import RuntimeConfig
+from runtime_service.cli_options import DEFAULTS
 from tests.conftest import runtime_config
 
-DEFAULTS = RuntimeConfig()
 TICKER = {"steps": 100_000, "step_seconds": 1, "chunk_interval_seconds": 1}
 
 

@@ -243,10 +243,7 @@ async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
     it; a stop recorded on the other replica reaches its watchers on the stops channel, its
     `stop_requested` event carried, with no read of storage on the stop's path."""
     async with two_replicas(postgres_url, gated) as apps:
-        created = await apps[0].operations.start("gated", {"steps": 3}, "")
-        op_id = created.operation.id
-        await eventually(lambda: _emitted(apps[0], op_id))  # claimed: by either replica
-        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        op_id, runs, other = await _running_on_one(apps)
         assert runs.runner.runs(op_id) and runs.listener is not None
         reads: list[int] = []
         events_after = runs.storage.events_after
@@ -273,6 +270,16 @@ async def test_a_replica_does_not_listen_for_the_operations_its_runner_runs(
         assert heard["events"]._value.get() == 0 and heard["stops"]._value.get() >= 1
 
 
+async def _running_on_one(apps: list[RuntimeApp]) -> tuple[str, RuntimeApp, RuntimeApp]:
+    """A gated operation started on the first replica and emitting its first step's chunk,
+    claimed by either: its id, the replica that runs it, and the other."""
+    created = await apps[0].operations.start("gated", {"steps": 3}, "")
+    op_id = created.operation.id
+    await eventually(lambda: _emitted(apps[0], op_id))
+    runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+    return op_id, runs, other
+
+
 async def _emitted(app: RuntimeApp, operation_id: str) -> bool:
     events = await app.storage.events_after(operation_id, 0)
     return any(e.kind is EventKind.OUTPUT_CHUNK for e in events)
@@ -294,10 +301,7 @@ async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica
     first."""
     heard = recording_dispatch(monkeypatch)
     async with two_replicas(postgres_url, gated) as apps:
-        created = await apps[0].operations.start("gated", {"steps": 3}, "")
-        op_id = created.operation.id
-        await eventually(lambda: _emitted(apps[0], op_id))
-        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        op_id, runs, other = await _running_on_one(apps)
         seen: list[Event] = []
         async with contextlib.aclosing(other.operations.watch(op_id, 0)) as watch:
             async for event in watch:
@@ -311,7 +315,6 @@ async def test_a_stop_recorded_by_the_runners_own_replica_wakes_no_other_replica
         await _nothing_on_the_stops_channel(postgres_url, heard, (runs, other))
 
 
-@pytest.mark.postgres
 async def test_a_pause_recorded_by_the_runners_own_replica_wakes_no_other_replica(
     postgres_url: str, gated: GatedAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,10 +324,7 @@ async def test_a_pause_recorded_by_the_runners_own_replica_wakes_no_other_replic
     tests/test_waiting_replicas.py.) Checked against a later sentinel, as above."""
     heard = recording_dispatch(monkeypatch)
     async with two_replicas(postgres_url, gated) as apps:
-        created = await apps[0].operations.start("gated", {"steps": 3}, "")
-        op_id = created.operation.id
-        await eventually(lambda: _emitted(apps[0], op_id))
-        runs, other = apps if apps[0].runner.runs(op_id) else apps[::-1]
+        op_id, runs, other = await _running_on_one(apps)
         await runs.operations.pause(op_id, "ops")
 
         async def paused() -> bool:
