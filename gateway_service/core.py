@@ -187,6 +187,9 @@ class Gateway:
             idempotency_key=key,
             owner=owner,
             labels={POLICY_LABEL: policy.value, GRACE_LABEL: f"{grace:g}"},
+            # Nobody else knows a generated key, so no stop by it can come ahead of the start:
+            # the runtime skips its look for one (on PostgreSQL, a round trip).
+            key_private=generated_key,
         )
         if hold:
             request.hold.CopyFrom(

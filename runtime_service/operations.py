@@ -102,6 +102,8 @@ class StartArgs:
     owner: str = ""
     deadline_seconds: float | None = None
     max_steps: int = 0
+    # The key is the caller's alone: no stop by it can come ahead of the start (Storage.create).
+    key_private: bool = False
 
 
 class OperationsService:
@@ -144,6 +146,7 @@ class OperationsService:
             deadline_seconds=deadline_seconds,
             max_steps=budget,
             trace_parent=tracing.current_traceparent(),
+            key_private=args.key_private,
         )
         return created
 

@@ -249,6 +249,7 @@ def _start_args(request: pb.StartOperationRequest) -> StartArgs:
         request.owner,
         _seconds(request.deadline) if request.HasField("deadline") else None,
         request.max_steps,
+        request.key_private,
     )
 
 

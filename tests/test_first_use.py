@@ -25,6 +25,7 @@ from stopline.ids import parse_operation_id
 from stopline.json_values import shown, struct_to_python, value_to_python
 from stopline.limits import struct_to_input
 from stopline.render import describe_event, to_json
+from stopline.v1 import runtime_service_pb2 as rt_pb
 from tests.conftest import eventually, runtime_config
 from tests.credentials import gateway_channel
 from tests.test_gateway import gateway_config, is_terminal, read_until, start_request
@@ -226,6 +227,15 @@ async def test_the_gateway_assigns_a_visible_key_when_the_client_sends_none(
     """As documented in protos/ and the README: `gateway-<uuid>` when none was given (so the
     gateway's own retries of the start are idempotent), the client's key otherwise."""
     _, gateway = stack
+    link = gateway.gateway.link
+    sent: list[rt_pb.StartOperationRequest] = []
+    forward = link.start_and_watch
+
+    async def recording(request: rt_pb.StartOperationRequest) -> Any:
+        sent.append(request)
+        return await forward(request)
+
+    link.start_and_watch = recording  # type: ignore[method-assign]
     async with gateway_channel(gateway.address) as channel:
         client = pb_grpc.GatewayServiceStub(channel)
         first = await read_until(client.StartAndStream(start_request("echo")), is_terminal)
@@ -236,6 +246,9 @@ async def test_the_gateway_assigns_a_visible_key_when_the_client_sends_none(
     assert assigned.startswith("gateway-")
     assert parse_operation_id(assigned.removeprefix("gateway-"))
     assert second[0].accepted.operation.idempotency_key == "mine-1"
+    # Only the gateway knows a key it generated (until the start answers): no stop by it can
+    # be stored ahead, and the runtime is told so. A client's key may have been stopped ahead.
+    assert [request.key_private for request in sent] == [True, False]
 
 
 def test_the_contract_documents_the_assigned_key() -> None:

@@ -373,6 +373,45 @@ async def test_a_start_whose_stop_ahead_fails_to_commit_applies_it_when_retried(
     assert sorted(c.operation.id for c in claimed) == sorted([theirs, fresh])
 
 
+async def test_a_start_with_a_private_key_looks_for_no_stop_ahead(storage: Storage) -> None:
+    """`key_private`: the caller alone knows the key (a gateway's retry key), so the start skips
+    the look for a stop stored ahead by it. Shown with a tombstone a caller should never have
+    been able to store: the private start neither applies it nor holds the operation for it,
+    and a start by the same key that is not private still does both."""
+    await storage.record_stop_by_key("me", "shared", "me", "too early", StopCause.USER, 600)
+    private = await storage.create("gated", {}, "shared", owner="me", key_private=True)
+    assert private.operation.status is OperationStatus.PENDING
+    assert private.operation.stop is None
+    assert [e.kind for e in private.events] == [EventKind.CREATED]
+    claimed = (await storage.claim_next("runner", 10, 30)).claimed
+    assert [c.operation.id for c in claimed] == [private.operation.id]
+
+    await storage.record_stop_by_key("me", "ahead", "me", "too early", StopCause.USER, 600)
+    public = await storage.create("gated", {}, "ahead", owner="me")
+    assert public.operation.status is OperationStatus.INTERRUPTED
+
+
+async def test_the_runtime_takes_key_private_from_the_start_request(
+    runtime: RunningRuntime,
+) -> None:
+    async with runtime_channel(runtime.address) as channel:
+        stub = rt_grpc.RuntimeServiceStub(channel)
+        for key in ("private", "public"):
+            await stub.InterruptOperation(
+                rt_pb.InterruptOperationRequest(idempotency_key=key, owner="", reason="ahead")
+            )
+        starts = {
+            key: await stub.StartOperation(
+                rt_pb.StartOperationRequest(
+                    agent="gated", idempotency_key=key, key_private=key == "private"
+                )
+            )
+            for key in ("private", "public")
+        }
+    assert starts["private"].operation.status != op_pb.OPERATION_STATUS_INTERRUPTED
+    assert starts["public"].operation.status == op_pb.OPERATION_STATUS_INTERRUPTED
+
+
 async def test_stops_by_key_racing_held_starts_always_win(
     app: RuntimeApp, gated: GatedAgent
 ) -> None:

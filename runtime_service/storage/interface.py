@@ -160,6 +160,7 @@ class Storage(Protocol):
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
         trace_parent: str | None = None,
+        key_private: bool = False,
     ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the owner's idempotent
         twin (AlreadyExists if the key was used for a different request). `announce`: tell
@@ -173,7 +174,9 @@ class Storage(Protocol):
         for after the create committed (see record_stop_by_key for why after), as of the
         create's own time, so a tombstone that expires meanwhile still applies; a create that
         sees it in its own write creates the operation held (stopped_ahead_hold), whatever
-        `hold_seconds` says, so that no runner claims it before its stop."""
+        `hold_seconds` says, so that no runner claims it before its stop. `key_private`: the
+        key is the caller's alone (a gateway's retry key), so no stop by it can be stored ahead:
+        no tombstone is looked for or applied (on PostgreSQL, one round trip fewer)."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:

@@ -191,12 +191,14 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
         trace_parent: str | None = None,
+        key_private: bool = False,
     ) -> Created:
         labels = dict(labels or {})
         fingerprint = request_hash(agent, input_value, labels)
         while True:
             now = utcnow()
             held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
+            held = None if held_until is None else self._time(held_until)
             data: dict[str, JSONValue] = {"agent": agent}
             params = {
                 "id": str(uuid.uuid4()),
@@ -206,8 +208,11 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 "key": idempotency_key,
                 "owner": owner,
                 "labels": dump_json(labels) if labels else None,
-                "held_until": None if held_until is None else self._time(held_until),
-                "held_if_stopped": self._time(stopped_ahead_hold(now, held_until)),
+                "held_until": held,
+                # A private key has no tombstone to find (Storage.create): held as asked.
+                "held_if_stopped": held
+                if key_private
+                else self._time(stopped_ahead_hold(now, held_until)),
                 "now": self._time(now),
                 "deadline_at": deadline_at(now, deadline_seconds, self._time),
                 "max_steps": max_steps,
@@ -218,7 +223,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
 
             made = await self._run(CREATE, params, partial(self._created, now, data))
             if made is not None:
-                if idempotency_key is None:
+                if idempotency_key is None or key_private:
                     return made
                 # After the commit: the look in the statement (which held the operation) misses
                 # a stop by key committed while it ran (READ COMMITTED). As of the create's own
@@ -231,7 +236,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             twin = twin_of(row, idempotency_key, fingerprint)
             if twin is not None:
                 found = Created(twin, created=False, events=())
-                if twin.status is OperationStatus.PENDING and twin.stop is None:
+                if twin.status is OperationStatus.PENDING and twin.stop is None and not key_private:
                     # A retry of a start whose tombstone's stop failed to commit: the tombstone
                     # is still there, and its stop is applied now, before the hold ends.
                     return await self._stop_ahead(found, owner, idempotency_key, utcnow())

@@ -55,7 +55,7 @@ WITH created AS (
   VALUES (:id, :agent, :input, :hash, :key, :owner, :labels, 'PENDING', 0, 1,
     CASE WHEN EXISTS (SELECT 1 FROM stop_tombstones
       WHERE owner = :owner::varchar AND idempotency_key = :key::varchar AND expires_at > :now)
-    THEN :held_if_stopped ELSE :held_until END,
+    THEN :held_if_stopped::timestamptz ELSE :held_until END,
     :now, :now, :deadline_at, :max_steps, :trace_parent)
   ON CONFLICT (owner, idempotency_key) DO NOTHING
   RETURNING {COLUMN_LIST}

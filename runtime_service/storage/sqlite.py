@@ -155,13 +155,14 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         deadline_seconds: float | None = None,
         max_steps: int | None = None,
         trace_parent: str | None = None,
+        key_private: bool = False,
     ) -> Created:
         fingerprint = request_hash(agent, input_value, dict(labels or {}))
         fields = (agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner)
         limits = (deadline_seconds, max_steps)
         # On the writes' inline path, as record_stop: every start's first step waits on it.
         created: Created = await self._write(
-            self._create, fingerprint, *fields, *limits, trace_parent
+            self._create, fingerprint, *fields, *limits, trace_parent, key_private
         )
         return created
 
@@ -178,6 +179,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         deadline_seconds: float | None,
         max_steps: int | None,
         trace_parent: str | None = None,
+        key_private: bool = False,
     ) -> Created:
         # One transaction from the look for a twin to the tombstone's: a SQLite write holds the
         # database's write lock from its BEGIN IMMEDIATE to its commit, so no start with the same
@@ -188,6 +190,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
                 return Created(twin, created=False, events=())
         now = utcnow()
         held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
+        held = None if held_until is None else self._time(held_until)
         params = {
             "id": str(uuid.uuid4()),
             "agent": agent,
@@ -196,8 +199,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             "key": key,
             "owner": owner,
             "labels": dump_json(labels) if labels else None,
-            "held_until": None if held_until is None else self._time(held_until),
-            "held_if_stopped": self._time(stopped_ahead_hold(now, held_until)),
+            "held_until": held,
+            # A private key has no tombstone to find (Storage.create): held as asked, whatever.
+            "held_if_stopped": held
+            if key_private
+            else self._time(stopped_ahead_hold(now, held_until)),
             "now": self._time(now),
             "deadline_at": _deadline_at(now, deadline_seconds, self._time),
             "max_steps": max_steps,
@@ -207,7 +213,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         operation = operation_from_row(self.cursors.row(cur))
         event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
         created = Created(operation, created=True, events=(event,))
-        if key is None:
+        if key is None or key_private:
             return created
         # A stop stored ahead by the key (a tombstone) is taken and recorded in this same
         # transaction: the operation is committed interrupted, or not at all.

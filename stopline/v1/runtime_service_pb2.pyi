@@ -190,6 +190,7 @@ class StartOperationRequest(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
+    KEY_PRIVATE_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """Name of a registered agent, e.g. "echo" or "ticker"."""
     idempotency_key: _builtins.str
@@ -202,6 +203,13 @@ class StartOperationRequest(_message.Message):
     """The most steps the operation may run: after that many steps complete without it being done,
     the runtime stops it at that boundary (reason "step budget of N steps exhausted"). 0: the
     runtime's default (none unless configured); above the runtime's cap: INVALID_ARGUMENT.
+    """
+    key_private: _builtins.bool
+    """True when idempotency_key is known to the caller alone (a gateway's own key for retrying a
+    start whose client gave none), so no stop by that key can have been recorded ahead of this
+    start. The start then skips its look for one (on PostgreSQL, a round trip after the create
+    commits). A stop by the key recorded ahead of such a start is not applied to it; a stop by
+    the key sent after the start stops it as usual.
     """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
@@ -240,10 +248,11 @@ class StartOperationRequest(_message.Message):
         owner: _builtins.str = ...,
         deadline: _duration_pb2.Duration | None = ...,
         max_steps: _builtins.int = ...,
+        key_private: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "hold", b"hold", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "deadline", b"deadline", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "labels", b"labels", "max_steps", b"max_steps", "owner", b"owner"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "deadline", b"deadline", "hold", b"hold", "idempotency_key", b"idempotency_key", "input", b"input", "key_private", b"key_private", "labels", b"labels", "max_steps", b"max_steps", "owner", b"owner"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
