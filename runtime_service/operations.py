@@ -44,7 +44,7 @@ from runtime_service.domain import (
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, Created, ListCursor, Storage, utcnow
+from runtime_service.storage import STOPPING, ClaimFor, Created, ListCursor, Storage, utcnow
 from runtime_service.watching import Watches
 from stopline import logs, tracing
 from stopline.errors import (
@@ -135,19 +135,34 @@ class OperationsService:
         budget = checked_max_steps(self.config, args.max_steps)
         # Other replicas hear of the new work only if this one cannot run it now.
         announce = not self.runner.has_room
-        created = await self.storage.create(
-            args.agent_name,
-            args.input_value,
-            key,
-            checked_labels,
-            args.hold_seconds,
-            checked_owner,
-            announce,
-            deadline_seconds=deadline_seconds,
-            max_steps=budget,
-            trace_parent=tracing.current_traceparent(),
-            key_private=args.key_private,
-        )
+        # One that can run here at once, and that no stop by key can be ahead of, is claimed in
+        # its create's own write (its run reserved first, under the id it is created with).
+        claim = None
+        if not args.hold_seconds and (key is None or args.key_private):
+            reserved = self.runner.reserve()
+            if reserved is not None:
+                claim = ClaimFor(self.runner.runner_id, self.config.lease_seconds, reserved)
+        try:
+            created = await self.storage.create(
+                args.agent_name,
+                args.input_value,
+                key,
+                checked_labels,
+                args.hold_seconds,
+                checked_owner,
+                announce and claim is None,
+                deadline_seconds=deadline_seconds,
+                max_steps=budget,
+                trace_parent=tracing.current_traceparent(),
+                key_private=args.key_private,
+                claim_for=claim,
+            )
+        except BaseException:
+            if claim is not None:
+                self.runner.adopt(claim.operation_id, None)
+            raise
+        if claim is not None and created.claimed is None:
+            self.runner.adopt(claim.operation_id, None)  # not claimed: the slot is free again
         return created
 
     async def start(
@@ -188,20 +203,33 @@ class OperationsService:
         operation can run (Watches.from_start): its first step's events come live, with no read
         of storage on the way, also when it runs only once a release lets it (a held start)."""
         created = await self._create(args)
-        yield created
-        if created.created:
-            hold = args.hold_seconds
-            batches = self.watches.from_start(created.events, lambda: self._launch(created, hold))
-        else:
-            batches = self.watches.batches(created.operation.id, 0)
-        async with contextlib.aclosing(batches):
-            async for batch in batches:
-                yield batch
+        launched = False
+
+        def launch() -> None:
+            nonlocal launched
+            launched = True
+            self._launch(created, args.hold_seconds)
+
+        try:
+            yield created
+            if created.created:
+                batches = self.watches.from_start(created.events, launch)
+            else:
+                batches = self.watches.batches(created.operation.id, 0)
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    yield batch
+        finally:
+            if created.claimed is not None and not launched:
+                # Its caller left before watching: claimed here already, it runs all the same.
+                launch()
 
     def _launch(self, created: Created, hold_seconds: float) -> None:
         """Publish a start's events and, when it may run now, hand it to the runner."""
         self.hub.publish(created.events)
-        if created.created and not hold_seconds and not created.operation.status.is_terminal:
+        if created.claimed is not None:
+            self.runner.adopt(created.operation.id, created.claimed)
+        elif created.created and not hold_seconds and not created.operation.status.is_terminal:
             self.runner.submit(created.operation.id)
 
     async def release(self, operation_id: str) -> Operation:

@@ -119,7 +119,8 @@ async def test_graceful_shutdown_reports_not_serving(runtime: RunningRuntime) ->
 
 async def test_thirty_second_step_stopped_after_first_chunk(stub: Stub) -> None:
     op = await start(stub, "ticker", {"steps": 2, "step_seconds": 30, "chunk_interval_seconds": 5})
-    assert op.status == op_pb.OPERATION_STATUS_PENDING
+    # Unheld and with no key: claimed here in its create's own write (test_start_claimed.py).
+    assert op.status == op_pb.OPERATION_STATUS_RUNNING
     seen: list[op_pb.Event] = []
     loop = asyncio.get_running_loop()
     stop_sent_at = 0.0

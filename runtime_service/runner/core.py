@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -106,6 +107,32 @@ class Runner:
             self.wake()
             return
         self._launch(operation_id, None)
+
+    def reserve(self) -> str | None:
+        """A slot here for a start that can run at once, and the id its operation is to be
+        created with (None: no room). The run is registered under that id before the create's
+        write, as a claim's is before the claim's, so that a stop landing meanwhile reaches it;
+        `adopt` then runs it, or gives the slot back."""
+        if not self.has_room:
+            return None
+        operation_id = str(uuid.uuid4())
+        self._runs[operation_id] = self._new_run(operation_id)
+        return operation_id
+
+    def adopt(self, operation_id: str, began: tuple[Claimed, Event] | None) -> None:
+        """Run a reserved operation that its create claimed for this runner (`began`: the claim
+        and its first step_started, published here at once), or give the slot back (None)."""
+        run = self._runs.get(operation_id)
+        if run is None or run.task is not None:
+            return
+        if began is None or self._closed:
+            del self._runs[operation_id]
+            if began is None:
+                self.wake()  # the slot is free again
+            return  # closed: the lease, ours, lapses and whoever claims it next resumes it
+        claimed, begun = began
+        self._writes.publish([claimed.event, begun])
+        self._start(run, claimed, begun)
 
     def release(self, operation_id: str) -> asyncio.Future[Operation | None] | None:
         """A held start's release, run here at once: the release and the claim, with the first
@@ -214,15 +241,22 @@ class Runner:
     ) -> None:
         if self._closed:
             return
-        run = Run(
-            operation_id,
-            asyncio.get_running_loop().create_future(),
-            released=released,
-            cut_on_stop=self.settings.abort_mid_step,
-        )
+        run = self._new_run(operation_id, released)
         self._runs[operation_id] = run
-        run.task = asyncio.create_task(self._run(run, claimed), name=f"operation {operation_id}")
-        run.task.add_done_callback(partial(self._forget, run))
+        self._start(run, claimed)
+
+    def _new_run(
+        self, operation_id: str, released: asyncio.Future[Operation | None] | None = None
+    ) -> Run:
+        stop = asyncio.get_running_loop().create_future()
+        return Run(operation_id, stop, released=released, cut_on_stop=self.settings.abort_mid_step)
+
+    def _start(self, run: Run, claimed: Claimed | None, begun: Event | None = None) -> None:
+        task = asyncio.create_task(
+            self._run(run, claimed, begun), name=f"operation {run.operation_id}"
+        )
+        run.task = task
+        task.add_done_callback(partial(self._forget, run))
 
     def _forget(self, run: Run, task: asyncio.Task[None]) -> None:
         runs.answer_release(run, asyncio.CancelledError())  # if it never made its first write
@@ -238,10 +272,10 @@ class Runner:
         if not task.cancelled() and task.exception() is not None:
             log.error("operation %s: runner crashed", run.operation_id, exc_info=task.exception())
 
-    async def _run(self, run: Run, claimed: Claimed | None) -> None:
+    async def _run(self, run: Run, claimed: Claimed | None, begun: Event | None = None) -> None:
+        """`begun`: the first step's step_started, when claimed with it (and published)."""
         op_id = run.operation_id
         logs.bind(operation_id=op_id)  # this task's lines are about this operation
-        begun: Event | None = None  # the first step's step_started, when claimed with it
         try:
             if claimed is None:
                 # Started here: claimed with its first step begun, in one write.
@@ -260,7 +294,7 @@ class Runner:
                         return  # taken elsewhere, held, finished, or stopped before it started
                     claimed, begun = taken
                     self._writes.publish([claimed.event, begun])
-            else:
+            elif begun is None:
                 self._writes.publish([claimed.event, *claimed.settled])
             run.owned = True
             self._on_owned(op_id, True)

@@ -56,13 +56,6 @@ Tombstone = tuple[str, str, StopCause]
 
 
 @dataclass(frozen=True, slots=True)
-class Created:
-    operation: Operation
-    created: bool
-    events: tuple[Event, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class Claimed:
     """An operation a runner now owns, with the event announcing it."""
 
@@ -71,6 +64,27 @@ class Claimed:
     # Tool calls the dead owner left open, settled `tool_call_outcome_unknown` by the takeover
     # (after `event`, before the step runs again).
     settled: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimFor:
+    """A start's claim for the runner of the replica that creates it (Storage.create)."""
+
+    runner_id: str
+    lease_seconds: float
+    # The id the new operation gets: its run is registered under it before the create's write
+    # (Runner.reserve), so that a stop that lands meanwhile reaches it.
+    operation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    operation: Operation
+    created: bool
+    events: tuple[Event, ...]
+    # Claimed in the create's own write (Storage.create's `claim_for`), with its first step's
+    # step_started (not in `events`, which end at the create's).
+    claimed: tuple[Claimed, Event] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +175,7 @@ class Storage(Protocol):
         max_steps: int | None = None,
         trace_parent: str | None = None,
         key_private: bool = False,
+        claim_for: ClaimFor | None = None,
     ) -> Created:
         """Insert a PENDING operation and its `created` event, or find the owner's idempotent
         twin (AlreadyExists if the key was used for a different request). `announce`: tell
@@ -176,7 +191,11 @@ class Storage(Protocol):
         sees it in its own write creates the operation held (stopped_ahead_hold), whatever
         `hold_seconds` says, so that no runner claims it before its stop. `key_private`: the
         key is the caller's alone (a gateway's retry key), so no stop by it can be stored ahead:
-        no tombstone is looked for or applied (on PostgreSQL, one round trip fewer)."""
+        no tombstone is looked for or applied (on PostgreSQL, one round trip fewer).
+        `claim_for`: an unheld start that can run on the caller's runner at once, and that no
+        stop by key can be ahead of (no key, or a private one): a new operation is claimed for
+        that runner with its first step begun in the create's own write, as claim_and_start
+        would (`Created.claimed`), rather than in a write of its own after it."""
         ...
 
     async def release(self, operation_id: str, announce: bool = True) -> Operation | None:

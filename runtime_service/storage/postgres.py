@@ -35,7 +35,7 @@ from runtime_service.metrics import POSTGRES_BATCH, StorageMetrics
 from runtime_service.notifications import event_note, libpq_url
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import COLUMNS, Cursors
-from runtime_service.storage.interface import Appended, Claimed, Created, KeptState
+from runtime_service.storage.interface import Appended, Claimed, ClaimFor, Created, KeptState
 from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.pg_batch import PostgresBatcher, Statement
 from runtime_service.storage.postgres_sql import (
@@ -192,6 +192,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
         max_steps: int | None = None,
         trace_parent: str | None = None,
         key_private: bool = False,
+        claim_for: ClaimFor | None = None,
     ) -> Created:
         labels = dict(labels or {})
         fingerprint = request_hash(agent, input_value, labels)
@@ -201,7 +202,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
             held = None if held_until is None else self._time(held_until)
             data: dict[str, JSONValue] = {"agent": agent}
             params = {
-                "id": str(uuid.uuid4()),
+                "id": str(uuid.uuid4()) if claim_for is None else claim_for.operation_id,
                 "agent": agent,
                 "input": dump_json(input_value),
                 "hash": fingerprint,
@@ -221,7 +222,10 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 "announce": announce,
             }
 
-            made = await self._run(CREATE, params, partial(self._created, now, data))
+            if claim_for is not None and held is None and (idempotency_key is None or key_private):
+                made = await self._create_and_claim(params, now, data, claim_for)
+            else:
+                made = await self._run(CREATE, params, partial(self._created, now, data))
             if made is not None:
                 if idempotency_key is None or key_private:
                     return made
@@ -241,6 +245,25 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                     # is still there, and its stop is applied now, before the hold ends.
                     return await self._stop_ahead(found, owner, idempotency_key, utcnow())
                 return found
+
+    async def _create_and_claim(
+        self, params: dict[str, Any], now: datetime, data: dict[str, JSONValue], claim: ClaimFor
+    ) -> Created | None:
+        """CREATE and CLAIM_AND_START queued together, so the batcher sends them in one query
+        string: one round trip and one transaction (the claim sees the create's row). Should they
+        go in two batches, or alone after a failed batch, the claim still follows the create."""
+        made = self._run_soon(
+            CREATE, {**params, "announce": False}, partial(self._created, now, data)
+        )
+        began = self._claim_and_start(
+            params["id"], claim.runner_id, claim.lease_seconds, False, now
+        )
+        began.add_done_callback(lambda f: f.cancelled() or f.exception())  # if made fails first
+        created = await made
+        claimed = await began
+        if created is None or claimed is None:
+            return created
+        return replace(created, operation=claimed[0].operation, claimed=claimed)
 
     async def _stop_ahead(self, created: Created, owner: str, key: str, now: datetime) -> Created:
         """Apply a stop stored ahead of the start by its key (a tombstone) to the start's
@@ -343,7 +366,14 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
     async def claim_and_start(
         self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
     ) -> tuple[Claimed, Event] | None:
-        now = utcnow()
+        return await self._claim_and_start(
+            operation_id, runner_id, lease_seconds, release, utcnow()
+        )
+
+    def _claim_and_start(
+        self, operation_id: str, runner_id: str, lease_seconds: float, release: bool, now: datetime
+    ) -> asyncio.Future[tuple[Claimed, Event] | None]:
+        """The claim, queued now (see create, which queues it right behind its own write)."""
         params = {
             "id": operation_id,
             "runner": runner_id,
@@ -363,7 +393,7 @@ class PostgresStorage(ClaimingStorage, PausingStorage):
                 Event(operation_id, seq, EventKind.STEP_STARTED, started, now),
             )
 
-        return await self._run(RELEASE_AND_START if release else CLAIM_AND_START, params, read)
+        return self._run_soon(RELEASE_AND_START if release else CLAIM_AND_START, params, read)
 
     async def start_step(self, operation_id: str, step: int, runner_id: str) -> Event | None:
         now = utcnow()

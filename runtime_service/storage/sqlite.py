@@ -38,7 +38,7 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.interface import Created
+from runtime_service.storage.interface import ClaimFor, Created
 from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.records import deadline_at as _deadline_at
 from runtime_service.storage.records import (
@@ -156,13 +156,14 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         max_steps: int | None = None,
         trace_parent: str | None = None,
         key_private: bool = False,
+        claim_for: ClaimFor | None = None,
     ) -> Created:
         fingerprint = request_hash(agent, input_value, dict(labels or {}))
         fields = (agent, input_value, idempotency_key, dict(labels or {}), hold_seconds, owner)
         limits = (deadline_seconds, max_steps)
         # On the writes' inline path, as record_stop: every start's first step waits on it.
         created: Created = await self._write(
-            self._create, fingerprint, *fields, *limits, trace_parent, key_private
+            self._create, fingerprint, *fields, *limits, trace_parent, key_private, claim_for
         )
         return created
 
@@ -180,6 +181,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         max_steps: int | None,
         trace_parent: str | None = None,
         key_private: bool = False,
+        claim_for: ClaimFor | None = None,
     ) -> Created:
         # One transaction from the look for a twin to the tombstone's: a SQLite write holds the
         # database's write lock from its BEGIN IMMEDIATE to its commit, so no start with the same
@@ -192,7 +194,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         held_until = now + timedelta(seconds=hold_seconds) if hold_seconds else None
         held = None if held_until is None else self._time(held_until)
         params = {
-            "id": str(uuid.uuid4()),
+            "id": str(uuid.uuid4()) if claim_for is None else claim_for.operation_id,
             "agent": agent,
             "input": dump_json(input_value),
             "hash": fingerprint,
@@ -214,7 +216,13 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         event = self._event(cur, operation.id, 1, EventKind.CREATED, {"agent": agent}, now)
         created = Created(operation, created=True, events=(event,))
         if key is None or key_private:
-            return created
+            if claim_for is None or held_until is not None:
+                return created
+            lease = self._time(now + timedelta(seconds=claim_for.lease_seconds))
+            began = self._claim_and_start(cur, operation.id, claim_for.runner_id, lease, now)
+            if began is None:
+                return created
+            return replace(created, operation=began[0].operation, claimed=began)
         # A stop stored ahead by the key (a tombstone) is taken and recorded in this same
         # transaction: the operation is committed interrupted, or not at all.
         cur.execute(TAKE_TOMBSTONE.text, {"owner": owner, "key": key, "now": params["now"]})
