@@ -213,7 +213,7 @@ class Gateway:
             # release at once. A client that must stop before any step stops by its key, which
             # needs no window (see README, Held starts).
             if started.ours and started.held:
-                release = self.starter.release_soon(operation_id, owner, key)
+                release = self.starter.release_unless_stopping(operation_id, owner, key)
                 self._spawn(release, name=f"release {operation_id}")
             # The events so far come on the start's own stream; after a break the follower
             # resumes with a watch of its own from the last seq it forwarded.

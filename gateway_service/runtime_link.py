@@ -161,18 +161,9 @@ class RuntimeLink:
     async def release(self, operation_id: str, routed: bool = True) -> None:
         """`routed`: to the replica that streams the operation, where known (it then runs it
         there, with no hop between replicas for its events); else to any."""
-        await self.release_now(operation_id, routed)
-
-    def release_now(
-        self, operation_id: str, routed: bool = True
-    ) -> asyncio.Future[rt_pb.ReleaseOperationResponse]:
-        """ReleaseOperation, begun before this returns, as interrupt_now begins a stop."""
         request = rt_pb.ReleaseOperationRequest(operation_id=operation_id)
         stub = self._routed(operation_id) if routed else self._stub
-        metadata = tracing.outgoing_metadata(self._metadata)
-        return asyncio.ensure_future(
-            _answer(stub.ReleaseOperation(request, timeout=self._timeout, metadata=metadata))
-        )
+        await self._unary(stub.ReleaseOperation, request, self._timeout)
 
     def interrupt_now(
         self,

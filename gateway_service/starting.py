@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay
@@ -93,36 +91,6 @@ class Starter:
                 response = watch.response
                 return Started(response, response.created or maybe_committed, watch, hold)
         raise AssertionError("unreachable: tenacity reraises")
-
-    def release_soon(self, operation_id: str, owner: str, key: str) -> Coroutine[Any, Any, None]:
-        """release_unless_stopping, to be run as a task of its own. When no stop by the key is
-        in flight here, the first attempt's call is begun before this returns, so its request
-        leaves at the loop's next turn (as a stop's does: RuntimeLink.interrupt_now) rather than
-        after that task has started and set up its retries; only a failed first attempt goes on
-        to them. The held start's first step waits on this call."""
-        if self.deliverer.pending_by_key(owner, key) is not None:
-            return self.release_unless_stopping(operation_id, owner, key)
-        try:
-            first = self.link.release_now(operation_id)
-        except Exception:  # e.g. the channel closing under a shutdown: the task's retries tell
-            return self.release_unless_stopping(operation_id, owner, key)
-        return self._release_after(operation_id, first)
-
-    async def _release_after(
-        self, operation_id: str, first: asyncio.Future[rt_pb.ReleaseOperationResponse]
-    ) -> None:
-        """`first`'s outcome; on a failure worth retrying, the release with its retries."""
-        try:
-            async with asyncio.timeout(RELEASE_ATTEMPT_SECONDS):
-                await first
-            return
-        except TimeoutError:
-            pass  # as _release_once: one attempt lost, not the hold
-        except UpstreamError as exc:
-            if not is_retryable(exc):
-                log.warning("could not release %s (%s); its hold will expire", operation_id, exc)
-                return
-        await self.release(operation_id)
 
     async def release_unless_stopping(self, operation_id: str, owner: str, key: str) -> None:
         """Release a start, but first let a stop by its key that reached this gateway while the
