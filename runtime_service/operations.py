@@ -7,11 +7,13 @@ of stopline.errors.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from runtime_service import stop_causes, waiting
@@ -142,28 +144,50 @@ class OperationsService:
             reserved = self.runner.reserve()
             if reserved is not None:
                 claim = ClaimFor(self.runner.runner_id, self.config.lease_seconds, reserved)
+        create = self.storage.create(
+            args.agent_name,
+            args.input_value,
+            key,
+            checked_labels,
+            args.hold_seconds,
+            checked_owner,
+            announce and claim is None,
+            deadline_seconds=deadline_seconds,
+            max_steps=budget,
+            trace_parent=tracing.current_traceparent(),
+            key_private=args.key_private,
+            claim_for=claim,
+        )
+        if claim is None:
+            return await create
+        return await self._create_claimed(create, claim.operation_id, args.hold_seconds)
+
+    async def _create_claimed(
+        self, create: Coroutine[Any, Any, Created], op_id: str, hold_seconds: float
+    ) -> Created:
+        """A create that claims for this runner (its slot reserved under `op_id`): the slot is
+        given back unless it claimed. A caller cancelled meanwhile leaves the write to land,
+        and what it claimed is run then, not left claimed and idle until its lease lapses."""
+        write = asyncio.ensure_future(create)
         try:
-            created = await self.storage.create(
-                args.agent_name,
-                args.input_value,
-                key,
-                checked_labels,
-                args.hold_seconds,
-                checked_owner,
-                announce and claim is None,
-                deadline_seconds=deadline_seconds,
-                max_steps=budget,
-                trace_parent=tracing.current_traceparent(),
-                key_private=args.key_private,
-                claim_for=claim,
-            )
-        except BaseException:
-            if claim is not None:
-                self.runner.adopt(claim.operation_id, None)
+            created = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            write.add_done_callback(partial(self._landed_unawaited, op_id, hold_seconds))
             raise
-        if claim is not None and created.claimed is None:
-            self.runner.adopt(claim.operation_id, None)  # not claimed: the slot is free again
+        except BaseException:
+            self.runner.adopt(op_id, None)
+            raise
+        if created.claimed is None:
+            self.runner.adopt(op_id, None)  # not claimed: the slot is free again
         return created
+
+    def _landed_unawaited(
+        self, op_id: str, hold_seconds: float, write: asyncio.Future[Created]
+    ) -> None:
+        if write.cancelled() or write.exception() is not None or write.result().claimed is None:
+            self.runner.adopt(op_id, None)
+        else:
+            self._launch(write.result(), hold_seconds)
 
     async def start(
         self,

@@ -6,7 +6,10 @@ a stop that lands meanwhile reaches it as it reaches a claim in flight."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from typing import Any
 
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus
@@ -157,3 +160,39 @@ async def test_a_caller_that_leaves_before_watching_leaves_its_start_running(
 
 async def _started(gated: GatedAgent, op_id: str) -> bool:
     return any(started == op_id for started, _ in gated.steps_started)
+
+
+async def test_a_start_cancelled_while_its_claiming_write_is_in_flight_still_runs_once_it_lands(
+    app: RuntimeApp, gated: GatedAgent
+) -> None:
+    """The caller goes away while the create that claims for this runner is still being
+    written (a PostgreSQL batch in flight; the write itself goes on). What the write claimed is
+    run as it lands, by the claim it made: one `started`, not resumed. Left alone, it sat
+    claimed and idle until its lease lapsed, and a takeover then resumed it."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+    create = app.storage.create
+
+    async def slow_create(*args: Any, **kwargs: Any) -> Created:
+        assert kwargs["claim_for"] is not None
+        entered.set()
+        await gate.wait()
+        return await create(*args, **kwargs)
+
+    app.storage.create = slow_create  # type: ignore[method-assign]
+    start = asyncio.ensure_future(app.operations.start("gated", {}, ""))
+    await entered.wait()
+    start.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await start
+    gate.set()
+    op_id = await eventually(lambda: _first_started(gated))
+    gated.open(op_id)
+    await app.runner.wait_finished(op_id)
+    events = await app.storage.events_after(op_id, 0)
+    started = [e for e in events if e.kind is EventKind.STARTED]
+    assert [e.data["resumed"] for e in started] == [False]
+    assert (await app.operations.get(op_id)).status is OperationStatus.COMPLETED
+
+
+async def _first_started(gated: GatedAgent) -> str | None:
+    return gated.steps_started[0][0] if gated.steps_started else None
