@@ -1,4 +1,5 @@
-"""The runtime's use cases in plain Python: start, get, list, interrupt and watch operations.
+"""The runtime's use cases in plain Python: start (starts.py), get, list, interrupt and watch
+operations.
 
 The gRPC servicer is a thin translation layer over this class, and tests drive it directly. All
 validation of caller input happens here (its checks in caller_input.py), raising the domain errors
@@ -7,13 +8,11 @@ of stopline.errors.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from runtime_service import stop_causes, waiting
@@ -22,12 +21,8 @@ from runtime_service.caller_input import (
     MAX_AGENT_NAME,
     MAX_IDEMPOTENCY_KEY,
     bounded_text,
-    check_agent_input,
     check_answer_fields,
-    check_hold,
     check_labels,
-    checked_deadline,
-    checked_max_steps,
 )
 from runtime_service.config import RuntimeConfig
 from runtime_service.domain import (
@@ -46,9 +41,10 @@ from runtime_service.domain import (
 from runtime_service.hub import EventHub
 from runtime_service.pagination import decode_page_token, encode_page_token
 from runtime_service.runner import Runner
-from runtime_service.storage import STOPPING, ClaimFor, Created, ListCursor, Storage, utcnow
+from runtime_service.starts import Starting
+from runtime_service.storage import STOPPING, ListCursor, Storage, utcnow
 from runtime_service.watching import Watches
-from stopline import logs, tracing
+from stopline import logs
 from stopline.errors import (
     InvalidArgument,
     NotFound,
@@ -91,24 +87,7 @@ class BulkStopped:
     limit_reached: bool
 
 
-@dataclass(frozen=True)
-class StartArgs:
-    """A start as the caller asked for it (validated by OperationsService). `deadline_seconds`
-    None and `max_steps` 0: the configured defaults."""
-
-    agent_name: str
-    input_value: dict[str, Any]
-    idempotency_key: str
-    labels: Mapping[str, str] | None = None
-    hold_seconds: float = 0.0
-    owner: str = ""
-    deadline_seconds: float | None = None
-    max_steps: int = 0
-    # The key is the caller's alone: no stop by it can come ahead of the start (Storage.create).
-    key_private: bool = False
-
-
-class OperationsService:
+class OperationsService(Starting):
     def __init__(
         self,
         config: RuntimeConfig,
@@ -123,152 +102,6 @@ class OperationsService:
         self.hub = hub
         self.runner = runner
         self.watches = Watches(storage, hub, config.watch_poll_seconds)
-
-    async def _create(self, args: StartArgs) -> Created:
-        """Validate, then store the operation (and apply a stop recorded ahead by its key)."""
-        check_agent_input(
-            self.agents, args.agent_name, args.input_value, self.config.max_input_bytes
-        )
-        key = bounded_text(args.idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY) or None
-        checked_labels = check_labels(args.labels or {})
-        checked_owner = bounded_text(args.owner, "owner", MAX_OWNER)
-        check_hold(args.hold_seconds)
-        deadline_seconds = checked_deadline(self.config, args.deadline_seconds)
-        budget = checked_max_steps(self.config, args.max_steps)
-        # Other replicas hear of the new work only if this one cannot run it now.
-        announce = not self.runner.has_room
-        # One that can run here at once, and that no stop by key can be ahead of, is claimed in
-        # its create's own write (its run reserved first, under the id it is created with).
-        claim = None
-        if not args.hold_seconds and (key is None or args.key_private):
-            reserved = self.runner.reserve()
-            if reserved is not None:
-                claim = ClaimFor(self.runner.runner_id, self.config.lease_seconds, reserved)
-        create = self.storage.create(
-            args.agent_name,
-            args.input_value,
-            key,
-            checked_labels,
-            args.hold_seconds,
-            checked_owner,
-            announce and claim is None,
-            deadline_seconds=deadline_seconds,
-            max_steps=budget,
-            trace_parent=tracing.current_traceparent(),
-            key_private=args.key_private,
-            claim_for=claim,
-        )
-        if claim is None:
-            return await create
-        return await self._create_claimed(create, claim.operation_id, args.hold_seconds)
-
-    async def _create_claimed(
-        self, create: Coroutine[Any, Any, Created], op_id: str, hold_seconds: float
-    ) -> Created:
-        """A create that claims for this runner (its slot reserved under `op_id`): the slot is
-        given back unless it claimed. A caller cancelled meanwhile leaves the write to land,
-        and what it claimed is run then, not left claimed and idle until its lease lapses."""
-        write = asyncio.ensure_future(create)
-        try:
-            created = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            write.add_done_callback(partial(self._landed_unawaited, op_id, hold_seconds))
-            raise
-        except BaseException:
-            self.runner.adopt(op_id, None)
-            raise
-        if created.claimed is None:
-            self.runner.adopt(op_id, None)  # not claimed: the slot is free again
-        return created
-
-    def _landed_unawaited(
-        self, op_id: str, hold_seconds: float, write: asyncio.Future[Created]
-    ) -> None:
-        if write.cancelled() or write.exception() is not None or write.result().claimed is None:
-            self.runner.adopt(op_id, None)
-        else:
-            self._launch(write.result(), hold_seconds)
-
-    async def start(
-        self,
-        agent_name: str,
-        input_value: dict[str, Any],
-        idempotency_key: str,
-        labels: Mapping[str, str] | None = None,
-        hold_seconds: float = 0.0,
-        owner: str = "",
-        deadline_seconds: float | None = None,
-        max_steps: int = 0,
-    ) -> Created:
-        """`deadline_seconds` None and `max_steps` 0: the configured defaults."""
-        return await self.start_with(
-            StartArgs(
-                agent_name,
-                input_value,
-                idempotency_key,
-                labels,
-                hold_seconds,
-                owner,
-                deadline_seconds,
-                max_steps,
-            )
-        )
-
-    async def start_with(self, args: StartArgs) -> Created:
-        created = await self._create(args)
-        self._launch(created, args.hold_seconds)
-        return created
-
-    async def start_and_watch(
-        self, args: StartArgs
-    ) -> AsyncGenerator[Created | Sequence[Event], None]:
-        """A start, then its events from seq 1 in batches, as `watch_batches` gives them: the
-        start's answer first, then the batches. A new operation's watch subscribes before the
-        operation can run (Watches.from_start): its first step's events come live, with no read
-        of storage on the way, also when it runs only once a release lets it (a held start)."""
-        created = await self._create(args)
-        launched = False
-
-        def launch() -> None:
-            nonlocal launched
-            launched = True
-            self._launch(created, args.hold_seconds)
-
-        try:
-            yield created
-            if created.created:
-                batches = self.watches.from_start(created.events, launch)
-            else:
-                batches = self.watches.batches(created.operation.id, 0)
-            async with contextlib.aclosing(batches):
-                async for batch in batches:
-                    yield batch
-        finally:
-            if created.claimed is not None and not launched:
-                # Its caller left before watching: claimed here already, it runs all the same.
-                launch()
-
-    def _launch(self, created: Created, hold_seconds: float) -> None:
-        """Publish a start's events and, when it may run now, hand it to the runner."""
-        self.hub.publish(created.events)
-        if created.claimed is not None:
-            self.runner.adopt(created.operation.id, created.claimed)
-        elif created.created and not hold_seconds and not created.operation.status.is_terminal:
-            self.runner.submit(created.operation.id)
-
-    async def release(self, operation_id: str) -> Operation:
-        op_id = parse_operation_id(operation_id)
-        running = self.runner.release(op_id)
-        if running is not None:
-            # Released and claimed here in one write, its first step begun.
-            claimed = await running
-            return claimed if claimed is not None else await self.get(op_id)
-        announce = not self.runner.has_room  # as in start
-        released = await self.storage.release(op_id, announce)
-        if released is not None:
-            self.runner.submit(op_id)
-            return released
-        return await self.get(op_id)  # not held (or unknown: NOT_FOUND)
 
     async def get(self, operation_id: str) -> Operation:
         op_id = parse_operation_id(operation_id)

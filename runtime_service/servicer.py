@@ -10,7 +10,8 @@ from grpc import aio
 
 from runtime_service import convert
 from runtime_service.domain import RecordedAhead
-from runtime_service.operations import OperationsService, StartArgs
+from runtime_service.operations import OperationsService
+from runtime_service.starts import StartArgs
 from runtime_service.storage import Created
 from stopline.errors import InvalidArgument
 from stopline.grpc_status import server_stream, unary

@@ -13,7 +13,7 @@ from typing import Any
 
 from runtime_service.app import RuntimeApp
 from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus
-from runtime_service.operations import StartArgs
+from runtime_service.starts import StartArgs
 from runtime_service.storage import ClaimFor, Created, Storage
 from tests.agents import GatedAgent, registry
 from tests.conftest import eventually, runtime_config
