@@ -105,28 +105,25 @@ class Starting:
         self, create: Coroutine[Any, Any, Created], op_id: str, hold_seconds: float
     ) -> Created:
         """A create that claims for this runner (its slot reserved under `op_id`): the slot is
-        given back unless it claimed. A caller cancelled meanwhile leaves the write to land,
-        and what it claimed is run then, not left claimed and idle until its lease lapses."""
+        given back as the write lands, unless it claimed (its callback runs before the caller
+        resumes). A caller cancelled meanwhile leaves the write to land, and what it claimed is
+        run then, not left claimed and idle until its lease lapses."""
         write = asyncio.ensure_future(create)
+        write.add_done_callback(partial(self._claimed_nothing, op_id))
         try:
-            created = await asyncio.shield(write)
+            return await asyncio.shield(write)
         except asyncio.CancelledError:
-            write.add_done_callback(partial(self._landed_unawaited, op_id, hold_seconds))
+            write.add_done_callback(partial(self._landed_unawaited, hold_seconds))
             raise
-        except BaseException:
-            self.runner.adopt(op_id, None)
-            raise
-        if created.claimed is None:
-            self.runner.adopt(op_id, None)  # not claimed: the slot is free again
-        return created
 
-    def _landed_unawaited(
-        self, op_id: str, hold_seconds: float, write: asyncio.Future[Created]
-    ) -> None:
-        if write.cancelled() or write.exception() is not None or write.result().claimed is None:
+    def _claimed_nothing(self, op_id: str, write: asyncio.Future[Created]) -> None:
+        if _claimed(write) is None:
             self.runner.adopt(op_id, None)
-        else:
-            self._launch(write.result(), hold_seconds)
+
+    def _landed_unawaited(self, hold_seconds: float, write: asyncio.Future[Created]) -> None:
+        created = _claimed(write)
+        if created is not None:
+            self._launch(created, hold_seconds)
 
     async def start(
         self,
@@ -208,3 +205,10 @@ class Starting:
             self.runner.submit(op_id)
             return released
         return await self.get(op_id)  # not held (or unknown: NOT_FOUND)
+
+
+def _claimed(write: asyncio.Future[Created]) -> Created | None:
+    """The create's outcome when it landed and claimed, else None (failed or claimed nothing)."""
+    if write.cancelled() or write.exception() is not None or write.result().claimed is None:
+        return None
+    return write.result()

@@ -242,9 +242,7 @@ class PostgresStorage(PostgresStepWrites, ClaimingStorage, PausingStorage):
         """CREATE and CLAIM_AND_START queued together, so the batcher sends them in one query
         string: one round trip and one transaction (the claim sees the create's row). Should they
         go in two batches, or alone after a failed batch, the claim still follows the create."""
-        made = self._run_soon(
-            CREATE, {**params, "announce": False}, partial(self._created, now, data)
-        )
+        made = self._run_soon(CREATE, params, partial(self._created, now, data))
         began = self._claim_and_start(
             params["id"], claim.runner_id, claim.lease_seconds, False, now
         )
