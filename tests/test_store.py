@@ -3,10 +3,17 @@ backends: compare-and-set transitions, stop intent, gap-free events, fencing."""
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
 import pytest
+from sqlalchemy import create_engine
 
 from runtime_service.domain import EventKind, InterruptOutcome, OperationStatus
+from runtime_service.migrate import upgrade_to_head
 from runtime_service.storage import Storage
+from runtime_service.storage.sqlite_sql import RECORD_STOP_IDLE, RECORD_STOP_RUNNING
 from stopline.errors import AlreadyExists
 
 
@@ -224,3 +231,24 @@ async def test_list_pages_newest_first_and_filters(storage: Storage) -> None:
     await storage.record_stop(ids[0], "a", "")
     assert (await storage.list_page("RUNNING", 10, None))[0] == []
     assert [o.id for o in (await storage.list_page("STOPPING", 10, None))[0]] == [ids[0]]
+
+
+def test_sqlite_records_a_running_operations_stop_without_rewriting_an_index(
+    tmp_path: Path,
+) -> None:
+    """The stop a client waits on most (on a RUNNING operation) is one UPDATE that names no
+    indexed column: SQLite rewrites the entries of every index on a column the SET names,
+    changed or not, and each rewritten index adds pages to the stop's commit. EXPLAIN lists an
+    IdxDelete for each index the statement maintains."""
+    path = tmp_path / "explain.db"
+    upgrade_to_head(create_engine(f"sqlite:///{path}"))
+    params = {"id": "x", "now": "t", "by": "b", "reason": "r", "cause": "c", "owner": ""}
+    with closing(sqlite3.connect(path)) as db:
+
+        def index_writes(sql: str) -> int:
+            program = db.execute(f"EXPLAIN {sql}", params).fetchall()
+            return sum(1 for op in program if op[1] == "IdxDelete")
+
+        assert index_writes(RECORD_STOP_RUNNING.text) == 0
+        # The other statement changes the status, so it must keep the indexes on it current.
+        assert index_writes(RECORD_STOP_IDLE.text) >= 2

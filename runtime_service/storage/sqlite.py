@@ -60,7 +60,8 @@ from runtime_service.storage.sqlite_commit import (
 from runtime_service.storage.sqlite_sql import (
     BUMP_TO_ADVANCE,
     CREATE,
-    RECORD_STOP,
+    RECORD_STOP_IDLE,
+    RECORD_STOP_RUNNING,
     RELEASE,
     RENEW_LEASES,
 )
@@ -278,8 +279,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             "cause": cause.value,
             "owner": owner,
         }
-        cur.execute(RECORD_STOP.text, params)
+        cur.execute(RECORD_STOP_RUNNING.text, params)
         row = self.cursors.row(cur)
+        if row is None:
+            cur.execute(RECORD_STOP_IDLE.text, params)
+            row = self.cursors.row(cur)
         if row is None:
             return not_recorded(self.cursors.get_in(cur, operation_id), owner)
         operation = operation_from_row(row)

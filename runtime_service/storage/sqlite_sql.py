@@ -27,17 +27,27 @@ UPDATE operations SET held_until = NULL
 WHERE id = :id AND status = 'PENDING' AND held_until IS NOT NULL
 RETURNING *""")
 
-# The stop intent, recorded once, on an operation that has not ended. One that is not RUNNING
-# (PENDING, WAITING, PAUSED: no step in flight) is interrupted in the same UPDATE (SET sees the
-# old row: `status` there is the one before).
-RECORD_STOP = Sql("""
+# The stop intent, recorded once, on an operation that has not ended, in two statements that
+# the stop runs in turn. A RUNNING operation's (the one a client waits on) sets no indexed
+# column: SQLite rewrites the entries of every index on a column a SET names, changed or not,
+# so one statement for every status (status and finished_at set by CASE) rewrote three indexes'
+# entries and doubled the pages the stop's commit writes. One that is not RUNNING (PENDING,
+# WAITING, PAUSED: no step in flight) is interrupted by the second, in the same write.
+RECORD_STOP_RUNNING = Sql("""
 UPDATE operations SET
-  last_seq = last_seq + CASE WHEN status <> 'RUNNING' THEN 2 ELSE 1 END,
+  last_seq = last_seq + 1,
   updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
-  stop_cause = :cause,
-  status = CASE WHEN status <> 'RUNNING' THEN 'INTERRUPTED' ELSE status END,
-  finished_at = CASE WHEN status <> 'RUNNING' THEN :now ELSE finished_at END
-WHERE id = :id AND status IN ('PENDING', 'RUNNING', 'WAITING', 'PAUSED')
+  stop_cause = :cause
+WHERE id = :id AND status = 'RUNNING'
+  AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner)
+RETURNING *""")
+
+RECORD_STOP_IDLE = Sql("""
+UPDATE operations SET
+  last_seq = last_seq + 2,
+  updated_at = :now, stop_requested_at = :now, stop_requested_by = :by, stop_reason = :reason,
+  stop_cause = :cause, status = 'INTERRUPTED', finished_at = :now
+WHERE id = :id AND status IN ('PENDING', 'WAITING', 'PAUSED')
   AND stop_requested_at IS NULL AND (:owner = '' OR owner = :owner)
 RETURNING *""")
 
