@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -328,3 +329,47 @@ def test_a_text_line_is_readable_and_carries_the_context() -> None:
         "INFO tests.test_tracing.text: operation finished operation_id=op-1 principal=alice "
         "status=interrupted halt_ms=2.5"
     ), line
+
+
+class _ThreadsWriting(io.StringIO):
+    """A stream that records which thread wrote each line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: set[str] = set()
+
+    def write(self, text: str) -> int:
+        self.writers.add(threading.current_thread().name)
+        return super().write(text)
+
+
+def test_the_services_lines_are_written_by_a_thread_of_their_own_with_the_callers_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """logs.configure (what both services' CLIs call) queues a line for a writer thread, so
+    formatting and writing it cost the event loop nothing on a stop's path; the line still
+    carries the context of the code that logged it, and exit writes out what is queued."""
+    stream = _ThreadsWriting()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        logs.configure("INFO", logs.JSON)
+        with logs.bound(operation_id="op-1", principal="alice"):
+            logging.getLogger("stopline.test").info("hello %s", "world", extra=logs.fields(n=1))
+        logs._stop_writer()  # what atexit runs
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [(x["message"], x["operation_id"], x["principal"], x["n"]) for x in lines] == [
+            ("hello world", "op-1", "alice", 1)
+        ]
+        assert threading.current_thread().name not in stream.writers
+        # After exit's flush, a late line is written at once, by the code that logs it.
+        logging.getLogger("stopline.test").info("late")
+        assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "late"
+    finally:
+        logs._stop_writer()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
