@@ -111,7 +111,7 @@ def arm_stack(
     backend: str, workdir: Path, sidecar: Sidecar, components: tuple[str, ...]
 ) -> tuple[Stack, list[str]]:
     """An arm's stack with `components` switched on, and its metrics URLs (to scrape)."""
-    env = {"STOPLINE_LOG_LEVEL": "INFO"}  # the services' default (the other figures: WARNING)
+    env = {"STOPLINE_LOG_LEVEL": "INFO"}  # the services' default (as every Stack has it now)
     runtime_args: tuple[str, ...] = ()
     gateway_args: tuple[str, ...] = ()
     urls: list[str] = []

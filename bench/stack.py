@@ -97,6 +97,12 @@ class Stack:
         release and stops to the replica streaming it. `last_replica_args` are added to the
         last replica's command line only (after the others: a flag given twice takes the last
         value)."""
+        # The services at their default log level, as shipped: their INFO lines (a stop's, a
+        # start's, an operation's end) are logged on the paths measured. (Before 2026-12-01
+        # 16:50 every figure but bench.overhead's ran at WARNING, the tests' level, and so
+        # missed what those lines cost: about 1.5 ms of a stop's answer on an idle gateway and
+        # runtime while they were written by the code that logged them.)
+        env = {"STOPLINE_LOG_LEVEL": "INFO", **(env or {})}
         # The runtime subprocesses load bench.agents from this checkout.
         os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
         self.backend = backend
