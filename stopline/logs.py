@@ -172,11 +172,22 @@ def _writer(log_format: str, stream: Any) -> logging.Handler:
     return out
 
 
+# Lines queued and not yet written, at most: a stderr that stops taking lines (a log pipe that
+# backs up) then costs lines, counted and reported once it takes them again, rather than memory
+# without bound or a stalled event loop.
+MAX_QUEUED_LINES = 10_000
+
+
 class _Enqueue(logging.handlers.QueueHandler):
     """Hands a line to the writer thread with its context read (ContextFilter, on this
     handler) and its message made, and nothing else: the stdlib's prepare() formats the whole
     line here and copies the record, which is the cost this handler exists to move off the
     event loop."""
+
+    def __init__(self, lines: queue.Queue[Any]) -> None:
+        super().__init__(lines)
+        self.lines = lines
+        self.dropped = 0
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if record.args:
@@ -184,6 +195,12 @@ class _Enqueue(logging.handlers.QueueHandler):
             record.msg = record.getMessage()
             record.args = None
         return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
 
 
 # How often the writer thread wakes to format and write the lines queued since it last did.
@@ -198,27 +215,47 @@ _STOP = object()
 class _Writer:
     """The thread that formats and writes the queued lines, every WRITE_INTERVAL_SECONDS."""
 
-    def __init__(self, lines: queue.SimpleQueue[Any], out: logging.Handler) -> None:
-        self.lines = lines
+    def __init__(self, enqueue: _Enqueue, out: logging.Handler) -> None:
+        self.enqueue = enqueue
         self.out = out
+        self._reported = 0
         self._thread = threading.Thread(target=self._run, name="stopline log writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        lines, out = self.lines, self.out
+        lines, out = self.enqueue.lines, self.out
         while True:
             time.sleep(WRITE_INTERVAL_SECONDS)
             with contextlib.suppress(queue.Empty):
                 while True:
                     record = lines.get_nowait()
                     if record is _STOP:
+                        self._report_dropped()
                         return
                     out.handle(record)
+            self._report_dropped()
+
+    def _report_dropped(self) -> None:
+        dropped = self.enqueue.dropped
+        if dropped > self._reported:
+            line = logging.LogRecord(
+                __name__,
+                logging.WARNING,
+                __file__,
+                0,
+                "%d log lines dropped: stderr did not take them as fast as they came",
+                (dropped - self._reported,),
+                None,
+            )
+            self._reported = dropped
+            self.out.handle(line)
 
     def stop(self) -> None:
-        """Write out what is queued, then end."""
-        self.lines.put(_STOP)
-        self._thread.join()
+        """Write out what is queued, then end; within a few seconds, even when stderr takes
+        nothing more (the exit of the process must not hang on its log pipe)."""
+        with contextlib.suppress(queue.Full):
+            self.enqueue.lines.put(_STOP, timeout=2)
+        self._thread.join(timeout=2)
 
 
 _writer_thread: _Writer | None = None
@@ -228,21 +265,19 @@ def configure(level: str = "INFO", log_format: str = TEXT) -> None:
     """The services' logging: one handler on the root logger (replacing any), at `level`.
 
     A line is formatted and written by a thread of its own, a moment after it is logged, not
-    by the code that logs it: the services log on the event loop on the paths a client waits
-    on (a stop's line is logged before its answer goes out), where formatting a line and
-    writing it to stderr cost about 40 µs each time on a busy process and about 250 µs on an
-    idle one (BENCHMARKS.md), against about 10 to queue it. A line keeps the time it was
-    logged at. The queue is written out when the process exits normally (atexit), so only a
-    process killed outright loses its last lines (those of its last WRITE_INTERVAL_SECONDS)."""
+    by the code that logs it: the services log on the event loop, also on the paths a client
+    waits on (a stop's lines are logged before its answer goes out), and a write to a stderr
+    that has stopped taking lines would stall the loop. A line keeps the time it was logged
+    at. The queue is written out when the process exits normally (atexit), so only a process
+    killed outright loses its last lines (those of its last WRITE_INTERVAL_SECONDS)."""
     global _writer_thread
     _stop_writer()
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    lines: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    enqueue = _Enqueue(lines)
+    enqueue = _Enqueue(queue.Queue(MAX_QUEUED_LINES))
     enqueue.addFilter(ContextFilter())
-    _writer_thread = _Writer(lines, _writer(log_format, None))
+    _writer_thread = _Writer(enqueue, _writer(log_format, None))
     root.addHandler(enqueue)
     root.setLevel(level.upper())
 

@@ -331,6 +331,22 @@ def test_a_text_line_is_readable_and_carries_the_context() -> None:
     ), line
 
 
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The root logger as the test found it, after a test that calls logs.configure."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        logs._stop_writer()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
 class _ThreadsWriting(io.StringIO):
     """A stream that records which thread wrote each line."""
 
@@ -344,32 +360,63 @@ class _ThreadsWriting(io.StringIO):
 
 
 def test_the_services_lines_are_written_by_a_thread_of_their_own_with_the_callers_context(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, root_logging: None
 ) -> None:
     """logs.configure (what both services' CLIs call) queues a line for a writer thread, so
     formatting and writing it cost the event loop nothing on a stop's path; the line still
     carries the context of the code that logged it, and exit writes out what is queued."""
     stream = _ThreadsWriting()
     monkeypatch.setattr(sys, "stderr", stream)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    logs.configure("INFO", logs.JSON)
+    with logs.bound(operation_id="op-1", principal="alice"):
+        logging.getLogger("stopline.test").info("hello %s", "world", extra=logs.fields(n=1))
+    logs._stop_writer()  # what atexit runs
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["message"], x["operation_id"], x["principal"], x["n"]) for x in lines] == [
+        ("hello world", "op-1", "alice", 1)
+    ]
+    assert threading.current_thread().name not in stream.writers
+    # After exit's flush, a late line is written at once, by the code that logs it.
+    logging.getLogger("stopline.test").info("late")
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "late"
+
+
+class _StuckStream(io.StringIO):
+    """A stderr that takes nothing until released (a log pipe that has backed up)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        assert self.release.wait(timeout=10)
+        return super().write(text)
+
+
+def test_a_stderr_that_takes_nothing_costs_lines_counted_not_memory_or_the_loop(
+    monkeypatch: pytest.MonkeyPatch, root_logging: None
+) -> None:
+    stream = _StuckStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(logs, "MAX_QUEUED_LINES", 3)
+    log = logging.getLogger("stopline.test")
     try:
-        logs.configure("INFO", logs.JSON)
-        with logs.bound(operation_id="op-1", principal="alice"):
-            logging.getLogger("stopline.test").info("hello %s", "world", extra=logs.fields(n=1))
-        logs._stop_writer()  # what atexit runs
-        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-        assert [(x["message"], x["operation_id"], x["principal"], x["n"]) for x in lines] == [
-            ("hello world", "op-1", "alice", 1)
-        ]
-        assert threading.current_thread().name not in stream.writers
-        # After exit's flush, a late line is written at once, by the code that logs it.
-        logging.getLogger("stopline.test").info("late")
-        assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "late"
-    finally:
+        logs.configure("INFO", logs.TEXT)
+        log.info("first")
+        assert stream.writing.wait(timeout=10)  # the writer is stuck writing it
+        for n in range(10):
+            log.info("line %d", n)  # returns at once: queued (three) or dropped (seven)
+        stream.release.set()
         logs._stop_writer()
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
+        lines = stream.getvalue().splitlines()
+        assert [line.split(": ", 1)[1] for line in lines] == [
+            "first",
+            "line 0",
+            "line 1",
+            "line 2",
+            "7 log lines dropped: stderr did not take them as fast as they came",
+        ]
+    finally:
+        stream.release.set()
