@@ -336,9 +336,13 @@ def root_logging() -> Iterator[None]:
     """The root logger as the test found it, after a test that calls logs.configure."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    flags = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {flag: getattr(logging, flag) for flag in flags}
     try:
         yield
     finally:
+        for flag, value in saved.items():
+            setattr(logging, flag, value)
         logs._stop_writer()
         for handler in list(root.handlers):
             root.removeHandler(handler)
