@@ -156,11 +156,12 @@ class OperationsService(Starting):
         committed = utcnow()  # just after this call's stop committed: halt_ms runs from here
         if result is None:
             return None
-        _log_stop(op_id, result.outcome, cause, by)
         self.hub.publish(result.events)
         if not result.operation.status.is_terminal:
             ours = result.outcome is InterruptOutcome.ACCEPTED  # else recorded earlier, elsewhere
             self._tell_runner(op_id, ours, committed, stop_causes.label(cause))
+        # After the runner is told: the step is cancelled before this line costs anything.
+        _log_stop(op_id, result.outcome, cause, by)
         return result
 
     def _tell_runner(
@@ -235,14 +236,13 @@ class OperationsService(Starting):
         )
         committed = utcnow()
         if isinstance(result, InterruptResult):
-            _log_stop(result.operation.id, result.outcome, cause, by)
-        else:
-            _log_stop(None, None, cause, by, key=True)
-        if isinstance(result, InterruptResult):
             self.hub.publish(result.events)
             if not result.operation.status.is_terminal:
                 ours = result.outcome is InterruptOutcome.ACCEPTED
                 self._tell_runner(result.operation.id, ours, committed)
+            _log_stop(result.operation.id, result.outcome, cause, by)
+        else:
+            _log_stop(None, None, cause, by, key=True)
         return result
 
     # ------------------------------------------------------------------ waiting for a person
