@@ -99,11 +99,9 @@ class Starting:
         )
         if claim is None:
             return await create
-        return await self._create_claimed(create, claim.operation_id, args.hold_seconds)
+        return await self._create_claimed(create, claim.operation_id)
 
-    async def _create_claimed(
-        self, create: Coroutine[Any, Any, Created], op_id: str, hold_seconds: float
-    ) -> Created:
+    async def _create_claimed(self, create: Coroutine[Any, Any, Created], op_id: str) -> Created:
         """A create that claims for this runner (its slot reserved under `op_id`): the slot is
         given back as the write lands, unless it claimed (its callback runs before the caller
         resumes). A caller cancelled meanwhile leaves the write to land, and what it claimed is
@@ -113,17 +111,17 @@ class Starting:
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
-            write.add_done_callback(partial(self._landed_unawaited, hold_seconds))
+            write.add_done_callback(self._landed_unawaited)
             raise
 
     def _claimed_nothing(self, op_id: str, write: asyncio.Future[Created]) -> None:
         if _claimed(write) is None:
             self.runner.adopt(op_id, None)
 
-    def _landed_unawaited(self, hold_seconds: float, write: asyncio.Future[Created]) -> None:
+    def _landed_unawaited(self, write: asyncio.Future[Created]) -> None:
         created = _claimed(write)
         if created is not None:
-            self._launch(created, hold_seconds)
+            self._launch(created, 0.0)  # only an unheld start is claimed in its create
 
     async def start(
         self,

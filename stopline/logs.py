@@ -161,12 +161,12 @@ class JsonFormatter(logging.Formatter):
 
 def handler(log_format: str = TEXT, stream: Any = None) -> logging.Handler:
     """A handler writing lines of `log_format` (with their context) to `stream` (stderr)."""
-    out = _writer(log_format, stream)
+    out = _stream_handler(log_format, stream)
     out.addFilter(ContextFilter())
     return out
 
 
-def _writer(log_format: str, stream: Any) -> logging.Handler:
+def _stream_handler(log_format: str, stream: Any) -> logging.Handler:
     out = logging.StreamHandler(sys.stderr if stream is None else stream)
     out.setFormatter(JsonFormatter() if log_format == JSON else TextFormatter())
     return out
@@ -284,7 +284,7 @@ def configure(level: str = "INFO", log_format: str = TEXT) -> None:
         root.removeHandler(old)
     enqueue = _Enqueue(queue.Queue(MAX_QUEUED_LINES))
     enqueue.addFilter(ContextFilter())
-    _writer_thread = _Writer(enqueue, _writer(log_format, None))
+    _writer_thread = _Writer(enqueue, _stream_handler(log_format, None))
     root.addHandler(enqueue)
     root.setLevel(level.upper())
 
