@@ -39,8 +39,9 @@ from stopline.json_values import json_problem, shown, storable_text
 
 log = logging.getLogger(__name__)
 
+Landed = Callable[[asyncio.Future[Appended | None]], None]
 WriteSoon = Callable[
-    [Callable[[], asyncio.Future[Appended | None]]], asyncio.Future[Appended | None]
+    [Callable[[], asyncio.Future[Appended | None]], Landed], asyncio.Future[Appended | None]
 ]
 
 STOPPED_REASON = "the operation was stopped"
@@ -75,7 +76,7 @@ class StepEvents:
     runner_id: str
     storage: Storage
     # The runner's write of an event made or queued now (Storage.append_soon): publishes
-    # its events once committed.
+    # its events once committed, then calls the Landed callback.
     write_soon: WriteSoon
     stopped: Callable[[], bool]  # whether the stop has reached the step
     on_stop: Callable[[], None]  # a write found a stop recorded: tell the runner
@@ -97,30 +98,54 @@ class StepEvents:
     # ------------------------------------------------------------------ writing
 
     def _launch(
-        self, kind: EventKind, data: dict[str, JSONValue], outlives_stop: bool
+        self,
+        kind: EventKind,
+        data: dict[str, JSONValue],
+        outlives_stop: bool,
+        waiter: asyncio.Future[None] | None = None,
     ) -> asyncio.Future[Appended | None]:
         """Write an event: made or queued before this returns, so it lands (and is published)
         even if the agent is cancelled while awaiting it; close() waits for it. No task of its
         own: with one per event (its creation, its two turns, the shield's wake-up) the event
-        loop spent more on an output chunk than the database did."""
+        loop spent more on an output chunk than the database did. Once it lands, one callback
+        publishes it, notes a stop it found, and wakes `waiter` (whoever awaits the write)."""
         start = partial(
             self.storage.append_soon, self.operation_id, kind, data, self.runner_id, outlives_stop
         )
-        future = self.write_soon(start)
-        if self.abort_mid_step:
-            if future.done():
-                self._stopping(future)
-            else:
-                future.add_done_callback(self._stopping)
-        return self._track(future)
+        future = self.write_soon(start, partial(self._landed, waiter))
+        if not future.done():
+            self._writes.add(future)  # _landed, called later, takes it out
+        return future
 
-    def _stopping(self, written: asyncio.Future[Appended | None]) -> None:
-        """A write found a stop recorded: tell the runner (if nothing else has yet)."""
-        if written.cancelled() or written.exception() is not None:
+    def _landed(
+        self, waiter: asyncio.Future[None] | None, written: asyncio.Future[Appended | None]
+    ) -> None:
+        self._writes.discard(written)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if written.cancelled():
+            return
+        exc = written.exception()
+        if exc is not None:
+            # The caller that awaited it (if any) got the error too; a timer's flush has none.
+            # A storage failure fails the runner's next write as well, which leaves the
+            # operation to be resumed (see runner/core.py, Runner._run).
+            log.warning("operation %s: a write failed: %s", self.operation_id, exc)
             return
         appended = written.result()
-        if appended is not None and appended.stopping:
-            self.on_stop()
+        if self.abort_mid_step and appended is not None and appended.stopping:
+            self.on_stop()  # the write found a stop recorded: tell the runner
+
+    async def _landing(
+        self, kind: EventKind, data: dict[str, JSONValue], outlives_stop: bool
+    ) -> Appended | None:
+        """`_launch` the event and wait until it has landed: a cancelled caller stops waiting,
+        the write goes on (what asyncio.shield does, with one future and callback fewer)."""
+        waiter = asyncio.get_running_loop().create_future()
+        written = self._launch(kind, data, outlives_stop, waiter)
+        if not written.done():
+            await waiter
+        return written.result()
 
     def _track(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._writes.add(future)
@@ -130,9 +155,6 @@ class StepEvents:
     def _written(self, future: asyncio.Future[Any]) -> None:
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:
-            # The caller that awaited it (if any) got the error too; a timer's flush has none.
-            # A storage failure fails the runner's next write as well, which leaves the
-            # operation to be resumed (see runner/core.py, Runner._run).
             log.warning("operation %s: a write failed: %s", self.operation_id, future.exception())
 
     def _check_open(self) -> None:
@@ -145,7 +167,7 @@ class StepEvents:
         self._check_open()
         if self._buffer:
             await self.flush()
-        appended = await asyncio.shield(self._launch(kind, data, not self.abort_mid_step))
+        appended = await self._landing(kind, data, not self.abort_mid_step)
         if appended is None:
             if self.abort_mid_step:
                 self.on_stop()

@@ -64,6 +64,11 @@ def test_import_agent_accepts_instances() -> None:
         ({"step_seconds": -1}, "input.step_seconds"),
         ({"step_seconds": 1e308}, "input.step_seconds"),
         ({"chunk_interval_seconds": -0.5}, "input.chunk_interval_seconds"),
+        # Values that pass a plain range test but are not a plain finite number.
+        ({"step_seconds": False}, "input.step_seconds"),
+        ({"steps": float("nan")}, "input.steps"),
+        ({"step_seconds": float("inf")}, "input.step_seconds"),
+        ({"step_seconds": float("-inf")}, "input.step_seconds"),
     ],
 )
 def test_ticker_rejects_bad_input_naming_the_field(input_value: dict[str, Any], field: str) -> None:

@@ -32,7 +32,8 @@ def _families(registry: CollectorRegistry) -> dict[str, tuple[str, frozenset[str
         else:
             for family in collector.describe():  # type: ignore[attr-defined]
                 labels = frozenset(getattr(family, "_labelnames", ()))
-                found[family.name] = (family.type, labels)
+                suffix = "_total" if family.type == "counter" else ""
+                found[family.name + suffix] = (family.type, labels)
     return found
 
 

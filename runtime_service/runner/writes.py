@@ -34,11 +34,16 @@ class Writes:
         return written
 
     def write_soon(
-        self, operation_id: str, start: Callable[[], asyncio.Future[W]]
+        self,
+        operation_id: str,
+        start: Callable[[], asyncio.Future[W]],
+        then: Callable[[asyncio.Future[W]], None] | None = None,
     ) -> asyncio.Future[W]:
         """`write` for a write made or queued by `start` (Storage.append_soon) with no coroutine
         around it: its events are published by a callback once it has committed (at once if it
-        has), so it is published whether or not anybody awaits the future it returns."""
+        has), so it is published whether or not anybody awaits the future it returns. `then`
+        runs in that same callback, after the publishing: one event loop callback a write
+        rather than one for each party that wants to know (the step's events, its awaiter)."""
         hub = self.hub
         hub.writing(operation_id)
         try:
@@ -53,6 +58,8 @@ class Writes:
                     self.publish(done.result())
             finally:
                 hub.written(operation_id)
+                if then is not None:
+                    then(done)
 
         if written.done():
             landed(written)
@@ -75,7 +82,7 @@ class Writes:
         meters = self._metrics
         by_kind = meters.event_kind
         for event in events:
-            by_kind[event.kind].inc()
+            by_kind[event.kind] += 1
             if event.is_terminal:
                 run = self._runs.get(event.operation_id)
                 cause = metrics.CAUSE_NONE
