@@ -5,6 +5,7 @@ writes' futures are settled by hand here, so every test sees the write still in 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -45,82 +46,83 @@ class QueuedStorage:
         return event
 
 
-def _events(storage: QueuedStorage, hub: EventHub, stops: list[str]) -> StepEvents:
-    writes = Writes(hub, metrics.RuntimeMetrics(), {})
-    return StepEvents(
-        operation_id=OP,
-        step=0,
-        runner_id="runner-1",
-        storage=storage,  # type: ignore[arg-type]
-        write_soon=partial(writes.write_soon, OP),
-        stopped=lambda: bool(stops),
-        on_stop=lambda: stops.append("told"),
-        deltas=DeltaSettings(),
-        tools=None,  # type: ignore[arg-type]
-    )
+@dataclass
+class Step:
+    """One step's events over queued writes, the hub its runner publishes to, and what the
+    runner was told (a stop the writes found)."""
+
+    storage: QueuedStorage = field(default_factory=QueuedStorage)
+    hub: EventHub = field(default_factory=EventHub)
+    stops: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        writes = Writes(self.hub, metrics.RuntimeMetrics(), {})
+        self.events = StepEvents(
+            operation_id=OP,
+            step=0,
+            runner_id="runner-1",
+            storage=self.storage,  # type: ignore[arg-type]
+            write_soon=partial(writes.write_soon, OP),
+            stopped=lambda: bool(self.stops),
+            on_stop=lambda: self.stops.append("told"),
+            deltas=DeltaSettings(),
+            tools=None,  # type: ignore[arg-type]
+        )
 
 
 async def test_an_emit_returns_once_its_queued_write_has_landed_and_been_published() -> None:
-    storage, hub = QueuedStorage(), EventHub()
-    stops: list[str] = []
-    events = _events(storage, hub, stops)
-    with hub.subscribe(OP) as watch:
-        emit = asyncio.create_task(events.emit("hello"))
-        await storage.wrote.wait()
+    step = Step()
+    with step.hub.subscribe(OP) as watch:
+        emit = asyncio.create_task(step.events.emit("hello"))
+        await step.storage.wrote.wait()
         assert not emit.done()  # the write is still queued
-        landed = storage.land(0)
+        landed = step.storage.land(0)
         await emit
         # Published before the agent went on, in the same callback that woke it.
         assert watch.ready() == [landed]
-    assert stops == []
-    await events.close(stopping=False)
+    assert step.stops == []
+    await step.events.close(stopping=False)
 
 
 async def test_an_agent_cancelled_mid_emit_leaves_its_write_to_land_and_close_waits_for_it() -> (
     None
 ):
-    storage, hub = QueuedStorage(), EventHub()
-    stops: list[str] = []
-    events = _events(storage, hub, stops)
-    with hub.subscribe(OP) as watch:
-        emit = asyncio.create_task(events.emit("cut"))
-        await storage.wrote.wait()
+    step = Step()
+    with step.hub.subscribe(OP) as watch:
+        emit = asyncio.create_task(step.events.emit("cut"))
+        await step.storage.wrote.wait()
         emit.cancel()
         with pytest.raises(asyncio.CancelledError):
             await emit
-        write = storage.queued[0][0]
+        write = step.storage.queued[0][0]
         assert not write.done()  # the agent's cancellation did not reach the write
-        closing = asyncio.create_task(events.close(stopping=True))
+        closing = asyncio.create_task(step.events.close(stopping=True))
         for _ in range(5):  # turns of the loop, not time: close() runs as far as it can
             await asyncio.sleep(0)
         assert not closing.done()  # close() waits for the write in flight
-        landed = storage.land(0)
+        landed = step.storage.land(0)
         await closing
         assert watch.ready() == [landed]
 
 
 async def test_a_queued_write_that_found_a_stop_tells_the_runner_when_it_lands() -> None:
-    storage, hub = QueuedStorage(), EventHub()
-    stops: list[str] = []
-    events = _events(storage, hub, stops)
-    emit = asyncio.create_task(events.emit("last words"))
-    await storage.wrote.wait()
-    storage.land(0, stopping=True)
+    step = Step()
+    emit = asyncio.create_task(step.events.emit("last words"))
+    await step.storage.wrote.wait()
+    step.storage.land(0, stopping=True)
     await emit  # stored: the stop came after it was allowed
-    assert stops == ["told"]
+    assert step.stops == ["told"]
     with pytest.raises(OperationHalted):
-        await events.emit("after the stop")  # refused once the stop reached the step
-    await events.close(stopping=True)
+        await step.events.emit("after the stop")  # refused once the stop reached the step
+    await step.events.close(stopping=True)
 
 
 async def test_a_queued_write_that_fails_fails_the_emit_awaiting_it() -> None:
-    storage, hub = QueuedStorage(), EventHub()
-    stops: list[str] = []
-    events = _events(storage, hub, stops)
-    emit = asyncio.create_task(events.emit("doomed"))
-    await storage.wrote.wait()
-    storage.queued[0][0].set_exception(StorageError("the database is gone"))
+    step = Step()
+    emit = asyncio.create_task(step.events.emit("doomed"))
+    await step.storage.wrote.wait()
+    step.storage.queued[0][0].set_exception(StorageError("the database is gone"))
     with pytest.raises(StorageError):
         await emit
-    await events.close(stopping=False)
-    assert stops == []
+    await step.events.close(stopping=False)
+    assert step.stops == []
