@@ -47,7 +47,9 @@ async def gateway(runtime: RunningRuntime) -> AsyncIterator[RunningGateway]:
     auth = AuthSettings(
         keys=(*KEYS, revoked), jwt=JwtSettings("https://issuer.test", "stopline", SECRET)
     )
-    running = await start_gateway(gateway_config(runtime.address, auth=auth))
+    # These tests check who may stop, and assert DELIVERED: a loaded CI machine gets time to
+    # answer (the acknowledgment's timeout has tests of its own in test_gateway.py).
+    running = await start_gateway(gateway_config(runtime.address, auth=auth, stop_ack_seconds=10))
     try:
         yield running
     finally:
@@ -257,7 +259,9 @@ async def test_a_gateway_that_never_saw_the_operation_stops_it_for_its_owner_onl
     call = mine.StartAndStream(start_request("ticker", TICKER_30S, pb.CANCEL_POLICY_STOP))
     first = await read_until(call, lambda u: u.HasField("accepted"))
     op_id = first[0].accepted.operation_id
-    other = await start_gateway(gateway_config(runtime.address, auth=AuthSettings(keys=KEYS)))
+    other = await start_gateway(
+        gateway_config(runtime.address, auth=AuthSettings(keys=KEYS), stop_ack_seconds=10)
+    )
     reads: list[str] = []
     real_get = other.gateway.link.get
 
