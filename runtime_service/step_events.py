@@ -120,20 +120,13 @@ class StepEvents:
     def _landed(
         self, waiter: asyncio.Future[None] | None, written: asyncio.Future[Appended | None]
     ) -> None:
-        self._writes.discard(written)
+        self._written(written)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if written.cancelled():
-            return
-        exc = written.exception()
-        if exc is not None:
-            # The caller that awaited it (if any) got the error too; a timer's flush has none.
-            # A storage failure fails the runner's next write as well, which leaves the
-            # operation to be resumed (see runner/core.py, Runner._run).
-            log.warning("operation %s: a write failed: %s", self.operation_id, exc)
+        if not self.abort_mid_step or written.cancelled() or written.exception() is not None:
             return
         appended = written.result()
-        if self.abort_mid_step and appended is not None and appended.stopping:
+        if appended is not None and appended.stopping:
             self.on_stop()  # the write found a stop recorded: tell the runner
 
     async def _landing(
@@ -153,8 +146,12 @@ class StepEvents:
         return future
 
     def _written(self, future: asyncio.Future[Any]) -> None:
+        """A write of the step landed: off the list close() waits on, and a failure logged."""
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:
+            # The caller that awaited it (if any) got the error too; a timer's flush has none.
+            # A storage failure fails the runner's next write as well, which leaves the
+            # operation to be resumed (see runner/core.py, Runner._run).
             log.warning("operation %s: a write failed: %s", self.operation_id, future.exception())
 
     def _check_open(self) -> None:
