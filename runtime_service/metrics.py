@@ -373,8 +373,7 @@ class RuntimeMetrics:
         self.storage = StorageMetrics(r)
         self.stored = StoredOperations()
         r.register(self.stored)
-        # Bound once: the runner updates these per event.
-        self.event_kind = self.events.counts
+        # Bound once: the runner updates these per event (and self.events.counts).
         self.tool_outcome = {
             kind: self.tool_calls.labels(outcome) for kind, outcome in TOOL_OUTCOMES.items()
         }

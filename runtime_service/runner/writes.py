@@ -37,7 +37,7 @@ class Writes:
         self,
         operation_id: str,
         start: Callable[[], asyncio.Future[W]],
-        then: Callable[[asyncio.Future[W]], None] | None = None,
+        then: Callable[[asyncio.Future[W]], None],
     ) -> asyncio.Future[W]:
         """`write` for a write made or queued by `start` (Storage.append_soon) with no coroutine
         around it: its events are published by a callback once it has committed (at once if it
@@ -58,8 +58,7 @@ class Writes:
                     self.publish(done.result())
             finally:
                 hub.written(operation_id)
-                if then is not None:
-                    then(done)
+                then(done)
 
         if written.done():
             landed(written)
@@ -80,7 +79,7 @@ class Writes:
     def _count(self, events: list[Event]) -> None:
         """Metrics of committed events: counter increments only (no I/O, no lock)."""
         meters = self._metrics
-        by_kind = meters.event_kind
+        by_kind = meters.events.counts
         for event in events:
             by_kind[event.kind] += 1
             if event.is_terminal:
