@@ -1,5 +1,6 @@
 """Storage on SQLite: each write as fixed SQL, several statements in one transaction, run inline
-on the event loop when nothing else is queued, group-committed on the database thread otherwise.
+on the event loop when nothing else is queued, group-committed otherwise: on the event loop too
+while the file's write lock is free, on the database thread when it is not (sqlite_commit.py).
 
 Why both: a SQLite write of the runner takes about a tenth of a millisecond, while handing it to
 the database thread and back costs about as much again, plus the wake-up of a core when the
@@ -56,6 +57,7 @@ from runtime_service.storage.sqlite_commit import (
     InlineWriter,
     WouldBlock,
     Write,
+    Writes,
 )
 from runtime_service.storage.sqlite_sql import (
     BUMP_TO_ADVANCE,
@@ -93,6 +95,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._group = GroupCommit(
             db,
             self._together,
+            on_loop=self._together_here if self._inline.possible else None,
             observe=self.meters.batch(SQLITE_GROUP_COMMIT),
             translate=self._translation,
             on_write=self._group_wrote,
@@ -112,8 +115,8 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     # ------------------------------------------------------------------ how writes run
 
     def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
-        """A runner write, made or queued now: inline here when nothing else is queued for the
-        database thread, else group-committed with whatever is (see GroupCommit). Its future
+        """A runner write, made or queued now: inline here when nothing else is queued or on
+        the database thread, else group-committed with whatever is (see GroupCommit). Its future
         holds the result, or the error as storage reports it, once the write has committed."""
         began = time.monotonic()
         if self._group.idle and self._inline.possible:
@@ -136,11 +139,16 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._group_took.observe(seconds)
         self._checkpointer.wrote()
 
-    def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
+    def _together(self, writes: Writes) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of
         them and raises (the group commit then retries each alone)."""
         with self.cursors.transaction() as cur:
-            return [write(cur, *args) for write, args in writes]
+            return _in_order(cur, writes)
+
+    def _together_here(self, writes: Writes) -> list[Any]:
+        """As `_together`, on the event loop's thread, or WouldBlock (see InlineWriter.run)."""
+        result: list[Any] = self._inline.run(_in_order, writes)
+        return result
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -296,3 +304,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             cur, operation_id, row.last_seq - 1, now, STOP_REQUESTED, data, INTERRUPTED, halt
         )
         return InterruptResult(InterruptOutcome.ACCEPTED, operation, written)
+
+
+def _in_order(cur: Any, writes: Writes) -> list[Any]:
+    return [write(cur, *args) for write, args in writes]
