@@ -1,6 +1,7 @@
-"""Where SQLite's group-committed batches run: on the event loop's own thread while the file's
-write lock is free, on the database thread when another connection holds it, and never more
-than one batch before the loop's other work gets a turn."""
+"""Sharing SQLite's one write lock. Group-committed batches run on the event loop's own thread
+while the lock is free, on the database thread when another connection holds it, and never more
+than one batch before the loop's other work gets a turn; the poll for work takes no write lock
+when it finds nothing."""
 
 from __future__ import annotations
 
@@ -99,4 +100,23 @@ async def test_the_loop_gets_a_turn_between_two_batches(tmp_path: Path) -> None:
         assert noted.order == ["b0", "b1", "the loop's turn", "b2", "b3"]
         assert await noted.stored() == ["b0", "b1", "b2", "b3"]
     finally:
+        await storage.close()
+
+
+async def test_a_claim_poll_with_nothing_to_claim_takes_no_write_lock(tmp_path: Path) -> None:
+    """The runner's poll for work, every half second, found nothing almost always, yet took the
+    file's write lock to look: the batches on the loop could not write meanwhile."""
+    storage = await sqlite_storage(tmp_path)
+    other = sqlite3.connect(tmp_path / "runtime.db", isolation_level=None)
+    try:
+        await running(storage)  # its lease is fresh: nothing to claim
+        other.execute("BEGIN IMMEDIATE")
+        batch = await asyncio.wait_for(storage.claim_next("r2", 10, 60), 5)
+        assert batch.claimed == [] and batch.finished == []
+        other.execute("ROLLBACK")
+        fresh = (await storage.create("echo", {}, None)).operation.id
+        batch = await storage.claim_next("r2", 10, 60)
+        assert [claimed.operation.id for claimed in batch.claimed] == [fresh]
+    finally:
+        other.close()
         await storage.close()

@@ -96,6 +96,12 @@ class ClaimingStorage(SharedStorage):
             claimable=sum(int(row[2]) for row in rows),
         )
 
+    def _maybe_claimable(self, now: datetime, running: list[str]) -> bool:
+        """Whether the claim's transaction is worth opening. Always, here: on PostgreSQL it
+        locks only the rows it takes (SKIP LOCKED) and blocks no other write. SQLite's takes
+        the file's one write lock and reads every running operation's lease under it."""
+        return True
+
     def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
         """`operations.id` is none of `ids`, with the ids bound as one value (each dialect says
         how): an expanding NOT IN compiled one bound parameter per running operation on every
@@ -120,6 +126,8 @@ class ClaimingStorage(SharedStorage):
             .with_for_update(skip_locked=True)
         )
         batch = ClaimBatch()
+        if not self._maybe_claimable(now, running):
+            return batch
         with self.engine.begin() as conn:
             for row in conn.execute(query).all():
                 if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
