@@ -238,18 +238,13 @@ async def test_group_commit_keeps_good_writes_when_one_in_the_batch_fails(
     storage = await sqlite_storage(tmp_path)
     group = storage._group
     batches: list[int] = []
-    together, on_loop = group._run_together, group._on_loop
-    assert on_loop is not None
+    together = group._run_together
 
     def counted(writes: list[Any]) -> list[Any]:
         batches.append(len(writes))
         return together(writes)
 
-    def counted_on_loop(writes: list[Any]) -> list[Any]:
-        batches.append(len(writes))
-        return on_loop(writes)
-
-    group._run_together, group._on_loop = counted, counted_on_loop
+    group._run_together = counted
     try:
         chunked, advanced, halted = [[await running(storage) for _ in range(4)] for _ in range(3)]
         fresh = (await storage.create("echo", {}, None)).operation.id

@@ -1,6 +1,5 @@
 """Storage on SQLite: each write as fixed SQL, several statements in one transaction, run inline
-on the event loop when nothing else is queued, group-committed otherwise: on the event loop too
-while the file's write lock is free, on the database thread when it is not (sqlite_commit.py).
+on the event loop when nothing else is queued, group-committed on the database thread otherwise.
 
 Why both: a SQLite write of the runner takes about a tenth of a millisecond, while handing it to
 the database thread and back costs about as much again, plus the wake-up of a core when the
@@ -57,7 +56,6 @@ from runtime_service.storage.sqlite_commit import (
     InlineWriter,
     WouldBlock,
     Write,
-    Writes,
 )
 from runtime_service.storage.sqlite_sql import (
     ANY_CLAIMABLE,
@@ -82,10 +80,10 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         return json.dumps(operation_ids)
 
     def _maybe_claimable(self, now: datetime, running: list[str]) -> bool:
-        """A read first, which takes no lock: the poll's claim transaction held the write lock
-        while it read every running operation's lease (10,000 of them at capacity) and almost
-        always found nothing, and the runner's batches on the event loop could not write
-        meanwhile (they went to the database thread instead: sqlite_commit.GroupCommit)."""
+        """A read first, which takes no lock. The poll's claim transaction took the file's write
+        lock, read every running operation's lease under it (10,000 of them at capacity) and
+        almost always found nothing; meanwhile no write could run inline on the event loop
+        (each found the file locked and queued for the database thread instead)."""
         params = {"now": self._time(now), "not_among": json.dumps(running)}
         with self.cursors.read() as cur:
             cur.execute(ANY_CLAIMABLE.text, params)
@@ -106,7 +104,6 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._group = GroupCommit(
             db,
             self._together,
-            on_loop=self._together_here if self._inline.possible else None,
             observe=self.meters.batch(SQLITE_GROUP_COMMIT),
             translate=self._translation,
             on_write=self._group_wrote,
@@ -126,8 +123,8 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     # ------------------------------------------------------------------ how writes run
 
     def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
-        """A runner write, made or queued now: inline here when nothing else is queued or on
-        the database thread, else group-committed with whatever is (see GroupCommit). Its future
+        """A runner write, made or queued now: inline here when nothing else is queued for the
+        database thread, else group-committed with whatever is (see GroupCommit). Its future
         holds the result, or the error as storage reports it, once the write has committed."""
         began = time.monotonic()
         if self._group.idle and self._inline.possible:
@@ -150,16 +147,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._group_took.observe(seconds)
         self._checkpointer.wrote()
 
-    def _together(self, writes: Writes) -> list[Any]:
+    def _together(self, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
         """`writes` in one transaction, their outcomes in order; any failure rolls back all of
         them and raises (the group commit then retries each alone)."""
         with self.cursors.transaction() as cur:
-            return _in_order(cur, writes)
-
-    def _together_here(self, writes: Writes) -> list[Any]:
-        """As `_together`, on the event loop's thread, or WouldBlock (see InlineWriter.run)."""
-        result: list[Any] = self._inline.run(_in_order, writes)
-        return result
+            return [write(cur, *args) for write, args in writes]
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -315,7 +307,3 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             cur, operation_id, row.last_seq - 1, now, STOP_REQUESTED, data, INTERRUPTED, halt
         )
         return InterruptResult(InterruptOutcome.ACCEPTED, operation, written)
-
-
-def _in_order(cur: Any, writes: Writes) -> list[Any]:
-    return [write(cur, *args) for write, args in writes]

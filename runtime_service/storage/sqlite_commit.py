@@ -1,6 +1,6 @@
-"""SQLite's two ways of running the runner's writes: inline on the event loop, one at a time,
-when nothing else is queued, and group commit otherwise (see sqlite.py for why both); and the
-checkpoints that fold the WAL back into the database file, on a thread of their own.
+"""SQLite's two ways of running the runner's writes: inline on the event loop, when nothing else
+is queued for the database thread, and group commit otherwise (see sqlite.py for why both); and
+the checkpoints that fold the WAL back into the database file, on a thread of their own.
 """
 
 from __future__ import annotations
@@ -95,30 +95,18 @@ class InlineWriter:
             self._conn = None
 
 
-# Writes in order, each with its arguments: one batch.
-Writes = list[tuple[Write, tuple[Any, ...]]]
-
-
 class GroupCommit(WriteQueue["_Queued"]):
-    """Many small writes, one transaction: the runner's writes queue here, and everything queued
-    so far runs in a single transaction. A write queued alone runs alone. Each write's result is
-    handed back only after its transaction commits. If a batch fails, each write is retried
-    alone, so one bad write cannot take the others' results (or errors) with it.
-
-    Where a batch runs: on the event loop's own thread (`on_loop`, the inline connection) when
-    the file's write lock is free, as PostgreSQL's batches do (pg_batch.PostgresBatcher), and on
-    the database thread only when it is not (`run_together`, which waits for the lock). On the
-    database thread, the writes' Python and the event loop take turns at the GIL: that thread
-    wins it back after every statement, and at 10,000 running operations it spent a quarter of
-    its time waiting to (py-spy, bench.capacity). The loop is not held for more than one batch
-    at a time: it takes a turn of its other work between two batches.
+    """Many small writes, one transaction: the runner's writes queue here, and the database
+    thread runs everything queued so far in a single transaction. A write queued alone runs
+    alone. Each write's result is handed back only after its transaction commits. If a batch
+    fails, each write is retried alone, so one bad write cannot take the others' results (or
+    errors) with it. (PostgreSQL's counterpart, on the event loop, is pg_batch.PostgresBatcher.)
     """
 
     def __init__(
         self,
         db: Database,
-        run_together: Callable[[Writes], list[Any]],
-        on_loop: Callable[[Writes], list[Any]] | None = None,
+        run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
         max_batch: int = 256,
         observe: Callable[[int, float], None] | None = None,
         translate: Callable[[BaseException], BaseException] | None = None,
@@ -127,9 +115,6 @@ class GroupCommit(WriteQueue["_Queued"]):
         super().__init__("group commit", max_batch, observe, translate, on_write)
         self._db = db
         self._run_together = run_together
-        # The batch in one transaction on the loop's thread, or WouldBlock at once (None: only
-        # the database thread can write, e.g. an in-memory database).
-        self._on_loop = on_loop
 
     @property
     def idle(self) -> bool:
@@ -144,17 +129,6 @@ class GroupCommit(WriteQueue["_Queued"]):
         return self._enqueue(_Queued(write, args, future, time.monotonic()))
 
     async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
-        if self._on_loop is not None:
-            try:
-                results = self._on_loop([(queued.write, queued.args) for queued in batch])
-            except WouldBlock:
-                pass  # another connection holds the write lock: the database thread waits
-            except Exception:
-                return await self._db.call(self._each_alone, batch)
-            else:
-                if self._queue:
-                    await asyncio.sleep(0)  # the loop's other work, before the next batch
-                return [(True, result) for result in results]
         return await self._db.call(self._execute, batch)
 
     def _execute(self, batch: list[_Queued]) -> list[Outcome]:
@@ -165,9 +139,6 @@ class GroupCommit(WriteQueue["_Queued"]):
                 pass  # each alone, below
             else:
                 return [(True, result) for result in results]
-        return self._each_alone(batch)
-
-    def _each_alone(self, batch: list[_Queued]) -> list[Outcome]:
         return [self._alone(queued) for queued in batch]
 
     def _alone(self, queued: _Queued) -> Outcome:
