@@ -61,6 +61,7 @@ from runtime_service.storage.sqlite_sql import (
     ANY_CLAIMABLE,
     BUMP_TO_ADVANCE,
     CREATE,
+    NOT_AMONG,
     RECORD_STOP_IDLE,
     RECORD_STOP_RUNNING,
     RELEASE,
@@ -92,7 +93,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     def _not_among(self, ids: list[str]) -> tuple[ColumnElement[bool] | TextClause, ...]:
         if not ids:
             return ()
-        among = text("operations.id NOT IN (SELECT value FROM json_each(:not_among))")
+        among = text(NOT_AMONG)
         return (among.bindparams(not_among=json.dumps(ids)),)
 
     def __init__(self, db: Database, meters: StorageMetrics | None = None) -> None:

@@ -62,14 +62,17 @@ CLAIM = Sql(_CLAIM.format(claimable="(held_until IS NULL OR held_until <= :now)"
 # A held start's release and its claim in one write (see postgres_sql._claim_and_start).
 RELEASE_AND_CLAIM = Sql(_CLAIM.format(claimable="held_until IS NOT NULL"))
 
-# Anything a claim could take (claims._pending_unheld or claims._running_lease_lapsed, and not
-# among this runner's `:not_among`, a JSON array), read with no write lock: see
-# SqliteStorage._maybe_claimable.
-ANY_CLAIMABLE = Sql("""
+# Not among the operations this runner runs, their ids bound as one JSON array (SQLite has no
+# array type; json_each reads it as rows): the claim's condition (SqliteStorage._not_among).
+NOT_AMONG = "operations.id NOT IN (SELECT value FROM json_each(:not_among))"
+
+# Anything a claim could take (claims._pending_unheld or claims._running_lease_lapsed, and
+# NOT_AMONG), read with no write lock: see SqliteStorage._maybe_claimable.
+ANY_CLAIMABLE = Sql(f"""
 SELECT 1 FROM operations
 WHERE ((status = 'PENDING' AND (held_until IS NULL OR held_until <= :now))
     OR (status = 'RUNNING' AND (lease_expires_at IS NULL OR lease_expires_at <= :now)))
-  AND id NOT IN (SELECT value FROM json_each(:not_among))
+  AND {NOT_AMONG}
 LIMIT 1""")
 
 NEXT_ATTEMPT = Sql("SELECT count(*) + 1 FROM steps WHERE operation_id = :id AND step = :step")
