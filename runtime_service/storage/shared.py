@@ -44,7 +44,7 @@ from runtime_service.notifications import events_channel, notify
 from runtime_service.rows import operation_from_row
 from runtime_service.schema import events, operations, steps, stop_tombstones
 from runtime_service.storage.cursors import Cursors
-from runtime_service.storage.errors import translated, translation
+from runtime_service.storage.errors import Unreachable, translated, translation, unreachable
 from runtime_service.storage.expiry import expire_batch
 from runtime_service.storage.interface import (
     Appended,
@@ -92,10 +92,14 @@ class SharedStorage:
         self.meters = meters if meters is not None else StorageMetrics()
         self._unavailable = self.meters.unavailable.inc
 
+    # Which failures a retry can outlast (errors.py); a dialect whose driver says it otherwise
+    # overrides it (SqliteStorage).
+    _retry_can_fix: Unreachable = staticmethod(unreachable)
+
     def _translation(self, exc: BaseException) -> BaseException:
         """What a queued write's failure reaches its caller as (each dialect's write queue
         settles its callers' futures with it)."""
-        return translation(exc, self._unavailable)
+        return translation(exc, self._unavailable, self._retry_can_fix)
 
     @property
     def dialect(self) -> str:
@@ -106,7 +110,7 @@ class SharedStorage:
         took = self.meters.call(fn.__name__)
         began = time.monotonic()
         try:
-            with translated(self._unavailable):
+            with translated(self._unavailable, self._retry_can_fix):
                 return await self.db.call(fn, *args, **kwargs)
         finally:
             took.observe(time.monotonic() - began)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, TextClause, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from runtime_service.database import Database
 from runtime_service.domain import (
@@ -38,6 +40,7 @@ from runtime_service.metrics import SQLITE_GROUP_COMMIT, StorageMetrics
 from runtime_service.rows import operation_from_row
 from runtime_service.storage.claims import ClaimingStorage
 from runtime_service.storage.cursors import Cursors
+from runtime_service.storage.errors import unreachable
 from runtime_service.storage.interface import ClaimFor, Created
 from runtime_service.storage.pausing import PausingStorage
 from runtime_service.storage.records import deadline_at as _deadline_at
@@ -73,9 +76,39 @@ from stopline.json_values import dump_json
 # Under its old name too: tests/test_write_path.py group-commits a step boundary by hand with it.
 _BUMP_TO_ADVANCE = BUMP_TO_ADVANCE
 
+# SQLite's primary result codes that a retry can outlast: the file locked by another connection
+# or process, an I/O error, a file that cannot be opened or written right now (a volume away, a
+# permission being fixed), a full disk, no memory, a schema changed under a statement. sqlite3
+# raises OperationalError for these and also for SQLITE_ERROR, which no retry fixes: a missing
+# table or column (a database this runtime's migrations never ran on, or one changed under it).
+RETRYABLE_SQLITE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_SCHEMA,
+})  # fmt: skip
+
+
+def sqlite_retry_can_fix(exc: SQLAlchemyError) -> bool:
+    """errors.unreachable for sqlite3: an OperationalError only when its code is one a retry can
+    outlast. (Before, a runtime on a file without its tables answered every call UNAVAILABLE, so
+    clients and the gateway's stop delivery retried what could not succeed, and its log said
+    "database unavailable".)"""
+    if isinstance(exc, OperationalError):
+        code = getattr(exc.orig, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF in RETRYABLE_SQLITE_CODES  # extended codes keep it in the low byte
+    return unreachable(exc)
+
 
 class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     _RENEW_LEASES = RENEW_LEASES  # the ids as one JSON array (see sqlite_sql.py)
+    _retry_can_fix = staticmethod(sqlite_retry_can_fix)
 
     def _lease_ids(self, operation_ids: list[str]) -> Any:
         return json.dumps(operation_ids)
