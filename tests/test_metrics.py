@@ -350,7 +350,7 @@ async def test_a_write_queue_reports_each_batch_size_once() -> None:
     batches: list[int] = []
 
     class Doubling(WriteQueue[Any]):
-        async def _write_batch(self, batch: list[Any]) -> list[Outcome]:
+        async def _write_batch(self, batch: list[Any], urgent: bool) -> list[Outcome]:
             await asyncio.sleep(0)
             return [(True, queued.n * 2) for queued in batch]
 

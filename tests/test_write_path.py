@@ -454,7 +454,7 @@ async def test_a_cancelled_drainer_cancels_the_writes_it_held_and_queued() -> No
     writing = asyncio.Event()
 
     class Stuck(WriteQueue[Item]):
-        async def _write_batch(self, batch: list[Item]) -> list[Outcome]:
+        async def _write_batch(self, batch: list[Item], urgent: bool) -> list[Outcome]:
             writing.set()
             await asyncio.Event().wait()  # a batch that never commits
             return []
@@ -495,7 +495,7 @@ async def test_a_write_nobody_waits_for_any_more_leaves_no_unretrieved_error(
     written: list[Item] = []
 
     class Failing(WriteQueue[Item]):
-        async def _write_batch(self, batch: list[Item]) -> list[Outcome]:
+        async def _write_batch(self, batch: list[Item], urgent: bool) -> list[Outcome]:
             written.extend(batch)
             return [(False, failure)] * len(batch)
 

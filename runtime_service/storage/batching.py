@@ -6,6 +6,15 @@ says how a batch is written.
 Each caller gets its own outcome, and only once its batch has committed. A caller that goes away
 (cancelled) does not take its write back: the write stands, unreported.
 
+A stop's writes (recording it, and the halt it causes) are urgent: they skip the queue and go
+in a batch of their own, the next one, so a stop waits only for the batch in flight. Queued
+behind everything else, with 3,000 operations stepping in one process on SQLite, a stop's write
+waited for 50 ms on average and a tenth of stops were acknowledged after 65 ms or more
+(bench.stop_under_load). What an urgent write overtakes belongs to other operations or comes
+second anyway: a step's own writes have all landed before its halt is written (StepEvents.close),
+and a stop that overtakes a write of its operation is one the write then sees, as if the stop
+had come a moment earlier.
+
 The queue settles each caller's future itself, with the error already as storage reports it
 (`translate`) and the write's time told to the metrics (`on_write`): a second future per write,
 copied over by a done-callback, cost the runner's every write a future and a turn of the loop,
@@ -55,6 +64,7 @@ class WriteQueue(Generic[Q]):
         # Told each write's seconds from queued to committed or failed.
         self._on_write = on_write
         self._queue: deque[Q] = deque()
+        self._urgent: deque[Q] = deque()
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
 
@@ -63,27 +73,28 @@ class WriteQueue(Generic[Q]):
         """A batch is being written (or about to be)."""
         return self._draining
 
-    def _enqueue(self, queued: Q) -> asyncio.Future[Any]:
-        """Queue `queued` now (it goes in the next batch whether or not its future is awaited)
-        and return its future."""
-        self._queue.append(queued)
+    def _enqueue(self, queued: Q, urgent: bool = False) -> asyncio.Future[Any]:
+        """Queue `queued` now (it goes in a batch whether or not its future is awaited) and
+        return its future. `urgent`: in the next batch, with only other urgent writes."""
+        (self._urgent if urgent else self._queue).append(queued)
         if not self._draining:
             self._draining = True
             self._drainer = asyncio.create_task(self._drain(), name=self._name)
         return queued.future
 
-    async def _write_batch(self, batch: list[Q]) -> list[Outcome]:
-        """Write `batch`; one outcome per write, in order."""
+    async def _write_batch(self, batch: list[Q], urgent: bool) -> list[Outcome]:
+        """Write `batch`; one outcome per write, in order. `urgent`: it holds urgent writes."""
         raise NotImplementedError
 
     async def _drain(self) -> None:
         batch: list[Q] = []
         try:
-            while self._queue:
-                size = min(len(self._queue), self._max_batch)
-                batch = [self._queue.popleft() for _ in range(size)]
+            while self._urgent or self._queue:
+                queue = self._urgent or self._queue
+                size = min(len(queue), self._max_batch)
+                batch = [queue.popleft() for _ in range(size)]
                 began = time.monotonic()
-                outcomes = await self._write_batch(batch)
+                outcomes = await self._write_batch(batch, queue is self._urgent)
                 ended = time.monotonic()
                 if self._observe is not None:
                     self._observe(size, ended - began)
@@ -102,7 +113,7 @@ class WriteQueue(Generic[Q]):
             # object set on thousands of futures grew a frame per re-raise and was logged,
             # unretrieved, once per future, for seconds, at the end of a busy runtime.
             cancelled = isinstance(exc, asyncio.CancelledError)
-            for queued in (*batch, *self._queue):
+            for queued in (*batch, *self._urgent, *self._queue):
                 if queued.future.done():
                     continue
                 if cancelled:
@@ -110,6 +121,7 @@ class WriteQueue(Generic[Q]):
                 else:
                     queued.future.set_exception(self._translate(exc))
             self._queue.clear()
+            self._urgent.clear()
             raise
         finally:
             self._draining = False

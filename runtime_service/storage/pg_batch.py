@@ -80,12 +80,15 @@ class PostgresBatcher(WriteQueue[_Queued]):
         self._closed = False
         self._prepared: set[str] = set()  # on the current connection
 
-    def submit(self, statement: Statement[T]) -> asyncio.Future[T]:
-        """The statement, queued now: the future of its outcome, set once it has committed."""
+    def submit(self, statement: Statement[T], urgent: bool = False) -> asyncio.Future[T]:
+        """The statement, queued now: the future of its outcome, set once it has committed.
+        `urgent`: see batching.py."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        queued: asyncio.Future[T] = self._enqueue(_Queued(statement, future, time.monotonic()))
+        queued: asyncio.Future[T] = self._enqueue(
+            _Queued(statement, future, time.monotonic()), urgent
+        )
         return queued
 
     async def close(self) -> None:
@@ -95,7 +98,7 @@ class PostgresBatcher(WriteQueue[_Queued]):
                 await self._connection.close()
             self._connection = None
 
-    async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
+    async def _write_batch(self, batch: list[_Queued], urgent: bool) -> list[Outcome]:
         if len(batch) > 1:
             # Stable: two writes of one operation keep their order.
             order = sorted(range(len(batch)), key=lambda i: str(batch[i].statement.params["id"]))

@@ -141,6 +141,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
             observe=self.meters.batch(SQLITE_GROUP_COMMIT),
             translate=self._translation,
             on_write=self._group_wrote,
+            inline=self._inline,
         )
         self._time = self.cursors.to_db
 
@@ -156,10 +157,11 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
 
     # ------------------------------------------------------------------ how writes run
 
-    def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
+    def _write_soon(self, write: Write, *args: Any, urgent: bool = False) -> asyncio.Future[Any]:
         """A runner write, made or queued now: inline here when nothing else is queued for the
-        database thread, else group-committed with whatever is (see GroupCommit). Its future
-        holds the result, or the error as storage reports it, once the write has committed."""
+        database thread, else group-committed with whatever is (see GroupCommit; `urgent`, in
+        a batch of its own ahead of the others). Its future holds the result, or the error as
+        storage reports it, once the write has committed."""
         began = time.monotonic()
         if self._group.idle and self._inline.possible:
             now: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -175,7 +177,7 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
                 self._checkpointer.wrote()
                 now.set_result(result)
                 return now
-        return self._group.submit(write, args)
+        return self._group.submit(write, args, urgent)
 
     def _group_wrote(self, seconds: float) -> None:
         self._group_took.observe(seconds)
@@ -300,8 +302,8 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
     ) -> InterruptResult | None:
         # A runner write's path (inline when the database thread is idle): the stop is on the
         # path every client waits on, and a hop to the database thread and back costs about
-        # as much as the write itself.
-        result: InterruptResult | None = await self._write(
+        # as much as the write itself. Ahead of the queue when there is one.
+        result: InterruptResult | None = await self._write_first(
             self._record_stop, operation_id, requested_by, reason, cause, owner
         )
         return result

@@ -29,6 +29,11 @@ CHECKPOINT_SECONDS = 0.1
 CHECKPOINT_WRITES = 200
 CHECKPOINT_QUIET_SECONDS = 5.0
 
+# The most urgent writes (a stop's) run in one batch on the event loop's own thread: a few
+# stops' worth. More (the halts of a bulk stop) go to the database thread, so the loop never
+# holds a long transaction.
+URGENT_INLINE_MAX = 16
+
 # A write: fn(cursor, *args) inside a transaction that the caller owns and commits.
 Write = Callable[..., Any]
 
@@ -111,10 +116,12 @@ class GroupCommit(WriteQueue["_Queued"]):
         observe: Callable[[int, float], None] | None = None,
         translate: Callable[[BaseException], BaseException] | None = None,
         on_write: Callable[[float], None] | None = None,
+        inline: InlineWriter | None = None,
     ) -> None:
         super().__init__("group commit", max_batch, observe, translate, on_write)
         self._db = db
         self._run_together = run_together
+        self._inline = inline
 
     @property
     def idle(self) -> bool:
@@ -122,13 +129,29 @@ class GroupCommit(WriteQueue["_Queued"]):
         have no company and would not contend with this process for SQLite's write lock."""
         return not self.draining and self._db.idle
 
-    def submit(self, write: Write, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def submit(
+        self, write: Write, args: tuple[Any, ...], urgent: bool = False
+    ) -> asyncio.Future[Any]:
         """write(cursor, *args), queued now for a shared transaction: the future of its result,
-        set once that transaction has committed."""
+        set once that transaction has committed. `urgent`: see batching.py."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        return self._enqueue(_Queued(write, args, future, time.monotonic()))
+        return self._enqueue(_Queued(write, args, future, time.monotonic()), urgent)
 
-    async def _write_batch(self, batch: list[_Queued]) -> list[Outcome]:
+    async def _write_batch(self, batch: list[_Queued], urgent: bool) -> list[Outcome]:
+        inline = self._inline
+        if urgent and len(batch) <= URGENT_INLINE_MAX and inline is not None and inline.possible:
+            # A stop's few writes, right here: the batch before them has just committed, so
+            # the write lock is free, and they wait for no hop to the database thread and no
+            # turn at the GIL for each of their statements (with thousands of operations
+            # stepping, the event loop holds the GIL most of the time).
+            try:
+                results = inline.run(_each, [(queued.write, queued.args) for queued in batch])
+            except WouldBlock:
+                pass  # another connection holds the file: the database thread waits for it
+            except Exception:
+                pass  # on the database thread, each alone if need be (_execute)
+            else:
+                return [(True, result) for result in results]
         return await self._db.call(self._execute, batch)
 
     def _execute(self, batch: list[_Queued]) -> list[Outcome]:
@@ -146,6 +169,10 @@ class GroupCommit(WriteQueue["_Queued"]):
             return True, self._run_together([(queued.write, queued.args)])[0]
         except Exception as exc:
             return False, exc
+
+
+def _each(cursor: Any, writes: list[tuple[Write, tuple[Any, ...]]]) -> list[Any]:
+    return [write(cursor, *args) for write, args in writes]
 
 
 @dataclass(eq=False)

@@ -67,7 +67,11 @@ class SqliteStepWrites(SharedStorage):
     async def _write(self, write: Write, *args: Any) -> Any:
         return await self._write_soon(write, *args)
 
-    def _write_soon(self, write: Write, *args: Any) -> asyncio.Future[Any]:
+    async def _write_first(self, write: Write, *args: Any) -> Any:
+        """A stop's write: when it cannot run inline, ahead of the queue (batching.py)."""
+        return await self._write_soon(write, *args, urgent=True)
+
+    def _write_soon(self, write: Write, *args: Any, urgent: bool = False) -> asyncio.Future[Any]:
         raise NotImplementedError  # SqliteStorage: inline, or group-committed
 
     async def claim_and_start(
@@ -238,7 +242,7 @@ class SqliteStepWrites(SharedStorage):
         kept: KeptState | None = None,
     ) -> Event | None:
         state = None if kept is None else dump_json(kept.state)
-        result: Event | None = await self._write(
+        result: Event | None = await self._write_first(
             self._halt, operation_id, step, mid_step, runner_id, seen_at, state
         )
         return result
