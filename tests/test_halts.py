@@ -163,14 +163,14 @@ async def test_halt_ms_excludes_the_time_the_stop_took_to_commit(
             for batcher in storage.batchers:
 
                 def slowed(submit: Any) -> Any:
-                    async def later(statement: Statement[Any], urgent: bool) -> Any:
+                    async def later(statement: Statement[Any]) -> Any:
                         await asyncio.sleep(hold)  # injected delay: the write waits to commit
-                        return await submit(statement, urgent)
+                        return await submit(statement)
 
-                    def slow(statement: Statement[Any], urgent: bool = False) -> Any:
+                    def slow(statement: Statement[Any]) -> Any:
                         if statement.sql is pg_storage._RECORD_STOP:
-                            return asyncio.ensure_future(later(statement, urgent))
-                        return submit(statement, urgent)
+                            return asyncio.ensure_future(later(statement))
+                        return submit(statement)
 
                     return slow
 

@@ -279,39 +279,3 @@ async def test_writes_spread_over_the_batchers_keep_each_operations_order(
             assert texts == [f"{op} {n}" for n in range(5)]
     finally:
         await storage.close()
-
-
-@pytest.mark.postgres
-async def test_a_stop_and_its_halt_overtake_queued_writes(pg_storage: PostgresStorage) -> None:
-    """The batcher's urgent lane (storage/batching.py) on PostgreSQL: with a batch in flight
-    (held by a row lock another session took) and a write of another operation queued behind
-    it, the stop and the halt go in the next batch, and the queued write after them."""
-    storage = pg_storage
-    blocked, queued, stopped, halted = [await running(storage) for _ in range(4)]
-    locker = storage.engine.connect()
-    transaction = locker.begin()
-    locker.execute(text("SELECT 1 FROM operations WHERE id = :id FOR UPDATE"), {"id": blocked})
-    landed: list[str] = []
-
-    def note(name: str, write: Awaitable[Any]) -> asyncio.Future[Any]:
-        future = asyncio.ensure_future(write)
-        future.add_done_callback(lambda _: landed.append(name))
-        return future
-
-    try:
-        first = note("blocked", storage.chunk(blocked, 0, "in flight", "r", False))
-        await asyncio.sleep(0.1)  # its batch is out, waiting for the row
-        behind = note("queued", storage.chunk(queued, 0, "behind", "r", False))
-        stop = note("stop", storage.record_stop(stopped, "client", "because"))
-        halt = note("halt", storage.halt(halted, 0, True, "r"))
-        await asyncio.sleep(0.1)
-        assert landed == []
-    finally:
-        await asyncio.to_thread(transaction.commit)
-        await asyncio.to_thread(locker.close)
-    await asyncio.gather(first, behind, stop, halt)
-    assert landed == ["blocked", "stop", "halt", "queued"]
-    assert (await stop).operation.stop is not None
-    assert (await halt).kind is EventKind.INTERRUPTED
-    for op_id in (blocked, queued, stopped, halted):
-        await gap_free(storage, op_id)

@@ -1,6 +1,6 @@
-"""A stop's writes skip the write queue (storage/batching.py): recording a stop and the halt it
-causes go in the next batch, alone, however many writes of other operations are queued; on
-SQLite that batch runs on the event loop's own thread. (PostgreSQL's batcher: test_pg_batch.)"""
+"""A stop's writes skip SQLite's write queue (storage/batching.py): recording a stop and the halt
+it causes go in the next batch, alone, however many writes of other operations are queued, and
+that batch runs on the event loop's own thread."""
 
 from __future__ import annotations
 

@@ -80,15 +80,12 @@ class PostgresBatcher(WriteQueue[_Queued]):
         self._closed = False
         self._prepared: set[str] = set()  # on the current connection
 
-    def submit(self, statement: Statement[T], urgent: bool = False) -> asyncio.Future[T]:
-        """The statement, queued now: the future of its outcome, set once it has committed.
-        `urgent`: see batching.py."""
+    def submit(self, statement: Statement[T]) -> asyncio.Future[T]:
+        """The statement, queued now: the future of its outcome, set once it has committed."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        queued: asyncio.Future[T] = self._enqueue(
-            _Queued(statement, future, time.monotonic()), urgent
-        )
+        queued: asyncio.Future[T] = self._enqueue(_Queued(statement, future, time.monotonic()))
         return queued
 
     async def close(self) -> None:

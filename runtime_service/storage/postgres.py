@@ -160,12 +160,12 @@ class PostgresStorage(PostgresStepWrites, ClaimingStorage, PausingStorage):
             conn.close()
 
     def _run_soon(
-        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T], urgent: bool = False
+        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]
     ) -> asyncio.Future[T]:
         """One write queued now on its operation's batcher; its future holds the outcome, or
         the error as storage reports it, once the batch has committed."""
         sql.check(params)
-        return self.batcher_for(params["id"]).submit(Statement(sql, params, read), urgent)
+        return self.batcher_for(params["id"]).submit(Statement(sql, params, read))
 
     # ------------------------------------------------------------------ starting and stopping
 
@@ -295,7 +295,7 @@ class PostgresStorage(PostgresStepWrites, ClaimingStorage, PausingStorage):
         runner_here: bool = False,
     ) -> InterruptResult | None:
         params, read = self._stop(operation_id, requested_by, reason, cause, owner, runner_here)
-        recorded = await self._run(RECORD_STOP, params, read, urgent=True)
+        recorded = await self._run(RECORD_STOP, params, read)
         if recorded is not None:
             return recorded
         return not_recorded(await self.get(operation_id), owner)

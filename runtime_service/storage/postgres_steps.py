@@ -39,15 +39,12 @@ class PostgresStepWrites(SharedStorage):
     _time: Any  # the cursors' datetime conversion (Cursors.to_db)
 
     def _run_soon(
-        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T], urgent: bool = False
+        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]
     ) -> asyncio.Future[T]:
         raise NotImplementedError  # PostgresStorage: on the operation's batcher
 
-    async def _run(
-        self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T], urgent: bool = False
-    ) -> T:
-        """`urgent`: a stop's write, ahead of the queue (batching.py)."""
-        return await self._run_soon(sql, params, read, urgent)
+    async def _run(self, sql: PgSql, params: dict[str, Any], read: Callable[[Any], T]) -> T:
+        return await self._run_soon(sql, params, read)
 
     async def claim_and_start(
         self, operation_id: str, runner_id: str, lease_seconds: float, release: bool = False
@@ -197,7 +194,7 @@ class PostgresStepWrites(SharedStorage):
                 return None
             return Event(operation_id, row[0], EventKind.INTERRUPTED, json.loads(row[1]), now)
 
-        return await self._run(HALT, params, read, urgent=True)
+        return await self._run(HALT, params, read)
 
     async def fail(self, operation_id: str, step: int, error: str, runner_id: str) -> Event | None:
         now = utcnow()
