@@ -49,21 +49,21 @@ def _locked(path: Path) -> DBAPIError:
         holder.close()
 
 
-def _missing_table(path: Path) -> DBAPIError:
+def _query_error(path: Path, sql: str) -> DBAPIError:
     db = sqlite3.connect(path)
     try:
-        return _raised(lambda: db.execute("SELECT * FROM no_such_table"))
+        return _raised(lambda: db.execute(sql))
     finally:
         db.close()
+
+
+def _missing_table(path: Path) -> DBAPIError:
+    return _query_error(path, "SELECT * FROM no_such_table")
 
 
 def _not_a_database(path: Path) -> DBAPIError:
     path.write_bytes(b"this is a text file, not a SQLite database\n" * 100)
-    db = sqlite3.connect(path)
-    try:
-        return _raised(lambda: db.execute("SELECT * FROM sqlite_master"))
-    finally:
-        db.close()
+    return _query_error(path, "SELECT * FROM sqlite_master")
 
 
 def test_sqlite_errors_a_retry_can_fix_and_those_it_cannot(tmp_path: Path) -> None:
