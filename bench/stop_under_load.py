@@ -1,10 +1,11 @@
 """A stop's latency while the runtime is busy: N `ticker` operations stepping once a second on a
-RuntimeApp in this process (SQLite, as bench.step_cpu), and one more operation at a time
-stopped, with a pause between stops; for each stop, how long `interrupt` took to return (the
-runtime's part of an acknowledgment: the stop recorded durably) and how long until its
-INTERRUPTED event was published (the runtime's part of stop -> terminal event).
+RuntimeApp in this process (SQLite, as bench.step_cpu, or PostgreSQL in a database of its own),
+and one more operation at a time stopped, with a pause between stops; for each stop, how long
+`interrupt` took to return (the runtime's part of an acknowledgment: the stop recorded durably)
+and how long until its INTERRUPTED event was published (the runtime's part of stop -> terminal
+event).
 
-    python -m bench.stop_under_load --ops 3000 --stops 60
+    python -m bench.stop_under_load --ops 3000 --stops 60 [--backend postgresql]
 
 The latency benchmarks (bench.run's stop scenarios, the table) stop an operation on a runtime
 with nothing else to do; this one asks what a stop costs when the runtime is near its capacity,
@@ -16,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import make_url
+
+from bench.stack import ADMIN_URL, admin
 from bench.step_cpu import TICKER
 from runtime_service.app import RuntimeApp
 from runtime_service.cli_options import DEFAULTS
@@ -43,12 +50,28 @@ async def _stop_one(app: RuntimeApp, op_id: str) -> tuple[float, float]:
                 return 1000 * (acked - began), 1000 * (time.perf_counter() - began)
 
 
-async def measure(ops: int, stops: int, settle: float, seed: int = 1) -> dict[str, Any]:
+@contextlib.contextmanager
+def _database(backend: str) -> Iterator[str]:
+    """A database URL of this run's own, removed afterwards."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            yield f"sqlite:///{Path(tmp) / 'stops.sqlite'}"
+        return
+    name = f"stopline_bench_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(ADMIN_URL).set(database=name).render_as_string(False)
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def measure(
+    ops: int, stops: int, settle: float, seed: int = 1, backend: str = "sqlite"
+) -> dict[str, Any]:
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "stops.sqlite"
+    with _database(backend) as url:
         config = runtime_config(
-            f"sqlite:///{path}",
+            url,
             max_running=ops + stops + 10,
             poll_seconds=DEFAULTS.poll_seconds,
             lease_seconds=DEFAULTS.lease_seconds,
@@ -71,7 +94,13 @@ async def measure(ops: int, stops: int, settle: float, seed: int = 1) -> dict[st
                 halts.append(halt)
         finally:
             await app.close()
-    return {"operations": ops, "stops": stops, "ack_ms": acks, "interrupted_ms": halts}
+    return {
+        "backend": backend,
+        "operations": ops,
+        "stops": stops,
+        "ack_ms": acks,
+        "interrupted_ms": halts,
+    }
 
 
 def _summary(values: list[float]) -> str:
@@ -87,10 +116,12 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=3000)
     parser.add_argument("--stops", type=int, default=60)
     parser.add_argument("--settle", type=float, default=4.0)
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
-    result = asyncio.run(measure(args.ops, args.stops, args.settle))
+    result = asyncio.run(measure(args.ops, args.stops, args.settle, backend=args.backend))
     print(
-        f"{result['operations']} operations running, {result['stops']} stops: "
+        f"{result['backend']}, {result['operations']} operations running, "
+        f"{result['stops']} stops: "
         f"acknowledged {_summary(result['ack_ms'])}; "
         f"INTERRUPTED {_summary(result['interrupted_ms'])}"
     )

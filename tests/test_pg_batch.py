@@ -19,7 +19,7 @@ from runtime_service.storage import PostgresStorage, Storage, postgres_sql
 from runtime_service.storage.pg_batch import Statement
 from runtime_service.storage.sql import PgSql, Sql
 from stopline.errors import Unavailable
-from tests.conftest import opened_storage
+from tests.conftest import eventually, opened_storage
 from tests.test_store import running
 
 
@@ -279,3 +279,43 @@ async def test_writes_spread_over_the_batchers_keep_each_operations_order(
             assert texts == [f"{op} {n}" for n in range(5)]
     finally:
         await storage.close()
+
+
+@pytest.mark.postgres
+async def test_handing_back_leases_locks_rows_in_id_order_as_a_batch_does(
+    pg_storage: PostgresStorage,
+) -> None:
+    """A runtime shutting down hands its leases back while a batch of writes its cancelled
+    runs left behind may still be in flight; batches lock their rows in id order, so the hand-
+    back must too. In the order it scanned them it deadlocked with such a batch under load
+    (bench.stop_under_load on PostgreSQL, at shutdown: "could not hand back leases"), and the
+    operations then waited for their leases to lapse."""
+    storage = pg_storage
+    first, second = await running(storage), await running(storage)
+    while first < second:  # created first (first in the table), but second in id order
+        first, second = second, await running(storage)
+    locker = storage.engine.connect()
+    transaction = locker.begin()
+    lock = text("SELECT 1 FROM operations WHERE id = :id FOR UPDATE")
+    # As a batch over both does: the lower id first.
+    await asyncio.to_thread(locker.execute, lock, {"id": second})
+    try:
+        dropping = asyncio.ensure_future(storage.drop_leases("r"))
+
+        async def waiting_for_a_lock() -> bool:
+            with storage.engine.connect() as conn:
+                waits = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )
+                ).scalar_one()
+            return bool(waits)
+
+        await eventually(waiting_for_a_lock)
+        # The batch goes on to its higher id: the hand-back must not hold it.
+        await asyncio.to_thread(locker.execute, lock, {"id": first})
+        await asyncio.to_thread(transaction.commit)
+        assert await dropping >= 2
+    finally:
+        await asyncio.to_thread(locker.close)

@@ -190,12 +190,10 @@ class ClaimingStorage(SharedStorage):
     def _drop_leases(self, runner_id: str) -> int:
         with self.engine.begin() as conn:
             dropped = conn.execute(
-                update(operations)
-                .where(
+                _expire_leases(
                     operations.c.runner_id == runner_id,
                     operations.c.status == OperationStatus.RUNNING,
                 )
-                .values(lease_expires_at=utcnow())
             ).rowcount
             if dropped:
                 notify(conn, WORK)
@@ -204,9 +202,7 @@ class ClaimingStorage(SharedStorage):
     def _expire_all_leases(self) -> int:
         with self.engine.begin() as conn:
             return conn.execute(
-                update(operations)
-                .where(operations.c.status == OperationStatus.RUNNING)
-                .values(lease_expires_at=utcnow())
+                _expire_leases(operations.c.status == OperationStatus.RUNNING)
             ).rowcount
 
     def _take(
@@ -283,3 +279,17 @@ class ClaimingStorage(SharedStorage):
         if event is not None:
             self._settle_abandoned(conn, operation_id, now)
         return [*settled, event] if event is not None else []
+
+
+def _expire_leases(*where: ColumnElement[bool]) -> Any:
+    """Expire the leases of the running operations `where` selects, locking their rows in id
+    order first, as PostgreSQL's write batches and lease renewal lock theirs: in the order it
+    scanned them, a runtime handing its leases back at shutdown deadlocked with a batch of
+    writes its cancelled runs had left in flight (SQLite takes no row locks; the order does
+    nothing there)."""
+    ordered = select(operations.c.id).where(*where).order_by(operations.c.id).with_for_update()
+    return (
+        update(operations)
+        .where(operations.c.id.in_(ordered.scalar_subquery()), *where)
+        .values(lease_expires_at=utcnow())
+    )
