@@ -325,12 +325,15 @@ async def test_the_in_process_step_benchmark_counts_steps_and_cpu() -> None:
     assert result["cpu_us_per_step"] > 0
 
 
-async def test_the_stop_under_load_benchmark_times_each_stop() -> None:
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+async def test_the_stop_under_load_benchmark_times_each_stop(backend: str) -> None:
     """bench.stop_under_load: every stop it sends is acknowledged and then interrupted (the
     halt after the acknowledgment), with the load's tickers running beside them."""
     from bench import stop_under_load
 
-    result = await stop_under_load.measure(20, stops=3, settle=0.5)
+    result = await stop_under_load.measure(20, stops=3, settle=0.5, backend=backend)
     assert len(result["ack_ms"]) == len(result["interrupted_ms"]) == 3
     for ack, halted in zip(result["ack_ms"], result["interrupted_ms"], strict=True):
         assert 0 < ack <= halted
