@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import pstats
 import sqlite3
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from runtime_service.app import RuntimeApp
@@ -36,22 +38,30 @@ def _steps_completed(path: Path) -> int:
     return int(value[0])
 
 
+@contextlib.asynccontextmanager
+async def tickers(url: str, ops: int) -> AsyncIterator[tuple[RuntimeApp, list[str]]]:
+    """A RuntimeApp on `url` with `ops` tickers started (their ids), closed on the way out."""
+    # The runtime's own poll and lease (the tests' config polls ten times as often, and its
+    # background reads then cost a few per cent of the CPU per step).
+    config = runtime_config(
+        url,
+        max_running=ops + 10,
+        poll_seconds=DEFAULTS.poll_seconds,
+        lease_seconds=DEFAULTS.lease_seconds,
+    )
+    app = await RuntimeApp.open(config)
+    tune_gc()  # as the runtime process does once started (runtime_service.server.serve)
+    try:
+        ids = [(await app.operations.start("ticker", TICKER, "")).operation.id for _ in range(ops)]
+        yield app, ids
+    finally:
+        await app.close()
+
+
 async def measure(ops: int, window: float, settle: float, profile: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "steps.sqlite"
-        # The runtime's own poll and lease (the tests' config polls ten times as often, and its
-        # background reads then cost a few per cent of the CPU per step).
-        config = runtime_config(
-            f"sqlite:///{path}",
-            max_running=ops + 10,
-            poll_seconds=DEFAULTS.poll_seconds,
-            lease_seconds=DEFAULTS.lease_seconds,
-        )
-        app = await RuntimeApp.open(config)
-        tune_gc()  # as the runtime process does once started (runtime_service.server.serve)
-        try:
-            for _ in range(ops):
-                await app.operations.start("ticker", TICKER, "")
+        async with tickers(f"sqlite:///{path}", ops):
             await asyncio.sleep(settle)
             before = await asyncio.to_thread(_steps_completed, path)
             cpu0, t0 = time.process_time(), time.perf_counter()
@@ -68,8 +78,6 @@ async def measure(ops: int, window: float, settle: float, profile: int) -> dict[
             cpu1, t1 = time.process_time(), time.perf_counter()
             loop_cpu1 = time.thread_time()
             after = await asyncio.to_thread(_steps_completed, path)
-        finally:
-            await app.close()
     steps = max(1, after - before)
     if profiler is not None:
         stats = pstats.Stats(profiler)

@@ -30,12 +30,9 @@ from typing import Any
 from sqlalchemy import make_url
 
 from bench.stack import ADMIN_URL, admin
-from bench.step_cpu import TICKER
+from bench.step_cpu import tickers
 from runtime_service.app import RuntimeApp
-from runtime_service.cli_options import DEFAULTS
 from runtime_service.domain import EventKind, StopCause
-from runtime_service.server import tune_gc
-from tests.conftest import runtime_config
 
 
 async def _stop_one(app: RuntimeApp, op_id: str) -> tuple[float, float]:
@@ -70,19 +67,7 @@ async def measure(
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     with _database(backend) as url:
-        config = runtime_config(
-            url,
-            max_running=ops + stops + 10,
-            poll_seconds=DEFAULTS.poll_seconds,
-            lease_seconds=DEFAULTS.lease_seconds,
-        )
-        app = await RuntimeApp.open(config)
-        tune_gc()
-        try:
-            ids = [
-                (await app.operations.start("ticker", TICKER, "")).operation.id
-                for _ in range(ops + stops)
-            ]
+        async with tickers(url, ops + stops) as (app, ids):
             await asyncio.sleep(settle)
             acks: list[float] = []
             halts: list[float] = []
@@ -92,8 +77,6 @@ async def measure(
                 ack, halt = await _stop_one(app, op_id)
                 acks.append(ack)
                 halts.append(halt)
-        finally:
-            await app.close()
     return {
         "backend": backend,
         "operations": ops,

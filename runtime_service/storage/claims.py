@@ -14,7 +14,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Update, and_, case, func, or_, select, update
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 
 from runtime_service.domain import Event, EventKind, OperationStatus, StopCause
@@ -112,6 +112,9 @@ class ClaimingStorage(SharedStorage):
         self, runner_id: str, limit: int, lease_seconds: float, running: list[str]
     ) -> ClaimBatch:
         now = utcnow()
+        batch = ClaimBatch()
+        if not self._maybe_claimable(now, running):
+            return batch
         claimable = or_(_pending_unheld(now), _running_lease_lapsed(now))
         query = (
             select(
@@ -125,9 +128,6 @@ class ClaimingStorage(SharedStorage):
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        batch = ClaimBatch()
-        if not self._maybe_claimable(now, running):
-            return batch
         with self.engine.begin() as conn:
             for row in conn.execute(query).all():
                 if row.status == OperationStatus.RUNNING and row.stop_requested_at is not None:
@@ -281,7 +281,7 @@ class ClaimingStorage(SharedStorage):
         return [*settled, event] if event is not None else []
 
 
-def _expire_leases(*where: ColumnElement[bool]) -> Any:
+def _expire_leases(*where: ColumnElement[bool]) -> Update:
     """Expire the leases of the running operations `where` selects, locking their rows in id
     order first, as PostgreSQL's write batches and lease renewal lock theirs: in the order it
     scanned them, a runtime handing its leases back at shutdown deadlocked with a batch of

@@ -6,7 +6,7 @@ batcher all raise DBAPIError); here, where they leave storage, they become
 answer UNAVAILABLE, a run is left for recovery), and `StorageError` otherwise (a bug: INTERNAL).
 Which failures a retry can outlast is each dialect's to say (`Unreachable`; SQLite's in
 sqlite.py): a driver's OperationalError means an unreachable server to psycopg, but to sqlite3
-it also means a missing table or a file that is not a database.
+it also means a missing table.
 Nothing above storage knows which database library is underneath.
 """
 

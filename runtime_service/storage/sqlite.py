@@ -138,10 +138,10 @@ class SqliteStorage(SqliteStepWrites, ClaimingStorage, PausingStorage):
         self._group = GroupCommit(
             db,
             self._together,
+            self._inline,
             observe=self.meters.batch(SQLITE_GROUP_COMMIT),
             translate=self._translation,
             on_write=self._group_wrote,
-            inline=self._inline,
         )
         self._time = self.cursors.to_db
 

@@ -112,11 +112,11 @@ class GroupCommit(WriteQueue["_Queued"]):
         self,
         db: Database,
         run_together: Callable[[list[tuple[Write, tuple[Any, ...]]]], list[Any]],
+        inline: InlineWriter,
         max_batch: int = 256,
         observe: Callable[[int, float], None] | None = None,
         translate: Callable[[BaseException], BaseException] | None = None,
         on_write: Callable[[float], None] | None = None,
-        inline: InlineWriter | None = None,
     ) -> None:
         super().__init__("group commit", max_batch, observe, translate, on_write)
         self._db = db
@@ -138,18 +138,18 @@ class GroupCommit(WriteQueue["_Queued"]):
         return self._enqueue(_Queued(write, args, future, time.monotonic()), urgent)
 
     async def _write_batch(self, batch: list[_Queued], urgent: bool) -> list[Outcome]:
-        inline = self._inline
-        if urgent and len(batch) <= URGENT_INLINE_MAX and inline is not None and inline.possible:
+        if urgent and len(batch) <= URGENT_INLINE_MAX and self._inline.possible:
             # A stop's few writes, right here: the batch before them has just committed, so
             # the write lock is free, and they wait for no hop to the database thread and no
             # turn at the GIL for each of their statements (with thousands of operations
             # stepping, the event loop holds the GIL most of the time).
+            writes = [(queued.write, queued.args) for queued in batch]
             try:
-                results = inline.run(_each, [(queued.write, queued.args) for queued in batch])
-            except WouldBlock:
-                pass  # another connection holds the file: the database thread waits for it
+                results = self._inline.run(_each, writes)
             except Exception:
-                pass  # on the database thread, each alone if need be (_execute)
+                # WouldBlock (another connection holds the file) or a failed write: on the
+                # database thread, which waits for the lock and runs each alone if need be.
+                pass
             else:
                 return [(True, result) for result in results]
         return await self._db.call(self._execute, batch)
